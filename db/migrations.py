@@ -1,0 +1,103 @@
+"""Append-only, named schema migrations of state.db.
+
+A name is never edited once released: change the schema by appending a new function. The registry is a plain list
+so the `list` fast path can tell whether the schema is current without importing sqlite-utils (~90 ms).
+"""
+from __future__ import annotations
+
+MIGRATIONS: list = []
+
+
+def migration(fn):
+    MIGRATIONS.append(fn)
+    return fn
+
+
+def names() -> list[str]:
+    return [fn.__name__ for fn in MIGRATIONS]
+
+
+@migration
+def m001_models(db):
+    db["models"].create(
+        {
+            "repo_id": str,
+            "revision": str,           # what refs/main names, else the newest snapshot
+            "revisions": str,          # JSON list of every cached snapshot hash, newest first
+            "snapshot_path": str,
+            "size_bytes": int,         # blobs counted once
+            "reclaimable_bytes": int,  # leftover partial downloads beside a complete snapshot
+            "last_modified": str,      # UTC ISO-8601
+            "framework": str,          # mlx | gguf | pytorch | unknown
+            "model_type": str,         # chat | base | embedding
+            "architecture": str,       # config.json model_type (llama, qwen3, ...)
+            "capabilities": str,       # JSON list
+            "context_length": int,
+            "quantization": str,
+            "health": str,             # healthy | unhealthy
+            "runtime_compatible": int,  # 1 | 0 | NULL = not checked yet (pending)
+            "reason": str,
+            "fingerprint": str,        # stat fingerprint of what integrity checked
+            "checked_at": str,
+            "runtime_fingerprint": str,  # fingerprint the runtime verdict belongs to
+            "runtime_checked_at": str,
+        },
+        pk="repo_id",
+    )
+
+
+@migration
+def m002_jobs(db):
+    db["jobs"].create(
+        {
+            "id": str,
+            "kind": str,               # pull | rm | clone | push | scan
+            "target": str,             # repo id (or workspace for push)
+            "args": str,               # JSON
+            "state": str,              # queued | running | succeeded | failed | cancelled
+            "bytes_done": int,
+            "bytes_total": int,
+            "files_done": int,
+            "files_total": int,
+            "rate": float,             # bytes per second
+            "eta": float,              # seconds
+            "message": str,
+            "error": str,              # JSON {"type", "message"}
+            "result": str,             # JSON
+            "attempts": int,
+            "cancel_requested": int,
+            "task_id": str,            # the Huey task id
+            "worker": str,             # id of the worker holding it
+            "created_at": str,
+            "started_at": str,
+            "finished_at": str,
+            "updated_at": str,
+        },
+        pk="id",
+        defaults={"state": "queued", "attempts": 0, "cancel_requested": 0,
+                  "bytes_done": 0, "files_done": 0},
+    )
+    db["jobs"].create_index(["state"])
+    db["jobs"].create_index(["target", "kind"])
+    db["jobs"].create_index(["created_at"])
+
+
+@migration
+def m003_workers(db):
+    db["workers"].create(
+        {
+            "id": str,                 # host:pid:start
+            "kind": str,               # queue | inference | api
+            "pid": int,
+            "host": str,
+            "started_at": str,
+            "heartbeat_at": str,
+            "heartbeat_ts": float,     # unix seconds, for cheap liveness checks
+        },
+        pk="id",
+    )
+
+
+@migration
+def m004_meta(db):
+    db["meta"].create({"key": str, "value": str}, pk="key")

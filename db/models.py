@@ -1,0 +1,112 @@
+"""Named queries on the `models` table (one row per cached repo).
+
+Functions take either a sqlite-utils Database or a raw sqlite3 connection (the `list` fast path) and return plain
+dicts with JSON columns decoded.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+
+COLUMNS = (
+    "repo_id", "revision", "revisions", "snapshot_path", "size_bytes", "reclaimable_bytes", "last_modified",
+    "framework", "model_type", "architecture", "capabilities", "context_length", "quantization", "health",
+    "runtime_compatible", "reason", "fingerprint", "checked_at", "runtime_fingerprint", "runtime_checked_at",
+)
+_JSON_COLUMNS = ("revisions", "capabilities")
+
+
+def _conn(db) -> sqlite3.Connection:
+    return getattr(db, "conn", db)
+
+
+def _decode(row: sqlite3.Row | tuple, names) -> dict:
+    record = dict(zip(names, row))
+    for column in _JSON_COLUMNS:
+        if column in record:
+            record[column] = json.loads(record[column]) if record[column] else []
+    if record.get("runtime_compatible") is not None:
+        record["runtime_compatible"] = bool(record["runtime_compatible"])
+    return record
+
+
+def _select(db, where: str = "", params=()) -> list[dict]:
+    cursor = _conn(db).execute(f"SELECT {', '.join(COLUMNS)} FROM models {where}", params)
+    return [_decode(tuple(row), COLUMNS) for row in cursor.fetchall()]
+
+
+def all_models(db) -> list[dict]:
+    return _select(db, "ORDER BY repo_id")
+
+
+def get_model(db, repo_id: str) -> dict | None:
+    rows = _select(db, "WHERE repo_id = ?", (repo_id,))
+    return rows[0] if rows else None
+
+
+def fingerprints(db) -> dict[str, str]:
+    """repo_id → integrity fingerprint, for the stat-based freshness check."""
+    return dict(_conn(db).execute("SELECT repo_id, fingerprint FROM models").fetchall())
+
+
+def _encode(record: dict) -> dict:
+    row = {key: record[key] for key in COLUMNS if key in record}
+    for column in _JSON_COLUMNS:
+        if column in row and not isinstance(row[column], str) and row[column] is not None:
+            row[column] = json.dumps(row[column])
+    if row.get("runtime_compatible") is not None:
+        row["runtime_compatible"] = int(bool(row["runtime_compatible"]))
+    return row
+
+
+def upsert_models(db, records: list[dict]) -> None:
+    """Insert or fully replace rows, in one transaction."""
+    if not records:
+        return
+    conn = _conn(db)
+    rows = [_encode(record) for record in records]
+    with conn if conn.isolation_level is not None else _transaction(conn):
+        for row in rows:
+            names = list(row)
+            conn.execute(
+                f"INSERT OR REPLACE INTO models ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                [row[name] for name in names],
+            )
+
+
+def upsert_model(db, **record) -> None:
+    upsert_models(db, [record])
+
+
+def delete_models(db, repo_ids: list[str]) -> None:
+    if not repo_ids:
+        return
+    conn = _conn(db)
+    with conn if conn.isolation_level is not None else _transaction(conn):
+        conn.executemany("DELETE FROM models WHERE repo_id = ?", [(repo_id,) for repo_id in repo_ids])
+
+
+class _transaction:
+    """BEGIN IMMEDIATE … COMMIT for autocommit connections: writers queue on the busy timeout, never deadlock."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __enter__(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb):
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False
+
+
+def get_meta(db, key: str) -> str | None:
+    row = _conn(db).execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else None
+
+
+def set_meta(db, key: str, value: str) -> None:
+    conn = _conn(db)
+    with conn if conn.isolation_level is not None else _transaction(conn):
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))

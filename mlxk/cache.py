@@ -1,0 +1,223 @@
+"""The Hugging Face hub cache layout, read and edited the way huggingface_hub writes it.
+
+    <cache>/models--org--name/
+        blobs/<etag>                  file contents, named by sha256 (LFS) or git blob sha1
+        blobs/<etag>[.<x>].incomplete a download in progress (or orphaned by a killed process)
+        snapshots/<sha>/<path>        relative symlinks into blobs/
+        refs/main                     the commit sha `main` points at
+        trees/<sha>.json              the file listing huggingface_hub saw for <sha>
+
+Paths in, no environment: callers pass the cache directory (mlxk.config resolves it).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlxk.errors import CacheError
+
+REPO_PREFIX = "models--"
+INCOMPLETE_SUFFIX = ".incomplete"
+
+
+def repo_folder_name(repo_id: str) -> str:
+    return REPO_PREFIX + repo_id.replace("/", "--")
+
+
+def repo_id_from_folder(folder: str) -> str | None:
+    if not folder.startswith(REPO_PREFIX):
+        return None
+    return folder[len(REPO_PREFIX):].replace("--", "/")
+
+
+def repo_dir(cache_dir: Path, repo_id: str) -> Path:
+    """The repo's folder; repo_id must already be validated (mlxk.names), so this cannot escape the cache."""
+    return Path(cache_dir) / repo_folder_name(repo_id)
+
+
+def iter_repo_dirs(cache_dir: Path):
+    """(repo_id, DirEntry) for every model repo folder; a missing cache is empty, not an error."""
+    try:
+        entries = os.scandir(cache_dir)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise CacheError(f"cannot read the HF cache at {cache_dir}: {error.strerror}. "
+                         "Check its permissions or set HF_HUB_CACHE.") from error
+    with entries:
+        for entry in entries:
+            repo_id = repo_id_from_folder(entry.name)
+            if repo_id and entry.is_dir(follow_symlinks=True):
+                yield repo_id, entry
+
+
+def read_ref(path: Path, ref: str = "main") -> str | None:
+    try:
+        return (path / "refs" / ref).read_text().strip() or None
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+
+
+def list_revisions(path: Path) -> list[str]:
+    """Snapshot hashes, newest first (by snapshot folder mtime)."""
+    try:
+        entries = [e for e in os.scandir(path / "snapshots") if e.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    entries.sort(key=lambda e: e.stat().st_mtime_ns, reverse=True)
+    return [e.name for e in entries]
+
+
+def current_revision(path: Path, revisions: list[str] | None = None) -> str | None:
+    """What refs/main names when that snapshot exists, else the newest snapshot."""
+    revisions = list_revisions(path) if revisions is None else revisions
+    main = read_ref(path)
+    if main and main in revisions:
+        return main
+    return revisions[0] if revisions else None
+
+
+def refs(path: Path) -> dict[str, str]:
+    """Every ref (`main`, `refs/pr/1`, tags) → sha."""
+    root = path / "refs"
+    found = {}
+    for file in root.rglob("*") if root.is_dir() else ():
+        if file.is_file():
+            found[file.relative_to(root).as_posix()] = file.read_text().strip()
+    return found
+
+
+@dataclass
+class SnapshotFile:
+    name: str                # path inside the snapshot, posix
+    path: Path               # the entry in snapshots/<sha>/
+    is_symlink: bool
+    target: Path | None      # the resolved blob, None when the link dangles
+    size: int | None         # bytes of the resolved file, None when the link dangles
+
+
+def snapshot_files(snapshot: Path) -> list[SnapshotFile]:
+    files = []
+    for root, dirs, names in os.walk(snapshot):
+        for name in names:
+            entry = Path(root) / name
+            link = entry.is_symlink()
+            try:
+                size = entry.stat().st_size
+                target = entry.resolve() if link else entry
+            except (FileNotFoundError, OSError):
+                size, target = None, None
+            files.append(SnapshotFile(entry.relative_to(snapshot).as_posix(), entry, link, target, size))
+    files.sort(key=lambda f: f.name)
+    return files
+
+
+def incomplete_blobs(path: Path) -> list[Path]:
+    """Partial downloads: huggingface_hub's `<etag>[.<x>].incomplete` and mlxk's own."""
+    try:
+        return sorted(Path(e.path) for e in os.scandir(path / "blobs") if e.name.endswith(INCOMPLETE_SUFFIX))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+@dataclass
+class Usage:
+    size_bytes: int = 0          # complete blobs (each once) + regular files in snapshots
+    incomplete_bytes: int = 0    # partial downloads
+
+
+def disk_usage(path: Path) -> Usage:
+    """Bytes on disk; blobs shared by several snapshots are counted once."""
+    usage = Usage()
+    seen: set[tuple[int, int]] = set()
+    for folder in ("blobs", "snapshots"):
+        for root, _dirs, names in os.walk(path / folder):
+            for name in names:
+                try:
+                    st = os.lstat(os.path.join(root, name))
+                except OSError:
+                    continue
+                if os.path.stat.S_ISLNK(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                if name.endswith(INCOMPLETE_SUFFIX):
+                    usage.incomplete_bytes += st.st_size
+                else:
+                    usage.size_bytes += st.st_size
+    return usage
+
+
+def fingerprint(path: Path, revision: str | None) -> str:
+    """A cheap stat-based token that changes when files are added, completed, replaced or removed.
+
+    Blobs land by rename (blobs/ mtime), snapshots get links (snapshot folder mtime), refs are rewritten (refs/main
+    mtime); a deleted repo has no fingerprint at all. A few stats per repo keep `list` instant with 1,000s of repos.
+    """
+    parts = []
+    for sub in ("", "blobs", "snapshots", "refs/main", f"snapshots/{revision}" if revision else None):
+        if sub is None:
+            continue
+        try:
+            st = os.stat(path / sub if sub else path)
+            parts.append(f"{st.st_mtime_ns:x}")
+        except OSError:
+            parts.append("-")
+    return ":".join(parts)
+
+
+def last_modified(path: Path, revision: str | None) -> float:
+    """Unix time the current snapshot last changed (falls back to the repo folder)."""
+    for candidate in (path / "snapshots" / revision if revision else None, path):
+        if candidate is None:
+            continue
+        try:
+            return candidate.stat().st_mtime
+        except OSError:
+            continue
+    return 0.0
+
+
+@dataclass
+class RemovalPlan:
+    repo_id: str
+    revisions: list[str]
+    paths: list[Path] = field(default_factory=list)   # what would be deleted
+    bytes_freed: int = 0
+    whole_repo: bool = False
+
+
+def plan_remove(cache_dir: Path, repo_id: str, revision: str | None = None) -> RemovalPlan:
+    """What `rm` deletes: the whole repo, or one revision plus the blobs no other revision uses."""
+    path = repo_dir(cache_dir, repo_id)
+    revisions = list_revisions(path)
+    if revision is None or revisions == [revision]:
+        usage = disk_usage(path)
+        return RemovalPlan(repo_id, revisions, [path], usage.size_bytes + usage.incomplete_bytes, whole_repo=True)
+    if revision not in revisions:
+        raise CacheError(f"{repo_id}@{revision[:12]} is not cached.")
+    keep: set[Path] = set()
+    for other in revisions:
+        if other != revision:
+            keep.update(f.target for f in snapshot_files(path / "snapshots" / other) if f.target)
+    drop = {f.target for f in snapshot_files(path / "snapshots" / revision) if f.is_symlink and f.target} - keep
+    paths = [path / "snapshots" / revision, *sorted(drop)]
+    return RemovalPlan(repo_id, [revision], paths, sum(p.stat().st_size for p in drop), whole_repo=False)
+
+
+def apply_remove(cache_dir: Path, plan: RemovalPlan) -> None:
+    path = repo_dir(cache_dir, plan.repo_id)
+    if plan.whole_repo:
+        shutil.rmtree(path, ignore_errors=False)
+    else:
+        for target in plan.paths:
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+        for ref, sha in refs(path).items():
+            if sha in plan.revisions:
+                (path / "refs" / ref).unlink(missing_ok=True)
+    lock_dir = Path(cache_dir) / ".locks" / repo_folder_name(plan.repo_id)
+    shutil.rmtree(lock_dir, ignore_errors=True)

@@ -1,0 +1,87 @@
+"""The `mlxk` command line: a click group whose commands live in mlxk/commands/ and load on first use.
+
+Loading lazily keeps `mlxk list` from importing what `mlxk serve` or `mlxk pull` need.
+"""
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from mlxk import __version__
+from mlxk.output import Output, json_command
+
+# name → "module:attribute"; the order is the order of `mlxk --help`
+COMMANDS = {
+    "list": "mlxk.commands.models:list_command",
+    "show": "mlxk.commands.models:show_command",
+    "health": "mlxk.commands.models:health_command",
+    "pull": "mlxk.commands.jobs:pull_command",
+    "rm": "mlxk.commands.jobs:rm_command",
+    "clone": "mlxk.commands.jobs:clone_command",
+    "push": "mlxk.commands.jobs:push_command",
+    "jobs": "mlxk.commands.jobs:jobs_group",
+    "run": "mlxk.commands.serve:run_command",
+    "serve": "mlxk.commands.serve:serve_command",
+    "ps": "mlxk.commands.serve:ps_command",
+    "stop": "mlxk.commands.serve:stop_command",
+    "worker": "mlxk.commands.jobs:worker_command",
+    "version": "mlxk.cli:version_command",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            if ctx.resilient_parsing:
+                return None
+            raise
+
+    def format_commands(self, ctx, formatter):
+        # `--help` must not import every command module; short help comes from each command's first doc line.
+        rows = []
+        for name in self.list_commands(ctx):
+            try:
+                command = self.get_command(ctx, name)
+            except (ImportError, AttributeError):
+                continue
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=formatter.width - 20)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="mlxk")
+def cli():
+    """Manage and serve MLX models in the Hugging Face cache."""
+
+
+@click.command("version")
+@json_command
+def version_command():
+    """Show the versions of mlxk and the libraries it runs on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    data = {"version": __version__}
+    for package in ("mlx", "mlx-lm", "huggingface-hub", "huey"):
+        try:
+            data[package] = version(package)
+        except PackageNotFoundError:
+            data[package] = None
+    text = f"mlxk {__version__}\n" + "\n".join(f"{k} {v or 'not installed'}" for k, v in data.items() if k != "version")
+    return Output(data, text)
+
+
+def main():
+    cli(prog_name="mlxk")

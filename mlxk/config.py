@@ -1,0 +1,140 @@
+"""Every environment variable mlxk reads, in one place.
+
+Values are read when `settings()` is called, never at import, so a test (or a long-lived process) that changes
+the environment sees the change. Paths follow huggingface_hub's own rules so mlxk and `hf` share one cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PORT = 8000
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path                 # MLXK_HOME: state.db, queue.db, logs, pid files
+    hf_home: Path              # HF_HOME
+    hf_hub_cache: Path         # HF_HUB_CACHE, else HF_HOME/hub
+    hf_endpoint: str           # HF_ENDPOINT
+    hf_token: str | None       # HF_TOKEN, else the token `hf auth login` saved
+    queue_url: str             # MLXK_QUEUE_URL: sqlite path (default) or redis://
+    host: str                  # MLXK_HOST
+    port: int                  # MLXK_PORT
+    api_key: str | None        # MLXK_API_KEY
+    cors_origins: tuple[str, ...]  # MLXK_CORS_ORIGINS (comma separated); empty = CORS off
+    max_loaded: int            # MLXK_MAX_LOADED: models resident in the inference worker
+    keep_alive_s: float        # MLXK_KEEP_ALIVE: seconds an idle model stays loaded
+    max_waiting: int           # MLXK_MAX_WAITING: queued generation requests before "busy"
+    max_prompt_tokens: int     # MLXK_MAX_PROMPT_TOKENS
+    max_body_bytes: int        # MLXK_MAX_BODY_BYTES: request body limit of the api
+    worker_idle_s: float       # MLXK_WORKER_IDLE: a background job worker exits after this idle time
+    server_idle_s: float       # MLXK_SERVER_IDLE: a server started by `mlxk run` exits after this idle time
+    hub_offline: bool          # HF_HUB_OFFLINE
+
+    @property
+    def state_db(self) -> Path:
+        return self.home / "state.db"
+
+    @property
+    def queue_db(self) -> Path:
+        return self.home / "queue.db"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        """pid and heartbeat files of the processes mlxk starts."""
+        return self.home / "run"
+
+    @property
+    def inference_socket(self) -> Path:
+        """Unix socket of the inference worker; sockets paths are capped at ~104 bytes, so long homes hash."""
+        path = self.home / "inference.sock"
+        if len(str(path)) < 100:
+            return path
+        digest = hashlib.sha1(str(self.home).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"mlxk-{os.getuid()}-{digest}.sock"
+
+    @property
+    def server_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else None
+
+
+def _default_home() -> Path:
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("mlxk", appauthor=False))
+
+
+def _hf_home() -> Path:
+    if (value := _env("HF_HOME")) is not None:
+        return Path(value).expanduser()
+    xdg = _env("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "huggingface"
+
+
+def _hf_token(hf_home: Path) -> str | None:
+    if (token := _env("HF_TOKEN")) is not None:
+        return token.strip()
+    token_path = Path(_env("HF_TOKEN_PATH") or hf_home / "token").expanduser()
+    try:
+        return token_path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _number(name: str, default: float, kind=float):
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        from mlxk.errors import ConfigError
+
+        raise ConfigError(f"{name}={raw!r} is not a number; unset it or give a number like {default!r}") from None
+
+
+def _flag(name: str) -> bool:
+    return (_env(name) or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def settings() -> Settings:
+    home = Path(_env("MLXK_HOME") or _default_home()).expanduser()
+    hf_home = _hf_home()
+    hub_cache = Path(_env("HF_HUB_CACHE") or _env("HUGGINGFACE_HUB_CACHE") or hf_home / "hub").expanduser()
+    return Settings(
+        home=home,
+        hf_home=hf_home,
+        hf_hub_cache=hub_cache,
+        hf_endpoint=(_env("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
+        hf_token=_hf_token(hf_home),
+        queue_url=_env("MLXK_QUEUE_URL") or str(home / "queue.db"),
+        host=_env("MLXK_HOST") or DEFAULT_HOST,
+        port=_number("MLXK_PORT", DEFAULT_PORT, int),
+        api_key=_env("MLXK_API_KEY"),
+        cors_origins=tuple(o.strip() for o in (_env("MLXK_CORS_ORIGINS") or "").split(",") if o.strip()),
+        max_loaded=_number("MLXK_MAX_LOADED", 1, int),
+        keep_alive_s=_number("MLXK_KEEP_ALIVE", 300.0),
+        max_waiting=_number("MLXK_MAX_WAITING", 64, int),
+        max_prompt_tokens=_number("MLXK_MAX_PROMPT_TOKENS", 32768, int),
+        max_body_bytes=_number("MLXK_MAX_BODY_BYTES", 8 * 1024 * 1024, int),
+        worker_idle_s=_number("MLXK_WORKER_IDLE", 300.0),
+        server_idle_s=_number("MLXK_SERVER_IDLE", 900.0),
+        hub_offline=_flag("HF_HUB_OFFLINE"),
+    )

@@ -1,0 +1,116 @@
+"""The error family of mlxk.
+
+The domain raises these; the CLI (mlxk.output) and the server each turn them into their wire shape in one place.
+`type` is a stable string scripts can match on; the message names the problem and, where there is one, the fix.
+"""
+from __future__ import annotations
+
+
+class MlxkError(Exception):
+    type = "error"
+    exit_code = 1
+    http_status = 400
+
+    def __init__(self, message: str, **details):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "message": self.message, **self.details}
+
+
+class ConfigError(MlxkError):
+    type = "config_error"
+
+
+class InvalidName(MlxkError):
+    type = "invalid_name"
+
+
+class ModelNotFound(MlxkError):
+    type = "model_not_found"
+    http_status = 404
+
+
+class AmbiguousMatch(MlxkError):
+    type = "ambiguous_match"
+
+
+class ModelNotRunnable(MlxkError):
+    type = "model_not_runnable"
+
+
+class CacheError(MlxkError):
+    type = "cache_error"
+
+
+class StateError(MlxkError):
+    """state.db or queue.db cannot be used."""
+    type = "state_error"
+
+
+class JobNotFound(MlxkError):
+    type = "job_not_found"
+    http_status = 404
+
+
+class JobFailed(MlxkError):
+    type = "job_failed"
+
+
+class JobCancelled(MlxkError):
+    type = "job_cancelled"
+
+
+class Conflict(MlxkError):
+    """Another job holds the model, or the operation would overwrite something it should not."""
+    type = "conflict"
+    http_status = 409
+
+
+class HubError(MlxkError):
+    type = "hub_error"
+
+
+class RepoNotFound(HubError):
+    type = "repo_not_found"
+    http_status = 404
+
+
+class GatedRepo(HubError):
+    type = "gated_repo"
+    http_status = 403
+
+
+class AuthError(HubError):
+    type = "auth_error"
+    http_status = 401
+
+
+class RevisionNotFound(HubError):
+    type = "revision_not_found"
+    http_status = 404
+
+
+class IntegrityError(HubError):
+    """Downloaded bytes do not match the hash the Hub published."""
+    type = "integrity_error"
+
+
+class DiskFull(MlxkError):
+    type = "disk_full"
+
+
+class Cancelled(MlxkError):
+    type = "cancelled"
+
+
+class ServerUnavailable(MlxkError):
+    type = "server_unavailable"
+    http_status = 503
+
+
+class Busy(MlxkError):
+    type = "busy"
+    http_status = 503

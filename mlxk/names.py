@@ -1,0 +1,121 @@
+"""Model names: validate, parse `name@rev`, and resolve a user's short name against what is cached.
+
+Repo ids are validated before any disk or network work, so a name can never escape the cache directory.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mlxk.errors import AmbiguousMatch, InvalidName, ModelNotFound
+
+MAX_REPO_ID_LENGTH = 96
+_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?$")
+_HEX = re.compile(r"^[0-9a-f]{4,40}$")
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What the user typed, split: `org/name@rev` → repo `org/name`, revision `rev` (or None)."""
+
+    repo: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.repo}@{self.revision}" if self.revision else self.repo
+
+
+def _fail(name: str, problem: str) -> InvalidName:
+    return InvalidName(
+        f"invalid model name {name!r}: {problem}. Use a Hugging Face repo id like 'mlx-community/Qwen3-4B-4bit'.",
+        name=name,
+    )
+
+
+def validate_repo_id(repo_id: str, *, allow_bare: bool = False) -> str:
+    """Return `repo_id` if it is a valid Hub repo id (`org/name`; `name` alone when allow_bare)."""
+    if not repo_id:
+        raise _fail(repo_id, "it is empty")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in repo_id):
+        raise _fail(repo_id, "it contains control characters")
+    if len(repo_id) > MAX_REPO_ID_LENGTH:
+        raise _fail(repo_id, f"it is {len(repo_id)} characters long; the Hub allows at most {MAX_REPO_ID_LENGTH}")
+    if repo_id.startswith("/") or repo_id.endswith("/") or "//" in repo_id:
+        raise _fail(repo_id, "it has a leading, trailing or double slash")
+    parts = repo_id.split("/")
+    if len(parts) > 2:
+        raise _fail(repo_id, "it has more than one '/'; the form is 'org/name'")
+    if len(parts) == 1 and not allow_bare:
+        raise _fail(repo_id, "it needs an organisation, as in 'org/name'")
+    for part in parts:
+        if ".." in part or "--" in part:
+            raise _fail(repo_id, "'..' and '--' are not allowed")
+        if not _PART.match(part):
+            raise _fail(repo_id, "only letters, digits, '-', '_' and '.' are allowed, "
+                                 "not at the start or end of a part")
+    return repo_id
+
+
+def parse(name: str, *, allow_bare: bool = True) -> ModelRef:
+    """Split `org/name@rev`; validates both halves."""
+    if name is None or not name.strip():
+        raise _fail(name or "", "it is empty")
+    repo, sep, revision = name.strip().partition("@")
+    validate_repo_id(repo, allow_bare=allow_bare)
+    if sep:
+        if not revision or not _REVISION.match(revision) or ".." in revision:
+            raise _fail(name, "the revision after '@' must be a commit hash, branch or tag")
+        return ModelRef(repo, revision)
+    return ModelRef(repo, None)
+
+
+def is_commit_prefix(revision: str) -> bool:
+    return bool(_HEX.match(revision))
+
+
+def resolve(name: str, candidates: list[str]) -> str:
+    """The one cached repo id `name` means: exact (case-insensitive), else a unique case-insensitive substring."""
+    lowered = name.lower()
+    exact = [c for c in candidates if c.lower() == lowered]
+    if len(exact) == 1:
+        return exact[0]
+    by_name = [c for c in candidates if c.lower().split("/")[-1] == lowered]
+    if len(by_name) == 1:
+        return by_name[0]
+    matches = sorted(c for c in candidates if lowered in c.lower())
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        shown = matches[:20]
+        more = f" (and {len(matches) - len(shown)} more)" if len(matches) > len(shown) else ""
+        raise AmbiguousMatch(
+            f"{name!r} matches {len(matches)} models: {', '.join(shown)}{more}. Use the full name.",
+            matches=matches,
+        )
+    raise not_found(name, candidates)
+
+
+def resolve_revision(repo_id: str, revision: str, revisions: list[str]) -> str:
+    """The one cached snapshot hash `revision` (a commit prefix) names."""
+    hits = [r for r in revisions if r.startswith(revision.lower())]
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise AmbiguousMatch(
+            f"'{repo_id}@{revision}' matches {len(hits)} cached revisions: {', '.join(h[:12] for h in hits)}. "
+            "Give more characters of the hash.",
+            matches=hits,
+        )
+    cached = ", ".join(r[:12] for r in revisions) or "none"
+    raise ModelNotFound(f"revision {revision!r} of {repo_id} is not cached (cached: {cached}).", name=repo_id)
+
+
+def not_found(name: str, candidates: list[str]) -> ModelNotFound:
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), [c.lower() for c in candidates], n=3, cutoff=0.6)
+    suggestions = [c for c in candidates if c.lower() in close]
+    hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
+    pull = f" To download it: mlxk pull {name if '/' in name else 'ORG/' + name}"
+    return ModelNotFound(f"no cached model matches {name!r}.{hint}{pull}", name=name, suggestions=suggestions)

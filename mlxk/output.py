@@ -1,0 +1,161 @@
+"""Everything a command prints: the --json envelope, aligned tables, sizes, times, errors.
+
+Data goes to stdout, chatter and progress to stderr. Every command takes `--json` and prints exactly one JSON
+document: {"status": "success"|"error", "command": ..., "data": ..., "error": null|{"type", "message", ...}}.
+Commands return an `Output`; they never print, exit or format errors themselves.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import click
+
+from mlxk.errors import MlxkError
+
+
+@dataclass
+class Output:
+    data: Any = None
+    text: str | Callable[[], str] | None = None   # the human rendering; None prints nothing
+    exit_code: int = 0
+    error: MlxkError | None = None                 # a failed outcome that still carries data (a failed job)
+
+
+def json_mode() -> bool:
+    ctx = click.get_current_context(silent=True)
+    while ctx is not None:
+        if ctx.meta.get("mlxk.json"):
+            return True
+        ctx = ctx.parent
+    return False
+
+
+def envelope(command: str, data: Any = None, error: MlxkError | None = None) -> dict:
+    return {
+        "status": "error" if error else "success",
+        "command": command,
+        "data": data,
+        "error": error.to_dict() if error else None,
+    }
+
+
+def _command_name(ctx: click.Context) -> str:
+    return " ".join(ctx.command_path.split()[1:]) or ctx.command_path
+
+
+def dumps(document: Any) -> str:
+    return json.dumps(document, indent=2, ensure_ascii=False, default=str)
+
+
+def json_command(fn):
+    """Give a command `--json`, render its Output, and turn MlxkError into a clear message and exit 1."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+    @functools.wraps(fn)
+    def wrapper(*args, as_json: bool, **kwargs):
+        ctx = click.get_current_context()
+        ctx.meta["mlxk.json"] = as_json
+        name = _command_name(ctx)
+        try:
+            result = fn(*args, **kwargs)
+        except MlxkError as error:
+            result = Output(exit_code=error.exit_code, error=error)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+        if result is None:
+            result = Output()
+        if as_json:
+            click.echo(dumps(envelope(name, result.data, result.error)))
+        else:
+            text = result.text() if callable(result.text) else result.text
+            if text:
+                click.echo(text)
+            if result.error:
+                click.echo(f"Error: {result.error.message}", err=True)
+        code = result.exit_code or (result.error.exit_code if result.error else 0)
+        if code:
+            ctx.exit(code)
+
+    return wrapper
+
+
+def say(message: str) -> None:
+    """Chatter for humans: stderr, so stdout stays data."""
+    click.echo(message, err=True)
+
+
+# ---------------------------------------------------------------- formatting
+
+def human_size(num: int | float | None) -> str:
+    if num is None:
+        return "-"
+    num = float(num)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(num) < 1000 or unit == "TB":
+            return f"{num:.0f} {unit}" if unit in ("B", "KB") else f"{num:.1f} {unit}"
+        num /= 1000
+    return f"{num:.1f} PB"
+
+
+def iso_utc(ts: float | None) -> str | None:
+    """UTC ISO-8601 with a Z, as every JSON timestamp is written."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_iso(value: str | None) -> float | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def relative_time(ts: float | str | None, now: float | None = None) -> str:
+    if ts is None:
+        return "-"
+    if isinstance(ts, str):
+        ts = parse_iso(ts)
+    delta = (now or time.time()) - ts
+    future = delta < 0
+    delta = abs(delta)
+    for size, unit in ((86400 * 365, "year"), (86400 * 30, "month"), (86400 * 7, "week"), (86400, "day"),
+                       (3600, "hour"), (60, "minute"), (1, "second")):
+        if delta >= size:
+            count = int(delta // size)
+            text = f"{count} {unit}{'s' if count != 1 else ''}"
+            return f"in {text}" if future else f"{text} ago"
+    return "just now"
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def table(rows: list[list[Any]], headers: list[str], *, right: set[int] = frozenset()) -> str:
+    """An aligned plain-text table; columns in `right` are right-aligned (sizes, counts)."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        parts = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def is_tty(stream=None) -> bool:
+    stream = stream or sys.stdout
+    return hasattr(stream, "isatty") and stream.isatty()
