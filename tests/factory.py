@@ -1,0 +1,986 @@
+"""Tiny real MLX models and real Hugging Face cache layouts, for tests and benchmarks.
+
+Why this exists: every part of mlxk (health checks, `list`, pull/push against the test Hub,
+the inference worker) must be exercised on *real* artefacts without the network or the
+user's cache. This module produces them:
+
+- `tiny_model_files()` builds the file set of a real llama-architecture MLX model (random,
+  seeded weights written by mlx-lm's own save functions, a byte-level BPE tokenizer trained with
+  `tokenizers`), small enough to load and generate on the MLX CPU backend in milliseconds.
+  A file set is built once per (spec, flags) per process and kept in an on-disk cache under the
+  system temp dir (never the working directory or ~/.cache), so repeated runs skip the build.
+- `write_repo()` lays files out exactly as huggingface_hub does: `models--org--name/blobs/<etag>`
+  (sha256 for LFS files, git blob sha1 otherwise), `snapshots/<rev>/<path>` as relative symlinks,
+  `refs/<ref>`, optionally `trees/<rev>.json`.
+- `VARIANTS` / `make_variant()` give one repo per health rule, each recording what the health
+  checker must conclude.
+
+It imports without pytest (bench scripts put the repo root on sys.path and import it) and keeps
+mlx imports inside the functions that need them, so a cache hit never imports mlx.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.metadata
+import io
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Union
+
+log = logging.getLogger("mlxk.tests.factory")
+
+# Bump when the generated files change, so stale on-disk cache entries are ignored.
+FACTORY_VERSION = "1"
+
+FileContent = Union[bytes, Path]
+
+LFS_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".onnx", ".npz")
+LFS_MIN_SIZE = 10 * 1024 * 1024  # the Hub stores anything this big in LFS regardless of name
+
+SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+THINK_TOKENS = ["<think>", "</think>"]
+TOOL_TOKENS = ["<tool_call>", "</tool_call>"]
+
+# The corpus the tokenizer is trained on; generation output is random text over this vocabulary.
+_CORPUS = [
+    "Hello, how are you today? I am fine, thank you.",
+    "The quick brown fox jumps over the lazy dog.",
+    "MLX is an array framework for machine learning on Apple silicon.",
+    "A tiny model answers questions about the weather, numbers and code.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Count with me: one, two, three, four, five, six, seven, eight, nine, ten.",
+    "def add(a, b):\n    return a + b\n",
+    '{"name": "get_weather", "arguments": {"city": "Berlin"}}',
+    "The system prompt says: you are a helpful assistant.",
+    "Once upon a time there was a small language model that lived in a cache.",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 and symbols ! ? . , ; : - _ ( ) [ ] { } < > / \\ | @ # $ % ^ & * + = ~",
+    "user assistant system tool function call response reasoning think answer",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Model spec and file sets
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of a tiny llama model. `seed` fixes the random weights (files are reproducible)."""
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 128
+    max_position_embeddings: int = 2048
+    vocab_target: int = 384  # BPE trainer target before added tokens; config.vocab_size is exact
+    seed: int = 0
+    dtype: str = "float16"
+
+
+TINY = ModelSpec()
+
+_FILES_MEMO: dict[tuple, dict[str, bytes]] = {}
+
+
+def tiny_model_files(
+    spec: ModelSpec = TINY,
+    *,
+    chat_template: bool = True,
+    reasoning: bool = False,
+    tools: bool = False,
+    quantize: bool = False,
+    shards: int = 1,
+) -> dict[str, bytes]:
+    """The files of a real tiny MLX llama model, {repo path: bytes}.
+
+    Files: config.json, model.safetensors (or model-0000i-of-0000n.safetensors when shards > 1),
+    model.safetensors.index.json (mlx-lm's save_model always writes one), tokenizer.json,
+    tokenizer_config.json, special_tokens_map.json, generation_config.json, README.md.
+
+    chat_template: ChatML template in tokenizer_config.json (False gives a base model).
+    reasoning: `<think>`/`</think>` in the vocab (mlx-lm then reports has_thinking) and a template
+      whose generation prompt opens `<think>\\n` (or renders an empty think block when
+      enable_thinking=False).
+    tools: a Qwen-style template that renders `tools` and `<tool_call>` blocks (mlx-lm picks its
+      `json_tools` parser) and `<tool_call>`/`</tool_call>` added tokens.
+    quantize: 4-bit, group size 64, via mlx-lm's quantize_model (config gets `quantization`).
+
+    Returns a fresh dict each call; the bytes objects are shared between calls, which is what
+    makes `write_repo` cheap (hashes are memoized per bytes object).
+    """
+    if shards < 1:
+        raise ValueError("shards must be >= 1")
+    key = (spec, chat_template, reasoning, tools, quantize, shards)
+    files = _FILES_MEMO.get(key)
+    if files is None:
+        files = _load_or_build(key)
+        _FILES_MEMO[key] = files
+    return dict(files)
+
+
+def _cache_root() -> Path:
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"mlxk-test-factory-{uid}"
+
+
+def _cache_key(key: tuple) -> str:
+    spec, chat_template, reasoning, tools, quantize, shards = key
+    versions = {}
+    for dist in ("mlx", "mlx-lm", "tokenizers"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    payload = {
+        "factory": FACTORY_VERSION,
+        # Any edit of this module invalidates the cache: no stale models after a builder change.
+        "source": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "spec": dataclasses.asdict(spec),
+        "flags": [chat_template, reasoning, tools, quantize, shards],
+        "versions": versions,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _load_or_build(key: tuple) -> dict[str, bytes]:
+    entry = _cache_root() / _cache_key(key)
+    files = _read_cache_entry(entry)
+    if files is not None:
+        return files
+    files = _build_model_files(*key)
+    _write_cache_entry(entry, files)
+    return files
+
+
+def _read_cache_entry(entry: Path) -> dict[str, bytes] | None:
+    try:
+        manifest = json.loads((entry / "manifest.json").read_text())
+        files = {}
+        for name, digest in manifest.items():
+            data = (entry / "files" / name).read_bytes()
+            if hashlib.sha256(data).hexdigest() != digest:
+                return None
+            files[name] = data
+        return files
+    except (OSError, ValueError):
+        return None
+
+
+def _write_cache_entry(entry: Path, files: dict[str, bytes]) -> None:
+    # Build in a private dir and rename: concurrent test processes never see half an entry.
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=entry.name + ".tmp-"))
+        for name, data in files.items():
+            target = tmp / "files" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        manifest = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
+        if entry.exists():
+            shutil.rmtree(entry, ignore_errors=True)  # a corrupt entry: replace it
+        try:
+            os.rename(tmp, entry)
+        except OSError:  # another process won the race; its entry is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        log.warning("could not cache tiny model files in %s: %s", entry, e)
+
+
+def clear_disk_cache() -> None:
+    """Remove the on-disk cache of built file sets (and the in-process memo)."""
+    _FILES_MEMO.clear()
+    shutil.rmtree(_cache_root(), ignore_errors=True)
+
+
+def build_model_files_uncached(
+    spec: ModelSpec = TINY,
+    *,
+    chat_template: bool = True,
+    reasoning: bool = False,
+    tools: bool = False,
+    quantize: bool = False,
+    shards: int = 1,
+) -> dict[str, bytes]:
+    """Build a file set from scratch, bypassing both caches (for reproducibility checks)."""
+    return _build_model_files(spec, chat_template, reasoning, tools, quantize, shards)
+
+
+def _build_model_files(
+    spec: ModelSpec, chat_template: bool, reasoning: bool, tools: bool, quantize: bool, shards: int
+) -> dict[str, bytes]:
+    tok_json, vocab = _build_tokenizer(spec, reasoning=reasoning, tools=tools)
+    config = _model_config(spec, vocab)
+    files = _build_weights(spec, config, quantize=quantize, shards=shards)
+    files["tokenizer.json"] = tok_json
+    template = _chat_template(reasoning=reasoning, tools=tools) if chat_template else None
+    files["tokenizer_config.json"] = _json_bytes(_tokenizer_config(spec, template))
+    files["special_tokens_map.json"] = _json_bytes(_special_tokens_map())
+    files["generation_config.json"] = _json_bytes(
+        {"bos_token_id": vocab["<s>"], "eos_token_id": config["eos_token_id"], "do_sample": False}
+    )
+    files["README.md"] = _readme(chat_template=chat_template, reasoning=reasoning, tools=tools,
+                                 quantize=quantize).encode()
+    return dict(sorted(files.items()))
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def _build_tokenizer(spec: ModelSpec, *, reasoning: bool, tools: bool) -> tuple[bytes, dict]:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_target,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    # Think and tool-call markers are added but not "special", as in Qwen/DeepSeek tokenizers:
+    # they must survive decoding so mlx-lm can see them in the text.
+    extra = (THINK_TOKENS if reasoning else []) + (TOOL_TOKENS if tools else [])
+    if extra:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra])
+    return tok.to_str(pretty=True).encode(), tok.get_vocab(with_added_tokens=True)
+
+
+def _model_config(spec: ModelSpec, vocab: dict) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": spec.hidden_size,
+        "num_hidden_layers": spec.num_hidden_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_key_value_heads,
+        "intermediate_size": spec.intermediate_size,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "vocab_size": len(vocab),
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "bos_token_id": vocab["<s>"],
+        "eos_token_id": [vocab["</s>"], vocab["<|im_end|>"]],
+        "torch_dtype": spec.dtype,
+    }
+
+
+def _build_weights(spec: ModelSpec, config: dict, *, quantize: bool, shards: int) -> dict[str, bytes]:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    mx.random.seed(spec.seed)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model.set_dtype(getattr(mx, spec.dtype))
+    if quantize:
+        with contextlib.redirect_stdout(io.StringIO()):  # quantize_model prints bits-per-weight
+            model, config = quantize_model(model, config, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    with tempfile.TemporaryDirectory(prefix="mlxk-factory-build-") as tmp:
+        out = Path(tmp)
+        if shards == 1:
+            save_model(out, model)
+        else:
+            _save_sharded(out, dict(tree_flatten(model.parameters())), shards)
+        save_config(dict(config), out / "config.json")
+        return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def _save_sharded(out: Path, weights: dict, shards: int) -> None:
+    """Split weights into `shards` files with mlx-lm's names, metadata and index format.
+
+    mlx-lm's save_model only splits past 5 GB, so tiny models need this to get real shard sets.
+    """
+    import mlx.core as mx
+
+    names = sorted(weights)
+    if len(names) < shards:
+        raise ValueError(f"cannot split {len(names)} tensors into {shards} shards")
+    per = -(-len(names) // shards)
+    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values()),
+                          "total_parameters": sum(v.size for v in weights.values())},
+             "weight_map": {}}
+    for i in range(shards):
+        part = {k: weights[k] for k in names[i * per:(i + 1) * per]}
+        shard_name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        mx.save_safetensors(str(out / shard_name), part, metadata={"format": "mlx"})
+        index["weight_map"].update({k: shard_name for k in part})
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+
+
+def _tokenizer_config(spec: ModelSpec, template: str | None) -> dict:
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "</s>",
+        "unk_token": "<unk>",
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": spec.max_position_embeddings,
+    }
+    if template is not None:
+        config["chat_template"] = template
+    return config
+
+
+def _special_tokens_map() -> dict:
+    return {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "</s>",
+        "unk_token": "<unk>",
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+    }
+
+
+_CHATML = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Qwen2.5-style: mlx-lm's _infer_tool_parser picks `json_tools` for a template containing
+# "<tool_call>" and "tool_call.name" (and not "<tool_call>\n<function=", which is qwen3_coder).
+_TOOLS_SYSTEM = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and "
+    "arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n"
+    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- endif %}"
+)
+_TOOLS_MESSAGES = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and loop.first and tools %}"
+    "{%- elif message['role'] == 'assistant' and message.tool_calls %}"
+    "{{- '<|im_start|>assistant' }}"
+    "{%- if message['content'] %}{{- '\\n' + message['content'] }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
+    "{%- if tool_call.arguments is string %}{{- tool_call.arguments }}"
+    "{%- else %}{{- tool_call.arguments | tojson }}{%- endif %}"
+    "{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+def _generation_prompt(reasoning: bool) -> str:
+    if not reasoning:
+        return "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    # mlx-lm passes enable_thinking=has_thinking; like DeepSeek-R1 the prompt opens the think
+    # block, and enable_thinking=False renders an empty one (Qwen3's convention).
+    return (
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+        "{%- if enable_thinking is defined and enable_thinking is false %}"
+        "{{- '<think>\\n\\n</think>\\n\\n' }}{%- else %}{{- '<think>\\n' }}{%- endif %}"
+        "{%- endif %}"
+    )
+
+
+def _chat_template(*, reasoning: bool, tools: bool) -> str:
+    messages = _TOOLS_SYSTEM + _TOOLS_MESSAGES if tools else _CHATML.split("{%- if add_generation_prompt")[0]
+    return messages + _generation_prompt(reasoning)
+
+
+def _readme(*, chat_template: bool, reasoning: bool, tools: bool, quantize: bool,
+            library_name: str = "mlx", tags: list[str] | None = None) -> str:
+    tags = tags if tags is not None else ["mlx"]
+    kind = "chat" if chat_template else "base"
+    extras = [w for w, on in (("reasoning", reasoning), ("tools", tools), ("4-bit", quantize)) if on]
+    tag_lines = "".join(f"- {t}\n" for t in tags)
+    return (
+        f"---\nlibrary_name: {library_name}\nlicense: mit\npipeline_tag: text-generation\n"
+        f"tags:\n{tag_lines}---\n\n"
+        f"# Tiny {kind} model{' (' + ', '.join(extras) + ')' if extras else ''}\n\n"
+        "A tiny randomly initialised llama model generated by a test factory.\n"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Hashes the way the Hub computes them
+
+
+def is_lfs_file(path: str, size: int) -> bool:
+    """Whether the Hub would store this file in LFS (its etag is then the sha256)."""
+    return path.endswith(LFS_SUFFIXES) or size >= LFS_MIN_SIZE
+
+
+def git_blob_sha1(data: bytes) -> str:
+    """Git's blob id: sha1 over `blob <len>\\0<data>` (the Hub's etag for non-LFS files)."""
+    h = hashlib.sha1(b"blob %d\x00" % len(data))
+    h.update(data)
+    return h.hexdigest()
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    """The Git LFS pointer text that stands for a file in git."""
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What the Hub reports for a file: size, git blob id, and for LFS files the sha256."""
+
+    size: int
+    blob_id: str  # git blob sha1 (of the LFS pointer text for LFS files), as in /tree listings
+    sha256: str | None  # LFS files only
+
+    @property
+    def is_lfs(self) -> bool:
+        return self.sha256 is not None
+
+    @property
+    def etag(self) -> str:
+        """The blob name in the cache (and the ETag the Hub sends)."""
+        return self.sha256 if self.sha256 is not None else self.blob_id
+
+    def tree_entry(self) -> dict:
+        """The entry huggingface_hub 2.4 writes in trees/<rev>.json."""
+        entry: dict = {"size": self.size, "blob_id": self.blob_id}
+        if self.sha256 is not None:
+            entry["lfs_sha256"] = self.sha256
+            entry["lfs_size"] = self.size
+        return entry
+
+
+# id(bytes) -> (bytes, lfs, FileInfo). The bytes object is kept alive so its id cannot be reused.
+_INFO_MEMO: dict[tuple[int, bool], tuple[bytes, FileInfo]] = {}
+_INFO_MEMO_MAX = 4096
+
+
+def file_info(path: str, data: bytes) -> FileInfo:
+    """Hub metadata of `data` stored at repo path `path` (memoized per bytes object)."""
+    lfs = is_lfs_file(path, len(data))
+    key = (id(data), lfs)
+    hit = _INFO_MEMO.get(key)
+    if hit is not None and hit[0] is data:
+        return hit[1]
+    if lfs:
+        sha = hashlib.sha256(data).hexdigest()
+        info = FileInfo(size=len(data), blob_id=git_blob_sha1(lfs_pointer(sha, len(data))), sha256=sha)
+    else:
+        info = FileInfo(size=len(data), blob_id=git_blob_sha1(data), sha256=None)
+    if len(_INFO_MEMO) >= _INFO_MEMO_MAX:
+        _INFO_MEMO.clear()
+    _INFO_MEMO[key] = (data, info)
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# The HF cache layout
+
+
+@dataclass
+class CachedRepo:
+    """A repo written into a HF cache by `write_repo`."""
+
+    repo_id: str
+    repo_dir: Path  # <cache>/models--org--name
+    revision: str
+    snapshot_dir: Path  # <repo_dir>/snapshots/<revision>
+    files: dict[str, FileInfo] = field(default_factory=dict)  # repo path -> Hub metadata
+
+    def path(self, name: str) -> Path:
+        """The snapshot path (a symlink) of a repo file."""
+        return self.snapshot_dir / name
+
+    def blob_path(self, name: str) -> Path:
+        """The blob a repo file points to."""
+        return self.repo_dir / "blobs" / self.files[name].etag
+
+    @property
+    def size_bytes(self) -> int:
+        """Size of this revision's distinct blobs."""
+        return sum({info.etag: info.size for info in self.files.values()}.values())
+
+    def read(self, name: str) -> bytes:
+        return self.path(name).read_bytes()
+
+
+def repo_folder_name(repo_id: str) -> str:
+    return "models--" + repo_id.replace("/", "--")
+
+
+def default_revision(repo_id: str, infos: Mapping[str, FileInfo]) -> str:
+    """A deterministic 40-hex commit id from the repo id and the content of its files."""
+    h = hashlib.sha1(repo_id.encode())
+    for path in sorted(infos):
+        h.update(f"\x00{path}\x00{infos[path].etag}".encode())
+    return h.hexdigest()
+
+
+def write_repo(
+    cache_dir: Path,
+    repo_id: str,
+    files: Mapping[str, FileContent],
+    *,
+    revision: str | None = None,
+    ref: str | None = "main",
+    trees_json: bool = False,
+    mtime: float | None = None,
+    hardlink: bool = False,
+) -> CachedRepo:
+    """Write `files` as one snapshot of `repo_id` in the HF cache at `cache_dir`.
+
+    Blobs already present (same etag) are not rewritten, so revisions share blobs. `ref`
+    (e.g. "main"; None for a detached snapshot) is written to refs/<ref>. `trees_json` also writes
+    trees/<revision>.json as huggingface_hub 2.4 does. `mtime` sets the modification time of
+    everything written. `hardlink=True` hard-links blobs this process already wrote elsewhere
+    instead of copying (for benchmarks building thousands of repos; never combine it with tests
+    that modify blobs in place, the change would show in every linked repo).
+    """
+    cache_dir = Path(cache_dir)
+    repo_dir = cache_dir / repo_folder_name(repo_id)
+    blobs = repo_dir / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    datas = {path: _as_bytes(content) for path, content in files.items()}
+    infos = {path: file_info(path, data) for path, data in datas.items()}
+    revision = revision or default_revision(repo_id, infos)
+    snapshot = repo_dir / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for path, data in datas.items():
+        blob = blobs / infos[path].etag
+        _write_blob(blob, data, hardlink=hardlink)
+        written += [blob, _link_snapshot_file(snapshot, path, infos[path].etag)]
+    if ref is not None:
+        ref_path = repo_dir / "refs" / ref
+        ref_path.parent.mkdir(parents=True, exist_ok=True)
+        ref_path.write_text(revision)  # no trailing newline, as huggingface_hub writes it
+        written.append(ref_path)
+    if trees_json:
+        written.append(write_trees_json(repo_dir, revision, infos))
+    if mtime is not None:
+        _set_mtimes(written + [snapshot, snapshot.parent, blobs, repo_dir], mtime)
+    return CachedRepo(repo_id=repo_id, repo_dir=repo_dir, revision=revision, snapshot_dir=snapshot,
+                      files=infos)
+
+
+def _as_bytes(content: FileContent) -> bytes:
+    if isinstance(content, (bytes, bytearray)):
+        return bytes(content) if isinstance(content, bytearray) else content
+    return _read_path_memo(Path(content))
+
+
+_PATH_MEMO: dict[tuple[str, int, int], bytes] = {}
+
+
+def _read_path_memo(path: Path) -> bytes:
+    # One bytes object per unchanged file, so its hash is computed once too.
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    data = _PATH_MEMO.get(key)
+    if data is None:
+        data = path.read_bytes()
+        _PATH_MEMO[key] = data
+    return data
+
+
+# etag -> a blob path this process wrote, used as the source of hard links.
+_WRITTEN_BLOBS: dict[str, Path] = {}
+
+
+def _write_blob(blob: Path, data: bytes, *, hardlink: bool) -> None:
+    if blob.exists() and blob.stat().st_size == len(data):
+        return
+    source = _WRITTEN_BLOBS.get(blob.name) if hardlink else None
+    if source is not None and source != blob:
+        try:
+            os.link(source, blob)
+            return
+        except OSError:
+            pass  # other filesystem, or the source is gone: copy instead
+    blob.write_bytes(data)
+    _WRITTEN_BLOBS[blob.name] = blob
+
+
+def _link_snapshot_file(snapshot: Path, path: str, etag: str) -> Path:
+    link = snapshot / path
+    link.parent.mkdir(parents=True, exist_ok=True)
+    depth = len(Path(path).parts) - 1  # nested files sit deeper below snapshots/<rev>
+    target = "/".join([".."] * (2 + depth) + ["blobs", etag])
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(target, link)
+    return link
+
+
+def write_trees_json(repo_dir: Path, revision: str, infos: Mapping[str, FileInfo]) -> Path:
+    """trees/<revision>.json in huggingface_hub 2.4's format (see huggingface_hub/_tree_cache.py)."""
+    path = repo_dir / "trees" / f"{revision}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format_version": 1, "files": {p: infos[p].tree_entry() for p in sorted(infos)}}
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def _set_mtimes(paths: list[Path], mtime: float) -> None:
+    for p in paths:
+        os.utime(p, (mtime, mtime), follow_symlinks=False)
+
+
+def snapshot_files(repo: CachedRepo) -> dict[str, bytes]:
+    """The current content of every file of a written snapshot."""
+    return {name: repo.path(name).read_bytes() for name in repo.files if repo.path(name).exists()}
+
+
+def add_revision(
+    repo: CachedRepo,
+    changes: Mapping[str, FileContent | None],
+    *,
+    revision: str | None = None,
+    ref: str | None = "main",
+    trees_json: bool = False,
+    mtime: float | None = None,
+) -> CachedRepo:
+    """A second commit of `repo`: its files with `changes` applied (None deletes a file).
+
+    Unchanged files share their blobs with the first revision. With ref="main" (the default)
+    refs/main moves to the new revision; ref=None leaves it where it was.
+    """
+    files: dict[str, FileContent] = dict(snapshot_files(repo))
+    for name, content in changes.items():
+        if content is None:
+            files.pop(name, None)
+        else:
+            files[name] = content
+    return write_repo(repo.repo_dir.parent, repo.repo_id, files, revision=revision, ref=ref,
+                      trees_json=trees_json, mtime=mtime)
+
+
+def model_files_for(repo_id: str, spec: ModelSpec = TINY) -> dict[str, bytes]:
+    """Tiny model files whose flavour follows the repo name, for serving arbitrary names.
+
+    Case-insensitive markers in the name: "base" → no chat template; "think"/"reason"/"r1" →
+    reasoning; "tool" → tools; "4bit"/"quant" → quantized. Anything else is a tiny chat model.
+    """
+    name = repo_id.lower().rsplit("/", 1)[-1]
+    return tiny_model_files(
+        spec,
+        chat_template="base" not in name,
+        reasoning=any(m in name for m in ("think", "reason", "r1")),
+        tools="tool" in name,
+        quantize=any(m in name for m in ("4bit", "quant")),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Safetensors surgery (no mlx needed)
+
+
+def safetensors_header(data: bytes) -> dict:
+    """The parsed JSON header of a safetensors file."""
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n])
+
+
+def with_safetensors_metadata(data: bytes, metadata: dict | None) -> bytes:
+    """The same tensors with `__metadata__` replaced (None removes it), header re-padded to 8."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header.pop("__metadata__", None)
+    if metadata is not None:
+        header = {"__metadata__": metadata, **header}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n:]
+
+
+def gguf_bytes(n_padding: int = 4096) -> bytes:
+    """A minimal well-formed GGUF v3 file: magic, version, zero tensors, zero metadata keys."""
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, 0) + b"\x00" * n_padding
+
+
+# --------------------------------------------------------------------------------------------
+# Variants: one repo per health rule
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A cache repo shape and what mlxk's health checker must conclude about it."""
+
+    name: str
+    health: str  # "healthy" | "unhealthy"
+    runtime_compatible: bool | None  # None when integrity fails (runtime is not judged)
+    rule: str | None  # the failing rule id (== name for broken / not-runnable ones), None if fine
+    framework: str  # "mlx" | "gguf" | "pytorch"
+    model_type: str  # "chat" | "base" | "embedding"
+    repo_id: str  # default repo id
+    note: str
+    build: Callable[[Path, str], CachedRepo] = field(repr=False, compare=False)
+
+
+def _chat() -> dict[str, bytes]:
+    return tiny_model_files(TINY)
+
+
+def _sharded() -> dict[str, bytes]:
+    return tiny_model_files(TINY, shards=2)
+
+
+_SHARD1 = "model-00001-of-00002.safetensors"
+_SHARD2 = "model-00002-of-00002.safetensors"
+
+
+def _without(files: dict, *names: str) -> dict:
+    return {k: v for k, v in files.items() if k not in names}
+
+
+def _b_healthy_chat(cache: Path, repo_id: str) -> CachedRepo:
+    return write_repo(cache, repo_id, _chat())
+
+
+def _b_healthy_base(cache: Path, repo_id: str) -> CachedRepo:
+    return write_repo(cache, repo_id, tiny_model_files(TINY, chat_template=False))
+
+
+def _b_healthy_quantized(cache: Path, repo_id: str) -> CachedRepo:
+    return write_repo(cache, repo_id, tiny_model_files(TINY, quantize=True))
+
+
+def _b_healthy_sharded(cache: Path, repo_id: str) -> CachedRepo:
+    return write_repo(cache, repo_id, _sharded())
+
+
+def _b_healthy_with_leftover_incomplete(cache: Path, repo_id: str) -> CachedRepo:
+    repo = write_repo(cache, repo_id, _chat())
+    # An abandoned download of some other (older) weights file, beside a complete snapshot.
+    stale = hashlib.sha256(b"an older revision's weights").hexdigest()
+    (repo.repo_dir / "blobs" / f"{stale}.incomplete").write_bytes(b"\x00" * 1024)
+    return repo
+
+
+def _b_healthy_trees_json(cache: Path, repo_id: str) -> CachedRepo:
+    return write_repo(cache, repo_id, _chat(), trees_json=True)
+
+
+def _b_healthy_detached(cache: Path, repo_id: str) -> CachedRepo:
+    return write_repo(cache, repo_id, _chat(), ref=None)
+
+
+def _b_gguf(cache: Path, repo_id: str) -> CachedRepo:
+    files = _without(_chat(), "model.safetensors", "model.safetensors.index.json", "README.md")
+    files["tiny-model-Q4_K_M.gguf"] = gguf_bytes()
+    files["README.md"] = _readme(chat_template=True, reasoning=False, tools=False, quantize=False,
+                                 library_name="gguf", tags=["gguf", "llama"]).encode()
+    return write_repo(cache, repo_id, files)
+
+
+def _b_pytorch(cache: Path, repo_id: str) -> CachedRepo:
+    files = _chat()
+    # What transformers writes: format "pt", and no mlx marker anywhere.
+    files["model.safetensors"] = with_safetensors_metadata(files["model.safetensors"], {"format": "pt"})
+    files = _without(files, "model.safetensors.index.json")
+    files["README.md"] = _readme(chat_template=True, reasoning=False, tools=False, quantize=False,
+                                 library_name="transformers", tags=["llama", "text-generation"]).encode()
+    return write_repo(cache, repo_id, files)
+
+
+def _b_legacy_weights(cache: Path, repo_id: str) -> CachedRepo:
+    files = _chat()
+    files["weights.00.safetensors"] = files.pop("model.safetensors")
+    files = _without(files, "model.safetensors.index.json")
+    return write_repo(cache, repo_id, files)
+
+
+def _b_unsupported_model_type(cache: Path, repo_id: str) -> CachedRepo:
+    files = _chat()
+    config = json.loads(files["config.json"])
+    config["model_type"] = "notamodel"
+    config["architectures"] = ["NotAModelForCausalLM"]
+    files["config.json"] = _json_bytes(config)
+    return write_repo(cache, repo_id, files)
+
+
+def _b_config_missing(cache: Path, repo_id: str) -> CachedRepo:
+    return write_repo(cache, repo_id, _without(_chat(), "config.json"))
+
+
+def _b_config_invalid_json(cache: Path, repo_id: str) -> CachedRepo:
+    files = _chat()
+    files["config.json"] = files["config.json"][: len(files["config.json"]) // 2]
+    return write_repo(cache, repo_id, files)
+
+
+def _b_config_not_object(cache: Path, repo_id: str) -> CachedRepo:
+    files = _chat()
+    files["config.json"] = b"[]\n"
+    return write_repo(cache, repo_id, files)
+
+
+def _b_no_weights(cache: Path, repo_id: str) -> CachedRepo:
+    return write_repo(cache, repo_id, _without(_chat(), "model.safetensors", "model.safetensors.index.json"))
+
+
+def _b_index_shard_missing(cache: Path, repo_id: str) -> CachedRepo:
+    return write_repo(cache, repo_id, _without(_sharded(), _SHARD2))
+
+
+def _b_shard_empty(cache: Path, repo_id: str) -> CachedRepo:
+    files = _sharded()
+    files[_SHARD2] = b""
+    return write_repo(cache, repo_id, files)
+
+
+def _b_shard_lfs_pointer(cache: Path, repo_id: str) -> CachedRepo:
+    files = _sharded()
+    real = files[_SHARD2]
+    files[_SHARD2] = lfs_pointer(hashlib.sha256(real).hexdigest(), len(real))
+    return write_repo(cache, repo_id, files)
+
+
+def _b_shards_without_index(cache: Path, repo_id: str) -> CachedRepo:
+    return write_repo(cache, repo_id, _without(_sharded(), "model.safetensors.index.json"))
+
+
+def _b_dangling_symlink(cache: Path, repo_id: str) -> CachedRepo:
+    # generation_config.json: a file no earlier rule looks at, so only the symlink rule fires.
+    repo = write_repo(cache, repo_id, _chat())
+    repo.blob_path("generation_config.json").unlink()
+    return repo
+
+
+def _b_tree_mismatch(cache: Path, repo_id: str) -> CachedRepo:
+    repo = write_repo(cache, repo_id, _chat(), trees_json=True)
+    trees = repo.repo_dir / "trees" / f"{repo.revision}.json"
+    data = json.loads(trees.read_text())
+    data["files"]["README.md"]["size"] += 7  # the Hub said README.md is bigger than what we have
+    trees.write_text(json.dumps(data, indent=1))
+    return repo
+
+
+def _b_incomplete_download(cache: Path, repo_id: str) -> CachedRepo:
+    # What an interrupted `hf download` leaves: small files linked, refs/main written, the
+    # weights still a `<sha256>.incomplete` blob with no snapshot link.
+    files = _chat()
+    weights = files["model.safetensors"]
+    repo = write_repo(cache, repo_id, _without(files, "model.safetensors"),
+                      revision=default_revision(repo_id, {k: file_info(k, v) for k, v in files.items()}))
+    etag = file_info("model.safetensors", weights).etag
+    (repo.repo_dir / "blobs" / f"{etag}.incomplete").write_bytes(weights[: len(weights) // 3])
+    return repo
+
+
+def _b_safetensors_truncated(cache: Path, repo_id: str) -> CachedRepo:
+    files = _chat()
+    files["model.safetensors"] = files["model.safetensors"][:-1000]
+    return write_repo(cache, repo_id, files)
+
+
+def _b_safetensors_bad_header(cache: Path, repo_id: str) -> CachedRepo:
+    files = _chat()
+    data = files["model.safetensors"]
+    (n,) = struct.unpack("<Q", data[:8])
+    garbage = b"{not json" + b"!" * (n - 9)  # same header length, unparseable JSON
+    files["model.safetensors"] = data[:8] + garbage + data[8 + n:]
+    return write_repo(cache, repo_id, files)
+
+
+def _b_tokenizer_missing(cache: Path, repo_id: str) -> CachedRepo:
+    return write_repo(cache, repo_id, _without(_chat(), "tokenizer.json"))
+
+
+def _v(name: str, health: str, runtime: bool | None, rule: str | None, build, note: str, *,
+       framework: str = "mlx", model_type: str = "chat", repo_id: str | None = None) -> Variant:
+    repo_id = repo_id or f"mlx-community/tiny-{name.replace('_', '-')}"
+    return Variant(name=name, health=health, runtime_compatible=runtime, rule=rule,
+                   framework=framework, model_type=model_type, repo_id=repo_id, note=note, build=build)
+
+
+def _healthy(name, build, note, **kw) -> Variant:
+    return _v(name, "healthy", True, None, build, note, **kw)
+
+
+def _not_runnable(name, build, note, **kw) -> Variant:
+    return _v(name, "healthy", False, name, build, note, **kw)
+
+
+def _broken(name, build, note, **kw) -> Variant:
+    return _v(name, "unhealthy", None, name, build, note, **kw)
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        _healthy("healthy_chat", _b_healthy_chat, "tiny chat model, refs/main"),
+        _healthy("healthy_base", _b_healthy_base, "no chat template anywhere", model_type="base",
+                 repo_id="mlx-community/tiny-base"),
+        _healthy("healthy_quantized", _b_healthy_quantized, "4-bit, config has quantization"),
+        _healthy("healthy_sharded", _b_healthy_sharded, "two shards + model.safetensors.index.json"),
+        _healthy("healthy_with_leftover_incomplete", _b_healthy_with_leftover_incomplete,
+                 "complete snapshot plus a stray blobs/<sha256>.incomplete (reclaimable)"),
+        _healthy("healthy_trees_json", _b_healthy_trees_json, "trees/<rev>.json matches the snapshot"),
+        _healthy("healthy_detached", _b_healthy_detached, "no refs/main, one snapshot"),
+        _not_runnable("gguf", _b_gguf, "a .gguf file (+ config/tokenizer), README library_name gguf",
+                      framework="gguf", repo_id="example-org/tiny-gguf"),
+        _not_runnable("pytorch", _b_pytorch, "safetensors format pt, no mlx markers, non-mlx org",
+                      framework="pytorch", repo_id="example-org/tiny-pytorch"),
+        _not_runnable("legacy_weights", _b_legacy_weights, "weights.00.safetensors, no index"),
+        _not_runnable("unsupported_model_type", _b_unsupported_model_type,
+                      "config model_type notamodel"),
+        _broken("config_missing", _b_config_missing, "no config.json"),
+        _broken("config_invalid_json", _b_config_invalid_json, "config.json cut in half"),
+        _broken("config_not_object", _b_config_not_object, "config.json is []"),
+        _broken("no_weights", _b_no_weights, "no safetensors and no index"),
+        _broken("index_shard_missing", _b_index_shard_missing,
+                "index names model-00002-of-00002.safetensors, which is absent"),
+        _broken("shard_empty", _b_shard_empty, "second shard is 0 bytes"),
+        _broken("shard_lfs_pointer", _b_shard_lfs_pointer, "second shard is a Git LFS pointer text"),
+        _broken("shards_without_index", _b_shards_without_index, "two shards, no index"),
+        _broken("dangling_symlink", _b_dangling_symlink,
+                "snapshot generation_config.json links to a deleted blob"),
+        _broken("tree_mismatch", _b_tree_mismatch, "trees json says README.md is 7 bytes bigger"),
+        _broken("incomplete_download", _b_incomplete_download,
+                "refs/main + snapshot without model.safetensors (index still names it) and its "
+                "blob as <sha256>.incomplete: must win over index_shard_missing"),
+        _broken("safetensors_truncated", _b_safetensors_truncated,
+                "model.safetensors missing its last 1000 bytes"),
+        _broken("safetensors_bad_header", _b_safetensors_bad_header,
+                "header length intact, header JSON garbage"),
+        _broken("tokenizer_missing", _b_tokenizer_missing,
+                "tokenizer_config.json without tokenizer.json / tokenizer.model"),
+    ]
+}
+
+
+def make_variant(cache_dir: Path, name: str, *, repo_id: str | None = None) -> CachedRepo:
+    """Write variant `name` (see VARIANTS) into the HF cache at `cache_dir`."""
+    try:
+        variant = VARIANTS[name]
+    except KeyError:
+        raise KeyError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}") from None
+    return variant.build(Path(cache_dir), repo_id or variant.repo_id)
