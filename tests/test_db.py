@@ -1,0 +1,88 @@
+import sqlite3
+import threading
+
+import pytest
+
+import db
+from db import migrations
+from db import models as model_queries
+from mlxk.errors import StateError
+
+
+def test_migrations_build_the_design_tables_in_memory():
+    import sqlite_utils
+    from sqlite_utils.migrations import Migrations
+
+    memory = sqlite_utils.Database(memory=True)
+    registry = Migrations("mlxk")
+    for fn in migrations.MIGRATIONS:
+        registry()(fn)
+    registry.apply(memory)
+    assert {"models", "jobs", "workers", "meta"} <= set(memory.table_names())
+    columns = memory["models"].columns_dict
+    for name in ("repo_id", "revision", "snapshot_path", "size_bytes", "last_modified", "framework", "model_type",
+                 "capabilities", "context_length", "quantization", "health", "runtime_compatible", "reason",
+                 "fingerprint", "checked_at"):
+        assert name in columns
+    jobs = memory["jobs"].columns_dict
+    for name in ("id", "kind", "target", "args", "state", "bytes_done", "bytes_total", "files_done", "files_total",
+                 "rate", "eta", "message", "error", "attempts", "created_at", "started_at", "finished_at", "worker"):
+        assert name in jobs
+
+
+def test_open_db_is_wal_and_migrated_once(tmp_path):
+    path = tmp_path / "state.db"
+    first = db.open_db(path)
+    assert first.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    applied = [r[0] for r in first.execute("SELECT name FROM _sqlite_migrations")]
+    assert applied == migrations.names()
+    db.open_db(path)  # second open applies nothing new
+    assert [r[0] for r in first.execute("SELECT name FROM _sqlite_migrations")] == applied
+
+
+def test_connect_and_open_db_share_queries(tmp_path):
+    path = tmp_path / "state.db"
+    raw = db.connect(path)
+    model_queries.upsert_model(raw, repo_id="o/a", capabilities=["chat"], revisions=["r1"], runtime_compatible=None)
+    full = db.open_db(path)
+    model_queries.upsert_model(full, repo_id="o/b", capabilities=[], revisions=[], runtime_compatible=False)
+    rows = {r["repo_id"]: r for r in model_queries.all_models(raw)}
+    assert rows["o/a"]["capabilities"] == ["chat"] and rows["o/a"]["runtime_compatible"] is None
+    assert rows["o/b"]["runtime_compatible"] is False
+    model_queries.delete_models(raw, ["o/a"])
+    assert model_queries.get_model(full, "o/a") is None
+
+
+def test_corrupt_state_db_is_moved_aside_and_rebuilt(tmp_path):
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    conn = db.connect(path)
+    assert conn.execute("SELECT count(*) FROM models").fetchone()[0] == 0
+    assert list(tmp_path.glob("state.db.corrupt-*"))
+
+
+def test_concurrent_first_opens_migrate_once(tmp_path):
+    path = tmp_path / "state.db"
+    errors = []
+
+    def open_it():
+        try:
+            db.connect(path).close()
+        except Exception as error:  # noqa: BLE001 - collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=open_it) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sqlite3.connect(path).execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == len(
+        migrations.MIGRATIONS)
+
+
+def test_unopenable_path_is_a_clear_state_error(tmp_path):
+    folder = tmp_path / "state.db"
+    folder.mkdir()  # a directory where the file should be
+    with pytest.raises((StateError, sqlite3.OperationalError, IsADirectoryError)):
+        db.connect(folder)

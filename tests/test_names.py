@@ -1,0 +1,78 @@
+import pytest
+
+from mlxk import names
+from mlxk.errors import AmbiguousMatch, InvalidName, ModelNotFound
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ("../x", "'..'"),
+    ("/etc/passwd", "slash"),
+    ("a//b", "double slash"),
+    ("org/name/extra", "more than one '/'"),
+    ("o/" + "n" * 95, "at most 96"),
+    ("org/na\x00me", "control characters"),
+    ("org/na\nme", "control characters"),
+    ("org/-name", "not at the start or end"),
+    ("org/name.", "not at the start or end"),
+    ("org/na--me", "'--'"),
+    ("org/na me", "only letters"),
+    ("", "empty"),
+])
+def test_invalid_names_are_rejected_with_the_problem_named(bad, problem):
+    with pytest.raises(InvalidName) as info:
+        names.parse(bad)
+    assert problem in info.value.message
+    assert "repo id like" in info.value.message  # the fix: what a valid name looks like
+
+
+@pytest.mark.parametrize("good", ["mlx-community/Qwen3-4B-4bit", "a/b", "Org_1/x.y-z", "o/" + "n" * 94])
+def test_valid_repo_ids(good):
+    assert names.parse(good).repo == good
+
+
+def test_revision_split():
+    ref = names.parse("org/name@abc123")
+    assert (ref.repo, ref.revision) == ("org/name", "abc123")
+    assert str(ref) == "org/name@abc123"
+    with pytest.raises(InvalidName):
+        names.parse("org/name@")
+    with pytest.raises(InvalidName):
+        names.parse("org/name@../../x")
+
+
+def test_bare_name_needs_org_only_when_asked():
+    assert names.parse("qwen", allow_bare=True).repo == "qwen"
+    with pytest.raises(InvalidName, match="needs an organisation"):
+        names.parse("qwen", allow_bare=False)
+
+
+CANDIDATES = ["mlx-community/Qwen3-4B-4bit", "mlx-community/Qwen3-8B-4bit", "mlx-community/Llama-3.2-1B"]
+
+
+def test_resolve_exact_then_unique_substring_case_insensitive():
+    assert names.resolve("mlx-community/llama-3.2-1b", CANDIDATES) == "mlx-community/Llama-3.2-1B"
+    assert names.resolve("llama", CANDIDATES) == "mlx-community/Llama-3.2-1B"
+    assert names.resolve("qwen3-4b-4BIT", CANDIDATES) == "mlx-community/Qwen3-4B-4bit"
+
+
+def test_resolve_ambiguous_lists_every_match():
+    with pytest.raises(AmbiguousMatch) as info:
+        names.resolve("qwen3", CANDIDATES)
+    assert info.value.details["matches"] == CANDIDATES[:2]
+    assert "mlx-community/Qwen3-4B-4bit" in info.value.message and "mlx-community/Qwen3-8B-4bit" in info.value.message
+
+
+def test_resolve_unknown_suggests_pull_and_close_names():
+    with pytest.raises(ModelNotFound) as info:
+        names.resolve("mlx-community/Llama-3.2-1C", CANDIDATES)
+    assert "mlxk pull mlx-community/Llama-3.2-1C" in info.value.message
+    assert "mlx-community/Llama-3.2-1B" in info.value.details["suggestions"]
+
+
+def test_resolve_revision_prefix():
+    revs = ["abcdef0123" + "0" * 30, "abcd999999" + "0" * 30, "1234567890" + "0" * 30]
+    assert names.resolve_revision("o/n", "1234", revs) == revs[2]
+    with pytest.raises(AmbiguousMatch):
+        names.resolve_revision("o/n", "abcd", revs)
+    with pytest.raises(ModelNotFound, match="not cached"):
+        names.resolve_revision("o/n", "ffff", revs)
