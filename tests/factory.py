@@ -17,6 +17,21 @@ user's cache. This module produces them:
 
 It imports without pytest (bench scripts put the repo root on sys.path and import it) and keeps
 mlx imports inside the functions that need them, so a cache hit never imports mlx.
+
+Quick reference (in tests prefer the fixtures of tests/fixtures/cache.py: hf_cache,
+model_factory, tiny_model):
+
+    files = tiny_model_files()                          # chat model; also chat_template=False,
+                                                        # reasoning=, tools=, quantize=, shards=2
+    repo = write_repo(cache_dir, "mlx-community/tiny-chat", files)
+    repo.snapshot_dir, repo.revision, repo.path("config.json"), repo.blob_path("config.json")
+    repo2 = add_revision(repo, {"README.md": b"v2", "generation_config.json": None})
+    broken = make_variant(cache_dir, "shard_empty")     # VARIANTS["shard_empty"].expected
+    info = file_info("model.safetensors", data)         # size, blob_id, sha256, etag (Hub metadata)
+
+Generation on the random weights is deterministic with greedy sampling but meaningless text;
+an end-of-sequence token is rarely produced, so tests that need `finish_reason: stop` should
+use stop sequences.
 """
 
 from __future__ import annotations
@@ -186,6 +201,9 @@ def _write_cache_entry(entry: Path, files: dict[str, bytes]) -> None:
             target.write_bytes(data)
         manifest = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
         (tmp / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
+        if _read_cache_entry(entry) is not None:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         if entry.exists():
             shutil.rmtree(entry, ignore_errors=True)  # a corrupt entry: replace it
         try:
@@ -567,6 +585,8 @@ def write_repo(
     repo_dir = cache_dir / repo_folder_name(repo_id)
     blobs = repo_dir / "blobs"
     blobs.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        _check_repo_path(path)
     datas = {path: _as_bytes(content) for path, content in files.items()}
     infos = {path: file_info(path, data) for path, data in datas.items()}
     revision = revision or default_revision(repo_id, infos)
@@ -588,6 +608,22 @@ def write_repo(
         _set_mtimes(written + [snapshot, snapshot.parent, blobs, repo_dir], mtime)
     return CachedRepo(repo_id=repo_id, repo_dir=repo_dir, revision=revision, snapshot_dir=snapshot,
                       files=infos)
+
+
+def _check_repo_path(path: str) -> None:
+    parts = path.split("/")
+    if path.startswith("/") or "\\" in path or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"not a repo file path: {path!r}")
+
+
+def add_incomplete_blob(repo: CachedRepo, data: bytes, *, path: str = "model.safetensors",
+                        fraction: float = 1 / 3) -> Path:
+    """Leave `blobs/<etag>.incomplete` holding the first `fraction` of `data`, as an interrupted
+    huggingface_hub download does (the etag is that of `data` stored at repo path `path`)."""
+    blob = repo.repo_dir / "blobs" / f"{file_info(path, data).etag}.incomplete"
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data[: int(len(data) * fraction)])
+    return blob
 
 
 def _as_bytes(content: FileContent) -> bytes:
@@ -743,6 +779,12 @@ class Variant:
     note: str
     build: Callable[[Path, str], CachedRepo] = field(repr=False, compare=False)
 
+    @property
+    def expected(self) -> dict:
+        """The model-object fields the checker must produce: compare with `{k: model[k] ...}`."""
+        return {"health": self.health, "runtime_compatible": self.runtime_compatible,
+                "framework": self.framework, "model_type": self.model_type}
+
 
 def _chat() -> dict[str, bytes]:
     return tiny_model_files(TINY)
@@ -779,8 +821,7 @@ def _b_healthy_sharded(cache: Path, repo_id: str) -> CachedRepo:
 def _b_healthy_with_leftover_incomplete(cache: Path, repo_id: str) -> CachedRepo:
     repo = write_repo(cache, repo_id, _chat())
     # An abandoned download of some other (older) weights file, beside a complete snapshot.
-    stale = hashlib.sha256(b"an older revision's weights").hexdigest()
-    (repo.repo_dir / "blobs" / f"{stale}.incomplete").write_bytes(b"\x00" * 1024)
+    add_incomplete_blob(repo, b"an older revision's weights" * 64)
     return repo
 
 
@@ -890,8 +931,7 @@ def _b_incomplete_download(cache: Path, repo_id: str) -> CachedRepo:
     weights = files["model.safetensors"]
     repo = write_repo(cache, repo_id, _without(files, "model.safetensors"),
                       revision=default_revision(repo_id, {k: file_info(k, v) for k, v in files.items()}))
-    etag = file_info("model.safetensors", weights).etag
-    (repo.repo_dir / "blobs" / f"{etag}.incomplete").write_bytes(weights[: len(weights) // 3])
+    add_incomplete_blob(repo, weights)
     return repo
 
 

@@ -182,8 +182,11 @@ def test_disk_cache_hit_needs_no_mlx(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert out.stdout.split() == ["README.md", "False", "False"]
+    import pwd
+
     root = factory._cache_root()
-    assert not root.is_relative_to(REPO_ROOT) and not root.is_relative_to(Path.home())
+    real_home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    assert not root.is_relative_to(REPO_ROOT) and not root.is_relative_to(real_home / ".cache")
     assert any(root.iterdir())
 
 
@@ -367,3 +370,39 @@ def test_custom_spec_is_honoured(model_factory):
     assert (config["hidden_size"], config["num_hidden_layers"], config["max_position_embeddings"]) == (32, 1, 512)
     model, tokenizer = mlx_lm.load(str(repo.snapshot_dir))
     assert len(model.layers) == 1
+
+
+def test_write_repo_rejects_paths_that_escape(hf_cache):
+    for bad in ("../x", "/etc/passwd", "a//b", "a/./b"):
+        with pytest.raises(ValueError, match="not a repo file path"):
+            write_repo(hf_cache, "org/m", {bad: b"x"})
+
+
+def test_hardlinked_blobs_share_an_inode(hf_cache):
+    files = tiny_model_files()
+    a = write_repo(hf_cache, "org/a", files, hardlink=True)
+    b = write_repo(hf_cache, "org/b", files, hardlink=True)
+    assert a.blob_path("model.safetensors").stat().st_ino == b.blob_path("model.safetensors").stat().st_ino
+    c = write_repo(hf_cache, "org/c", files)  # the default copies
+    assert c.blob_path("model.safetensors").stat().st_ino != a.blob_path("model.safetensors").stat().st_ino
+
+
+def test_model_files_for_follows_the_name():
+    assert "chat_template" not in json.loads(factory.model_files_for("org/Tiny-Base")["tokenizer_config.json"])
+    assert "quantization" in json.loads(factory.model_files_for("org/tiny-4bit")["config.json"])
+    assert b"<think>" in factory.model_files_for("org/tiny-thinking")["tokenizer.json"]
+    assert b"<tool_call>" in factory.model_files_for("org/tiny-tools")["tokenizer_config.json"]
+    assert factory.model_files_for("org/tiny") == tiny_model_files()
+
+
+def test_incomplete_blob_is_named_like_huggingface_hub_names_it(hf_cache):
+    from huggingface_hub import scan_cache_dir
+
+    repo = make_variant(hf_cache, "incomplete_download")
+    (partial,) = scan_cache_dir(hf_cache).incomplete_files
+    weights = tiny_model_files()["model.safetensors"]
+    assert partial.file_path.name == f"{factory.file_info('model.safetensors', weights).etag}.incomplete"
+    assert 0 < partial.size_on_disk < len(weights)
+    assert partial.file_path.parent == repo.repo_dir / "blobs"
+    assert VARIANTS["incomplete_download"].expected == {
+        "health": "unhealthy", "runtime_compatible": None, "framework": "mlx", "model_type": "chat"}
