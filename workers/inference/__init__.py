@@ -1,0 +1,1 @@
+"""The inference worker: the only mlxk process that imports MLX. See protocol.py for its socket protocol."""

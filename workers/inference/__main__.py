@@ -1,0 +1,80 @@
+"""`python -m workers.inference --socket PATH ...`: the inference worker process."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+log = logging.getLogger("mlxk.inference.main")
+
+
+def _defaults() -> dict:
+    """Option defaults from mlxk.config (one place for env vars); plain constants if it cannot be read."""
+    fallback = {"socket": None, "max_loaded": 1, "keep_alive": 300.0, "max_waiting": 64, "max_prompt_tokens": 32768}
+    try:
+        from mlxk.config import settings
+        from mlxk.errors import MlxkError
+
+        s = settings()
+    except (ImportError, MlxkError) as e:
+        print(f"mlxk.config unavailable ({e}); using built-in defaults", file=sys.stderr)
+        return fallback
+    return {"socket": str(s.inference_socket), "max_loaded": s.max_loaded, "keep_alive": s.keep_alive_s,
+            "max_waiting": s.max_waiting, "max_prompt_tokens": s.max_prompt_tokens}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = _defaults()
+    p = argparse.ArgumentParser(prog="python -m workers.inference", description="mlxk inference worker")
+    p.add_argument("--socket", default=d["socket"], required=d["socket"] is None, help="Unix socket path to serve")
+    p.add_argument("--max-loaded", type=int, default=d["max_loaded"], help="models resident at once (LRU)")
+    p.add_argument("--keep-alive", type=float, default=d["keep_alive"], help="seconds an idle model stays loaded")
+    p.add_argument("--max-waiting", type=int, default=d["max_waiting"], help="queued requests before 'busy'")
+    p.add_argument("--max-prompt-tokens", type=int, default=d["max_prompt_tokens"], help="longest prompt accepted")
+    p.add_argument("--max-batch", type=int, default=32, help="most rows decoding together")
+    p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .engine import Engine
+    from .server import WorkerServer
+
+    server: WorkerServer | None = None
+    engine = Engine(
+        max_loaded=args.max_loaded, keep_alive_s=args.keep_alive, max_waiting=args.max_waiting,
+        max_prompt_tokens=args.max_prompt_tokens, completion_batch_size=args.max_batch,
+        deliver=lambda batch: server.deliver(batch),
+    )
+    server = WorkerServer(engine, args.socket, idle_exit_s=args.idle_exit)
+
+    def on_signal(signum, _frame):
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        engine.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.start_in_thread()
+    except RuntimeError as e:
+        log.error("%s", e)
+        return 1
+    # MLX runs on the main thread (see Engine.run); the socket server lives on its own thread.
+    ok = engine.run()
+    server.shutdown()
+    logging.shutdown()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: MLX's static destructors can abort a process that used other threads.
+    os._exit(code)

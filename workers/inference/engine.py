@@ -1,0 +1,830 @@
+"""The inference engine: one MLX thread that owns every model and runs one continuous-batching loop.
+
+Why this shape: MLX arrays, streams and the model weights belong to the thread that made them, and
+batched decoding only pays off when one loop sees every live request. So other threads only talk to
+the engine through a thread-safe inbox (`submit`, `cancel`, `call`) and receive events through a
+`deliver` callback the engine calls once per decode step with every event of that step. The loop
+follows mlx_lm.server: `BatchGenerator.next()` in a tight loop while rows are live, one shared
+sampler object per distinct sampling setting (batched sampling), a streaming detokenizer per row,
+prompt-cache reuse through `LRUPromptCache`, and a model switch only once the running batch drained.
+
+Defaults documented for the api: max_tokens null -> min(2048, context length - prompt tokens), and an
+explicit max_tokens is also capped there; temperature null -> 0 (greedy, as mlx_lm.server); unload of
+a model with live rows unloads it when they finish.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import protocol
+from .errors import BadRequest, InferenceError, Internal, LoadFailed, PromptTooLong, WorkerBusy
+from .protocol import GenerateRequest, ModelRef, Params
+from .textout import OutputRouter, StopFilter
+
+log = logging.getLogger("mlxk.inference.engine")
+
+IDLE_POLL_S = 0.1          # how long the idle loop blocks on the inbox before checking keep-alive timers
+STEP_BUDGET_S = 0.5        # longest run of decode steps before the loop looks at timers again
+PROMPT_CACHE_ENTRIES = 10  # per model, like mlx_lm.server's default
+REPETITION_CONTEXT = 20
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One generate request as the engine sees it; `events` receives its events when no custom deliver is used."""
+    request: GenerateRequest
+    events: "queue.Queue[dict]" = field(default_factory=queue.Queue)
+    context: Any = None          # free slot for the caller (the server keeps its asyncio queue here)
+    submitted_at: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    finished: bool = False
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    ref: ModelRef
+    model: Any
+    tokenizer: Any
+    context_length: int | None
+    memory_bytes: int
+    eos_ids: frozenset
+    hidden_ids: frozenset        # special tokens that never reach the text (template markers)
+    keep_alive_s: float
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    running: int = 0
+    unload_when_idle: bool = False
+    prompt_cache: Any = None
+    stop_sequences: dict = field(default_factory=dict)
+    text_machines: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.ref.key
+
+    def expires_at(self) -> float | None:
+        if self.running:
+            return None
+        return self.last_used + self.keep_alive_s
+
+
+@dataclass(eq=False)
+class Row:
+    ticket: Ticket
+    model: LoadedModel
+    uid: int
+    prompt_tokens: int
+    cached_tokens: int
+    detokenizer: Any
+    stop_filter: StopFilter
+    router: OutputRouter
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+
+
+@dataclass
+class Counters:
+    requests_total: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    cached_prompt_tokens_total: int = 0
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _normalize_messages(messages: list) -> list:
+    """OpenAI messages -> what chat templates expect: string content, tool-call arguments as objects."""
+    out = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest("every message needs a string \"role\"")
+        message = copy.deepcopy(message)
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise BadRequest("only text content parts are supported")
+                parts.append(part["text"])
+            message["content"] = "".join(parts)
+        elif content is None:
+            message["content"] = ""
+        elif not isinstance(content, str):
+            raise BadRequest("message content must be a string or a list of text parts")
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                try:
+                    function["arguments"] = json.loads(function["arguments"])
+                except json.JSONDecodeError:
+                    pass  # leave it a string; a template that needs an object will say so
+        out.append(message)
+    return out
+
+
+def _seeded_sampler(temp: float, top_p: float, min_p: float, top_k: int, seed: int):
+    """A sampler with its own PRNG key stream, so a seeded row's draws do not depend on its neighbours."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+    state = {"key": mx.random.key(seed)}
+
+    def sampler(logprobs):
+        if 0 < top_p < 1.0:
+            logprobs = apply_top_p(logprobs, top_p)
+        if min_p:
+            logprobs = apply_min_p(logprobs, min_p, 1)
+        if top_k > 0:
+            logprobs = apply_top_k(logprobs, top_k)
+        key, state["key"] = mx.random.split(state["key"])
+        return mx.random.categorical(logprobs * (1 / temp), key=key)
+
+    return sampler
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        max_loaded: int = 1,
+        keep_alive_s: float = 300.0,
+        max_waiting: int = 64,
+        max_prompt_tokens: int | None = None,
+        completion_batch_size: int = 32,
+        prefill_batch_size: int = 8,
+        prefill_step_size: int = 2048,
+        prompt_cache_bytes: int = 4 << 30,
+        deliver: Callable[[list], None] | None = None,
+    ):
+        self.max_loaded = max(1, max_loaded)
+        self.keep_alive_s = keep_alive_s
+        self.max_waiting = max_waiting
+        self.max_prompt_tokens = max_prompt_tokens
+        self.completion_batch_size = completion_batch_size
+        self.prefill_batch_size = prefill_batch_size
+        self.prefill_step_size = prefill_step_size
+        self.prompt_cache_bytes = prompt_cache_bytes
+        self._deliver = deliver or self._deliver_to_queues
+
+        self.counters = Counters()
+        self.peak_batch_rows = 0   # most rows that got a token in one decode step: proof of batching
+        self._lock = threading.Lock()
+        self._inbox: queue.Queue = queue.Queue()
+        self._cancels: deque = deque()
+        self._n_waiting = 0
+        self._waiting: deque[Ticket] = deque()
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._active: LoadedModel | None = None
+        self._generator = None
+        self._rows: dict[int, Row] = {}
+        self._outgoing: list = []
+        self._samplers: dict = {}
+        self._stopping = False
+        self._failed = False
+        self._thread: threading.Thread | None = None
+        self.last_activity = time.time()
+
+    # ---- public, any thread -------------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        """Run the loop on a new thread (in-process use and tests)."""
+        self._thread = threading.Thread(target=self.run, name="mlxk-mlx", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Fail in-flight requests with a retryable error, unload everything, end the loop."""
+        self.request_stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def request_stop(self) -> None:
+        """Ask the loop to end (safe from a signal handler): it fails what is in flight and returns."""
+        self._stopping = True
+        self._inbox.put(("wake",))
+
+    @property
+    def alive(self) -> bool:
+        return not self._stopping and not self._failed
+
+    def submit(self, request: GenerateRequest, *, context: Any = None) -> Ticket:
+        """Queue a generate request; raises WorkerBusy when the waiting queue is full or the engine stops."""
+        if not self.alive:
+            raise WorkerBusy("the inference worker is shutting down; retry")
+        with self._lock:
+            if self._n_waiting >= self.max_waiting:
+                raise WorkerBusy(f"the inference worker is busy: {self._n_waiting} requests are already waiting")
+            self._n_waiting += 1
+        ticket = Ticket(request=request, context=context)
+        self.last_activity = time.time()
+        self._inbox.put(("generate", ticket))
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Drop the request: a queued one is skipped, a running row leaves the batch at the next step."""
+        if ticket.finished or ticket.cancelled:
+            return
+        ticket.cancelled = True
+        self._cancels.append(ticket)
+        self._inbox.put(("wake",))
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run fn on the MLX thread (load, unload): the only thread that may touch models."""
+        future: Future = Future()
+        if not self.alive:
+            future.set_exception(WorkerBusy("the inference worker is shutting down; retry"))
+            return future
+        self._inbox.put(("call", fn, future))
+        return future
+
+    def load(self, ref: ModelRef, keep_alive: float | None = None) -> Future:
+        return self.call(lambda: self._load_op(ref, keep_alive))
+
+    def unload(self, model: str | None = None) -> Future:
+        return self.call(lambda: self._unload_op(model))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._rows) or self._n_waiting > 0
+
+    def status(self) -> dict:
+        import os
+
+        import mlx.core as mx
+
+        now = time.time()
+        with self._lock:
+            models = [
+                {
+                    "key": lm.key, "path": lm.ref.path, "memory_bytes": lm.memory_bytes,
+                    "loaded_at": lm.loaded_at, "last_used": lm.last_used, "keep_alive_s": lm.keep_alive_s,
+                    "expires_at": lm.expires_at(), "running": lm.running,
+                }
+                for lm in self._models.values()
+            ]
+            running = sum(m["running"] for m in models)
+            waiting = self._n_waiting
+        return {
+            "event": protocol.EV_STATUS, "pid": os.getpid(), "models": models, "running": running,
+            "waiting": waiting, "counters": {**vars(self.counters)}, "peak_memory_bytes": int(mx.get_peak_memory()),
+            "peak_batch_rows": self.peak_batch_rows, "time": now,
+        }
+
+    # ---- the MLX thread --------------------------------------------------------------------------------------
+
+    def run(self) -> bool:
+        """The loop, on the calling thread, until stop; False when it died of an unexpected error.
+
+        The worker process runs this on its main thread: MLX's CPU backend may abort at exit when
+        compiled kernels were used on another thread (ml-explore/mlx#3126).
+        """
+        import mlx.core as mx
+
+        # Streams are per thread: make ours here and hand it to every BatchGenerator (as mlx_lm.server does).
+        self._stream = mx.default_stream(mx.default_device())
+        try:
+            while not self._stopping:
+                self._drain_inbox(block=not self._rows)
+                if self._stopping:
+                    break
+                self._apply_cancels()
+                self._schedule()
+                self._flush()
+                if self._rows:
+                    self._decode()
+                self._expire()
+        except BaseException:  # the supervisor of the MLX thread: log, fail everyone, let the process exit
+            log.exception("the MLX generation loop died")
+            self._failed = True
+            self._stopping = True
+            self._fail_everyone(Internal("the inference worker's generation loop died"))
+            return False
+        self._fail_everyone(WorkerBusy("the inference worker is shutting down; retry"))
+        self._close_generator()
+        for key in list(self._models):
+            self._unload(key)
+        return True
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=IDLE_POLL_S) if block and not self._waiting else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle_inbox(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle_inbox(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "generate":
+            self._waiting.append(item[1])
+        elif kind == "call":
+            _, fn, future = item
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn())
+            except InferenceError as e:
+                future.set_exception(e)
+            except Exception as e:  # a control op failed: report it to its caller, keep serving
+                log.exception("control operation failed")
+                future.set_exception(Internal(_one_line(e)))
+
+    def _apply_cancels(self) -> None:
+        if not self._cancels:
+            return
+        cancelled = set()
+        while self._cancels:
+            cancelled.add(self._cancels.popleft())
+        uids = [uid for uid, row in self._rows.items() if row.ticket in cancelled]
+        if uids:
+            self._remove_rows(uids)
+        for uid in uids:
+            row = self._rows.pop(uid)
+            row.ticket.finished = True
+            self._row_ended(row)
+            log.info("request %s cancelled after %d tokens", row.ticket.request.id, row.completion_tokens)
+
+    def _remove_rows(self, uids: list[int]) -> None:
+        """Take rows out of the batch, keeping what they computed as a prompt cache entry."""
+        caches = self._generator.remove(uids, return_prompt_caches=True)
+        for uid, (cache, tokens) in caches.items():
+            row = self._rows.get(uid)
+            if row is not None and cache and tokens:
+                self._store_cache(row.model, list(tokens), cache)
+
+    def _schedule(self) -> None:
+        while self._waiting:
+            ticket = self._waiting[0]
+            if ticket.cancelled:
+                self._pop_waiting()
+                continue
+            key = ticket.request.model.key
+            if self._active is not None and self._active.key != key and self._rows:
+                return  # another model's batch is running: switch once it drained (FIFO, as mlx_lm.server)
+            if len(self._rows) >= self.completion_batch_size:
+                return
+            self._pop_waiting()
+            try:
+                self._admit(ticket)
+            except InferenceError as e:
+                self._finish_with_error(ticket, e)
+            except Exception as e:  # one bad request must not take the loop down
+                log.exception("request %s failed", ticket.request.id)
+                self._finish_with_error(ticket, Internal(_one_line(e)))
+
+    def _pop_waiting(self) -> Ticket:
+        ticket = self._waiting.popleft()
+        with self._lock:
+            self._n_waiting -= 1
+        return ticket
+
+    def _admit(self, ticket: Ticket) -> None:
+        request = ticket.request
+        params = request.params
+        lm = self._activate(request.model, params.keep_alive)
+        tokens = self._tokenize(lm, request)
+        n = len(tokens)
+        if n == 0:
+            raise BadRequest("the prompt is empty")
+        if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
+            raise PromptTooLong(
+                f"the prompt has {n} tokens; the limit is {self.max_prompt_tokens} (max_prompt_tokens)")
+        if lm.context_length is not None and n >= lm.context_length:
+            raise PromptTooLong(
+                f"the prompt has {n} tokens; the model's context length is {lm.context_length} tokens")
+        room = (lm.context_length - n) if lm.context_length is not None else protocol.DEFAULT_MAX_TOKENS
+        max_tokens = min(params.max_tokens or protocol.DEFAULT_MAX_TOKENS, room)
+
+        cache, rest = self._fetch_cache(lm, tokens)
+        cached = n - len(rest)
+        (uid,) = self._generator.insert(
+            [rest], max_tokens=[max_tokens], caches=[cache], all_tokens=[tokens[:cached]],
+            samplers=[self._sampler(params)], logits_processors=[self._logits_processors(params)],
+            stop_sequences=[self._stop_sequences(lm, params.stop)],
+        )
+        del cache
+        self._trim_prompt_cache(lm)
+        router = self._router(lm, request, tokens)
+        row = Row(ticket=ticket, model=lm, uid=uid, prompt_tokens=n, cached_tokens=cached,
+                  detokenizer=lm.tokenizer.detokenizer, stop_filter=StopFilter(params.stop), router=router)
+        self._rows[uid] = row
+        with self._lock:
+            lm.running += 1
+        lm.last_used = time.time()
+        c = self.counters
+        c.requests_total += 1
+        c.prompt_tokens_total += n
+        c.cached_prompt_tokens_total += cached
+        self._emit(ticket, {"event": protocol.EV_ACCEPTED, "prompt_tokens": n, "cached_tokens": cached})
+
+    # ---- models -----------------------------------------------------------------------------------------------
+
+    def _activate(self, ref: ModelRef, keep_alive: float | None) -> LoadedModel:
+        """Make ref's model the one the batch generator runs (loading it if needed)."""
+        lm = self._ensure_loaded(ref)
+        lm.keep_alive_s = self.keep_alive_s if keep_alive is None else float(keep_alive)
+        lm.unload_when_idle = lm.keep_alive_s == 0
+        if self._active is not lm:
+            self._close_generator()
+            from mlx_lm.generate import BatchGenerator
+
+            self._generator = BatchGenerator(
+                lm.model, completion_batch_size=self.completion_batch_size,
+                prefill_batch_size=self.prefill_batch_size, prefill_step_size=self.prefill_step_size,
+                stream=self._stream,
+            )
+            self._active = lm
+        return lm
+
+    def _close_generator(self) -> None:
+        if self._generator is not None:
+            self._generator.close()
+        self._generator = None
+        self._active = None
+
+    def _ensure_loaded(self, ref: ModelRef) -> LoadedModel:
+        lm = self._models.get(ref.key)
+        if lm is not None and lm.ref.path == ref.path:
+            with self._lock:
+                self._models.move_to_end(ref.key)
+            return lm
+        if lm is not None:  # same key, another path: the snapshot moved; reload from the new place
+            self._unload(ref.key)
+        while len(self._models) >= self.max_loaded:
+            victim = next((m for m in self._models.values() if m.running == 0), None)
+            if victim is None:
+                raise WorkerBusy(f"all {len(self._models)} loaded models are busy; retry")
+            log.info("evicting %s (least recently used) to load %s", victim.key, ref.key)
+            self._unload(victim.key)
+        lm = self._load(ref)
+        with self._lock:
+            self._models[ref.key] = lm
+        return lm
+
+    def _load(self, ref: ModelRef) -> LoadedModel:
+        path = Path(ref.path)
+        # mlx_lm would take a missing path for a Hub repo id and download it: never from the worker.
+        if not path.is_dir():
+            raise LoadFailed(f"cannot load {ref.key}: {ref.path} is not a directory", status=400)
+        if not (path / "config.json").is_file():
+            raise LoadFailed(f"cannot load {ref.key}: no config.json in {ref.path}", status=400)
+        from mlx.utils import tree_flatten
+        from mlx_lm.models.cache import LRUPromptCache
+        from mlx_lm.utils import load
+
+        started = time.perf_counter()
+        try:
+            model, tokenizer, config = load(str(path), return_config=True)
+        except Exception as e:  # any loader failure is the caller's load_failed, in one line
+            log.warning("loading %s failed: %s", ref.key, _one_line(e))
+            raise LoadFailed(f"cannot load {ref.key}: {_one_line(e)}") from None
+        memory = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+        special = set(getattr(tokenizer, "all_special_ids", None) or [])
+        markers = set()
+        for seq in (tokenizer.think_start_tokens, tokenizer.think_end_tokens,
+                    tokenizer.tool_call_start_tokens, tokenizer.tool_call_end_tokens):
+            markers.update(seq or ())
+        lm = LoadedModel(
+            ref=ref, model=model, tokenizer=tokenizer, context_length=self._context_length(config),
+            memory_bytes=memory, eos_ids=frozenset(tokenizer.eos_token_ids),
+            hidden_ids=frozenset(special - markers), keep_alive_s=self.keep_alive_s,
+            prompt_cache=LRUPromptCache(max_size=PROMPT_CACHE_ENTRIES, max_bytes=self.prompt_cache_bytes),
+        )
+        log.info("loaded %s from %s in %.2fs (%.1f MB)", ref.key, ref.path, time.perf_counter() - started,
+                 memory / 1e6)
+        return lm
+
+    @staticmethod
+    def _context_length(config: dict) -> int | None:
+        for source in (config, config.get("text_config") or {}):
+            for name in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions",
+                         "max_seq_len"):
+                value = source.get(name)
+                if isinstance(value, int) and value > 0:
+                    return value
+        return None
+
+    def _unload(self, key: str) -> bool:
+        import mlx.core as mx
+
+        lm = self._models.get(key)
+        if lm is None:
+            return False
+        if self._active is lm:
+            self._close_generator()
+        with self._lock:
+            del self._models[key]
+        lm.model = lm.tokenizer = lm.prompt_cache = None
+        del lm
+        gc.collect()
+        mx.clear_cache()  # dropping references returns memory to MLX's pool; this gives it back to the OS
+        log.info("unloaded %s", key)
+        return True
+
+    def _load_op(self, ref: ModelRef, keep_alive: float | None) -> dict:
+        lm = self._ensure_loaded(ref)
+        lm.keep_alive_s = self.keep_alive_s if keep_alive is None else float(keep_alive)
+        lm.last_used = time.time()
+        return {"event": protocol.EV_LOADED, "key": lm.key}
+
+    def _unload_op(self, model: str | None) -> dict:
+        keys = [k for k, lm in self._models.items()
+                if model is None or k == model or lm.ref.repo_id == model]
+        unloaded = []
+        for key in keys:
+            lm = self._models[key]
+            if lm.running:
+                lm.unload_when_idle = True  # never pull weights from under live rows
+            else:
+                self._unload(key)
+            unloaded.append(key)
+        return {"event": protocol.EV_UNLOADED, "models": unloaded}
+
+    def _expire(self) -> None:
+        if not self._models:
+            return
+        now = time.time()
+        for key, lm in list(self._models.items()):
+            if lm.running or self._wanted(key):
+                continue
+            if lm.unload_when_idle or now >= lm.last_used + lm.keep_alive_s:
+                self._unload(key)
+
+    def _wanted(self, key: str) -> bool:
+        return any(t.request.model.key == key and not t.cancelled for t in self._waiting)
+
+    # ---- request preparation -----------------------------------------------------------------------------
+
+    def _tokenize(self, lm: LoadedModel, request: GenerateRequest) -> list[int]:
+        tokenizer = lm.tokenizer
+        if request.kind == "completion":
+            return list(tokenizer.encode(request.prompt))
+        messages = _normalize_messages(request.messages)
+        if not tokenizer.has_chat_template:
+            raise BadRequest(f"{lm.key} has no chat template; use the completions endpoint")
+        kwargs = dict(request.params.chat_template_kwargs or {})
+        if request.params.tools:
+            kwargs["tools"] = request.params.tools
+        try:
+            tokens = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+        except Exception as e:  # jinja raises anything (TemplateError, TypeError...) on odd input
+            raise BadRequest(f"the chat template rejected the messages: {_one_line(e)}") from None
+        if isinstance(tokens, dict):  # some tokenizers hand back a BatchEncoding
+            tokens = tokens["input_ids"]
+        return list(tokens)
+
+    def _fetch_cache(self, lm: LoadedModel, tokens: list[int]):
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        cache, rest = lm.prompt_cache.fetch_nearest_cache(lm.key, tokens)
+        if cache is not None and not rest:
+            # An exact hit leaves nothing to feed, and insert() refuses an empty prompt: give back one token.
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, 1)
+                rest = tokens[-1:]
+            else:
+                cache, rest = None, tokens
+        return cache, list(rest)
+
+    def _store_cache(self, lm: LoadedModel, tokens: list[int], cache) -> None:
+        if lm.prompt_cache is not None and tokens:
+            lm.prompt_cache.insert_cache(lm.key, tokens, cache, cache_type="assistant")
+
+    def _trim_prompt_cache(self, lm: LoadedModel) -> None:
+        live = self._generator.prompt_cache_nbytes if self._generator is not None else 0
+        lm.prompt_cache.trim_to(n_bytes=self.prompt_cache_bytes - live)
+
+    def _sampler(self, params: Params):
+        """Equal settings share one sampler object, which lets BatchGenerator sample the batch in one call."""
+        from mlx_lm.sample_utils import make_sampler
+
+        temp = float(params.temperature or 0.0)
+        top_p = float(params.top_p) if params.top_p is not None else 0.0
+        min_p = float(params.min_p) if params.min_p is not None else 0.0
+        top_k = int(params.top_k) if params.top_k is not None else 0
+        if temp > 0 and params.seed is not None:
+            return _seeded_sampler(temp, top_p, min_p, top_k, params.seed)
+        key = (temp, top_p, min_p, top_k) if temp > 0 else 0.0
+        sampler = self._samplers.get(key)
+        if sampler is None:
+            sampler = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
+            if len(self._samplers) > 256:
+                self._samplers.clear()
+            self._samplers[key] = sampler
+        return sampler
+
+    @staticmethod
+    def _logits_processors(params: Params):
+        if params.repetition_penalty is None or params.repetition_penalty == 1.0:
+            return None
+        from mlx_lm.sample_utils import make_logits_processors
+
+        return make_logits_processors(None, float(params.repetition_penalty), REPETITION_CONTEXT)
+
+    def _stop_sequences(self, lm: LoadedModel, stops: list[str]):
+        """Token-level stops (every EOS id, and each stop string's own tokens), cached per stop set."""
+        from mlx_lm.generate import make_stop_sequences
+
+        key = tuple(stops)
+        seqs = lm.stop_sequences.get(key)
+        if seqs is None:
+            seqs = make_stop_sequences(lm.tokenizer, list(stops))
+            if len(lm.stop_sequences) > 100:
+                lm.stop_sequences.clear()
+            lm.stop_sequences[key] = seqs
+        return seqs
+
+    def _router(self, lm: LoadedModel, request: GenerateRequest, tokens: list[int]) -> OutputRouter:
+        tokenizer = lm.tokenizer
+        tools = request.params.tools if tokenizer.has_tool_calling else None
+        initial = "normal"
+        if tokenizer.has_thinking and request.kind == "chat":
+            if tokenizer.rfind_think_start(tokens) > tokenizer.rfind_think_end(tokens):
+                initial = "reasoning"
+        initial = getattr(tokenizer, "response_initial_state", None) or initial
+        sm = self._text_machine(lm, with_tools=bool(tools))
+        return OutputRouter(sm, initial, tokenizer.tool_parser if tools else None, tools)
+
+    @staticmethod
+    def _text_machine(lm: LoadedModel, with_tools: bool):
+        """mlx-lm's reasoning/tool state machine; None when the model has neither (plain text, no scanning)."""
+        if with_tools in lm.text_machines:
+            return lm.text_machines[with_tools]
+        from mlx_lm.generate import TextStateMachine, make_text_state_machine
+
+        tokenizer = lm.tokenizer
+        if with_tools:
+            sm = make_text_state_machine(tokenizer)
+        else:
+            transitions: dict[str, list] = {}
+            if tokenizer.has_thinking:
+                transitions["normal"] = [(tokenizer.think_start, "reasoning")]
+                transitions["reasoning"] = [(tokenizer.think_end, "normal")]
+            for marker in tokenizer.structural_markers or ():
+                transitions.setdefault("normal", []).append((marker, "normal"))
+            for state, edges in tokenizer.response_transitions.items():
+                kept = [(text, dst) for text, dst in edges if dst != "tool"]
+                if kept and state != "tool":
+                    transitions.setdefault(state, []).extend(kept)
+            sm = TextStateMachine(transitions) if transitions else None
+        lm.text_machines[with_tools] = sm
+        return sm
+
+    # ---- the decode loop ----------------------------------------------------------------------------------
+
+    def _decode(self) -> None:
+        """Step the batch until a request or cancel arrives, the rows end, or the time budget is spent."""
+        generator = self._generator
+        inbox = self._inbox
+        deadline = time.perf_counter() + STEP_BUDGET_S
+        while self._rows and not self._stopping:
+            _, responses = generator.next()
+            if responses:
+                self._on_tokens(responses)
+                self._flush()
+            if self._cancels or not inbox.empty() or time.perf_counter() > deadline:
+                return
+
+    def _on_tokens(self, responses) -> None:
+        now = time.perf_counter()
+        if len(responses) > self.peak_batch_rows:
+            self.peak_batch_rows = len(responses)
+        self.counters.generation_tokens_total += len(responses)
+        text_stopped = []
+        for r in responses:
+            row = self._rows.get(r.uid)
+            if row is None:
+                continue
+            row.completion_tokens += 1
+            if row.first_token_at is None:
+                row.first_token_at = now
+            finish = r.finish_reason
+            detok = row.detokenizer
+            if finish == "stop":
+                # The stop token itself (EOS or a stop string's last token) never becomes text.
+                detok.finalize()
+            else:
+                if r.token not in row.model.hidden_ids:
+                    detok.add_token(r.token)
+                if finish == "length":
+                    detok.finalize()
+            text, matched = row.stop_filter.push(detok.last_segment)
+            if matched:
+                finish = "stop"
+            elif finish is not None and (finish == "length" or r.token in row.model.eos_ids):
+                text += row.stop_filter.flush()
+            delta = row.router.feed(text)
+            if finish is not None:
+                _merge_delta(delta, row.router.finish())
+            if delta:
+                delta["event"] = protocol.EV_DELTA
+                self._emit(row.ticket, delta)
+            if finish is None:
+                continue
+            if r.finish_reason is None:
+                text_stopped.append(r.uid)  # still in the batch: take it out below
+            elif r.prompt_cache is not None:
+                self._store_cache(row.model, list(r.all_tokens), r.prompt_cache)
+            self._finish_row(row, finish, now)
+        if text_stopped:
+            self._remove_rows(text_stopped)
+            for uid in text_stopped:
+                self._rows.pop(uid, None)
+        for r in responses:
+            if r.finish_reason is not None:
+                self._rows.pop(r.uid, None)
+
+    def _finish_row(self, row: Row, finish: str, now: float) -> None:
+        if finish == "stop" and row.router.made_tool_call:
+            finish = protocol.FINISH_TOOL_CALLS
+        ttft = (row.first_token_at or now) - row.ticket.submitted_at
+        decode_s = now - row.first_token_at if row.first_token_at else 0.0
+        rate = (row.completion_tokens - 1) / decode_s if row.completion_tokens > 1 and decode_s > 0 else 0.0
+        self._emit(row.ticket, {
+            "event": protocol.EV_DONE, "finish_reason": finish,
+            "usage": {
+                "prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
+                "total_tokens": row.prompt_tokens + row.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": row.cached_tokens},
+            },
+            "timings": {"ttft_s": round(ttft, 6), "decode_tokens_per_s": round(rate, 3)},
+        })
+        row.ticket.finished = True
+        self._row_ended(row)
+
+    def _row_ended(self, row: Row) -> None:
+        lm = row.model
+        with self._lock:
+            lm.running -= 1
+        lm.last_used = time.time()
+        self.last_activity = lm.last_used
+
+    # ---- events -------------------------------------------------------------------------------------------
+
+    def _emit(self, ticket: Ticket, event: dict) -> None:
+        if not ticket.cancelled:
+            self._outgoing.append((ticket, event))
+
+    def _flush(self) -> None:
+        if self._outgoing:
+            batch, self._outgoing = self._outgoing, []
+            self._deliver(batch)
+
+    @staticmethod
+    def _deliver_to_queues(batch: list) -> None:
+        for ticket, event in batch:
+            ticket.events.put(event)
+
+    def _finish_with_error(self, ticket: Ticket, error: InferenceError) -> None:
+        ticket.finished = True
+        self._emit(ticket, error.to_event())
+        self._flush()
+
+    def _fail_everyone(self, error: InferenceError) -> None:
+        for row in list(self._rows.values()):
+            row.ticket.finished = True
+            self._emit(row.ticket, error.to_event())
+        self._rows.clear()
+        while self._waiting:
+            self._finish_with_error(self._pop_waiting(), error)
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] == "generate":
+                with self._lock:
+                    self._n_waiting -= 1
+                self._finish_with_error(item[1], error)
+            elif item[0] == "call":
+                item[2].set_exception(error)
+        self._flush()
+        with self._lock:
+            for lm in self._models.values():
+                lm.running = 0
+
+
+def _merge_delta(delta: dict, more: dict) -> None:
+    for name, value in more.items():
+        if name == "tool_calls":
+            delta.setdefault("tool_calls", []).extend(value)
+        else:
+            delta[name] = delta.get(name, "") + value

@@ -1,0 +1,279 @@
+"""The wire protocol between the api process and the inference worker.
+
+This docstring is the spec; the api (mlxk/server) and the worker code against exactly this.
+
+Transport
+    A Unix domain socket. One request per connection: the client sends one JSON object on one line
+    (UTF-8, ending in "\\n"), then reads JSON lines until a terminal event. A client that closes its
+    connection cancels its request: the row leaves the batch at once (its prompt cache may be kept).
+
+Requests
+    {"op": "generate", "id": str,
+     "model": {"key": "org/name@<40-hex>", "path": "/abs/snapshot/dir"},
+     "kind": "chat" | "completion", "messages": [...] | null, "prompt": str | null,
+     "params": {"max_tokens": int|null, "temperature": float|null, "top_p": float|null,
+                "top_k": int|null, "min_p": float|null, "repetition_penalty": float|null,
+                "seed": int|null, "stop": [str], "keep_alive": float|null,
+                "tools": [...]|null, "tool_choice": ...|null, "chat_template_kwargs": {...}|null}}
+        chat: OpenAI messages, rendered with the model's chat template (add_generation_prompt=True,
+        tools= when given). completion: `prompt` is tokenized as is.
+        keep_alive: seconds the model stays loaded after this request; 0 unloads after the reply;
+        null = the worker's default.
+        max_tokens null: min(DEFAULT_MAX_TOKENS, context length - prompt tokens).
+        seed: each seeded row samples from its own key stream, so the same seed gives the same text
+        when the request runs alone; in a batch its draws are still its own, but batched arithmetic
+        may differ in the last bits from a lone run, so equal text is likely, not guaranteed.
+    {"op": "status"}
+        -> {"event": "status", "pid", "models": [{"key", "path", "memory_bytes", "loaded_at",
+            "last_used", "keep_alive_s", "expires_at" (unix s or null), "running"}],
+            "running", "waiting", "counters": {"requests_total", "prompt_tokens_total",
+            "generation_tokens_total", "cached_prompt_tokens_total"}, "peak_memory_bytes"}
+    {"op": "unload", "model": key | repo id | null (all)} -> {"event": "unloaded", "models": [keys]}
+    {"op": "load", "model": {"key", "path"}, "keep_alive": float|null}
+        -> {"event": "loaded", "key"} or an error event
+    {"op": "ping"} -> {"event": "pong", "pid"}
+
+Events of a generate request, in order
+    {"event": "accepted", "prompt_tokens": int, "cached_tokens": int}
+        once the prompt is tokenized and queued; errors found before (bad request, prompt too long,
+        load failure) come as an `error` event instead.
+    {"event": "delta", "content"?: str, "reasoning"?: str, "tool_calls"?: [{"index", "id",
+        "type": "function", "function": {"name", "arguments"}}]}
+        zero or more; only the keys that carry something are present.
+    {"event": "done", "finish_reason": "stop" | "length" | "tool_calls",
+     "usage": {"prompt_tokens", "completion_tokens", "total_tokens",
+               "prompt_tokens_details": {"cached_tokens"}},
+     "timings": {"ttft_s", "decode_tokens_per_s"}}
+    {"event": "error", "type": str, "message": str, "status": int, "retryable": bool}
+        types: bad_request (400), prompt_too_long (400), load_failed (500, or 400 when the files
+        are not a loadable model), busy (503, retryable: the waiting queue is full, or the worker
+        is shutting down), internal (500).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+OP_GENERATE = "generate"
+OP_STATUS = "status"
+OP_UNLOAD = "unload"
+OP_LOAD = "load"
+OP_PING = "ping"
+OPS = (OP_GENERATE, OP_STATUS, OP_UNLOAD, OP_LOAD, OP_PING)
+
+EV_ACCEPTED = "accepted"
+EV_DELTA = "delta"
+EV_DONE = "done"
+EV_ERROR = "error"
+EV_STATUS = "status"
+EV_UNLOADED = "unloaded"
+EV_LOADED = "loaded"
+EV_PONG = "pong"
+TERMINAL_EVENTS = frozenset({EV_DONE, EV_ERROR, EV_STATUS, EV_UNLOADED, EV_LOADED, EV_PONG})
+
+ERR_BAD_REQUEST = "bad_request"
+ERR_PROMPT_TOO_LONG = "prompt_too_long"
+ERR_LOAD_FAILED = "load_failed"
+ERR_BUSY = "busy"
+ERR_INTERNAL = "internal"
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_TOOL_CALLS = "tool_calls"
+
+DEFAULT_MAX_TOKENS = 2048
+# One request line may carry a long conversation; asyncio's default 64 KiB line limit is too small.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    key: str   # "org/name@<40-hex>": identity of the weights (repo + revision)
+    path: str  # absolute snapshot directory
+
+    @property
+    def repo_id(self) -> str:
+        return self.key.split("@", 1)[0]
+
+
+@dataclass
+class Params:
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    keep_alive: float | None = None
+    tools: list | None = None
+    tool_choice: Any = None
+    chat_template_kwargs: dict | None = None
+
+
+@dataclass
+class GenerateRequest:
+    id: str
+    model: ModelRef
+    kind: str  # "chat" | "completion"
+    messages: list | None = None
+    prompt: str | None = None
+    params: Params = field(default_factory=Params)
+
+
+class ProtocolError(ValueError):
+    """A request line that does not follow the protocol; answered with a bad_request error event."""
+
+
+def encode(message: dict) -> bytes:
+    return (json.dumps(message, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+def decode(line: bytes | str) -> dict:
+    try:
+        message = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"request is not valid JSON: {e}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("request must be a JSON object")
+    return message
+
+
+def error_event(type: str, message: str, status: int, retryable: bool = False) -> dict:
+    return {"event": EV_ERROR, "type": type, "message": message, "status": status, "retryable": retryable}
+
+
+def parse_model_ref(value: Any) -> ModelRef:
+    if not isinstance(value, dict) or not isinstance(value.get("key"), str) or not isinstance(value.get("path"), str):
+        raise ProtocolError('"model" must be an object with string "key" and "path"')
+    if not value["key"] or not value["path"]:
+        raise ProtocolError('"model.key" and "model.path" must not be empty')
+    return ModelRef(key=value["key"], path=value["path"])
+
+
+def _optional(params: dict, name: str, kind: type | tuple) -> Any:
+    value = params.get(name)
+    if value is None:
+        return None
+    # bool is an int in Python; a JSON true is never a valid number here.
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ProtocolError(f'"params.{name}" has the wrong type: {value!r}')
+    return value
+
+
+def parse_params(raw: Any) -> Params:
+    if raw is None:
+        return Params()
+    if not isinstance(raw, dict):
+        raise ProtocolError('"params" must be an object')
+    stop = raw.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ProtocolError('"params.stop" must be a list of strings')
+    number = (int, float)
+    params = Params(
+        max_tokens=_optional(raw, "max_tokens", int),
+        temperature=_optional(raw, "temperature", number),
+        top_p=_optional(raw, "top_p", number),
+        top_k=_optional(raw, "top_k", int),
+        min_p=_optional(raw, "min_p", number),
+        repetition_penalty=_optional(raw, "repetition_penalty", number),
+        seed=_optional(raw, "seed", int),
+        stop=[s for s in stop if s],
+        keep_alive=_optional(raw, "keep_alive", number),
+        tools=_optional(raw, "tools", list),
+        tool_choice=raw.get("tool_choice"),
+        chat_template_kwargs=_optional(raw, "chat_template_kwargs", dict),
+    )
+    if params.max_tokens is not None and params.max_tokens < 1:
+        raise ProtocolError('"params.max_tokens" must be at least 1')
+    if params.temperature is not None and params.temperature < 0:
+        raise ProtocolError('"params.temperature" must not be negative')
+    if params.keep_alive is not None and params.keep_alive < 0:
+        raise ProtocolError('"params.keep_alive" must not be negative')
+    return params
+
+
+def parse_generate(message: dict) -> GenerateRequest:
+    kind = message.get("kind")
+    if kind not in ("chat", "completion"):
+        raise ProtocolError('"kind" must be "chat" or "completion"')
+    messages, prompt = message.get("messages"), message.get("prompt")
+    if kind == "chat" and (not isinstance(messages, list) or not messages):
+        raise ProtocolError('a chat request needs a non-empty "messages" list')
+    if kind == "completion" and not isinstance(prompt, str):
+        raise ProtocolError('a completion request needs a string "prompt"')
+    return GenerateRequest(
+        id=str(message.get("id") or ""),
+        model=parse_model_ref(message.get("model")),
+        kind=kind,
+        messages=messages if kind == "chat" else None,
+        prompt=prompt if kind == "completion" else None,
+        params=parse_params(message.get("params")),
+    )
+
+
+def generate_message(request: GenerateRequest) -> dict:
+    """The wire form of a GenerateRequest (what the api sends)."""
+    p = request.params
+    return {
+        "op": OP_GENERATE, "id": request.id,
+        "model": {"key": request.model.key, "path": request.model.path},
+        "kind": request.kind, "messages": request.messages, "prompt": request.prompt,
+        "params": {
+            "max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k,
+            "min_p": p.min_p, "repetition_penalty": p.repetition_penalty, "seed": p.seed, "stop": list(p.stop),
+            "keep_alive": p.keep_alive, "tools": p.tools, "tool_choice": p.tool_choice,
+            "chat_template_kwargs": p.chat_template_kwargs,
+        },
+    }
+
+
+# ---- clients -------------------------------------------------------------------------------------------------
+
+
+async def request(socket_path: str, payload: dict) -> AsyncIterator[dict]:
+    """Send one request and yield every event up to and including the terminal one.
+
+    Leaving the iteration early (break, cancellation) closes the connection, which cancels the request.
+    Raises ConnectionError when the worker is unreachable or hangs up before a terminal event.
+    """
+    reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=MAX_LINE_BYTES)
+    try:
+        writer.write(encode(payload))
+        await writer.drain()
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise ConnectionError("inference worker closed the connection before the reply ended")
+            event = json.loads(line)
+            yield event
+            if event.get("event") in TERMINAL_EVENTS:
+                return
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+def call(socket_path: str, payload: dict, timeout: float | None = 30.0) -> dict:
+    """Send a single-reply op (status, unload, load, ping) and return its one reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(socket_path))
+        sock.sendall(encode(payload))
+        with sock.makefile("rb") as f:
+            while True:
+                line = f.readline()
+                if not line:
+                    raise ConnectionError("inference worker closed the connection before replying")
+                event = json.loads(line)
+                if event.get("event") in TERMINAL_EVENTS:
+                    return event

@@ -1,0 +1,142 @@
+"""From detokenized text to protocol deltas: stop strings, reasoning and tool calls.
+
+Pure Python (no MLX), one instance per request row, fed on the MLX thread after each token.
+Order matters: stop strings are cut from the raw text first, so a stop string never leaks, whatever
+state the text is in; the remaining text then goes through mlx-lm's TextStateMachine, which routes
+think blocks to `reasoning` and tool-call markup to the tool parser. Both stages hold back only text
+that could still be the start of a stop string or a marker, so safe text goes out at once (TTFT).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any, Callable
+
+log = logging.getLogger("mlxk.inference.textout")
+
+
+class StopFilter:
+    """Cut the output at the first request stop string; hold back a possible partial match."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self._longest = max((len(s) for s in self.stops), default=0)
+        self._held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Return (safe text, matched). After a match the text after the stop string is dropped."""
+        if not self.stops:
+            return text, False
+        buf = self._held + text
+        first = -1
+        for stop in self.stops:
+            i = buf.find(stop)
+            if i >= 0 and (first < 0 or i < first):
+                first = i
+        if first >= 0:
+            self._held = ""
+            return buf[:first], True
+        hold = self._partial_suffix(buf)
+        self._held = buf[len(buf) - hold:] if hold else ""
+        return buf[: len(buf) - hold], False
+
+    def _partial_suffix(self, buf: str) -> int:
+        for k in range(min(len(buf), self._longest - 1), 0, -1):
+            tail = buf[-k:]
+            if any(s.startswith(tail) for s in self.stops):
+                return k
+        return 0
+
+    def flush(self) -> str:
+        """Text held back that turned out not to be a stop string (generation ended otherwise)."""
+        held, self._held = self._held, ""
+        return held
+
+
+class OutputRouter:
+    """Split safe text into content / reasoning / tool calls, as protocol delta fields."""
+
+    def __init__(self, text_sm, initial_state: str = "normal", tool_parser: Callable | None = None,
+                 tools: list | None = None):
+        from mlx_lm.generate import TextStateMachine
+
+        self._tsm = TextStateMachine
+        self._sm_state = text_sm.make_state(initial_state) if text_sm is not None else None
+        self._prev = initial_state
+        self._tool_parser = tool_parser
+        self._tools = tools
+        self._tool_text = ""
+        self._tool_index = 0
+        self.made_tool_call = False
+
+    def feed(self, text: str) -> dict:
+        if not text:
+            return {}
+        if self._sm_state is None:
+            return {"content": text}
+        self._sm_state, segments = self._tsm.split(self._sm_state, text)
+        return self._route(segments)
+
+    def finish(self) -> dict:
+        """Flush a held partial marker as text and parse an unterminated tool call."""
+        if self._sm_state is None:
+            return {}
+        self._sm_state, held, state = self._tsm.flush(self._sm_state)
+        delta = self._route([(state, held)])
+        if self._prev == "tool" and self._tool_text:
+            self._merge(delta, self._parse_tools())
+        return delta
+
+    def _route(self, segments) -> dict:
+        delta: dict[str, Any] = {}
+        for state, text in segments:
+            if state != "tool" and self._prev == "tool":
+                self._merge(delta, self._parse_tools())
+            if state == "tool":
+                self._tool_text += text
+            elif state == "reasoning":
+                self._append(delta, "reasoning", text)
+            elif state is not None:
+                self._append(delta, "content", text)
+            if state is not None:
+                self._prev = state
+        return delta
+
+    @staticmethod
+    def _append(delta: dict, field: str, text: str) -> None:
+        if text:
+            delta[field] = delta.get(field, "") + text
+
+    @staticmethod
+    def _merge(delta: dict, calls: list) -> None:
+        if calls:
+            delta.setdefault("tool_calls", []).extend(calls)
+
+    def _parse_tools(self) -> list:
+        text, self._tool_text = self._tool_text, ""
+        if self._tool_parser is None or not text.strip():
+            return []
+        try:
+            parsed = self._tool_parser(text, self._tools)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            # A truncated or malformed call: mlx_lm.server drops it too; the text is not useful as content.
+            log.warning("could not parse a tool call (%s: %s)", type(e).__name__, e)
+            return []
+        calls = []
+        for call in parsed if isinstance(parsed, list) else [parsed]:
+            if not isinstance(call, dict) or "name" not in call:
+                continue
+            arguments = call.get("arguments", {})
+            if not isinstance(arguments, str):
+                arguments = json.dumps(arguments, ensure_ascii=False)
+            calls.append({
+                "index": self._tool_index,
+                "id": call.get("id") or f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {"name": call["name"], "arguments": arguments},
+            })
+            self._tool_index += 1
+        if calls:
+            self.made_tool_call = True
+        return calls
