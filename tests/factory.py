@@ -22,16 +22,18 @@ Quick reference (in tests prefer the fixtures of tests/fixtures/cache.py: hf_cac
 model_factory, tiny_model):
 
     files = tiny_model_files()                          # chat model; also chat_template=False,
-                                                        # reasoning=, tools=, quantize=, shards=2
+                                                        # reasoning=, tools=, quantize=, shards=2,
+                                                        # reply="Hello world!"
     repo = write_repo(cache_dir, "mlx-community/tiny-chat", files)
     repo.snapshot_dir, repo.revision, repo.path("config.json"), repo.blob_path("config.json")
     repo2 = add_revision(repo, {"README.md": b"v2", "generation_config.json": None})
     broken = make_variant(cache_dir, "shard_empty")     # VARIANTS["shard_empty"].expected
     info = file_info("model.safetensors", data)         # size, blob_id, sha256, etag (Hub metadata)
 
-Generation on the random weights is deterministic with greedy sampling but meaningless text;
-an end-of-sequence token is rarely produced, so tests that need `finish_reason: stop` should
-use stop sequences.
+Generation on the random weights is deterministic with greedy sampling but meaningless text,
+and an end-of-sequence token is rarely produced. Tests that need exact text, exact token counts
+or `finish_reason: stop` use a scripted model instead: `tiny_model_files(reply="Hello world!")`
+answers any prompt with exactly "Hello world!" (3 tokens) and then `<|im_end|>`.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ _CORPUS = [
     "Once upon a time there was a small language model that lived in a cache.",
     "Numbers 0 1 2 3 4 5 6 7 8 9 and symbols ! ? . , ; : - _ ( ) [ ] { } < > / \\ | @ # $ % ^ & * + = ~",
     "user assistant system tool function call response reasoning think answer",
+    # Repeated so that "Hello world" merges into few distinct tokens (handy for reply=).
+    "Hello world! Hello world! Hello world! Hello world! Hello world! Hello world!",
 ]
 
 
@@ -114,6 +118,7 @@ def tiny_model_files(
     tools: bool = False,
     quantize: bool = False,
     shards: int = 1,
+    reply: str | None = None,
 ) -> dict[str, bytes]:
     """The files of a real tiny MLX llama model, {repo path: bytes}.
 
@@ -128,13 +133,20 @@ def tiny_model_files(
     tools: a Qwen-style template that renders `tools` and `<tool_call>` blocks (mlx-lm picks its
       `json_tools` parser) and `<tool_call>`/`</tool_call>` added tokens.
     quantize: 4-bit, group size 64, via mlx-lm's quantize_model (config gets `quantization`).
+    shards: split the weights into that many model-0000i-of-0000n.safetensors files + index.
+    reply: instead of random weights, hand-set ones that make the model a "scripted" bigram
+      machine: whatever the prompt, greedy decoding emits exactly the tokens of `reply` and then
+      `<|im_end|>` (an eos id), so tests can assert exact text, token counts and
+      finish_reason "stop" (or "length" with a smaller max_tokens). The tokens of `reply` must be
+      distinct and at most hidden_size - 1; if the prompt ends with one of them, the reply
+      continues from there.
 
     Returns a fresh dict each call; the bytes objects are shared between calls, which is what
     makes `write_repo` cheap (hashes are memoized per bytes object).
     """
     if shards < 1:
         raise ValueError("shards must be >= 1")
-    key = (spec, chat_template, reasoning, tools, quantize, shards)
+    key = (spec, chat_template, reasoning, tools, quantize, shards, reply)
     files = _FILES_MEMO.get(key)
     if files is None:
         files = _load_or_build(key)
@@ -148,7 +160,7 @@ def _cache_root() -> Path:
 
 
 def _cache_key(key: tuple) -> str:
-    spec, chat_template, reasoning, tools, quantize, shards = key
+    spec, chat_template, reasoning, tools, quantize, shards, reply = key
     versions = {}
     for dist in ("mlx", "mlx-lm", "tokenizers"):
         try:
@@ -160,7 +172,7 @@ def _cache_key(key: tuple) -> str:
         # Any edit of this module invalidates the cache: no stale models after a builder change.
         "source": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
         "spec": dataclasses.asdict(spec),
-        "flags": [chat_template, reasoning, tools, quantize, shards],
+        "flags": [chat_template, reasoning, tools, quantize, shards, reply],
         "versions": versions,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
@@ -228,17 +240,24 @@ def build_model_files_uncached(
     tools: bool = False,
     quantize: bool = False,
     shards: int = 1,
+    reply: str | None = None,
 ) -> dict[str, bytes]:
     """Build a file set from scratch, bypassing both caches (for reproducibility checks)."""
-    return _build_model_files(spec, chat_template, reasoning, tools, quantize, shards)
+    return _build_model_files(spec, chat_template, reasoning, tools, quantize, shards, reply)
 
 
 def _build_model_files(
-    spec: ModelSpec, chat_template: bool, reasoning: bool, tools: bool, quantize: bool, shards: int
+    spec: ModelSpec, chat_template: bool, reasoning: bool, tools: bool, quantize: bool, shards: int,
+    reply: str | None = None,
 ) -> dict[str, bytes]:
     tok_json, vocab = _build_tokenizer(spec, reasoning=reasoning, tools=tools)
     config = _model_config(spec, vocab)
-    files = _build_weights(spec, config, quantize=quantize, shards=shards)
+    script = None
+    if reply is not None:
+        script = _reply_chain(tok_json, reply, spec)
+        config["tie_word_embeddings"] = False  # the scripted lm_head differs from the embedding
+    files = _build_weights(spec, config, quantize=quantize, shards=shards,
+                           script=script, eos_id=vocab["<|im_end|>"])
     files["tokenizer.json"] = tok_json
     template = _chat_template(reasoning=reasoning, tools=tools) if chat_template else None
     files["tokenizer_config.json"] = _json_bytes(_tokenizer_config(spec, template))
@@ -298,7 +317,48 @@ def _model_config(spec: ModelSpec, vocab: dict) -> dict:
     }
 
 
-def _build_weights(spec: ModelSpec, config: dict, *, quantize: bool, shards: int) -> dict[str, bytes]:
+def _reply_chain(tok_json: bytes, reply: str, spec: ModelSpec) -> list[int]:
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_str(tok_json.decode()).encode(reply, add_special_tokens=False).ids
+    if not ids or len(set(ids)) != len(ids) or len(ids) > spec.hidden_size - 1:
+        raise ValueError(f"reply {reply!r} must be 1..{spec.hidden_size - 1} distinct tokens, got {ids}")
+    return ids
+
+
+def _script_weights(model, chain: list[int], eos_id: int, spec: ModelSpec) -> None:
+    """Make the model a bigram machine: c1 → c2 → … → cK → eos, any other token → c1.
+
+    Attention and MLP outputs are zeroed, so the residual stream is the token's embedding; each
+    reply token gets its own one-hot embedding dimension (all others share the last one) and the
+    lm_head row of its successor reads that dimension. A logit gap of 4·sqrt(hidden) makes even
+    temperature-1 sampling follow the script almost surely.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    vocab, dim = model.args.vocab_size, spec.hidden_size
+    other = dim - 1
+    embed = [[0.0] * dim for _ in range(vocab)]
+    head = [[0.0] * dim for _ in range(vocab)]
+    for row in embed:
+        row[other] = 1.0
+    for i, token in enumerate(chain):
+        embed[token][other] = 0.0
+        embed[token][i] = 1.0
+    successors = [(chain[0], other)] + [(chain[i + 1], i) for i in range(len(chain) - 1)]
+    for token, source_dim in successors + [(eos_id, len(chain) - 1)]:
+        head[token][source_dim] = 4.0
+    dtype = getattr(mx, spec.dtype)
+    updates = [(k, mx.zeros_like(v)) for k, v in tree_flatten(model.parameters())
+               if k.endswith(("o_proj.weight", "down_proj.weight"))]
+    updates += [("model.embed_tokens.weight", mx.array(embed, dtype=dtype)),
+                ("lm_head.weight", mx.array(head, dtype=dtype))]
+    model.load_weights(updates, strict=False)
+
+
+def _build_weights(spec: ModelSpec, config: dict, *, quantize: bool, shards: int,
+                   script: list[int] | None = None, eos_id: int = 0) -> dict[str, bytes]:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
@@ -307,6 +367,8 @@ def _build_weights(spec: ModelSpec, config: dict, *, quantize: bool, shards: int
     mx.random.seed(spec.seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     model.set_dtype(getattr(mx, spec.dtype))
+    if script is not None:
+        _script_weights(model, script, eos_id, spec)
     if quantize:
         with contextlib.redirect_stdout(io.StringIO()):  # quantize_model prints bits-per-weight
             model, config = quantize_model(model, config, group_size=64, bits=4)

@@ -406,3 +406,28 @@ def test_incomplete_blob_is_named_like_huggingface_hub_names_it(hf_cache):
     assert partial.file_path.parent == repo.repo_dir / "blobs"
     assert VARIANTS["incomplete_download"].expected == {
         "health": "unhealthy", "runtime_compatible": None, "framework": "mlx", "model_type": "chat"}
+
+
+def test_scripted_reply_model_says_exactly_its_reply(model_factory):
+    import mlx_lm
+    from mlx_lm.sample_utils import make_sampler
+
+    repo = model_factory.repo("org/tiny-scripted", reply="Hello world!")
+    model, tokenizer = mlx_lm.load(str(repo.snapshot_dir))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say anything"}],
+                                           add_generation_prompt=True)
+    steps = list(mlx_lm.stream_generate(model, tokenizer, prompt=prompt, max_tokens=20))
+    reply_ids = tokenizer.encode("Hello world!", add_special_tokens=False)
+    assert "".join(s.text for s in steps) == "Hello world!"
+    assert [s.token for s in steps] == reply_ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert steps[-1].finish_reason == "stop"
+    hot = list(mlx_lm.stream_generate(model, tokenizer, prompt=prompt, max_tokens=20,
+                                      sampler=make_sampler(temp=1.0)))
+    assert "".join(s.text for s in hot) == "Hello world!"
+    short = list(mlx_lm.stream_generate(model, tokenizer, prompt=prompt, max_tokens=2))
+    assert "".join(s.text for s in short) == "Hello world" and short[-1].finish_reason == "length"
+
+
+def test_scripted_reply_needs_distinct_tokens():
+    with pytest.raises(ValueError, match="distinct tokens"):
+        tiny_model_files(reply="lll lll")
