@@ -1,0 +1,599 @@
+"""Health of a cached model: integrity rules (is the snapshot whole?) then runtime rules (can mlx-lm run it?).
+
+Why this shape: `mlxk list` checks every new or changed repo synchronously, and the first index of a 1,000-model
+cache must take well under a second. So a repo is read ONCE into a `RepoView` (small JSON files parsed once,
+safetensors *headers* read lazily and memoized, never the weights, no hashing), and every rule is a small pure
+function over that view returning `Finding`s. Integrity imports nothing heavy; only `check_runtime` imports
+mlx-lm (to ask whether it can build the model type), and it caches that verdict per type for the process.
+
+Rule ids are stable strings (stored in state.db, matched by scripts); `findings[0].message` is the `reason`.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mlxk import cache
+
+if TYPE_CHECKING:
+    from mlxk.detect import Detection
+
+log = logging.getLogger("mlxk.health")
+
+# The safetensors format caps its JSON header at 100 MB; anything larger is corruption, not a model.
+SAFETENSORS_MAX_HEADER = 100_000_000
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
+LFS_POINTER_MAX = 1024          # a pointer is ~130 bytes; weights are never this small
+PARTIAL_SUFFIXES = (".incomplete", ".part", ".partial", ".tmp", ".download")
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".npz", ".pth", ".pt")
+INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
+SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.(?P<ext>safetensors|bin)$")
+LEGACY_WEIGHTS = re.compile(r"^(weights\.\d+\.safetensors|weights\.npz|pytorch_model-.*\.safetensors)$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tiktoken.model")
+README_HEAD_BYTES = 16 * 1024   # front matter lives at the top; never read a whole model card
+TOKENIZER_HEAD_BYTES = 256 * 1024  # added_tokens come before the vocab in tokenizer.json
+FLAT_SKIP_DIRS = {".git", ".cache", ".huggingface", "__pycache__"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule: str        # stable id, e.g. "index_shard_missing"
+    message: str     # one line for humans that names the file
+
+
+@dataclass
+class SafetensorsHeader:
+    """What a safetensors header says, or why it could not be read (`error` set, `rule` says which)."""
+    header_len: int = 0
+    data_len: int = 0                  # bytes of tensor data the header declares
+    metadata: dict = field(default_factory=dict)
+    error: str | None = None
+    rule: str | None = None            # "safetensors_bad_header" | "file_unreadable" when error is set
+
+
+@dataclass
+class RepoView:
+    """Everything the rules look at, read once per repo (small files eagerly, headers lazily)."""
+    repo_id: str
+    path: Path                          # the repo folder (models--org--name) or the flat workspace
+    revision: str | None
+    snapshot: Path | None
+    files: list[cache.SnapshotFile]
+    incomplete: list[Path]              # partial downloads: blobs/*.incomplete and partial/tmp files
+    config: dict | None
+    config_error: str | None            # why config is None: "missing" | "dangling" | "invalid_json: ..." | ...
+    tokenizer_config: dict | None = None
+    revisions: list[str] = field(default_factory=list)
+    flat: bool = False                  # a workspace folder, not a cache repo (no refs/blobs/trees)
+    incomplete_bytes: int = 0           # reclaimable when the snapshot is complete
+
+    @cached_property
+    def by_name(self) -> dict[str, cache.SnapshotFile]:
+        return {f.name: f for f in self.files}
+
+    @cached_property
+    def root_names(self) -> set[str]:
+        return {f.name for f in self.files if "/" not in f.name}
+
+    def has(self, name: str) -> bool:
+        return name in self.by_name
+
+    def read_json(self, name: str) -> tuple[object | None, str | None]:
+        """(parsed, None) or (None, why); why is "missing" | "dangling" | "unreadable: ..." | "invalid_json: ..."."""
+        entry = self.by_name.get(name)
+        if entry is None:
+            return None, "missing"
+        if entry.size is None:
+            return None, "dangling"
+        return _load_json(entry.path)
+
+    @cached_property
+    def readme(self) -> dict:
+        """README.md front matter: only `library_name`, `pipeline_tag`, `tags`, `base_model` are kept."""
+        entry = self.by_name.get("README.md")
+        if entry is None or entry.size is None:
+            return {}
+        try:
+            with open(entry.path, "rb") as fh:
+                head = fh.read(README_HEAD_BYTES)
+        except OSError:
+            return {}
+        return parse_front_matter(head.decode("utf-8", "replace"))
+
+    @cached_property
+    def trees(self) -> dict | None:
+        """trees/<revision>.json as huggingface_hub 2.4 writes it ({"format_version": 1, "files": {...}})."""
+        if self.flat or not self.revision:
+            return None
+        data, _error = _load_json(self.path / "trees" / f"{self.revision}.json")
+        if not isinstance(data, dict) or data.get("format_version") != 1 or not isinstance(data.get("files"), dict):
+            return None  # huggingface_hub ignores an unknown or corrupt listing too, and re-fetches it
+        return data["files"]
+
+    @cached_property
+    def tokenizer_head(self) -> str:
+        """The first part of tokenizer.json (its added tokens), for think-token detection without a 10 MB read."""
+        entry = self.by_name.get("tokenizer.json")
+        if entry is None or entry.size is None:
+            return ""
+        try:
+            with open(entry.path, "rb") as fh:
+                return fh.read(TOKENIZER_HEAD_BYTES).decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def safetensors_header(self, name: str) -> SafetensorsHeader:
+        memo = self.__dict__.setdefault("_headers", {})
+        if name not in memo:
+            memo[name] = read_safetensors_header(self.by_name[name].path, self.by_name[name].size or 0)
+        return memo[name]
+
+    @cached_property
+    def weight_files(self) -> list[cache.SnapshotFile]:
+        return [f for f in self.files if is_weight_file(f.name)]
+
+    @cached_property
+    def index_files(self) -> list[cache.SnapshotFile]:
+        return [f for f in self.files if f.name.endswith(INDEX_SUFFIXES)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading a repo
+
+
+def inspect_repo(repo_id: str, path: Path) -> RepoView:
+    """Read a cache repo (models--org--name) once: its current snapshot, partial downloads and small JSON files."""
+    path = Path(path)
+    revisions = cache.list_revisions(path)
+    revision = cache.current_revision(path, revisions)
+    snapshot = path / "snapshots" / revision if revision else None
+    files = cache.snapshot_files(snapshot) if snapshot else []
+    partial = [f.path for f in files if f.name.endswith(PARTIAL_SUFFIXES)]
+    incomplete = cache.incomplete_blobs(path) + partial
+    return _finish_view(RepoView(repo_id=repo_id, path=path, revision=revision, snapshot=snapshot,
+                                 files=[f for f in files if not f.name.endswith(PARTIAL_SUFFIXES)],
+                                 incomplete=incomplete, config=None, config_error=None, revisions=revisions))
+
+
+def inspect_dir(path: Path, name: str) -> RepoView:
+    """Read a flat model folder (a `mlxk clone` workspace, a folder about to be pushed) like a snapshot."""
+    path = Path(path)
+    files, partial = _walk_flat(path)
+    return _finish_view(RepoView(repo_id=name, path=path, revision=None, snapshot=path if path.is_dir() else None,
+                                 files=files, incomplete=partial, config=None, config_error=None, flat=True))
+
+
+def _finish_view(view: RepoView) -> RepoView:
+    config, error = view.read_json("config.json") if view.snapshot else (None, "missing")
+    if error is None and not isinstance(config, dict):
+        config, error = None, "not_object"
+    view.config, view.config_error = config, error
+    tok, _tok_error = view.read_json("tokenizer_config.json")
+    view.tokenizer_config = tok if isinstance(tok, dict) else None
+    view.incomplete_bytes = sum(_lsize(p) for p in view.incomplete)
+    return view
+
+
+def _walk_flat(root: Path) -> tuple[list[cache.SnapshotFile], list[Path]]:
+    files, partial = [], []
+    for current, dirs, names in os.walk(root):
+        here = Path(current)
+        if here == root:
+            dirs[:] = [d for d in dirs if d not in FLAT_SKIP_DIRS]
+        for name in names:
+            entry = here / name
+            rel = entry.relative_to(root).as_posix()
+            if name.endswith(PARTIAL_SUFFIXES):
+                partial.append(entry)
+                continue
+            link = entry.is_symlink()
+            try:
+                size = entry.stat().st_size
+                target = entry.resolve() if link else entry
+            except OSError:
+                size, target = None, None
+            files.append(cache.SnapshotFile(rel, entry, link, target, size))
+    # huggingface_hub's local_dir downloads keep their partial files here
+    download = root / ".cache" / "huggingface" / "download"
+    if download.is_dir():
+        partial += [p for p in download.rglob("*") if p.name.endswith(PARTIAL_SUFFIXES)]
+    files.sort(key=lambda f: f.name)
+    return files, sorted(partial)
+
+
+def _load_json(path: Path) -> tuple[object | None, str | None]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as error:
+        return None, f"unreadable: {error.strerror or error}"
+    try:
+        return json.loads(raw), None
+    except (ValueError, UnicodeDecodeError) as error:
+        return None, f"invalid_json: {error}"
+
+
+def _lsize(path: Path) -> int:
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return 0
+
+
+def read_safetensors_header(path: Path, size: int) -> SafetensorsHeader:
+    """Parse only the header (8-byte little-endian length + JSON); the weights are never read."""
+    try:
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                return _bad(f"is {size} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > SAFETENSORS_MAX_HEADER or 8 + n > size:
+                return _bad(f"declares a {n}-byte header but the file is {size} bytes")
+            raw = fh.read(n)
+    except OSError as error:
+        return SafetensorsHeader(error=f"cannot be read: {error.strerror or error}", rule="file_unreadable")
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return _bad("has a header that is not valid JSON")
+    if not isinstance(header, dict):
+        return _bad("has a header that is not a JSON object")
+    data_len = 0
+    for key, tensor in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = tensor.get("data_offsets") if isinstance(tensor, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return _bad(f"has no valid data_offsets for tensor {key!r}")
+        data_len = max(data_len, offsets[1])
+    metadata = header.get("__metadata__")
+    return SafetensorsHeader(header_len=n, data_len=data_len, metadata=metadata if isinstance(metadata, dict) else {})
+
+
+def _bad(why: str) -> SafetensorsHeader:
+    return SafetensorsHeader(error=why, rule="safetensors_bad_header")
+
+
+def parse_front_matter(text: str) -> dict:
+    """The few README front-matter keys mlxk needs, without a YAML dependency on the `list` path.
+
+    Handles `key: value`, `key: [a, b]` and block lists (`key:` then `- item` lines); nested maps are skipped.
+    """
+    lines = text.splitlines()
+    if not lines or lines[0].strip() != "---":
+        return {}
+    found: dict = {}
+    key = None
+    for line in lines[1:]:
+        if line.strip() in ("---", "..."):
+            break
+        stripped = line.strip()
+        if key and stripped.startswith("- ") and isinstance(found.get(key), list):
+            found[key].append(_unquote(stripped[2:]))
+            continue
+        match = re.match(r"^([A-Za-z_][\w-]*)\s*:\s*(.*)$", line)
+        if not match:
+            continue
+        key, value = match.group(1), match.group(2).strip()
+        if not value:
+            found[key] = []
+        elif value.startswith("[") and value.endswith("]"):
+            found[key] = [_unquote(v) for v in value[1:-1].split(",") if v.strip()]
+        else:
+            found[key] = _unquote(value)
+    return found
+
+
+def _unquote(value: str) -> str:
+    value = value.split(" #", 1)[0].strip()
+    return value[1:-1] if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"" else value
+
+
+def is_weight_file(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    if base.endswith(WEIGHT_SUFFIXES):
+        return True
+    # pytorch_model.bin, model-00001-of-00002.bin; not training_args.bin or optimizer states
+    return base.endswith(".bin") and "model" in base
+
+
+def is_lfs_pointer(entry: cache.SnapshotFile) -> bool:
+    if entry.size is None or entry.size > LFS_POINTER_MAX:
+        return False
+    try:
+        with open(entry.path, "rb") as fh:
+            return fh.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX
+    except OSError:
+        return False
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Integrity rules: each a small function over the view, in the order their findings are reported
+
+
+def check_snapshot(view: RepoView) -> list[Finding]:
+    if view.snapshot is not None:
+        return []
+    return [Finding("no_snapshot", f"{view.repo_id} has no snapshot (no files were ever completely downloaded); "
+                                   "pull it again")]
+
+
+def check_config(view: RepoView) -> list[Finding]:
+    error = view.config_error
+    if error is None:
+        if not view.config:
+            return [Finding("config_not_object", "config.json is an empty object")]
+        return []
+    if error == "missing":
+        if gguf_only(view):
+            return []  # GGUF files carry their config inside; runtime rules say what to do with them
+        return [Finding("config_missing", "config.json is missing")]
+    if error == "dangling":
+        return [Finding("config_missing", "config.json links to a blob that is gone")]
+    if error.startswith("unreadable"):
+        return [Finding("file_unreadable", f"config.json cannot be read: {error.split(': ', 1)[1]}")]
+    if error.startswith("invalid_json"):
+        return [Finding("config_invalid_json", f"config.json is not valid JSON ({error.split(': ', 1)[1]})")]
+    return [Finding("config_not_object", "config.json is not a JSON object")]
+
+
+def check_weights_present(view: RepoView) -> list[Finding]:
+    if view.weight_files or view.index_files:
+        return []
+    return [Finding("no_weights", "no weight files (*.safetensors, *.gguf, *.bin) in the snapshot")]
+
+
+def check_index_shards(view: RepoView) -> list[Finding]:
+    """Every file an index's weight_map names is in the snapshot."""
+    findings = []
+    for index in view.index_files:
+        data, error = view.read_json(index.name)
+        if error == "dangling":
+            continue  # check_symlinks names it
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            why = error.split(": ", 1)[-1] if error else "it has no weight_map object"
+            findings.append(Finding("index_invalid", f"{index.name} cannot be used: {why}"))
+            continue
+        folder = index.name.rpartition("/")[0]
+        for shard in sorted(set(map(str, weight_map.values()))):
+            name = f"{folder}/{shard}" if folder else shard
+            if not view.has(name):
+                findings.append(Finding("index_shard_missing", f"{name} (listed in {index.name}) is missing"))
+    return findings
+
+
+def check_shard_contents(view: RepoView) -> list[Finding]:
+    """Weight files that are empty or a Git LFS pointer text (cloned without git-lfs)."""
+    findings = []
+    for entry in view.weight_files:
+        if entry.size == 0:
+            findings.append(Finding("shard_empty", f"{entry.name} is empty (0 bytes)"))
+        elif is_lfs_pointer(entry):
+            findings.append(Finding("shard_lfs_pointer", f"{entry.name} is a Git LFS pointer, not the weights "
+                                                         "(fetch it with git lfs pull or pull the model again)"))
+    return findings
+
+
+def check_shards_without_index(view: RepoView) -> list[Finding]:
+    findings, seen = [], set()
+    for entry in view.files:
+        folder, _, base = entry.name.rpartition("/")
+        match = SHARD_NAME.match(base)
+        if not match or int(match["n"]) < 2:
+            continue
+        index = f"{match['stem']}.{match['ext']}.index.json"
+        index = f"{folder}/{index}" if folder else index
+        if index not in seen and not view.has(index):
+            seen.add(index)
+            findings.append(Finding("shards_without_index",
+                                    f"{entry.name} is one of {int(match['n'])} shards but {index} is missing"))
+    return findings
+
+
+def check_symlinks(view: RepoView) -> list[Finding]:
+    if view.flat:
+        return []
+    return [Finding("dangling_symlink", f"{f.name} links to a blob that is gone")
+            for f in view.files if f.is_symlink and f.size is None]
+
+
+def check_tree(view: RepoView) -> list[Finding]:
+    """huggingface_hub's trees/<sha>.json: every listed file is in the snapshot, with the listed size."""
+    listing = view.trees
+    if not listing:
+        return []
+    source = f"trees/{view.revision}.json"
+    findings = []
+    for name, info in sorted(listing.items()):
+        entry = view.by_name.get(name)
+        expected = info.get("size") if isinstance(info, dict) else None
+        if entry is None:
+            findings.append(Finding("tree_mismatch", f"{name} (listed in {source}) is missing from the snapshot"))
+        elif entry.size is not None and isinstance(expected, int) and entry.size != expected:
+            findings.append(Finding("tree_mismatch", f"{name} is {entry.size} bytes but {source} says {expected}"))
+    return findings
+
+
+def check_safetensors(view: RepoView) -> list[Finding]:
+    """Each header parses and declares exactly as many data bytes as the file holds (header only, no weights)."""
+    findings = []
+    for entry in view.weight_files:
+        if not entry.name.endswith(".safetensors") or not entry.size or is_lfs_pointer(entry):
+            continue  # missing, empty and pointer files already have their own finding
+        header = view.safetensors_header(entry.name)
+        if header.error:
+            findings.append(Finding(header.rule, f"{entry.name} {header.error}"))
+            continue
+        expected = 8 + header.header_len + header.data_len
+        if expected != entry.size:
+            missing = expected - entry.size
+            why = f"is {missing} bytes short" if missing > 0 else f"has {-missing} bytes more than its header declares"
+            findings.append(Finding("safetensors_truncated", f"{entry.name} {why} (header declares {expected} bytes, "
+                                                             f"file is {entry.size})"))
+    return findings
+
+
+def check_tokenizer(view: RepoView) -> list[Finding]:
+    if not view.has("tokenizer_config.json"):
+        return []
+    names = view.root_names
+    if any(n in names for n in TOKENIZER_FILES) or any(n.endswith((".tiktoken", ".model")) for n in names):
+        return []
+    return [Finding("tokenizer_missing", "tokenizer_config.json is present but no tokenizer file "
+                                         "(tokenizer.json, tokenizer.model, vocab.json) is")]
+
+
+def check_incomplete(view: RepoView, findings: list[Finding]) -> list[Finding]:
+    """Partial files mean an unfinished download only when the snapshot is not whole; else they are leftovers."""
+    if not view.incomplete or not findings:
+        return []
+    first = view.incomplete[0]
+    where = first.relative_to(view.path).as_posix() if first.is_relative_to(view.path) else first.name
+    more = f" and {len(view.incomplete) - 1} more" if len(view.incomplete) > 1 else ""
+    return [Finding("incomplete_download", f"download did not finish: {where}{more} is partial "
+                                           f"({_human(view.incomplete_bytes)}); pull {view.repo_id} again to resume")]
+
+
+INTEGRITY_RULES = (check_snapshot, check_config, check_weights_present, check_index_shards, check_shard_contents,
+                   check_shards_without_index, check_symlinks, check_tree, check_safetensors, check_tokenizer)
+
+
+def check_integrity(view: RepoView) -> list[Finding]:
+    """All integrity findings, most telling first; [] means healthy."""
+    findings: list[Finding] = []
+    for rule in INTEGRITY_RULES:
+        findings += rule(view)
+        if rule is check_snapshot and findings:
+            break  # nothing else can be judged without a snapshot
+    return check_incomplete(view, findings) + findings
+
+
+def gguf_only(view: RepoView) -> bool:
+    weights = view.weight_files
+    return bool(weights) and all(f.name.endswith(".gguf") for f in weights)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runtime rules (only after integrity passed): framework, weight naming, and mlx-lm's model registry
+
+
+@lru_cache(maxsize=1)
+def mlx_lm_signature() -> str:
+    """The installed mlx-lm, e.g. "mlx-lm 0.32.2": a runtime verdict is only valid for this version."""
+    try:
+        return f"mlx-lm {importlib.metadata.version('mlx-lm')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "mlx-lm not installed"
+
+
+def check_runtime(view: RepoView, detection: "Detection") -> Finding | None:
+    """None when mlx-lm can run the model; else the first reason it cannot, with the fix."""
+    for rule in (check_framework, check_legacy_weights, check_model_type):
+        finding = rule(view, detection)
+        if finding:
+            return finding
+    return None
+
+
+def _mlx_name(view: RepoView) -> str:
+    name = view.repo_id.rsplit("/", 1)[-1]
+    return re.sub(r"[-_.]?gguf$", "", name, flags=re.IGNORECASE) or name
+
+
+def check_framework(view: RepoView, detection: "Detection") -> Finding | None:
+    if detection.framework == "gguf":
+        gguf = next((f.name for f in view.weight_files if f.name.endswith(".gguf")), "a .gguf file")
+        return Finding("framework_gguf", f"GGUF weights ({gguf}): mlx-lm cannot run them; use an MLX conversion "
+                                         f"such as mlx-community/{_mlx_name(view)}")
+    if detection.framework == "pytorch":
+        return Finding("framework_pytorch", "PyTorch/Transformers weights without MLX markers: mlx-lm cannot run "
+                                            f"them as they are; convert with `mlx_lm.convert --hf-path {view.repo_id}`"
+                                            f" or use an MLX conversion such as mlx-community/{_mlx_name(view)}")
+    if detection.framework != "mlx":
+        return Finding("framework_unknown", "no recognisable weights: mlx-lm cannot run this repo")
+    return None
+
+
+def check_legacy_weights(view: RepoView, detection: "Detection") -> Finding | None:
+    """Old mlx-examples names mlx-lm no longer loads (it globs model*.safetensors)."""
+    legacy = [f.name for f in view.files if "/" not in f.name and LEGACY_WEIGHTS.match(f.name)]
+    modern = [n for n in view.root_names if n.startswith("model") and n.endswith(".safetensors")]
+    if legacy and not modern:
+        return Finding("legacy_weights", f"{legacy[0]} uses a legacy weight file name that mlx-lm does not load "
+                                         "(it expects model*.safetensors); re-convert it with a current mlx_lm.convert")
+    return None
+
+
+_TYPE_VERDICTS: dict[str, bool] = {}
+
+
+def check_model_type(view: RepoView, detection: "Detection") -> Finding | None:
+    config = view.config or {}
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        return Finding("unsupported_model_type", f"config.json has no model_type, so {mlx_lm_signature()} cannot "
+                                                 "pick an architecture")
+    if not model_type_supported(model_type, config.get("architectures")):
+        return Finding("unsupported_model_type", f"model type '{model_type}' is not supported by "
+                                                 f"{mlx_lm_signature()}; upgrade mlx-lm (pip install -U mlx-lm)")
+    return None
+
+
+def model_type_supported(model_type: str, architectures=None) -> bool:
+    """Whether the installed mlx-lm can build `model_type` (after its remapping); cached per type per process."""
+    resolved = resolve_model_type(model_type, architectures)
+    if resolved not in _TYPE_VERDICTS:
+        _TYPE_VERDICTS[resolved] = _module_imports(f"mlx_lm.models.{resolved}") if _safe_module(resolved) else False
+    return _TYPE_VERDICTS[resolved]
+
+
+def resolve_model_type(model_type: str, architectures=None) -> str:
+    """mlx-lm's own mapping of config model_type (and architecture) to its module name (mlx_lm.utils._get_classes)."""
+    try:
+        from mlx_lm.utils import MODEL_ARCHITECTURE_REMAPPING, MODEL_REMAPPING
+    except ImportError:
+        return model_type
+    if isinstance(architectures, str):
+        architectures = [architectures]
+    for architecture in architectures or ():
+        remapped = MODEL_ARCHITECTURE_REMAPPING.get((model_type, architecture))
+        if remapped is not None:
+            return remapped
+    return MODEL_REMAPPING.get(model_type, model_type)
+
+
+def _safe_module(name: str) -> bool:
+    # A config value becomes a module name: never let it walk out of mlx_lm.models.
+    return re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) is not None
+
+
+def _module_imports(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
+    except Exception as error:  # a model module that is present but broken is as unsupported as a missing one
+        log.warning("importing %s failed: %s", module, error)
+        return False
