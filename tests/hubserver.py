@@ -471,11 +471,7 @@ class HubServer:
         self.host = host
         self.state = HubState(self.root)
         self.faults = Faults()
-        self.lfs_mode = "cdn"
-        self.tree_page_size = 1000
-        self.commits_page_size = 50
-        self.multipart_threshold: int | None = 64 * 1024 * 1024
-        self.multipart_chunk_size = 16 * 1024 * 1024
+        self._default_knobs()
         self._requests: list[RequestRecord] = []
         self._secret = os.urandom(16)
         self._names = itertools.count(1)
@@ -545,9 +541,17 @@ class HubServer:
         self._requests.clear()
 
     def reset(self) -> None:
-        """Faults and request log back to normal; repos and tokens stay."""
+        """Faults, request log and knobs back to their defaults; repos and tokens stay."""
         self.faults.reset()
         self.clear_requests()
+        self._default_knobs()
+
+    def _default_knobs(self) -> None:
+        self.lfs_mode = "cdn"
+        self.tree_page_size = 1000
+        self.commits_page_size = 50
+        self.multipart_threshold: int | None = 64 * 1024 * 1024
+        self.multipart_chunk_size = 16 * 1024 * 1024
 
     def unique_repo(self, base: str = "org/model") -> str:
         """A repo id no other test of this server has used: `base` plus a counter."""
