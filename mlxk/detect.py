@@ -187,7 +187,7 @@ def _has_think_tokens(view: RepoView, template: str | None) -> bool:
         if any(marker in contents for marker in THINK_MARKERS):
             return True
     head = view.tokenizer_head
-    return any(f'"{marker}"' in head for marker in THINK_MARKERS)
+    return any(f'"{marker}"'.encode() in head for marker in THINK_MARKERS)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -121,16 +121,16 @@ class RepoView:
         return data["files"]
 
     @cached_property
-    def tokenizer_head(self) -> str:
+    def tokenizer_head(self) -> bytes:
         """The first part of tokenizer.json (its added tokens), for think-token detection without a 10 MB read."""
         entry = self.by_name.get("tokenizer.json")
         if entry is None or entry.size is None:
-            return ""
+            return b""
         try:
             with open(entry.path, "rb") as fh:
-                return fh.read(TOKENIZER_HEAD_BYTES).decode("utf-8", "replace")
+                return fh.read(TOKENIZER_HEAD_BYTES)
         except OSError:
-            return ""
+            return b""
 
     def safetensors_header(self, name: str) -> SafetensorsHeader:
         memo = self.__dict__.setdefault("_headers", {})
@@ -157,7 +157,7 @@ def inspect_repo(repo_id: str, path: Path) -> RepoView:
     revisions = cache.list_revisions(path)
     revision = cache.current_revision(path, revisions)
     snapshot = path / "snapshots" / revision if revision else None
-    files = cache.snapshot_files(snapshot) if snapshot else []
+    files = list_files(snapshot) if snapshot else []
     partial = [f.path for f in files if f.name.endswith(PARTIAL_SUFFIXES)]
     incomplete = cache.incomplete_blobs(path) + partial
     return _finish_view(RepoView(repo_id=repo_id, path=path, revision=revision, snapshot=snapshot,
@@ -184,30 +184,47 @@ def _finish_view(view: RepoView) -> RepoView:
     return view
 
 
-def _walk_flat(root: Path) -> tuple[list[cache.SnapshotFile], list[Path]]:
-    files, partial = [], []
-    for current, dirs, names in os.walk(root):
-        here = Path(current)
-        if here == root:
-            dirs[:] = [d for d in dirs if d not in FLAT_SKIP_DIRS]
-        for name in names:
-            entry = here / name
-            rel = entry.relative_to(root).as_posix()
-            if name.endswith(PARTIAL_SUFFIXES):
-                partial.append(entry)
+def list_files(root: Path, *, skip_dirs: frozenset | set = frozenset()) -> list[cache.SnapshotFile]:
+    """Every file under `root` as a SnapshotFile, like cache.snapshot_files but with string paths and readlink
+    instead of Path.resolve (which lstats every path component): 1,000 repos list in a fraction of the time."""
+    files: list[cache.SnapshotFile] = []
+    stack = [("", os.fspath(root))]
+    while stack:
+        prefix, folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            name = prefix + entry.name
+            if entry.is_dir(follow_symlinks=False):
+                if not (prefix == "" and entry.name in skip_dirs):
+                    stack.append((name + "/", entry.path))
                 continue
             link = entry.is_symlink()
             try:
-                size = entry.stat().st_size
-                target = entry.resolve() if link else entry
+                size = entry.stat().st_size  # follows the link: None below means it dangles
             except OSError:
-                size, target = None, None
-            files.append(cache.SnapshotFile(rel, entry, link, target, size))
+                files.append(cache.SnapshotFile(name, Path(entry.path), link, None, None))
+                continue
+            if link:
+                target = os.path.normpath(os.path.join(folder, os.readlink(entry.path)))
+                files.append(cache.SnapshotFile(name, Path(entry.path), True, Path(target), size))
+            else:
+                path = Path(entry.path)
+                files.append(cache.SnapshotFile(name, path, False, path, size))
+    files.sort(key=lambda f: f.name)
+    return files
+
+
+def _walk_flat(root: Path) -> tuple[list[cache.SnapshotFile], list[Path]]:
+    listed = list_files(root, skip_dirs=FLAT_SKIP_DIRS)
+    files = [f for f in listed if not f.name.endswith(PARTIAL_SUFFIXES)]
+    partial = [f.path for f in listed if f.name.endswith(PARTIAL_SUFFIXES)]
     # huggingface_hub's local_dir downloads keep their partial files here
     download = root / ".cache" / "huggingface" / "download"
     if download.is_dir():
         partial += [p for p in download.rglob("*") if p.name.endswith(PARTIAL_SUFFIXES)]
-    files.sort(key=lambda f: f.name)
     return files, sorted(partial)
 
 
