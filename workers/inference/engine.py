@@ -297,6 +297,10 @@ class Engine:
         # Streams are per thread: make ours here and hand it to every BatchGenerator (as mlx_lm.server does).
         self._stream = mx.default_stream(mx.default_device())
         try:
+            # Import mlx-lm (and transformers under it) now, not inside the first request's time to first token.
+            import mlx_lm.generate  # noqa: F401
+            import mlx_lm.utils  # noqa: F401
+
             while not self._stopping:
                 self._drain_inbox(block=not self._rows)
                 if self._stopping:
@@ -735,8 +739,7 @@ class Engine:
             if finish is not None:
                 _merge_delta(delta, row.router.finish())
             if delta:
-                delta["event"] = protocol.EV_DELTA
-                self._emit(row.ticket, delta)
+                self._emit(row.ticket, {"event": protocol.EV_DELTA, **delta})
             if finish is None:
                 continue
             if r.finish_reason is None:

@@ -175,6 +175,9 @@ class WorkerServer:
                     done, _ = await asyncio.wait({getter, hangup}, return_when=asyncio.FIRST_COMPLETED)
                     if getter not in done:
                         getter.cancel()
+                        if hangup.result():  # stray bytes after the request line: ignore, keep watching
+                            hangup = asyncio.ensure_future(reader.read(1))
+                            continue
                         self.engine.cancel(ticket)
                         log.info("client of %s hung up: cancelled", request.id)
                         return

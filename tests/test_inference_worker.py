@@ -1,0 +1,188 @@
+"""The inference worker as a real process over its real Unix socket."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import factory
+from workers.inference import protocol
+
+ROOT = Path(__file__).resolve().parent.parent
+HELLO = [{"role": "user", "content": "hello world"}]
+
+
+def start_worker(tmp: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    sock = str(tmp / "inference.sock")
+    env = {**os.environ, "MLXK_HOME": str(tmp / "home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    log = open(tmp / "worker.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "workers.inference", "--socket", sock, *args],
+                            cwd=str(tmp), env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode}: {(tmp / 'worker.log').read_text()}")
+        try:
+            if protocol.call(sock, {"op": "ping"}, timeout=5)["event"] == "pong":
+                return proc, sock
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("worker did not start")
+
+
+def stop_worker(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("hub")
+    repos = {
+        "hello": factory.write_repo(cache, "org/hello", factory.tiny_model_files(reply="Hello world!")),
+        "chat": factory.write_repo(cache, "mlx-community/tiny-chat", factory.tiny_model_files()),
+    }
+    return {name: {"key": f"{r.repo_id}@{r.revision}", "path": str(r.snapshot_dir)} for name, r in repos.items()}
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    proc, sock = start_worker(tmp_path_factory.mktemp("worker"), "--max-loaded", "2")
+    yield sock
+    assert stop_worker(proc) == 0
+
+
+def generate(model: dict, max_tokens: int = 20, **params) -> dict:
+    return {"op": "generate", "id": "req-1", "model": model, "kind": "chat", "messages": HELLO, "prompt": None,
+            "params": {"max_tokens": max_tokens, **params}}
+
+
+async def collect(sock: str, payload: dict) -> list[dict]:
+    return [event async for event in protocol.request(sock, payload)]
+
+
+def test_generate_streams_events_in_order(worker, models):
+    events = asyncio.run(collect(worker, generate(models["hello"])))
+    assert events[0]["event"] == "accepted" and events[0]["prompt_tokens"] > 0
+    deltas = [e for e in events if e["event"] == "delta"]
+    assert "".join(d["content"] for d in deltas) == "Hello world!"
+    assert len(deltas) >= 2  # streamed as produced
+    done = events[-1]
+    assert done["event"] == "done" and done["finish_reason"] == "stop"
+    assert done["usage"]["completion_tokens"] == 4
+    assert done["usage"]["total_tokens"] == done["usage"]["prompt_tokens"] + 4
+
+
+def test_concurrent_clients_are_batched(worker, models):
+    async def both():
+        return await asyncio.gather(*(collect(worker, generate(models["chat"], 40)) for _ in range(3)))
+
+    results = asyncio.run(both())
+    texts = {"".join(e.get("content", "") for e in r if e["event"] == "delta") for r in results}
+    assert len(texts) == 1 and all(r[-1]["finish_reason"] == "length" for r in results)
+    assert protocol.call(worker, {"op": "status"})["peak_batch_rows"] >= 2
+
+
+def test_status_and_unload(worker, models):
+    asyncio.run(collect(worker, generate(models["hello"], 2)))
+    status = protocol.call(worker, {"op": "status"})
+    assert status["event"] == "status" and status["pid"] > 0
+    assert models["hello"]["key"] in [m["key"] for m in status["models"]]
+    assert status["counters"]["requests_total"] >= 1 and status["running"] == 0
+    reply = protocol.call(worker, {"op": "unload", "model": "org/hello"})
+    assert reply == {"event": "unloaded", "models": [models["hello"]["key"]]}
+    status = protocol.call(worker, {"op": "status"})
+    assert models["hello"]["key"] not in [m["key"] for m in status["models"]]
+
+
+def test_load_op_and_bad_path(worker, models, tmp_path):
+    assert protocol.call(worker, {"op": "load", "model": models["hello"], "keep_alive": 30}) == {
+        "event": "loaded", "key": models["hello"]["key"]}
+    reply = protocol.call(worker, {"op": "load", "model": {"key": "org/nope@" + "0" * 40, "path": str(tmp_path)}})
+    assert reply["event"] == "error" and reply["type"] == "load_failed" and "\n" not in reply["message"]
+
+
+@pytest.mark.parametrize("line, fragment", [
+    (b"not json\n", "not valid JSON"),
+    (b'{"op": "frobnicate"}\n', "unknown op"),
+    (b'{"op": "generate", "kind": "chat", "messages": []}\n', "messages"),
+])
+def test_bad_requests_get_bad_request(worker, line, fragment):
+    import json
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(worker)
+        s.sendall(line)
+        reply = json.loads(s.makefile("rb").readline())
+    assert reply["type"] == "bad_request" and reply["status"] == 400 and fragment in reply["message"]
+
+
+def test_client_disconnect_cancels(worker, models):
+    async def start_and_hang_up():
+        events = []
+        async for event in protocol.request(worker, generate(models["chat"], 1800)):
+            events.append(event)
+            if len(events) == 3:
+                break  # leaving the iteration closes the connection
+        return events
+
+    before = protocol.call(worker, {"op": "status"})["counters"]["generation_tokens_total"]
+    assert [e["event"] for e in asyncio.run(start_and_hang_up())] == ["accepted", "delta", "delta"]
+    deadline = time.time() + 10
+    while protocol.call(worker, {"op": "status"})["running"] and time.time() < deadline:
+        time.sleep(0.02)
+    status = protocol.call(worker, {"op": "status"})
+    assert status["running"] == 0
+    generated = status["counters"]["generation_tokens_total"] - before
+    assert generated < 1800
+    time.sleep(0.2)
+    assert protocol.call(worker, {"op": "status"})["counters"]["generation_tokens_total"] - before == generated
+
+
+def test_sigterm_fails_in_flight_with_retryable_error_and_removes_socket(tmp_path, models):
+    proc, sock = start_worker(tmp_path)
+
+    async def in_flight():
+        events = []
+        async for event in protocol.request(sock, generate(models["chat"], 1800)):
+            events.append(event)
+            if len(events) == 2:
+                proc.send_signal(signal.SIGTERM)
+        return events
+
+    events = asyncio.run(in_flight())
+    assert events[-1]["event"] == "error" and events[-1]["retryable"] is True and events[-1]["status"] == 503
+    assert proc.wait(20) == 0
+    assert not Path(sock).exists()
+
+
+def test_idle_exit(tmp_path):
+    proc, sock = start_worker(tmp_path, "--idle-exit", "0.5")
+    assert proc.wait(20) == 0
+    assert not Path(sock).exists()
+
+
+def test_stale_socket_file_is_replaced(tmp_path):
+    import socket
+
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / "inference.sock"))
+    stale.close()  # the file stays, nobody listens: a crashed worker's leftover
+    proc, sock = start_worker(tmp_path)
+    assert protocol.call(sock, {"op": "ping"})["pid"] == proc.pid
+    assert stop_worker(proc) == 0
