@@ -579,19 +579,33 @@ def _stream(job: _Job, file: RemoteFile, partial: Path, verifier: _Verifier, hav
             verifier.reset()
             have = 0
         with open(partial, "ab" if append else "wb") as out:
+            pending = bytearray()   # network pieces are small; write and hash in CHUNK_SIZE blocks
+
+            def flush() -> None:
+                nonlocal have
+                if pending:
+                    _write(out, pending, job, partial)
+                    verifier.update(pending)
+                    have += len(pending)
+                    job.tracker.add(len(pending))
+                    pending.clear()
+
             try:
-                for data in response.iter_raw(CHUNK_SIZE):
-                    if job.stopped():
-                        raise errors.Cancelled(f"pull of {job.repo_id} cancelled; {file.path} is kept at "
-                                               f"{_fmt(have)} of {_fmt(file.size)} and a later pull resumes.")
-                    if have + len(data) > file.size:
+                last_flush = time.monotonic()
+                for data in response.iter_raw():
+                    if have + len(pending) + len(data) > file.size:
                         raise _Transient("server sent more bytes than the file has")
-                    _write(out, data, job, partial)
-                    verifier.update(data)
-                    have += len(data)
-                    job.tracker.add(len(data))
-            except httpx.TransportError as error:   # dropped mid-body, read timeout
+                    pending += data
+                    if len(pending) >= CHUNK_SIZE or time.monotonic() - last_flush >= PROGRESS_INTERVAL_S:
+                        flush()
+                        last_flush = time.monotonic()
+                        if job.stopped():
+                            raise errors.Cancelled(f"pull of {job.repo_id} cancelled; {file.path} is kept at "
+                                                   f"{_fmt(have)} of {_fmt(file.size)} and a later pull resumes.")
+            except httpx.TransportError as error:   # dropped mid-body, read timeout: keep what did arrive
+                flush()
                 raise _Transient(f"{type(error).__name__}: {error}") from error
+            flush()
         if have < file.size:
             raise _Transient(f"connection closed at byte {have} of {file.size}")
         return have
