@@ -1,0 +1,78 @@
+"""`mlxk serve`, `run`, `ps`, `stop`: the server in the foreground, and the commands that are its clients."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from mlxk.output import Output, json_command
+
+
+@click.command("serve")
+@click.option("--host", default=None, help="Address to bind (default 127.0.0.1; others need --api-key).")
+@click.option("--port", type=int, default=None, help="Port (default 8000, MLXK_PORT).")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' (MLXK_API_KEY).")
+@click.option("--max-loaded", type=click.IntRange(min=1), default=None, help="Models kept loaded at once.")
+@click.option("--keep-alive", type=click.FloatRange(min=0), default=None,
+              help="Seconds an idle model stays loaded.")
+@click.option("--idle-exit", type=click.FloatRange(min=1), default=None, hidden=True,
+              help="Exit after this many seconds without a request.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@json_command
+def serve_command(host, port, api_key, max_loaded, keep_alive, idle_exit, log_level):
+    """Serve the OpenAI-compatible API in the foreground."""
+    from mlxk.server.deps import ServerConfig
+    from mlxk.server.main import run_server
+
+    config = ServerConfig.from_settings(host=host, port=port, api_key=api_key, max_loaded=max_loaded,
+                                        keep_alive_s=keep_alive, idle_exit_s=idle_exit)
+    run_server(config, log_level=log_level)
+    return Output({"host": config.host, "port": config.port, "stopped": True})
+
+
+@click.command("run")
+@click.argument("model")
+@click.argument("prompt", required=False)
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Most tokens to generate.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=None, help="Sampling temperature.")
+@json_command
+def run_command(model, prompt, system, max_tokens, temperature):
+    """Chat with MODEL, or answer PROMPT once (stdin is appended); starts a server if none is up."""
+    from mlxk.output import json_mode
+    from mlxk.server import repl
+
+    params = {"max_tokens": max_tokens, "temperature": temperature}
+    stdin_text = None if sys.stdin.isatty() else sys.stdin.read()
+    if prompt is None and stdin_text is None:
+        if json_mode():
+            from mlxk.errors import ConfigError
+
+            raise ConfigError("--json needs a PROMPT (or text on stdin)")
+        return repl.interactive(model, system=system, params=params)
+    text = "\n\n".join(part for part in (prompt, stdin_text) if part)
+    if json_mode():
+        return Output(repl.answer(model, text, system=system, params=params))
+    return repl.stream_answer(model, text, system=system, params=params)
+
+
+@click.command("ps")
+@json_command
+def ps_command():
+    """Show loaded models, their memory and keep-alive, and queued requests."""
+    from mlxk.server import repl
+
+    return repl.ps()
+
+
+@click.command("stop")
+@click.argument("model", required=False)
+@click.option("--all", "stop_all", is_flag=True, help="Unload every model.")
+@json_command
+def stop_command(model, stop_all):
+    """Unload MODEL (or --all) from the running server."""
+    from mlxk.server import repl
+
+    if bool(model) == bool(stop_all):
+        raise click.UsageError("give a MODEL or --all")
+    return repl.stop(None if stop_all else model)

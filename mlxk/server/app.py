@@ -1,0 +1,86 @@
+"""The FastAPI application: wiring only (lifespan, middleware, routers, one exception handler).
+
+`uvicorn --factory mlxk.server.app:create_app` serves it with settings from the environment; `mlxk serve` builds
+a ServerConfig from its options and runs the same factory.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from mlxk import __version__
+from mlxk.errors import MlxkError
+from mlxk.server import runtime
+from mlxk.server.deps import ServerConfig, ServerState
+from mlxk.server.errors import openai_error_body
+from mlxk.server.middleware import BodyLimit, RequestContext
+from mlxk.server.routes import openai, ops
+from mlxk.server.supervisor import Supervisor
+
+log = logging.getLogger("mlxk.server.app")
+
+
+def _as_mlxk_error(error: Exception) -> MlxkError:
+    if isinstance(error, MlxkError):
+        return error
+    if isinstance(error, HTTPException):
+        wrapped = MlxkError(str(error.detail))
+        wrapped.type = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        wrapped.http_status = error.status_code
+        return wrapped
+    log.exception("unhandled error", exc_info=error)
+    wrapped = MlxkError(f"internal server error: {type(error).__name__}: {error}")
+    wrapped.type, wrapped.http_status = "internal", 500
+    return wrapped
+
+
+async def openai_error(request: Request, error: Exception) -> JSONResponse:
+    """The one exception handler: every error leaves in OpenAI's shape with the request id."""
+    mlxk_error = _as_mlxk_error(error)
+    headers = {"x-request-id": getattr(request.state, "request_id", "")}
+    if getattr(mlxk_error, "retryable", False):
+        headers["retry-after"] = "1"
+    return JSONResponse(openai_error_body(mlxk_error), status_code=mlxk_error.http_status, headers=headers)
+
+
+def create_app(config: ServerConfig | None = None) -> FastAPI:
+    config = config or ServerConfig.from_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = ServerState(config, Supervisor(config.worker_options()))
+        app.state.mlxk = state
+        await state.supervisor.start()
+        if config.pid_file:
+            runtime.write_pid_file(config.settings, host=config.host, port=config.port,
+                                   api_key=bool(config.api_key))
+        idle = asyncio.create_task(runtime.exit_when_idle(state, config.idle_exit_s)) if config.idle_exit_s else None
+        try:
+            yield
+        finally:
+            if idle:
+                idle.cancel()
+            await state.supervisor.stop()
+            if config.pid_file:
+                runtime.remove_pid_file(config.settings)
+
+    app = FastAPI(title="mlxk", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.include_router(ops.health_router)
+    app.include_router(ops.router)
+    app.include_router(openai.router)
+    app.add_exception_handler(MlxkError, openai_error)
+    app.add_exception_handler(HTTPException, openai_error)
+    app.add_exception_handler(Exception, openai_error)
+    if config.settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.settings.cors_origins),
+                           allow_methods=["*"], allow_headers=["*"], expose_headers=["x-request-id"])
+    app.add_middleware(BodyLimit, limit=config.settings.max_body_bytes)
+    # Outermost: every response, errors included, carries the request id.
+    app.add_middleware(RequestContext, get_state=lambda: getattr(app.state, "mlxk", None))
+    return app

@@ -1,0 +1,127 @@
+"""What handlers depend on: the server's state, auth, the request id, parsed bodies, resolved models.
+
+Handlers take these as typed FastAPI dependencies; tests swap them through `app.dependency_overrides` only where
+a real part cannot run.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, Request
+from pydantic import BaseModel, ValidationError
+
+from mlxk.config import Settings, settings as load_settings
+from mlxk.server import catalog
+from mlxk.server.errors import InvalidRequest, Unauthorized
+from mlxk.server.metrics import Metrics
+from mlxk.server.supervisor import Supervisor, WorkerOptions
+
+log = logging.getLogger("mlxk.server.deps")
+
+CATALOG_TTL_S = 1.0  # resolutions within this window reuse one index refresh (bursts of parallel requests)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings plus what `mlxk serve` was told on its command line."""
+    settings: Settings
+    host: str
+    port: int
+    api_key: str | None
+    max_loaded: int
+    keep_alive_s: float
+    idle_exit_s: float | None = None    # exit after this long without a request (servers `mlxk run` starts)
+    pid_file: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **overrides) -> "ServerConfig":
+        s = settings or load_settings()
+        config = cls(settings=s, host=s.host, port=s.port, api_key=s.api_key, max_loaded=s.max_loaded,
+                     keep_alive_s=s.keep_alive_s)
+        return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+    def worker_options(self) -> WorkerOptions:
+        s = self.settings
+        return WorkerOptions(socket=s.inference_socket, max_loaded=self.max_loaded, keep_alive_s=self.keep_alive_s,
+                             max_waiting=s.max_waiting, max_prompt_tokens=s.max_prompt_tokens)
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    supervisor: Supervisor
+    metrics: Metrics = field(default_factory=Metrics)
+    last_activity: float = field(default_factory=time.monotonic)
+    active_requests: int = 0
+    _rows: list | None = None
+    _rows_at: float = 0.0
+    _rows_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def model_rows(self) -> list[dict]:
+        """The index's rows, refreshed from the cache at most once per CATALOG_TTL_S."""
+        async with self._rows_lock:
+            if self._rows is None or time.monotonic() - self._rows_at > CATALOG_TTL_S:
+                self._rows = await asyncio.to_thread(catalog.load_rows, self.config.settings)
+                self._rows_at = time.monotonic()
+            return self._rows
+
+    async def resolve(self, name: str) -> catalog.Servable:
+        return catalog.resolve(name, await self.model_rows(), self.config.settings)
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.mlxk
+
+
+State = Annotated[ServerState, Depends(get_state)]
+
+
+def request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", None) or f"req-{secrets.token_hex(8)}"
+
+
+RequestId = Annotated[str, Depends(request_id)]
+
+
+def require_api_key(request: Request, state: State) -> None:
+    """With an API key configured, every route but /health needs `Authorization: Bearer <key>`."""
+    expected = state.config.api_key
+    if not expected:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected.encode()):
+        raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+async def parse_body(request: Request, model: type[Model]) -> Model:
+    """The JSON body as `model`; bad JSON and wrong types are 400s in OpenAI's shape, naming the field."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidRequest(f"the request body is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first.get("loc", ()))
+        raise InvalidRequest(f"invalid value for '{param}': {first.get('msg')}", param=param or None) from None
+
+
+def check_supported(body) -> None:
+    found = body.unsupported()
+    if found is not None:
+        param, message = found
+        raise InvalidRequest(message, param=param, code="unsupported_parameter")

@@ -1,0 +1,195 @@
+"""The OpenAI request bodies, as pydantic models: the HTTP boundary and nothing more.
+
+Real clients send many optional fields, so every field of OpenAI's chat-completions and completions request
+schemas is declared (from the `openai` package's `completion_create_params.py` files) and fields outside the
+schema are ignored. A field at its default or neutral value is fine; one that asks for something this server
+cannot do (n > 1, logprobs, audio, a JSON schema, ...) is refused by `unsupported()` with a 400 naming it, rather
+than silently ignored. Vendor extensions that mlx servers commonly accept (top_k, min_p, repetition_penalty,
+keep_alive, chat_template_kwargs) are declared too.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ---------------------------------------------------------------- shared pieces
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: Optional[bool] = None
+    include_obfuscation: Optional[bool] = None
+
+
+KeepAlive = Union[float, str, None]
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def keep_alive_seconds(value: KeepAlive) -> float | None:
+    """ollama-style keep_alive: seconds, or "30s" / "5m" / "1h"; negative means forever (a very long time)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(f"keep_alive {value!r} is not a duration like 30, '30s', '5m' or '1h'")
+        value = float(match.group(1)) * _UNIT_S[match.group(2)]
+    return 10.0 ** 9 if value < 0 else float(value)
+
+
+class _Common(BaseModel):
+    """Fields both endpoints share."""
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model: str
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, Any]] = None
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    n: Optional[int] = None
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    temperature: Optional[float] = Field(default=None, ge=0)
+    top_p: Optional[float] = Field(default=None, ge=0, le=1)
+    user: Optional[str] = None
+    # vendor extensions (mlx_lm.server, vLLM, ollama)
+    top_k: Optional[int] = Field(default=None, ge=0)
+    min_p: Optional[float] = Field(default=None, ge=0, le=1)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0)
+    keep_alive: KeepAlive = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def common_unsupported(self) -> tuple[str, str] | None:
+        if self.n not in (None, 1):
+            return "n", "n > 1 is not supported: ask for one choice and repeat the request"
+        if self.frequency_penalty not in (None, 0, 0.0):
+            return "frequency_penalty", "frequency_penalty is not supported; use repetition_penalty"
+        if self.presence_penalty not in (None, 0, 0.0):
+            return "presence_penalty", "presence_penalty is not supported; use repetition_penalty"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        try:
+            keep_alive_seconds(self.keep_alive)
+        except ValueError as e:
+            return "keep_alive", str(e)
+        return None
+
+
+# ---------------------------------------------------------------- /v1/chat/completions
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    audio: Optional[dict[str, Any]] = None
+    function_call: Union[str, dict[str, Any], None] = None
+    functions: Optional[list[dict[str, Any]]] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    metadata: Optional[dict[str, Any]] = None
+    modalities: Optional[list[str]] = None
+    moderation: Optional[dict[str, Any]] = None
+    parallel_tool_calls: Optional[bool] = None
+    prediction: Optional[dict[str, Any]] = None
+    prompt_cache_key: Optional[str] = None
+    prompt_cache_options: Optional[dict[str, Any]] = None
+    prompt_cache_retention: Optional[str] = None
+    reasoning_effort: Optional[str] = None
+    response_format: Optional[dict[str, Any]] = None
+    safety_identifier: Optional[str] = None
+    service_tier: Optional[str] = None
+    store: Optional[bool] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    tools: Optional[list[dict[str, Any]]] = None
+    verbosity: Optional[str] = None
+    web_search_options: Optional[dict[str, Any]] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # vendor extension (vLLM, mlx_lm.server)
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def template_kwargs(self) -> dict | None:
+        """chat_template_kwargs, with reasoning_effort "none" turned into the templates' enable_thinking=False."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort == "none":
+            kwargs.setdefault("enable_thinking", False)
+        return kwargs or None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) for the first field that asks for something this server cannot do."""
+        if (found := self.common_unsupported()) is not None:
+            return found
+        if self.logprobs:
+            return "logprobs", "logprobs are not supported"
+        if self.top_logprobs:
+            return "top_logprobs", "top_logprobs are not supported"
+        if self.audio is not None or (self.modalities and any(m != "text" for m in self.modalities)):
+            return ("audio" if self.audio is not None else "modalities"), "only text output is supported"
+        if self.functions or self.function_call not in (None, "none", "auto"):
+            field = "functions" if self.functions else "function_call"
+            return field, f"{field} is deprecated and not supported; use tools and tool_choice"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            kind = self.response_format.get("type")
+            return "response_format", f"response_format type {kind!r} is not supported; only 'text'"
+        if self.web_search_options is not None:
+            return "web_search_options", "web search is not supported"
+        if self.moderation is not None:
+            return "moderation", "moderation is not supported"
+        if self.tool_choice not in (None, "none", "auto", "required") and not isinstance(self.tool_choice, dict):
+            return "tool_choice", f"tool_choice {self.tool_choice!r} must be 'none', 'auto', 'required' or an object"
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            return "tool_choice", "tool_choice needs tools"
+        for i, message in enumerate(self.messages):
+            if not isinstance(message.get("role"), str):
+                return f"messages[{i}].role", "every message needs a string role"
+        return None
+
+
+# ---------------------------------------------------------------- /v1/completions
+
+
+class CompletionRequest(_Common):
+    prompt: Union[str, list[str], list[int], list[list[int]], None] = None
+    best_of: Optional[int] = None
+    echo: Optional[bool] = None
+    logprobs: Optional[int] = None
+    suffix: Optional[str] = None
+
+    def prompt_text(self) -> str:
+        if self.prompt is None:
+            return ""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return self.prompt[0]  # unsupported() has made sure this is a one-string list
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if (found := self.common_unsupported()) is not None:
+            return found
+        if self.best_of not in (None, 1):
+            return "best_of", "best_of > 1 is not supported"
+        if self.echo:
+            return "echo", "echo is not supported"
+        if self.logprobs:
+            return "logprobs", "logprobs are not supported"
+        if self.suffix:
+            return "suffix", "suffix (insertion) is not supported"
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1 or not isinstance(self.prompt[0], str):
+                return "prompt", "prompt must be a string (or a list of exactly one string); " \
+                                 "batches and token ids are not supported"
+        return None
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]

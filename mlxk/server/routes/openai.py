@@ -1,0 +1,291 @@
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions.
+
+A generation is one request to the inference worker; its events become either one JSON response or a stream of
+SSE chunks. Deltas are forwarded exactly as the worker produced them: stop-string holding, EOS and template-token
+filtering happen in the worker, and splitting or re-joining text here could reintroduce what it held back.
+Errors before the first token (unknown model, prompt too long, busy) are real HTTP errors; once streaming has
+begun, an error is sent as a final `data: {"error": ...}` chunk, which OpenAI's clients raise.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from mlxk.errors import MlxkError
+from mlxk.output import parse_iso
+from mlxk.server import catalog
+from mlxk.server.deps import RequestId, State, ServerState, check_supported, parse_body, require_api_key
+from mlxk.server.errors import WorkerError, openai_error_body
+from mlxk.server.openai_types import ChatCompletionRequest, CompletionRequest, keep_alive_seconds
+
+log = logging.getLogger("mlxk.server.openai")
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# ---------------------------------------------------------------- models
+
+
+def _model_object(row: dict) -> dict:
+    created = parse_iso(row.get("last_modified"))
+    return {"id": row["repo_id"], "object": "model", "created": int(created or 0),
+            "owned_by": row["repo_id"].split("/")[0]}
+
+
+@router.get("/v1/models")
+async def list_models(state: State) -> dict:
+    rows = catalog.runnable(await state.model_rows())
+    return {"object": "list", "data": [_model_object(row) for row in rows]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, state: State) -> dict:
+    servable = await state.resolve(model_id)
+    row = next(r for r in await state.model_rows() if r["repo_id"] == servable.repo_id)
+    return _model_object(row)
+
+
+# ---------------------------------------------------------------- generation
+
+
+@dataclass
+class Generation:
+    """What one generation request needs to shape its responses."""
+    kind: str                 # "chat" | "completion"
+    model: str                # the resolved repo id, echoed as `model`
+    stream: bool
+    include_usage: bool
+    started: float            # perf_counter at the start of the request, for time to first token
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self):
+        prefix = "chatcmpl" if self.kind == "chat" else "cmpl"
+        self.id = f"{prefix}-{secrets.token_hex(12)}"
+
+    @property
+    def object(self) -> str:
+        return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+
+    def chunk(self, choice: dict | None, usage: dict | None = None) -> dict:
+        body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": [choice] if choice is not None else []}
+        if self.include_usage:
+            body["usage"] = usage
+        return body
+
+    def delta_choice(self, event: dict, finish_reason: str | None = None) -> dict | None:
+        if self.kind == "completion":
+            text = event.get("content") or ""
+            if not text and finish_reason is None:
+                return None
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        delta = {}
+        if event.get("role"):
+            delta["role"] = event["role"]
+        if "content" in event:
+            delta["content"] = event["content"]
+        if event.get("reasoning"):
+            delta["reasoning_content"] = event["reasoning"]
+        if event.get("tool_calls"):
+            delta["tool_calls"] = event["tool_calls"]
+        if not delta and finish_reason is None:
+            return None
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _worker_params(body, max_tokens: int | None) -> dict:
+    return {
+        "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+        "min_p": body.min_p, "repetition_penalty": body.repetition_penalty, "seed": body.seed,
+        "stop": body.stop_list(), "keep_alive": keep_alive_seconds(body.keep_alive),
+        "tools": None, "tool_choice": None, "chat_template_kwargs": None,
+    }
+
+
+def _usage(done: dict) -> dict:
+    usage = dict(done.get("usage") or {})
+    usage.setdefault("prompt_tokens", 0)
+    usage.setdefault("completion_tokens", 0)
+    usage.setdefault("total_tokens", usage["prompt_tokens"] + usage["completion_tokens"])
+    return usage
+
+
+def _merge_tool_calls(calls: dict[int, dict], deltas: list[dict]) -> None:
+    """Accumulate streamed tool-call pieces by index (OpenAI streams arguments in fragments)."""
+    for piece in deltas:
+        index = piece.get("index", len(calls))
+        call = calls.setdefault(index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+        if piece.get("id"):
+            call["id"] = piece["id"]
+        function = piece.get("function") or {}
+        if function.get("name"):
+            call["function"]["name"] = function["name"]
+        call["function"]["arguments"] += function.get("arguments") or ""
+
+
+class Run:
+    """One generation in flight: the worker's events, with metrics and the first-token clock."""
+
+    def __init__(self, state: ServerState, gen: Generation, payload: dict, endpoint: str):
+        self.state, self.gen, self.endpoint = state, gen, endpoint
+        self.events = state.supervisor.generate(payload)
+        self._first_token_seen = False
+        state.metrics.started()
+
+    async def accepted(self) -> dict:
+        """Wait for the worker to accept the request; its refusal becomes a real HTTP error."""
+        try:
+            return await self._next()
+        except StopAsyncIteration:
+            await self.close(status=500)
+            raise WorkerError({"type": "internal", "message": "the inference worker sent no reply",
+                               "status": 500}) from None
+        except BaseException as error:
+            await self.close(status=_error_status(error))
+            raise
+
+    async def _next(self) -> dict:
+        event = await self.events.__anext__()
+        kind = event.get("event")
+        if kind == "error":
+            raise WorkerError(event)
+        if kind == "delta" and not self._first_token_seen:
+            self._first_token_seen = True
+            self.state.metrics.first_token(time.perf_counter() - self.gen.started)
+        elif kind == "done":
+            self.state.metrics.done(event)
+        return event
+
+    async def rest(self) -> AsyncIterator[dict]:
+        while True:
+            try:
+                event = await self._next()
+            except StopAsyncIteration:
+                raise WorkerError({"type": "internal", "message": "the inference worker ended the reply early",
+                                   "status": 500}) from None
+            yield event
+            if event.get("event") == "done":
+                return
+
+    async def close(self, *, status: int = 200) -> None:
+        await self.events.aclose()
+        self.state.metrics.finished(self.endpoint, status)
+
+
+def _error_status(error: BaseException) -> int:
+    return error.http_status if isinstance(error, MlxkError) else 500
+
+
+async def _generate(state: ServerState, gen: Generation, payload: dict, endpoint: str):
+    run = Run(state, gen, payload, endpoint)
+    await run.accepted()
+    if gen.stream:
+        return StreamingResponse(_sse(run), media_type="text/event-stream", headers=SSE_HEADERS)
+    return JSONResponse(await _collect(run))
+
+
+async def _collect(run: Run) -> dict:
+    gen = run.gen
+    content, reasoning, calls, done = [], [], {}, {}
+    try:
+        async for event in run.rest():
+            if event.get("event") == "delta":
+                content.append(event.get("content") or "")
+                reasoning.append(event.get("reasoning") or "")
+                _merge_tool_calls(calls, event.get("tool_calls") or [])
+            elif event.get("event") == "done":
+                done = event
+    except BaseException as error:
+        await run.close(status=_error_status(error))
+        raise
+    await run.close()
+    body = {"id": gen.id, "created": gen.created, "model": gen.model, "system_fingerprint": None,
+            "usage": _usage(done)}
+    finish = done.get("finish_reason") or "stop"
+    if gen.kind == "completion":
+        body["object"] = "text_completion"
+        body["choices"] = [{"index": 0, "text": "".join(content), "logprobs": None, "finish_reason": finish}]
+        return body
+    message = {"role": "assistant", "content": "".join(content)}
+    if any(reasoning):
+        message["reasoning_content"] = "".join(reasoning)
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+        message["content"] = message["content"] or None
+    body["object"] = "chat.completion"
+    body["choices"] = [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}]
+    return body
+
+
+async def _sse(run: Run) -> AsyncIterator[bytes]:
+    gen = run.gen
+    status = 200
+    try:
+        if gen.kind == "chat":
+            yield _format(gen.chunk(gen.delta_choice({"role": "assistant", "content": ""})))
+        async for event in run.rest():
+            if event.get("event") == "delta":
+                choice = gen.delta_choice(event)
+                if choice is not None:
+                    yield _format(gen.chunk(choice))
+            elif event.get("event") == "done":
+                finish = event.get("finish_reason") or "stop"
+                yield _format(gen.chunk(gen.delta_choice({}, finish_reason=finish)))
+                if gen.include_usage:
+                    yield _format(gen.chunk(None, usage=_usage(event)))
+                yield _format("[DONE]")
+    except MlxkError as error:
+        status = error.http_status
+        log.warning("stream %s ended with %s: %s", gen.id, error.type, error.message)
+        yield _format(openai_error_body(error))
+    finally:
+        await run.close(status=status)
+
+
+def _format(data: dict | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+def _payload(rid: str, servable: catalog.Servable, kind: str, params: dict, *, messages=None, prompt=None) -> dict:
+    return {"op": "generate", "id": rid, "model": {"key": servable.key, "path": servable.path}, "kind": kind,
+            "messages": messages, "prompt": prompt, "params": params}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, state: State, rid: RequestId):
+    started = time.perf_counter()
+    body = await parse_body(request, ChatCompletionRequest)
+    check_supported(body)
+    servable = await state.resolve(body.model)
+    params = _worker_params(body, body.token_limit())
+    if body.tools and body.tool_choice != "none":
+        params.update(tools=body.tools, tool_choice=body.tool_choice)
+    params["chat_template_kwargs"] = body.template_kwargs()
+    gen = Generation("chat", servable.repo_id, bool(body.stream), body.include_usage() and bool(body.stream),
+                     started)
+    payload = _payload(rid, servable, "chat", params, messages=body.messages)
+    return await _generate(state, gen, payload, "chat")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, state: State, rid: RequestId):
+    started = time.perf_counter()
+    body = await parse_body(request, CompletionRequest)
+    check_supported(body)
+    servable = await state.resolve(body.model)
+    params = _worker_params(body, body.max_tokens)
+    gen = Generation("completion", servable.repo_id, bool(body.stream), body.include_usage() and bool(body.stream),
+                     started)
+    payload = _payload(rid, servable, "completion", params, prompt=body.prompt_text())
+    return await _generate(state, gen, payload, "completion")
