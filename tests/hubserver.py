@@ -193,6 +193,7 @@ class RequestRecord:
     status: int = 0
     bytes_sent: int = 0  # body bytes actually sent
     dropped: bool = False  # the server cut the connection on purpose (drop_after_bytes)
+    aborted: bool = False  # the client went away before the body was complete
 
 
 class HubError(Exception):
@@ -457,6 +458,9 @@ class _DropFilter(logging.Filter):
         return record.getMessage() != _DROP_LOG
 
 
+_DROP_FILTER = _DropFilter()
+
+
 class HubServer:
     """A Hub-compatible server for the real huggingface_hub client. See the module docstring.
 
@@ -499,7 +503,7 @@ class HubServer:
     def start(self) -> "HubServer":
         import uvicorn  # heavy-ish; only needed once the server runs
 
-        logging.getLogger("uvicorn.error").addFilter(_DropFilter())
+        logging.getLogger("uvicorn.error").addFilter(_DROP_FILTER)  # same object: added once
         config = uvicorn.Config(self._asgi, interface="asgi3", http="h11", loop="asyncio", lifespan="off",
                                 proxy_headers=False, log_config=None,
                                 access_log=False, timeout_graceful_shutdown=1, timeout_keep_alive=30)
@@ -645,6 +649,7 @@ class HubServer:
             reply = await self._answer(req)
             await self._send(req, reply, send, record)
         except ConnectionAbortedError:
+            record.aborted = True
             log.debug("client went away during %s %s", req.method, raw_path)
         finally:
             self._requests.append(record)

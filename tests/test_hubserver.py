@@ -296,3 +296,56 @@ def test_runs_as_a_module(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
+
+
+def test_account_refs_settings_and_dry_run(hub, tmp_path):
+    hub.add_token("tok-alice", "alice", orgs=["team"])
+    client = api(hub, "tok-alice")
+    assert client.whoami()["name"] == "alice"
+    repo_id = hub.unique_repo("team/admin")
+    client.create_repo(repo_id)
+    client.upload_file(path_or_fileobj=CONFIG, path_in_repo="config.json", repo_id=repo_id)
+    client.create_branch(repo_id, branch="dev")
+    client.create_tag(repo_id, tag="v1")
+    refs = client.list_repo_refs(repo_id, include_pull_requests=True)
+    assert {b.name for b in refs.branches} == {"main", "dev"} and [t.name for t in refs.tags] == ["v1"]
+    assert refs.pull_requests == []
+
+    plan = snapshot_download(repo_id, revision="v1", dry_run=True, endpoint=hub.endpoint,
+                             cache_dir=cache_of(tmp_path), token="tok-alice")
+    assert {f.filename: f.file_size for f in plan if f.will_download}["config.json"] == len(CONFIG)
+
+    client.update_repo_settings(repo_id, private=True)
+    assert hub.repo(repo_id).private and not api(hub).repo_exists(repo_id)
+    client.delete_repo(repo_id)
+    assert not client.repo_exists(repo_id)
+    gated = hub.unique_repo("org/gated-exists")
+    hub.add_repo(gated, {"config.json": CONFIG}, gated="manual")
+    assert api(hub).repo_exists(gated)
+
+
+def test_client_hanging_up_stops_the_stream(hub):
+    repo_id = hub.unique_repo("org/slow")
+    size = 4 * 1024 * 1024
+    hub.add_repo(repo_id, {"model.safetensors": b"\1" * size})
+    hub.faults.rate_limit_bps = 1024 * 1024
+    with httpx.Client(follow_redirects=True) as http:
+        with http.stream("GET", f"{hub.endpoint}/{repo_id}/resolve/main/model.safetensors") as reply:
+            next(reply.iter_raw(1024))
+    deadline = time.monotonic() + 5
+    while not [r for r in hub.requests if r.origin == "cdn"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (record,) = [r for r in hub.requests if r.origin == "cdn"]
+    assert record.aborted and 0 < record.bytes_sent < size
+
+
+def test_subprocesses_inherit_the_hub_environment(hub, tmp_path):
+    repo_id = hub.unique_repo("org/cli-download")
+    sha = hub.add_repo(repo_id, {"config.json": CONFIG, "model.safetensors": b"w" * 1000})
+    hf = Path(sys.executable).parent / "hf"
+    done = subprocess.run([str(hf), "download", repo_id, "--cache-dir", str(cache_of(tmp_path))],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    snapshot = cache_of(tmp_path) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / sha
+    assert (snapshot / "config.json").read_bytes() == CONFIG and str(snapshot) in done.stdout
+    assert not [r for r in hub.requests if "agent-harnesses" in r.path]  # telemetry is off
