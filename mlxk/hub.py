@@ -817,12 +817,217 @@ def sweep_partials(cache_dir: Path, repo_id: str, *, keep=()) -> int:
 # --------------------------------------------------------------------------------------------------------------
 # push
 
+HFIGNORE = ".hfignore"
+_ALWAYS_SKIPPED = (".git/", ".cache/huggingface/", HFIGNORE)   # what upload_folder never sends, plus .hfignore
+_LFS_GUESS_SUFFIXES = (".safetensors", ".gguf", ".bin", ".npz", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".model")
+LFS_MIN_SIZE = 10 * 1024 * 1024
+
+
+@dataclass
+class _LocalFile:
+    path: str           # posix, relative to the workspace
+    disk: Path
+    size: int
+    sha256: str
+    git_sha1: str
+    lfs: bool
+
+
+@dataclass
+class _RemoteRepo:
+    private: bool
+    sha: str | None
+    files: dict[str, RemoteFile]
+
+
+def read_hfignore(workspace: Path) -> list[str]:
+    """Patterns of `<workspace>/.hfignore`: gitignore-style, one per line, `#` comments, `!` re-includes."""
+    try:
+        lines = (Path(workspace) / HFIGNORE).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _ignore_match(path: str, pattern: str) -> bool:
+    directory_only = pattern.endswith("/")
+    pattern = pattern.strip("/") if directory_only else pattern.lstrip("/")
+    parts = path.split("/")
+    # Which candidates the pattern is tested against: a folder pattern against the file's folders, a file pattern
+    # against the file (and its folders, since ignoring a folder ignores what is in it).
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + (0 if directory_only else 1))]
+    if "/" in pattern:                      # anchored at the workspace root
+        return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes)
+    return any(fnmatch.fnmatchcase(prefix.rsplit("/", 1)[-1], pattern) for prefix in prefixes)
+
+
+def is_ignored(path: str, patterns: list[str]) -> bool:
+    if any(path == skip or path.startswith(skip) for skip in _ALWAYS_SKIPPED if skip.endswith("/")) \
+            or path == HFIGNORE:
+        return True
+    ignored = False
+    for pattern in patterns:   # gitignore: the last matching pattern wins
+        negate = pattern.startswith("!")
+        if _ignore_match(path, pattern[1:] if negate else pattern):
+            ignored = not negate
+    return ignored
+
+
+def _hash_local(disk: Path, size: int) -> tuple[str, str, bytes]:
+    sha256, sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size)
+    head = b""
+    with open(disk, "rb") as f:
+        while data := f.read(CHUNK_SIZE):
+            head = head or data[:512]
+            sha256.update(data)
+            sha1.update(data)
+    return sha256.hexdigest(), sha1.hexdigest(), head
+
+
+def _local_files(workspace: Path) -> list[_LocalFile]:
+    patterns = read_hfignore(workspace)
+    found = []
+    for root, dirs, names in os.walk(workspace):
+        dirs.sort()
+        for name in sorted(names):
+            disk = Path(root) / name
+            rel = disk.relative_to(workspace).as_posix()
+            if is_ignored(rel, patterns) or not disk.is_file():
+                continue
+            size = disk.stat().st_size
+            sha256, sha1, head = _hash_local(disk, size)
+            lfs = size >= LFS_MIN_SIZE or name.endswith(_LFS_GUESS_SUFFIXES) or b"\0" in head
+            found.append(_LocalFile(rel, disk, size, sha256, sha1, lfs))
+    return found
+
+
+def _hf_error(error: Exception, repo_id: str, endpoint: str) -> errors.MlxkError:
+    """huggingface_hub's exceptions as mlxk errors (its HTTP errors carry the response)."""
+    response = getattr(error, "response", None)
+    if response is not None and getattr(response, "status_code", 0) >= 400:
+        return _error_for(response, repo_id, endpoint=endpoint, token="set", what=repo_id)
+    return errors.HubError(f"push of {repo_id} failed: {error}", repo=repo_id)
+
+
+def _remote_repo(api, repo_id: str, endpoint: str) -> _RemoteRepo | None:
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        info = api.repo_info(repo_id)
+    except RepositoryNotFoundError:
+        return None
+    except HfHubHTTPError as error:
+        raise _hf_error(error, repo_id, endpoint) from error
+    files: dict[str, RemoteFile] = {}
+    if info.sha:
+        try:
+            for entry in api.list_repo_tree(repo_id, recursive=True, revision=info.sha):
+                if hasattr(entry, "blob_id"):
+                    lfs = getattr(entry, "lfs", None)
+                    files[entry.path] = RemoteFile(entry.path, entry.size, entry.blob_id,
+                                                   lfs.sha256 if lfs else None)
+        except HfHubHTTPError as error:
+            raise _hf_error(error, repo_id, endpoint) from error
+    return _RemoteRepo(bool(info.private), info.sha, files)
+
+
+def _plan(local: list[_LocalFile], remote: _RemoteRepo | None) -> list[dict]:
+    plan = []
+    for f in local:
+        theirs = remote.files.get(f.path) if remote else None
+        same = theirs is not None and theirs.size == f.size and (
+            theirs.lfs_sha256 == f.sha256 if theirs.lfs_sha256 else theirs.blob_id == f.git_sha1)
+        lfs = bool(theirs.lfs_sha256) if same else f.lfs
+        plan.append({"path": f.path, "action": "unchanged" if same else "upload", "size": f.size, "lfs": lfs})
+    return plan
+
+
+def _push_token(token: str | None, repo_id: str) -> str:
+    token = _token(token)
+    if not token:
+        raise errors.AuthError(f"pushing to {repo_id} needs a Hugging Face token with write access: set HF_TOKEN "
+                               "or run `hf auth login`.", repo=repo_id)
+    return token
+
 
 def push(workspace: Path, repo_id: str, *, private: bool = False, public: bool = False, dry_run: bool = False,
          endpoint: str, token: str | None = None, message: str | None = None, progress: ProgressFn | None = None,
          should_stop: StopFn | None = None) -> PushResult:
-    raise NotImplementedError
+    """Upload a flat workspace to `repo_id` (only what changed); refuses to publish anything by accident.
+
+    A new repo is created private with private=True, public with public=True, and not at all with neither. An
+    existing public repo is only written to with public=True. dry_run compares against the remote and writes
+    nothing anywhere.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    names.validate_repo_id(repo_id)
+    workspace = Path(workspace)
+    if not workspace.is_dir():
+        raise errors.ModelNotFound(f"workspace {workspace} does not exist or is not a folder.", name=str(workspace))
+    if private and public:
+        raise errors.ConfigError("choose one of --private and --public.")
+    token = _push_token(token, repo_id)
+    endpoint = endpoint.rstrip("/")
+    # Xet uploads need a CAS server; the LFS batch API works against the Hub and any Hub-compatible server.
+    constants.HF_HUB_DISABLE_XET = True
+    api = HfApi(endpoint=endpoint, token=token)
+    url = f"{endpoint}/{repo_id}"
+
+    remote = _remote_repo(api, repo_id, endpoint)
+    if remote is not None and not remote.private and not public:
+        raise errors.Conflict(f"{repo_id} already exists and is PUBLIC; mlxk will not upload into a public repo "
+                              "unless you say so: add --public (or push to a new name with --private).",
+                              repo=repo_id, url=url)
+    if remote is None and not (private or public):
+        raise errors.Conflict(f"{repo_id} does not exist yet: add --private to create it as a private repo "
+                              "(or --public to publish it).", repo=repo_id)
+    local = _local_files(workspace)
+    if not local:
+        raise errors.ConfigError(f"nothing to push: {workspace} has no files (after {HFIGNORE}).")
+    plan = _plan(local, remote)
+    uploads = [f for f, step in zip(local, plan) if step["action"] == "upload"]
+    upload_bytes = sum(f.size for f in uploads)
+    is_private = remote.private if remote else private
+    if dry_run:
+        return PushResult(repo_id, url, remote.sha if remote else None, False, is_private, True, plan, 0)
+    if should_stop is not None and should_stop():
+        raise errors.Cancelled(f"push of {repo_id} cancelled before anything was uploaded.")
+
+    if progress:
+        progress(Progress(0, upload_bytes, 0, len(uploads), f"uploading {len(uploads)} files"))
+    try:
+        created = remote is None
+        if created:
+            api.create_repo(repo_id, private=private, exist_ok=False)
+        revision = remote.sha if remote else None
+        if uploads:
+            revision = _commit(api, repo_id, uploads, message, parent=remote.sha if remote else None)
+        elif revision is None:
+            revision = api.repo_info(repo_id).sha
+    except HfHubHTTPError as error:
+        raise _hf_error(error, repo_id, endpoint) from error
+    if progress:
+        progress(Progress(upload_bytes, upload_bytes, len(uploads), len(uploads), "done"))
+    log.info("pushed %s: %d files uploaded (%d bytes), revision %s", repo_id, len(uploads), upload_bytes,
+             revision)
+    return PushResult(repo_id, url, revision, created, is_private, False, plan, upload_bytes)
+
+
+def _commit(api, repo_id: str, uploads: list[_LocalFile], message: str | None, *, parent: str | None) -> str:
+    from huggingface_hub import CommitOperationAdd
+
+    operations = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(f.disk)) for f in uploads]
+    summary = message or f"Upload {len(uploads)} file{'s' if len(uploads) != 1 else ''} with mlxk"
+    # parent_commit: a concurrent push to the same branch makes this one fail instead of silently interleaving.
+    info = api.create_commit(repo_id, operations, commit_message=summary, parent_commit=parent)
+    return info.oid
 
 
 def check_workspace(workspace: Path) -> list:
-    raise NotImplementedError
+    """Offline integrity findings of a folder about to be pushed ([] = healthy): `push --check-only`."""
+    from mlxk import health
+
+    workspace = Path(workspace)
+    return health.check_integrity(health.inspect_dir(workspace, workspace.name))
