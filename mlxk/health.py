@@ -483,9 +483,15 @@ def check_tokenizer(view: RepoView) -> list[Finding]:
                                          "(tokenizer.json, tokenizer.model, vocab.json) is")]
 
 
+# What an interrupted download leaves behind: files that are not there yet. A malformed file is not explained by
+# a partial download (huggingface_hub renames a blob into place only once it is complete).
+MISSING_RULES = {"no_snapshot", "config_missing", "no_weights", "index_shard_missing", "shards_without_index",
+                 "tree_mismatch", "tokenizer_missing"}
+
+
 def check_incomplete(view: RepoView, findings: list[Finding]) -> list[Finding]:
-    """Partial files mean an unfinished download only when the snapshot is not whole; else they are leftovers."""
-    if not view.incomplete or not findings:
+    """Partial files mean an unfinished download only when the snapshot lacks files; else they are leftovers."""
+    if not view.incomplete or not any(f.rule in MISSING_RULES for f in findings):
         return []
     first = view.incomplete[0]
     where = first.relative_to(view.path).as_posix() if first.is_relative_to(view.path) else first.name

@@ -132,6 +132,12 @@ def test_leftover_incomplete_beside_complete_snapshot_is_reclaimable(model_facto
     assert view.incomplete_bytes == leftover.stat().st_size > 0
 
 
+def test_leftover_incomplete_does_not_explain_a_malformed_file(model_factory):
+    repo = model_factory.write("org/bad-config-leftover", {**chat_files(), "config.json": b"{"})
+    factory.add_incomplete_blob(repo, b"\0" * 3000, path="other.safetensors")
+    assert rules(check_integrity(view_of(repo))) == ["config_invalid_json"]
+
+
 def test_partial_file_inside_snapshot_counts_as_incomplete(model_factory):
     files = chat_files()
     del files["model.safetensors"]
