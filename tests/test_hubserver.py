@@ -350,3 +350,14 @@ def test_subprocesses_inherit_the_hub_environment(hub, tmp_path):
     assert (snapshot / "config.json").read_bytes() == CONFIG and str(snapshot) in done.stdout
     # The hf CLI asks for /api/agent-harnesses even with telemetry off (terminal agent detection).
     assert {r.status for r in hub.requests} <= {200, 302}
+
+
+def test_direct_lfs_mode_serves_lfs_bytes_at_resolve(hub, tmp_path):
+    hub.lfs_mode = "direct"
+    repo_id = hub.unique_repo("org/direct")
+    weights = os.urandom(3000)
+    hub.add_repo(repo_id, {"model.safetensors": weights})
+    path = Path(snapshot_download(repo_id, endpoint=hub.endpoint, cache_dir=cache_of(tmp_path), token=False))
+    assert (path / "model.safetensors").read_bytes() == weights
+    assert os.readlink(path / "model.safetensors").endswith(hashlib.sha256(weights).hexdigest())
+    assert not [r for r in hub.requests if r.origin == "cdn"]
