@@ -110,3 +110,66 @@ def set_meta(db, key: str, value: str) -> None:
     conn = _conn(db)
     with conn if conn.isolation_level is not None else _transaction(conn):
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+# ---------------------------------------------------------------- the index refresh (mlxk.index)
+
+def freshness(db) -> dict[str, tuple[str | None, str | None]]:
+    """repo_id → (fingerprint, revision): what the stat-based freshness check recomputes and compares."""
+    return {row[0]: (row[1], row[2]) for row in _conn(db).execute("SELECT repo_id, fingerprint, revision FROM models")}
+
+
+def sync_models(db, *, upserts: list[dict], deletes: list[str]) -> None:
+    """Replace re-inspected rows and drop vanished repos in ONE transaction, so a reader never sees half a refresh."""
+    if not upserts and not deletes:
+        return
+    conn = _conn(db)
+    rows = [_encode(record) for record in upserts]
+    with conn if conn.isolation_level is not None else _transaction(conn):
+        conn.executemany("DELETE FROM models WHERE repo_id = ?", [(repo_id,) for repo_id in deletes])
+        for row in rows:
+            names = list(row)
+            conn.execute(
+                f"INSERT OR REPLACE INTO models ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                [row[name] for name in names],
+            )
+
+
+def pending_runtime(db) -> list[str]:
+    """Healthy repos whose runtime verdict is not known yet (NULL)."""
+    cursor = _conn(db).execute(
+        "SELECT repo_id FROM models WHERE health = 'healthy' AND runtime_compatible IS NULL ORDER BY repo_id")
+    return [row[0] for row in cursor]
+
+
+def set_runtime_verdicts(db, verdicts: list[dict]) -> int:
+    """Store runtime verdicts (repo_id, fingerprint, runtime_compatible, reason, runtime_fingerprint,
+    runtime_checked_at); a verdict whose fingerprint no longer matches the row (the repo changed meanwhile) is
+    dropped. Returns how many rows took a verdict."""
+    if not verdicts:
+        return 0
+    conn = _conn(db)
+    params = [(None if v["runtime_compatible"] is None else int(bool(v["runtime_compatible"])), v["reason"],
+               v["runtime_fingerprint"], v["runtime_checked_at"], v["repo_id"], v["fingerprint"]) for v in verdicts]
+    with conn if conn.isolation_level is not None else _transaction(conn):
+        before = conn.total_changes
+        conn.executemany(
+            "UPDATE models SET runtime_compatible = ?, reason = ?, runtime_fingerprint = ?, runtime_checked_at = ? "
+            "WHERE repo_id = ? AND fingerprint = ?", params)
+        return conn.total_changes - before
+
+
+def clear_stale_runtime(db, signature: str) -> int:
+    """Forget runtime verdicts made for another fingerprint or another mlx-lm (`signature`): they become pending."""
+    conn = _conn(db)
+    stale = [row[0] for row in conn.execute(
+        "SELECT repo_id FROM models WHERE runtime_fingerprint IS NOT NULL "
+        "AND runtime_fingerprint != fingerprint || '|' || ?", (signature,))]
+    if not stale:
+        return 0
+    with conn if conn.isolation_level is not None else _transaction(conn):
+        conn.executemany(
+            "UPDATE models SET runtime_compatible = NULL, runtime_fingerprint = NULL, runtime_checked_at = NULL, "
+            "reason = CASE WHEN health = 'healthy' THEN NULL ELSE reason END WHERE repo_id = ?",
+            [(repo_id,) for repo_id in stale])
+    return len(stale)

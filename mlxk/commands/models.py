@@ -1,0 +1,190 @@
+"""`mlxk list`, `show` and `health`: parse → call mlxk.index → render.
+
+This module sits on the `mlxk list` path, so it imports only click, the standard library and mlxk's light modules;
+mlx, mlx-lm, huggingface_hub and sqlite-utils stay out (see bench/list).
+"""
+from __future__ import annotations
+
+import json
+
+import click
+
+from mlxk import index, names
+from mlxk.config import settings
+from mlxk.output import Output, human_size, json_command, relative_time, say, table
+
+# The job queue's scan request. None until the lead wires it: `from mlxk.jobs import request_scan as _request_scan`.
+# When set, `list` hands the repos whose runtime verdict is pending to the worker instead of waiting for them.
+_request_scan = None
+
+SORTS = {
+    "name": (lambda row: row["repo_id"].lower(), False),
+    "size": (lambda row: row["size_bytes"] or 0, True),            # biggest first
+    "modified": (lambda row: row["last_modified"] or "", True),    # newest first
+}
+REASON_WIDTH = 60
+DEFAULT_MODEL_HINT = "mlx-community/Qwen3-4B-4bit"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# list
+
+
+@click.command("list")
+@click.argument("pattern", required=False)
+@click.option("--all", "show_all", is_flag=True, help="Every cached repo: GGUF, PyTorch, base, broken.")
+@click.option("--health", "show_health", is_flag=True, help="Add integrity, runtime and reason columns.")
+@click.option("--sort", "sort", type=click.Choice(list(SORTS)), default="name", show_default=True,
+              help="name (A-Z), size (biggest first) or modified (newest first).")
+@click.option("--reverse", is_flag=True, help="Reverse the sort order.")
+@json_command
+def list_command(pattern, show_all, show_health, sort, reverse):
+    """List cached models (runnable MLX chat models unless --all)."""
+    if pattern is not None:
+        index.check_pattern(pattern)
+    config = settings()
+    loaded = index.load(config.state_db, config.hf_hub_cache)
+    if loaded.warning:
+        say(f"Warning: {loaded.warning}")
+    if loaded.refresh.pending and _request_scan is not None:
+        _request_scan(loaded.refresh.pending)
+    found = [row for row in index.rows(loaded.conn) if index.matches(row, pattern)]
+    key, descending = SORTS[sort]
+    found.sort(key=key, reverse=descending != reverse)
+    data = {"models": [index.model_object(row) for row in found], "count": len(found),
+            "pending": sum(index.is_pending(row) for row in found)}
+    shown = found if show_all else [row for row in found if index.is_runnable_chat(row)]
+    return Output(data, lambda: _render_list(shown, len(found), show_health, config.hf_hub_cache, pattern))
+
+
+def _render_list(shown: list[dict], total: int, show_health: bool, cache_dir, pattern) -> str:
+    if not total:
+        where = f"matching {pattern!r} " if pattern else ""
+        return (f"No models {where}in {cache_dir}.\n"
+                f"Download one with: mlxk pull {DEFAULT_MODEL_HINT}")
+    headers = ["NAME", "ID", "SIZE", "MODIFIED", "TYPE"] + (["HEALTH", "RUNTIME", "REASON"] if show_health else [])
+    body = [_list_row(row, show_health) for row in shown]
+    lines = [table(body, headers, right={2})] if shown else []
+    lines.append(_footer(shown, total))
+    return "\n".join(lines)
+
+
+def _list_row(row: dict, show_health: bool) -> list:
+    kind = row["model_type"] or "-"
+    if row["framework"] != "mlx":
+        kind = f"{kind}, {index.FRAMEWORK_LABELS.get(row['framework'], row['framework'])}"
+    if index.is_pending(row) and not show_health:
+        kind += " (pending)"
+    cells = [row["repo_id"], (row["revision"] or "-")[: index.HASH_DISPLAY], human_size(row["size_bytes"]),
+             relative_time(row["last_modified"]), kind]
+    if show_health:
+        cells += [row["health"], _runtime_word(row), _short(row["reason"])]
+    return cells
+
+
+def _runtime_word(row: dict) -> str:
+    if row["health"] != "healthy":
+        return "-"
+    return {None: "pending", True: "yes", False: "no"}[row["runtime_compatible"]]
+
+
+def _short(text: str | None) -> str:
+    if not text:
+        return "-"
+    return text if len(text) <= REASON_WIDTH else text[: REASON_WIDTH - 1] + "…"
+
+
+def _footer(shown: list[dict], total: int) -> str:
+    size = sum(row["size_bytes"] or 0 for row in shown)
+    parts = [f"{len(shown)} model{'s' if len(shown) != 1 else ''}, {human_size(size)} on disk."]
+    if total > len(shown):
+        parts.append(f"{total - len(shown)} more not shown (--all lists every repo).")
+    pending = sum(index.is_pending(row) for row in shown)
+    if pending:
+        parts.append(f"{pending} pending a runtime check (mlxk health checks now).")
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# show
+
+
+@click.command("show")
+@click.argument("name")
+@click.option("--files", "show_files", is_flag=True, help="List the snapshot's files.")
+@click.option("--config", "show_config", is_flag=True, help="Print config.json.")
+@json_command
+def show_command(name, show_files, show_config):
+    """Show one cached model: what it is, its health, its files or config."""
+    ref = names.parse(name)
+    config = settings()
+    loaded = index.load(config.state_db, config.hf_hub_cache)
+    if loaded.warning:
+        say(f"Warning: {loaded.warning}")
+    detail = index.describe(index.resolve(loaded.conn, ref), files=show_files, config=show_config)
+    return Output(detail, lambda: _render_show(detail))
+
+
+def _render_show(detail: dict) -> str:
+    model = detail["model"]
+    runtime = {None: "pending (mlxk health checks now)", True: "compatible", False: "not compatible"}
+    facts = [
+        ("Name", model["name"]),
+        ("Revision", detail["revision"] + ("" if detail["revision"] == model["hash"] else " (not the current one)")
+         if detail["revision"] else "-"),
+        ("Revisions", f"{len(model['revisions'])} cached"),
+        ("Size", human_size(model["size_bytes"])),
+        ("Modified", f"{relative_time(model['last_modified'])} ({model['last_modified']})"),
+        ("Framework", model["framework"]),
+        ("Type", model["model_type"]),
+        ("Capabilities", ", ".join(model["capabilities"]) or "-"),
+        ("Architecture", model["architecture"] or "-"),
+        ("Context", model["context_length"] or "-"),
+        ("Quantization", model["quantization"] or "-"),
+        ("Health", model["health"]),
+        ("Runtime", "-" if model["health"] != "healthy" else runtime[model["runtime_compatible"]]),
+        ("Reason", model["reason"] or "-"),
+    ]
+    if model["reclaimable_bytes"]:
+        facts.append(("Reclaimable", f"{human_size(model['reclaimable_bytes'])} of unfinished downloads"))
+    lines = [f"{label + ':':<14}{value}" for label, value in facts]
+    if "files" in detail:
+        rows = [[f["name"], human_size(f["size_bytes"]), "LFS" if f["lfs"] else "regular",
+                 "ok" if f["link_ok"] else "BROKEN"] for f in detail["files"]]
+        lines += ["", table(rows, ["FILE", "SIZE", "STORAGE", "LINK"], right={1})]
+    if "config" in detail:
+        lines += ["", json.dumps(detail["config"], indent=2, ensure_ascii=False)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# health
+
+
+@click.command("health")
+@click.argument("name", required=False)
+@json_command
+def health_command(name):
+    """Check models now (files, then mlx-lm runtime) and record the verdicts."""
+    ref = names.parse(name) if name is not None else None
+    config = settings()
+    loaded, checked = index.check_health(config.state_db, config.hf_hub_cache, ref)
+    if loaded.warning:
+        say(f"Warning: {loaded.warning}")
+    summary = index.summarize(checked)
+    data = {"models": [index.model_object(row) for row in checked], "summary": summary}
+    error = None
+    if ref is not None and checked and checked[0]["health"] != "healthy":
+        row = checked[0]
+        error = index.ModelUnhealthy(f"{row['repo_id']} is unhealthy: {row['reason']}", name=row["repo_id"])
+    return Output(data, lambda: _render_health(checked, summary), error=error)
+
+
+def _render_health(checked: list[dict], summary: dict) -> str:
+    if not checked:
+        return "No models in the cache."
+    rows = [[row["repo_id"], row["health"], _runtime_word(row), row["reason"] or "-"] for row in checked]
+    counts = f"{summary['healthy']} healthy, {summary['unhealthy']} unhealthy, {summary['not_runnable']} not runnable"
+    if summary["pending"]:
+        counts += f", {summary['pending']} pending"
+    return table(rows, ["NAME", "HEALTH", "RUNTIME", "REASON"]) + f"\n{counts}."
