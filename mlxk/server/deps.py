@@ -124,4 +124,6 @@ def check_supported(body) -> None:
     found = body.unsupported()
     if found is not None:
         param, message = found
+        if param not in message:
+            message = f"{param}: {message}"
         raise InvalidRequest(message, param=param, code="unsupported_parameter")

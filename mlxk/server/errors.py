@@ -62,4 +62,6 @@ def openai_error_body(error: MlxkError) -> dict:
     param = details.pop("param", None)
     body = {"message": error.message, "type": openai_error_type(error.http_status), "param": param, "code": code}
     body.update({k: v for k, v in details.items() if k not in body})
+    if getattr(error, "retryable", False):
+        body["retryable"] = True
     return {"error": body}

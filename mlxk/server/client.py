@@ -1,0 +1,153 @@
+"""The CLI's side of the server: find it, start one in the background, and call it over HTTP (httpx).
+
+`mlxk run` must work with nothing started: when no server answers, it starts `mlxk serve` detached (its own
+session, logs in MLXK_HOME/logs/server.log, exits by itself after server_idle_s without a request). A file lock
+keeps two `mlxk run` started at once from starting two servers.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import httpx
+
+from mlxk.config import Settings
+from mlxk.errors import MlxkError, ServerUnavailable
+from mlxk.server import runtime
+
+log = logging.getLogger("mlxk.server.client")
+
+START_TIMEOUT_S = 60.0
+HEALTH_TIMEOUT_S = 2.0
+
+
+class ServerError(MlxkError):
+    """An error reply of the server, carrying its code as the type."""
+
+    def __init__(self, status: int, body: dict | None, fallback: str):
+        error = (body or {}).get("error") if isinstance(body, dict) else None
+        error = error if isinstance(error, dict) else {}
+        super().__init__(error.get("message") or fallback)
+        self.type = error.get("code") or error.get("type") or "server_error"
+        self.http_status = status
+        self.details = {k: v for k, v in error.items() if k not in ("message", "type", "code") and v is not None}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str
+    api_key: str | None = None
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=HEALTH_TIMEOUT_S).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def find_server(settings: Settings) -> Endpoint | None:
+    """The server this MLXK_HOME started (pid file), else whatever answers at the configured address."""
+    record = runtime.read_pid_file(settings)
+    urls = [record["url"]] if record and record.get("url") else []
+    urls.append(settings.server_url)
+    for url in dict.fromkeys(urls):
+        if _healthy(url):
+            return Endpoint(url, settings.api_key)
+    return None
+
+
+@contextmanager
+def _start_lock(settings: Settings):
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.run_dir / "server.start.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def start_background(settings: Settings) -> Endpoint:
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = settings.log_dir / "server.log"
+    argv = [sys.executable, "-c", "from mlxk.cli import main; main()", "serve",
+            "--idle-exit", str(max(1.0, settings.server_idle_s))]
+    print(f"Starting a server in the background (logs: {log_path}) ...", file=sys.stderr)
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise ServerUnavailable(f"the background server exited with code {proc.returncode}: "
+                                    + " | ".join(tail))
+        if _healthy(settings.server_url):
+            return Endpoint(settings.server_url, settings.api_key)
+        time.sleep(0.1)
+    raise ServerUnavailable(f"the background server did not answer within {START_TIMEOUT_S:.0f}s; see {log_path}")
+
+
+def ensure_server(settings: Settings) -> Endpoint:
+    found = find_server(settings)
+    if found:
+        return found
+    with _start_lock(settings):
+        return find_server(settings) or start_background(settings)
+
+
+class Client:
+    def __init__(self, endpoint: Endpoint, timeout: float | None = None):
+        self.endpoint = endpoint
+        self.http = httpx.Client(base_url=endpoint.url, headers=endpoint.headers,
+                                 timeout=httpx.Timeout(timeout, connect=10.0))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _check(self, response: httpx.Response) -> None:
+        if response.status_code < 400:
+            return
+        response.read()
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        raise ServerError(response.status_code, body, f"HTTP {response.status_code}: {response.text[:200]}")
+
+    def get(self, path: str) -> dict:
+        response = self.http.get(path)
+        self._check(response)
+        return response.json()
+
+    def post(self, path: str, body: dict) -> dict:
+        response = self.http.post(path, json=body)
+        self._check(response)
+        return response.json()
+
+    def chat_stream(self, body: dict) -> Iterator[dict]:
+        """Chunks of a streamed chat completion; an error chunk raises ServerError."""
+        with self.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+            self._check(response)
+            for line in response.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise ServerError(500, chunk, "the server ended the stream with an error")
+                yield chunk

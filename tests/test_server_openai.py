@@ -1,0 +1,263 @@
+"""The OpenAI API of `mlxk serve`, driven by the official `openai` client against a real server and worker.
+
+One server for the module (tests/fixtures/server.py): a scripted model that answers exactly "Hello world!", a
+random-weight one that never stops by itself, a scripted thinker, an API key.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests import factory
+from tests.fixtures.server import API_KEY, RANDOM_ID, SCRIPTED_ID, SCRIPTED_REPLY, spawn_server
+
+THINKER_ID = "mlx-community/tiny-thinker"
+MODELS = {
+    SCRIPTED_ID: {"reply": SCRIPTED_REPLY},
+    RANDOM_ID: {},
+    THINKER_ID: {"reasoning": True, "reply": "Hm.</think>Hello world!"},
+}
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = spawn_server(tmp_path_factory.mktemp("openai"), models=MODELS, api_key=API_KEY)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.openai()
+
+
+def test_models_lists_runnable_models(server, client):
+    factory.make_variant(server.root / "hf" / "hub", "shard_empty", repo_id="mlx-community/tiny-broken")
+    ids = {m.id for m in client.models.list().data}
+    assert {SCRIPTED_ID, RANDOM_ID, THINKER_ID} <= ids
+    assert "mlx-community/tiny-broken" not in ids
+    model = client.models.retrieve(SCRIPTED_ID)
+    assert (model.id, model.object, model.owned_by) == (SCRIPTED_ID, "model", "mlx-community")
+
+
+def test_chat_non_streaming_with_usage(client):
+    reply = client.chat.completions.create(model=SCRIPTED_ID, messages=HI)
+    assert reply.object == "chat.completion"
+    assert reply.model == SCRIPTED_ID
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == SCRIPTED_REPLY
+    assert reply.choices[0].finish_reason == "stop"
+    usage = reply.usage
+    assert usage.prompt_tokens > 5 and usage.completion_tokens >= 3
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_chat_streaming_role_first_usage_last(client):
+    chunks = list(client.chat.completions.create(model="tiny-scripted", messages=HI, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == SCRIPTED_REPLY
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 3
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+
+
+def test_stream_without_include_usage_has_no_usage_chunk(client):
+    chunks = list(client.chat.completions.create(model=SCRIPTED_ID, messages=HI, stream=True))
+    assert all(c.choices for c in chunks)
+    assert all(getattr(c, "usage", None) is None for c in chunks)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_never_leak(client, stream):
+    kwargs = dict(model=SCRIPTED_ID, messages=HI, stop=["world"])
+    if stream:
+        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs)
+                       if c.choices)
+    else:
+        reply = client.chat.completions.create(**kwargs)
+        text = reply.choices[0].message.content
+        assert reply.choices[0].finish_reason == "stop"
+    assert text == "Hello "
+
+
+def test_max_tokens_gives_length(client):
+    reply = client.chat.completions.create(model=RANDOM_ID, messages=HI, max_completion_tokens=3, seed=1)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 3
+
+
+def test_completions_plain_and_streamed(client):
+    reply = client.completions.create(model=SCRIPTED_ID, prompt="Say hi:", max_tokens=16)
+    assert reply.object == "text_completion"
+    assert reply.choices[0].text == SCRIPTED_REPLY and reply.choices[0].finish_reason == "stop"
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    chunks = list(client.completions.create(model=SCRIPTED_ID, prompt="Say hi:", max_tokens=16, stream=True,
+                                            stream_options={"include_usage": True}, stop="world"))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "Hello "
+    assert chunks[-1].usage.prompt_tokens == reply.usage.prompt_tokens
+
+
+def test_reasoning_content_separated(client):
+    reply = client.chat.completions.create(model=THINKER_ID, messages=HI)
+    message = reply.choices[0].message
+    assert message.content == "Hello world!"
+    assert getattr(message, "reasoning_content", None) == "Hm."
+    chunks = list(client.chat.completions.create(model=THINKER_ID, messages=HI, stream=True))
+    thinking = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks)
+    assert thinking == "Hm."
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello world!"
+
+
+def test_four_parallel_streams_complete(client):
+    def one(i: int) -> tuple[str, str, int]:
+        chunks = list(client.chat.completions.create(
+            model=SCRIPTED_ID, messages=[{"role": "user", "content": f"question {i}"}], stream=True,
+            stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
+        return text, finish, chunks[-1].usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(4)))
+    assert results == [(SCRIPTED_REPLY, "stop", results[0][2])] * 4
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unknown_model_404_with_suggestion(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="mlx-community/tiny-scriptd", messages=HI)
+    error = info.value.body
+    assert error["code"] == "model_not_found"
+    assert SCRIPTED_ID in error["message"] and SCRIPTED_ID in error["suggestions"]
+
+
+def test_not_runnable_model_gets_index_reason(server, client):
+    factory.make_variant(server.root / "hf" / "hub", "shard_empty", repo_id="mlx-community/tiny-broken")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny-broken", messages=HI)
+    body = info.value.body
+    assert body["code"] == "model_not_runnable"
+    assert "mlx-community/tiny-broken cannot be run" in body["message"]
+    assert "Traceback" not in body["message"] and body["reason"]
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"n": 2}, "n"),
+    ({"logprobs": True}, "logprobs"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"temperature": "hot"}, "temperature"),
+])
+def test_unsupported_or_invalid_fields_name_the_field(server, extra, param):
+    with server.http() as http:
+        response = http.post("/v1/chat/completions", json={"model": SCRIPTED_ID, "messages": HI, **extra})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and param in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_completions_refuses_best_of_and_echo(client):
+    for kwargs, param in (({"best_of": 2}, "best_of"), ({"echo": True}, "echo"), ({"suffix": "x"}, "suffix")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=SCRIPTED_ID, prompt="x", **kwargs)
+        assert info.value.body["param"] == param
+
+
+def test_neutral_and_unknown_fields_are_accepted(client):
+    reply = client.chat.completions.create(
+        model=SCRIPTED_ID, messages=HI, n=1, logprobs=False, presence_penalty=0, frequency_penalty=0,
+        response_format={"type": "text"}, store=False, user="u", metadata={"a": "b"}, service_tier="auto",
+        parallel_tool_calls=True, top_p=1.0, temperature=0, seed=7,
+        extra_body={"some_future_field": {"x": 1}, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0})
+    assert reply.choices[0].message.content == SCRIPTED_REPLY
+
+
+def test_bad_json_is_400_in_openai_shape_with_request_id(server):
+    with server.http() as http:
+        response = http.post("/v1/chat/completions", content=b'{"model": ', headers={"x-request-id": "abc-123"})
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert "not valid JSON" in response.json()["error"]["message"]
+    assert response.headers["x-request-id"] == "abc-123"
+
+
+def test_request_id_on_every_response(server):
+    with server.http() as http:
+        ok = http.get("/v1/models")
+        missing = http.get("/no/such/route")
+    assert ok.headers["x-request-id"].startswith("req-")
+    assert missing.status_code == 404 and missing.headers["x-request-id"].startswith("req-")
+    assert missing.json()["error"]["code"] == "not_found"
+
+
+def test_api_key_required_except_health(server):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        response = httpx.get(f"{server.url}/v1/models", headers=headers)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        server.openai(api_key="wrong").models.list()
+
+
+# ---------------------------------------------------------------- a dying worker
+
+
+def _worker_pid(server) -> int:
+    return server.health()["worker"]["pid"]
+
+
+def test_killed_worker_fails_stream_then_next_request_works(server, client):
+    client.chat.completions.create(model=RANDOM_ID, messages=HI, max_tokens=1)
+    pid = _worker_pid(server)
+    stream = client.chat.completions.create(model=RANDOM_ID, messages=HI, stream=True, max_tokens=2000)
+    received = 0
+    with pytest.raises(openai.APIError) as info:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received += 1
+                if received == 1:
+                    os.kill(pid, signal.SIGKILL)
+    assert "restart" in str(info.value.message)
+    assert received < 2000
+    reply = client.chat.completions.create(model=SCRIPTED_ID, messages=HI)
+    assert reply.choices[0].message.content == SCRIPTED_REPLY
+    assert _worker_pid(server) != pid
+    assert server.health()["worker"]["restarts"] >= 1
+
+
+def test_killed_worker_gives_retryable_503_to_waiting_request(server, client):
+    client.chat.completions.create(model=RANDOM_ID, messages=HI, max_tokens=1)
+    pid = _worker_pid(server)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(httpx.post, f"{server.url}/v1/chat/completions", headers=server.headers, timeout=60,
+                             json={"model": RANDOM_ID, "messages": HI, "max_tokens": 2000})
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            ps = httpx.get(f"{server.url}/api/ps", headers=server.headers).json()
+            if ps["running"] or ps["waiting"]:
+                break
+            time.sleep(0.005)
+        os.kill(pid, signal.SIGKILL)
+        response = future.result()
+    if response.status_code == 200:
+        pytest.skip("the generation finished before the kill landed")
+    assert response.status_code == 503
+    body = response.json()["error"]
+    assert (body["type"], body["code"], body["retryable"]) == ("server_error", "worker_restarting", True)
+    assert response.headers["retry-after"] == "1"
+    assert client.chat.completions.create(model=SCRIPTED_ID, messages=HI).choices[0].message.content == SCRIPTED_REPLY
