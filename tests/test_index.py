@@ -1,0 +1,272 @@
+"""mlxk.index: the index follows the cache (adds, changes, deletions made behind its back), runtime verdicts stay
+tied to the fingerprint and mlx-lm they were made with, and the model object speaks mlx-knife 2.0.8's JSON."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+import db
+from db import models as queries
+from mlxk import cache, index
+from tests import factory
+
+
+@pytest.fixture
+def conn(tmp_path):
+    connection = db.connect(tmp_path / "mlxk" / "state.db")
+    yield connection
+    connection.close()
+
+
+def row_of(conn, repo_id):
+    return queries.get_model(conn, repo_id)
+
+
+# ---------------------------------------------------------------- fingerprint
+
+
+def test_fingerprint_is_exactly_cache_fingerprint(model_factory, hf_cache):
+    repos = [model_factory.variant("healthy_chat"), model_factory.variant("healthy_detached"),
+             model_factory.variant("incomplete_download")]
+    for repo in repos:
+        for revision in (repo.revision, None, "0" * 40):
+            assert index.fingerprint(repo.repo_dir, revision) == cache.fingerprint(repo.repo_dir, revision)
+    missing = hf_cache / "models--nobody--here"
+    assert index.fingerprint(missing, None) == cache.fingerprint(missing, None) == "-:-:-:-"
+
+
+# ---------------------------------------------------------------- refresh: the index follows the cache
+
+
+def test_missing_cache_is_an_empty_index(conn, tmp_path):
+    result = index.refresh(conn, tmp_path / "no" / "such" / "cache")
+    assert (result.added, result.changed, result.removed, result.pending) == ([], [], [], [])
+    assert index.rows(conn) == []
+
+
+def test_every_variant_gets_the_verdict_the_factory_expects(conn, hf_cache):
+    for name in factory.VARIANTS:
+        factory.make_variant(hf_cache, name)
+    first = index.refresh(conn, hf_cache)
+    assert sorted(first.added) == sorted(v.repo_id for v in factory.VARIANTS.values())
+    # Without runtime checks: integrity is settled, and so are the verdicts that need no mlx-lm.
+    for variant in factory.VARIANTS.values():
+        row = row_of(conn, variant.repo_id)
+        assert (row["health"], row["framework"], row["model_type"]) == \
+               (variant.health, variant.framework, variant.model_type), variant.name
+        if variant.name in ("gguf", "pytorch", "legacy_weights"):
+            assert row["runtime_compatible"] is False and row["reason"], variant.name
+        elif variant.health == "healthy":
+            assert row["runtime_compatible"] is None and index.is_pending(row), variant.name
+            assert variant.repo_id in first.pending
+        else:
+            assert row["reason"] and not index.is_pending(row), variant.name
+    checked = index.refresh(conn, hf_cache, runtime=True)
+    assert "mlx-community/tiny-unsupported-model-type" in checked.runtime_checked
+    assert checked.pending == [] and not checked.touched
+    for variant in factory.VARIANTS.values():
+        row = row_of(conn, variant.repo_id)
+        assert row["health"] == variant.health, variant.name
+        assert row["runtime_compatible"] == variant.runtime_compatible, variant.name
+        assert (row["reason"] is None) == (variant.rule is None), variant.name
+    assert "notamodel" in row_of(conn, "mlx-community/tiny-unsupported-model-type")["reason"]
+
+
+def test_a_second_refresh_touches_nothing(conn, model_factory, hf_cache):
+    model_factory.repo("mlx-community/a")
+    model_factory.repo("mlx-community/b")
+    index.refresh(conn, hf_cache)
+    before = index.rows(conn)
+    again = index.refresh(conn, hf_cache)
+    assert (again.added, again.changed, again.removed) == ([], [], [])
+    assert index.rows(conn) == before
+
+
+def test_changes_made_behind_our_back_are_found(conn, model_factory, hf_cache):
+    kept = model_factory.repo("mlx-community/kept")
+    gone = model_factory.repo("mlx-community/gone")
+    moved = model_factory.repo("mlx-community/moved")
+    index.refresh(conn, hf_cache)
+
+    shutil.rmtree(gone.repo_dir)                                   # rm -rf
+    new_commit = factory.add_revision(moved, {"extra.txt": b"new file in a new commit"})  # hf download of main
+    model_factory.repo("mlx-community/fresh")                      # another tool pulled something
+    result = index.refresh(conn, hf_cache)
+
+    assert result.removed == ["mlx-community/gone"]
+    assert result.added == ["mlx-community/fresh"]
+    assert result.changed == ["mlx-community/moved"]
+    assert row_of(conn, "mlx-community/gone") is None
+    moved_row = row_of(conn, "mlx-community/moved")
+    assert moved_row["revision"] == new_commit.revision
+    assert moved_row["revisions"][0] == new_commit.revision and len(moved_row["revisions"]) == 2
+    assert row_of(conn, kept.repo_id)["revision"] == kept.revision
+
+
+def test_a_download_finishing_elsewhere_turns_the_repo_healthy(conn, hf_cache):
+    repo = factory.make_variant(hf_cache, "incomplete_download")
+    index.refresh(conn, hf_cache)
+    assert row_of(conn, repo.repo_id)["health"] == "unhealthy"
+    assert "did not finish" in row_of(conn, repo.repo_id)["reason"]
+    # What huggingface_hub does when the download completes: rename the blob, link it into the snapshot.
+    weights = factory.tiny_model_files()["model.safetensors"]
+    etag = factory.file_info("model.safetensors", weights).etag
+    os.replace(repo.repo_dir / "blobs" / f"{etag}.incomplete", repo.repo_dir / "blobs" / etag)
+    (repo.repo_dir / "blobs" / etag).write_bytes(weights)
+    os.symlink(f"../../blobs/{etag}", repo.snapshot_dir / "model.safetensors")
+    result = index.refresh(conn, hf_cache)
+    assert result.changed == [repo.repo_id]
+    row = row_of(conn, repo.repo_id)
+    assert (row["health"], row["reason"]) == ("healthy", None)
+    assert result.pending == [repo.repo_id]
+
+
+def test_leftover_partial_download_beside_a_whole_snapshot_is_reclaimable(conn, hf_cache):
+    repo = factory.make_variant(hf_cache, "healthy_with_leftover_incomplete")
+    index.refresh(conn, hf_cache)
+    row = row_of(conn, repo.repo_id)
+    assert row["health"] == "healthy"
+    partial = sum(p.stat().st_size for p in (repo.repo_dir / "blobs").glob("*.incomplete"))
+    assert partial > 0 and row["reclaimable_bytes"] == partial
+
+
+def test_refresh_scoped_to_some_repos(conn, model_factory, hf_cache):
+    a = model_factory.repo("mlx-community/a")
+    b = model_factory.repo("mlx-community/b")
+    index.refresh(conn, hf_cache)
+    shutil.rmtree(a.repo_dir)
+    shutil.rmtree(b.repo_dir)
+    result = index.refresh(conn, hf_cache, repos={"mlx-community/b"})
+    assert result.removed == ["mlx-community/b"]
+    assert row_of(conn, "mlx-community/a") is not None   # out of scope: left for the next full refresh
+
+
+def test_works_with_a_sqlite_utils_database(tmp_path, model_factory, hf_cache):
+    repo = model_factory.repo("mlx-community/tiny-chat")
+    database = db.open_db(tmp_path / "mlxk" / "state.db")
+    result = index.refresh(database, hf_cache, runtime=True, repos={repo.repo_id})
+    assert result.added == [repo.repo_id] and result.runtime_checked == [repo.repo_id]
+    assert database["models"].get(repo.repo_id)["runtime_compatible"] == 1
+    database.close()
+
+
+# ---------------------------------------------------------------- unreadable repos
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
+def test_unreadable_config_is_an_unhealthy_verdict_not_a_crash(conn, model_factory, hf_cache):
+    repo = model_factory.repo("mlx-community/odd")
+    link = repo.path("config.json")
+    link.unlink()
+    link.symlink_to("/proc/self/mem")  # stat works, read() fails with EIO: unreadable even for root
+    index.refresh(conn, hf_cache)
+    row = row_of(conn, repo.repo_id)
+    assert row["health"] == "unhealthy"
+    assert "config.json cannot be read" in row["reason"]
+
+
+def test_unreadable_snapshots_folder_is_an_unhealthy_verdict(conn, model_factory, hf_cache):
+    repo = model_factory.repo("mlx-community/looped")
+    shutil.rmtree(repo.repo_dir / "snapshots")
+    os.symlink("snapshots", repo.repo_dir / "snapshots")  # a symlink loop: ELOOP for everyone, root included
+    result = index.refresh(conn, hf_cache)
+    assert result.added == [repo.repo_id]
+    row = row_of(conn, repo.repo_id)
+    assert row["health"] == "unhealthy" and row["reason"].startswith("cannot read")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_permission_denied_is_an_unhealthy_verdict(conn, model_factory, hf_cache):
+    repo = model_factory.repo("mlx-community/locked")
+    os.chmod(repo.blob_path("config.json"), 0)
+    try:
+        index.refresh(conn, hf_cache)
+    finally:
+        os.chmod(repo.blob_path("config.json"), 0o644)
+    assert row_of(conn, repo.repo_id)["health"] == "unhealthy"
+
+
+# ---------------------------------------------------------------- runtime verdicts
+
+
+def test_runtime_verdict_goes_pending_when_the_repo_changes(conn, model_factory, hf_cache):
+    repo = model_factory.repo("mlx-community/tiny-chat")
+    index.refresh(conn, hf_cache, runtime=True)
+    assert row_of(conn, repo.repo_id)["runtime_compatible"] is True
+    factory.add_revision(repo, {"notes.txt": b"a new commit"})
+    result = index.refresh(conn, hf_cache)
+    assert result.changed == [repo.repo_id] and result.pending == [repo.repo_id]
+    assert row_of(conn, repo.repo_id)["runtime_compatible"] is None
+
+
+def test_runtime_verdict_goes_pending_when_mlx_lm_changes(conn, model_factory, hf_cache):
+    repo = model_factory.repo("mlx-community/tiny-chat")
+    index.refresh(conn, hf_cache, runtime=True)
+    row = row_of(conn, repo.repo_id)
+    assert row["runtime_fingerprint"].startswith(row["fingerprint"] + "|mlx-lm ")
+    # As if the verdict had been made by another mlx-lm, and the install has moved since.
+    conn.execute("UPDATE models SET runtime_fingerprint = fingerprint || '|mlx-lm 0.0.1'")
+    queries.set_meta(conn, index.SIGNATURE_KEY, "mlx-lm 0.0.1")
+    queries.set_meta(conn, index.STAMP_KEY, "somewhere-else:0")
+    result = index.refresh(conn, hf_cache)
+    assert result.pending == [repo.repo_id]
+    assert row_of(conn, repo.repo_id)["runtime_compatible"] is None
+    index.refresh(conn, hf_cache, runtime=True)
+    assert row_of(conn, repo.repo_id)["runtime_compatible"] is True
+
+
+def test_a_verdict_for_an_older_fingerprint_is_not_stored(conn, model_factory, hf_cache):
+    repo = model_factory.repo("mlx-community/tiny-chat")
+    index.refresh(conn, hf_cache)
+    stored = queries.set_runtime_verdicts(conn, [{
+        "repo_id": repo.repo_id, "fingerprint": "stale", "runtime_compatible": True, "reason": None,
+        "runtime_fingerprint": "stale|mlx-lm x", "runtime_checked_at": "2026-01-01T00:00:00Z"}])
+    assert stored == 0
+    assert row_of(conn, repo.repo_id)["runtime_compatible"] is None
+
+
+def test_force_rechecks_even_unchanged_repos(conn, model_factory, hf_cache):
+    repo = model_factory.repo("mlx-community/tiny-chat")
+    index.refresh(conn, hf_cache, runtime=True)
+    result = index.refresh(conn, hf_cache, runtime=True, force=True)
+    assert result.changed == [repo.repo_id] and result.runtime_checked == [repo.repo_id]
+
+
+# ---------------------------------------------------------------- the model object
+
+
+MLX_KNIFE_FIELDS = ["name", "hash", "size_bytes", "last_modified", "framework", "model_type", "capabilities",
+                    "health", "runtime_compatible", "reason", "cached"]
+
+
+def test_model_object_speaks_mlx_knife(conn, hf_cache):
+    written = {name: factory.make_variant(hf_cache, name) for name in ("healthy_chat", "gguf", "pytorch",
+                                                                       "config_missing")}
+    index.refresh(conn, hf_cache, runtime=True)
+    objects = {obj["name"]: obj for obj in map(index.model_object, index.rows(conn))}
+    chat = objects["mlx-community/tiny-healthy-chat"]
+    assert list(chat)[:11] == MLX_KNIFE_FIELDS
+    assert re.fullmatch(r"[0-9a-f]{40}", chat["hash"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", chat["last_modified"])
+    assert (chat["framework"], chat["model_type"], chat["health"], chat["runtime_compatible"], chat["cached"]) == \
+           ("MLX", "chat", "healthy", True, True)
+    assert chat["capabilities"][:2] == ["text-generation", "chat"]
+    assert chat["size_bytes"] == written["healthy_chat"].size_bytes
+    assert chat["context_length"] > 0 and chat["architecture"] == "llama"
+    assert objects["example-org/tiny-gguf"]["framework"] == "GGUF"
+    assert objects["example-org/tiny-pytorch"]["framework"] == "PyTorch"
+    broken = objects["mlx-community/tiny-config-missing"]
+    # mlx-knife says runtime_compatible false when integrity failed; null is reserved for "pending"
+    assert (broken["health"], broken["runtime_compatible"]) == ("unhealthy", False)
+    assert broken["reason"] == "config.json is missing"
+
+
+def test_size_counts_blobs_once_across_revisions(conn, model_factory, hf_cache):
+    repo = model_factory.repo("mlx-community/tiny-chat")
+    factory.add_revision(repo, {"notes.txt": b"twelve bytes"})
+    index.refresh(conn, hf_cache)
+    assert row_of(conn, repo.repo_id)["size_bytes"] == repo.size_bytes + len(b"twelve bytes")
