@@ -1,0 +1,366 @@
+"""Job commands: pull, rm, clone, push, jobs (list, show, watch, cancel, retry) and the hidden `worker`.
+
+Each command parses, calls mlxk.jobs, and renders. A job command prints the job id on stdout and returns at
+once; `--wait` follows the job with a progress line on stderr and exits with the job's outcome.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from mlxk import jobs
+from mlxk.output import Output, human_duration, human_size, is_tty, json_command, relative_time, say, table
+
+
+# ---------------------------------------------------------------- progress on stderr
+
+def progress_text(job: dict) -> str:
+    """`45.2%  12.3 MB/27.0 MB  3.1 MB/s  ETA 5s` — or what the job is doing when it has no byte counts."""
+    p = job["progress"]
+    if job["state"] == "queued":
+        return job.get("message") or "queued"
+    parts = []
+    if p["bytes_total"]:
+        parts.append(f"{p['percent'] or 0:5.1f}%  {human_size(p['bytes_done'])}/{human_size(p['bytes_total'])}")
+    if p["files_total"]:
+        parts.append(f"{p['files_done']}/{p['files_total']} files")
+    if p["rate"]:
+        parts.append(f"{human_size(p['rate'])}/s")
+    if p["eta"] is not None and job["state"] == "running" and p["rate"]:
+        parts.append(f"ETA {human_duration(p['eta'])}")
+    if job.get("message") and not parts:
+        parts.append(job["message"])
+    return "  ".join(parts) or job["state"]
+
+
+def progress_cell(job: dict) -> str:
+    p = job["progress"]
+    if job["state"] == "succeeded":
+        return "done"
+    if p["bytes_total"]:
+        return f"{p['percent'] or 0:.0f}% of {human_size(p['bytes_total'])}"
+    if p["files_total"]:
+        return f"{p['files_done']}/{p['files_total']} files"
+    return "-"
+
+
+class ProgressLine:
+    """One live line on a terminal; on a pipe, a line per change at most every few seconds."""
+
+    def __init__(self, stream=None, *, quiet_interval_s: float = 5.0):
+        self.stream = stream or sys.stderr
+        self.tty = is_tty(self.stream)
+        self.quiet_interval_s = quiet_interval_s
+        self._last_text = None
+        self._last_print = 0.0
+        self._width = 0
+
+    def update(self, job: dict) -> None:
+        text = f"{job['kind']} {job['target']} [{job['state']}] {progress_text(job)}"
+        now = time.monotonic()
+        if self.tty:
+            pad = max(self._width - len(text), 0)
+            self.stream.write("\r" + text + " " * pad)
+            self.stream.flush()
+            self._width = len(text)
+        elif text != self._last_text and (now - self._last_print >= self.quiet_interval_s
+                                          or job["state"] != "running"):
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self._last_print = now
+        self._last_text = text
+
+    def close(self) -> None:
+        if self.tty and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._width = 0
+
+
+def follow_job(job_id: str) -> Output:
+    """Follow a job to its end with a progress line; the Output carries its outcome."""
+    line = ProgressLine()
+    try:
+        final = jobs.follow(job_id, line.update)
+    except KeyboardInterrupt:
+        line.close()
+        say(f"Stopped waiting; job {job_id} keeps running. Follow it with `mlxk jobs watch {job_id}`, "
+            f"stop it with `mlxk jobs cancel {job_id}`.")
+        return Output(data=jobs.get(job_id), text=job_id, exit_code=130)
+    line.close()
+    error = jobs.outcome_error(final)
+    if error is None:
+        say(_summary(final))
+    return Output(data=final, text=job_id, error=error)
+
+
+def _summary(job: dict) -> str:
+    result = job.get("result") or {}
+    took = ""
+    if job.get("started_at") and job.get("finished_at"):
+        from mlxk.output import parse_iso
+
+        took = f" in {human_duration(parse_iso(job['finished_at']) - parse_iso(job['started_at']))}"
+    if job["kind"] == "pull":
+        state = "already up to date" if result.get("up_to_date") else \
+            f"{human_size(result.get('bytes_downloaded'))} downloaded"
+        return f"Pulled {job['target']}@{(result.get('revision') or '')[:12]} ({state}){took}."
+    if job["kind"] == "rm":
+        return f"Removed {job['target']} ({human_size(result.get('bytes_freed'))} freed){took}."
+    if job["kind"] == "clone":
+        return f"Cloned {job['target']} into {job['args'].get('dest')}{took}."
+    if job["kind"] == "push":
+        return f"Pushed {job['args'].get('workspace')} to {job['target']}{took}."
+    return f"Job {job['id']} ({job['kind']}) succeeded{took}."
+
+
+def _queued(outcome: jobs.Enqueued, wait: bool) -> Output:
+    job = outcome.job
+    if outcome.retry_of:
+        say(f"Retry of job {outcome.retry_of} queued as a new job {job['id']}.")
+    elif not outcome.created:
+        say(f"A {job['kind']} of {job['target']} is already {job['state']}: job {job['id']}.")
+    else:
+        say(f"Queued {job['kind']} of {job['target']} as job {job['id']}.")
+    if wait:
+        return follow_job(job["id"])
+    if job["kind"] != "rm":
+        say(f"Follow it with `mlxk jobs watch {job['id']}`.")
+    data = dict(job, existing=not outcome.created)
+    if outcome.retry_of:
+        data["retry_of"] = outcome.retry_of
+    return Output(data=data, text=job["id"])
+
+
+wait_option = click.option("--wait", is_flag=True, help="Follow the job and exit with its outcome.")
+
+
+# ---------------------------------------------------------------- pull / rm / clone / push
+
+@click.command("pull")
+@click.argument("name")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only files matching GLOB (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching GLOB (repeatable).")
+@wait_option
+@json_command
+def pull_command(name, include, exclude, wait):
+    """Download a model from the Hub into the HF cache (a background job)."""
+    return _queued(jobs.enqueue_pull(name, include=include, exclude=exclude), wait)
+
+
+@click.command("rm")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Remove a fuzzy (non-exact) match.")
+@click.option("--dry-run", is_flag=True, help="Show what would be deleted; touch nothing.")
+@wait_option
+@json_command
+def rm_command(name, force, dry_run, wait):
+    """Remove a cached model (or one revision of it: NAME@HASH)."""
+    target = jobs.resolve_removal(name, force=force)
+    if target.fuzzy:
+        say(f"{name!r} matches {target.repo_id}.")
+    if dry_run:
+        plan = jobs.plan_removal(target)
+        data = {"repo_id": plan.repo_id, "revisions": plan.revisions, "whole_repo": plan.whole_repo,
+                "paths": [str(p) for p in plan.paths], "bytes_freed": plan.bytes_freed, "dry_run": True}
+        what = plan.repo_id if plan.whole_repo else f"{plan.repo_id}@{plan.revisions[0][:12]}"
+        text = "\n".join([f"Would remove {what}, freeing {human_size(plan.bytes_freed)}:",
+                          *(f"  {p}" for p in plan.paths)])
+        return Output(data=data, text=text)
+    outcome = jobs.remove(target)
+    job = outcome.job
+    error = jobs.outcome_error(job)
+    if error is None:
+        say(_summary(job))
+    return Output(data=job, text=job["id"], error=error)
+
+
+@click.command("clone")
+@click.argument("name")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@wait_option
+@json_command
+def clone_command(name, directory, wait):
+    """Copy a cached model into an editable workspace DIRECTORY (pulls it first if needed)."""
+    return _queued(jobs.enqueue_clone(name, directory), wait)
+
+
+@click.command("push")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("repo")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--public", is_flag=True, help="Create the repo public.")
+@click.option("--dry-run", is_flag=True, help="Show what would be uploaded; change nothing on the Hub.")
+@click.option("--check-only", is_flag=True, help="Only check the workspace (offline, no job).")
+@click.option("--message", "-m", help="Commit message.")
+@wait_option
+@json_command
+def push_command(directory, repo, private, public, dry_run, check_only, message, wait):
+    """Upload a workspace DIRECTORY to the Hub as REPO (a background job)."""
+    if check_only:
+        return _check_only(directory)
+    return _queued(jobs.enqueue_push(directory, repo, private=private, public=public, dry_run=dry_run,
+                                     message=message), wait)
+
+
+def _check_only(directory: Path) -> Output:
+    from mlxk import hub
+    from workers.tasks import _plain
+
+    findings = _plain(hub.check_workspace(directory))
+    blocking = [f for f in findings if isinstance(f, dict)
+                and str(f.get("level") or f.get("severity") or "").lower() == "error"]
+    lines = [f"{directory}: {len(findings)} finding(s)"] + [f"  {_finding_text(f)}" for f in findings]
+    from mlxk.errors import MlxkError
+
+    error = MlxkError(f"{directory} is not ready to push: {_finding_text(blocking[0])}") if blocking else None
+    if error is not None:
+        error.type = "workspace_invalid"
+    return Output(data={"workspace": str(directory), "findings": findings, "ok": not blocking},
+                  text="\n".join(lines), error=error)
+
+
+def _finding_text(finding) -> str:
+    if isinstance(finding, dict):
+        level = finding.get("level") or finding.get("severity") or ""
+        text = finding.get("message") or finding.get("reason") or str(finding)
+        return f"{level}: {text}" if level else text
+    return str(finding)
+
+
+# ---------------------------------------------------------------- jobs
+
+def _jobs_table(rows: list[dict]) -> str:
+    if not rows:
+        return "No jobs."
+    body = [[j["id"], j["kind"], j["target"], j["state"], progress_cell(j), relative_time(j["created_at"])]
+            for j in rows]
+    return table(body, ["ID", "KIND", "TARGET", "STATE", "PROGRESS", "AGE"])
+
+
+@click.command("list")
+@click.option("--all", "all_jobs", is_flag=True, help="The full history, not only active and recent jobs.")
+@json_command
+def jobs_list_command(all_jobs):
+    """List active and recent jobs."""
+    rows = jobs.list_jobs(all_jobs=all_jobs)
+    return Output(data=rows, text=lambda: _jobs_table(rows))
+
+
+@click.group("jobs", invoke_without_command=True)
+@click.option("--all", "all_jobs", is_flag=True, help="The full history, not only active and recent jobs.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.pass_context
+def jobs_group(ctx, all_jobs, as_json):
+    """List, follow, cancel and retry background jobs."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(jobs_list_command, all_jobs=all_jobs, as_json=as_json)
+
+
+jobs_group.add_command(jobs_list_command)
+
+
+@jobs_group.command("show")
+@click.argument("job_id")
+@json_command
+def jobs_show_command(job_id):
+    """Show every field of a job."""
+    job = jobs.get(job_id)
+    return Output(data=job, text=lambda: _show_text(job))
+
+
+def _show_text(job: dict) -> str:
+    import json
+
+    lines = []
+    for key, value in job.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, ensure_ascii=False, default=str)
+        lines.append(f"{key + ':':<18}{'-' if value is None else value}")
+    return "\n".join(lines)
+
+
+@jobs_group.command("watch")
+@click.argument("job_id", required=False)
+@click.option("--interval", type=float, default=0.5, show_default=True, help="Seconds between refreshes.")
+@json_command
+def jobs_watch_command(job_id, interval):
+    """Follow one job (or every active job) live."""
+    if job_id:
+        return follow_job(jobs.get(job_id)["id"])
+    return _watch_all(interval)
+
+
+def _watch_all(interval: float) -> Output:
+    seen: dict[str, dict] = {}
+    tty = is_tty(sys.stderr)
+    last = None
+    try:
+        while True:
+            active = jobs.list_jobs(states=("queued", "running"))
+            for job in active:
+                seen[job["id"]] = job
+            for job_id in [i for i in seen if i not in {j["id"] for j in active}]:
+                seen[job_id] = jobs.get(job_id)
+            text = _jobs_table(active) if active else "No active jobs."
+            if text != last:
+                if tty:
+                    sys.stderr.write("\x1b[2J\x1b[H")
+                sys.stderr.write(text + "\n")
+                sys.stderr.flush()
+                last = text
+            if not active:
+                break
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        say("Stopped watching; the jobs keep running.")
+    rows = list(seen.values())
+    return Output(data=rows, text=None)
+
+
+@jobs_group.command("cancel")
+@click.argument("job_id")
+@click.option("--purge", is_flag=True, help="Also delete the partial download (otherwise kept for a resume).")
+@json_command
+def jobs_cancel_command(job_id, purge):
+    """Cancel a queued or running job (a running one stops within ~2 s)."""
+    job = jobs.cancel(job_id, purge=purge)
+    if job["state"] == "cancelled":
+        kept = "" if job["kind"] not in ("pull", "clone") else \
+            (" Partial data removed." if purge else f" Partial data kept; `mlxk jobs retry {job['id']}` resumes.")
+        say(f"Cancelled job {job['id']} ({job['kind']} {job['target']}).{kept}")
+    else:
+        say(f"Cancel requested; job {job['id']} is {job['state']} and stopping.")
+    return Output(data=job, text=job["id"])
+
+
+@jobs_group.command("retry")
+@click.argument("job_id")
+@wait_option
+@json_command
+def jobs_retry_command(job_id, wait):
+    """Run a failed or cancelled job again, as a new job with the same arguments."""
+    return _queued(jobs.retry(job_id), wait)
+
+
+# ---------------------------------------------------------------- worker
+
+@click.command("worker", hidden=True)
+@click.option("--threads", type=int, default=3, show_default=True, help="Tasks run at once.")
+@click.option("--background", is_flag=True, help="Exit after MLXK_WORKER_IDLE seconds with nothing to do.")
+@click.option("--no-scan", is_flag=True, help="Skip the health scan at start.")
+def worker_command(threads, background, no_scan):
+    """Run the job worker (a Huey consumer) in the foreground."""
+    import logging
+
+    from workers import consumer
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(process)d %(threadName)s %(name)s %(levelname)s %(message)s")
+    code = consumer.main([f"--threads={threads}", *(["--background"] if background else []),
+                          *(["--no-scan"] if no_scan else [])])
+    if code:
+        click.get_current_context().exit(code)

@@ -1,0 +1,6 @@
+"""`python -m workers`: the job worker (the `worker` process of the Procfile, also started by the CLI)."""
+import sys
+
+from workers.consumer import main
+
+sys.exit(main())

@@ -1,0 +1,201 @@
+"""The job worker: a Huey consumer (a few threads) plus what makes it safe to kill and cheap to leave running.
+
+- A heartbeat in state.db's `workers` table every ~2 s: the CLI starts a worker only when none is alive.
+- At start (and every half minute) jobs left `running` by a process that died are put back in the queue, and
+  queued jobs whose Huey task was lost (a deleted queue.db, a CLI killed between its two writes) are re-enqueued.
+- One health scan at start, as a low-priority job.
+- Started in the background by the CLI (`--background`), it exits after `worker_idle_s` with nothing queued or
+  running, so nothing lingers.
+- SIGTERM interrupts running tasks; they are re-queued (workers.signals), never failed. SIGINT drains gracefully.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from contextlib import closing
+
+from huey.consumer import Consumer, ConsumerStopped
+
+from db import jobs as jobs_db
+from mlxk.config import settings
+from mlxk.errors import MlxkError
+from workers import queue, signals
+
+log = logging.getLogger("mlxk.consumer")
+
+DEFAULT_THREADS = 3
+RECOVER_EVERY_S = 30.0
+LOST_TASK_GRACE_S = 5.0     # a queued row younger than this may still be on its way into the queue
+IDLE_CHECK_EVERY_S = 0.5
+
+
+class JobConsumer(Consumer):
+    """Huey's consumer, with heartbeat, periodic recovery and idle exit in its main loop."""
+
+    def __init__(self, huey, *, worker_id: str, idle_exit_s: float | None = None, **options):
+        super().__init__(huey, **options)
+        self.worker_id = worker_id
+        self.idle_exit_s = idle_exit_s
+        now = time.monotonic()
+        self._next_beat = now
+        self._next_recover = now + RECOVER_EVERY_S
+        self._next_idle_check = now
+        self._idle_since = now
+
+    def loop(self, health_check_ts=None):
+        health_check_ts = super().loop(health_check_ts)
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self._next_beat = now + jobs_heartbeat_s()
+            self._beat()
+        if now >= self._next_recover:
+            self._next_recover = now + RECOVER_EVERY_S
+            self._recover()
+        if self.idle_exit_s is not None and now >= self._next_idle_check:
+            self._next_idle_check = now + IDLE_CHECK_EVERY_S
+            if self._busy():
+                self._idle_since = now
+            elif now - self._idle_since >= self.idle_exit_s:
+                log.info("idle for %.0f s with nothing queued; exiting", now - self._idle_since)
+                self.stop(graceful=True)
+                raise ConsumerStopped
+        return health_check_ts
+
+    # The main loop is a supervisor: a failed heartbeat or check is logged and tried again, never fatal.
+    def _beat(self) -> None:
+        try:
+            with closing(_connect()) as conn:
+                jobs_db.heartbeat(conn, self.worker_id)
+        except Exception:  # noqa: BLE001
+            log.warning("heartbeat failed", exc_info=True)
+
+    def _recover(self) -> None:
+        try:
+            recover(self.huey)
+        except Exception:  # noqa: BLE001
+            log.warning("recovery pass failed", exc_info=True)
+
+    def _busy(self) -> bool:
+        try:
+            if self.huey.pending_count() or self.huey.scheduled_count():
+                return True
+            with closing(_connect()) as conn:
+                return jobs_db.count_active(conn, worker=self.worker_id) > 0
+        except Exception:  # noqa: BLE001
+            log.warning("idle check failed", exc_info=True)
+            return True
+
+
+def jobs_heartbeat_s() -> float:
+    from mlxk.jobs import HEARTBEAT_S
+
+    return HEARTBEAT_S
+
+
+def _connect():
+    from mlxk.jobs import connect
+
+    return connect()
+
+
+def recover(huey, *, grace_s: float = LOST_TASK_GRACE_S) -> list[str]:
+    """Re-enqueue jobs whose holder died and queued jobs whose task is not in the queue; returns their ids."""
+    from mlxk.jobs import holder_alive
+    from mlxk.output import parse_iso
+
+    recovered = []
+    with closing(_connect()) as conn:
+        running = jobs_db.list_jobs(conn, states=("running",))
+        queued = jobs_db.list_jobs(conn, states=("queued",))
+        for job in running:
+            if not holder_alive(conn, job["worker"]):
+                if signals.requeue(huey, job["id"], kind=job["kind"], old_task_id=job["task_id"],
+                                   message=f"recovered after its worker ({job['worker']}) died; re-queued"):
+                    log.warning("job %s was left running by %s, which is gone; re-queued", job["id"], job["worker"])
+                    recovered.append(job["id"])
+    if queued:
+        waiting = queue.pending_task_ids(huey)
+        cutoff = time.time() - grace_s
+        for job in queued:
+            if job["task_id"] in waiting or (parse_iso(job["updated_at"]) or 0) > cutoff:
+                continue
+            if signals.requeue(huey, job["id"], kind=job["kind"], old_task_id=job["task_id"],
+                               from_states=("queued",), message="its queue entry was lost; re-queued"):
+                log.warning("job %s was queued but not in the queue; re-enqueued", job["id"])
+                recovered.append(job["id"])
+    return recovered
+
+
+def _write_pidfile(background: bool) -> None:
+    if not background:
+        return
+    from mlxk.jobs import worker_pidfile
+
+    path = worker_pidfile()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{os.getpid()}\n")
+
+
+def _remove_pidfile() -> None:
+    from mlxk.jobs import worker_pidfile
+
+    path = worker_pidfile()
+    try:
+        if path.read_text().split()[0] == str(os.getpid()):
+            path.unlink()
+    except (OSError, IndexError):
+        pass
+
+
+def run(*, threads: int = DEFAULT_THREADS, background: bool = False, scan: bool = True,
+        idle_s: float | None = None) -> int:
+    """Run the consumer until stopped (or idle, when `background`); the exit status."""
+    s = settings()
+    huey = queue.get_huey()
+    worker_id = signals.worker_id()
+    with closing(_connect()) as conn:
+        jobs_db.register_worker(conn, id=worker_id, kind="queue", pid=os.getpid(), host=worker_id.split(":")[0])
+    _write_pidfile(background)
+    log.info("worker %s started (%s threads, queue %s%s)", worker_id, threads, s.queue_url,
+             f", exits after {idle_s if idle_s is not None else s.worker_idle_s:.0f} s idle" if background else "")
+    try:
+        recover(huey)
+        if scan:
+            from mlxk.jobs import enqueue_scan
+
+            enqueue_scan(None, start_worker=False)
+        consumer = JobConsumer(
+            huey, worker_id=worker_id,
+            idle_exit_s=(idle_s if idle_s is not None else s.worker_idle_s) if background else None,
+            workers=threads, worker_type="thread", periodic=False, initial_delay=0.1, max_delay=0.5,
+            backoff=1.3, scheduler_interval=1, check_worker_health=True, health_check_interval=5,
+        )
+        consumer.run()
+    finally:
+        try:
+            with closing(_connect()) as conn:
+                jobs_db.remove_worker(conn, worker_id)
+        finally:
+            _remove_pidfile()
+    log.info("worker %s stopped", worker_id)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers", description="Run the mlxk job worker.")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="tasks run at once")
+    parser.add_argument("--background", action="store_true", help="exit after MLXK_WORKER_IDLE seconds idle")
+    parser.add_argument("--no-scan", action="store_true", help="skip the health scan at start")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    options = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if options.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(process)d %(threadName)s %(name)s %(levelname)s %(message)s")
+    try:
+        return run(threads=options.threads, background=options.background, scan=not options.no_scan)
+    except MlxkError as error:
+        log.error("%s", error.message)
+        print(f"Error: {error.message}", file=sys.stderr)
+        return 1

@@ -1,0 +1,131 @@
+"""Job state from Huey signals: what happened to a task becomes the state of its row in state.db.
+
+    queued ──claim──▶ running ──complete──▶ succeeded
+                         │ ──error──────▶ failed (error type + message) | cancelled (errors.Cancelled)
+                         └ ──interrupted (SIGTERM)──▶ queued again, under a new task id
+    queued ──revoked / expired──▶ cancelled
+
+`running` is set by the task itself (`claim` in workers.tasks), because taking the per-model lock and marking
+the job running must be one transaction. Every update here is conditional on the task id the row holds, so a
+stale copy of a task (a recovered job, an old interrupted run) can never overwrite the newer outcome. Nothing is
+ever deleted: the jobs table is the history.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from contextlib import closing
+
+from huey import signals as S
+
+from db import jobs as jobs_db
+from mlxk.errors import Cancelled, MlxkError
+
+log = logging.getLogger("mlxk.signals")
+
+_worker: tuple[int, str] | None = None
+
+
+def worker_id() -> str:
+    """This process's id as a job holder (`host:pid:start`); recomputed after a fork."""
+    global _worker
+    if _worker is None or _worker[0] != os.getpid():
+        from mlxk.jobs import process_id
+
+        _worker = (os.getpid(), process_id())
+    return _worker[1]
+
+
+def _connect():
+    from mlxk.jobs import connect
+
+    return connect()
+
+
+def _job_id(task) -> str | None:
+    return task.args[0] if task.args else None
+
+
+def error_record(exc: BaseException) -> dict:
+    if isinstance(exc, MlxkError):
+        return exc.to_dict()
+    return {"type": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+
+
+# ---------------------------------------------------------------- transitions (also used without Huey)
+
+def succeeded(job_id: str, task_id: str) -> bool:
+    with closing(_connect()) as conn:
+        return jobs_db.finish(conn, job_id, state="succeeded", task_id=task_id, message="done")
+
+
+def failed(job_id: str, task_id: str, exc: BaseException) -> bool:
+    with closing(_connect()) as conn:
+        if isinstance(exc, Cancelled):
+            purge = jobs_db.cancel_requested(conn, job_id) >= 2
+            note = "cancelled; partial data removed" if purge else \
+                f"cancelled; partial data kept (`mlxk jobs retry {job_id}` resumes)"
+            return jobs_db.finish(conn, job_id, state="cancelled", task_id=task_id, message=note,
+                                  error=error_record(exc))
+        return jobs_db.finish(conn, job_id, state="failed", task_id=task_id, error=error_record(exc),
+                              message="failed")
+
+
+def cancelled_before_start(job_id: str, task_id: str, why: str) -> bool:
+    with closing(_connect()) as conn:
+        return jobs_db.finish(conn, job_id, state="cancelled", task_id=task_id, from_states=("queued",),
+                              message=why, error={"type": "cancelled", "message": why})
+
+
+def requeue(huey, job_id: str, *, kind: str, old_task_id: str | None, message: str,
+            from_states=("running",)) -> bool:
+    """Put a job back in the queue under a new task id; False when the row had moved on (nothing done)."""
+    from workers import queue
+
+    new_task = uuid.uuid4().hex
+    with closing(_connect()) as conn:
+        if not jobs_db.requeue(conn, job_id, new_task_id=new_task, old_task_id=old_task_id, message=message,
+                               from_states=from_states):
+            return False
+    priority = 0 if kind == "scan" else 10
+    queue.enqueue(huey, kind, job_id, task_id=new_task, priority=priority)
+    log.info("job %s re-queued as task %s (%s)", job_id, new_task, message)
+    return True
+
+
+# ---------------------------------------------------------------- Huey receivers
+
+def connect(huey) -> None:
+    """Register the receivers on `huey` (called once per instance by workers.queue)."""
+
+    @huey.signal(S.SIGNAL_COMPLETE)
+    def on_complete(signal, task):
+        if _job_id(task):
+            succeeded(_job_id(task), task.id)
+
+    @huey.signal(S.SIGNAL_ERROR)
+    def on_error(signal, task, exc=None):
+        if _job_id(task):
+            failed(_job_id(task), task.id, exc if exc is not None else RuntimeError("unknown error"))
+
+    @huey.signal(S.SIGNAL_REVOKED, S.SIGNAL_EXPIRED)
+    def on_revoked(signal, task):
+        if _job_id(task):
+            cancelled_before_start(_job_id(task), task.id, f"cancelled before it started ({signal})")
+
+    @huey.signal(S.SIGNAL_CANCELED)
+    def on_canceled(signal, task):
+        if _job_id(task):
+            with closing(_connect()) as conn:
+                jobs_db.finish(conn, _job_id(task), state="cancelled", task_id=task.id,
+                               from_states=("queued", "running"), message="cancelled",
+                               error={"type": "cancelled", "message": "cancelled"})
+
+    @huey.signal(S.SIGNAL_INTERRUPTED)
+    def on_interrupted(signal, task):
+        # SIGTERM cut the task off mid-run: the job is not failed, it goes back to the queue; the partial
+        # download stays, so the next run resumes it.
+        if _job_id(task):
+            requeue(huey, _job_id(task), kind=task.name, old_task_id=task.id,
+                    message="interrupted by a worker shutdown; re-queued")
