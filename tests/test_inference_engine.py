@@ -339,13 +339,26 @@ def test_two_models_requests_switch_after_drain(models, engine):
     assert {m["key"] for m in e.status()["models"]} == {models["chat"].key, models["other"].key}
 
 
-def test_load_and_unload_ops(models, engine):
+def test_load_and_unload_ops_release_memory(models, engine):
+    import mlx.core as mx
+
     e = engine(max_loaded=2).start()
     assert e.load(models["chat"], 60).result(30) == {"event": "loaded", "key": models["chat"].key}
     (model,) = e.status()["models"]
     assert model["keep_alive_s"] == 60 and model["memory_bytes"] > 0
+    loaded = mx.get_active_memory()
     assert e.unload("mlx-community/tiny-chat").result(30) == {"event": "unloaded", "models": [models["chat"].key]}
     assert e.status()["models"] == []
+    assert mx.get_active_memory() <= loaded - model["memory_bytes"]
+
+
+def test_tool_choice_none_hides_tools(models, engine):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    e = engine().start()
+    with_tools = run(e, chat(models["tools"], max_tokens=20, tools=tools))
+    without = run(e, chat(models["tools"], max_tokens=20, tools=tools, tool_choice="none"))
+    assert without[0]["prompt_tokens"] < with_tools[0]["prompt_tokens"]  # the template did not render them
+    assert without[-1]["finish_reason"] == "stop" and text_of(without).startswith("<tool_call>")
 
 
 def test_prompt_too_long_names_limit_and_count(models, engine):

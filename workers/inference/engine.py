@@ -136,6 +136,13 @@ def _normalize_messages(messages: list) -> list:
     return out
 
 
+def _effective_tools(params: Params) -> list | None:
+    """tool_choice "none" means the model must not call tools: it does not even see them."""
+    if not params.tools or params.tool_choice == "none":
+        return None
+    return params.tools
+
+
 def _seeded_sampler(temp: float, top_p: float, min_p: float, top_k: int, seed: int):
     """A sampler with its own PRNG key stream, so a seeded row's draws do not depend on its neighbours."""
     import mlx.core as mx
@@ -266,7 +273,6 @@ class Engine:
 
         import mlx.core as mx
 
-        now = time.time()
         with self._lock:
             models = [
                 {
@@ -281,7 +287,7 @@ class Engine:
         return {
             "event": protocol.EV_STATUS, "pid": os.getpid(), "models": models, "running": running,
             "waiting": waiting, "counters": {**vars(self.counters)}, "peak_memory_bytes": int(mx.get_peak_memory()),
-            "peak_batch_rows": self.peak_batch_rows, "time": now,
+            "peak_batch_rows": self.peak_batch_rows,
         }
 
     # ---- the MLX thread --------------------------------------------------------------------------------------
@@ -585,8 +591,8 @@ class Engine:
         if not tokenizer.has_chat_template:
             raise BadRequest(f"{lm.key} has no chat template; use the completions endpoint")
         kwargs = dict(request.params.chat_template_kwargs or {})
-        if request.params.tools:
-            kwargs["tools"] = request.params.tools
+        if tools := _effective_tools(request.params):
+            kwargs["tools"] = tools
         try:
             tokens = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
         except Exception as e:  # jinja raises anything (TemplateError, TypeError...) on odd input
@@ -658,7 +664,7 @@ class Engine:
 
     def _router(self, lm: LoadedModel, request: GenerateRequest, tokens: list[int]) -> OutputRouter:
         tokenizer = lm.tokenizer
-        tools = request.params.tools if tokenizer.has_tool_calling else None
+        tools = _effective_tools(request.params) if tokenizer.has_tool_calling else None
         initial = "normal"
         if tokenizer.has_thinking and request.kind == "chat":
             if tokenizer.rfind_think_start(tokens) > tokenizer.rfind_think_end(tokens):
