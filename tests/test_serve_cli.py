@@ -1,0 +1,171 @@
+"""`mlxk serve` and `mlxk run` as real processes: bind refusal, clean SIGTERM, and `run` starting its own server."""
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.fixtures.server import (RANDOM_ID, SCRIPTED_ID, SCRIPTED_REPLY, free_port, server_env, spawn_server,
+                                   write_models)
+
+MLXK = [sys.executable, "-c", "from mlxk.cli import main; main()"]
+
+
+def mlxk(env: dict, *args, input: str | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([*MLXK, *args], env=env, input=input if input is not None else "",
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_serve_refuses_public_bind_without_api_key(tmp_path):
+    env = server_env(tmp_path, free_port())
+    result = mlxk(env, "serve", "--host", "0.0.0.0")
+    assert result.returncode == 1
+    assert "refusing to listen on 0.0.0.0 without an API key" in result.stderr
+    result = mlxk(env, "serve", "--host", "0.0.0.0", "--json")
+    doc = json.loads(result.stdout)
+    assert result.returncode == 1 and doc["error"]["type"] == "config_error"
+
+
+def test_sigterm_stops_worker_and_cleans_up(tmp_path):
+    srv = spawn_server(tmp_path, models={SCRIPTED_ID: {"reply": SCRIPTED_REPLY}})
+    try:
+        response = httpx.post(f"{srv.url}/v1/chat/completions", timeout=60,
+                              json={"model": SCRIPTED_ID, "messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 200
+        worker = psutil.Process(srv.health()["worker"]["pid"])
+        sock = Path(srv.env["MLXK_HOME"]) / "inference.sock"
+        pid_file = Path(srv.env["MLXK_HOME"]) / "run" / "server.pid"
+        assert sock.exists() and json.loads(pid_file.read_text())["pid"] == srv.proc.pid
+        os.kill(srv.proc.pid, signal.SIGTERM)  # the api only: it must stop its worker itself
+        # uvicorn shuts down gracefully, then re-raises the signal it caught (the conventional exit status).
+        assert srv.proc.wait(20) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in srv.log()
+        worker.wait(10)
+        assert not worker.is_running()
+        assert not sock.exists() and not pid_file.exists()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{srv.url}/health", timeout=2)
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def run_env(tmp_path_factory):
+    """An MLXK_HOME with models and no server; `mlxk run` starts one in the background, killed at the end."""
+    root = tmp_path_factory.mktemp("run")
+    write_models(root, {SCRIPTED_ID: {"reply": SCRIPTED_REPLY}, RANDOM_ID: {}})
+    env = server_env(root, free_port(), MLXK_SERVER_IDLE=120)
+    yield env
+    pid_file = Path(env["MLXK_HOME"]) / "run" / "server.pid"
+    if pid_file.exists():
+        pid = json.loads(pid_file.read_text())["pid"]
+        try:
+            os.killpg(pid, signal.SIGTERM)  # started with its own session: the group is server + worker
+            psutil.Process(pid).wait(15)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+
+
+def test_run_one_shot_starts_a_background_server(run_env):
+    result = mlxk(run_env, "run", "tiny-scripted", "Say hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == SCRIPTED_REPLY + "\n"
+    record = json.loads((Path(run_env["MLXK_HOME"]) / "run" / "server.pid").read_text())
+    assert psutil.pid_exists(record["pid"])
+    assert (Path(run_env["MLXK_HOME"]) / "logs" / "server.log").exists()
+    again = mlxk(run_env, "run", SCRIPTED_ID, "Again")
+    assert again.returncode == 0 and "Starting a server" not in again.stderr
+
+
+def test_run_json_and_piped_stdin(run_env):
+    plain = mlxk(run_env, "run", SCRIPTED_ID, "Summarize", "--json")
+    doc = json.loads(plain.stdout)
+    assert plain.returncode == 0 and doc["status"] == "success" and doc["command"] == "run"
+    assert doc["data"]["content"] == SCRIPTED_REPLY and doc["data"]["finish_reason"] == "stop"
+    piped = json.loads(mlxk(run_env, "run", SCRIPTED_ID, "Summarize", "--json",
+                            input="a long document " * 20).stdout)
+    assert piped["data"]["usage"]["prompt_tokens"] > doc["data"]["usage"]["prompt_tokens"] + 20
+    only_stdin = mlxk(run_env, "run", SCRIPTED_ID, input="just stdin")
+    assert only_stdin.returncode == 0 and only_stdin.stdout == SCRIPTED_REPLY + "\n"
+
+
+def test_run_options_reach_the_server(run_env):
+    doc = json.loads(mlxk(run_env, "run", SCRIPTED_ID, "x", "--max-tokens", "2", "--system", "Be brief",
+                          "--temperature", "0", "--json").stdout)
+    assert doc["data"]["finish_reason"] == "length" and doc["data"]["usage"]["completion_tokens"] == 2
+
+
+def test_run_not_runnable_or_unknown_model_gives_reason(run_env):
+    from tests import factory
+
+    factory.make_variant(Path(run_env["HF_HUB_CACHE"]), "shard_empty", repo_id="mlx-community/tiny-broken")
+    result = mlxk(run_env, "run", "tiny-broken", "hi")
+    assert result.returncode == 1
+    assert "mlx-community/tiny-broken cannot be run" in result.stderr and "Traceback" not in result.stderr
+    result = mlxk(run_env, "run", "no-such-model", "hi", "--json")
+    doc = json.loads(result.stdout)
+    assert result.returncode == 1 and doc["error"]["type"] == "model_not_found"
+
+
+def _read_until(fd: int, needle: str, timeout: float = 60) -> str:
+    seen, deadline = "", time.monotonic() + timeout
+    while needle not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                seen += os.read(fd, 4096).decode(errors="replace")
+            except OSError:
+                break
+    return seen
+
+
+def test_interactive_chat_in_a_terminal(run_env):
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([*MLXK, "run", SCRIPTED_ID], env=run_env, stdin=follower, stdout=follower,
+                            stderr=follower, close_fds=True)
+    os.close(follower)
+    try:
+        assert ">>> " in _read_until(leader, ">>> ")
+        os.write(leader, b"hi\n")
+        assert SCRIPTED_REPLY in _read_until(leader, SCRIPTED_REPLY)
+        os.write(leader, b'"""\nline one\nline two\n"""\n')
+        assert SCRIPTED_REPLY in _read_until(leader, SCRIPTED_REPLY)
+        os.write(leader, b"/clear\n")
+        assert "Cleared" in _read_until(leader, "Cleared")
+        os.write(leader, b"/bye\n")
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+
+
+def test_interactive_ctrl_c_stops_the_reply_not_the_session(run_env):
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([*MLXK, "run", RANDOM_ID, "--max-tokens", "2000"], env=run_env, stdin=follower,
+                            stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    try:
+        _read_until(leader, ">>> ")
+        os.write(leader, b"tell me everything\n")
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
+        assert "[reply stopped]" in _read_until(leader, "[reply stopped]")
+        assert ">>> " in _read_until(leader, ">>> ")
+        assert proc.poll() is None
+        os.write(leader, b"/bye\n")
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
