@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -108,7 +107,7 @@ def test_pull_of_a_repo_with_an_active_pull_returns_that_job(hub, worker):
     assert first.exit_code == 0 and len(job_id) == 12
     doc = json.loads(second.stdout)
     assert doc["data"]["id"] == job_id and doc["data"]["existing"] is True
-    assert f"already" in second.stderr and job_id in second.stderr
+    assert "already" in second.stderr and job_id in second.stderr
     run("jobs", "cancel", job_id)
 
 
@@ -282,7 +281,6 @@ def test_corrupt_queue_db_is_a_clear_error(worker_manager):
 
 
 def test_redis_queue_url_without_the_client_is_a_clear_error(monkeypatch):
-    pytest.importorskip  # keep the linter quiet about unused imports
     try:
         import redis  # noqa: F401
         pytest.skip("the redis client is installed here")

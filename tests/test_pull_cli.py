@@ -1,0 +1,102 @@
+"""`mlxk pull` as a user runs it: a separate process that returns the job id at once without importing
+huggingface_hub or mlx, `--wait` with a progress line on stderr, Ctrl-C during --wait leaving the job running,
+include/exclude patterns, and names rejected before any work."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.test_jobs import MiB, big_files, job_row, repo_path, run, run_json, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+MLXK = [sys.executable, "-c", "from mlxk.cli import main; main()"]
+
+
+def test_pull_returns_the_job_id_at_once_without_heavy_imports(hub, worker):
+    repo = hub.unique_repo("org/fast")
+    hub.add_repo(repo, big_files(1000))
+    probe = (
+        "import sys, json\n"
+        "from mlxk.cli import cli\n"
+        f"cli(['pull', {repo!r}], standalone_mode=False)\n"
+        "heavy = [m for m in ('huggingface_hub', 'mlx', 'mlx_lm', 'transformers', 'sqlite_utils') if m in sys.modules]\n"
+        "print(json.dumps(heavy), file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stderr.strip().splitlines()[-1]) == []
+
+    timings = []
+    for name in ("org/fast-a", "org/fast-b", "org/fast-c"):
+        started = time.monotonic()
+        proc = subprocess.run([*MLXK, "pull", name], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        timings.append(time.monotonic() - started)
+        assert proc.returncode == 0, proc.stderr
+        assert len(proc.stdout.strip()) == 12 and "Queued pull" in proc.stderr
+    # The target is 300 ms; the bound leaves room for a loaded 2-core test machine.
+    assert min(timings) < 1.0, timings
+
+
+def test_pull_wait_shows_progress_on_stderr_and_data_on_stdout(hub, worker):
+    repo = hub.unique_repo("org/progress")
+    hub.add_repo(repo, big_files(3 * MiB))
+    hub.faults.rate_limit_bps = 2 * MiB
+
+    result = run("pull", repo, "--wait")
+
+    assert result.exit_code == 0, result.output
+    job_id = result.stdout.strip()
+    assert len(job_id) == 12 and job_row(job_id)["state"] == "succeeded"
+    assert f"pull {repo} [" in result.stderr and "%" in result.stderr and "MB" in result.stderr
+    assert "Pulled " + repo in result.stderr
+
+
+def test_ctrl_c_during_wait_leaves_the_job_running(hub, worker):
+    repo = hub.unique_repo("org/interrupted")
+    hub.add_repo(repo, big_files(4 * MiB))
+    hub.faults.rate_limit_bps = 1 * MiB
+    proc = subprocess.Popen([*MLXK, "pull", repo, "--wait"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    from mlxk import jobs
+
+    job = wait_for(lambda: jobs.active(kind="pull", target=repo), timeout=20)[0]
+    wait_for(lambda: job_row(job["id"])["state"] == "running", timeout=20)
+    time.sleep(1.0)   # the CLI is following the job by now
+
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=10)
+
+    assert proc.returncode == 130
+    assert "keeps running" in err and f"mlxk jobs cancel {job['id']}" in err
+    assert job_row(job["id"])["state"] == "running"
+    run("jobs", "cancel", job["id"])
+
+
+def test_include_and_exclude_reach_the_download(hub, worker):
+    repo = hub.unique_repo("org/filtered")
+    hub.add_repo(repo, {**big_files(1000), "README.md": b"# hi", "extra.bin": b"x" * 100})
+
+    result, doc = run_json("pull", repo, "--include", "*.json", "--include", "*.safetensors",
+                           "--exclude", "tokenizer*", "--wait")
+
+    assert result.exit_code == 0, result.output
+    job = doc["data"]
+    assert job["args"]["include"] == ["*.json", "*.safetensors"] and job["args"]["exclude"] == ["tokenizer*"]
+    snapshot = repo_path(repo) / "snapshots" / job["result"]["revision"]
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_invalid_names_are_refused_before_any_job(worker_manager):
+    for name in ("../etc", "bare-name", "org/na..me", "a/b/c"):
+        result, doc = run_json("pull", name)
+        assert result.exit_code == 1 and doc["error"]["type"] == "invalid_name", (name, doc)
+    from tests.test_jobs import state_db
+    from db import jobs as jobs_db
+
+    with state_db() as conn:
+        assert jobs_db.list_jobs(conn) == []

@@ -1,0 +1,120 @@
+"""`mlxk rm` on real cache layouts: exact names, fuzzy names that need --force, one revision (@hash) with only its
+own blobs, refusal while a job holds the model, --dry-run touching nothing, the index row and lock files removed,
+and every removal recorded as a job in the history."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.test_jobs import job_row, run, run_json, state_db
+
+
+def _tree(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.fixture
+def indexed(model_factory):
+    """A healthy model in the cache and in the index."""
+    repo = model_factory.repo("mlx-community/Tiny-Chat-4bit")
+    from workers.tasks import _refresh_index
+
+    _refresh_index({repo.repo_id}, runtime=False)
+    return repo
+
+
+def test_rm_exact_name_removes_repo_index_row_and_locks_and_records_a_job(indexed, hf_cache):
+    lock_dir = hf_cache / ".locks" / indexed.repo_dir.name
+    lock_dir.mkdir(parents=True)
+    (lock_dir / "x.lock").write_text("")
+
+    result, doc = run_json("rm", indexed.repo_id)
+
+    assert result.exit_code == 0, result.output
+    job = doc["data"]
+    assert job["kind"] == "rm" and job["state"] == "succeeded" and job["target"] == indexed.repo_id
+    assert job["result"]["whole_repo"] is True and job["result"]["bytes_freed"] >= indexed.size_bytes
+    assert not indexed.repo_dir.exists() and not lock_dir.exists()
+    from db import models as models_db
+
+    with state_db() as conn:
+        assert models_db.get_model(conn, indexed.repo_id) is None
+    assert job_row(job["id"])["state"] == "succeeded"
+    assert any(j["id"] == job["id"] for j in json.loads(run("jobs", "--json").stdout)["data"])
+
+
+def test_fuzzy_name_needs_force_and_names_the_match(indexed):
+    result, doc = run_json("rm", "tiny-chat")
+
+    assert result.exit_code == 1 and doc["error"]["type"] == "conflict"
+    assert indexed.repo_id in doc["error"]["message"] and "--force" in doc["error"]["message"]
+    assert indexed.repo_dir.exists()
+
+    forced = run("rm", "tiny-chat", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert indexed.repo_id in forced.stderr and not indexed.repo_dir.exists()
+
+
+def test_ambiguous_and_unknown_names(model_factory):
+    model_factory.repo("org/alpha-one")
+    model_factory.repo("org/alpha-two")
+    result, doc = run_json("rm", "alpha", "--force")
+    assert result.exit_code == 1 and doc["error"]["type"] == "ambiguous_match"
+    result, doc = run_json("rm", "org/nothing-like-it")
+    assert result.exit_code == 1 and doc["error"]["type"] == "model_not_found"
+
+
+def test_rm_at_hash_removes_only_that_revision_and_its_own_blobs(model_factory):
+    from tests.factory import ModelSpec
+
+    old = model_factory.repo("org/two-revs", revision="a" * 40, ref=None)
+    new = model_factory.repo("org/two-revs", ModelSpec(seed=7), revision="b" * 40)
+    shared = {n for n in old.files if old.files[n].etag == new.files[n].etag}
+    own = {n for n in old.files if n not in shared}
+    assert shared and own
+
+    result, doc = run_json("rm", "org/two-revs@aaaaaaa")
+
+    assert result.exit_code == 0, result.output
+    assert doc["data"]["result"]["whole_repo"] is False and doc["data"]["result"]["revisions"] == ["a" * 40]
+    assert not old.snapshot_dir.exists() and new.snapshot_dir.is_dir()
+    for name in own:
+        assert not old.blob_path(name).exists()
+    for name in shared:
+        assert new.blob_path(name).exists()
+    assert (new.snapshot_dir / "config.json").read_bytes()
+
+
+def test_rm_is_refused_while_a_job_holds_the_model(indexed):
+    from db import jobs as jobs_db
+
+    with state_db() as conn:
+        jobs_db.create_job(conn, id="feedbeef0001", kind="pull", target=indexed.repo_id, args={},
+                           task_id="feedbeef0001")
+
+    result, doc = run_json("rm", indexed.repo_id)
+
+    assert result.exit_code == 1 and doc["error"]["type"] == "conflict"
+    assert "feedbeef0001" in doc["error"]["message"] and "mlxk jobs cancel feedbeef0001" in doc["error"]["message"]
+    assert indexed.repo_dir.exists()
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(indexed, hf_cache):
+    before = _tree(hf_cache)
+    home = Path(os.environ["MLXK_HOME"])
+
+    result = run("rm", indexed.repo_id, "--dry-run")
+    result_json, doc = run_json("rm", indexed.repo_id, "--dry-run")
+
+    assert result.exit_code == 0 and "Would remove " + indexed.repo_id in result.stdout
+    assert str(indexed.repo_dir) in result.stdout
+    assert doc["data"]["dry_run"] is True and doc["data"]["bytes_freed"] >= indexed.size_bytes
+    assert _tree(hf_cache) == before
+    from db import jobs as jobs_db
+
+    with state_db() as conn:
+        assert jobs_db.list_jobs(conn) == []
+    assert not (home / "queue.db").exists()
