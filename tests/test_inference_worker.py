@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -135,10 +136,11 @@ def test_bad_requests_get_bad_request(worker, line, fragment):
 def test_client_disconnect_cancels(worker, models):
     async def start_and_hang_up():
         events = []
-        async for event in protocol.request(worker, generate(models["chat"], 1800)):
-            events.append(event)
-            if len(events) == 3:
-                break  # leaving the iteration closes the connection
+        async with contextlib.aclosing(protocol.request(worker, generate(models["chat"], 1800))) as stream:
+            async for event in stream:
+                events.append(event)
+                if len(events) == 3:
+                    break  # aclosing closes the connection: that is the cancel
         return events
 
     before = protocol.call(worker, {"op": "status"})["counters"]["generation_tokens_total"]

@@ -16,7 +16,8 @@ Requests
                 "seed": int|null, "stop": [str], "keep_alive": float|null,
                 "tools": [...]|null, "tool_choice": ...|null, "chat_template_kwargs": {...}|null}}
         chat: OpenAI messages, rendered with the model's chat template (add_generation_prompt=True,
-        tools= when given). completion: `prompt` is tokenized as is.
+        tools= when given, unless tool_choice is "none"). completion: `prompt` is tokenized as is.
+        temperature null = 0 (greedy, as mlx_lm.server). repetition_penalty uses the last 20 tokens.
         keep_alive: seconds the model stays loaded after this request; 0 unloads after the reply;
         null = the worker's default.
         max_tokens null: min(DEFAULT_MAX_TOKENS, context length - prompt tokens).
@@ -27,8 +28,10 @@ Requests
         -> {"event": "status", "pid", "models": [{"key", "path", "memory_bytes", "loaded_at",
             "last_used", "keep_alive_s", "expires_at" (unix s or null), "running"}],
             "running", "waiting", "counters": {"requests_total", "prompt_tokens_total",
-            "generation_tokens_total", "cached_prompt_tokens_total"}, "peak_memory_bytes"}
+            "generation_tokens_total", "cached_prompt_tokens_total"}, "peak_memory_bytes",
+            "peak_batch_rows" (most rows that decoded together: evidence of batching)}
     {"op": "unload", "model": key | repo id | null (all)} -> {"event": "unloaded", "models": [keys]}
+        a model with live rows is unloaded as soon as they finish (it is listed all the same).
     {"op": "load", "model": {"key", "path"}, "keep_alive": float|null}
         -> {"event": "loaded", "key"} or an error event
     {"op": "ping"} -> {"event": "pong", "pid"}
@@ -240,8 +243,11 @@ def generate_message(request: GenerateRequest) -> dict:
 async def request(socket_path: str, payload: dict) -> AsyncIterator[dict]:
     """Send one request and yield every event up to and including the terminal one.
 
-    Leaving the iteration early (break, cancellation) closes the connection, which cancels the request.
-    Raises ConnectionError when the worker is unreachable or hangs up before a terminal event.
+    Closing the iterator early closes the connection, which cancels the request. Close it explicitly
+    (`async with contextlib.aclosing(request(...)) as events:`): after a bare `break` the connection
+    stays open until the garbage collector finalizes the generator.
+    Raises OSError (ConnectionError, FileNotFoundError) when the worker is unreachable or hangs up
+    before a terminal event.
     """
     reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=MAX_LINE_BYTES)
     try:
