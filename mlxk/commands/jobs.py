@@ -207,27 +207,26 @@ def push_command(directory, repo, private, public, dry_run, check_only, message,
 
 
 def _check_only(directory: Path) -> Output:
+    """Offline integrity check of a workspace; every finding blocks a push."""
     from mlxk import hub
+    from mlxk.errors import MlxkError
     from workers.tasks import _plain
 
     findings = _plain(hub.check_workspace(directory))
-    blocking = [f for f in findings if isinstance(f, dict)
-                and str(f.get("level") or f.get("severity") or "").lower() == "error"]
-    lines = [f"{directory}: {len(findings)} finding(s)"] + [f"  {_finding_text(f)}" for f in findings]
-    from mlxk.errors import MlxkError
-
-    error = MlxkError(f"{directory} is not ready to push: {_finding_text(blocking[0])}") if blocking else None
-    if error is not None:
-        error.type = "workspace_invalid"
-    return Output(data={"workspace": str(directory), "findings": findings, "ok": not blocking},
-                  text="\n".join(lines), error=error)
+    if not findings:
+        return Output(data={"workspace": str(directory), "findings": [], "ok": True},
+                      text=f"{directory} is ready to push.")
+    error = MlxkError(f"{directory} is not ready to push: {_finding_text(findings[0])}",
+                      findings=findings)
+    error.type = "workspace_invalid"
+    text = "\n".join([f"{directory}: {len(findings)} problem(s)", *(f"  {_finding_text(f)}" for f in findings)])
+    return Output(data={"workspace": str(directory), "findings": findings, "ok": False}, text=text, error=error)
 
 
 def _finding_text(finding) -> str:
     if isinstance(finding, dict):
-        level = finding.get("level") or finding.get("severity") or ""
-        text = finding.get("message") or finding.get("reason") or str(finding)
-        return f"{level}: {text}" if level else text
+        rule, text = finding.get("rule"), finding.get("message") or str(finding)
+        return f"{text} ({rule})" if rule else text
     return str(finding)
 
 

@@ -1,0 +1,92 @@
+"""`mlxk clone` and `mlxk push` as jobs: a cached model clones without the network, an uncached one is pulled
+first, the workspace is checked, `push --check-only` is offline and immediate, and a push round trip lands the
+workspace's files on the test Hub."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.test_jobs import job_row, run, run_json, state_db
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_clone_of_a_cached_model_needs_no_network(hub, worker, tiny_model, tmp_path):
+    dest = tmp_path / "ws"
+
+    result, doc = run_json("clone", tiny_model.repo_id, str(dest), "--wait")
+
+    assert result.exit_code == 0, result.output
+    job = doc["data"]
+    assert job["kind"] == "clone" and job["state"] == "succeeded"
+    assert job["result"]["pulled"] is None and job["result"]["findings"] == []
+    assert _files(dest) == {name: tiny_model.read(name) for name in tiny_model.files}
+    assert not any(p.is_symlink() for p in dest.rglob("*"))
+    assert [r for r in hub.requests if r.origin in ("hub", "cdn")] == []
+
+
+def test_clone_of_an_uncached_model_pulls_it_first(hub, worker, model_factory, tmp_path):
+    repo = hub.unique_repo("mlx-community/remote")
+    files = model_factory.files()
+    hub.add_repo(repo, files)
+    dest = tmp_path / "ws"
+
+    result, doc = run_json("clone", repo, str(dest), "--wait")
+
+    assert result.exit_code == 0, result.output
+    job = doc["data"]
+    assert job["result"]["pulled"]["repo_id"] == repo and job["result"]["findings"] == []
+    assert _files(dest) == files
+
+
+def test_clone_into_a_non_empty_directory_is_refused(tiny_model, tmp_path, reap_workers):
+    dest = tmp_path / "busy"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    result, doc = run_json("clone", tiny_model.repo_id, str(dest))
+    assert result.exit_code == 1 and doc["error"]["type"] == "conflict"
+    assert (dest / "keep.txt").read_text() == "mine"
+
+
+def test_push_check_only_is_offline_and_immediate(tiny_model, tmp_path, reap_workers):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    for name in tiny_model.files:
+        (ws / name).parent.mkdir(parents=True, exist_ok=True)
+        (ws / name).write_bytes(tiny_model.read(name))
+
+    ok = run("push", str(ws), "org/target", "--check-only", "--json")
+    assert ok.exit_code == 0 and json.loads(ok.stdout)["data"]["ok"] is True
+
+    (ws / "config.json").unlink()
+    bad, doc = run_json("push", str(ws), "org/target", "--check-only")
+    assert bad.exit_code == 1 and doc["error"]["type"] == "workspace_invalid"
+    assert "config.json" in doc["error"]["message"]
+    from db import jobs as jobs_db
+
+    with state_db() as conn:
+        assert jobs_db.list_jobs(conn) == []
+
+
+def test_push_round_trip(hub, worker_manager, tiny_model, tmp_path, monkeypatch):
+    hub.add_token("hf_writer", user="alice")
+    monkeypatch.setenv("HF_TOKEN", "hf_writer")
+    worker_manager.start()
+    ws = tmp_path / "ws"
+    assert run("clone", tiny_model.repo_id, str(ws), "--wait").exit_code == 0
+    (ws / "README.md").write_text("---\nlibrary_name: mlx\n---\n# tuned\n")
+    repo = hub.unique_repo("alice/tuned")
+
+    result, doc = run_json("push", str(ws), repo, "--private", "--message", "first upload", "--wait")
+
+    assert result.exit_code == 0, result.output
+    job = doc["data"]
+    assert job["kind"] == "push" and job["target"] == repo and job["state"] == "succeeded"
+    assert job["result"]["created"] is True and job["result"]["private"] is True
+    remote = hub.repo(repo)
+    # A new repo starts with the Hub's default .gitattributes; everything else is the workspace, byte for byte.
+    assert {n: remote.read(n) for n in remote.files() if n != ".gitattributes"} == _files(ws)
+    assert remote.history()[0].title == "first upload"
+    assert job_row(job["id"])["result"]["repo_id"] == repo
