@@ -188,3 +188,13 @@ def test_stale_socket_file_is_replaced(tmp_path):
     proc, sock = start_worker(tmp_path)
     assert protocol.call(sock, {"op": "ping"})["pid"] == proc.pid
     assert stop_worker(proc) == 0
+
+
+def test_second_worker_on_a_live_socket_refuses_and_leaves_it_alone(tmp_path):
+    proc, sock = start_worker(tmp_path)
+    env = {**os.environ, "MLXK_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+    second = subprocess.run([sys.executable, "-m", "workers.inference", "--socket", sock], cwd=str(tmp_path),
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1 and "already serving" in second.stderr
+    assert protocol.call(sock, {"op": "ping"})["pid"] == proc.pid
+    assert stop_worker(proc) == 0

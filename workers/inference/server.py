@@ -40,11 +40,22 @@ class WorkerServer:
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
     def start_in_thread(self) -> None:
-        """Serve on a background thread; returns once the socket accepts connections."""
-        self._thread = threading.Thread(target=lambda: asyncio.run(self.serve()), name="mlxk-socket", daemon=True)
+        """Serve on a background thread; returns once the socket accepts connections, raises if it cannot."""
+        failure: list[BaseException] = []
+
+        def main():
+            try:
+                asyncio.run(self.serve())
+            except Exception as e:  # reported to start_in_thread's caller, which decides the exit code
+                failure.append(e)
+                self._ready.set()
+
+        self._thread = threading.Thread(target=main, name="mlxk-socket", daemon=True)
         self._thread.start()
         if not self._ready.wait(30):
-            raise RuntimeError("the socket server did not start")
+            raise RuntimeError("the socket server did not start within 30s")
+        if failure:
+            raise RuntimeError(f"cannot serve {self.socket_path}: {failure[0]}") from failure[0]
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop accepting, let handlers write their last events, remove the socket (any thread)."""
