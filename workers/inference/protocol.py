@@ -6,6 +6,7 @@ Transport
     A Unix domain socket. One request per connection: the client sends one JSON object on one line
     (UTF-8, ending in "\\n"), then reads JSON lines until a terminal event. A client that closes its
     connection cancels its request: the row leaves the batch at once (its prompt cache may be kept).
+    EOF on the worker's read side counts as closing, so a client must not shut down its write side.
 
 Requests
     {"op": "generate", "id": str,
