@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import threading
@@ -579,16 +580,16 @@ def _stream(job: _Job, file: RemoteFile, partial: Path, verifier: _Verifier, hav
             verifier.reset()
             have = 0
         with open(partial, "ab" if append else "wb") as out:
+            sink = _Sink(out, verifier, job, partial)
             pending = bytearray()   # network pieces are small; write and hash in CHUNK_SIZE blocks
 
             def flush() -> None:
-                nonlocal have
+                nonlocal have, pending
                 if pending:
-                    _write(out, pending, job, partial)
-                    verifier.update(pending)
+                    sink.put(pending)
                     have += len(pending)
                     job.tracker.add(len(pending))
-                    pending.clear()
+                    pending = bytearray()
 
             try:
                 last_flush = time.monotonic()
@@ -602,15 +603,49 @@ def _stream(job: _Job, file: RemoteFile, partial: Path, verifier: _Verifier, hav
                         if job.stopped():
                             raise errors.Cancelled(f"pull of {job.repo_id} cancelled; {file.path} is kept at "
                                                    f"{_fmt(have)} of {_fmt(file.size)} and a later pull resumes.")
+                flush()
             except httpx.TransportError as error:   # dropped mid-body, read timeout: keep what did arrive
                 flush()
                 raise _Transient(f"{type(error).__name__}: {error}") from error
-            flush()
+            finally:
+                sink.close()    # every byte counted in `have` is on disk and hashed before we go on
         if have < file.size:
             raise _Transient(f"connection closed at byte {have} of {file.size}")
         return have
     finally:
         response.close()
+
+
+class _Sink:
+    """Writes and hashes in its own thread, so the next network read overlaps them (both release the GIL)."""
+
+    def __init__(self, out, verifier: _Verifier, job: _Job, partial: Path):
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._args = (out, verifier, job, partial)
+        self._thread = threading.Thread(target=self._run, name="mlxk-pull-sink", daemon=True)
+        self._thread.start()
+
+    def put(self, data: bytearray) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
+
+    def _run(self) -> None:
+        out, verifier, job, partial = self._args
+        while (data := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    _write(out, data, job, partial)
+                    verifier.update(data)
+                except BaseException as error:   # handed to the download thread by put()/close()
+                    self._error = error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _write(out, data: bytes, job: _Job, partial: Path) -> None:
@@ -699,6 +734,14 @@ def _preflight(client, repo_id: str, revision: str | None, *, repo: Path, includ
     return _Remote(sha, files, wanted)
 
 
+def _refuse_offline(repo_id: str) -> None:
+    from mlxk.config import settings
+
+    if settings().hub_offline:
+        raise errors.HubError(f"HF_HUB_OFFLINE is set, so {repo_id} cannot be downloaded; unset it to pull.",
+                              repo=repo_id)
+
+
 def remote_revision(repo_id: str, *, revision: str | None = None, endpoint: str, token: str | None = None) -> str:
     """The commit sha `revision` (default main) names on the Hub; raises the typed errors pull would."""
     names.validate_repo_id(repo_id)
@@ -714,6 +757,7 @@ def pull(repo_id: str, *, revision: str | None = None, include=None, exclude=Non
          should_stop: StopFn | None = None, max_workers: int = 8) -> PullResult:
     """Download `repo_id@revision` (the files matching include/exclude) into the HF cache; resumes partials."""
     names.validate_repo_id(repo_id)
+    _refuse_offline(repo_id)
     cache_dir, endpoint, token = Path(cache_dir), endpoint.rstrip("/"), _token(token)
     headers = _headers(token)
     repo = cache.repo_dir(cache_dir, repo_id)
