@@ -31,6 +31,7 @@ HEARTBEAT_S = 2.0        # a worker writes its heartbeat this often
 STALE_S = 10.0           # a heartbeat older than this (on another host) means the worker is gone
 USER_PRIORITY = 10       # user jobs run before background scans
 SCAN_PRIORITY = 0
+RESCAN_AFTER_S = 30.0    # request_scan does not repeat a scan of the same repos that ended this recently
 RECENT_FINISHED = 10     # `mlxk jobs` shows every active job and this many finished ones
 
 
@@ -237,7 +238,31 @@ def request_scan(repo_ids) -> str | None:
     repo_ids = sorted(set(repo_ids or ()))
     if not repo_ids:
         return None
+    with closing(connect()) as conn:
+        covering = _covering_scan(conn, repo_ids)
+    if covering is not None:
+        return covering
     return enqueue_scan(repo_ids).job["id"]
+
+
+def _covering_scan(conn, repo_ids: list[str]) -> str | None:
+    """A running scan of these repos, or one that finished moments ago: asking again would only loop.
+
+    `list` asks whenever a repo's runtime verdict is pending; if a scan could not settle it, a new job on every
+    `list` would fill the history without changing anything.
+    """
+    from mlxk.output import parse_iso
+
+    recent = time.time() - RESCAN_AFTER_S
+    for job in jobs_db.list_jobs(conn, kind="scan", limit=5):
+        if job["state"] == "queued":
+            continue
+        if job["state"] != "running" and (parse_iso(job["finished_at"]) or 0) < recent:
+            continue
+        scope = (job["args"] or {}).get("repos")
+        if scope is None or set(repo_ids) <= set(scope):
+            return job["id"]
+    return None
 
 
 # ---------------------------------------------------------------- read

@@ -257,6 +257,9 @@ def test_request_scan_keeps_one_pending_scan_and_the_worker_runs_it(worker_manag
 
     with state_db() as conn:
         assert models_db.get_model(conn, tiny_model.repo_id)["health"] == "healthy"
+    # Asking again right after that scan ended does not add another job (`list` would otherwise loop).
+    assert jobs.request_scan([tiny_model.repo_id]) == job_id
+    assert len(jobs.list_jobs(all_jobs=True, kind="scan")) == 1
 
 
 # ---------------------------------------------------------------- broken state
