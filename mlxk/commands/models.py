@@ -9,7 +9,7 @@ import json
 
 import click
 
-from mlxk import index, names
+from mlxk import index
 from mlxk.config import settings
 from mlxk.output import Output, human_size, json_command, relative_time, say, table
 
@@ -116,6 +116,8 @@ def _footer(shown: list[dict], total: int) -> str:
 @json_command
 def show_command(name, show_files, show_config):
     """Show one cached model: what it is, its health, its files or config."""
+    from mlxk import names  # not at the top: `list` does not need it
+
     ref = names.parse(name)
     config = settings()
     loaded = index.load(config.state_db, config.hf_hub_cache)
@@ -166,6 +168,8 @@ def _render_show(detail: dict) -> str:
 @json_command
 def health_command(name):
     """Check models now (files, then mlx-lm runtime) and record the verdicts."""
+    from mlxk import names
+
     ref = names.parse(name) if name is not None else None
     config = settings()
     loaded, checked = index.check_health(config.state_db, config.hf_hub_cache, ref)
