@@ -164,9 +164,13 @@ def _runtime_targets(conn, pending: list[str], scope: set[str] | None, force: bo
 # Inspecting one repo
 
 
-def _now() -> str:
-    from mlxk.output import iso_utc
+def iso_utc(ts: float) -> str:
+    """UTC ISO-8601 with a Z, the format of every JSON timestamp (mlxk.output.iso_utc, which the domain may not
+    import: it is the CLI's surface)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
+
+def _now() -> str:
     return iso_utc(time.time())
 
 
@@ -187,7 +191,6 @@ def inspect(repo_id: str, path: Path, signature: _Signature | None = None) -> di
 def _inspect(repo_id: str, path: Path, stamp: str, signature: _Signature) -> dict:
     from mlxk import health
     from mlxk.detect import detect
-    from mlxk.output import iso_utc
 
     view = health.inspect_repo(repo_id, path)
     findings = health.check_integrity(view)

@@ -265,6 +265,13 @@ def test_model_object_speaks_mlx_knife(conn, hf_cache):
     assert broken["reason"] == "config.json is missing"
 
 
+@pytest.mark.parametrize("ts", [0, 1_700_000_000.9, 4_102_444_800])
+def test_timestamps_match_the_output_format(ts):
+    from mlxk.output import iso_utc
+
+    assert index.iso_utc(ts) == iso_utc(ts)
+
+
 def test_size_counts_blobs_once_across_revisions(conn, model_factory, hf_cache):
     repo = model_factory.repo("mlx-community/tiny-chat")
     factory.add_revision(repo, {"notes.txt": b"twelve bytes"})
