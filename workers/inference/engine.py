@@ -423,19 +423,21 @@ class Engine:
         room = (lm.context_length - n) if lm.context_length is not None else protocol.DEFAULT_MAX_TOKENS
         max_tokens = min(params.max_tokens or protocol.DEFAULT_MAX_TOKENS, room)
 
+        # Everything that can fail comes before insert(): a row the engine does not track would decode unseen.
+        router = self._router(lm, request, tokens)
+        sampler, processors = self._sampler(params), self._logits_processors(params)
+        stop_sequences = self._stop_sequences(lm, params.stop)
         cache, rest = self._fetch_cache(lm, tokens)
         cached = n - len(rest)
         (uid,) = self._generator.insert(
             [rest], max_tokens=[max_tokens], caches=[cache], all_tokens=[tokens[:cached]],
-            samplers=[self._sampler(params)], logits_processors=[self._logits_processors(params)],
-            stop_sequences=[self._stop_sequences(lm, params.stop)],
+            samplers=[sampler], logits_processors=[processors], stop_sequences=[stop_sequences],
         )
         del cache
-        self._trim_prompt_cache(lm)
-        router = self._router(lm, request, tokens)
         row = Row(ticket=ticket, model=lm, uid=uid, prompt_tokens=n, cached_tokens=cached,
                   detokenizer=lm.tokenizer.detokenizer, stop_filter=StopFilter(params.stop), router=router)
         self._rows[uid] = row
+        self._trim_prompt_cache(lm)
         with self._lock:
             lm.running += 1
         lm.last_used = time.time()
