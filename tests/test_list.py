@@ -195,17 +195,17 @@ def test_eight_readers_never_see_database_is_locked_while_health_writes(hf_cache
     script = (f"for i in 1 2 3 4; do {MLXK} list --json > /dev/null || exit 1; done")
     readers = [subprocess.Popen(["bash", "-c", script], stderr=subprocess.PIPE, env=env) for _ in range(8)]
     deadline = time.time() + 240
-    errors = []
+    errors, outputs = [], {}
     for process in readers + [writer]:
-        _out, err = process.communicate(timeout=max(1, deadline - time.time()))
+        out, err = process.communicate(timeout=max(1, deadline - time.time()))
+        outputs[process.pid] = out
         err = err.decode()
         if process.returncode != 0 or "locked" in err:
             errors.append((process.args, process.returncode, err[-1500:]))
     assert errors == []
-    final = run_mlxk("list", "--json")
-    models = json.loads(final.stdout)["data"]["models"]
-    assert len(models) == 13
-    assert all(m["runtime_compatible"] is True for m in models if m["name"].startswith("mlx-community/m"))
+    checked = json.loads(outputs[writer.pid])["data"]
+    assert checked["summary"] == {"total": 13, "healthy": 12, "unhealthy": 1, "not_runnable": 0, "pending": 0}
+    assert len(json.loads(run_mlxk("list", "--json").stdout)["data"]["models"]) == 13
 
 
 # ---------------------------------------------------------------- the fast path stays light
