@@ -11,7 +11,7 @@ import click
 
 from mlxk import index
 from mlxk.config import settings
-from mlxk.output import Output, human_size, json_command, relative_time, say, table
+from mlxk.output import Output, human_size, json_command, json_mode, relative_time, say, table
 
 # The job queue's scan request. None until the lead wires it: `from mlxk.jobs import request_scan as _request_scan`.
 # When set, `list` hands the repos whose runtime verdict is pending to the worker instead of waiting for them.
@@ -51,8 +51,10 @@ def list_command(pattern, show_all, show_health, sort, reverse):
     found = [row for row in index.rows(loaded.conn) if index.matches(row, pattern)]
     key, descending = SORTS[sort]
     found.sort(key=key, reverse=descending != reverse)
-    data = {"models": [index.model_object(row) for row in found], "count": len(found),
-            "pending": sum(index.is_pending(row) for row in found)}
+    data = None
+    if json_mode():  # the human view never reads the model objects; 1,000 of them are worth skipping
+        data = {"models": [index.model_object(row) for row in found], "count": len(found),
+                "pending": sum(index.is_pending(row) for row in found)}
     shown = found if show_all else [row for row in found if index.is_runnable_chat(row)]
     return Output(data, lambda: _render_list(shown, len(found), show_health, config.hf_hub_cache, pattern))
 
