@@ -332,6 +332,9 @@ class Loaded:
     refresh: Refresh
     warning: str | None = None  # set when state.db was locked: this index lives in a temp dir and is not kept
 
+    def close(self) -> None:
+        self.conn.close()
+
 
 _PRIVATE_DIRS: list = []  # TemporaryDirectory objects of private indexes, removed at interpreter exit
 
@@ -434,9 +437,13 @@ def _ref_target(row: dict, ref_name: str) -> str | None:
 def check_health(state_db: Path, cache_dir: Path, ref=None) -> tuple[Loaded, list[dict]]:
     """Re-inspect and runtime-check one repo (a parsed name) or all, write the verdicts, return the rows."""
     loaded = load(state_db, cache_dir)
-    scope = {resolve(loaded.conn, ref).row["repo_id"]} if ref is not None else None
-    refresh(loaded.conn, cache_dir, runtime=True, repos=scope, force=True)
-    checked = [row for row in rows(loaded.conn) if scope is None or row["repo_id"] in scope]
+    try:
+        scope = {resolve(loaded.conn, ref).row["repo_id"]} if ref is not None else None
+        refresh(loaded.conn, cache_dir, runtime=True, repos=scope, force=True)
+        checked = [row for row in rows(loaded.conn) if scope is None or row["repo_id"] in scope]
+    except BaseException:
+        loaded.close()
+        raise
     return loaded, checked
 
 

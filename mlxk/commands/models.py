@@ -6,6 +6,7 @@ mlx, mlx-lm, huggingface_hub and sqlite-utils stay out (see bench/list).
 from __future__ import annotations
 
 import json
+from contextlib import closing
 
 import click
 
@@ -43,12 +44,12 @@ def list_command(pattern, show_all, show_health, sort, reverse):
     if pattern is not None:
         index.check_pattern(pattern)
     config = settings()
-    loaded = index.load(config.state_db, config.hf_hub_cache)
-    if loaded.warning:
-        say(f"Warning: {loaded.warning}")
-    if loaded.refresh.pending and _request_scan is not None:
-        _request_scan(loaded.refresh.pending)
-    found = [row for row in index.rows(loaded.conn) if index.matches(row, pattern)]
+    with closing(index.load(config.state_db, config.hf_hub_cache)) as loaded:
+        if loaded.warning:
+            say(f"Warning: {loaded.warning}")
+        if loaded.refresh.pending and _request_scan is not None:
+            _request_scan(loaded.refresh.pending)
+        found = [row for row in index.rows(loaded.conn) if index.matches(row, pattern)]
     key, descending = SORTS[sort]
     found.sort(key=key, reverse=descending != reverse)
     data = None
@@ -122,10 +123,10 @@ def show_command(name, show_files, show_config):
 
     ref = names.parse(name)
     config = settings()
-    loaded = index.load(config.state_db, config.hf_hub_cache)
-    if loaded.warning:
-        say(f"Warning: {loaded.warning}")
-    detail = index.describe(index.resolve(loaded.conn, ref), files=show_files, config=show_config)
+    with closing(index.load(config.state_db, config.hf_hub_cache)) as loaded:
+        if loaded.warning:
+            say(f"Warning: {loaded.warning}")
+        detail = index.describe(index.resolve(loaded.conn, ref), files=show_files, config=show_config)
     return Output(detail, lambda: _render_show(detail))
 
 
@@ -175,6 +176,7 @@ def health_command(name):
     ref = names.parse(name) if name is not None else None
     config = settings()
     loaded, checked = index.check_health(config.state_db, config.hf_hub_cache, ref)
+    loaded.close()
     if loaded.warning:
         say(f"Warning: {loaded.warning}")
     summary = index.summarize(checked)
