@@ -14,9 +14,16 @@ from mlxk import index
 from mlxk.config import settings
 from mlxk.output import Output, human_size, json_command, json_mode, relative_time, say, table
 
-# The job queue's scan request. None until the lead wires it: `from mlxk.jobs import request_scan as _request_scan`.
-# When set, `list` hands the repos whose runtime verdict is pending to the worker instead of waiting for them.
-_request_scan = None
+
+
+def _request_scan(repo_ids) -> None:
+    """Hand repos whose runtime verdict is pending to the job worker instead of waiting for mlx-lm here.
+
+    Imported on demand: only a `list` that found pending repos pays for the job queue's imports.
+    """
+    from mlxk.jobs import request_scan
+
+    request_scan(repo_ids)
 
 SORTS = {
     "name": (lambda row: row["repo_id"].lower(), False),
@@ -47,7 +54,7 @@ def list_command(pattern, show_all, show_health, sort, reverse):
     with closing(index.load(config.state_db, config.hf_hub_cache)) as loaded:
         if loaded.warning:
             say(f"Warning: {loaded.warning}")
-        if loaded.refresh.pending and _request_scan is not None:
+        if loaded.refresh.pending:
             _request_scan(loaded.refresh.pending)
         found = [row for row in index.rows(loaded.conn) if index.matches(row, pattern)]
     key, descending = SORTS[sort]
@@ -168,10 +175,25 @@ def _render_show(detail: dict) -> str:
 
 @click.command("health")
 @click.argument("name", required=False)
+@click.option("--scan", is_flag=True, help="Queue a full health scan as a job instead of checking here.")
+@click.option("--wait", is_flag=True, help="With --scan: follow the job and exit with its outcome.")
 @json_command
-def health_command(name):
+def health_command(name, scan, wait):
     """Check models now (files, then mlx-lm runtime) and record the verdicts."""
     from mlxk import names
+
+    if scan:
+        from mlxk import jobs
+        from mlxk.commands.jobs import _queued
+
+        repos = None
+        if name is not None:
+            config = settings()
+            with closing(index.load(config.state_db, config.hf_hub_cache)) as loaded:
+                repos = [index.resolve(loaded.conn, names.parse(name)).row["repo_id"]]
+        return _queued(jobs.enqueue_scan(repos, force=True), wait)
+    if wait:
+        raise click.UsageError("--wait goes with --scan.")
 
     ref = names.parse(name) if name is not None else None
     config = settings()
