@@ -12,7 +12,6 @@ Paths in, no environment: callers pass the cache directory (mlxk.config resolves
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,6 +206,8 @@ def plan_remove(cache_dir: Path, repo_id: str, revision: str | None = None) -> R
 
 
 def apply_remove(cache_dir: Path, plan: RemovalPlan) -> None:
+    import shutil  # not at the top: it pulls in bz2/lzma, and `list` imports this module
+
     path = repo_dir(cache_dir, plan.repo_id)
     if plan.whole_repo:
         shutil.rmtree(path, ignore_errors=False)

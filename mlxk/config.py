@@ -5,9 +5,7 @@ the environment sees the change. Paths follow huggingface_hub's own rules so mlx
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +58,9 @@ class Settings:
         path = self.home / "inference.sock"
         if len(str(path)) < 100:
             return path
+        import hashlib
+        import tempfile
+
         digest = hashlib.sha1(str(self.home).encode()).hexdigest()[:12]
         return Path(tempfile.gettempdir()) / f"mlxk-{os.getuid()}-{digest}.sock"
 

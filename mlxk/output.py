@@ -50,7 +50,10 @@ def _command_name(ctx: click.Context) -> str:
 
 
 def dumps(document: Any) -> str:
-    return json.dumps(document, indent=2, ensure_ascii=False, default=str)
+    """Indented for a person at a terminal; compact (the C encoder, several times faster) for scripts."""
+    if is_tty():
+        return json.dumps(document, indent=2, ensure_ascii=False, default=str)
+    return json.dumps(document, ensure_ascii=False, default=str, separators=(",", ":"))
 
 
 def json_command(fn):

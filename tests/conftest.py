@@ -26,4 +26,10 @@ def isolated(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     # A bare HOME too, so nothing falls back to the real ~/.cache/huggingface.
     monkeypatch.setenv("HOME", str(tmp_path / "user"))
-    return home
+    # `mlxk list` and job commands start a job worker in the background when none is alive: keep it short-lived
+    # and reap it when the test ends, so no test leaves processes behind.
+    monkeypatch.setenv("MLXK_WORKER_IDLE", "5")
+    yield home
+    from tests.fixtures.queue import reap_background_workers
+
+    reap_background_workers(home)

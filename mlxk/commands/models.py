@@ -21,9 +21,13 @@ def _request_scan(repo_ids) -> None:
 
     Imported on demand: only a `list` that found pending repos pays for the job queue's imports.
     """
+    from mlxk.errors import MlxkError
     from mlxk.jobs import request_scan
 
-    request_scan(repo_ids)
+    try:
+        request_scan(repo_ids)
+    except MlxkError as error:  # the listing is still right; only the background check could not be queued
+        say(f"Warning: could not queue a runtime check ({error.message}); `mlxk health` checks now.")
 
 SORTS = {
     "name": (lambda row: row["repo_id"].lower(), False),
@@ -54,7 +58,7 @@ def list_command(pattern, show_all, show_health, sort, reverse):
     with closing(index.load(config.state_db, config.hf_hub_cache)) as loaded:
         if loaded.warning:
             say(f"Warning: {loaded.warning}")
-        if loaded.refresh.pending:
+        if loaded.refresh.pending and not loaded.warning:  # a locked state.db: list only
             _request_scan(loaded.refresh.pending)
         found = [row for row in index.rows(loaded.conn) if index.matches(row, pattern)]
     key, descending = SORTS[sort]
