@@ -18,7 +18,9 @@ from tests import factory
 from tests.fixtures.server import API_KEY, RANDOM_ID, SCRIPTED_ID, SCRIPTED_REPLY, spawn_server
 
 THINKER_ID = "mlx-community/tiny-thinker"
+TOOLS_ID = "mlx-community/tiny-tools"
 MODELS = {
+    TOOLS_ID: {"tools": True, "reply": SCRIPTED_REPLY},
     SCRIPTED_ID: {"reply": SCRIPTED_REPLY},
     RANDOM_ID: {},
     THINKER_ID: {"reasoning": True, "reply": "Hm.</think>Hello world!"},
@@ -116,6 +118,35 @@ def test_reasoning_content_separated(client):
     thinking = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks)
     assert thinking == "Hm."
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello world!"
+
+
+def test_tools_reach_the_chat_template(client):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    plain = client.chat.completions.create(model=TOOLS_ID, messages=HI)
+    with_tools = client.chat.completions.create(model=TOOLS_ID, messages=HI, tools=tools, tool_choice="auto")
+    assert with_tools.choices[0].message.content == SCRIPTED_REPLY
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 10   # the tool schema was rendered
+    off = client.chat.completions.create(model=TOOLS_ID, messages=HI, tools=tools, tool_choice="none")
+    assert off.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_client_disconnect_cancels_generation(server, client):
+    stream = client.chat.completions.create(model=RANDOM_ID, messages=HI, stream=True, max_tokens=2000)
+    for i, _chunk in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()
+    deadline = time.monotonic() + 1.5  # the 2000 tokens alone would take ~4 s here: only a cancel frees it sooner
+    while time.monotonic() < deadline:
+        ps = httpx.get(f"{server.url}/api/ps", headers=server.headers).json()
+        if ps["running"] == 0 and ps["waiting"] == 0:
+            break
+        time.sleep(0.05)
+    assert (ps["running"], ps["waiting"]) == (0, 0)
+    metrics = httpx.get(f"{server.url}/metrics", headers=server.headers).text
+    assert "mlxk_http_requests_in_flight 0" in metrics
 
 
 def test_four_parallel_streams_complete(client):

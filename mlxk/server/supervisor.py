@@ -207,7 +207,10 @@ class Supervisor:
     async def call(self, payload: dict, *, start: bool = True) -> dict | None:
         """One single-reply op (status, unload, load). With start=False a worker that is not up gives None."""
         if not start and not self._ready:
-            return None
+            # An external worker (honcho's `inference` line) may be up before this api has used it.
+            if self.child_pid is not None or not await self._ping():
+                return None
+            self._external, self._ready = True, True
         await self.ensure()
         try:
             reply = await self._single(payload)
