@@ -59,6 +59,16 @@ def test_sigterm_stops_worker_and_cleans_up(tmp_path):
         srv.stop()
 
 
+def test_server_started_for_run_exits_when_idle(tmp_path):
+    srv = spawn_server(tmp_path, args=("--idle-exit", "1"))
+    try:
+        assert srv.proc.wait(15) in (0, -signal.SIGTERM)
+        assert "no request for 1s: exiting" in srv.log()
+        assert not (Path(srv.env["MLXK_HOME"]) / "run" / "server.pid").exists()
+    finally:
+        srv.stop()
+
+
 @pytest.fixture(scope="module")
 def run_env(tmp_path_factory):
     """An MLXK_HOME with models and no server; `mlxk run` starts one in the background, killed at the end."""

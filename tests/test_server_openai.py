@@ -174,6 +174,18 @@ def test_unknown_model_404_with_suggestion(client):
     assert SCRIPTED_ID in error["message"] and SCRIPTED_ID in error["suggestions"]
 
 
+def test_names_resolve_like_the_cli(server, client):
+    revision = server.repos[SCRIPTED_ID].revision
+    reply = client.chat.completions.create(model=f"tiny-scripted@{revision[:7]}", messages=HI)
+    assert reply.model == SCRIPTED_ID and reply.choices[0].message.content == SCRIPTED_REPLY
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model=f"{SCRIPTED_ID}@0000000", messages=HI)
+    assert "revision '0000000'" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=HI)
+    assert info.value.body["code"] == "ambiguous_match" and SCRIPTED_ID in info.value.body["matches"]
+
+
 def test_not_runnable_model_gets_index_reason(server, client):
     factory.make_variant(server.root / "hf" / "hub", "shard_empty", repo_id="mlx-community/tiny-broken")
     with pytest.raises(openai.BadRequestError) as info:
