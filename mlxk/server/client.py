@@ -20,6 +20,7 @@ import httpx
 
 from mlxk.config import Settings
 from mlxk.errors import MlxkError, ServerUnavailable
+from mlxk.output import say
 from mlxk.server import runtime
 
 log = logging.getLogger("mlxk.server.client")
@@ -84,7 +85,7 @@ def start_background(settings: Settings) -> Endpoint:
     log_path = settings.log_dir / "server.log"
     argv = [sys.executable, "-c", "from mlxk.cli import main; main()", "serve",
             "--idle-exit", str(max(1.0, settings.server_idle_s))]
-    print(f"Starting a server in the background (logs: {log_path}) ...", file=sys.stderr)
+    say(f"Starting a server in the background (logs: {log_path}) ...")
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
