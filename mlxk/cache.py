@@ -148,22 +148,25 @@ def disk_usage(path: Path) -> Usage:
     return usage
 
 
-def fingerprint(path: Path, revision: str | None) -> str:
+def fingerprint(path: Path | str, revision: str | None) -> str:
     """A cheap stat-based token that changes when files are added, completed, replaced or removed.
 
-    Blobs land by rename (blobs/ mtime), snapshots get links (snapshot folder mtime), refs are rewritten (refs/main
-    mtime); a deleted repo has no fingerprint at all. A few stats per repo keep `list` instant with 1,000s of repos.
+    Blobs land by rename (blobs/ mtime), snapshots get links (snapshot folder mtime), new revisions get folders
+    (snapshots/ mtime), refs are rewritten (refs/main mtime); a deleted repo has no fingerprint at all. Four stats
+    per repo keep `list` instant with 1,000s of repos; plain string paths because `list` calls this for every repo
+    on every run, where pathlib's object churn would cost as much as the stats themselves.
     """
+    base = os.fspath(path)
     parts = []
-    for sub in ("", "blobs", "snapshots", "refs/main", f"snapshots/{revision}" if revision else None):
-        if sub is None:
-            continue
+    for sub in _FINGERPRINT_PARTS + ((f"/snapshots/{revision}",) if revision else ()):
         try:
-            st = os.stat(path / sub if sub else path)
-            parts.append(f"{st.st_mtime_ns:x}")
+            parts.append(f"{os.stat(base + sub).st_mtime_ns:x}")
         except OSError:
             parts.append("-")
     return ":".join(parts)
+
+
+_FINGERPRINT_PARTS = ("/blobs", "/snapshots", "/refs/main")
 
 
 def last_modified(path: Path, revision: str | None) -> float:

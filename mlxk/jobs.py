@@ -220,10 +220,11 @@ def enqueue_scan(repos=None, *, force: bool = False, start_worker: bool = True) 
             job = pending[0]
             merged = _merge_scan_args(job["args"] or {}, repos, force)
             if merged != job["args"]:
-                jobs_db.update_job(conn, job["id"], where_state="queued", args=merged)
+                jobs_db.update_job(conn, job["id"], where_state="queued", args=merged,
+                                   target=_scan_target(merged.get("repos")))
             started = ensure_worker(conn) if start_worker else None
             return Enqueued(job=job_object(jobs_db.get_job(conn, job["id"])), created=False, worker_started=started)
-    return _enqueue("scan", "*" if repos is None else ",".join(repos), {"repos": repos, "force": force},
+    return _enqueue("scan", _scan_target(repos), {"repos": repos, "force": force},
                     start_worker=start_worker, priority=SCAN_PRIORITY)
 
 
@@ -231,6 +232,13 @@ def _merge_scan_args(args: dict, repos, force: bool) -> dict:
     current = args.get("repos")
     merged = None if current is None or repos is None else sorted(set(current) | set(repos))
     return {"repos": merged, "force": bool(args.get("force")) or force}
+
+
+def _scan_target(repos: list[str] | None) -> str:
+    """What `mlxk jobs` shows as a scan's target; the full list stays in its args."""
+    if repos is None:
+        return "*"
+    return repos[0] if len(repos) == 1 else f"{repos[0]} and {len(repos) - 1} more"
 
 
 def request_scan(repo_ids) -> str | None:
