@@ -477,6 +477,7 @@ class HubServer:
         self.faults = Faults()
         self._default_knobs()
         self._requests: list[RequestRecord] = []
+        self._in_flight = 0
         self._secret = os.urandom(16)
         self._names = itertools.count(1)
         self._sockets = [self._bind(host, port), self._bind(host, cdn_port)]
@@ -538,7 +539,14 @@ class HubServer:
 
     @property
     def requests(self) -> list[RequestRecord]:
-        """Finished requests in completion order (a copy)."""
+        """Finished requests in completion order (a copy).
+
+        A client can read the last byte of a reply before the server has logged it, so this waits (briefly) for
+        requests still in flight; a request deliberately kept open (a throttled download) is not waited for long.
+        """
+        deadline = time.monotonic() + 0.5
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.005)
         return list(self._requests)
 
     def clear_requests(self) -> None:
@@ -645,6 +653,7 @@ class HubServer:
         req = Request(scope["method"], raw_path, [unquote(s) for s in raw_path.split("/")[1:]],
                       parse_qs(record.query, keep_blank_values=True), headers, origin, token,
                       self.state.identity(token), receive)
+        self._in_flight += 1
         try:
             reply = await self._answer(req)
             await self._send(req, reply, send, record)
@@ -653,6 +662,7 @@ class HubServer:
             log.debug("client went away during %s %s", req.method, raw_path)
         finally:
             self._requests.append(record)
+            self._in_flight -= 1
 
     async def _answer(self, req: Request) -> Reply:
         for needle, seconds in list(self.faults.delay_s.items()):
