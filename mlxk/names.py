@@ -114,8 +114,9 @@ def resolve_revision(repo_id: str, revision: str, revisions: list[str]) -> str:
 def not_found(name: str, candidates: list[str]) -> ModelNotFound:
     import difflib
 
-    close = difflib.get_close_matches(name.lower(), [c.lower() for c in candidates], n=3, cutoff=0.6)
-    suggestions = [c for c in candidates if c.lower() in close]
+    by_lower = {c.lower(): c for c in candidates}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)  # best first
+    suggestions = [by_lower[c] for c in close]
     hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
     pull = f" To download it: mlxk pull {name if '/' in name else 'ORG/' + name}"
     return ModelNotFound(f"no cached model matches {name!r}.{hint}{pull}", name=name, suggestions=suggestions)

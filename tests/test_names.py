@@ -69,6 +69,13 @@ def test_resolve_unknown_suggests_pull_and_close_names():
     assert "mlx-community/Llama-3.2-1B" in info.value.details["suggestions"]
 
 
+def test_suggestions_come_closest_first():
+    candidates = ["org/tiny-broken", "org/tiny-chat", "org/tiny-scripted"]
+    with pytest.raises(ModelNotFound) as info:
+        names.resolve("org/tiny-scriptd", candidates)
+    assert info.value.details["suggestions"][0] == "org/tiny-scripted"
+
+
 def test_resolve_revision_prefix():
     revs = ["abcdef0123" + "0" * 30, "abcd999999" + "0" * 30, "1234567890" + "0" * 30]
     assert names.resolve_revision("o/n", "1234", revs) == revs[2]
