@@ -20,7 +20,7 @@ from mlxk.server import runtime
 from mlxk.server.deps import ServerConfig, ServerState
 from mlxk.server.errors import openai_error_body
 from mlxk.server.middleware import BodyLimit, RequestContext
-from mlxk.server.routes import openai, ops
+from mlxk.server.routes import jobs, openai, ops, ui
 from mlxk.server.supervisor import Supervisor
 
 log = logging.getLogger("mlxk.server.app")
@@ -74,6 +74,8 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     app.include_router(ops.health_router)
     app.include_router(ops.router)
     app.include_router(openai.router)
+    app.include_router(jobs.router)
+    app.include_router(ui.router)
     app.add_exception_handler(MlxkError, openai_error)
     app.add_exception_handler(HTTPException, openai_error)
     app.add_exception_handler(Exception, openai_error)

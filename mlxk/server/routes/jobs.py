@@ -1,0 +1,121 @@
+"""The jobs API: the cache index and the job queue over HTTP, for the dashboard and for scripts.
+
+Every handler calls the same functions as the CLI (mlxk.jobs, mlxk.index), so a pull queued here is the job
+`mlxk jobs` shows, and their errors (invalid name 400, unknown job 404, conflict 409) leave through the app's one
+error handler. Those functions are synchronous and touch SQLite (a cancel may wait up to ~3 s for a running task to
+stop), so they run in the threadpool, never on the event loop.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import closing
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from mlxk import index, jobs
+from mlxk.errors import MlxkError
+from mlxk.server.deps import State, parse_body, require_api_key
+
+log = logging.getLogger("mlxk.server.jobs")
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+class PullRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    include: list[str] = []
+    exclude: list[str] = []
+
+
+class CancelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    purge: bool = False
+
+
+class ScanRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    repos: list[str] | None = None
+    force: bool = False
+
+
+async def _optional_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    """An empty body means the defaults (`curl -X POST .../cancel` is a plain cancel)."""
+    raw = await request.body()
+    if not raw.strip():
+        return model()
+    return await parse_body(request, model)
+
+
+def _queued(outcome: jobs.Enqueued) -> JSONResponse:
+    """202 for a job this request queued; 200 for an existing active job it joined (`existing: true`)."""
+    body = dict(outcome.job, existing=not outcome.created)
+    if outcome.retry_of:
+        body["retry_of"] = outcome.retry_of
+    return JSONResponse(body, status_code=202 if outcome.created else 200)
+
+
+# ---------------------------------------------------------------- models
+
+
+def _models(state_db, cache_dir) -> dict:
+    """What `mlxk list --json` prints as data; pending runtime verdicts are handed to the job worker, as list does."""
+    with closing(index.load(state_db, cache_dir)) as loaded:
+        found = sorted(index.rows(loaded.conn), key=lambda row: row["repo_id"].lower())
+        pending = [] if loaded.warning else loaded.refresh.pending
+    if pending:
+        try:
+            jobs.request_scan(pending)
+        except MlxkError as error:  # the listing is still right; only the background check could not be queued
+            log.warning("could not queue a runtime check: %s", error.message)
+    return {"models": [index.model_object(row) for row in found], "count": len(found),
+            "pending": sum(index.is_pending(row) for row in found)}
+
+
+@router.get("/api/models")
+async def list_models(state: State) -> dict:
+    settings = state.config.settings
+    return await run_in_threadpool(_models, settings.state_db, settings.hf_hub_cache)
+
+
+# ---------------------------------------------------------------- jobs
+
+
+@router.get("/api/jobs")
+async def list_jobs(all: str | None = None) -> dict:  # noqa: A002 — the query parameter is `?all=1`
+    all_jobs = (all or "").lower() in {"1", "true", "yes", "on"}
+    return {"jobs": await run_in_threadpool(jobs.list_jobs, all_jobs=all_jobs)}
+
+
+@router.get("/api/jobs/{job_id}")
+async def get_job(job_id: str) -> dict:
+    return await run_in_threadpool(jobs.get, job_id)
+
+
+@router.post("/api/jobs/pull")
+async def pull(request: Request) -> JSONResponse:
+    body = await parse_body(request, PullRequest)
+    outcome = await run_in_threadpool(jobs.enqueue_pull, body.model.strip(), include=body.include,
+                                      exclude=body.exclude)
+    return _queued(outcome)
+
+
+@router.post("/api/jobs/scan")
+async def scan(request: Request) -> JSONResponse:
+    body = await _optional_body(request, ScanRequest)
+    outcome = await run_in_threadpool(jobs.enqueue_scan, body.repos, force=body.force)
+    return _queued(outcome)
+
+
+@router.post("/api/jobs/{job_id}/cancel")
+async def cancel(job_id: str, request: Request) -> dict:
+    body = await _optional_body(request, CancelRequest)
+    return await run_in_threadpool(jobs.cancel, job_id, purge=body.purge)
+
+
+@router.post("/api/jobs/{job_id}/retry")
+async def retry(job_id: str) -> JSONResponse:
+    return _queued(await run_in_threadpool(jobs.retry, job_id))
