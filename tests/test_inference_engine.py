@@ -257,6 +257,25 @@ def test_request_joins_a_running_batch(models, engine):
     e.cancel(long)
 
 
+def _first_token_steps(engine, ref, stagger_s: float) -> set:
+    """Submit three requests stagger_s apart to an idle engine; the times their first tokens came (one per step)."""
+    tickets = []
+    for messages in PROMPTS[1:4]:  # not the warm-up's HELLO: a cache hit would skip its prefill
+        tickets.append(engine.submit(chat(ref, messages, max_tokens=4)))
+        time.sleep(stagger_s)
+    done = [collect(t)[-1] for t in tickets]
+    return {round(t.submitted_at + d["timings"]["ttft_s"], 4) for t, d in zip(tickets, done)}
+
+
+@pytest.mark.parametrize("gap_s, steps", [(0.0, 3), (0.5, 1)])
+def test_requests_arriving_close_together_share_the_first_prefill(models, engine, gap_s, steps):
+    """A batch starting from nothing waits for a burst whose requests arrive a little apart (the api forwards
+    parallel requests one after another); without the window each one gets its own prefill and first step."""
+    e = engine(coalesce_gap_s=gap_s, coalesce_max_s=5.0).start()
+    run(e, chat(models["chat"], max_tokens=1))   # loaded and warm: nothing else slows the first request
+    assert len(_first_token_steps(e, models["chat"], stagger_s=0.05)) == steps
+
+
 def test_cancel_frees_the_row(models, engine):
     e = engine().start()
     ticket = e.submit(chat(models["chat"], max_tokens=1500))
