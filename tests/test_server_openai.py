@@ -6,8 +6,11 @@ random-weight one that never stops by itself, a scripted thinker, an API key.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
+import re
 import signal
+import socket
 import time
 
 import httpx
@@ -147,6 +150,35 @@ def test_client_disconnect_cancels_generation(server, client):
     assert (ps["running"], ps["waiting"]) == (0, 0)
     metrics = httpx.get(f"{server.url}/metrics", headers=server.headers).text
     assert "mlxk_http_requests_in_flight 0" in metrics
+
+
+def _wait_ps(server, done, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        ps = httpx.get(f"{server.url}/api/ps", headers=server.headers).json()
+        if done(ps) or time.monotonic() > deadline:
+            return ps
+        time.sleep(0.02)
+
+
+def test_non_streamed_client_disconnect_cancels_generation(server):
+    rid = f"req-hangup-{time.monotonic_ns()}"
+    body = json.dumps({"model": RANDOM_ID, "messages": HI, "max_tokens": 2000}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {API_KEY}\r\nx-request-id: {rid}\r\nContent-Length: {len(body)}\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head.encode() + body)
+        ps = _wait_ps(server, lambda ps: ps["running"] == 1, timeout=30)
+        assert ps["running"] == 1, ps
+    # Hung up. 2000 tokens alone take ~4 s here: only a cancel frees the row this soon.
+    ps = _wait_ps(server, lambda ps: ps["running"] == 0 and ps["waiting"] == 0, timeout=1.5)
+    assert (ps["running"], ps["waiting"]) == (0, 0)
+    cancelled = re.search(rf"request {re.escape(rid)} cancelled after (\d+) tokens", server.log())
+    assert cancelled and int(cancelled.group(1)) < 2000
+    deadline = time.monotonic() + 2   # the api's own books close too (in flight 0)
+    while "mlxk_http_requests_in_flight 0" not in httpx.get(f"{server.url}/metrics", headers=server.headers).text:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def test_four_parallel_streams_complete(client):

@@ -5,9 +5,15 @@ SSE chunks. Deltas are forwarded exactly as the worker produced them: stop-strin
 filtering happen in the worker, and splitting or re-joining text here could reintroduce what it held back.
 Errors before the first token (unknown model, prompt too long, busy) are real HTTP errors; once streaming has
 begun, an error is sent as a final `data: {"error": ...}` chunk, which OpenAI's clients raise.
+
+A client that hangs up cancels its generation in the worker (closing the worker connection is the cancel). A
+streamed response notices through Starlette, which stops the body iterator; a non-streamed one (and a request
+still waiting to be accepted) would not notice at all, because its handler never writes until the end, so
+`_unless_client_leaves` watches the ASGI receive channel for `http.disconnect` beside the worker exchange.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -16,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from mlxk.errors import MlxkError
 from mlxk.output import parse_iso
@@ -30,6 +36,7 @@ log = logging.getLogger("mlxk.server.openai")
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+CLIENT_CLOSED = 499  # nginx's "client closed request": what metrics record for a request whose client left
 
 
 # ---------------------------------------------------------------- models
@@ -140,6 +147,7 @@ class Run:
         self.state, self.gen, self.endpoint = state, gen, endpoint
         self.events = state.supervisor.generate(payload)
         self._first_token_seen = False
+        self._closed = False
         state.metrics.started()
 
     async def accepted(self) -> dict:
@@ -178,20 +186,61 @@ class Run:
                 return
 
     async def close(self, *, status: int = 200) -> None:
+        if self._closed:
+            return
+        self._closed = True
         await self.events.aclose()
         self.state.metrics.finished(self.endpoint, status)
 
 
 def _error_status(error: BaseException) -> int:
+    if isinstance(error, asyncio.CancelledError):
+        return CLIENT_CLOSED
     return error.http_status if isinstance(error, MlxkError) else 500
 
 
-async def _generate(state: ServerState, gen: Generation, payload: dict, endpoint: str):
+async def _generate(request: Request, state: ServerState, gen: Generation, payload: dict, endpoint: str):
     run = Run(state, gen, payload, endpoint)
-    await run.accepted()
-    if gen.stream:
-        return StreamingResponse(_sse(run), media_type="text/event-stream", headers=SSE_HEADERS)
-    return JSONResponse(await _collect(run))
+
+    async def exchange():
+        await run.accepted()
+        if gen.stream:  # from here on Starlette itself stops the stream when the client leaves
+            return StreamingResponse(_sse(run), media_type="text/event-stream", headers=SSE_HEADERS)
+        return JSONResponse(await _collect(run))
+
+    return await _unless_client_leaves(request, run, exchange())
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Return once the HTTP client has hung up.
+
+    The body was read already, so the ASGI server's next message on the receive channel is `http.disconnect`,
+    sent when the connection closes (uvicorn answers it at once if that happened before we asked).
+    """
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, run: Run, exchange):
+    """Run the worker exchange; if the client hangs up first, cancel it (which cancels the worker's row)."""
+    work = asyncio.ensure_future(exchange)
+    hangup = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({work, hangup}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server is shutting down this handler: the exchange goes with it
+        work.cancel()  # (its own error path closes the run)
+        raise
+    finally:
+        hangup.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    await asyncio.wait({work})
+    if not work.cancelled():
+        work.exception()  # mark it retrieved: whatever it ended with, nobody is left to receive it
+    await run.close(status=CLIENT_CLOSED)  # closes the worker connection: the worker drops the row at its next step
+    log.info("client of %s hung up before the reply: generation cancelled", run.gen.id)
+    return Response(status_code=CLIENT_CLOSED)  # nobody is left to read it
 
 
 async def _collect(run: Run) -> dict:
@@ -275,7 +324,7 @@ async def chat_completions(request: Request, state: State, rid: RequestId):
     gen = Generation("chat", servable.repo_id, bool(body.stream), body.include_usage() and bool(body.stream),
                      started)
     payload = _payload(rid, servable, "chat", params, messages=body.messages)
-    return await _generate(state, gen, payload, "chat")
+    return await _generate(request, state, gen, payload, "chat")
 
 
 @router.post("/v1/completions")
@@ -288,4 +337,4 @@ async def completions(request: Request, state: State, rid: RequestId):
     gen = Generation("completion", servable.repo_id, bool(body.stream), body.include_usage() and bool(body.stream),
                      started)
     payload = _payload(rid, servable, "completion", params, prompt=body.prompt_text())
-    return await _generate(state, gen, payload, "completion")
+    return await _generate(request, state, gen, payload, "completion")
