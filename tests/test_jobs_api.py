@@ -1,0 +1,222 @@
+"""The jobs API over real HTTP: a real `mlxk serve` subprocess, the job worker it starts on its own, and the test Hub.
+
+The server is started with HF_ENDPOINT pointing at the test Hub; the job worker the api starts in the background
+inherits the api's environment, so a pull queued over HTTP downloads from the test Hub into the server's cache.
+"""
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests import factory
+from tests.fixtures.hub import HUB_ENV
+from tests.fixtures.queue import reap_background_workers
+from tests.fixtures.server import API_KEY, SCRIPTED_ID, SCRIPTED_REPLY, spawn_server
+
+MiB = 1024 * 1024
+
+
+def hub_env(hub_server) -> dict:
+    """What a server needs to pull from the test Hub (server_env removes every HF_ variable and sets offline)."""
+    return {"HF_ENDPOINT": hub_server.endpoint, "HF_HUB_OFFLINE": "0", "MLXK_WORKER_IDLE": "30", **HUB_ENV}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, hub_server):
+    root = tmp_path_factory.mktemp("jobs-api")
+    srv = spawn_server(root, models={SCRIPTED_ID: {"reply": SCRIPTED_REPLY}}, api_key=API_KEY,
+                       env=hub_env(hub_server))
+    yield srv
+    srv.stop()
+    reap_background_workers(root / "mlxk")
+
+
+@pytest.fixture
+def client(server, hub):
+    with server.http(timeout=30) as http:
+        yield http
+
+
+def wait_job(client, job_id: str, states=("succeeded", "failed", "cancelled"), timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    job = None
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not reach {states} in {timeout}s: {job}")
+
+
+def slow_files(size: int = 3 * MiB) -> dict[str, bytes]:
+    blob = (b"mlxk-jobs-api" * (size // 13 + 1))[:size]
+    return {"config.json": b'{"model_type": "llama"}', "model.safetensors": blob, "tokenizer.json": b"{}"}
+
+
+def error_of(response: httpx.Response) -> dict:
+    return response.json()["error"]
+
+
+def test_pull_reaches_succeeded_and_the_model_is_listed_and_runnable(client, hub):
+    repo = hub.unique_repo("mlx-community/api-pulled")
+    hub.add_repo(repo, factory.tiny_model_files(reply=SCRIPTED_REPLY))
+    assert repo not in [m["name"] for m in client.get("/api/models").json()["models"]]
+
+    response = client.post("/api/jobs/pull", json={"model": repo})
+
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["kind"] == "pull" and job["target"] == repo and job["existing"] is False
+    assert job["state"] in ("queued", "running") and len(job["id"]) == 12
+    assert job["id"] in [j["id"] for j in client.get("/api/jobs").json()["jobs"]]
+    done = wait_job(client, job["id"][:6])   # a unique prefix names the job
+    assert done["state"] == "succeeded", done
+    assert done["progress"]["bytes_done"] == done["progress"]["bytes_total"] > 0
+    assert len(done["result"]["revision"]) == 40
+
+    models = {m["name"]: m for m in client.get("/api/models").json()["models"]}
+    assert models[repo]["health"] == "healthy" and models[repo]["framework"] == "MLX"
+    assert models[repo]["hash"] == done["result"]["revision"] and models[repo]["size_bytes"] > 0
+    assert SCRIPTED_ID in models    # the model the server started with is there too
+    assert repo in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    reply = client.post("/v1/chat/completions", json={"model": repo, "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == SCRIPTED_REPLY
+
+
+def test_models_are_the_list_json_data(client):
+    body = client.get("/api/models").json()
+    assert set(body) == {"models", "count", "pending"} and body["count"] == len(body["models"])
+    scripted = next(m for m in body["models"] if m["name"] == SCRIPTED_ID)
+    for field in ("name", "hash", "size_bytes", "last_modified", "framework", "model_type", "capabilities",
+                  "health", "runtime_compatible", "reason", "cached"):
+        assert field in scripted
+    assert scripted["model_type"] == "chat" and scripted["cached"] is True
+
+
+def test_duplicate_pull_cancel_and_retry(client, hub):
+    repo = hub.unique_repo("org/api-slow")
+    hub.add_repo(repo, slow_files())
+    hub.faults.rate_limit_bps = 1 * MiB    # ~3 s of download: time to see it running, join it and cancel it
+
+    first = client.post("/api/jobs/pull", json={"model": repo})
+    second = client.post("/api/jobs/pull", json={"model": repo})
+
+    assert first.status_code == 202 and second.status_code == 200, (first.text, second.text)
+    job_id = first.json()["id"]
+    assert second.json()["id"] == job_id and second.json()["existing"] is True
+    wait_job(client, job_id, states=("running",))
+    cancelled = client.post(f"/api/jobs/{job_id}/cancel", json={"purge": False})
+    assert cancelled.status_code == 200, cancelled.text
+    assert wait_job(client, job_id)["state"] == "cancelled"
+    again = client.post(f"/api/jobs/{job_id}/cancel")
+    assert again.status_code == 409 and error_of(again)["code"] == "conflict"
+
+    hub.faults.rate_limit_bps = None
+    retried = client.post(f"/api/jobs/{job_id}/retry")
+
+    assert retried.status_code == 202, retried.text
+    new = retried.json()
+    assert new["id"] != job_id and new["retry_of"] == job_id and new["target"] == repo
+    assert wait_job(client, new["id"])["state"] == "succeeded"
+    twice = client.post(f"/api/jobs/{new['id']}/retry")
+    assert twice.status_code == 409 and "only failed or cancelled jobs" in error_of(twice)["message"]
+    history = [j["id"] for j in client.get("/api/jobs", params={"all": "1"}).json()["jobs"]]
+    assert job_id in history and new["id"] in history
+
+
+@pytest.mark.parametrize("body, code", [
+    ({"model": "../etc"}, "invalid_name"),
+    ({"model": "bare-name"}, "invalid_name"),
+    ({"model": "org/na..me"}, "invalid_name"),
+    ({"model": "a/b/c"}, "invalid_name"),
+    ({}, "invalid_request"),
+    ({"model": "org/name", "include": "*.json"}, "invalid_request"),
+])
+def test_bad_pull_requests_are_400_and_queue_nothing(client, body, code):
+    before = len(client.get("/api/jobs", params={"all": "1"}).json()["jobs"])
+
+    response = client.post("/api/jobs/pull", json=body)
+
+    assert response.status_code == 400, response.text
+    assert error_of(response)["code"] == code and error_of(response)["type"] == "invalid_request_error"
+    assert response.headers["x-request-id"]
+    assert len(client.get("/api/jobs", params={"all": "1"}).json()["jobs"]) == before
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/api/jobs/0123456789ab"),
+    ("POST", "/api/jobs/0123456789ab/cancel"),
+    ("POST", "/api/jobs/0123456789ab/retry"),
+])
+def test_unknown_job_is_404(client, method, path):
+    response = client.request(method, path)
+    assert response.status_code == 404, response.text
+    assert error_of(response)["code"] == "job_not_found" and "no job matches" in error_of(response)["message"]
+
+
+def test_scan_is_queued_as_a_job(client):
+    response = client.post("/api/jobs/scan", json={"repos": [SCRIPTED_ID]})
+    assert response.status_code in (200, 202), response.text
+    job = response.json()
+    assert job["kind"] == "scan"
+    assert wait_job(client, job["id"])["state"] == "succeeded"
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("GET", "/api/models", None),
+    ("GET", "/api/jobs", None),
+    ("GET", "/api/jobs/0123456789ab", None),
+    ("POST", "/api/jobs/pull", {"model": "org/name"}),
+    ("POST", "/api/jobs/0123456789ab/cancel", None),
+    ("POST", "/api/jobs/0123456789ab/retry", None),
+    ("POST", "/api/jobs/scan", None),
+])
+def test_api_key_is_required(server, method, path, body):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        response = httpx.request(method, server.url + path, json=body, headers=headers, timeout=10)
+        assert response.status_code == 401, (path, response.text)
+        assert error_of(response)["code"] == "invalid_api_key"
+
+
+def test_page_and_assets_need_no_key_and_nothing_else_is_served(server):
+    page = httpx.get(server.url + "/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src" not in page.headers["content-security-policy"]   # default-src 'self' covers scripts
+    assert "/ui/app.js" in page.text and "http" not in page.text.replace("http-equiv", "")  # no CDN
+    for name, media in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        asset = httpx.get(f"{server.url}/ui/{name}", timeout=10)
+        assert asset.status_code == 200 and asset.headers["content-type"].startswith(media)
+    for path in ("/ui/missing.js", "/ui/..%2Froutes%2Fui.py", "/ui/.hidden.js"):
+        assert httpx.get(server.url + path, timeout=10).status_code == 404, path
+
+
+def test_the_event_loop_stays_free_while_a_cancel_waits(client, server, hub):
+    """jobs.cancel waits up to ~3 s for a running task to stop; /health must answer meanwhile."""
+    import threading
+
+    repo = hub.unique_repo("org/api-loop")
+    hub.add_repo(repo, slow_files(4 * MiB))
+    hub.faults.rate_limit_bps = 1 * MiB
+    job_id = client.post("/api/jobs/pull", json={"model": repo}).json()["id"]
+    wait_job(client, job_id, states=("running",))
+    results = {}
+
+    def cancel():
+        started = time.monotonic()
+        results["cancel"] = client.post(f"/api/jobs/{job_id}/cancel")
+        results["cancel_s"] = time.monotonic() - started
+
+    thread = threading.Thread(target=cancel)
+    thread.start()
+    time.sleep(0.05)
+    health_s = []
+    while not health_s or thread.is_alive():
+        started = time.monotonic()
+        assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+        health_s.append(time.monotonic() - started)
+        time.sleep(0.05)
+    thread.join()
+    assert results["cancel"].status_code == 200
+    assert max(health_s) < 0.5, (health_s, results["cancel_s"])
