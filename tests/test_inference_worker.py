@@ -198,3 +198,27 @@ def test_second_worker_on_a_live_socket_refuses_and_leaves_it_alone(tmp_path):
     assert second.returncode == 1 and "already serving" in second.stderr
     assert protocol.call(sock, {"op": "ping"})["pid"] == proc.pid
     assert stop_worker(proc) == 0
+
+
+def test_worker_holds_the_socket_lock_so_a_racing_second_worker_refuses(tmp_path):
+    """Two workers starting together (honcho's and the api's) must not both bind: the lock decides, before
+    either touches the socket path, and the kernel frees it when its holder dies."""
+    import fcntl
+
+    from workers.inference.server import socket_lock_path
+
+    sock = str(tmp_path / "inference.sock")
+    with open(socket_lock_path(sock), "w") as held:  # a worker that is still starting: lock taken, no socket yet
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        env = {**os.environ, "MLXK_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+        second = subprocess.run([sys.executable, "-m", "workers.inference", "--socket", sock], cwd=str(tmp_path),
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and "already serving" in second.stderr
+        assert not Path(sock).exists()
+    proc, sock = start_worker(tmp_path)
+    with open(socket_lock_path(sock), "w") as probe, pytest.raises(BlockingIOError):
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    proc.kill()
+    proc.wait(10)
+    with open(socket_lock_path(sock), "w") as probe:
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a killed worker leaves no lock behind

@@ -3,11 +3,19 @@
 The engine's loop owns MLX and runs elsewhere (the process's main thread). Events come back through
 one `call_soon_threadsafe` per decode step (`deliver`), are fanned out to per-request asyncio queues,
 and written as JSON lines. A connection that closes cancels its request (see protocol.py).
+
+One worker per socket: a worker holds an exclusive flock on `<socket>.lock` (socket_lock_path) for its whole
+life, taken before it touches the socket path. Checking "is anyone serving?" and binding are two steps, and
+binding replaces an existing socket file, so without the lock two workers starting together (honcho's
+`inference` line and one the api starts on a first request) could both bind, the second one orphaning the
+first. The loser of the lock exits at once; the api's supervisor then uses the winner. The kernel drops the
+lock when the process dies, however it dies, so a stale lock never blocks a new worker.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import threading
@@ -22,6 +30,12 @@ log = logging.getLogger("mlxk.inference.server")
 
 IDLE_CHECK_S = 1.0
 SHUTDOWN_GRACE_S = 3.0
+LOCK_RETRY_S = 0.5   # the api's supervisor probes the lock by taking it for an instant: do not lose to a probe
+
+
+def socket_lock_path(socket_path: str | Path) -> Path:
+    """The lock file a live worker holds for its socket (mlxk/server/supervisor.py probes it too)."""
+    return Path(f"{socket_path}.lock")
 
 
 class WorkerServer:
@@ -35,6 +49,7 @@ class WorkerServer:
         self._handlers: set[asyncio.Task] = set()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock_fd: int | None = None
         self.stopped_idle = False
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -93,19 +108,39 @@ class WorkerServer:
                 await asyncio.wait(self._handlers, timeout=SHUTDOWN_GRACE_S)
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
+            self._release_lock()  # after the unlink: a successor never sees our socket file as its own
             log.info("inference worker stopped listening")
 
     def _claim_socket_path(self) -> None:
-        """Remove a stale socket left by a dead worker; refuse to steal one a live worker still serves."""
+        """Take the socket's lock, then remove a stale socket left by a dead worker; refuse to steal a live one."""
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(socket_lock_path(self.socket_path), os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + LOCK_RETRY_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                os.close(fd)
+                raise RuntimeError(f"another inference worker is already serving {self.socket_path}") from None
+        self._lock_fd = fd
         if not self.socket_path.exists():
-            self.socket_path.parent.mkdir(parents=True, exist_ok=True)
             return
-        try:
+        try:  # a worker of a version without the lock may still serve it
             protocol.call(str(self.socket_path), {"op": protocol.OP_PING}, timeout=2)
         except (OSError, ValueError):
             self.socket_path.unlink()
             return
+        self._release_lock()
         raise RuntimeError(f"another inference worker is already serving {self.socket_path}")
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     async def _watch_idle(self) -> None:
         while True:
