@@ -11,7 +11,7 @@ import pytest
 
 from tests import factory
 from tests.fixtures.queue import reap_background_workers
-from tests.fixtures.server import API_KEY, SCRIPTED_ID, SCRIPTED_REPLY, spawn_server
+from tests.fixtures.server import API_KEY, RANDOM_ID, SCRIPTED_ID, SCRIPTED_REPLY, spawn_server
 from tests.test_jobs_api import hub_env
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -20,6 +20,9 @@ MISSING = ("the browser test needs Debian's chromium and chromedriver at /usr/bi
            "/usr/bin/chromedriver: run `make test` (it installs them) or `sudo apt-get install chromium "
            "chromium-driver`")
 WAIT_S = 30
+THINKING_ID = "mlx-community/tiny-thinking"   # reasons "Hello", then answers " world!"
+MODELS = {SCRIPTED_ID: {"reply": SCRIPTED_REPLY}, THINKING_ID: {"reasoning": True, "reply": "Hello</think> world!"},
+          RANDOM_ID: {}}
 
 
 def browser_missing() -> list[str]:
@@ -29,8 +32,7 @@ def browser_missing() -> list[str]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, hub_server):
     root = tmp_path_factory.mktemp("web-ui")
-    srv = spawn_server(root, models={SCRIPTED_ID: {"reply": SCRIPTED_REPLY}}, api_key=API_KEY,
-                       env=hub_env(hub_server))
+    srv = spawn_server(root, models=MODELS, api_key=API_KEY, env=hub_env(hub_server))
     yield srv
     srv.stop()
     reap_background_workers(root / "mlxk")
@@ -174,6 +176,62 @@ def test_chat_streams_the_reply_and_keeps_the_conversation(browser, server):
     assert find_all(browser, ".msg.user .content")[1].text == markup
     assert not find_all(browser, "#chat-log img") and not find_all(browser, "#chat-log b")
     assert browser.title == "mlxk"
+
+
+def chat_turns(driver) -> list[dict]:
+    """Every message of the chat log: role, content, reasoning (collapsed or not), note; textContent, not layout."""
+    return driver.execute_script("""
+        return [...document.querySelectorAll('#chat-log .msg')].map((m) => {
+            const details = m.querySelector('details');
+            return {role: m.classList.contains('user') ? 'user' : 'assistant',
+                    content: m.querySelector('.content').textContent,
+                    reasoning: details && !details.hidden ? details.querySelector('.reasoning').textContent : null,
+                    open: details ? details.open : null,
+                    note: m.querySelector('.note') ? m.querySelector('.note').textContent : null};
+        });""")
+
+
+def send_chat(driver, model: str, text: str) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    wait_until(driver, lambda d: model in [o.get_attribute("value") for o in find_all(d, "#chat-model option")],
+               f"{model} in the chat model picker")
+    Select(find(driver, "#chat-model")).select_by_value(model)
+    find(driver, "#chat-input").send_keys(text)
+    find(driver, "#chat-send").click()
+
+
+def test_reasoning_is_shown_apart_and_collapsed(browser, server):
+    open_dashboard(browser, server)
+    find(browser, "#chat-clear").click()
+
+    send_chat(browser, THINKING_ID, "hi")
+
+    wait_until(browser, lambda d: (chat_turns(d) or [{}])[-1].get("note"), "the reply to finish", timeout=60)
+    reply = chat_turns(browser)[-1]
+    assert reply["reasoning"] == "Hello" and reply["content"] == " world!" and reply["open"] is False, reply
+
+
+def test_stop_aborts_the_stream_and_keeps_the_partial_reply(browser, server):
+    import httpx
+
+    open_dashboard(browser, server)
+    find(browser, "#chat-clear").click()
+    send_chat(browser, RANDOM_ID, "count")   # random weights: runs to the token limit unless stopped
+    wait_until(browser, lambda d: len((chat_turns(d) or [{}])[-1].get("content") or "") > 0, "the first tokens")
+
+    find(browser, "#chat-stop").click()
+
+    wait_until(browser, lambda d: chat_turns(d)[-1]["note"], "the stopped note")
+    reply = chat_turns(browser)[-1]
+    assert reply["note"] == "stopped" and reply["content"], reply
+    assert find(browser, "#chat-stop").get_attribute("disabled") is not None
+    assert find(browser, "#chat-send").get_attribute("disabled") is None
+    # The server saw the hang-up and cancelled the generation: nothing keeps running in the inference worker
+    # (a full 2048-token run of this model takes ~5 s on a 2-core CPU; the stop came well before).
+    with server.http(timeout=10) as http:
+        wait_until(browser, lambda d: http.get("/api/ps").json()["running"] == 0, "the generation to be cancelled",
+                   timeout=3)
 
 
 def test_pull_from_the_form_runs_to_succeeded_and_lists_the_model(browser, server, hub):

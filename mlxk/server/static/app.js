@@ -399,6 +399,7 @@ async function send(event) {
   } finally {
     controller = null;
     updateChatButtons();
+    showServer();   // the first request starts the inference worker
   }
 }
 
