@@ -336,3 +336,99 @@ def test_killed_worker_gives_retryable_503_to_waiting_request(server, client):
     assert (body["type"], body["code"], body["retryable"]) == ("server_error", "worker_restarting", True)
     assert response.headers["retry-after"] == "1"
     assert client.chat.completions.create(model=SCRIPTED_ID, messages=HI).choices[0].message.content == SCRIPTED_REPLY
+
+
+# ---------------------------------------------------------------- two workers for one socket (honcho)
+
+
+class FakeExternalWorker:
+    """Stands in for honcho's `inference` worker: takes the socket's lock first, answers pings once listening."""
+
+    def __init__(self, sock: str):
+        self.sock = sock
+        self.handle = None
+        self.server = None
+
+    def lock(self) -> None:
+        import fcntl
+
+        self.handle = open(f"{self.sock}.lock", "w")
+        fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    async def listen(self) -> None:
+        import asyncio
+
+        async def pong(reader, writer):
+            await reader.readline()
+            writer.write(json.dumps({"event": "pong", "pid": os.getpid()}).encode() + b"\n")
+            await writer.drain()
+            writer.close()
+
+        self.server = await asyncio.start_unix_server(pong, path=self.sock)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        if self.handle is not None:
+            self.handle.close()
+
+
+def _supervisor(tmp_path):
+    from mlxk.server.supervisor import Supervisor, WorkerOptions
+
+    return Supervisor(WorkerOptions(socket=tmp_path / "inference.sock", max_loaded=1, keep_alive_s=5.0,
+                                    max_waiting=4, max_prompt_tokens=1000))
+
+
+def test_supervisor_waits_for_a_starting_external_worker_instead_of_starting_a_rival(tmp_path):
+    import asyncio
+
+    async def scenario():
+        sup = _supervisor(tmp_path)
+        fake = FakeExternalWorker(sup.socket)
+        fake.lock()                       # started by honcho, no socket yet
+        await sup.start()
+        ensure = asyncio.create_task(sup.ensure())
+        try:
+            await asyncio.sleep(1.0)
+            assert not ensure.done() and sup.child_pid is None   # waiting for it; no second worker
+            await fake.listen()
+            await asyncio.wait_for(ensure, 10)
+            assert sup.state() == {"state": "ready", "pid": None, "managed": False, "restarts": 0}
+        finally:
+            ensure.cancel()
+            await sup.stop()
+            await fake.close()
+
+    asyncio.run(scenario())
+
+
+def test_supervisor_uses_the_worker_that_won_the_socket_from_its_child(tmp_path):
+    import asyncio
+
+    async def scenario():
+        sup = _supervisor(tmp_path)
+        fake = FakeExternalWorker(sup.socket)
+        await sup.start()
+        ensure = asyncio.create_task(sup.ensure())   # nothing there yet: the api starts its own worker...
+        try:
+            deadline = time.monotonic() + 5
+            while sup.child_pid is None:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.001)
+            child = sup.child_pid
+            fake.lock()                                  # ...and honcho's takes the socket first
+            await fake.listen()
+            await asyncio.wait_for(ensure, 60)           # the child exits ("already serving"): no 503, the winner
+            assert sup.state()["managed"] is False and sup.child_pid is None
+            with pytest.raises(ProcessLookupError):
+                os.kill(child, 0)                        # gone and reaped
+            await asyncio.sleep(1.5)                     # three monitor rounds: nothing restarts the loser
+            assert sup.restarts == 0 and sup.child_pid is None
+        finally:
+            ensure.cancel()
+            await sup.stop()
+            await fake.close()
+
+    asyncio.run(scenario())

@@ -6,10 +6,23 @@ must find a working worker again. A worker already listening on the socket (the 
 Procfile under honcho) is used as is; otherwise the api starts one as its child, on the first request that needs
 it, and restarts it when it exits. The api never imports mlx: the worker is a separate `python -m
 workers.inference` process and this module speaks only the JSON-lines protocol of workers/inference/protocol.py.
+
+Two workers for one socket (honcho starts the api and the `inference` worker together, so the first request can
+reach the api before that worker has created its socket) are settled by the worker's lock file, `<socket>.lock`,
+which a worker holds from before it binds until it exits (workers/inference/server.py):
+- before starting a child, the api looks for an external worker: one that answers a ping is used; a held lock
+  with no answer yet is a worker still starting, and the api waits for it (up to START_TIMEOUT_S) instead of
+  starting a rival; a socket file nobody answers on gets EXTERNAL_GRACE_S, then the api starts its own;
+- if the api's child still loses the race (it exits at once: "already serving"), the api adopts the winner
+  instead of failing the request, and stops managing a child, so nothing restarts the loser in a loop;
+- when its child dies, the api first checks whether another worker took the socket over, and uses it if so.
+An external worker is never stopped by the api; when it dies, the next request finds nothing, and the api starts
+its own.
 """
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -49,6 +62,26 @@ class WorkerOptions:
                 "--max-waiting", str(self.max_waiting), "--max-prompt-tokens", str(self.max_prompt_tokens)]
 
 
+def _lock_held(path: str) -> bool:
+    """True while a live worker (starting or serving) holds the socket's lock file.
+
+    Probing takes the lock for an instant; a worker starting in that instant retries (server.LOCK_RETRY_S).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # also releases the lock if we got it
+    return False
+
+
 def _die_with_parent() -> None:
     """Linux: the worker gets SIGTERM if the api dies without cleaning up (SIGKILL), so no orphan keeps the socket."""
     try:
@@ -64,6 +97,7 @@ class Supervisor:
     def __init__(self, options: WorkerOptions):
         self.options = options
         self.socket = str(options.socket)
+        self.lock_path = f"{self.socket}.lock"   # workers/inference/server.py: socket_lock_path
         self._proc: subprocess.Popen | None = None
         self._started_at = 0.0
         self._ready = False
@@ -126,17 +160,29 @@ class Supervisor:
 
     async def _connect_or_spawn(self) -> None:
         if self.child_pid is None:
-            deadline = time.monotonic() + (EXTERNAL_GRACE_S if os.path.exists(self.socket) else 0)
-            while True:
-                if await self._ping():
-                    log.info("using the inference worker already listening on %s", self.socket)
-                    self._external, self._ready = True, True
-                    return
-                if time.monotonic() >= deadline:
-                    break
-                await asyncio.sleep(0.1)
+            grace = EXTERNAL_GRACE_S if os.path.exists(self.socket) else 0.0
+            if await self._find_external(grace):
+                return
             self._spawn()
         await self._wait_ready()
+
+    async def _find_external(self, grace: float) -> bool:
+        """Use a worker someone else runs; wait for one that holds the lock but is still starting."""
+        started = time.monotonic()
+        while True:
+            if await self._ping():
+                self._adopt_external()
+                return True
+            waited = time.monotonic() - started
+            if waited >= START_TIMEOUT_S or (waited >= grace and not _lock_held(self.lock_path)):
+                return False
+            await asyncio.sleep(0.05)
+
+    def _adopt_external(self) -> None:
+        if not (self._external and self._ready):
+            log.info("using the inference worker already listening on %s", self.socket)
+        self._proc = None  # a child of ours that gave way has exited: nothing to manage or restart
+        self._external, self._ready = True, True
 
     def _spawn(self) -> None:
         self._external = False
@@ -152,22 +198,25 @@ class Supervisor:
         proc = self._proc
         while time.monotonic() < deadline:
             if proc is None or proc.poll() is not None:
+                if await self._find_external(0.0):  # it lost the socket to a worker started beside it (honcho's)
+                    return
                 code = None if proc is None else proc.returncode
                 raise WorkerRestarting(f"the inference worker exited while starting (exit code {code}); "
                                        "see the server log")
-            if await self._ping():
+            if await self._ping() == proc.pid:  # not another worker that answers while ours still starts
                 self._ready = True
                 log.info("inference worker ready (pid %s) after %.1fs", proc.pid, time.monotonic() - self._started_at)
                 return
             await asyncio.sleep(0.05)
         raise WorkerRestarting(f"the inference worker did not answer on {self.socket} within {START_TIMEOUT_S:.0f}s")
 
-    async def _ping(self) -> bool:
+    async def _ping(self) -> int | None:
+        """The pid of the worker answering on the socket, or None."""
         try:
             reply = await asyncio.wait_for(self._single({"op": protocol.OP_PING}), PING_TIMEOUT_S)
         except (OSError, ConnectionError, asyncio.TimeoutError, ValueError):
-            return False
-        return reply.get("event") == protocol.EV_PONG
+            return None
+        return reply.get("pid") if reply.get("event") == protocol.EV_PONG else None
 
     async def _watch(self) -> None:
         """Restart a managed worker that exits; the requests it was serving already got their 503."""
@@ -186,6 +235,8 @@ class Supervisor:
             async with self._lock:
                 if self._proc is proc and not self._stopping:
                     self._ready = False
+                    if await self._find_external(0.0):  # another worker took the socket over: use it
+                        continue
                     self._spawn()
                     try:
                         await self._wait_ready()
@@ -210,7 +261,7 @@ class Supervisor:
             # An external worker (honcho's `inference` line) may be up before this api has used it.
             if self.child_pid is not None or not await self._ping():
                 return None
-            self._external, self._ready = True, True
+            self._adopt_external()
         await self.ensure()
         try:
             reply = await self._single(payload)
