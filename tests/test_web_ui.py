@@ -147,37 +147,6 @@ def test_page_asks_for_the_key_then_lists_the_cached_model(browser, server):
                "the chat model picker")
 
 
-def test_chat_streams_the_reply_and_keeps_the_conversation(browser, server):
-    from selenium.webdriver.support.ui import Select
-
-    open_dashboard(browser, server)
-    wait_until(browser, lambda d: SCRIPTED_ID in [o.get_attribute("value") for o in find_all(d, "#chat-model option")],
-               "the chat model picker")
-    Select(find(browser, "#chat-model")).select_by_value(SCRIPTED_ID)
-    find(browser, "#chat-input").send_keys("hi")
-    find(browser, "#chat-send").click()
-
-    done = lambda d: [n.text for n in find_all(d, ".msg.assistant .note") if n.text]  # noqa: E731
-    wait_until(browser, done, "the streamed reply to finish", timeout=60)
-    replies = find_all(browser, ".msg.assistant .content")
-    assert [r.text for r in replies] == [SCRIPTED_REPLY]
-    assert [u.text for u in find_all(browser, ".msg.user .content")] == ["hi"]
-    # "N tokens, T s": the usage chunk of the stream (stream_options.include_usage) reached the page.
-    count = done(browser)[0].split(" tokens")[0]
-    assert count.isdigit() and int(count) >= 3, done(browser)
-    assert find(browser, "#chat-stop").get_attribute("disabled") is not None
-
-    # A second turn: markup in a message is shown as text, never parsed; the reply streams into a new bubble.
-    markup = '<img src=x onerror="document.title=\'pwned\'"><b>bold</b>'
-    find(browser, "#chat-input").send_keys(markup)
-    find(browser, "#chat-send").click()
-    wait_until(browser, lambda d: len(done(d)) == 2, "the second reply", timeout=60)
-    assert [r.text for r in find_all(browser, ".msg.assistant .content")] == [SCRIPTED_REPLY, SCRIPTED_REPLY]
-    assert find_all(browser, ".msg.user .content")[1].text == markup
-    assert not find_all(browser, "#chat-log img") and not find_all(browser, "#chat-log b")
-    assert browser.title == "mlxk"
-
-
 def chat_turns(driver) -> list[dict]:
     """Every message of the chat log: role, content, reasoning (collapsed or not), note; textContent, not layout."""
     return driver.execute_script("""
@@ -199,6 +168,33 @@ def send_chat(driver, model: str, text: str) -> None:
     Select(find(driver, "#chat-model")).select_by_value(model)
     find(driver, "#chat-input").send_keys(text)
     find(driver, "#chat-send").click()
+
+
+def test_chat_streams_the_reply_and_keeps_the_conversation(browser, server):
+    open_dashboard(browser, server)
+    find(browser, "#chat-clear").click()
+
+    send_chat(browser, SCRIPTED_ID, "hi")
+
+    done = lambda d: [n.text for n in find_all(d, ".msg.assistant .note") if n.text]  # noqa: E731
+    wait_until(browser, done, "the streamed reply to finish", timeout=60)
+    replies = find_all(browser, ".msg.assistant .content")
+    assert [r.text for r in replies] == [SCRIPTED_REPLY]
+    assert [u.text for u in find_all(browser, ".msg.user .content")] == ["hi"]
+    # "N tokens, T s": the usage chunk of the stream (stream_options.include_usage) reached the page.
+    count = done(browser)[0].split(" tokens")[0]
+    assert count.isdigit() and int(count) >= 3, done(browser)
+    assert find(browser, "#chat-stop").get_attribute("disabled") is not None
+
+    # A second turn: markup in a message is shown as text, never parsed; the reply streams into a new bubble.
+    markup = '<img src=x onerror="document.title=\'pwned\'"><b>bold</b>'
+    find(browser, "#chat-input").send_keys(markup)
+    find(browser, "#chat-send").click()
+    wait_until(browser, lambda d: len(done(d)) == 2, "the second reply", timeout=60)
+    assert [r.text for r in find_all(browser, ".msg.assistant .content")] == [SCRIPTED_REPLY, SCRIPTED_REPLY]
+    assert find_all(browser, ".msg.user .content")[1].text == markup
+    assert not find_all(browser, "#chat-log img") and not find_all(browser, "#chat-log b")
+    assert browser.title == "mlxk"
 
 
 def test_reasoning_is_shown_apart_and_collapsed(browser, server):
