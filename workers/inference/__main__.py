@@ -11,16 +11,10 @@ log = logging.getLogger("mlxk.inference.main")
 
 
 def _defaults() -> dict:
-    """Option defaults from mlxk.config (one place for env vars); plain constants if it cannot be read."""
-    fallback = {"socket": None, "max_loaded": 1, "keep_alive": 300.0, "max_waiting": 64, "max_prompt_tokens": 32768}
-    try:
-        from mlxk.config import settings
-        from mlxk.errors import MlxkError
+    """Option defaults from mlxk.config, the one place environment variables are read."""
+    from mlxk.config import settings
 
-        s = settings()
-    except (ImportError, MlxkError) as e:
-        print(f"mlxk.config unavailable ({e}); using built-in defaults", file=sys.stderr)
-        return fallback
+    s = settings()
     return {"socket": str(s.inference_socket), "max_loaded": s.max_loaded, "keep_alive": s.keep_alive_s,
             "max_waiting": s.max_waiting, "max_prompt_tokens": s.max_prompt_tokens}
 
@@ -28,7 +22,7 @@ def _defaults() -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = _defaults()
     p = argparse.ArgumentParser(prog="python -m workers.inference", description="mlxk inference worker")
-    p.add_argument("--socket", default=d["socket"], required=d["socket"] is None, help="Unix socket path to serve")
+    p.add_argument("--socket", default=d["socket"], help="Unix socket path to serve")
     p.add_argument("--max-loaded", type=int, default=d["max_loaded"], help="models resident at once (LRU)")
     p.add_argument("--keep-alive", type=float, default=d["keep_alive"], help="seconds an idle model stays loaded")
     p.add_argument("--max-waiting", type=int, default=d["max_waiting"], help="queued requests before 'busy'")
@@ -40,7 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    from mlxk.errors import MlxkError
+
+    try:
+        args = parse_args(argv)
+    except MlxkError as error:  # a bad environment variable: say which, no traceback
+        print(f"Error: {error.message}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .engine import Engine
