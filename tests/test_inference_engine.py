@@ -276,6 +276,18 @@ def test_requests_arriving_close_together_share_the_first_prefill(models, engine
     assert len(_first_token_steps(e, models["chat"], stagger_s=0.05)) == steps
 
 
+def test_one_at_a_time_clients_do_not_pay_the_window(models, engine):
+    """The window only opens while traffic comes in bursts: lone requests after a lone request start at once."""
+    e = engine(coalesce_gap_s=0.3, coalesce_max_s=0.3).start()
+    first = run(e, chat(models["chat"], max_tokens=1))
+    assert first[-1]["timings"]["ttft_s"] >= 0.3   # nothing learned yet: the very first one waits for company
+    lone = []
+    for messages in PROMPTS[1:3]:
+        time.sleep(0.4)
+        lone.append(run(e, chat(models["chat"], messages, max_tokens=1))[-1]["timings"]["ttft_s"])
+    assert max(lone) < 0.25, lone
+
+
 def test_cancel_frees_the_row(models, engine):
     e = engine().start()
     ticket = e.submit(chat(models["chat"], max_tokens=1500))

@@ -12,9 +12,11 @@ Admission: requests of one burst (parallel clients) reach the worker a few ms ap
 them one after another. A batch that starts from nothing therefore waits up to COALESCE_GAP_S after the latest
 arrival (at most COALESCE_MAX_S after the first) before its first `next()`, so the burst is prefilled in one
 forward pass instead of the first request alone and the rest one step later (which costs every row of the burst
-an extra prefill and an extra first-token step). A lone request pays at most COALESCE_GAP_S, and its own
-tokenization counts towards it. While rows decode nothing waits: arrivals join at the next step, and the inbox
-is drained whole before every `next()`.
+an extra prefill and an extra first-token step). It waits only while traffic comes in bursts: when the last
+batch that started from nothing had no company within COALESCE_MAX_S, the next one starts at once, so one-at-a-
+time clients never pay the window (the first burst after such a quiet spell is split once, then the window is
+back). While rows decode nothing waits: arrivals join at the next step, and the inbox is drained whole before
+every `next()`.
 
 Defaults documented for the api: max_tokens null -> min(2048, context length - prompt tokens), and an
 explicit max_tokens is also capped there; temperature null -> 0 (greedy, as mlx_lm.server); unload of
@@ -220,6 +222,8 @@ class Engine:
         self._failed = False
         self._thread: threading.Thread | None = None
         self.last_activity = time.time()
+        self._expect_burst = True      # did the last batch started from nothing get company? (see _gather_arrivals)
+        self._burst_origin: float | None = None   # when that batch's first request was submitted
 
     # ---- public, any thread -------------------------------------------------------------------------------
 
@@ -352,7 +356,9 @@ class Engine:
         """A batch just started from nothing: let requests arriving within a few ms share its first prefill."""
         submitted = [row.ticket.submitted_at for row in self._rows.values()]
         latest, cap = max(submitted), min(submitted) + self.coalesce_max_s
-        while not self._stopping:
+        wait = self._expect_burst or len(submitted) > 1
+        self._burst_origin, self._expect_burst = min(submitted), len(submitted) > 1  # _admit sets it on company
+        while wait and not self._stopping:
             remaining = min(latest + self.coalesce_gap_s, cap) - time.perf_counter()
             if remaining <= 0:
                 break
@@ -447,6 +453,9 @@ class Engine:
     def _admit(self, ticket: Ticket) -> None:
         request = ticket.request
         params = request.params
+        origin = self._burst_origin
+        if origin is not None and 0 < ticket.submitted_at - origin <= self.coalesce_max_s:
+            self._expect_burst = True  # company for a batch that started from nothing, caught or missed
         lm = self._activate(request.model, params.keep_alive)
         tokens = self._tokenize(lm, request)
         n = len(tokens)
