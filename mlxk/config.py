@@ -34,6 +34,7 @@ class Settings:
     worker_idle_s: float       # MLXK_WORKER_IDLE: a background job worker exits after this idle time
     server_idle_s: float       # MLXK_SERVER_IDLE: a server started by `mlxk run` exits after this idle time
     hub_offline: bool          # HF_HUB_OFFLINE
+    inference_external: bool   # MLXK_INFERENCE_EXTERNAL: the api uses a worker started by others, never its own
 
     @property
     def state_db(self) -> Path:
@@ -138,4 +139,5 @@ def settings() -> Settings:
         worker_idle_s=_number("MLXK_WORKER_IDLE", 300.0),
         server_idle_s=_number("MLXK_SERVER_IDLE", 900.0),
         hub_offline=_flag("HF_HUB_OFFLINE"),
+        inference_external=_flag("MLXK_INFERENCE_EXTERNAL"),
     )

@@ -374,11 +374,42 @@ class FakeExternalWorker:
             self.handle.close()
 
 
-def _supervisor(tmp_path):
+def _supervisor(tmp_path, *, external=False):
     from mlxk.server.supervisor import Supervisor, WorkerOptions
 
     return Supervisor(WorkerOptions(socket=tmp_path / "inference.sock", max_loaded=1, keep_alive_s=5.0,
-                                    max_waiting=4, max_prompt_tokens=1000))
+                                    max_waiting=4, max_prompt_tokens=1000, external=external))
+
+
+def test_external_mode_never_starts_a_worker_and_waits_for_honchos(tmp_path, monkeypatch):
+    """MLXK_INFERENCE_EXTERNAL (the Procfile's api line): even with no lock and no socket yet, the api waits."""
+    import asyncio
+
+    from mlxk.server import supervisor
+
+    monkeypatch.setattr(supervisor, "EXTERNAL_WAIT_S", 3.0)
+
+    async def scenario():
+        sup = _supervisor(tmp_path, external=True)
+        fake = FakeExternalWorker(sup.socket)
+        await sup.start()
+        ensure = asyncio.create_task(sup.ensure())
+        try:
+            await asyncio.sleep(1.0)
+            assert not ensure.done() and sup.child_pid is None
+            await fake.listen()
+            await asyncio.wait_for(ensure, 10)
+            assert sup.state()["managed"] is False and sup.child_pid is None
+            await fake.close()
+            sup._lost()
+            with pytest.raises(supervisor.WorkerRestarting, match="MLXK_INFERENCE_EXTERNAL"):
+                await sup.ensure()                  # gone for good: a clear 503, still no worker of our own
+            assert sup.child_pid is None
+        finally:
+            ensure.cancel()
+            await sup.stop()
+
+    asyncio.run(scenario())
 
 
 def test_supervisor_waits_for_a_starting_external_worker_instead_of_starting_a_rival(tmp_path):

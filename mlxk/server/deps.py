@@ -49,7 +49,8 @@ class ServerConfig:
     def worker_options(self) -> WorkerOptions:
         s = self.settings
         return WorkerOptions(socket=s.inference_socket, max_loaded=self.max_loaded, keep_alive_s=self.keep_alive_s,
-                             max_waiting=s.max_waiting, max_prompt_tokens=s.max_prompt_tokens)
+                             max_waiting=s.max_waiting, max_prompt_tokens=s.max_prompt_tokens,
+                             external=s.inference_external)
 
 
 @dataclass

@@ -42,6 +42,7 @@ log = logging.getLogger("mlxk.server.supervisor")
 
 START_TIMEOUT_S = 120.0     # importing mlx on a cold, busy machine can take a while
 EXTERNAL_GRACE_S = 3.0      # a socket file with no answer may be a worker still starting (honcho starts both)
+EXTERNAL_WAIT_S = 30.0      # with MLXK_INFERENCE_EXTERNAL: how long a request waits for the worker to come up
 PING_TIMEOUT_S = 2.0
 STOP_TIMEOUT_S = 10.0
 MONITOR_INTERVAL_S = 0.5
@@ -55,6 +56,7 @@ class WorkerOptions:
     keep_alive_s: float
     max_waiting: int
     max_prompt_tokens: int
+    external: bool = False   # MLXK_INFERENCE_EXTERNAL: someone else (honcho's `inference` line) runs the worker
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "workers.inference", "--socket", str(self.socket),
@@ -159,6 +161,11 @@ class Supervisor:
             await self._connect_or_spawn()
 
     async def _connect_or_spawn(self) -> None:
+        if self.options.external:
+            if await self._find_external(EXTERNAL_WAIT_S):
+                return
+            raise WorkerRestarting(f"no inference worker answers on {self.socket} (MLXK_INFERENCE_EXTERNAL is set, so "
+                                   "the api does not start one): start `python -m workers.inference`")
         if self.child_pid is None:
             grace = EXTERNAL_GRACE_S if os.path.exists(self.socket) else 0.0
             if await self._find_external(grace):
