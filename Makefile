@@ -1,13 +1,13 @@
 # `make run` starts the whole stack (api, job worker, inference worker) on the embedded SQLite default;
-# `make test` runs the whole suite. Both create .venv and install first; `make test` also installs the
-# headless Chromium the web page's browser test drives (Debian/Ubuntu: apt packages chromium, chromium-driver).
+# `make test` runs the whole suite. Both create .venv and install first; `make test` also installs what the
+# suite drives for real (Debian/Ubuntu apt packages chromium, chromium-driver, redis-server) when missing.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser run test clean
+.PHONY: install system-deps run test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,15 +17,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-browser:
-	@if command -v chromedriver >/dev/null 2>&1 && (command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1); then \
-		exit 0; \
-	elif command -v apt-get >/dev/null 2>&1; then \
-		echo "Installing Chromium and ChromeDriver for the browser test (apt)"; \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null || \
-		{ $(SUDO) apt-get update -q >/dev/null && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+# The suite drives real programs: headless Chromium (the web page) and a Redis server (the shared queue).
+system-deps:
+	@missing=""; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
+	(command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1) || missing="$$missing chromium"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing$$missing for the test suite (apt)"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null || \
+		{ $(SUDO) apt-get update -q >/dev/null && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
 	else \
-		echo "The browser test needs Chromium and ChromeDriver on PATH (macOS: brew install --cask chromium chromedriver)"; \
+		echo "The test suite needs$$missing on PATH (macOS: brew install --cask chromium chromedriver; brew install redis)"; \
 		exit 1; \
 	fi
 
@@ -33,7 +37,7 @@ run: $(STAMP)
 	$(BIN)/mlxk list --all
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
 
-test: $(STAMP) browser
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
 clean:
