@@ -417,7 +417,7 @@ def _revoke(task_id: str | None) -> None:
         return
     from workers import queue
 
-    queue.get_huey().revoke_by_id(task_id, revoke_once=True)
+    queue.revoke(queue.get_huey(), task_id)
 
 
 def retry(prefix: str) -> Enqueued:

@@ -159,7 +159,7 @@ def run(*, threads: int = DEFAULT_THREADS, background: bool = False, scan: bool 
     with closing(_connect()) as conn:
         jobs_db.register_worker(conn, id=worker_id, kind="queue", pid=os.getpid(), host=worker_id.split(":")[0])
     _write_pidfile(background)
-    log.info("worker %s started (%s threads, queue %s%s)", worker_id, threads, s.queue_url,
+    log.info("worker %s started (%s threads, queue %s%s)", worker_id, threads, queue.redacted_url(s.queue_url),
              f", exits after {idle_s if idle_s is not None else s.worker_idle_s:.0f} s idle" if background else "")
     try:
         recover(huey)
