@@ -281,15 +281,3 @@ def test_corrupt_queue_db_is_a_clear_error(worker_manager):
     proc = subprocess.run([sys.executable, "-m", "workers", "--no-scan"], cwd=ROOT, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 1 and "queue.db" in proc.stderr and "not a usable SQLite database" in proc.stderr
-
-
-def test_redis_queue_url_without_the_client_is_a_clear_error(monkeypatch):
-    try:
-        import redis  # noqa: F401
-        pytest.skip("the redis client is installed here")
-    except ImportError:
-        pass
-    monkeypatch.setenv("MLXK_QUEUE_URL", "redis://127.0.0.1:1/0")
-    result, doc = run_json("pull", "org/anything")
-    assert result.exit_code == 1 and doc["error"]["type"] == "config_error"
-    assert "mlxk[redis]" in doc["error"]["message"]
