@@ -19,6 +19,7 @@ from pathlib import Path
 
 from db import models as queries
 from mlxk import cache
+from mlxk.clock import iso_utc
 from mlxk.errors import MlxkError
 
 log = logging.getLogger("mlxk.index")
@@ -143,12 +144,6 @@ def _runtime_targets(conn, pending: list[str], scope: set[str] | None, force: bo
 
 # ---------------------------------------------------------------------------------------------------------------
 # Inspecting one repo
-
-
-def iso_utc(ts: float) -> str:
-    """UTC ISO-8601 with a Z, the format of every JSON timestamp (mlxk.output.iso_utc, which the domain may not
-    import: it is the CLI's surface)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _now() -> str:

@@ -259,7 +259,7 @@ def _covering_scan(conn, repo_ids: list[str]) -> str | None:
     `list` asks whenever a repo's runtime verdict is pending; if a scan could not settle it, a new job on every
     `list` would fill the history without changing anything.
     """
-    from mlxk.output import parse_iso
+    from mlxk.clock import parse_iso
 
     recent = time.time() - RESCAN_AFTER_S
     for job in jobs_db.list_jobs(conn, kind="scan", limit=5):

@@ -11,11 +11,11 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 import click
 
+from mlxk.clock import iso_utc, parse_iso  # noqa: F401 - re-exported for renderers
 from mlxk.errors import MlxkError
 
 
@@ -105,19 +105,6 @@ def human_size(num: int | float | None) -> str:
             return f"{num:.0f} {unit}" if unit in ("B", "KB") else f"{num:.1f} {unit}"
         num /= 1000
     return f"{num:.1f} PB"
-
-
-def iso_utc(ts: float | None) -> str | None:
-    """UTC ISO-8601 with a Z, as every JSON timestamp is written."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def parse_iso(value: str | None) -> float | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
 def relative_time(ts: float | str | None, now: float | None = None) -> str:

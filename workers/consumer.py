@@ -104,7 +104,7 @@ def _connect():
 def recover(huey, *, grace_s: float = LOST_TASK_GRACE_S) -> list[str]:
     """Re-enqueue jobs whose holder died and queued jobs whose task is not in the queue; returns their ids."""
     from mlxk.jobs import holder_alive
-    from mlxk.output import parse_iso
+    from mlxk.clock import parse_iso
 
     recovered = []
     with closing(_connect()) as conn:

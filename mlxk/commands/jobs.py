@@ -101,7 +101,7 @@ def _summary(job: dict) -> str:
     result = job.get("result") or {}
     took = ""
     if job.get("started_at") and job.get("finished_at"):
-        from mlxk.output import parse_iso
+        from mlxk.clock import parse_iso
 
         took = f" in {human_duration(parse_iso(job['finished_at']) - parse_iso(job['started_at']))}"
     if job["kind"] == "pull":

@@ -25,7 +25,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from mlxk.errors import MlxkError
-from mlxk.output import parse_iso
+from mlxk.clock import parse_iso
 from mlxk.server import catalog
 from mlxk.server.deps import RequestId, State, ServerState, check_supported, parse_body, require_api_key
 from mlxk.server.errors import WorkerError, openai_error_body
