@@ -382,9 +382,14 @@ class Resolved:
 
 def resolve(conn, ref) -> Resolved:
     """The one indexed repo (and snapshot) a parsed name (mlxk.names.ModelRef) means; raises names' errors."""
+    return resolve_in(rows(conn), ref)
+
+
+def resolve_in(all_rows: list[dict], ref) -> Resolved:
+    """`resolve` over rows already read (the server keeps them for a moment across a burst of requests)."""
     from mlxk import names
 
-    by_id = {row["repo_id"]: row for row in rows(conn)}
+    by_id = {row["repo_id"]: row for row in all_rows}
     repo_id = names.resolve(ref.repo, list(by_id))
     row = by_id[repo_id]
     if not ref.revision:

@@ -35,23 +35,14 @@ class Servable:
         return f"{self.repo_id}@{self.revision}"
 
 
-def _refresh(conn, settings: Settings) -> None:
-    from mlxk import index
-
-    index.refresh(conn, settings.hf_hub_cache)
-
-
 def load_rows(settings: Settings) -> list[dict]:
     """Every model row, after bringing the index up to date with the cache."""
-    import db
-    from db import models
+    from contextlib import closing
 
-    conn = db.connect(settings.state_db)
-    try:
-        _refresh(conn, settings)
-        return models.all_models(conn)
-    finally:
-        conn.close()
+    from mlxk import index
+
+    with closing(index.load(settings.state_db, settings.hf_hub_cache)) as loaded:
+        return index.rows(loaded.conn)
 
 
 def why_not_runnable(row: dict) -> str | None:
@@ -74,16 +65,16 @@ def runnable(rows: list[dict]) -> list[dict]:
 
 def resolve(name: str, rows: list[dict], settings: Settings) -> Servable:
     """The servable model `name` means (exact, fuzzy or `name@hash`), or a clear MlxkError."""
-    ref = names.parse(name)
-    by_id = {row["repo_id"]: row for row in rows}
-    repo_id = names.resolve(ref.repo, list(by_id))
-    row = by_id[repo_id]
+    from mlxk import index
+
+    resolved = index.resolve_in(rows, names.parse(name))
+    row, revision = resolved.row, resolved.revision
+    repo_id = row["repo_id"]
     reason = why_not_runnable(row)
     if reason:
         raise ModelNotRunnable(f"{repo_id} cannot be run: {reason}", name=repo_id, reason=reason)
-    revision, path = row["revision"], row["snapshot_path"]
-    if ref.revision:
-        revision = names.resolve_revision(repo_id, ref.revision, row.get("revisions") or [])
+    path = row["snapshot_path"]
+    if revision != row["revision"]:
         path = str(cache.repo_dir(settings.hf_hub_cache, repo_id) / "snapshots" / revision)
     return Servable(repo_id=repo_id, revision=revision, path=str(Path(path).resolve()),
                     model_type=row.get("model_type"), context_length=row.get("context_length"),
