@@ -7,7 +7,6 @@ moves the row through its states; this module only reads those states, and reque
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import socket
@@ -22,6 +21,7 @@ from pathlib import Path
 import db as statedb
 from db import jobs as jobs_db
 from mlxk.config import settings
+from mlxk.locks import file_lock
 from mlxk.errors import (Conflict, InvalidName, JobNotFound, AmbiguousMatch, MlxkError, ModelNotFound)
 
 log = logging.getLogger("mlxk.jobs")
@@ -132,10 +132,8 @@ def ensure_worker(conn=None) -> int | None:
     try:
         if live_workers(conn):
             return None
-        s.run_dir.mkdir(parents=True, exist_ok=True)
         s.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(s.run_dir / "worker.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with file_lock(s.run_dir / "worker.lock"):
             if live_workers(conn) or _pidfile_alive(worker_pidfile()):
                 return None
             with open(s.log_dir / "worker.log", "ab") as logfile:

@@ -6,19 +6,18 @@ keeps two `mlxk run` started at once from starting two servers.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
 import httpx
 
 from mlxk.config import Settings
+from mlxk.locks import file_lock
 from mlxk.errors import MlxkError, ServerUnavailable
 from mlxk.output import say
 from mlxk.server import runtime
@@ -69,17 +68,6 @@ def find_server(settings: Settings) -> Endpoint | None:
     return None
 
 
-@contextmanager
-def _start_lock(settings: Settings):
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    with open(settings.run_dir / "server.start.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def start_background(settings: Settings) -> Endpoint:
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     log_path = settings.log_dir / "server.log"
@@ -105,7 +93,7 @@ def ensure_server(settings: Settings) -> Endpoint:
     found = find_server(settings)
     if found:
         return found
-    with _start_lock(settings):
+    with file_lock(settings.run_dir / "server.start.lock"):
         return find_server(settings) or start_background(settings)
 
 
