@@ -226,3 +226,37 @@ def test_list_imports_nothing_heavy_once_indexed(model_factory):
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_list_skips_interpreter_teardown_but_flushes_and_runs_atexit(hf_cache, tmp_path):
+    """main() leaves read-only commands through os._exit: every byte still arrives, atexit handlers (temp dirs of a
+    private index, logging) still run, and exit codes are what the command said."""
+    for i in range(40):
+        factory.write_repo(hf_cache, f"mlx-community/m{i:02d}", factory.tiny_model_files(), hardlink=True)
+    marker = tmp_path / "atexit-ran"
+    probe = ("import atexit, pathlib, sys\n"
+             f"atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('yes'))\n"
+             "class Witness:\n"
+             "    def __del__(self):\n"
+             "        sys.stderr.write('module teardown ran')\n"
+             "witness = Witness()  # collected when the interpreter tears __main__ down\n"
+             "from mlxk.cli import main\n"
+             "sys.argv = ['mlxk'] + sys.argv[1:]\n"
+             "main()\n")
+
+    def run(*args):
+        marker.unlink(missing_ok=True)
+        done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True,
+                              env=os.environ.copy(), timeout=60)
+        return done, marker.exists()
+
+    done, ran = run("list", "--json")
+    assert (done.returncode, ran) == (0, True), done.stderr
+    assert json.loads(done.stdout)["data"]["count"] == 40
+    assert "module teardown ran" not in done.stderr  # it left via os._exit
+    done, ran = run("list", "../x")
+    assert (done.returncode, ran) == (1, True)
+    assert "invalid model name" in done.stderr and "Traceback" not in done.stderr
+    done, ran = run("show", "nobody/nothing", "--json")
+    assert (done.returncode, ran) == (1, True)
+    assert json.loads(done.stdout)["status"] == "error"
