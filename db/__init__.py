@@ -8,7 +8,6 @@ rebuilt: the models table is derived from the HF cache, which is the source of t
 from __future__ import annotations
 
 import fcntl
-import logging
 import os
 import sqlite3
 import time
@@ -16,8 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from db import migrations
-
-log = logging.getLogger("mlxk.db")
 
 BUSY_TIMEOUT_MS = 10_000
 
@@ -67,7 +64,10 @@ def _migrate(path: Path) -> None:
 
 def _quarantine(path: Path, error: Exception) -> None:
     aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-    log.warning("%s is not a usable database (%s); moved it to %s and rebuilding from the HF cache", path, error, aside)
+    import logging  # here, not at the top: `list` never needs it and it costs ~3 ms
+
+    logging.getLogger("mlxk.db").warning(
+        "%s is not a usable database (%s); moved it to %s and rebuilding from the HF cache", path, error, aside)
     os.replace(path, aside)
     for suffix in ("-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)

@@ -30,13 +30,22 @@ def _decode(row: sqlite3.Row | tuple, names) -> dict:
     return record
 
 
-def _select(db, where: str = "", params=()) -> list[dict]:
-    cursor = _conn(db).execute(f"SELECT {', '.join(COLUMNS)} FROM models {where}", params)
-    return [_decode(tuple(row), COLUMNS) for row in cursor.fetchall()]
+def _select(db, where: str = "", params=(), columns=COLUMNS) -> list[dict]:
+    cursor = _conn(db).execute(f"SELECT {', '.join(columns)} FROM models {where}", params)
+    return [_decode(tuple(row), columns) for row in cursor.fetchall()]
 
 
-def all_models(db) -> list[dict]:
-    return _select(db, "ORDER BY repo_id")
+def all_models(db, columns=COLUMNS) -> list[dict]:
+    """Every row by repo id; `columns` (a subset of COLUMNS) skips decoding what the caller never reads."""
+    return _select(db, "ORDER BY repo_id", columns=columns)
+
+
+def model_objects(db, expression: str) -> list[tuple]:
+    """(repo_id, size_bytes, last_modified, pending, `expression`) per row, by repo id; `expression` renders the row
+    (mlxk.index.MODEL_OBJECT_SQL)."""
+    return _conn(db).execute(
+        f"SELECT repo_id, size_bytes, last_modified, health = 'healthy' AND runtime_compatible IS NULL, {expression} "
+        "FROM models ORDER BY repo_id").fetchall()
 
 
 def get_model(db, repo_id: str) -> dict | None:

@@ -49,11 +49,33 @@ def _command_name(ctx: click.Context) -> str:
     return " ".join(ctx.command_path.split()[1:]) or ctx.command_path
 
 
+class RawJSON:
+    """JSON text made elsewhere (SQLite's json_object() for `list`) that dumps() embeds as a value, not a string."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+
 def dumps(document: Any) -> str:
     """Indented for a person at a terminal; compact (the C encoder, several times faster) for scripts."""
     if is_tty():
-        return json.dumps(document, indent=2, ensure_ascii=False, default=str)
-    return json.dumps(document, ensure_ascii=False, default=str, separators=(",", ":"))
+        return json.dumps(document, indent=2, ensure_ascii=False,
+                          default=lambda value: json.loads(value.text) if isinstance(value, RawJSON) else str(value))
+    raws: dict[str, str] = {}
+
+    def stand_in(value):
+        if not isinstance(value, RawJSON):
+            return str(value)
+        key = f"\0mlxk-raw-{id(raws)}-{len(raws)}\0"  # NUL-delimited: no string in the document spells it
+        raws[json.dumps(key)] = value.text
+        return key
+
+    text = json.dumps(document, ensure_ascii=False, default=stand_in, separators=(",", ":"))
+    for key, raw in raws.items():
+        text = text.replace(key, raw, 1)
+    return text
 
 
 def json_command(fn):

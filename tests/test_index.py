@@ -2,6 +2,7 @@
 tied to the fingerprint and mlx-lm they were made with, and the model object speaks mlx-knife 2.0.8's JSON."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -257,6 +258,36 @@ def test_model_object_speaks_mlx_knife(conn, hf_cache):
     # mlx-knife says runtime_compatible false when integrity failed; null is reserved for "pending"
     assert (broken["health"], broken["runtime_compatible"]) == ("unhealthy", False)
     assert broken["reason"] == "config.json is missing"
+
+
+def test_sqlite_renders_the_same_model_objects_as_python(conn, hf_cache, model_factory):
+    """`list --json` embeds MODEL_OBJECT_SQL's text; it must say exactly what model_object() says, in every state."""
+    for name in factory.VARIANTS:
+        factory.make_variant(hf_cache, name)
+    model_factory.repo("mlx-community/tiny-pending")
+    index.refresh(conn, hf_cache)
+    checked = ["mlx-community/tiny-healthy-chat"]
+    index.refresh(conn, hf_cache, runtime=True, repos=checked)
+    # states the cache alone does not produce: an incompatible verdict, odd text, empty and unknown columns
+    conn.execute("UPDATE models SET runtime_compatible = 0, reason = 'needs \"mlx-lm\" ≥ 9 — ünïcode\n' "
+                 "WHERE repo_id = 'example-org/tiny-pytorch'")
+    conn.execute("UPDATE models SET framework = NULL, capabilities = NULL, revisions = '' "
+                 "WHERE repo_id = 'mlx-community/tiny-config-missing'")
+    conn.execute("UPDATE models SET framework = 'onnx' WHERE repo_id = 'example-org/tiny-gguf'")
+    conn.commit()
+    expected = {row["repo_id"]: index.model_object(row) for row in index.rows(conn)}
+    rendered = {entry["repo_id"]: entry for entry in index.listing(conn)}
+    assert list(rendered) == list(expected)
+    states = set()
+    for repo_id, entry in rendered.items():
+        obj = json.loads(entry["object"])
+        assert obj == expected[repo_id] and list(obj) == list(expected[repo_id]), repo_id
+        assert (entry["size_bytes"], entry["last_modified"]) == (obj["size_bytes"], obj["last_modified"])
+        assert entry["pending"] == (obj["health"] == "healthy" and obj["runtime_compatible"] is None)
+        states.add((obj["health"], obj["runtime_compatible"], obj["framework"]))
+    # the comparison covered every branch of the SQL
+    assert {("healthy", True, "MLX"), ("healthy", None, "MLX"), ("unhealthy", False, "Unknown"),
+            ("healthy", False, "PyTorch"), ("healthy", False, "onnx")} <= states
 
 
 @pytest.mark.parametrize("ts", [0, 1_700_000_000.9, 4_102_444_800])

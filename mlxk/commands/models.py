@@ -12,7 +12,7 @@ import click
 
 from mlxk import index
 from mlxk.config import settings
-from mlxk.output import Output, human_size, json_command, json_mode, relative_time, say, table
+from mlxk.output import Output, RawJSON, human_size, json_command, json_mode, relative_time, say, table
 
 
 
@@ -34,6 +34,9 @@ SORTS = {
     "size": (lambda row: row["size_bytes"] or 0, True),            # biggest first
     "modified": (lambda row: row["last_modified"] or "", True),    # newest first
 }
+# what the `list` table reads of each row
+LIST_COLUMNS = ("repo_id", "revision", "size_bytes", "last_modified", "framework", "model_type", "health",
+                "runtime_compatible", "reason")
 REASON_WIDTH = 60
 DEFAULT_MODEL_HINT = "mlx-community/Qwen3-4B-4bit"
 
@@ -60,15 +63,17 @@ def list_command(pattern, show_all, show_health, sort, reverse):
             say(f"Warning: {loaded.warning}")
         if loaded.refresh.pending and not loaded.warning:  # a locked state.db: list only
             _request_scan(loaded.refresh.pending)
-        found = [row for row in index.rows(loaded.conn) if index.matches(row, pattern)]
+        # --json embeds model objects SQLite rendered; the table reads only the columns it shows
+        as_json = json_mode()
+        found = index.listing(loaded.conn) if as_json else index.rows(loaded.conn, columns=LIST_COLUMNS)
+    found = [row for row in found if index.matches(row, pattern)]
     key, descending = SORTS[sort]
     found.sort(key=key, reverse=descending != reverse)
-    data = None
-    if json_mode():  # the human view never reads the model objects; 1,000 of them are worth skipping
-        data = {"models": [index.model_object(row) for row in found], "count": len(found),
-                "pending": sum(index.is_pending(row) for row in found)}
+    if as_json:
+        return Output({"models": RawJSON("[" + ",".join(row["object"] for row in found) + "]"),
+                       "count": len(found), "pending": sum(row["pending"] for row in found)})
     shown = found if show_all else [row for row in found if index.is_runnable_chat(row)]
-    return Output(data, lambda: _render_list(shown, len(found), show_health, config.hf_hub_cache, pattern))
+    return Output(None, lambda: _render_list(shown, len(found), show_health, config.hf_hub_cache, pattern))
 
 
 def _render_list(shown: list[dict], total: int, show_health: bool, cache_dir, pattern) -> str:

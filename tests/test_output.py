@@ -1,0 +1,34 @@
+"""mlxk.output.dumps: the --json document, with RawJSON fragments (SQLite-rendered model objects) embedded as
+values, compact for scripts and indented at a terminal."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mlxk import output
+from mlxk.output import RawJSON
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_raw_json_is_embedded_as_a_value_not_a_string(tty, monkeypatch):
+    monkeypatch.setattr(output, "is_tty", lambda stream=None: tty)
+    models = [{"name": "org/a", "reason": "tab\there, ünïcode, \"quotes\""}, {"name": "org/b", "reason": None}]
+    document = {
+        "models": RawJSON(json.dumps(models, ensure_ascii=False)),
+        "other": RawJSON("{}"),
+        # strings that look like the stand-ins stay strings
+        "decoy": "\x00mlxk-raw-0-0\x00",
+        "path": Path("/tmp/x"),
+    }
+    text = output.dumps(output.envelope("list", document))
+    parsed = json.loads(text)
+    assert parsed["data"] == {"models": models, "other": {}, "decoy": "\x00mlxk-raw-0-0\x00", "path": "/tmp/x"}
+    assert ("\n" in text) == tty
+
+
+def test_compact_dump_keeps_raw_text_byte_for_byte(monkeypatch):
+    monkeypatch.setattr(output, "is_tty", lambda stream=None: False)
+    raw = '[{"name":"org/ü","size_bytes":1}]'
+    assert output.dumps({"models": RawJSON(raw), "count": 1}) == '{"models":' + raw + ',"count":1}'
