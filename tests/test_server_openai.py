@@ -22,8 +22,12 @@ from tests.fixtures.server import API_KEY, RANDOM_ID, SCRIPTED_ID, SCRIPTED_REPL
 
 THINKER_ID = "mlx-community/tiny-thinker"
 TOOLS_ID = "mlx-community/tiny-tools"
+CALLER_ID = "mlx-community/tiny-tool-caller"
+# the scripted bigram machine needs distinct tokens, so the call is as small as JSON allows
+CALL_REPLY = '<tool_call>{"name": "f"}</tool_call>'
 MODELS = {
     TOOLS_ID: {"tools": True, "reply": SCRIPTED_REPLY},
+    CALLER_ID: {"tools": True, "reply": CALL_REPLY},
     SCRIPTED_ID: {"reply": SCRIPTED_REPLY},
     RANDOM_ID: {},
     THINKER_ID: {"reasoning": True, "reply": "Hm.</think>Hello world!"},
@@ -133,6 +137,35 @@ def test_tools_reach_the_chat_template(client):
     assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 10   # the tool schema was rendered
     off = client.chat.completions.create(model=TOOLS_ID, messages=HI, tools=tools, tool_choice="none")
     assert off.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+F_TOOL = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+
+
+def test_tool_calls_reach_the_client_as_openai_tool_calls(client):
+    reply = client.chat.completions.create(model=CALLER_ID, messages=HI, tools=F_TOOL)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert not choice.message.content  # the markup became a call, not text
+    [call] = choice.message.tool_calls
+    assert (call.type, call.function.name, json.loads(call.function.arguments)) == ("function", "f", {})
+    assert call.id
+    # the client sends the call and its result back: the template takes both and the model answers again
+    again = client.chat.completions.create(model=CALLER_ID, tools=F_TOOL, messages=HI + [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "42"}])
+    assert again.choices[0].finish_reason == "tool_calls"
+    assert again.usage.prompt_tokens > reply.usage.prompt_tokens
+
+
+def test_streamed_tool_calls_arrive_as_deltas(client):
+    chunks = list(client.chat.completions.create(model=CALLER_ID, messages=HI, tools=F_TOOL, stream=True))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas and deltas[0].index == 0 and deltas[0].id and deltas[0].function.name == "f"
+    arguments = "".join(d.function.arguments or "" for d in deltas if d.function)
+    assert json.loads(arguments) == {}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
 
 
 def test_client_disconnect_cancels_generation(server, client):
