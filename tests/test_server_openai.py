@@ -426,6 +426,7 @@ def test_external_mode_never_starts_a_worker_and_waits_for_honchos(tmp_path, mon
         sup = _supervisor(tmp_path, external=True)
         fake = FakeExternalWorker(sup.socket)
         await sup.start()
+        assert sup.state() == {"state": "stopped", "pid": None, "managed": False, "restarts": 0}
         ensure = asyncio.create_task(sup.ensure())
         try:
             await asyncio.sleep(1.0)

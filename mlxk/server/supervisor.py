@@ -142,7 +142,9 @@ class Supervisor:
             state, pid = "ready", None
         else:
             state, pid = "stopped", None
-        return {"state": state, "pid": pid, "managed": not self._external, "restarts": self.restarts}
+        # in external mode (honcho) the worker is someone else's from the start, not only once we first reached it
+        managed = not (self._external or self.options.external)
+        return {"state": state, "pid": pid, "managed": managed, "restarts": self.restarts}
 
     @property
     def child_pid(self) -> int | None:
