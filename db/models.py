@@ -14,6 +14,8 @@ COLUMNS = (
     "runtime_compatible", "reason", "fingerprint", "checked_at", "runtime_fingerprint", "runtime_checked_at",
 )
 _JSON_COLUMNS = ("revisions", "capabilities")
+# healthy, runtime verdict not known yet (mlxk.index.is_pending says the same of a decoded row)
+PENDING = "health = 'healthy' AND runtime_compatible IS NULL"
 
 
 def _conn(db) -> sqlite3.Connection:
@@ -44,8 +46,7 @@ def model_objects(db, expression: str) -> list[tuple]:
     """(repo_id, size_bytes, last_modified, pending, `expression`) per row, by repo id; `expression` renders the row
     (mlxk.index.MODEL_OBJECT_SQL)."""
     return _conn(db).execute(
-        f"SELECT repo_id, size_bytes, last_modified, health = 'healthy' AND runtime_compatible IS NULL, {expression} "
-        "FROM models ORDER BY repo_id").fetchall()
+        f"SELECT repo_id, size_bytes, last_modified, {PENDING}, {expression} FROM models ORDER BY repo_id").fetchall()
 
 
 def get_model(db, repo_id: str) -> dict | None:
@@ -147,7 +148,7 @@ def sync_models(db, *, upserts: list[dict], deletes: list[str]) -> None:
 def pending_runtime(db) -> list[str]:
     """Healthy repos whose runtime verdict is not known yet (NULL)."""
     cursor = _conn(db).execute(
-        "SELECT repo_id FROM models WHERE health = 'healthy' AND runtime_compatible IS NULL ORDER BY repo_id")
+        f"SELECT repo_id FROM models WHERE {PENDING} ORDER BY repo_id")
     return [row[0] for row in cursor]
 
 

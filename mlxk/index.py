@@ -22,7 +22,6 @@ from mlxk.clock import iso_utc
 from mlxk.errors import MlxkError
 
 
-
 def _log():
     """This module's logger, got when there is something to say: importing `logging` is ~3 ms of `list`."""
     import logging
@@ -76,7 +75,7 @@ def refresh(conn, cache_dir: Path, *, runtime: bool = False, repos=None, force: 
     queries.sync_models(conn, upserts=records, deletes=result.removed)
     if result.touched:
         _log().info("index: %d added, %d changed, %d removed", len(result.added), len(result.changed),
-                 len(result.removed))
+                    len(result.removed))
     _forget_stale_verdicts(conn, signature)
     pending = queries.pending_runtime(conn)
     if runtime:
