@@ -134,6 +134,13 @@ def test_stop_unloads(use_server):
     assert code == 0 and doc["data"]["unloaded"] == [SCRIPTED_ID]
 
 
+def test_stop_with_a_wrong_type_is_400_naming_the_field(server):
+    response = httpx.post(f"{server.url}/api/stop", json={"model": 5})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "model" and "'model'" in error["message"]
+
+
 def test_ps_human_output(use_server):
     assert chat(use_server, SCRIPTED_ID).status_code == 200
     result = CliRunner().invoke(cli, ["ps"])

@@ -57,9 +57,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         state = ServerState(config, Supervisor(config.worker_options()))
         app.state.mlxk = state
         await state.supervisor.start()
-        if config.pid_file:
-            runtime.write_pid_file(config.settings, host=config.host, port=config.port,
-                                   api_key=bool(config.api_key))
+        runtime.write_pid_file(config.settings, host=config.host, port=config.port, api_key=bool(config.api_key))
         idle = asyncio.create_task(runtime.exit_when_idle(state, config.idle_exit_s)) if config.idle_exit_s else None
         try:
             yield
@@ -67,8 +65,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             if idle:
                 idle.cancel()
             await state.supervisor.stop()
-            if config.pid_file:
-                runtime.remove_pid_file(config.settings)
+            runtime.remove_pid_file(config.settings)
 
     app = FastAPI(title="mlxk", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.include_router(ops.health_router)

@@ -7,15 +7,12 @@ server.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlxk import cache, names
 from mlxk.config import Settings
 from mlxk.errors import ModelNotRunnable
-
-log = logging.getLogger("mlxk.server.catalog")
 
 SERVABLE_TYPES = ("chat", "base")
 
@@ -25,9 +22,6 @@ class Servable:
     repo_id: str
     revision: str
     path: str                  # absolute snapshot directory
-    model_type: str | None
-    context_length: int | None
-    last_modified: str | None
 
     @property
     def key(self) -> str:
@@ -35,14 +29,24 @@ class Servable:
         return f"{self.repo_id}@{self.revision}"
 
 
-def load_rows(settings: Settings) -> list[dict]:
-    """Every model row, after bringing the index up to date with the cache."""
+@dataclass(frozen=True)
+class Catalog:
+    """The index as one refresh left it."""
+    rows: list[dict]
+    # Repos to hand to a background runtime scan. Empty when state.db was locked (index.Loaded.warning): the
+    # rows then came from a private index that is thrown away, and `mlxk list` queues nothing then either.
+    pending: list[str]
+
+
+def load(settings: Settings) -> Catalog:
+    """Every model row (and the repos pending a runtime check), after bringing the index up to date with the cache."""
     from contextlib import closing
 
     from mlxk import index
 
     with closing(index.load(settings.state_db, settings.hf_hub_cache)) as loaded:
-        return index.rows(loaded.conn)
+        pending = [] if loaded.warning else loaded.refresh.pending
+        return Catalog(index.rows(loaded.conn), pending)
 
 
 def why_not_runnable(row: dict) -> str | None:
@@ -63,23 +67,27 @@ def runnable(rows: list[dict]) -> list[dict]:
     return [row for row in rows if why_not_runnable(row) is None]
 
 
-def resolve(name: str, rows: list[dict], settings: Settings) -> Servable:
-    """The servable model `name` means (exact, fuzzy or `name@hash`), or a clear MlxkError."""
+def resolve_row(name: str, rows: list[dict]) -> tuple[dict, str]:
+    """The runnable row `name` means (exact, fuzzy or `name@hash`) and the revision it names, or a clear MlxkError."""
     from mlxk import index
 
     resolved = index.resolve_in(rows, names.parse(name))
-    row, revision = resolved.row, resolved.revision
-    repo_id = row["repo_id"]
+    row = resolved.row
     reason = why_not_runnable(row)
     if reason:
-        raise ModelNotRunnable(f"{repo_id} cannot be run: {reason}", name=repo_id, reason=reason)
+        raise ModelNotRunnable(f"{row['repo_id']} cannot be run: {reason}", name=row["repo_id"], reason=reason)
+    return row, resolved.revision
+
+
+def resolve(name: str, rows: list[dict], settings: Settings) -> Servable:
+    """The servable model `name` means, or a clear MlxkError."""
+    row, revision = resolve_row(name, rows)
+    repo_id = row["repo_id"]
     path = row["snapshot_path"]
     if revision != row["revision"]:
         path = str(cache.repo_dir(settings.hf_hub_cache, repo_id) / "snapshots" / revision)
-    return Servable(repo_id=repo_id, revision=revision, path=str(Path(path).resolve()),
-                    model_type=row.get("model_type"), context_length=row.get("context_length"),
-                    last_modified=row.get("last_modified"))
+    return Servable(repo_id=repo_id, revision=revision, path=str(Path(path).resolve()))
 
 
 def find(name: str, settings: Settings) -> Servable:
-    return resolve(name, load_rows(settings), settings)
+    return resolve(name, load(settings).rows, settings)

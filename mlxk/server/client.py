@@ -7,7 +7,6 @@ keeps two `mlxk run` started at once from starting two servers.
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 import time
@@ -21,8 +20,6 @@ from mlxk.locks import file_lock
 from mlxk.errors import MlxkError, ServerUnavailable
 from mlxk.output import say
 from mlxk.server import runtime
-
-log = logging.getLogger("mlxk.server.client")
 
 START_TIMEOUT_S = 60.0
 HEALTH_TIMEOUT_S = 2.0
@@ -105,6 +102,12 @@ class Client:
 
     def close(self) -> None:
         self.http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def _check(self, response: httpx.Response) -> None:
         if response.status_code < 400:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import secrets
 import time
 from dataclasses import dataclass, field, replace
@@ -22,8 +21,6 @@ from mlxk.server.errors import InvalidRequest, Unauthorized
 from mlxk.server.metrics import Metrics
 from mlxk.server.supervisor import Supervisor, WorkerOptions
 
-log = logging.getLogger("mlxk.server.deps")
-
 CATALOG_TTL_S = 1.0  # resolutions within this window reuse one index refresh (bursts of parallel requests)
 
 
@@ -37,7 +34,6 @@ class ServerConfig:
     max_loaded: int
     keep_alive_s: float
     idle_exit_s: float | None = None    # exit after this long without a request (servers `mlxk run` starts)
-    pid_file: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides) -> "ServerConfig":
@@ -60,17 +56,24 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     last_activity: float = field(default_factory=time.monotonic)
     active_requests: int = 0
-    _rows: list | None = None
-    _rows_at: float = 0.0
-    _rows_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _catalog: catalog.Catalog | None = None
+    _catalog_at: float = 0.0
+    _catalog_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def get_catalog(self, *, fresh: bool = False) -> catalog.Catalog:
+        """The index after a refresh from the cache, done at most once per CATALOG_TTL_S unless `fresh` asks.
+
+        A fresh refresh is kept too, so the routes that follow it (the web page asks /api/models, then /v1/models)
+        reuse it instead of refreshing again.
+        """
+        async with self._catalog_lock:
+            if fresh or self._catalog is None or time.monotonic() - self._catalog_at > CATALOG_TTL_S:
+                self._catalog = await asyncio.to_thread(catalog.load, self.config.settings)
+                self._catalog_at = time.monotonic()
+            return self._catalog
 
     async def model_rows(self) -> list[dict]:
-        """The index's rows, refreshed from the cache at most once per CATALOG_TTL_S."""
-        async with self._rows_lock:
-            if self._rows is None or time.monotonic() - self._rows_at > CATALOG_TTL_S:
-                self._rows = await asyncio.to_thread(catalog.load_rows, self.config.settings)
-                self._rows_at = time.monotonic()
-            return self._rows
+        return (await self.get_catalog()).rows
 
     async def resolve(self, name: str) -> catalog.Servable:
         return catalog.resolve(name, await self.model_rows(), self.config.settings)
@@ -119,6 +122,13 @@ async def parse_body(request: Request, model: type[Model]) -> Model:
         first = error.errors()[0]
         param = ".".join(str(part) for part in first.get("loc", ()))
         raise InvalidRequest(f"invalid value for '{param}': {first.get('msg')}", param=param or None) from None
+
+
+async def parse_optional_body(request: Request, model: type[Model]) -> Model:
+    """Like parse_body, but an empty body means the defaults (`curl -X POST .../cancel` is a plain cancel)."""
+    if not (await request.body()).strip():
+        return model()
+    return await parse_body(request, model)
 
 
 def check_supported(body) -> None:

@@ -89,36 +89,36 @@ class Metrics:
         def metric(name: str, kind: str, help_text: str, samples: list[str]) -> None:
             lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
 
+        def scalar(name: str, kind: str, help_text: str, value) -> None:
+            metric(name, kind, help_text, [f"{name} {value}"])
+
+        def histogram(name: str, help_text: str, values: Histogram) -> None:
+            metric(name, "histogram", help_text, values.lines(name))
+
         with self._lock:
-            metric("mlxk_worker_up", "gauge", "1 when the inference worker answers.",
-                   [f"mlxk_worker_up {1 if supervisor_state.get('state') == 'ready' else 0}"])
-            metric("mlxk_worker_restarts_total", "counter", "Inference worker restarts by the api.",
-                   [f"mlxk_worker_restarts_total {supervisor_state.get('restarts', 0)}"])
-            metric("mlxk_http_requests_in_flight", "gauge", "Generation requests the api is serving.",
-                   [f"mlxk_http_requests_in_flight {self.in_flight}"])
-            metric("mlxk_requests_running", "gauge", "Requests decoding in the inference worker.",
-                   [f"mlxk_requests_running {int(worker.get('running') or 0)}"])
-            metric("mlxk_requests_waiting", "gauge", "Requests queued in the inference worker.",
-                   [f"mlxk_requests_waiting {int(worker.get('waiting') or 0)}"])
+            scalar("mlxk_worker_up", "gauge", "1 when the inference worker answers.",
+                   1 if supervisor_state.get("state") == "ready" else 0)
+            scalar("mlxk_worker_restarts_total", "counter", "Inference worker restarts by the api.",
+                   supervisor_state.get("restarts", 0))
+            scalar("mlxk_http_requests_in_flight", "gauge", "Generation requests the api is serving.", self.in_flight)
+            scalar("mlxk_requests_running", "gauge", "Requests decoding in the inference worker.",
+                   int(worker.get("running") or 0))
+            scalar("mlxk_requests_waiting", "gauge", "Requests queued in the inference worker.",
+                   int(worker.get("waiting") or 0))
             metric("mlxk_requests_total", "counter", "Generation requests by endpoint and HTTP status.",
                    [f'mlxk_requests_total{{endpoint="{e}",status="{s}"}} {n}'
                     for (e, s), n in sorted(self.requests.items())])
-            metric("mlxk_prompt_tokens_total", "counter", "Prompt tokens processed.",
-                   [f"mlxk_prompt_tokens_total {self.prompt_tokens}"])
-            metric("mlxk_cached_prompt_tokens_total", "counter", "Prompt tokens served from the prompt cache.",
-                   [f"mlxk_cached_prompt_tokens_total {self.cached_prompt_tokens}"])
-            metric("mlxk_generation_tokens_total", "counter", "Completion tokens generated.",
-                   [f"mlxk_generation_tokens_total {self.generation_tokens}"])
-            metric("mlxk_time_to_first_token_seconds", "histogram", "Time from request to first streamed token.",
-                   self.ttft.lines("mlxk_time_to_first_token_seconds"))
-            metric("mlxk_generation_tokens_per_second", "histogram", "Decode speed of each finished request.",
-                   self.tps.lines("mlxk_generation_tokens_per_second"))
-        metric("mlxk_models_loaded", "gauge", "Models resident in the inference worker.",
-               [f"mlxk_models_loaded {len(models)}"])
+            scalar("mlxk_prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens)
+            scalar("mlxk_cached_prompt_tokens_total", "counter", "Prompt tokens served from the prompt cache.",
+                   self.cached_prompt_tokens)
+            scalar("mlxk_generation_tokens_total", "counter", "Completion tokens generated.", self.generation_tokens)
+            histogram("mlxk_time_to_first_token_seconds", "Time from request to first streamed token.", self.ttft)
+            histogram("mlxk_generation_tokens_per_second", "Decode speed of each finished request.", self.tps)
+        scalar("mlxk_models_loaded", "gauge", "Models resident in the inference worker.", len(models))
         metric("mlxk_model_memory_bytes", "gauge", "Memory of each loaded model.",
                [f'mlxk_model_memory_bytes{{model="{_escape(m.get("key", ""))}"}} {int(m.get("memory_bytes") or 0)}'
                 for m in models])
         if worker.get("peak_memory_bytes") is not None:
-            metric("mlxk_peak_memory_bytes", "gauge", "Peak MLX memory of the inference worker.",
-                   [f"mlxk_peak_memory_bytes {int(worker['peak_memory_bytes'])}"])
+            scalar("mlxk_peak_memory_bytes", "gauge", "Peak MLX memory of the inference worker.",
+                   int(worker["peak_memory_bytes"]))
         return "\n".join(lines) + "\n"

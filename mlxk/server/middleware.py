@@ -11,7 +11,7 @@ import re
 import secrets
 import time
 
-from mlxk.server.errors import BodyTooLarge
+from mlxk.server.errors import BodyTooLarge, openai_error_body
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -47,11 +47,6 @@ class RequestContext:
                 state.last_activity = time.monotonic()
 
 
-def _error_body(message: str, code: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": code}}).encode()
-
-
 class BodyLimit:
     def __init__(self, app, limit: int):
         self.app = app
@@ -64,8 +59,8 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await send({"type": "http.response.start", "status": 413,
                         "headers": [(b"content-type", b"application/json")]})
-            await send({"type": "http.response.body",
-                        "body": _error_body(self._message(int(declared)), "request_too_large")})
+            error = BodyTooLarge(self._message(int(declared)))
+            await send({"type": "http.response.body", "body": json.dumps(openai_error_body(error)).encode()})
             return
         seen = 0
 

@@ -10,7 +10,7 @@ keep_alive, chat_template_kwargs) are declared too.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -190,6 +190,3 @@ class CompletionRequest(_Common):
                 return "prompt", "prompt must be a string (or a list of exactly one string); " \
                                  "batches and token ids are not supported"
         return None
-
-
-FinishReason = Literal["stop", "length", "tool_calls"]

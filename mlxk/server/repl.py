@@ -43,11 +43,8 @@ def _client() -> Client:
 def answer(model: str, text: str, *, system: str | None, params: dict) -> dict:
     """One non-streamed answer, as the data of the --json envelope."""
     name = _model_name(model)
-    client = _client()
-    try:
+    with _client() as client:
         reply = client.post("/v1/chat/completions", _body(name, _messages(text, system), params))
-    finally:
-        client.close()
     choice = reply["choices"][0]
     message = choice.get("message") or {}
     return {"model": reply.get("model"), "content": message.get("content") or "",
@@ -73,11 +70,8 @@ def _stream(client: Client, body: dict) -> tuple[str, str | None]:
 
 def stream_answer(model: str, text: str, *, system: str | None, params: dict) -> Output:
     name = _model_name(model)
-    client = _client()
-    try:
+    with _client() as client:
         content, finish = _stream(client, _body(name, _messages(text, system), params))
-    finally:
-        client.close()
     sys.stdout.write("\n")
     if finish == "length":
         say("[stopped at the token limit; raise it with --max-tokens]")
@@ -108,10 +102,9 @@ def _read_message() -> str:
 
 def interactive(model: str, *, system: str | None, params: dict) -> Output:
     name = _model_name(model)
-    client = _client()
     say(f"Chatting with {name}. /? for help, /bye or Ctrl-D to leave.")
     history: list[dict] = []
-    try:
+    with _client() as client:
         while True:
             try:
                 text = _read_message()
@@ -149,8 +142,6 @@ def interactive(model: str, *, system: str | None, params: dict) -> Output:
                 history.pop()  # the question stays unanswered: do not send half a turn next time
             else:
                 history.append({"role": "assistant", "content": reply})
-    finally:
-        client.close()
     return Output({"model": name, "turns": len(history) // 2})
 
 
@@ -158,10 +149,12 @@ def interactive(model: str, *, system: str | None, params: dict) -> Output:
 
 
 def _ps_text(data: dict) -> str:
+    from mlxk.index import HASH_DISPLAY  # here, not at the top: `ps --json` never pays for the index's import
+
     if data.get("server") is None:
         return "No server is running."
-    rows = [[m["name"], (m.get("revision") or "")[:7], human_size(m.get("memory_bytes")), m.get("running", 0),
-             "running" if m.get("expires_in_s") is None else human_duration(m["expires_in_s"])]
+    rows = [[m["name"], (m.get("revision") or "")[:HASH_DISPLAY], human_size(m.get("memory_bytes")),
+             m.get("running", 0), "running" if m.get("expires_in_s") is None else human_duration(m["expires_in_s"])]
             for m in data["models"]]
     lines = [table(rows, ["NAME", "HASH", "MEMORY", "RUNNING", "UNTIL"], right={2, 3})] if rows else \
         ["No model is loaded."]
@@ -174,11 +167,8 @@ def ps() -> Output:
     if endpoint is None:
         data = {"server": None, "models": [], "running": 0, "waiting": 0}
         return Output(data, _ps_text(data))
-    client = Client(endpoint, timeout=30)
-    try:
+    with Client(endpoint, timeout=30) as client:
         reply = client.get("/api/ps")
-    finally:
-        client.close()
     data = {"server": endpoint.url, **reply}
     return Output(data, lambda: _ps_text(data))
 
@@ -187,11 +177,8 @@ def stop(model: str | None) -> Output:
     endpoint = find_server(load_settings())
     if endpoint is None:
         return Output({"server": None, "unloaded": []}, "No server is running; nothing is loaded.")
-    client = Client(endpoint, timeout=30)
-    try:
+    with Client(endpoint, timeout=30) as client:
         reply = client.post("/api/stop", {"model": model})
-    finally:
-        client.close()
     unloaded = reply.get("models") or []
     text = f"Unloaded {', '.join(unloaded)}." if unloaded else "Nothing was loaded."
     return Output({"server": endpoint.url, "unloaded": unloaded}, text)

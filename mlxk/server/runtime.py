@@ -1,6 +1,6 @@
 """The server as a process: its pid file (how `mlxk run` finds it) and its idle exit.
 
-Stdlib only, so the CLI can read the pid file without importing FastAPI.
+No FastAPI here, so the CLI can read the pid file without importing it.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from mlxk.config import Settings
+from mlxk.jobs import pid_alive
 
 log = logging.getLogger("mlxk.server.runtime")
 
@@ -26,8 +27,8 @@ def pid_file(settings: Settings) -> Path:
 def write_pid_file(settings: Settings, *, host: str, port: int, api_key: bool) -> None:
     path = pid_file(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    connect = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    record = {"pid": os.getpid(), "host": host, "port": port, "url": f"http://{connect}:{port}",
+    url = settings._replace(host=host, port=port).server_url  # where a client connects to this bind address
+    record = {"pid": os.getpid(), "host": host, "port": port, "url": url,
               "api_key": api_key, "started_at": time.time()}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
@@ -41,23 +42,13 @@ def remove_pid_file(settings: Settings) -> None:
         pid_file(settings).unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_pid_file(settings: Settings) -> dict | None:
     """The running server's record, or None (no file, unreadable, or its process is gone)."""
     try:
         record = json.loads(pid_file(settings).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or not isinstance(record.get("pid"), int) or not _alive(record["pid"]):
+    if not isinstance(record, dict) or not isinstance(record.get("pid"), int) or not pid_alive(record["pid"]):
         return None
     return record
 

@@ -8,7 +8,6 @@ stop), so they run in the threadpool, never on the event loop.
 from __future__ import annotations
 
 import logging
-from contextlib import closing
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -17,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from mlxk import index, jobs
 from mlxk.errors import MlxkError
-from mlxk.server.deps import State, parse_body, require_api_key
+from mlxk.server.deps import State, parse_body, parse_optional_body, require_api_key
 
 log = logging.getLogger("mlxk.server.jobs")
 
@@ -42,14 +41,6 @@ class ScanRequest(BaseModel):
     force: bool = False
 
 
-async def _optional_body(request: Request, model: type[BaseModel]) -> BaseModel:
-    """An empty body means the defaults (`curl -X POST .../cancel` is a plain cancel)."""
-    raw = await request.body()
-    if not raw.strip():
-        return model()
-    return await parse_body(request, model)
-
-
 def _queued(outcome: jobs.Enqueued) -> JSONResponse:
     """202 for a job this request queued; 200 for an existing active job it joined (`existing: true`)."""
     body = dict(outcome.job, existing=not outcome.created)
@@ -61,24 +52,24 @@ def _queued(outcome: jobs.Enqueued) -> JSONResponse:
 # ---------------------------------------------------------------- models
 
 
-def _models(state_db, cache_dir) -> dict:
-    """What `mlxk list --json` prints as data; pending runtime verdicts are handed to the job worker, as list does."""
-    with closing(index.load(state_db, cache_dir)) as loaded:
-        found = sorted(index.rows(loaded.conn), key=lambda row: row["repo_id"].lower())
-        pending = [] if loaded.warning else loaded.refresh.pending
-    if pending:
-        try:
-            jobs.request_scan(pending)
-        except MlxkError as error:  # the listing is still right; only the background check could not be queued
-            log.warning("could not queue a runtime check: %s", error.message)
-    return {"models": [index.model_object(row) for row in found], "count": len(found),
-            "pending": sum(index.is_pending(row) for row in found)}
+def _request_scan(pending: list[str]) -> None:
+    """Hand pending runtime verdicts to the job worker, as `mlxk list` does."""
+    try:
+        jobs.request_scan(pending)
+    except MlxkError as error:  # the listing is still right; only the background check could not be queued
+        log.warning("could not queue a runtime check: %s", error.message)
 
 
 @router.get("/api/models")
 async def list_models(state: State) -> dict:
-    settings = state.config.settings
-    return await run_in_threadpool(_models, settings.state_db, settings.hf_hub_cache)
+    """What `mlxk list --json` prints as data."""
+    # Always a fresh refresh (a finished pull or rm must show at once), kept for the /v1 routes that follow it.
+    catalog = await state.get_catalog(fresh=True)
+    if catalog.pending:
+        await run_in_threadpool(_request_scan, catalog.pending)
+    found = sorted(catalog.rows, key=lambda row: row["repo_id"].lower())
+    return {"models": [index.model_object(row) for row in found], "count": len(found),
+            "pending": sum(index.is_pending(row) for row in found)}
 
 
 # ---------------------------------------------------------------- jobs
@@ -105,14 +96,14 @@ async def pull(request: Request) -> JSONResponse:
 
 @router.post("/api/jobs/scan")
 async def scan(request: Request) -> JSONResponse:
-    body = await _optional_body(request, ScanRequest)
+    body = await parse_optional_body(request, ScanRequest)
     outcome = await run_in_threadpool(jobs.enqueue_scan, body.repos, force=body.force)
     return _queued(outcome)
 
 
 @router.post("/api/jobs/{job_id}/cancel")
 async def cancel(job_id: str, request: Request) -> dict:
-    body = await _optional_body(request, CancelRequest)
+    body = await parse_optional_body(request, CancelRequest)
     return await run_in_threadpool(jobs.cancel, job_id, purge=body.purge)
 
 

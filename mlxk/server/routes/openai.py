@@ -19,7 +19,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -27,9 +27,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from mlxk.errors import MlxkError
 from mlxk.clock import parse_iso
 from mlxk.server import catalog
-from mlxk.server.deps import RequestId, State, ServerState, check_supported, parse_body, require_api_key
+from mlxk.server.deps import Model, RequestId, State, ServerState, check_supported, parse_body, require_api_key
 from mlxk.server.errors import WorkerError, openai_error_body
 from mlxk.server.openai_types import ChatCompletionRequest, CompletionRequest, keep_alive_seconds
+from workers.inference import protocol
 
 log = logging.getLogger("mlxk.server.openai")
 
@@ -56,8 +57,7 @@ async def list_models(state: State) -> dict:
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, state: State) -> dict:
-    servable = await state.resolve(model_id)
-    row = next(r for r in await state.model_rows() if r["repo_id"] == servable.repo_id)
+    row, _ = catalog.resolve_row(model_id, await state.model_rows())
     return _model_object(row)
 
 
@@ -110,13 +110,11 @@ class Generation:
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
-def _worker_params(body, max_tokens: int | None) -> dict:
-    return {
-        "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
-        "min_p": body.min_p, "repetition_penalty": body.repetition_penalty, "seed": body.seed,
-        "stop": body.stop_list(), "keep_alive": keep_alive_seconds(body.keep_alive),
-        "tools": None, "tool_choice": None, "chat_template_kwargs": None,
-    }
+def _worker_params(body, max_tokens: int | None) -> protocol.Params:
+    return protocol.Params(
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty, seed=body.seed, stop=body.stop_list(),
+        keep_alive=keep_alive_seconds(body.keep_alive))
 
 
 def _usage(done: dict) -> dict:
@@ -156,8 +154,8 @@ class Run:
             return await self._next()
         except StopAsyncIteration:
             await self.close(status=500)
-            raise WorkerError({"type": "internal", "message": "the inference worker sent no reply",
-                               "status": 500}) from None
+            raise WorkerError(protocol.error_event(protocol.ERR_INTERNAL, "the inference worker sent no reply",
+                                                   500)) from None
         except BaseException as error:
             await self.close(status=_error_status(error))
             raise
@@ -165,12 +163,12 @@ class Run:
     async def _next(self) -> dict:
         event = await self.events.__anext__()
         kind = event.get("event")
-        if kind == "error":
+        if kind == protocol.EV_ERROR:
             raise WorkerError(event)
-        if kind == "delta" and not self._first_token_seen:
+        if kind == protocol.EV_DELTA and not self._first_token_seen:
             self._first_token_seen = True
             self.state.metrics.first_token(time.perf_counter() - self.gen.started)
-        elif kind == "done":
+        elif kind == protocol.EV_DONE:
             self.state.metrics.done(event)
         return event
 
@@ -179,10 +177,10 @@ class Run:
             try:
                 event = await self._next()
             except StopAsyncIteration:
-                raise WorkerError({"type": "internal", "message": "the inference worker ended the reply early",
-                                   "status": 500}) from None
+                raise WorkerError(protocol.error_event(protocol.ERR_INTERNAL,
+                                                       "the inference worker ended the reply early", 500)) from None
             yield event
-            if event.get("event") == "done":
+            if event.get("event") == protocol.EV_DONE:
                 return
 
     async def close(self, *, status: int = 200) -> None:
@@ -248,11 +246,11 @@ async def _collect(run: Run) -> dict:
     content, reasoning, calls, done = [], [], {}, {}
     try:
         async for event in run.rest():
-            if event.get("event") == "delta":
+            if event.get("event") == protocol.EV_DELTA:
                 content.append(event.get("content") or "")
                 reasoning.append(event.get("reasoning") or "")
                 _merge_tool_calls(calls, event.get("tool_calls") or [])
-            elif event.get("event") == "done":
+            elif event.get("event") == protocol.EV_DONE:
                 done = event
     except BaseException as error:
         await run.close(status=_error_status(error))
@@ -283,11 +281,11 @@ async def _sse(run: Run) -> AsyncIterator[bytes]:
         if gen.kind == "chat":
             yield _format(gen.chunk(gen.delta_choice({"role": "assistant", "content": ""})))
         async for event in run.rest():
-            if event.get("event") == "delta":
+            if event.get("event") == protocol.EV_DELTA:
                 choice = gen.delta_choice(event)
                 if choice is not None:
                     yield _format(gen.chunk(choice))
-            elif event.get("event") == "done":
+            elif event.get("event") == protocol.EV_DONE:
                 finish = event.get("finish_reason") or "stop"
                 yield _format(gen.chunk(gen.delta_choice({}, finish_reason=finish)))
                 if gen.include_usage:
@@ -306,35 +304,40 @@ def _format(data: dict | str) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
-def _payload(rid: str, servable: catalog.Servable, kind: str, params: dict, *, messages=None, prompt=None) -> dict:
-    return {"op": "generate", "id": rid, "model": {"key": servable.key, "path": servable.path}, "kind": kind,
-            "messages": messages, "prompt": prompt, "params": params}
+async def _handle(request: Request, state: ServerState, rid: str, kind: str, body_type: type[Model],
+                  worker_input: Callable[[Model], tuple[protocol.Params, list | None, str | None]]):
+    """What both endpoints do: parse and check the body, resolve its model, and send the worker one generate
+    request, whose params, messages and prompt `worker_input` makes from the body."""
+    started = time.perf_counter()  # time to first token counts from the request, as the client sees it
+    body = await parse_body(request, body_type)
+    check_supported(body)
+    servable = await state.resolve(body.model)
+    params, messages, prompt = worker_input(body)
+    stream = bool(body.stream)
+    gen = Generation(kind, servable.repo_id, stream, body.include_usage() and stream, started)
+    payload = protocol.generate_message(protocol.GenerateRequest(
+        id=rid, model=protocol.ModelRef(servable.key, servable.path), kind=kind, messages=messages, prompt=prompt,
+        params=params))
+    return await _generate(request, state, gen, payload, kind)
+
+
+def _chat_input(body: ChatCompletionRequest) -> tuple[protocol.Params, list, None]:
+    params = _worker_params(body, body.token_limit())
+    if body.tools and body.tool_choice != "none":
+        params.tools, params.tool_choice = body.tools, body.tool_choice
+    params.chat_template_kwargs = body.template_kwargs()
+    return params, body.messages, None
+
+
+def _completion_input(body: CompletionRequest) -> tuple[protocol.Params, None, str]:
+    return _worker_params(body, body.max_tokens), None, body.prompt_text()
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, state: State, rid: RequestId):
-    started = time.perf_counter()
-    body = await parse_body(request, ChatCompletionRequest)
-    check_supported(body)
-    servable = await state.resolve(body.model)
-    params = _worker_params(body, body.token_limit())
-    if body.tools and body.tool_choice != "none":
-        params.update(tools=body.tools, tool_choice=body.tool_choice)
-    params["chat_template_kwargs"] = body.template_kwargs()
-    gen = Generation("chat", servable.repo_id, bool(body.stream), body.include_usage() and bool(body.stream),
-                     started)
-    payload = _payload(rid, servable, "chat", params, messages=body.messages)
-    return await _generate(request, state, gen, payload, "chat")
+    return await _handle(request, state, rid, "chat", ChatCompletionRequest, _chat_input)
 
 
 @router.post("/v1/completions")
 async def completions(request: Request, state: State, rid: RequestId):
-    started = time.perf_counter()
-    body = await parse_body(request, CompletionRequest)
-    check_supported(body)
-    servable = await state.resolve(body.model)
-    params = _worker_params(body, body.max_tokens)
-    gen = Generation("completion", servable.repo_id, bool(body.stream), body.include_usage() and bool(body.stream),
-                     started)
-    payload = _payload(rid, servable, "completion", params, prompt=body.prompt_text())
-    return await _generate(request, state, gen, payload, "completion")
+    return await _handle(request, state, rid, "completion", CompletionRequest, _completion_input)

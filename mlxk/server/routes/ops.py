@@ -2,16 +2,16 @@
 `mlxk ps` and `mlxk stop` call."""
 from __future__ import annotations
 
-import json
 import time
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel
 
 from mlxk import __version__, names
 from mlxk.errors import ModelNotFound
-from mlxk.server.deps import State, require_api_key
-from mlxk.server.errors import InvalidRequest
+from mlxk.server.deps import ServerState, State, parse_optional_body, require_api_key
+from workers.inference import protocol
 
 health_router = APIRouter()
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -24,7 +24,7 @@ async def health(state: State) -> dict:
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(state: State) -> PlainTextResponse:
-    worker = await state.supervisor.call({"op": "status"}, start=False)
+    worker = await state.supervisor.call({"op": protocol.OP_STATUS}, start=False)
     text = state.metrics.render(worker, state.supervisor.state())
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -45,7 +45,7 @@ def _loaded_model(model: dict, now: float) -> dict:
 @router.get("/api/ps")
 async def ps(state: State) -> dict:
     """Loaded models and queue depth; a worker that is not running has nothing loaded (it is not started)."""
-    status = await state.supervisor.call({"op": "status"}, start=False) or {}
+    status = await state.supervisor.call({"op": protocol.OP_STATUS}, start=False) or {}
     now = time.time()
     return {
         "models": [_loaded_model(m, now) for m in status.get("models") or []],
@@ -54,28 +54,28 @@ async def ps(state: State) -> dict:
     }
 
 
+class StopRequest(BaseModel):
+    model: str | None = None   # None: every loaded model
+
+
+async def _loaded_target(state: ServerState, name: str) -> str:
+    """The loaded repo `name` means, fuzzy against what is loaded (not against the cache)."""
+    ref = names.parse(name)
+    status = await state.supervisor.call({"op": protocol.OP_STATUS}, start=False)
+    loaded = sorted({m["key"].split("@")[0] for m in (status or {}).get("models") or []})
+    if not loaded:
+        raise ModelNotFound(f"{name!r} is not loaded: no model is loaded", name=name)
+    try:
+        return names.resolve(ref.repo, loaded)
+    except ModelNotFound:
+        raise ModelNotFound(f"{name!r} is not loaded (loaded: {', '.join(loaded)})", name=name) from None
+
+
 @router.post("/api/stop")
 async def stop(request: Request, state: State) -> dict:
-    """Unload one model (`{"model": name}`, fuzzy against what is loaded) or all (`{"model": null}`)."""
-    raw = await request.body()
-    try:
-        body = json.loads(raw) if raw.strip() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidRequest("the request body is not valid JSON") from None
-    name = body.get("model") if isinstance(body, dict) else None
-    status = await state.supervisor.call({"op": "status"}, start=False)
-    loaded = sorted({m["key"].split("@")[0] for m in (status or {}).get("models") or []})
-    if name is None:
-        target = None
-    else:
-        ref = names.parse(name)
-        if not loaded:
-            raise ModelNotFound(f"{name!r} is not loaded: no model is loaded", name=name)
-        try:
-            target = names.resolve(ref.repo, loaded)
-        except ModelNotFound:
-            raise ModelNotFound(f"{name!r} is not loaded (loaded: {', '.join(loaded)})", name=name) from None
-    if status is None:
-        return {"models": []}
-    reply = await state.supervisor.call({"op": "unload", "model": target}, start=False) or {}
+    """Unload one model (`{"model": name}`, fuzzy against what is loaded) or all (`{"model": null}` or no body)."""
+    body = await parse_optional_body(request, StopRequest)
+    target = None if body.model is None else await _loaded_target(state, body.model)
+    # a worker that is not running has nothing loaded; start=False leaves it stopped and answers None
+    reply = await state.supervisor.call({"op": protocol.OP_UNLOAD, "model": target}, start=False) or {}
     return {"models": [key.split("@")[0] for key in reply.get("models") or []]}
