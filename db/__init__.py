@@ -7,11 +7,9 @@ rebuilt: the models table is derived from the HF cache, which is the source of t
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import sqlite3
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from db import migrations
@@ -27,17 +25,6 @@ def _pragmas(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA foreign_keys = ON")
 
 
-@contextmanager
-def _migration_lock(path: Path):
-    """Two processes starting at once must not both apply the same migration."""
-    with open(f"{path}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _is_current(conn: sqlite3.Connection) -> bool:
     try:
         applied = {row[0] for row in conn.execute("SELECT name FROM _sqlite_migrations WHERE migration_set = 'mlxk'")}
@@ -50,7 +37,10 @@ def _migrate(path: Path) -> None:
     import sqlite_utils
     from sqlite_utils.migrations import Migrations
 
-    with _migration_lock(path):
+    from mlxk.locks import file_lock
+
+    # Two processes starting at once must not both apply the same migration.
+    with file_lock(Path(f"{path}.lock")):
         database = sqlite_utils.Database(sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000))
         try:
             _pragmas(database.conn)

@@ -54,9 +54,14 @@ def get_model(db, repo_id: str) -> dict | None:
     return rows[0] if rows else None
 
 
-def fingerprints(db) -> dict[str, str]:
-    """repo_id → integrity fingerprint, for the stat-based freshness check."""
-    return dict(_conn(db).execute("SELECT repo_id, fingerprint FROM models").fetchall())
+def model_ids(db) -> list[str]:
+    """Every repo id, sorted: what a name resolves against, without decoding any row."""
+    return [row[0] for row in _conn(db).execute("SELECT repo_id FROM models ORDER BY repo_id")]
+
+
+def healthy_ids(db) -> list[str]:
+    """Repos whose files passed the integrity check, sorted."""
+    return [row[0] for row in _conn(db).execute("SELECT repo_id FROM models WHERE health = 'healthy' ORDER BY repo_id")]
 
 
 def _encode(record: dict) -> dict:
@@ -71,17 +76,7 @@ def _encode(record: dict) -> dict:
 
 def upsert_models(db, records: list[dict]) -> None:
     """Insert or fully replace rows, in one transaction."""
-    if not records:
-        return
-    conn = _conn(db)
-    rows = [_encode(record) for record in records]
-    with conn if conn.isolation_level is not None else _transaction(conn):
-        for row in rows:
-            names = list(row)
-            conn.execute(
-                f"INSERT OR REPLACE INTO models ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-                [row[name] for name in names],
-            )
+    sync_models(db, upserts=records, deletes=[])
 
 
 def upsert_model(db, **record) -> None:
@@ -89,11 +84,13 @@ def upsert_model(db, **record) -> None:
 
 
 def delete_models(db, repo_ids: list[str]) -> None:
-    if not repo_ids:
-        return
-    conn = _conn(db)
-    with conn if conn.isolation_level is not None else _transaction(conn):
-        conn.executemany("DELETE FROM models WHERE repo_id = ?", [(repo_id,) for repo_id in repo_ids])
+    sync_models(db, upserts=[], deletes=repo_ids)
+
+
+def _writing(conn: sqlite3.Connection):
+    """One write transaction: a sqlite-utils connection's own (commit, or rollback on error); on an autocommit
+    connection (the `list` fast path) an explicit one, see _transaction."""
+    return conn if conn.isolation_level is not None else _transaction(conn)
 
 
 class _transaction:
@@ -118,7 +115,7 @@ def get_meta(db, key: str) -> str | None:
 
 def set_meta(db, key: str, value: str) -> None:
     conn = _conn(db)
-    with conn if conn.isolation_level is not None else _transaction(conn):
+    with _writing(conn):
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
 
@@ -135,7 +132,7 @@ def sync_models(db, *, upserts: list[dict], deletes: list[str]) -> None:
         return
     conn = _conn(db)
     rows = [_encode(record) for record in upserts]
-    with conn if conn.isolation_level is not None else _transaction(conn):
+    with _writing(conn):
         conn.executemany("DELETE FROM models WHERE repo_id = ?", [(repo_id,) for repo_id in deletes])
         for row in rows:
             names = list(row)
@@ -161,7 +158,7 @@ def set_runtime_verdicts(db, verdicts: list[dict]) -> int:
     conn = _conn(db)
     params = [(None if v["runtime_compatible"] is None else int(bool(v["runtime_compatible"])), v["reason"],
                v["runtime_fingerprint"], v["runtime_checked_at"], v["repo_id"], v["fingerprint"]) for v in verdicts]
-    with conn if conn.isolation_level is not None else _transaction(conn):
+    with _writing(conn):
         before = conn.total_changes
         conn.executemany(
             "UPDATE models SET runtime_compatible = ?, reason = ?, runtime_fingerprint = ?, runtime_checked_at = ? "
@@ -177,7 +174,7 @@ def clear_stale_runtime(db, signature: str) -> int:
         "AND runtime_fingerprint != fingerprint || '|' || ?", (signature,))]
     if not stale:
         return 0
-    with conn if conn.isolation_level is not None else _transaction(conn):
+    with _writing(conn):
         conn.executemany(
             "UPDATE models SET runtime_compatible = NULL, runtime_fingerprint = NULL, runtime_checked_at = NULL, "
             "reason = CASE WHEN health = 'healthy' THEN NULL ELSE reason END WHERE repo_id = ?",

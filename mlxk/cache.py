@@ -113,6 +113,16 @@ def snapshot_files(snapshot: Path) -> list[SnapshotFile]:
     return files
 
 
+def walk_files(folder: Path):
+    """(posix path relative to `folder`, Path) for every name os.walk lists as a file, in sorted order (folders and
+    names sorted), so what is copied or uploaded comes out the same on every filesystem."""
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in sorted(names):
+            entry = Path(root) / name
+            yield entry.relative_to(folder).as_posix(), entry
+
+
 def incomplete_blobs(path: Path) -> list[Path]:
     """Partial downloads: huggingface_hub's `<etag>[.<x>].incomplete` and mlxk's own."""
     try:
@@ -167,6 +177,17 @@ def fingerprint(path: Path | str, revision: str | None) -> str:
 
 
 _FINGERPRINT_PARTS = ("/blobs", "/snapshots", "/refs/main")
+
+
+def extend_fingerprint(stamp: str, path: Path | str, revision: str | None) -> str:
+    """`fingerprint(path, revision)` from a `fingerprint(path, None)` taken earlier: a reader stamps the repo before
+    it lists the snapshots, then adds the snapshot it chose, so nothing it reads predates its stamp."""
+    if not revision:
+        return stamp
+    try:
+        return f"{stamp}:{os.stat(f'{os.fspath(path)}/snapshots/{revision}').st_mtime_ns:x}"
+    except OSError:
+        return f"{stamp}:-"
 
 
 def last_modified(path: Path, revision: str | None) -> float:

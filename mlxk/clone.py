@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxk import errors
+from mlxk import cache, errors
 
 log = logging.getLogger("mlxk.clone")
 
@@ -75,16 +75,12 @@ def _check_dest(dest: Path) -> None:
 def _list(snapshot: Path) -> list[tuple[str, Path, int]]:
     """(relative path, resolved source, size) of every file; a dangling link is a broken snapshot."""
     found = []
-    for root, dirs, names in os.walk(snapshot):
-        dirs.sort()
-        for name in sorted(names):
-            entry = Path(root) / name
-            rel = entry.relative_to(snapshot).as_posix()
-            source = entry.resolve()
-            if not source.is_file():
-                raise errors.CacheError(f"{rel} in {snapshot} points to a missing blob; the snapshot is "
-                                        "incomplete: pull the model again.", path=str(entry))
-            found.append((rel, source, source.stat().st_size))
+    for rel, entry in cache.walk_files(snapshot):
+        source = entry.resolve()
+        if not source.is_file():
+            raise errors.CacheError(f"{rel} in {snapshot} points to a missing blob; the snapshot is "
+                                    "incomplete: pull the model again.", path=str(entry))
+        found.append((rel, source, source.stat().st_size))
     return found
 
 

@@ -109,8 +109,3 @@ class Cancelled(MlxkError):
 class ServerUnavailable(MlxkError):
     type = "server_unavailable"
     http_status = 503
-
-
-class Busy(MlxkError):
-    type = "busy"
-    http_status = 503

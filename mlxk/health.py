@@ -153,11 +153,15 @@ class RepoView:
 # Reading a repo
 
 
-def inspect_repo(repo_id: str, path: Path) -> RepoView:
-    """Read a cache repo (models--org--name) once: its current snapshot, partial downloads and small JSON files."""
+def inspect_repo(repo_id: str, path: Path, *, revisions: list[str] | None = None,
+                 revision: str | None = None) -> RepoView:
+    """Read a cache repo (models--org--name) once: its current snapshot, partial downloads and small JSON files.
+
+    A caller that already listed the snapshots passes them with the current one (`revisions`, `revision`)."""
     path = Path(path)
-    revisions = cache.list_revisions(path)
-    revision = cache.current_revision(path, revisions)
+    if revisions is None:
+        revisions = cache.list_revisions(path)
+        revision = cache.current_revision(path, revisions)
     snapshot = path / "snapshots" / revision if revision else None
     files = list_files(snapshot) if snapshot else []
     partial = [f.path for f in files if f.name.endswith(PARTIAL_SUFFIXES)]

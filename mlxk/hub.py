@@ -931,17 +931,13 @@ def _hash_local(disk: Path, size: int) -> tuple[str, str, bytes]:
 def _local_files(workspace: Path) -> list[_LocalFile]:
     patterns = read_hfignore(workspace)
     found = []
-    for root, dirs, names in os.walk(workspace):
-        dirs.sort()
-        for name in sorted(names):
-            disk = Path(root) / name
-            rel = disk.relative_to(workspace).as_posix()
-            if is_ignored(rel, patterns) or not disk.is_file():
-                continue
-            size = disk.stat().st_size
-            sha256, sha1, head = _hash_local(disk, size)
-            lfs = size >= LFS_MIN_SIZE or name.endswith(_LFS_GUESS_SUFFIXES) or b"\0" in head
-            found.append(_LocalFile(rel, disk, size, sha256, sha1, lfs))
+    for rel, disk in cache.walk_files(workspace):
+        if is_ignored(rel, patterns) or not disk.is_file():
+            continue
+        size = disk.stat().st_size
+        sha256, sha1, head = _hash_local(disk, size)
+        lfs = size >= LFS_MIN_SIZE or disk.name.endswith(_LFS_GUESS_SUFFIXES) or b"\0" in head
+        found.append(_LocalFile(rel, disk, size, sha256, sha1, lfs))
     return found
 
 

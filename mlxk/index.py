@@ -154,10 +154,7 @@ def _forget_stale_verdicts(conn, signature: _Signature) -> None:
 
 
 def _runtime_targets(conn, pending: list[str], scope: set[str] | None, force: bool) -> list[str]:
-    if force:
-        candidates = [row["repo_id"] for row in queries.all_models(conn) if row["health"] == "healthy"]
-    else:
-        candidates = pending
+    candidates = queries.healthy_ids(conn) if force else pending
     return [repo_id for repo_id in candidates if scope is None or repo_id in scope]
 
 
@@ -172,22 +169,26 @@ def _now() -> str:
 def inspect(repo_id: str, path: Path, signature: _Signature | None = None) -> dict:
     """A full `models` row for one repo: integrity, detection, sizes; the runtime verdict when it needs no mlx-lm."""
     signature = signature or _Signature()
-    # The fingerprint is taken BEFORE reading, so a change made while we read shows up as a change next time.
+    # The fingerprint is taken BEFORE reading (listing the snapshots included), so a change made while we read shows
+    # up as a change next time.
     stamp = cache.fingerprint(path, None)
     try:
-        stamp = cache.fingerprint(path, cache.current_revision(path))
-        return _inspect(repo_id, path, stamp, signature)
+        revisions = cache.list_revisions(path)
+        revision = cache.current_revision(path, revisions)
+        stamp = cache.extend_fingerprint(stamp, path, revision)
+        return _inspect(repo_id, path, stamp, signature, revisions, revision)
     except OSError as error:
         # An unreadable folder or file is a verdict about the repo, not a reason for `list` to fail.
         _log().warning("cannot read %s: %s", path, error)
         return _unreadable(repo_id, path, stamp, error)
 
 
-def _inspect(repo_id: str, path: Path, stamp: str, signature: _Signature) -> dict:
+def _inspect(repo_id: str, path: Path, stamp: str, signature: _Signature, revisions: list[str],
+             revision: str | None) -> dict:
     from mlxk import health
     from mlxk.detect import detect
 
-    view = health.inspect_repo(repo_id, path)
+    view = health.inspect_repo(repo_id, path, revisions=revisions, revision=revision)
     findings = health.check_integrity(view)
     detection = detect(view)
     usage = cache.disk_usage(path)
@@ -205,7 +206,7 @@ def _inspect(repo_id: str, path: Path, stamp: str, signature: _Signature) -> dic
         "architecture": detection.architecture,
         "capabilities": list(detection.capabilities or []),
         "context_length": detection.context_length,
-        "quantization": _quantization_text(detection.quantization),
+        "quantization": detection.quantization,
         "health": "healthy" if healthy else "unhealthy",
         "runtime_compatible": None,
         "reason": findings[0].message if findings else None,
@@ -223,15 +224,6 @@ def _inspect(repo_id: str, path: Path, stamp: str, signature: _Signature) -> dic
                               runtime_fingerprint=f"{stamp}|{signature}", runtime_checked_at=record["checked_at"])
                 break
     return record
-
-
-def _quantization_text(value) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, dict):
-        bits, group = value.get("bits"), value.get("group_size")
-        return f"{bits}bit" + (f" (group {group})" if group else "") if bits else None
-    return str(value)
 
 
 def _unreadable(repo_id: str, path: Path, stamp: str, error: OSError) -> dict:
@@ -443,8 +435,16 @@ class Resolved:
 
 
 def resolve(conn, ref) -> Resolved:
-    """The one indexed repo (and snapshot) a parsed name (mlxk.names.ModelRef) means; raises names' errors."""
-    return resolve_in(rows(conn), ref)
+    """The one indexed repo (and snapshot) a parsed name (mlxk.names.ModelRef) means; raises names' errors.
+
+    The name is matched against the ids alone and only the chosen row is read: decoding 1,000s of rows for one name
+    would cost `show` and `health NAME` more than the rest of their work."""
+    from mlxk import names
+
+    while True:
+        row = queries.get_model(conn, names.resolve(ref.repo, queries.model_ids(conn)))
+        if row is not None:  # None: another process removed it between the two reads, so the ids are stale
+            return _at_revision(row, ref)
 
 
 def resolve_in(all_rows: list[dict], ref) -> Resolved:
@@ -452,8 +452,14 @@ def resolve_in(all_rows: list[dict], ref) -> Resolved:
     from mlxk import names
 
     by_id = {row["repo_id"]: row for row in all_rows}
-    repo_id = names.resolve(ref.repo, list(by_id))
-    row = by_id[repo_id]
+    return _at_revision(by_id[names.resolve(ref.repo, list(by_id))], ref)
+
+
+def _at_revision(row: dict, ref) -> Resolved:
+    """The snapshot of a resolved repo that `ref` names: the current one, or the commit or ref after its '@'."""
+    from mlxk import names
+
+    repo_id = row["repo_id"]
     if not ref.revision:
         return Resolved(row, row["revision"])
     revisions = row["revisions"] or []
@@ -478,12 +484,21 @@ def _ref_target(row: dict, ref_name: str) -> str | None:
 
 
 def check_health(state_db: Path, cache_dir: Path, ref=None) -> tuple[Loaded, list[dict]]:
-    """Re-inspect and runtime-check one repo (a parsed name) or all, write the verdicts, return the rows."""
-    loaded = load(state_db, cache_dir)
+    """Re-inspect and runtime-check one repo (a parsed name) or all, write the verdicts, return the rows.
+
+    Every repo is inspected once: all of them in one forced refresh, or, for a name, the index is refreshed first
+    (the name may be new to it) and the named repo is inspected again only if that refresh did not just do it."""
+    loaded = load(state_db, cache_dir, runtime=ref is None, force=ref is None)
     try:
-        scope = {resolve(loaded.conn, ref).row["repo_id"]} if ref is not None else None
-        refresh(loaded.conn, cache_dir, runtime=True, repos=scope, force=True)
-        checked = [row for row in rows(loaded.conn) if scope is None or row["repo_id"] in scope]
+        if ref is None:
+            checked = rows(loaded.conn)
+        else:
+            repo_id = resolve(loaded.conn, ref).row["repo_id"]
+            # A repo that refresh just (re-)inspected needs only the runtime check it left pending: a verdict it
+            # already settled (framework, weight names) is the one check_runtime would give again.
+            fresh = repo_id in loaded.refresh.added or repo_id in loaded.refresh.changed
+            refresh(loaded.conn, cache_dir, runtime=True, repos={repo_id}, force=not fresh)
+            checked = [row for row in [queries.get_model(loaded.conn, repo_id)] if row is not None]
     except BaseException:
         loaded.close()
         raise

@@ -22,11 +22,11 @@ import db as statedb
 from db import jobs as jobs_db
 from mlxk.config import settings
 from mlxk.locks import file_lock
-from mlxk.errors import (Conflict, InvalidName, JobNotFound, AmbiguousMatch, MlxkError, ModelNotFound)
+from mlxk.errors import (Conflict, InvalidName, JobCancelled, JobFailed, JobNotFound, AmbiguousMatch, MlxkError,
+                         ModelNotFound)
 
 log = logging.getLogger("mlxk.jobs")
 
-KINDS = ("pull", "rm", "clone", "push", "scan")
 HEARTBEAT_S = 2.0        # a worker writes its heartbeat this often
 STALE_S = 10.0           # a heartbeat older than this (on another host) means the worker is gone
 USER_PRIORITY = 10       # user jobs run before background scans
@@ -116,8 +116,9 @@ def _pidfile_alive(path: Path) -> bool:
     return pid_alive(pid)
 
 
-def worker_pidfile() -> Path:
-    return settings().run_dir / "worker.pid"
+def worker_pidfile(config=None) -> Path:
+    """Where the background worker's pid goes; `config` saves a caller that holds settings() reading them again."""
+    return (config or settings()).run_dir / "worker.pid"
 
 
 def ensure_worker(conn=None) -> int | None:
@@ -134,7 +135,7 @@ def ensure_worker(conn=None) -> int | None:
             return None
         s.log_dir.mkdir(parents=True, exist_ok=True)
         with file_lock(s.run_dir / "worker.lock"):
-            if live_workers(conn) or _pidfile_alive(worker_pidfile()):
+            if live_workers(conn) or _pidfile_alive(worker_pidfile(s)):
                 return None
             with open(s.log_dir / "worker.log", "ab") as logfile:
                 proc = subprocess.Popen(
@@ -142,7 +143,7 @@ def ensure_worker(conn=None) -> int | None:
                     stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
                     start_new_session=True, close_fds=True, cwd=str(s.home),
                 )
-            worker_pidfile().write_text(f"{proc.pid}\n")
+            worker_pidfile(s).write_text(f"{proc.pid}\n")
             log.info("started a background worker, pid %s", proc.pid)
             return proc.pid
     finally:
@@ -369,13 +370,12 @@ def outcome_error(job: dict) -> MlxkError | None:
     error = job.get("error") or {}
     if job["state"] == "cancelled":
         text = error.get("message") or "cancelled"
-        failure = MlxkError(f"job {job['id']} ({job['kind']} {job['target']}) was cancelled: {text}",
+        return JobCancelled(f"job {job['id']} ({job['kind']} {job['target']}) was cancelled: {text}",
                             job_id=job["id"], state="cancelled")
-        failure.type = "job_cancelled"
-        return failure
-    failure = MlxkError(f"job {job['id']} ({job['kind']} {job['target']}) failed: "
+    failure = JobFailed(f"job {job['id']} ({job['kind']} {job['target']}) failed: "
                         f"{error.get('message') or 'unknown error'}", job_id=job["id"], state=job["state"])
-    failure.type = error.get("type") or "job_failed"
+    if error.get("type"):
+        failure.type = error["type"]  # the job's own error type (hub_error, disk_full...), so scripts can match
     return failure
 
 

@@ -1,7 +1,7 @@
 """An exclusive advisory lock on a file, held for a `with` block: how racing CLIs agree on who starts a process.
 
-The kernel drops it if the holder dies, so a crashed CLI never leaves it stuck. (db/ keeps its own copy for
-migrations: it imports nothing of mlxk's.)
+The kernel drops it if the holder dies, so a crashed CLI never leaves it stuck. db/ takes it around migrations too,
+importing it only when it migrates (this module is off the path of `mlxk list`).
 """
 from __future__ import annotations
 
