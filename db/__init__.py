@@ -63,12 +63,14 @@ def _quarantine(path: Path, error: Exception) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
-def connect(path: Path | str) -> sqlite3.Connection:
-    """A raw connection to a migrated state.db (row factory sqlite3.Row)."""
+def connect(path: Path | str, *, shared: bool = False) -> sqlite3.Connection:
+    """A raw connection to a migrated state.db (row factory sqlite3.Row); `shared` lets other threads use it too
+    (the caller serializes them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(2):
-        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                               check_same_thread=not shared)
         try:
             _pragmas(conn)
             if not _is_current(conn):

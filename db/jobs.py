@@ -107,6 +107,11 @@ def count_active(db, *, worker: str | None = None) -> int:
     return _conn(db).execute(sql, params).fetchone()[0]
 
 
+def run_flags(db, job_id: str) -> sqlite3.Row | None:
+    """(state, task_id, cancel_requested) of a job: what a running task checks several times a second."""
+    return _conn(db).execute("SELECT state, task_id, cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+
+
 def cancel_requested(db, job_id: str) -> int:
     """0 = no, 1 = cancel (keep partial data), 2 = cancel and purge partial data."""
     row = _conn(db).execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()

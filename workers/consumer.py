@@ -22,6 +22,7 @@ from huey.consumer import Consumer, ConsumerStopped
 from db import jobs as jobs_db
 from mlxk.config import settings
 from mlxk.errors import MlxkError
+from mlxk.jobs import HEARTBEAT_S, connect, enqueue_scan, holder_alive, hostname, worker_pidfile
 from workers import queue, signals
 
 log = logging.getLogger("mlxk.consumer")
@@ -44,12 +45,20 @@ class JobConsumer(Consumer):
         self._next_recover = now + RECOVER_EVERY_S
         self._next_idle_check = now
         self._idle_since = now
+        # state.db for the heartbeat and the idle check: opened once, not every tick; both run on the main thread.
+        self._conn = None
+
+    def run(self):
+        try:
+            super().run()
+        finally:
+            self._drop_db()
 
     def loop(self, health_check_ts=None):
         health_check_ts = super().loop(health_check_ts)
         now = time.monotonic()
         if now >= self._next_beat:
-            self._next_beat = now + jobs_heartbeat_s()
+            self._next_beat = now + HEARTBEAT_S
             self._beat()
         if now >= self._next_recover:
             self._next_recover = now + RECOVER_EVERY_S
@@ -67,10 +76,10 @@ class JobConsumer(Consumer):
     # The main loop is a supervisor: a failed heartbeat or check is logged and tried again, never fatal.
     def _beat(self) -> None:
         try:
-            with closing(_connect()) as conn:
-                jobs_db.heartbeat(conn, self.worker_id)
+            jobs_db.heartbeat(self._db(), self.worker_id)
         except Exception:  # noqa: BLE001
             log.warning("heartbeat failed", exc_info=True)
+            self._drop_db()   # the next tick opens a fresh connection
 
     def _recover(self) -> None:
         try:
@@ -82,32 +91,29 @@ class JobConsumer(Consumer):
         try:
             if self.huey.pending_count() or self.huey.scheduled_count():
                 return True
-            with closing(_connect()) as conn:
-                return jobs_db.count_active(conn, worker=self.worker_id) > 0
+            return jobs_db.count_active(self._db(), worker=self.worker_id) > 0
         except Exception:  # noqa: BLE001
             log.warning("idle check failed", exc_info=True)
+            self._drop_db()
             return True
 
+    def _db(self):
+        if self._conn is None:
+            self._conn = connect()
+        return self._conn
 
-def jobs_heartbeat_s() -> float:
-    from mlxk.jobs import HEARTBEAT_S
-
-    return HEARTBEAT_S
-
-
-def _connect():
-    from mlxk.jobs import connect
-
-    return connect()
+    def _drop_db(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def recover(huey, *, grace_s: float = LOST_TASK_GRACE_S) -> list[str]:
     """Re-enqueue jobs whose holder died and queued jobs whose task is not in the queue; returns their ids."""
-    from mlxk.jobs import holder_alive
     from mlxk.clock import parse_iso
 
     recovered = []
-    with closing(_connect()) as conn:
+    with closing(connect()) as conn:
         running = jobs_db.list_jobs(conn, states=("running",))
         queued = jobs_db.list_jobs(conn, states=("queued",))
         for job in running:
@@ -132,16 +138,12 @@ def recover(huey, *, grace_s: float = LOST_TASK_GRACE_S) -> list[str]:
 def _write_pidfile(background: bool) -> None:
     if not background:
         return
-    from mlxk.jobs import worker_pidfile
-
     path = worker_pidfile()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{os.getpid()}\n")
 
 
 def _remove_pidfile() -> None:
-    from mlxk.jobs import worker_pidfile
-
     path = worker_pidfile()
     try:
         if path.read_text().split()[0] == str(os.getpid()):
@@ -156,16 +158,14 @@ def run(*, threads: int = DEFAULT_THREADS, background: bool = False, scan: bool 
     s = settings()
     huey = queue.get_huey()
     worker_id = signals.worker_id()
-    with closing(_connect()) as conn:
-        jobs_db.register_worker(conn, id=worker_id, kind="queue", pid=os.getpid(), host=worker_id.split(":")[0])
+    with closing(connect()) as conn:
+        jobs_db.register_worker(conn, id=worker_id, kind="queue", pid=os.getpid(), host=hostname())
     _write_pidfile(background)
     log.info("worker %s started (%s threads, queue %s%s)", worker_id, threads, queue.redacted_url(s.queue_url),
              f", exits after {idle_s if idle_s is not None else s.worker_idle_s:.0f} s idle" if background else "")
     try:
         recover(huey)
         if scan:
-            from mlxk.jobs import enqueue_scan
-
             enqueue_scan(None, start_worker=False)
         consumer = JobConsumer(
             huey, worker_id=worker_id,
@@ -176,7 +176,7 @@ def run(*, threads: int = DEFAULT_THREADS, background: bool = False, scan: bool 
         consumer.run()
     finally:
         try:
-            with closing(_connect()) as conn:
+            with closing(connect()) as conn:
                 jobs_db.remove_worker(conn, worker_id)
         finally:
             _remove_pidfile()

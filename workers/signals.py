@@ -3,7 +3,7 @@
     queued ──claim──▶ running ──complete──▶ succeeded
                          │ ──error──────▶ failed (error type + message) | cancelled (errors.Cancelled)
                          └ ──interrupted (SIGTERM)──▶ queued again, under a new task id
-    queued ──revoked / expired──▶ cancelled
+    queued ──revoked──▶ cancelled
 
 `running` is set by the task itself (`claim` in workers.tasks), because taking the per-model lock and marking
 the job running must be one transaction. Every update here is conditional on the task id the row holds, so a
@@ -17,10 +17,10 @@ import os
 import uuid
 from contextlib import closing
 
-from huey import signals as S
-
 from db import jobs as jobs_db
 from mlxk.errors import Cancelled, MlxkError
+from mlxk.jobs import SCAN_PRIORITY, USER_PRIORITY, process_id
+from mlxk.jobs import connect as _connect   # `connect` here is the Huey receivers' hookup below
 
 log = logging.getLogger("mlxk.signals")
 
@@ -31,16 +31,8 @@ def worker_id() -> str:
     """This process's id as a job holder (`host:pid:start`); recomputed after a fork."""
     global _worker
     if _worker is None or _worker[0] != os.getpid():
-        from mlxk.jobs import process_id
-
         _worker = (os.getpid(), process_id())
     return _worker[1]
-
-
-def _connect():
-    from mlxk.jobs import connect
-
-    return connect()
 
 
 def _job_id(task) -> str | None:
@@ -88,7 +80,7 @@ def requeue(huey, job_id: str, *, kind: str, old_task_id: str | None, message: s
         if not jobs_db.requeue(conn, job_id, new_task_id=new_task, old_task_id=old_task_id, message=message,
                                from_states=from_states):
             return False
-    priority = 0 if kind == "scan" else 10
+    priority = SCAN_PRIORITY if kind == "scan" else USER_PRIORITY
     queue.enqueue(huey, kind, job_id, task_id=new_task, priority=priority)
     log.info("job %s re-queued as task %s (%s)", job_id, new_task, message)
     return True
@@ -98,6 +90,7 @@ def requeue(huey, job_id: str, *, kind: str, old_task_id: str | None, message: s
 
 def connect(huey) -> None:
     """Register the receivers on `huey` (called once per instance by workers.queue)."""
+    from huey import signals as S   # here, not at the top: the CLI's inline rm imports this module, never Huey
 
     @huey.signal(S.SIGNAL_COMPLETE)
     def on_complete(signal, task):
@@ -109,18 +102,12 @@ def connect(huey) -> None:
         if _job_id(task):
             failed(_job_id(task), task.id, exc if exc is not None else RuntimeError("unknown error"))
 
-    @huey.signal(S.SIGNAL_REVOKED, S.SIGNAL_EXPIRED)
+    # No receivers for SIGNAL_EXPIRED and SIGNAL_CANCELED: Huey sends them only for tasks with `expires`, for
+    # pre_execute hooks and for CancelExecution, none of which mlxk uses (a cancel is errors.Cancelled: an error).
+    @huey.signal(S.SIGNAL_REVOKED)
     def on_revoked(signal, task):
         if _job_id(task):
             cancelled_before_start(_job_id(task), task.id, f"cancelled before it started ({signal})")
-
-    @huey.signal(S.SIGNAL_CANCELED)
-    def on_canceled(signal, task):
-        if _job_id(task):
-            with closing(_connect()) as conn:
-                jobs_db.finish(conn, _job_id(task), state="cancelled", task_id=task.id,
-                               from_states=("queued", "running"), message="cancelled",
-                               error={"type": "cancelled", "message": "cancelled"})
 
     @huey.signal(S.SIGNAL_INTERRUPTED)
     def on_interrupted(signal, task):

@@ -14,14 +14,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import sqlite3
 import threading
 import time
 from contextlib import closing
 from pathlib import Path
 
+import db as statedb
 from db import jobs as jobs_db
 from mlxk.config import settings
 from mlxk.errors import Cancelled, MlxkError
+from mlxk.jobs import connect, holder_alive
 from workers import signals
 
 log = logging.getLogger("mlxk.tasks")
@@ -34,13 +37,21 @@ LOCK_RETRY_S = 1.0          # a job whose model is busy looks again after this l
 # ---------------------------------------------------------------- the job a task runs
 
 class JobContext:
-    """Progress reporting and the stop check of one running job; safe to call from download threads."""
+    """Progress reporting and the stop check of one running job; safe to call from download threads.
+
+    They write progress and read the cancel flag several times a second, so the job keeps one state.db connection
+    (opened on first use, closed by `close`) instead of opening one per call. The threads share it under
+    `_db_lock`, not `_lock`: a write waiting out SQLite's busy timeout must not stall the other threads' rate
+    bookkeeping and throttled stop checks.
+    """
 
     def __init__(self, job: dict, task_id: str):
         self.job = job
         self.job_id = job["id"]
         self.task_id = task_id
         self._lock = threading.Lock()
+        self._db_lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
         self._last_write = 0.0
         self._last_stop_check = 0.0
         self._stop = False
@@ -86,7 +97,8 @@ class JobContext:
             if not force and now - self._last_write < PROGRESS_EVERY_S:
                 return
             self._last_write = now
-        with closing(_connect()) as conn:
+        with self._db_lock:
+            conn = self._db()
             if "bytes_done" in fields:
                 jobs_db.set_progress(conn, self.job_id, task_id=self.task_id, **fields)
             else:
@@ -103,8 +115,8 @@ class JobContext:
             if self._stop or now - self._last_stop_check < STOP_CHECK_EVERY_S:
                 return self._stop
             self._last_stop_check = now
-        with closing(_connect()) as conn:
-            row = jobs_db.get_job(conn, self.job_id)
+        with self._db_lock:
+            row = jobs_db.run_flags(self._db(), self.job_id)
         stop = row is None or bool(row["cancel_requested"]) or row["task_id"] != self.task_id \
             or row["state"] != "running"
         with self._lock:
@@ -117,14 +129,20 @@ class JobContext:
             raise Cancelled(f"job {self.job_id} was cancelled.")
 
     def purge_requested(self) -> bool:
-        with closing(_connect()) as conn:
-            return jobs_db.cancel_requested(conn, self.job_id) >= 2
+        with self._db_lock:
+            return jobs_db.cancel_requested(self._db(), self.job_id) >= 2
 
+    def close(self) -> None:
+        with self._db_lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
-def _connect():
-    from mlxk.jobs import connect
-
-    return connect()
+    def _db(self) -> sqlite3.Connection:
+        """The job's connection; call it holding `_db_lock`."""
+        if self._conn is None:
+            self._conn = statedb.connect(settings().state_db, shared=True)
+        return self._conn
 
 
 def _plain(value):
@@ -143,15 +161,12 @@ def _plain(value):
 # ---------------------------------------------------------------- the domain calls
 
 def _refresh_index(repos=None, *, runtime: bool = True, force: bool = False):
-    from db import open_db
     from mlxk import index
 
-    database = open_db()
-    try:
-        return index.refresh(database, settings().hf_hub_cache, runtime=runtime,
+    # A raw connection, as `list` uses: open_db would import sqlite-utils (and numpy) on the CLI's inline rm.
+    with closing(connect()) as conn:
+        return index.refresh(conn, settings().hf_hub_cache, runtime=runtime,
                              repos=set(repos) if repos is not None else None, force=force)
-    finally:
-        database.close()
 
 
 def _safe_refresh(repo: str) -> None:
@@ -223,7 +238,7 @@ def run_rm(job: dict, ctx: JobContext) -> dict:
     plan = cache.plan_remove(s.hf_hub_cache, repo, revision)
     ctx.phase("removing")
     cache.apply_remove(s.hf_hub_cache, plan)
-    with closing(_connect()) as conn:
+    with closing(connect()) as conn:
         if plan.whole_repo:
             models_db.delete_models(conn, [repo])
     if not plan.whole_repo:
@@ -255,7 +270,7 @@ def _cached_snapshot(repo: str, revision: str | None) -> Path | None:
     else:
         sha = cache.current_revision(path, revisions)
     _refresh_index({repo}, runtime=False)
-    with closing(_connect()) as conn:
+    with closing(connect()) as conn:
         row = models_db.get_model(conn, repo)
     if not row or row.get("health") != "healthy" or row.get("revision") != sha:
         return None
@@ -310,9 +325,7 @@ LOCKED_KINDS = {"pull", "rm", "clone", "push"}   # scan reads; everything else h
 # ---------------------------------------------------------------- running a job
 
 def _claim(job_id: str, task_id: str):
-    from mlxk.jobs import holder_alive
-
-    with closing(_connect()) as conn:
+    with closing(connect()) as conn:
         row = jobs_db.get_job(conn, job_id)
         lock_key = row["target"] if row and row["kind"] in LOCKED_KINDS else None
         return jobs_db.claim(conn, job_id, task_id=task_id, worker=signals.worker_id(), lock_key=lock_key,
@@ -326,17 +339,17 @@ def execute(job_id: str, task_id: str):
     """
     outcome, job = _claim(job_id, task_id)
     if outcome == "locked":
-        with closing(_connect()) as conn:
+        with closing(connect()) as conn:
             jobs_db.update_job(conn, job_id, where_state="queued", where_task=task_id,
                                message=f"waiting for job {job['id']} ({job['kind']}) on {job['target']}")
         raise RetryLater(job["id"])
     if outcome != "claimed":
         log.info("job %s: task %s has nothing to do (%s)", job_id, task_id, outcome)
         return None
-    ctx = JobContext(job, task_id)
     log.info("job %s: %s %s (attempt %s)", job_id, job["kind"], job["target"], job["attempts"])
-    result = HANDLERS[job["kind"]](job, ctx)
-    with closing(_connect()) as conn:
+    with closing(JobContext(job, task_id)) as ctx:
+        result = HANDLERS[job["kind"]](job, ctx)
+    with closing(connect()) as conn:
         jobs_db.update_job(conn, job_id, where_state="running", where_task=task_id, result=result)
     return result
 
@@ -347,7 +360,7 @@ class RetryLater(Exception):
 
 def run_inline(job_id: str) -> dict:
     """Run a job in this process (rm from the CLI): the same claim, lock and state changes as under Huey."""
-    with closing(_connect()) as conn:
+    with closing(connect()) as conn:
         task_id = jobs_db.get_job(conn, job_id)["task_id"]
     try:
         result = execute(job_id, task_id)
@@ -356,7 +369,7 @@ def run_inline(job_id: str) -> dict:
 
         error = Conflict(f"the model is in use by job {busy.args[0]}; retry when it has finished.",
                          job_id=busy.args[0])
-        with closing(_connect()) as conn:
+        with closing(connect()) as conn:
             jobs_db.finish(conn, job_id, state="failed", task_id=task_id, from_states=("queued",),
                            error=error.to_dict(), message="failed")
         raise error from None

@@ -99,7 +99,7 @@ class Supervisor:
     def __init__(self, options: WorkerOptions):
         self.options = options
         self.socket = str(options.socket)
-        self.lock_path = f"{self.socket}.lock"   # workers/inference/server.py: socket_lock_path
+        self.lock_path = str(protocol.socket_lock_path(self.socket))
         self._proc: subprocess.Popen | None = None
         self._started_at = 0.0
         self._ready = False

@@ -776,20 +776,20 @@ class Engine:
             row.completion_tokens += 1
             if row.first_token_at is None:
                 row.first_token_at = now
-            finish = r.finish_reason
+            finish = r.finish_reason   # mlx-lm's "stop" / "length" are the protocol's words
             detok = row.detokenizer
-            if finish == "stop":
+            if finish == protocol.FINISH_STOP:
                 # The stop token itself (EOS or a stop string's last token) never becomes text.
                 detok.finalize()
             else:
                 if r.token not in row.model.hidden_ids:
                     detok.add_token(r.token)
-                if finish == "length":
+                if finish == protocol.FINISH_LENGTH:
                     detok.finalize()
             text, matched = row.stop_filter.push(detok.last_segment)
             if matched:
-                finish = "stop"
-            elif finish is not None and (finish == "length" or r.token in row.model.eos_ids):
+                finish = protocol.FINISH_STOP
+            elif finish is not None and (finish == protocol.FINISH_LENGTH or r.token in row.model.eos_ids):
                 text += row.stop_filter.flush()
             delta = row.router.feed(text)
             if finish is not None:
@@ -812,7 +812,7 @@ class Engine:
                 self._rows.pop(r.uid, None)
 
     def _finish_row(self, row: Row, finish: str, now: float) -> None:
-        if finish == "stop" and row.router.made_tool_call:
+        if finish == protocol.FINISH_STOP and row.router.made_tool_call:
             finish = protocol.FINISH_TOOL_CALLS
         ttft = (row.first_token_at or now) - row.ticket.submitted_at
         decode_s = now - row.first_token_at if row.first_token_at else 0.0

@@ -7,6 +7,7 @@ Transport
     (UTF-8, ending in "\\n"), then reads JSON lines until a terminal event. A client that closes its
     connection cancels its request: the row leaves the batch at once (its prompt cache may be kept).
     EOF on the worker's read side counts as closing, so a client must not shut down its write side.
+    A live worker, starting or serving, holds an exclusive flock on `<socket>.lock` (socket_lock_path).
 
 Requests
     {"op": "generate", "id": str,
@@ -59,6 +60,7 @@ import asyncio
 import json
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 OP_GENERATE = "generate"
@@ -91,6 +93,11 @@ FINISH_TOOL_CALLS = "tool_calls"
 DEFAULT_MAX_TOKENS = 2048
 # One request line may carry a long conversation; asyncio's default 64 KiB line limit is too small.
 MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
+def socket_lock_path(socket_path: str | Path) -> Path:
+    """The lock file a live worker holds for its socket (the worker takes it, the api's supervisor probes it)."""
+    return Path(f"{socket_path}.lock")
 
 
 @dataclass(frozen=True)

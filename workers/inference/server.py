@@ -4,7 +4,7 @@ The engine's loop owns MLX and runs elsewhere (the process's main thread). Event
 one `call_soon_threadsafe` per decode step (`deliver`), are fanned out to per-request asyncio queues,
 and written as JSON lines. A connection that closes cancels its request (see protocol.py).
 
-One worker per socket: a worker holds an exclusive flock on `<socket>.lock` (socket_lock_path) for its whole
+One worker per socket: a worker holds an exclusive flock on `<socket>.lock` (protocol.socket_lock_path) for its whole
 life, taken before it touches the socket path. Checking "is anyone serving?" and binding are two steps, and
 binding replaces an existing socket file, so without the lock two workers starting together (honcho's
 `inference` line and one the api starts on a first request) could both bind, the second one orphaning the
@@ -25,17 +25,13 @@ from pathlib import Path
 from . import protocol
 from .engine import Engine
 from .errors import BadRequest, InferenceError
+from .protocol import socket_lock_path
 
 log = logging.getLogger("mlxk.inference.server")
 
 IDLE_CHECK_S = 1.0
 SHUTDOWN_GRACE_S = 3.0
 LOCK_RETRY_S = 0.5   # the api's supervisor probes the lock by taking it for an instant: do not lose to a probe
-
-
-def socket_lock_path(socket_path: str | Path) -> Path:
-    """The lock file a live worker holds for its socket (mlxk/server/supervisor.py probes it too)."""
-    return Path(f"{socket_path}.lock")
 
 
 class WorkerServer:
@@ -50,7 +46,6 @@ class WorkerServer:
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock_fd: int | None = None
-        self.stopped_idle = False
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
@@ -148,7 +143,6 @@ class WorkerServer:
             quiet = time.time() - self.engine.last_activity
             if not self._handlers and not self.engine.busy and quiet >= self.idle_exit_s:
                 log.info("idle for %.0fs: exiting", quiet)
-                self.stopped_idle = True
                 self._stop.set()
                 return
 
@@ -212,26 +206,24 @@ class WorkerServer:
             ticket = self.engine.submit(request, context=events)
         except InferenceError as e:
             return await _send(writer, e.to_event())
-        # The client never sends more after its line, so EOF on the read side means it hung up.
-        hangup = asyncio.ensure_future(reader.read(1))
+        # The client never sends more after its line, so EOF on the read side means it hung up. The read wakes the
+        # loop through the events queue: one awaited get per step, no task and no asyncio.wait per event.
+        hangup = _watch_hangup(reader, events)
         try:
             while True:
-                if events.empty():
-                    getter = asyncio.ensure_future(events.get())
-                    done, _ = await asyncio.wait({getter, hangup}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter not in done:
-                        getter.cancel()
-                        if hangup.result():  # stray bytes after the request line: ignore, keep watching
-                            hangup = asyncio.ensure_future(reader.read(1))
-                            continue
-                        self.engine.cancel(ticket)
-                        log.info("client of %s hung up: cancelled", request.id)
-                        return
-                    batch = [getter.result()]
-                else:
-                    batch = []
+                if events.empty() and hangup.done():  # a hang-up counts once the events that came before it are written
+                    if hangup.result():  # stray bytes after the request line: ignore, keep watching
+                        hangup = _watch_hangup(reader, events)
+                        continue
+                    self.engine.cancel(ticket)
+                    log.info("client of %s hung up: cancelled", request.id)
+                    return
+                batch = [await events.get()]
                 while not events.empty():
                     batch.append(events.get_nowait())
+                batch = [e for e in batch if e is not _HANGUP]
+                if not batch:
+                    continue
                 writer.write(b"".join(protocol.encode(e) for e in batch))
                 await writer.drain()
                 if any(e.get("event") in (protocol.EV_DONE, protocol.EV_ERROR) for e in batch):
@@ -244,6 +236,15 @@ class WorkerServer:
             raise
         finally:
             hangup.cancel()
+
+
+_HANGUP = object()   # put on a request's events queue when its client's read side ends (or fails)
+
+
+def _watch_hangup(reader: asyncio.StreamReader, events: asyncio.Queue) -> asyncio.Future:
+    hangup = asyncio.ensure_future(reader.read(1))
+    hangup.add_done_callback(lambda _: events.put_nowait(_HANGUP))
+    return hangup
 
 
 def _fan_out(batch: list) -> None:
