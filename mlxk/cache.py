@@ -36,6 +36,11 @@ def repo_dir(cache_dir: Path, repo_id: str) -> Path:
     return Path(cache_dir) / repo_folder_name(repo_id)
 
 
+def lock_dir(cache_dir: Path | str, repo_id: str) -> Path:
+    """Where huggingface_hub (and mlxk's fetch) keep a repo's per-file download locks: `.locks/models--org--name`."""
+    return Path(cache_dir) / ".locks" / repo_folder_name(repo_id)
+
+
 def iter_repo_dirs(cache_dir: Path):
     """(repo_id, DirEntry) for every model repo folder; a missing cache is empty, not an error."""
     try:
@@ -244,5 +249,4 @@ def apply_remove(cache_dir: Path, plan: RemovalPlan) -> None:
         for ref, sha in refs(path).items():
             if sha in plan.revisions:
                 (path / "refs" / ref).unlink(missing_ok=True)
-    lock_dir = Path(cache_dir) / ".locks" / repo_folder_name(plan.repo_id)
-    shutil.rmtree(lock_dir, ignore_errors=True)
+    shutil.rmtree(lock_dir(cache_dir, plan.repo_id), ignore_errors=True)

@@ -284,7 +284,7 @@ def _partial(repo: Path, file: RemoteFile) -> Path:
 
 
 def _lock_path(cache_dir: Path, repo_id: str, etag: str) -> Path:
-    return Path(cache_dir) / ".locks" / cache.repo_folder_name(repo_id) / f"{etag}.lock"
+    return cache.lock_dir(cache_dir, repo_id) / f"{etag}.lock"
 
 
 def _size_or_none(path: Path) -> int | None:

@@ -186,7 +186,7 @@ def _drop_empty_repo(repo: str) -> None:
     blobs = path / "blobs"
     if path.is_dir() and not (blobs.is_dir() and any(blobs.iterdir())) and not cache.list_revisions(path):
         shutil.rmtree(path, ignore_errors=True)
-        shutil.rmtree(s.hf_hub_cache / ".locks" / cache.repo_folder_name(repo), ignore_errors=True)
+        shutil.rmtree(cache.lock_dir(s.hf_hub_cache, repo), ignore_errors=True)
 
 
 def _purge_partials(repo: str) -> None:
