@@ -53,15 +53,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Union
 
+# The test Hub decides what is LFS; the layouts written here name their blobs by its rule and hashes.
+from tests.hubserver import LFS_MIN_SIZE, git_blob_sha1, is_lfs, lfs_pointer  # noqa: F401 (re-exported)
+
 log = logging.getLogger("mlxk.tests.factory")
 
 # Bump when the generated files change, so stale on-disk cache entries are ignored.
 FACTORY_VERSION = "1"
 
 FileContent = Union[bytes, Path]
-
-LFS_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".onnx", ".npz")
-LFS_MIN_SIZE = 10 * 1024 * 1024  # the Hub stores anything this big in LFS regardless of name
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 THINK_TOKENS = ["<think>", "</think>"]
@@ -107,19 +107,28 @@ class ModelSpec:
 
 TINY = ModelSpec()
 
-_FILES_MEMO: dict[tuple, dict[str, bytes]] = {}
+
+@dataclass(frozen=True)
+class FileSet:
+    """What a file set is built from: the spec and tiny_model_files' flags (also its memo and disk-cache key)."""
+
+    spec: ModelSpec = TINY
+    chat_template: bool = True
+    reasoning: bool = False
+    tools: bool = False
+    quantize: bool = False
+    shards: int = 1
+    reply: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.shards < 1:
+            raise ValueError("shards must be >= 1")
 
 
-def tiny_model_files(
-    spec: ModelSpec = TINY,
-    *,
-    chat_template: bool = True,
-    reasoning: bool = False,
-    tools: bool = False,
-    quantize: bool = False,
-    shards: int = 1,
-    reply: str | None = None,
-) -> dict[str, bytes]:
+_FILES_MEMO: dict[FileSet, dict[str, bytes]] = {}
+
+
+def tiny_model_files(spec: ModelSpec = TINY, **flags) -> dict[str, bytes]:
     """The files of a real tiny MLX llama model, {repo path: bytes}.
 
     Files: config.json, model.safetensors (or model-0000i-of-0000n.safetensors when shards > 1),
@@ -141,12 +150,13 @@ def tiny_model_files(
       distinct and at most hidden_size - 1; if the prompt ends with one of them, the reply
       continues from there.
 
+    Flags (keyword only, the fields of `FileSet`): chat_template=True, reasoning=False, tools=False,
+    quantize=False, shards=1, reply=None.
+
     Returns a fresh dict each call; the bytes objects are shared between calls, which is what
     makes `write_repo` cheap (hashes are memoized per bytes object).
     """
-    if shards < 1:
-        raise ValueError("shards must be >= 1")
-    key = (spec, chat_template, reasoning, tools, quantize, shards, reply)
+    key = FileSet(spec, **flags)
     files = _FILES_MEMO.get(key)
     if files is None:
         files = _load_or_build(key)
@@ -159,8 +169,7 @@ def _cache_root() -> Path:
     return Path(tempfile.gettempdir()) / f"mlxk-test-factory-{uid}"
 
 
-def _cache_key(key: tuple) -> str:
-    spec, chat_template, reasoning, tools, quantize, shards, reply = key
+def _cache_key(key: FileSet) -> str:
     versions = {}
     for dist in ("mlx", "mlx-lm", "tokenizers"):
         try:
@@ -171,19 +180,18 @@ def _cache_key(key: tuple) -> str:
         "factory": FACTORY_VERSION,
         # Any edit of this module invalidates the cache: no stale models after a builder change.
         "source": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
-        "spec": dataclasses.asdict(spec),
-        "flags": [chat_template, reasoning, tools, quantize, shards, reply],
+        "files": dataclasses.asdict(key),
         "versions": versions,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _load_or_build(key: tuple) -> dict[str, bytes]:
+def _load_or_build(key: FileSet) -> dict[str, bytes]:
     entry = _cache_root() / _cache_key(key)
     files = _read_cache_entry(entry)
     if files is not None:
         return files
-    files = _build_model_files(*key)
+    files = _build_model_files(key)
     _write_cache_entry(entry, files)
     return files
 
@@ -226,47 +234,30 @@ def _write_cache_entry(entry: Path, files: dict[str, bytes]) -> None:
         log.warning("could not cache tiny model files in %s: %s", entry, e)
 
 
-def clear_disk_cache() -> None:
-    """Remove the on-disk cache of built file sets (and the in-process memo)."""
-    _FILES_MEMO.clear()
-    shutil.rmtree(_cache_root(), ignore_errors=True)
-
-
-def build_model_files_uncached(
-    spec: ModelSpec = TINY,
-    *,
-    chat_template: bool = True,
-    reasoning: bool = False,
-    tools: bool = False,
-    quantize: bool = False,
-    shards: int = 1,
-    reply: str | None = None,
-) -> dict[str, bytes]:
+def build_model_files_uncached(spec: ModelSpec = TINY, **flags) -> dict[str, bytes]:
     """Build a file set from scratch, bypassing both caches (for reproducibility checks)."""
-    return _build_model_files(spec, chat_template, reasoning, tools, quantize, shards, reply)
+    return _build_model_files(FileSet(spec, **flags))
 
 
-def _build_model_files(
-    spec: ModelSpec, chat_template: bool, reasoning: bool, tools: bool, quantize: bool, shards: int,
-    reply: str | None = None,
-) -> dict[str, bytes]:
-    tok_json, vocab = _build_tokenizer(spec, reasoning=reasoning, tools=tools)
+def _build_model_files(key: FileSet) -> dict[str, bytes]:
+    spec = key.spec
+    tok_json, vocab = _build_tokenizer(spec, reasoning=key.reasoning, tools=key.tools)
     config = _model_config(spec, vocab)
     script = None
-    if reply is not None:
-        script = _reply_chain(tok_json, reply, spec)
+    if key.reply is not None:
+        script = _reply_chain(tok_json, key.reply, spec)
         config["tie_word_embeddings"] = False  # the scripted lm_head differs from the embedding
-    files = _build_weights(spec, config, quantize=quantize, shards=shards,
+    files = _build_weights(spec, config, quantize=key.quantize, shards=key.shards,
                            script=script, eos_id=vocab["<|im_end|>"])
     files["tokenizer.json"] = tok_json
-    template = _chat_template(reasoning=reasoning, tools=tools) if chat_template else None
+    template = _chat_template(reasoning=key.reasoning, tools=key.tools) if key.chat_template else None
     files["tokenizer_config.json"] = _json_bytes(_tokenizer_config(spec, template))
     files["special_tokens_map.json"] = _json_bytes(_special_tokens_map())
     files["generation_config.json"] = _json_bytes(
         {"bos_token_id": vocab["<s>"], "eos_token_id": config["eos_token_id"], "do_sample": False}
     )
-    files["README.md"] = _readme(chat_template=chat_template, reasoning=reasoning, tools=tools,
-                                 quantize=quantize).encode()
+    files["README.md"] = _readme(chat_template=key.chat_template, reasoning=key.reasoning, tools=key.tools,
+                                 quantize=key.quantize).encode()
     return dict(sorted(files.items()))
 
 
@@ -514,23 +505,6 @@ def _readme(*, chat_template: bool, reasoning: bool, tools: bool, quantize: bool
 # Hashes the way the Hub computes them
 
 
-def is_lfs_file(path: str, size: int) -> bool:
-    """Whether the Hub would store this file in LFS (its etag is then the sha256)."""
-    return path.endswith(LFS_SUFFIXES) or size >= LFS_MIN_SIZE
-
-
-def git_blob_sha1(data: bytes) -> str:
-    """Git's blob id: sha1 over `blob <len>\\0<data>` (the Hub's etag for non-LFS files)."""
-    h = hashlib.sha1(b"blob %d\x00" % len(data))
-    h.update(data)
-    return h.hexdigest()
-
-
-def lfs_pointer(sha256: str, size: int) -> bytes:
-    """The Git LFS pointer text that stands for a file in git."""
-    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
-
-
 @dataclass(frozen=True)
 class FileInfo:
     """What the Hub reports for a file: size, git blob id, and for LFS files the sha256."""
@@ -564,7 +538,7 @@ _INFO_MEMO_MAX = 4096
 
 def file_info(path: str, data: bytes) -> FileInfo:
     """Hub metadata of `data` stored at repo path `path` (memoized per bytes object)."""
-    lfs = is_lfs_file(path, len(data))
+    lfs = is_lfs(path, len(data))  # as the test Hub decides for a repo added without .gitattributes
     key = (id(data), lfs)
     hit = _INFO_MEMO.get(key)
     if hit is not None and hit[0] is data:

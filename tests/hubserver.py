@@ -47,8 +47,10 @@ from urllib.parse import parse_qs, quote, unquote, urlencode
 
 log = logging.getLogger("mlxk.hubserver")
 
+# Where a file has no .gitattributes pattern to go by, these names and sizes make it an LFS file (tests/factory.py
+# names the blobs of the cache layouts it writes by this same rule).
 LFS_SUFFIXES = (".safetensors", ".gguf", ".bin")
-LFS_MIN_SIZE = 10 * 1024 * 1024
+LFS_MIN_SIZE = 10 * 1024 * 1024  # the Hub stores anything this big in LFS regardless of name
 CHUNK = 1024 * 1024
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -208,10 +210,14 @@ class HubError(Exception):
 
 
 def git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    """Git's blob id: sha1 over `blob <len>\\0<data>` (the Hub's etag for non-LFS files)."""
+    h = hashlib.sha1(b"blob %d\0" % len(data))
+    h.update(data)
+    return h.hexdigest()
 
 
 def lfs_pointer(sha256: str, size: int) -> bytes:
+    """The Git LFS pointer text that stands for a file in git."""
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
 
 

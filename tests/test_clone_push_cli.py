@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.test_jobs import job_row, run, run_json, state_db
+from tests.fixtures.cli import run, run_json
+from tests.fixtures.jobs import job_row, state_db
 
 
 def _files(path: Path) -> dict[str, bytes]:

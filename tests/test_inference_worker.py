@@ -19,23 +19,47 @@ ROOT = Path(__file__).resolve().parent.parent
 HELLO = [{"role": "user", "content": "hello world"}]
 
 
-def start_worker(tmp: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    sock = str(tmp / "inference.sock")
-    env = {**os.environ, "MLXK_HOME": str(tmp / "home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    log = open(tmp / "worker.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "workers.inference", "--socket", sock, *args],
-                            cwd=str(tmp), env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"worker exited with {proc.returncode}: {(tmp / 'worker.log').read_text()}")
-        try:
-            if protocol.call(sock, {"op": "ping"}, timeout=5)["event"] == "pong":
-                return proc, sock
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("worker did not start")
+class WorkerLauncher:
+    """Starts `python -m workers.inference` processes in one directory (socket, log and MLXK_HOME under it), and on
+    close() kills and reaps whichever of them still runs, so a failed assertion leaves no process behind."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.sock = str(tmp / "inference.sock")
+        self.env = {**os.environ, "MLXK_HOME": str(tmp / "home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        self.started: list[subprocess.Popen] = []
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "workers.inference", "--socket", self.sock, *args]
+
+    def start(self, *args: str) -> tuple[subprocess.Popen, str]:
+        """A worker answering pings on the socket."""
+        log_path = self.tmp / "worker.log"
+        with open(log_path, "ab") as log:   # the child keeps its own copy of the handle
+            proc = subprocess.Popen(self.argv(*args), cwd=str(self.tmp), env=self.env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        self.started.append(proc)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"worker exited with {proc.returncode}: {log_path.read_text()}")
+            try:
+                if protocol.call(self.sock, {"op": "ping"}, timeout=5)["event"] == "pong":
+                    return proc, self.sock
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("worker did not start")
+
+    def run_second(self) -> subprocess.CompletedProcess:
+        """One more worker on the same socket, run to its end."""
+        return subprocess.run(self.argv(), cwd=str(self.tmp), env=self.env, capture_output=True, text=True,
+                              timeout=60)
+
+    def close(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
 
 
 def stop_worker(proc: subprocess.Popen) -> int:
@@ -61,9 +85,17 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
-    proc, sock = start_worker(tmp_path_factory.mktemp("worker"), "--max-loaded", "2")
-    yield sock
-    assert stop_worker(proc) == 0
+    with contextlib.closing(WorkerLauncher(tmp_path_factory.mktemp("worker"))) as launched:
+        proc, sock = launched.start("--max-loaded", "2")
+        yield sock
+        assert stop_worker(proc) == 0
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    """Workers of one test, in tmp_path; any still running at teardown are killed."""
+    with contextlib.closing(WorkerLauncher(tmp_path)) as launched:
+        yield launched
 
 
 def generate(model: dict, max_tokens: int = 20, **params) -> dict:
@@ -156,8 +188,8 @@ def test_client_disconnect_cancels(worker, models):
     assert protocol.call(worker, {"op": "status"})["counters"]["generation_tokens_total"] - before == generated
 
 
-def test_sigterm_fails_in_flight_with_retryable_error_and_removes_socket(tmp_path, models):
-    proc, sock = start_worker(tmp_path)
+def test_sigterm_fails_in_flight_with_retryable_error_and_removes_socket(launcher, models):
+    proc, sock = launcher.start()
 
     async def in_flight():
         events = []
@@ -173,49 +205,45 @@ def test_sigterm_fails_in_flight_with_retryable_error_and_removes_socket(tmp_pat
     assert not Path(sock).exists()
 
 
-def test_idle_exit(tmp_path):
-    proc, sock = start_worker(tmp_path, "--idle-exit", "0.5")
+def test_idle_exit(launcher):
+    proc, sock = launcher.start("--idle-exit", "0.5")
     assert proc.wait(20) == 0
     assert not Path(sock).exists()
 
 
-def test_stale_socket_file_is_replaced(tmp_path):
+def test_stale_socket_file_is_replaced(launcher):
     import socket
 
     stale = socket.socket(socket.AF_UNIX)
-    stale.bind(str(tmp_path / "inference.sock"))
+    stale.bind(launcher.sock)
     stale.close()  # the file stays, nobody listens: a crashed worker's leftover
-    proc, sock = start_worker(tmp_path)
+    proc, sock = launcher.start()
     assert protocol.call(sock, {"op": "ping"})["pid"] == proc.pid
     assert stop_worker(proc) == 0
 
 
-def test_second_worker_on_a_live_socket_refuses_and_leaves_it_alone(tmp_path):
-    proc, sock = start_worker(tmp_path)
-    env = {**os.environ, "MLXK_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
-    second = subprocess.run([sys.executable, "-m", "workers.inference", "--socket", sock], cwd=str(tmp_path),
-                            env=env, capture_output=True, text=True, timeout=60)
+def test_second_worker_on_a_live_socket_refuses_and_leaves_it_alone(launcher):
+    proc, sock = launcher.start()
+    second = launcher.run_second()
     assert second.returncode == 1 and "already serving" in second.stderr
     assert protocol.call(sock, {"op": "ping"})["pid"] == proc.pid
     assert stop_worker(proc) == 0
 
 
-def test_worker_holds_the_socket_lock_so_a_racing_second_worker_refuses(tmp_path):
+def test_worker_holds_the_socket_lock_so_a_racing_second_worker_refuses(launcher):
     """Two workers starting together (honcho's and the api's) must not both bind: the lock decides, before
     either touches the socket path, and the kernel frees it when its holder dies."""
     import fcntl
 
     from workers.inference.server import socket_lock_path
 
-    sock = str(tmp_path / "inference.sock")
+    sock = launcher.sock
     with open(socket_lock_path(sock), "w") as held:  # a worker that is still starting: lock taken, no socket yet
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        env = {**os.environ, "MLXK_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
-        second = subprocess.run([sys.executable, "-m", "workers.inference", "--socket", sock], cwd=str(tmp_path),
-                                env=env, capture_output=True, text=True, timeout=60)
+        second = launcher.run_second()
         assert second.returncode == 1 and "already serving" in second.stderr
         assert not Path(sock).exists()
-    proc, sock = start_worker(tmp_path)
+    proc, sock = launcher.start()
     with open(socket_lock_path(sock), "w") as probe, pytest.raises(BlockingIOError):
         fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
     proc.kill()

@@ -5,68 +5,17 @@ listing, show, id prefixes, JSON envelopes, scans, and a corrupt queue.db.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
-from contextlib import closing
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from mlxk.cli import cli
-
-MiB = 1024 * 1024
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(*args, input=None):
-    result = CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
-    return result
-
-
-def run_json(*args):
-    result = run(*args, "--json")
-    return result, json.loads(result.stdout)
-
-
-def big_files(size: int = 4 * MiB, seed: bytes = b"w") -> dict[str, bytes]:
-    blob = (hashlib.sha256(seed).digest() * (size // 32 + 1))[:size]
-    return {"config.json": b'{"model_type": "llama"}', "model.safetensors": blob, "tokenizer.json": b"{}"}
-
-
-def state_db():
-    from mlxk.jobs import connect
-
-    return closing(connect())
-
-
-def job_row(job_id: str) -> dict:
-    from db import jobs as jobs_db
-
-    with state_db() as conn:
-        return jobs_db.get_job(conn, job_id)
-
-
-def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
-def repo_path(repo_id: str) -> Path:
-    return Path(os.environ["HF_HUB_CACHE"]) / ("models--" + repo_id.replace("/", "--"))
-
-
-def cdn_gets(hub):
-    return [r for r in hub.requests if r.method == "GET" and "/_cdn/" in r.path]
+from tests.fixtures.cli import ROOT, run, run_json
+from tests.fixtures.jobs import MiB, big_files, cdn_gets, job_row, repo_path, state_db, wait_for
 
 
 # ---------------------------------------------------------------- pull

@@ -11,16 +11,9 @@ import httpx
 import pytest
 
 from tests import factory
-from tests.fixtures.hub import HUB_ENV
+from tests.fixtures.jobs import MiB, hub_env
 from tests.fixtures.queue import reap_background_workers
 from tests.fixtures.server import API_KEY, SCRIPTED_ID, SCRIPTED_REPLY, spawn_server
-
-MiB = 1024 * 1024
-
-
-def hub_env(hub_server) -> dict:
-    """What a server needs to pull from the test Hub (server_env removes every HF_ variable and sets offline)."""
-    return {"HF_ENDPOINT": hub_server.endpoint, "HF_HUB_OFFLINE": "0", "MLXK_WORKER_IDLE": "30", **HUB_ENV}
 
 
 @pytest.fixture(scope="module")

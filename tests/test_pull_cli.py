@@ -4,17 +4,13 @@ include/exclude patterns, and names rejected before any work."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from tests.test_jobs import MiB, big_files, job_row, repo_path, run, run_json, wait_for
-
-ROOT = Path(__file__).resolve().parent.parent
-MLXK = [sys.executable, "-c", "from mlxk.cli import main; main()"]
+from tests.fixtures.cli import MLXK, ROOT, run, run_json
+from tests.fixtures.jobs import MiB, big_files, job_row, repo_path, state_db, wait_for
 
 
 def test_pull_returns_the_job_id_at_once_without_heavy_imports(hub, worker):
@@ -95,7 +91,6 @@ def test_invalid_names_are_refused_before_any_job(worker_manager):
     for name in ("../etc", "bare-name", "org/na..me", "a/b/c"):
         result, doc = run_json("pull", name)
         assert result.exit_code == 1 and doc["error"]["type"] == "invalid_name", (name, doc)
-    from tests.test_jobs import state_db
     from db import jobs as jobs_db
 
     with state_db() as conn:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,11 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_jobs import MiB, big_files, cdn_gets, job_row, repo_path, run, run_json, state_db, wait_for
-from tests.test_worker import _start_slow_pull
+from tests.fixtures.cli import MLXK, ROOT, run, run_json
+from tests.fixtures.jobs import MiB, big_files, cdn_gets, job_row, repo_path, start_slow_pull, state_db, wait_for
+from tests.fixtures.server import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
-MLXK = [sys.executable, "-c", "from mlxk.cli import main; main()"]
 QUEUE_KEY = "huey.redis.mlxk"          # PriorityRedisHuey's queue (a sorted set) for QUEUE_NAME "mlxk"
 SCHEDULE_KEY = "huey.schedule.mlxk"
 INSTALL_HINT = "run `make test` (it installs it) or `apt-get install redis-server`"
@@ -51,12 +49,6 @@ class RedisServer:
     def queued(self) -> int:
         """Tasks waiting in the Redis queue (not yet taken by a worker)."""
         return self.client().zcard(QUEUE_KEY)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _start_redis(exe: str, data_dir: Path) -> RedisServer:
@@ -194,7 +186,7 @@ def test_two_workers_sharing_one_redis_queue_both_run_jobs(redis_server, worker_
 
 def test_sigkilled_workers_running_job_is_recovered_through_redis(redis_server, worker_manager, hub):
     worker = worker_manager.start()
-    repo, job_id = _start_slow_pull(hub, "org/redis-killed")
+    repo, job_id = start_slow_pull(hub, "org/redis-killed")
     before = job_row(job_id)
     assert before["state"] == "running" and pid_of(before["worker"]) == worker.pid
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_jobs import job_row, run, run_json, state_db
+from tests.fixtures.cli import run, run_json
+from tests.fixtures.jobs import job_row, state_db
 
 
 def _tree(path: Path) -> list[str]:

@@ -7,18 +7,17 @@ import pty
 import select
 import signal
 import subprocess
-import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
+from tests.fixtures.cli import MLXK
 from tests.fixtures.server import (RANDOM_ID, SCRIPTED_ID, SCRIPTED_REPLY, free_port, server_env, spawn_server,
                                    write_models)
-
-MLXK = [sys.executable, "-c", "from mlxk.cli import main; main()"]
 
 
 def mlxk(env: dict, *args, input: str | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
@@ -139,12 +138,24 @@ def _read_until(fd: int, needle: str, timeout: float = 60) -> str:
     return seen
 
 
-def test_interactive_chat_in_a_terminal(run_env):
+@contextmanager
+def terminal_session(env: dict, *args: str):
+    """`mlxk <args>` on a pseudo-terminal: yields (process, the terminal's fd); killed and reaped if still running."""
     leader, follower = pty.openpty()
-    proc = subprocess.Popen([*MLXK, "run", SCRIPTED_ID], env=run_env, stdin=follower, stdout=follower,
-                            stderr=follower, close_fds=True)
+    proc = subprocess.Popen([*MLXK, *args], env=env, stdin=follower, stdout=follower, stderr=follower,
+                            close_fds=True)
     os.close(follower)
     try:
+        yield proc, leader
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(leader)
+
+
+def test_interactive_chat_in_a_terminal(run_env):
+    with terminal_session(run_env, "run", SCRIPTED_ID) as (proc, leader):
         assert ">>> " in _read_until(leader, ">>> ")
         os.write(leader, b"hi\n")
         assert SCRIPTED_REPLY in _read_until(leader, SCRIPTED_REPLY)
@@ -154,18 +165,10 @@ def test_interactive_chat_in_a_terminal(run_env):
         assert "Cleared" in _read_until(leader, "Cleared")
         os.write(leader, b"/bye\n")
         assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(leader)
 
 
 def test_interactive_ctrl_c_stops_the_reply_not_the_session(run_env):
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen([*MLXK, "run", RANDOM_ID, "--max-tokens", "2000"], env=run_env, stdin=follower,
-                            stdout=follower, stderr=follower, close_fds=True)
-    os.close(follower)
-    try:
+    with terminal_session(run_env, "run", RANDOM_ID, "--max-tokens", "2000") as (proc, leader):
         _read_until(leader, ">>> ")
         os.write(leader, b"tell me everything\n")
         time.sleep(0.3)
@@ -179,7 +182,3 @@ def test_interactive_ctrl_c_stops_the_reply_not_the_session(run_env):
         assert proc.poll() is None
         os.write(leader, b"/bye\n")
         assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(leader)

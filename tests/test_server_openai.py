@@ -400,11 +400,13 @@ class FakeExternalWorker:
         self.server = await asyncio.start_unix_server(pong, path=self.sock)
 
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-        if self.handle is not None:
-            self.handle.close()
+        server, self.server = self.server, None
+        handle, self.handle = self.handle, None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+        if handle is not None:
+            handle.close()
 
 
 def _supervisor(tmp_path, *, external=False):
@@ -412,6 +414,32 @@ def _supervisor(tmp_path, *, external=False):
 
     return Supervisor(WorkerOptions(socket=tmp_path / "inference.sock", max_loaded=1, keep_alive_s=5.0,
                                     max_waiting=4, max_prompt_tokens=1000, external=external))
+
+
+def run_supervised(tmp_path, scenario, *, external=False, locked=False) -> None:
+    """Run `await scenario(sup, fake, ensure)`: a started Supervisor, a FakeExternalWorker on its socket (holding
+    the lock already when `locked`) and `ensure`, a task of `sup.ensure()` created just before the scenario, so it
+    has not run yet when the scenario starts. Whatever happens, ensure is cancelled, the supervisor stopped and the
+    fake worker closed."""
+    import asyncio
+
+    async def main():
+        sup = _supervisor(tmp_path, external=external)
+        fake = FakeExternalWorker(sup.socket)
+        ensure = None
+        try:
+            if locked:
+                fake.lock()
+            await sup.start()
+            ensure = asyncio.create_task(sup.ensure())
+            await scenario(sup, fake, ensure)
+        finally:
+            if ensure is not None:
+                ensure.cancel()
+            await sup.stop()
+            await fake.close()
+
+    asyncio.run(main())
 
 
 def test_external_mode_never_starts_a_worker_and_waits_for_honchos(tmp_path, monkeypatch):
@@ -422,78 +450,51 @@ def test_external_mode_never_starts_a_worker_and_waits_for_honchos(tmp_path, mon
 
     monkeypatch.setattr(supervisor, "EXTERNAL_WAIT_S", 3.0)
 
-    async def scenario():
-        sup = _supervisor(tmp_path, external=True)
-        fake = FakeExternalWorker(sup.socket)
-        await sup.start()
+    async def scenario(sup, fake, ensure):
         assert sup.state() == {"state": "stopped", "pid": None, "managed": False, "restarts": 0}
-        ensure = asyncio.create_task(sup.ensure())
-        try:
-            await asyncio.sleep(1.0)
-            assert not ensure.done() and sup.child_pid is None
-            await fake.listen()
-            await asyncio.wait_for(ensure, 10)
-            assert sup.state()["managed"] is False and sup.child_pid is None
-            await fake.close()
-            sup._lost()
-            with pytest.raises(supervisor.WorkerRestarting, match="MLXK_INFERENCE_EXTERNAL"):
-                await sup.ensure()                  # gone for good: a clear 503, still no worker of our own
-            assert sup.child_pid is None
-        finally:
-            ensure.cancel()
-            await sup.stop()
+        await asyncio.sleep(1.0)
+        assert not ensure.done() and sup.child_pid is None
+        await fake.listen()
+        await asyncio.wait_for(ensure, 10)
+        assert sup.state()["managed"] is False and sup.child_pid is None
+        await fake.close()
+        sup._lost()
+        with pytest.raises(supervisor.WorkerRestarting, match="MLXK_INFERENCE_EXTERNAL"):
+            await sup.ensure()                  # gone for good: a clear 503, still no worker of our own
+        assert sup.child_pid is None
 
-    asyncio.run(scenario())
+    run_supervised(tmp_path, scenario, external=True)
 
 
 def test_supervisor_waits_for_a_starting_external_worker_instead_of_starting_a_rival(tmp_path):
     import asyncio
 
-    async def scenario():
-        sup = _supervisor(tmp_path)
-        fake = FakeExternalWorker(sup.socket)
-        fake.lock()                       # started by honcho, no socket yet
-        await sup.start()
-        ensure = asyncio.create_task(sup.ensure())
-        try:
-            await asyncio.sleep(1.0)
-            assert not ensure.done() and sup.child_pid is None   # waiting for it; no second worker
-            await fake.listen()
-            await asyncio.wait_for(ensure, 10)
-            assert sup.state() == {"state": "ready", "pid": None, "managed": False, "restarts": 0}
-        finally:
-            ensure.cancel()
-            await sup.stop()
-            await fake.close()
+    async def scenario(sup, fake, ensure):      # fake: started by honcho, lock taken, no socket yet
+        await asyncio.sleep(1.0)
+        assert not ensure.done() and sup.child_pid is None   # waiting for it; no second worker
+        await fake.listen()
+        await asyncio.wait_for(ensure, 10)
+        assert sup.state() == {"state": "ready", "pid": None, "managed": False, "restarts": 0}
 
-    asyncio.run(scenario())
+    run_supervised(tmp_path, scenario, locked=True)
 
 
 def test_supervisor_uses_the_worker_that_won_the_socket_from_its_child(tmp_path):
     import asyncio
 
-    async def scenario():
-        sup = _supervisor(tmp_path)
-        fake = FakeExternalWorker(sup.socket)
-        await sup.start()
-        ensure = asyncio.create_task(sup.ensure())   # nothing there yet: the api starts its own worker...
-        try:
-            deadline = time.monotonic() + 5
-            while sup.child_pid is None:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.001)
-            child = sup.child_pid
-            fake.lock()                                  # ...and honcho's takes the socket first
-            await fake.listen()
-            await asyncio.wait_for(ensure, 60)           # the child exits ("already serving"): no 503, the winner
-            assert sup.state()["managed"] is False and sup.child_pid is None
-            with pytest.raises(ProcessLookupError):
-                os.kill(child, 0)                        # gone and reaped
-            await asyncio.sleep(1.5)                     # three monitor rounds: nothing restarts the loser
-            assert sup.restarts == 0 and sup.child_pid is None
-        finally:
-            ensure.cancel()
-            await sup.stop()
-            await fake.close()
+    async def scenario(sup, fake, ensure):      # nothing there yet: the api starts its own worker...
+        deadline = time.monotonic() + 5
+        while sup.child_pid is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.001)
+        child = sup.child_pid
+        fake.lock()                                  # ...and honcho's takes the socket first
+        await fake.listen()
+        await asyncio.wait_for(ensure, 60)           # the child exits ("already serving"): no 503, the winner
+        assert sup.state()["managed"] is False and sup.child_pid is None
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)                        # gone and reaped
+        await asyncio.sleep(1.5)                     # three monitor rounds: nothing restarts the loser
+        assert sup.restarts == 0 and sup.child_pid is None
 
-    asyncio.run(scenario())
+    run_supervised(tmp_path, scenario)

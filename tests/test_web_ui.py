@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests import factory
+from tests.fixtures.jobs import hub_env
 from tests.fixtures.queue import reap_background_workers
 from tests.fixtures.server import API_KEY, RANDOM_ID, SCRIPTED_ID, SCRIPTED_REPLY, spawn_server
-from tests.test_jobs_api import hub_env
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

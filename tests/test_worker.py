@@ -9,20 +9,12 @@ import threading
 import time
 from pathlib import Path
 
-from tests.test_jobs import MiB, big_files, cdn_gets, job_row, repo_path, run, state_db, wait_for
-
-
-def _start_slow_pull(hub, name: str, size: int = 6 * MiB, bps: int = 1 * MiB):
-    repo = hub.unique_repo(name)
-    hub.add_repo(repo, big_files(size))
-    hub.faults.rate_limit_bps = bps
-    job_id = run("pull", repo).stdout.strip()
-    wait_for(lambda: (job_row(job_id)["bytes_done"] or 0) >= 1 * MiB, timeout=20)
-    return repo, job_id
+from tests.fixtures.cli import run
+from tests.fixtures.jobs import MiB, big_files, cdn_gets, job_row, start_slow_pull, state_db, wait_for
 
 
 def test_sigkill_mid_file_next_worker_recovers_and_resumes(hub, worker, worker_manager):
-    repo, job_id = _start_slow_pull(hub, "org/killed")
+    repo, job_id = start_slow_pull(hub, "org/killed")
     assert job_row(job_id)["state"] == "running"
 
     worker.signal(signal.SIGKILL)
@@ -50,7 +42,7 @@ def test_sigkill_mid_file_next_worker_recovers_and_resumes(hub, worker, worker_m
 
 
 def test_sigterm_requeues_the_running_job_and_a_new_worker_finishes_it(hub, worker, worker_manager):
-    repo, job_id = _start_slow_pull(hub, "org/termed")
+    repo, job_id = start_slow_pull(hub, "org/termed")
 
     worker.signal(signal.SIGTERM)
     assert worker.wait(timeout=10) == 0
@@ -104,7 +96,7 @@ def test_racing_clis_start_one_background_worker(reap_workers):
 
 
 def test_a_second_job_on_a_busy_model_waits_for_the_lock(hub, worker):
-    repo, job_id = _start_slow_pull(hub, "org/locked", size=3 * MiB, bps=2 * MiB)
+    repo, job_id = start_slow_pull(hub, "org/locked", size=3 * MiB, bps=2 * MiB)
     from mlxk import jobs
 
     # A second job on the same model (not a pull, which would be deduplicated) must wait, not fail.
