@@ -12,7 +12,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from db import migrations
+from mlxk.db import migrations
 
 BUSY_TIMEOUT_MS = 10_000
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from db import models as queries
+from mlxk.db import models as queries
 from mlxk import cache
 from mlxk.clock import iso_utc
 from mlxk.errors import MlxkError
@@ -377,7 +377,7 @@ def load(state_db: Path, cache_dir: Path, **refresh_options) -> Loaded:
     """
     import sqlite3
 
-    import db
+    from mlxk import db
 
     try:
         conn = db.connect(state_db)
@@ -402,7 +402,7 @@ def _is_lock_error(error) -> bool:
 def _load_private(state_db: Path, cache_dir: Path, reason: Exception, **refresh_options) -> Loaded:
     import tempfile
 
-    import db
+    from mlxk import db
 
     warning = (f"{state_db} is locked by another process ({reason}); read the HF cache directly, nothing was saved.")
     _log().info("%s", warning)

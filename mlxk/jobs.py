@@ -18,8 +18,8 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-import db as statedb
-from db import jobs as jobs_db
+from mlxk import db as statedb
+from mlxk.db import jobs as jobs_db
 from mlxk.config import settings
 from mlxk.locks import file_lock
 from mlxk.errors import (Conflict, InvalidName, JobCancelled, JobFailed, JobNotFound, AmbiguousMatch, MlxkError,
@@ -139,7 +139,7 @@ def ensure_worker(conn=None) -> int | None:
                 return None
             with open(s.log_dir / "worker.log", "ab") as logfile:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "workers", "--background"],
+                    [sys.executable, "-m", "mlxk.workers", "--background"],
                     stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
                     start_new_session=True, close_fds=True, cwd=str(s.home),
                 )
@@ -155,7 +155,7 @@ def ensure_worker(conn=None) -> int | None:
 
 def _enqueue(kind: str, target: str, args: dict, *, dedupe: bool = False, message: str | None = None,
              start_worker: bool = True, priority: int = USER_PRIORITY) -> Enqueued:
-    from workers import queue
+    from mlxk.workers import queue
 
     huey = queue.get_huey()   # first: a broken queue.db fails before a row is written
     job_id = new_id()
@@ -413,7 +413,7 @@ def cancel(prefix: str, *, purge: bool = False, wait_s: float = 3.0) -> dict:
 def _revoke(task_id: str | None) -> None:
     if not task_id:
         return
-    from workers import queue
+    from mlxk.workers import queue
 
     queue.revoke(queue.get_huey(), task_id)
 
@@ -495,7 +495,7 @@ def _refuse_if_busy(conn, repo_id: str) -> None:
 
 def run_rm_job(repo_id: str, args: dict, *, message: str | None = None) -> Enqueued:
     """rm runs in the calling process (it is quick) but is recorded, locked and finished like any job."""
-    from workers import tasks
+    from mlxk.workers import tasks
 
     job_id = new_id()
     with closing(connect()) as conn:

@@ -65,7 +65,7 @@ def test_push_check_only_is_offline_and_immediate(tiny_model, tmp_path, reap_wor
     bad, doc = run_json("push", str(ws), "org/target", "--check-only")
     assert bad.exit_code == 1 and doc["error"]["type"] == "workspace_invalid"
     assert "config.json" in doc["error"]["message"]
-    from db import jobs as jobs_db
+    from mlxk.db import jobs as jobs_db
 
     with state_db() as conn:
         assert jobs_db.list_jobs(conn) == []

@@ -3,9 +3,9 @@ import threading
 
 import pytest
 
-import db
-from db import migrations
-from db import models as model_queries
+from mlxk import db
+from mlxk.db import migrations
+from mlxk.db import models as model_queries
 from mlxk.errors import StateError
 
 

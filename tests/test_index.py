@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import db
-from db import models as queries
+from mlxk import db
+from mlxk.db import models as queries
 from mlxk import cache, index
 from tests import factory
 

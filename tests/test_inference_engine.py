@@ -7,9 +7,9 @@ import time
 import pytest
 
 from tests import factory
-from workers.inference.engine import Engine
-from workers.inference.protocol import GenerateRequest, ModelRef, Params
-from workers.inference.textout import OutputRouter, StopFilter
+from mlxk.workers.inference.engine import Engine
+from mlxk.workers.inference.protocol import GenerateRequest, ModelRef, Params
+from mlxk.workers.inference.textout import OutputRouter, StopFilter
 
 HELLO = [{"role": "user", "content": "hello world"}]
 PROMPTS = [
@@ -303,7 +303,7 @@ def test_cancel_frees_the_row(models, engine):
 
 
 def test_busy_when_waiting_queue_is_full(models, engine):
-    from workers.inference.errors import WorkerBusy
+    from mlxk.workers.inference.errors import WorkerBusy
 
     e = engine(max_waiting=2)  # not started: nothing leaves the waiting queue
     e.submit(chat(models["chat"], max_tokens=2))

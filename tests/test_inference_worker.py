@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from tests import factory
-from workers.inference import protocol
+from mlxk.workers.inference import protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 HELLO = [{"role": "user", "content": "hello world"}]
 
 
 class WorkerLauncher:
-    """Starts `python -m workers.inference` processes in one directory (socket, log and MLXK_HOME under it), and on
+    """Starts `python -m mlxk.workers.inference` processes in one directory (socket, log and MLXK_HOME under it), and on
     close() kills and reaps whichever of them still runs, so a failed assertion leaves no process behind."""
 
     def __init__(self, tmp: Path):
@@ -30,7 +30,7 @@ class WorkerLauncher:
         self.started: list[subprocess.Popen] = []
 
     def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "workers.inference", "--socket", self.sock, *args]
+        return [sys.executable, "-m", "mlxk.workers.inference", "--socket", self.sock, *args]
 
     def start(self, *args: str) -> tuple[subprocess.Popen, str]:
         """A worker answering pings on the socket."""
@@ -235,7 +235,7 @@ def test_worker_holds_the_socket_lock_so_a_racing_second_worker_refuses(launcher
     either touches the socket path, and the kernel frees it when its holder dies."""
     import fcntl
 
-    from workers.inference.server import socket_lock_path
+    from mlxk.workers.inference.server import socket_lock_path
 
     sock = launcher.sock
     with open(socket_lock_path(sock), "w") as held:  # a worker that is still starting: lock taken, no socket yet

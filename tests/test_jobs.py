@@ -1,4 +1,4 @@
-"""The job queue end to end: real `python -m workers` consumers, real queue.db/state.db, the test Hub with real HTTP.
+"""The job queue end to end: real `python -m mlxk.workers` consumers, real queue.db/state.db, the test Hub with real HTTP.
 
 Pull through the CLI, duplicate pulls, failed pulls leaving nothing behind, cancel/retry with resume, the jobs
 listing, show, id prefixes, JSON envelopes, scans, and a corrupt queue.db.
@@ -36,7 +36,7 @@ def test_pull_wait_downloads_indexes_and_records_the_job(hub, worker, model_fact
     snapshot = repo_path(repo) / "snapshots" / job["result"]["revision"]
     assert (snapshot / "config.json").is_file()
     # The index row was written before the job said succeeded: `list` shows it at once, healthy.
-    from db import models as models_db
+    from mlxk.db import models as models_db
 
     with state_db() as conn:
         row = models_db.get_model(conn, repo)
@@ -78,7 +78,7 @@ def test_failed_pull_is_a_failed_job_with_a_clear_message_and_nothing_cached(hub
     job = doc["data"]
     assert job["state"] == "failed" and job["error"]["type"] == error_type
     assert not repo_path(repo).exists()
-    from db import models as models_db
+    from mlxk.db import models as models_db
 
     with state_db() as conn:
         assert models_db.get_model(conn, repo) is None
@@ -178,7 +178,7 @@ def test_jobs_list_show_prefix_and_json(hub, worker):
 
 
 def test_ambiguous_job_prefix_is_an_error(worker_manager):
-    from db import jobs as jobs_db
+    from mlxk.db import jobs as jobs_db
 
     with state_db() as conn:
         for job_id in ("abc111111111", "abc222222222"):
@@ -202,7 +202,7 @@ def test_request_scan_keeps_one_pending_scan_and_the_worker_runs_it(worker_manag
     assert job_id == first.job["id"]
     final = wait_for(lambda: job_row(job_id)["state"] in ("succeeded", "failed") and job_row(job_id), timeout=30)
     assert final["state"] == "succeeded", final
-    from db import models as models_db
+    from mlxk.db import models as models_db
 
     with state_db() as conn:
         assert models_db.get_model(conn, tiny_model.repo_id)["health"] == "healthy"
@@ -222,11 +222,11 @@ def test_corrupt_queue_db_is_a_clear_error(worker_manager):
 
     assert result.exit_code == 1 and doc["error"]["type"] == "state_error"
     assert str(home / "queue.db") in doc["error"]["message"] and "delete" in doc["error"]["message"]
-    from db import jobs as jobs_db
+    from mlxk.db import jobs as jobs_db
 
     with state_db() as conn:
         assert jobs_db.list_jobs(conn) == []   # nothing recorded that could never run
 
-    proc = subprocess.run([sys.executable, "-m", "workers", "--no-scan"], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "mlxk.workers", "--no-scan"], cwd=ROOT, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 1 and "queue.db" in proc.stderr and "not a usable SQLite database" in proc.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import db
+from mlxk import db
 from mlxk.cli import cli
 from mlxk.commands import models as commands
 from tests import factory

@@ -91,7 +91,7 @@ def test_invalid_names_are_refused_before_any_job(worker_manager):
     for name in ("../etc", "bare-name", "org/na..me", "a/b/c"):
         result, doc = run_json("pull", name)
         assert result.exit_code == 1 and doc["error"]["type"] == "invalid_name", (name, doc)
-    from db import jobs as jobs_db
+    from mlxk.db import jobs as jobs_db
 
     with state_db() as conn:
         assert jobs_db.list_jobs(conn) == []

@@ -101,7 +101,7 @@ def redis_server(tmp_path, monkeypatch) -> RedisServer:
     data_dir.mkdir()
     server = _start_redis(exe, data_dir)
     monkeypatch.setenv("MLXK_QUEUE_URL", server.url)
-    from workers import queue
+    from mlxk.workers import queue
 
     queue.forget()
     yield server
@@ -124,7 +124,7 @@ def test_pull_goes_through_redis_and_the_model_is_healthy(redis_server, reap_wor
     repo = hub.unique_repo("mlx-community/redis-tiny")
     hub.add_repo(repo, model_factory.files())
     from mlxk import jobs
-    from workers import queue
+    from mlxk.workers import queue
 
     # First with no worker allowed to start: the task must be sitting in Redis, and nowhere else.
     with monkeypatch.context() as patch:
@@ -253,7 +253,7 @@ def test_worker_with_unreachable_redis_exits_1_and_hides_the_password():
     url = _dead_url(password="hunter2")
     shown = url.replace(":hunter2@", ":***@")
 
-    proc = subprocess.run([sys.executable, "-m", "workers", "--no-scan"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "mlxk.workers", "--no-scan"], cwd=ROOT,
                           env={**os.environ, "MLXK_QUEUE_URL": url}, capture_output=True, text=True, timeout=30)
 
     assert proc.returncode == 1, proc
@@ -263,7 +263,7 @@ def test_worker_with_unreachable_redis_exits_1_and_hides_the_password():
 
 def test_redis_going_away_after_start_is_still_a_clear_error(redis_server, monkeypatch):
     from mlxk import jobs
-    from workers import queue
+    from mlxk.workers import queue
 
     monkeypatch.setattr(jobs, "ensure_worker", lambda conn=None: None)
     queue.get_huey()            # built and pinged while Redis was up
@@ -275,7 +275,7 @@ def test_redis_going_away_after_start_is_still_a_clear_error(redis_server, monke
     assert doc["error"]["type"] == "state_error", doc
     assert f"MLXK_QUEUE_URL={redis_server.url} cannot be reached" in doc["error"]["message"], doc
     with state_db() as conn:
-        from db import jobs as jobs_db
+        from mlxk.db import jobs as jobs_db
 
         rows = jobs_db.list_jobs(conn)
     assert [r["state"] for r in rows] == ["failed"], rows   # recorded as failed, never left queued forever
@@ -285,7 +285,7 @@ def test_redis_url_without_the_redis_client_names_the_extra(monkeypatch):
     # The test extra installs the client, so hide it: a later `import redis` raises ImportError.
     monkeypatch.setitem(sys.modules, "redis", None)
     monkeypatch.setenv("MLXK_QUEUE_URL", "redis://127.0.0.1:1/0")
-    from workers import queue
+    from mlxk.workers import queue
 
     queue.forget()
     result, doc = run_json("pull", "org/anything")

@@ -21,7 +21,7 @@ def _tree(path: Path) -> list[str]:
 def indexed(model_factory):
     """A healthy model in the cache and in the index."""
     repo = model_factory.repo("mlx-community/Tiny-Chat-4bit")
-    from workers.tasks import _refresh_index
+    from mlxk.workers.tasks import _refresh_index
 
     _refresh_index({repo.repo_id}, runtime=False)
     return repo
@@ -39,7 +39,7 @@ def test_rm_exact_name_removes_repo_index_row_and_locks_and_records_a_job(indexe
     assert job["kind"] == "rm" and job["state"] == "succeeded" and job["target"] == indexed.repo_id
     assert job["result"]["whole_repo"] is True and job["result"]["bytes_freed"] >= indexed.size_bytes
     assert not indexed.repo_dir.exists() and not lock_dir.exists()
-    from db import models as models_db
+    from mlxk.db import models as models_db
 
     with state_db() as conn:
         assert models_db.get_model(conn, indexed.repo_id) is None
@@ -90,7 +90,7 @@ def test_rm_at_hash_removes_only_that_revision_and_its_own_blobs(model_factory):
 
 
 def test_rm_is_refused_while_a_job_holds_the_model(indexed):
-    from db import jobs as jobs_db
+    from mlxk.db import jobs as jobs_db
 
     with state_db() as conn:
         jobs_db.create_job(conn, id="feedbeef0001", kind="pull", target=indexed.repo_id, args={},
@@ -114,7 +114,7 @@ def test_dry_run_prints_the_plan_and_touches_nothing(indexed, hf_cache):
     assert str(indexed.repo_dir) in result.stdout
     assert doc["data"]["dry_run"] is True and doc["data"]["bytes_freed"] >= indexed.size_bytes
     assert _tree(hf_cache) == before
-    from db import jobs as jobs_db
+    from mlxk.db import jobs as jobs_db
 
     with state_db() as conn:
         assert jobs_db.list_jobs(conn) == []

@@ -6,8 +6,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-import db
-from db import models as queries
+from mlxk import db
+from mlxk.db import models as queries
 from mlxk.cli import cli
 from tests import factory
 

@@ -20,8 +20,8 @@ def test_sigkill_mid_file_next_worker_recovers_and_resumes(hub, worker, worker_m
     worker.signal(signal.SIGKILL)
     worker.wait()
     # Killed mid-file: whatever is on disk, the index must not call the repo healthy.
-    from db import models as models_db
-    from workers.tasks import _refresh_index
+    from mlxk.db import models as models_db
+    from mlxk.workers.tasks import _refresh_index
 
     _refresh_index({repo}, runtime=False)
     with state_db() as conn:
@@ -66,7 +66,7 @@ def test_background_worker_exits_when_idle_and_cleans_up(worker_manager, monkeyp
     assert bg.wait(timeout=15) == 0
     assert time.monotonic() - started < 8
     assert not (home / "run" / "worker.pid").exists()
-    from db import jobs as jobs_db
+    from mlxk.db import jobs as jobs_db
 
     with state_db() as conn:
         assert jobs_db.workers(conn) == []

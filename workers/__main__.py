@@ -1,6 +1,6 @@
-"""`python -m workers`: the job worker (the `worker` process of the Procfile, also started by the CLI)."""
+"""`python -m mlxk.workers`: the job worker (the `worker` process of the Procfile, also started by the CLI)."""
 import sys
 
-from workers.consumer import main
+from mlxk.workers.consumer import main
 
 sys.exit(main())

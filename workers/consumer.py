@@ -19,11 +19,11 @@ from contextlib import closing
 
 from huey.consumer import Consumer, ConsumerStopped
 
-from db import jobs as jobs_db
+from mlxk.db import jobs as jobs_db
 from mlxk.config import settings
 from mlxk.errors import MlxkError
 from mlxk.jobs import HEARTBEAT_S, connect, enqueue_scan, holder_alive, hostname, worker_pidfile
-from workers import queue, signals
+from mlxk.workers import queue, signals
 
 log = logging.getLogger("mlxk.consumer")
 
@@ -185,7 +185,7 @@ def run(*, threads: int = DEFAULT_THREADS, background: bool = False, scan: bool 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers", description="Run the mlxk job worker.")
+    parser = argparse.ArgumentParser(prog="python -m mlxk.workers", description="Run the mlxk job worker.")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="tasks run at once")
     parser.add_argument("--background", action="store_true", help="exit after MLXK_WORKER_IDLE seconds idle")
     parser.add_argument("--no-scan", action="store_true", help="skip the health scan at start")

@@ -36,7 +36,7 @@ def get_huey(queue_url: str | None = None):
         huey = _instances.get(queue_url)
         if huey is None:
             huey = _build(queue_url)
-            from workers import signals, tasks
+            from mlxk.workers import signals, tasks
 
             _tasks[id(huey)] = tasks.register(huey)
             _urls[id(huey)] = redacted_url(queue_url)

@@ -17,7 +17,7 @@ import os
 import uuid
 from contextlib import closing
 
-from db import jobs as jobs_db
+from mlxk.db import jobs as jobs_db
 from mlxk.errors import Cancelled, MlxkError
 from mlxk.jobs import SCAN_PRIORITY, USER_PRIORITY, process_id
 from mlxk.jobs import connect as _connect   # `connect` here is the Huey receivers' hookup below
@@ -73,7 +73,7 @@ def cancelled_before_start(job_id: str, task_id: str, why: str) -> bool:
 def requeue(huey, job_id: str, *, kind: str, old_task_id: str | None, message: str,
             from_states=("running",)) -> bool:
     """Put a job back in the queue under a new task id; False when the row had moved on (nothing done)."""
-    from workers import queue
+    from mlxk.workers import queue
 
     new_task = uuid.uuid4().hex
     with closing(_connect()) as conn:

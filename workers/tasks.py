@@ -20,12 +20,12 @@ import time
 from contextlib import closing
 from pathlib import Path
 
-import db as statedb
-from db import jobs as jobs_db
+from mlxk import db as statedb
+from mlxk.db import jobs as jobs_db
 from mlxk.config import settings
 from mlxk.errors import Cancelled, MlxkError
 from mlxk.jobs import connect, holder_alive
-from workers import signals
+from mlxk.workers import signals
 
 log = logging.getLogger("mlxk.tasks")
 
@@ -230,7 +230,7 @@ def run_pull(job: dict, ctx: JobContext) -> dict:
 
 
 def run_rm(job: dict, ctx: JobContext) -> dict:
-    from db import models as models_db
+    from mlxk.db import models as models_db
     from mlxk import cache
 
     s = settings()
@@ -249,7 +249,7 @@ def run_rm(job: dict, ctx: JobContext) -> dict:
 
 def _cached_snapshot(repo: str, revision: str | None) -> Path | None:
     """The healthy cached snapshot a clone can use without the network, or None."""
-    from db import models as models_db
+    from mlxk.db import models as models_db
     from mlxk import cache, names
 
     s = settings()

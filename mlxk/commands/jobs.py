@@ -210,7 +210,7 @@ def _check_only(directory: Path) -> Output:
     """Offline integrity check of a workspace; every finding blocks a push."""
     from mlxk import hub
     from mlxk.errors import MlxkError
-    from workers.tasks import _plain
+    from mlxk.workers.tasks import _plain
 
     findings = _plain(hub.check_workspace(directory))
     if not findings:
@@ -355,7 +355,7 @@ def worker_command(threads, background, no_scan):
     """Run the job worker (a Huey consumer) in the foreground."""
     import logging
 
-    from workers import consumer
+    from mlxk.workers import consumer
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(process)d %(threadName)s %(name)s %(levelname)s %(message)s")

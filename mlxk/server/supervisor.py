@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
-from workers.inference import protocol
+from mlxk.workers.inference import protocol
 
 from mlxk.server.errors import WorkerError, WorkerRestarting
 
@@ -59,7 +59,7 @@ class WorkerOptions:
     external: bool = False   # MLXK_INFERENCE_EXTERNAL: someone else (honcho's `inference` line) runs the worker
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "workers.inference", "--socket", str(self.socket),
+        return [sys.executable, "-m", "mlxk.workers.inference", "--socket", str(self.socket),
                 "--max-loaded", str(self.max_loaded), "--keep-alive", str(self.keep_alive_s),
                 "--max-waiting", str(self.max_waiting), "--max-prompt-tokens", str(self.max_prompt_tokens)]
 
@@ -167,7 +167,7 @@ class Supervisor:
             if await self._find_external(EXTERNAL_WAIT_S):
                 return
             raise WorkerRestarting(f"no inference worker answers on {self.socket} (MLXK_INFERENCE_EXTERNAL is set, so "
-                                   "the api does not start one): start `python -m workers.inference`")
+                                   "the api does not start one): start `python -m mlxk.workers.inference`")
         if self.child_pid is None:
             grace = EXTERNAL_GRACE_S if os.path.exists(self.socket) else 0.0
             if await self._find_external(grace):

@@ -1,4 +1,4 @@
-"""`python -m workers.inference --socket PATH ...`: the inference worker process."""
+"""`python -m mlxk.workers.inference --socket PATH ...`: the inference worker process."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +21,7 @@ def _defaults() -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = _defaults()
-    p = argparse.ArgumentParser(prog="python -m workers.inference", description="mlxk inference worker")
+    p = argparse.ArgumentParser(prog="python -m mlxk.workers.inference", description="mlxk inference worker")
     p.add_argument("--socket", default=d["socket"], help="Unix socket path to serve")
     p.add_argument("--max-loaded", type=int, default=d["max_loaded"], help="models resident at once (LRU)")
     p.add_argument("--keep-alive", type=float, default=d["keep_alive"], help="seconds an idle model stays loaded")

@@ -30,7 +30,7 @@ from mlxk.server import catalog
 from mlxk.server.deps import Model, RequestId, State, ServerState, check_supported, parse_body, require_api_key
 from mlxk.server.errors import WorkerError, openai_error_body
 from mlxk.server.openai_types import ChatCompletionRequest, CompletionRequest, keep_alive_seconds
-from workers.inference import protocol
+from mlxk.workers.inference import protocol
 
 log = logging.getLogger("mlxk.server.openai")
 

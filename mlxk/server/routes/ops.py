@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from mlxk import __version__, names
 from mlxk.errors import ModelNotFound
 from mlxk.server.deps import ServerState, State, parse_optional_body, require_api_key
-from workers.inference import protocol
+from mlxk.workers.inference import protocol
 
 health_router = APIRouter()
 router = APIRouter(dependencies=[Depends(require_api_key)])
