@@ -115,6 +115,11 @@ def _flag(name: str) -> bool:
     return (_env(name) or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def test_pause_at() -> frozenset[str]:
+    """MLXK_TEST_PAUSE_AT: comma-separated named steps where a process pauses (tests only; see mlxk.faults)."""
+    return frozenset(s.strip() for s in (_env("MLXK_TEST_PAUSE_AT") or "").split(",") if s.strip())
+
+
 def settings() -> Settings:
     home = Path(_env("MLXK_HOME") or _default_home()).expanduser()
     hf_home = _hf_home()

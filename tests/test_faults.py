@@ -1,0 +1,34 @@
+"""The test-only pause points (mlxk.faults): a real process pauses at a named step, and only there."""
+import os
+import subprocess
+import sys
+
+from tests.fixtures.pause import kill_paused, release, wait_paused
+
+SCRIPT = "from mlxk.faults import checkpoint; checkpoint('a.first'); checkpoint('b.second'); print('done')"
+
+
+def _start(home, steps):
+    env = {**os.environ, "MLXK_HOME": str(home), "MLXK_TEST_PAUSE_AT": steps}
+    return subprocess.Popen([sys.executable, "-c", SCRIPT], env=env, stdout=subprocess.PIPE, text=True)
+
+
+def test_pauses_at_named_step_until_released(tmp_path):
+    proc = _start(tmp_path, "b.second")
+    assert wait_paused(tmp_path, "b.second") == proc.pid
+    assert proc.poll() is None
+    release(tmp_path, "b.second")
+    assert proc.communicate(timeout=30)[0].strip() == "done"
+
+
+def test_kill_at_step(tmp_path):
+    proc = _start(tmp_path, "a.first, b.second")
+    assert kill_paused(tmp_path, "a.first") == proc.pid
+    assert proc.wait(timeout=30) == -9
+    assert not (tmp_path / "run" / "paused-b.second").exists()
+
+
+def test_unarmed_steps_do_not_pause(tmp_path):
+    proc = _start(tmp_path, "")
+    assert proc.communicate(timeout=30)[0].strip() == "done"
+    assert not (tmp_path / "run").exists()
