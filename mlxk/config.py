@@ -34,6 +34,9 @@ class Settings(NamedTuple):  # immutable; a NamedTuple because a frozen dataclas
     server_idle_s: float       # MLXK_SERVER_IDLE: a server started by `mlxk run` exits after this idle time
     hub_offline: bool          # HF_HUB_OFFLINE
     inference_external: bool   # MLXK_INFERENCE_EXTERNAL: the api uses a worker started by others, never its own
+    allowed_hosts: tuple[str, ...] = ()  # MLXK_ALLOWED_HOSTS (comma separated): Host names the api answers too
+    log_level: str = "info"    # MLXK_LOG_LEVEL: debug | info | warning | error
+    log_json: bool = False     # MLXK_LOG_JSON: one JSON object per log line
 
     @property
     def state_db(self) -> Path:
@@ -115,6 +118,28 @@ def _flag(name: str) -> bool:
     return (_env(name) or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level() -> str:
+    level = (_env("MLXK_LOG_LEVEL") or "info").strip().lower()
+    if level not in LOG_LEVELS:
+        from mlxk.errors import ConfigError
+
+        raise ConfigError(f"MLXK_LOG_LEVEL={level!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def export_log_settings(level: str, json_lines: bool) -> None:
+    """Write the log options into this process's environment, so every child it starts logs the same way."""
+    os.environ["MLXK_LOG_LEVEL"] = level
+    os.environ["MLXK_LOG_JSON"] = "1" if json_lines else "0"
+
+
+def _list(name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (_env(name) or "").split(",") if item.strip())
+
+
 def test_pause_at() -> frozenset[str]:
     """MLXK_TEST_PAUSE_AT: comma-separated named steps where a process pauses (tests only; see mlxk.faults)."""
     return frozenset(s.strip() for s in (_env("MLXK_TEST_PAUSE_AT") or "").split(",") if s.strip())
@@ -134,7 +159,7 @@ def settings() -> Settings:
         host=_env("MLXK_HOST") or DEFAULT_HOST,
         port=_number("MLXK_PORT", DEFAULT_PORT, int),
         api_key=_env("MLXK_API_KEY"),
-        cors_origins=tuple(o.strip() for o in (_env("MLXK_CORS_ORIGINS") or "").split(",") if o.strip()),
+        cors_origins=_list("MLXK_CORS_ORIGINS"),
         max_loaded=_number("MLXK_MAX_LOADED", 1, int),
         keep_alive_s=_number("MLXK_KEEP_ALIVE", 300.0),
         max_waiting=_number("MLXK_MAX_WAITING", 64, int),
@@ -144,4 +169,7 @@ def settings() -> Settings:
         server_idle_s=_number("MLXK_SERVER_IDLE", 900.0),
         hub_offline=_flag("HF_HUB_OFFLINE"),
         inference_external=_flag("MLXK_INFERENCE_EXTERNAL"),
+        allowed_hosts=tuple(host.lower() for host in _list("MLXK_ALLOWED_HOSTS")),
+        log_level=_log_level(),
+        log_json=_flag("MLXK_LOG_JSON"),
     )

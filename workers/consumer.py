@@ -20,7 +20,8 @@ from contextlib import closing
 from huey.consumer import Consumer, ConsumerStopped
 
 from mlxk.db import jobs as jobs_db
-from mlxk.config import settings
+from mlxk import logs
+from mlxk.config import LOG_LEVELS, settings
 from mlxk.errors import MlxkError
 from mlxk.jobs import HEARTBEAT_S, connect, enqueue_scan, holder_alive, hostname, worker_pidfile
 from mlxk.workers import queue, signals
@@ -189,11 +190,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="tasks run at once")
     parser.add_argument("--background", action="store_true", help="exit after MLXK_WORKER_IDLE seconds idle")
     parser.add_argument("--no-scan", action="store_true", help="skip the health scan at start")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="same as --log-level debug")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="default MLXK_LOG_LEVEL, else info")
+    parser.add_argument("--log-json", action="store_true", default=None, help="JSON lines (MLXK_LOG_JSON)")
     options = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if options.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(process)d %(threadName)s %(name)s %(levelname)s %(message)s")
     try:
+        logs.setup("debug" if options.verbose else options.log_level, options.log_json)
         return run(threads=options.threads, background=options.background, scan=not options.no_scan)
     except MlxkError as error:
         log.error("%s", error.message)

@@ -20,7 +20,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
-from mlxk import db as statedb
+from mlxk import db as statedb, logs
 from mlxk.db import jobs as jobs_db
 from mlxk.config import settings
 from mlxk.errors import Cancelled, MlxkError
@@ -389,7 +389,8 @@ def register(huey) -> dict:
     def make(kind: str):
         def task_fn(job_id: str, task=None):
             try:
-                return execute(job_id, task.id)
+                with logs.job_context(job_id):  # every line the job logs carries its id
+                    return execute(job_id, task.id)
             except RetryLater:
                 raise RetryTask(delay=LOCK_RETRY_S) from None
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from mlxk import jobs
+from mlxk.commands import log_options
 from mlxk.output import Output, human_duration, human_size, is_tty, json_command, relative_time, say, table
 
 
@@ -351,15 +352,13 @@ def jobs_retry_command(job_id, wait):
 @click.option("--threads", type=int, default=3, show_default=True, help="Tasks run at once.")
 @click.option("--background", is_flag=True, help="Exit after MLXK_WORKER_IDLE seconds with nothing to do.")
 @click.option("--no-scan", is_flag=True, help="Skip the health scan at start.")
-def worker_command(threads, background, no_scan):
+@log_options
+def worker_command(threads, background, no_scan, log_level, log_json):
     """Run the job worker (a Huey consumer) in the foreground."""
-    import logging
-
     from mlxk.workers import consumer
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(process)d %(threadName)s %(name)s %(levelname)s %(message)s")
     code = consumer.main([f"--threads={threads}", *(["--background"] if background else []),
-                          *(["--no-scan"] if no_scan else [])])
+                          *(["--no-scan"] if no_scan else []), *([f"--log-level={log_level}"] if log_level else []),
+                          *(["--log-json"] if log_json else [])])
     if code:
         click.get_current_context().exit(code)

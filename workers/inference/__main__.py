@@ -29,20 +29,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-prompt-tokens", type=int, default=d["max_prompt_tokens"], help="longest prompt accepted")
     p.add_argument("--max-batch", type=int, default=32, help="most rows decoding together")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", type=str.lower, choices=("debug", "info", "warning", "error"), default=None,
+                   help="default MLXK_LOG_LEVEL, else info")
+    p.add_argument("--log-json", action="store_true", default=None, help="JSON lines (MLXK_LOG_JSON)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     from mlxk.errors import MlxkError
 
+    from mlxk import logs
+
     try:
         args = parse_args(argv)
+        logs.setup(args.log_level, args.log_json)
     except MlxkError as error:  # a bad environment variable: say which, no traceback
         print(f"Error: {error.message}", file=sys.stderr)
         return 1
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .engine import Engine
     from .server import WorkerServer
 
