@@ -2,31 +2,43 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
+from mlxk.commands import log_options
 from mlxk.output import Output, json_command
 
 
 @click.command("serve")
-@click.option("--host", default=None, help="Address to bind (default 127.0.0.1; others need --api-key).")
+@click.option("--host", default=None, help="Address to bind (default 127.0.0.1; others need an API key).")
 @click.option("--port", type=int, default=None, help="Port (default 8000, MLXK_PORT).")
-@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' (MLXK_API_KEY).")
+@click.option("--api-key", default=None,
+              help="Require 'Authorization: Bearer KEY'. Prefer MLXK_API_KEY or --api-key-file: the flag is wiped "
+                   "from the process list at start, but other users may see it until then.")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Read the API key from this file (its first line).")
 @click.option("--max-loaded", type=click.IntRange(min=1), default=None, help="Models kept loaded at once.")
 @click.option("--keep-alive", type=click.FloatRange(min=0), default=None,
               help="Seconds an idle model stays loaded.")
 @click.option("--idle-exit", type=click.FloatRange(min=1), default=None, hidden=True,
               help="Exit after this many seconds without a request.")
-@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@log_options
 @json_command
-def serve_command(host, port, api_key, max_loaded, keep_alive, idle_exit, log_level):
+def serve_command(host, port, api_key, api_key_file, max_loaded, keep_alive, idle_exit, log_level, log_json):
     """Serve the OpenAI-compatible API in the foreground."""
     from mlxk.server.deps import ServerConfig
-    from mlxk.server.main import run_server
+    from mlxk.server.main import hide_from_process_list, read_key_file, run_server
 
+    if api_key is not None:
+        hide_from_process_list(api_key)  # first: the key is in /proc/<pid>/cmdline until this line
+    if api_key is not None and api_key_file is not None:
+        raise click.UsageError("give --api-key or --api-key-file, not both")
+    if api_key_file is not None:
+        api_key = read_key_file(api_key_file)
     config = ServerConfig.from_settings(host=host, port=port, api_key=api_key, max_loaded=max_loaded,
                                         keep_alive_s=keep_alive, idle_exit_s=idle_exit)
-    run_server(config, log_level=log_level)
+    run_server(config, log_level=log_level, log_json=log_json)
     return Output({"host": config.host, "port": config.port, "stopped": True})
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import sys
+from pathlib import Path
 
 from mlxk.errors import ConfigError
 from mlxk.server.deps import ServerConfig
@@ -36,16 +37,50 @@ def check_bind(config: ServerConfig) -> None:
         )
 
 
-def run_server(config: ServerConfig, *, log_level: str = "info") -> None:
+def hide_from_process_list(secret: str) -> None:
+    """Rewrite this process's command line (what `ps` and /proc/<pid>/cmdline show) with `secret` masked.
+
+    setproctitle overwrites the argv memory the kernel reports, so the key given as `--api-key KEY` stops being
+    readable by other users; sys.argv (our own copy) is masked too. Children never get it: the inference worker's
+    argv carries no key (supervisor.WorkerOptions.argv).
+    """
+    import setproctitle
+
+    def masked(arg: str) -> str:
+        if arg == secret:
+            return "***"
+        return "--api-key=***" if arg.startswith("--api-key=") else arg.replace(secret, "***")
+
+    setproctitle.setproctitle(" ".join(masked(arg) for arg in sys.orig_argv))
+    sys.argv[:] = [masked(arg) for arg in sys.argv]
+
+
+def read_key_file(path: Path) -> str:
+    """The API key in `path` (its first line, stripped); ConfigError naming the file when it is unusable."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read the API key file {path}: {getattr(error, 'strerror', None) or error}",
+                          path=str(path)) from None
+    key = (text.splitlines() or [""])[0].strip()
+    if not key:
+        raise ConfigError(f"the API key file {path} is empty; write the key on its first line", path=str(path))
+    return key
+
+
+def run_server(config: ServerConfig, *, log_level: str | None = None, log_json: bool | None = None) -> None:
     import uvicorn
 
+    from mlxk import logs
     from mlxk.server.app import create_app
 
     check_bind(config)
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uv_config = uvicorn.Config(create_app(config), host=config.host, port=config.port, log_level=log_level,
-                               access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on")
+    logs.setup(log_level, log_json, secrets=[config.api_key])
+    # log_config=None: uvicorn installs no handlers of its own, so its error and access logs go through ours
+    # (same format, redacted, with the request id).
+    uv_config = uvicorn.Config(create_app(config), host=config.host, port=config.port, log_config=None,
+                               log_level=logging.getLevelName(logging.getLogger().level).lower(),
+                               access_log=True, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on")
     server = uvicorn.Server(uv_config)
     log.info("mlxk serving on http://%s:%s (inference socket %s)", config.host, config.port,
              config.settings.inference_socket)
