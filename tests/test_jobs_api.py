@@ -103,17 +103,17 @@ def test_duplicate_pull_cancel_and_retry(client, hub):
     cancelled = client.post(f"/api/jobs/{job_id}/cancel", json={"purge": False})
     assert cancelled.status_code == 200, cancelled.text
     assert wait_job(client, job_id)["state"] == "cancelled"
-    again = client.post(f"/api/jobs/{job_id}/cancel")
+    again = client.post(f"/api/jobs/{job_id}/cancel", json={})
     assert again.status_code == 409 and error_of(again)["code"] == "conflict"
 
     hub.faults.rate_limit_bps = None
-    retried = client.post(f"/api/jobs/{job_id}/retry")
+    retried = client.post(f"/api/jobs/{job_id}/retry", json={})
 
     assert retried.status_code == 202, retried.text
     new = retried.json()
     assert new["id"] != job_id and new["retry_of"] == job_id and new["target"] == repo
     assert wait_job(client, new["id"])["state"] == "succeeded"
-    twice = client.post(f"/api/jobs/{new['id']}/retry")
+    twice = client.post(f"/api/jobs/{new['id']}/retry", json={})
     assert twice.status_code == 409 and "only failed or cancelled jobs" in error_of(twice)["message"]
     history = [j["id"] for j in client.get("/api/jobs", params={"all": "1"}).json()["jobs"]]
     assert job_id in history and new["id"] in history
@@ -144,7 +144,7 @@ def test_bad_pull_requests_are_400_and_queue_nothing(client, body, code):
     ("POST", "/api/jobs/0123456789ab/retry"),
 ])
 def test_unknown_job_is_404(client, method, path):
-    response = client.request(method, path)
+    response = client.request(method, path, json={} if method == "POST" else None)
     assert response.status_code == 404, response.text
     assert error_of(response)["code"] == "job_not_found" and "no job matches" in error_of(response)["message"]
 
@@ -162,9 +162,9 @@ def test_scan_is_queued_as_a_job(client):
     ("GET", "/api/jobs", None),
     ("GET", "/api/jobs/0123456789ab", None),
     ("POST", "/api/jobs/pull", {"model": "org/name"}),
-    ("POST", "/api/jobs/0123456789ab/cancel", None),
-    ("POST", "/api/jobs/0123456789ab/retry", None),
-    ("POST", "/api/jobs/scan", None),
+    ("POST", "/api/jobs/0123456789ab/cancel", {}),
+    ("POST", "/api/jobs/0123456789ab/retry", {}),
+    ("POST", "/api/jobs/scan", {}),
 ])
 def test_api_key_is_required(server, method, path, body):
     for headers in ({}, {"Authorization": "Bearer wrong"}):
@@ -198,7 +198,7 @@ def test_the_event_loop_stays_free_while_a_cancel_waits(client, server, hub):
 
     def cancel():
         started = time.monotonic()
-        results["cancel"] = client.post(f"/api/jobs/{job_id}/cancel")
+        results["cancel"] = client.post(f"/api/jobs/{job_id}/cancel", json={})
         results["cancel_s"] = time.monotonic() - started
 
     thread = threading.Thread(target=cancel)

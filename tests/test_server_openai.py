@@ -296,7 +296,8 @@ def test_neutral_and_unknown_fields_are_accepted(client):
 
 def test_bad_json_is_400_in_openai_shape_with_request_id(server):
     with server.http() as http:
-        response = http.post("/v1/chat/completions", content=b'{"model": ', headers={"x-request-id": "abc-123"})
+        response = http.post("/v1/chat/completions", content=b'{"model": ',
+                             headers={"x-request-id": "abc-123", "content-type": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
     assert "not valid JSON" in response.json()["error"]["message"]

@@ -92,7 +92,8 @@ def test_body_over_limit_is_413(server):
             yield b"y" * 5000
         yield b'"}]}'
 
-    response = httpx.post(f"{server.url}/v1/chat/completions", content=chunked())
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=chunked(),
+                          headers={"content-type": "application/json"})
     assert response.status_code == 413
 
 
@@ -173,7 +174,7 @@ def test_api_modules_do_not_import_mlx(tmp_path):
         "from fastapi.testclient import TestClient\n"
         "from mlxk.server.app import create_app\n"
         "import mlxk.commands.serve, mlxk.server.repl\n"
-        "with TestClient(create_app()) as c:\n"
+        "with TestClient(create_app(), base_url='http://127.0.0.1') as c:\n"
         "    assert c.get('/health').status_code == 200\n"
         "    c.get('/v1/models')\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm'))\n"
@@ -190,9 +191,9 @@ def test_cors_off_by_default_and_on_when_configured(monkeypatch):
     from mlxk.server.app import create_app
 
     headers = {"Origin": "http://example.test"}
-    with TestClient(create_app()) as client:
+    with TestClient(create_app(), base_url="http://127.0.0.1") as client:
         assert "access-control-allow-origin" not in client.get("/health", headers=headers).headers
     monkeypatch.setenv("MLXK_CORS_ORIGINS", "http://example.test")
-    with TestClient(create_app()) as client:
+    with TestClient(create_app(), base_url="http://127.0.0.1") as client:
         response = client.get("/health", headers=headers)
         assert response.headers["access-control-allow-origin"] == "http://example.test"

@@ -18,32 +18,35 @@ from mlxk import __version__
 from mlxk.errors import MlxkError
 from mlxk.server import runtime
 from mlxk.server.deps import ServerConfig, ServerState
-from mlxk.server.errors import openai_error_body
-from mlxk.server.middleware import BodyLimit, RequestContext
+from mlxk.server.errors import InternalError, openai_error_body
+from mlxk.server.middleware import BodyLimit, CrossSiteGuard, RequestContext
 from mlxk.server.routes import jobs, openai, ops, ui
 from mlxk.server.supervisor import Supervisor
 
 log = logging.getLogger("mlxk.server.app")
 
 
-def _as_mlxk_error(error: Exception) -> MlxkError:
+def _as_mlxk_error(request: Request, error: Exception) -> MlxkError:
     if isinstance(error, MlxkError):
         return error
     if isinstance(error, HTTPException):
-        wrapped = MlxkError(str(error.detail))
+        allowed = (error.headers or {}).get("Allow")
+        message = (f"{request.method} is not allowed here; use {allowed}" if error.status_code == 405 and allowed
+                   else str(error.detail))
+        wrapped = MlxkError(message)
         wrapped.type = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
         wrapped.http_status = error.status_code
         return wrapped
-    log.exception("unhandled error", exc_info=error)
-    wrapped = MlxkError(f"internal server error: {type(error).__name__}: {error}")
-    wrapped.type, wrapped.http_status = "internal", 500
-    return wrapped
+    log.error("unhandled error", exc_info=error)
+    return InternalError(f"internal server error: {type(error).__name__}; see the server log")
 
 
 async def openai_error(request: Request, error: Exception) -> JSONResponse:
     """The one exception handler: every error leaves in OpenAI's shape with the request id."""
-    mlxk_error = _as_mlxk_error(error)
+    mlxk_error = _as_mlxk_error(request, error)
     headers = {"x-request-id": getattr(request.state, "request_id", "")}
+    if isinstance(error, HTTPException) and error.headers:  # e.g. 405's Allow, which RFC 9110 requires
+        headers.update(error.headers)
     if getattr(mlxk_error, "retryable", False):
         headers["retry-after"] = "1"
     return JSONResponse(openai_error_body(mlxk_error), status_code=mlxk_error.http_status, headers=headers)
@@ -80,6 +83,8 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.settings.cors_origins),
                            allow_methods=["*"], allow_headers=["*"], expose_headers=["x-request-id"])
     app.add_middleware(BodyLimit, limit=config.settings.max_body_bytes)
+    app.add_middleware(CrossSiteGuard, bind_host=config.host, api_key=bool(config.api_key),
+                       allowed_hosts=config.settings.allowed_hosts, allowed_origins=config.settings.cors_origins)
     # Outermost: every response, errors included, carries the request id.
     app.add_middleware(RequestContext, get_state=lambda: getattr(app.state, "mlxk", None))
     return app

@@ -107,13 +107,60 @@ def require_api_key(request: Request, state: State) -> None:
 Model = TypeVar("Model", bound=BaseModel)
 
 
+MAX_JSON_DEPTH = 64  # arrays/objects inside each other; OpenAI bodies (tool schemas included) need far fewer
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value (RFC 8259 has no NaN or Infinity)")
+
+
+def _path(parent: str, key) -> str:
+    return f"{parent}[{key}]" if isinstance(key, int) else (f"{parent}.{key}" if parent else str(key))
+
+
+def check_json_tree(data) -> None:
+    """Refuse what parses as JSON but cannot travel on: nesting deeper than MAX_JSON_DEPTH, and strings that are
+    not Unicode text (a lone surrogate such as "\\ud800" cannot be encoded as UTF-8 for the inference worker).
+
+    Iterative, so no body can exhaust the stack. Raises InvalidRequest naming the field.
+    """
+    stack = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest(
+                    f"'{path or 'body'}' contains a lone UTF-16 surrogate (like \\ud800), which is not text; "
+                    "send valid Unicode", param=path or None) from None
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                raise InvalidRequest(f"the request body is nested too deeply (more than {MAX_JSON_DEPTH} levels of "
+                                     "arrays and objects)", param=path or None)
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    stack.append((key, path, depth))  # a key is checked like a value, reported at its parent
+                stack.append((item, _path(path, key), depth + 1))
+
+
+def load_json(raw: bytes):
+    """The parsed body; InvalidRequest (400) for anything that is not JSON the server can carry."""
+    try:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:  # the C parser's own guard, long before our depth check could run
+        raise InvalidRequest(f"the request body is nested too deeply (more than {MAX_JSON_DEPTH} levels of arrays "
+                             "and objects)") from None
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise InvalidRequest(f"the request body is not valid JSON: {error}") from None
+    check_json_tree(data)
+    return data
+
+
 async def parse_body(request: Request, model: type[Model]) -> Model:
     """The JSON body as `model`; bad JSON and wrong types are 400s in OpenAI's shape, naming the field."""
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidRequest(f"the request body is not valid JSON: {error}") from None
+    data = load_json(await request.body())
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
     try:

@@ -19,9 +19,32 @@ class Unauthorized(MlxkError):
     http_status = 401
 
 
+class CrossSiteRefused(MlxkError):
+    """A state-changing request sent by a web page on another origin."""
+    type = "cross_site_request"
+    http_status = 403
+
+
+class MisdirectedHost(MlxkError):
+    """A Host header that names neither this server nor a loopback address (DNS rebinding)."""
+    type = "host_not_allowed"
+    http_status = 421
+
+
+class UnsupportedMediaType(MlxkError):
+    type = "unsupported_media_type"
+    http_status = 415
+
+
 class BodyTooLarge(MlxkError):
     type = "request_too_large"
     http_status = 413
+
+
+class InternalError(MlxkError):
+    """A bug: an exception no handler expected. Logged with its traceback; the client gets this, never the trace."""
+    type = "internal"
+    http_status = 500
 
 
 class WorkerRestarting(MlxkError):

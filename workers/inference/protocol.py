@@ -141,7 +141,12 @@ class ProtocolError(ValueError):
 
 
 def encode(message: dict) -> bytes:
-    return (json.dumps(message, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+    """One protocol line. Raises ProtocolError when a string is not Unicode text (a lone surrogate): the api
+    refuses such bodies with a 400 (deps.check_json_tree) before they get here."""
+    try:
+        return (json.dumps(message, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+    except UnicodeEncodeError as error:
+        raise ProtocolError(f"a string in the message is not valid Unicode text: {error.reason}") from None
 
 
 def decode(line: bytes | str) -> dict:
