@@ -190,3 +190,61 @@ class CompletionRequest(_Common):
                 return "prompt", "prompt must be a string (or a list of exactly one string); " \
                                  "batches and token ids are not supported"
         return None
+
+
+# ---------------------------------------------------------------- the OpenAPI document
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str                  # OpenAI's kind: invalid_request_error, authentication_error, permission_error, ...
+    param: Optional[str] = None
+    code: str                  # mlxk's stable error type (mlxk.errors), e.g. model_not_found
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server answers, whatever the status (app.openai_error)."""
+    error: ErrorDetail
+
+
+_ERROR_MEANING = {
+    400: "Invalid request: bad JSON, a wrong type, an unsupported field, a body nested too deeply or not Unicode",
+    401: "Missing or wrong API key (only when the server has one)",
+    403: "Cross-site request: the Origin is not this server nor in MLXK_CORS_ORIGINS",
+    404: "Unknown model or job",
+    405: "Method not allowed (the Allow header lists the allowed ones)",
+    409: "Conflict: another job holds the model, or the job is in the wrong state",
+    413: "Request body larger than MLXK_MAX_BODY_BYTES",
+    415: "Content-Type is not application/json",
+    421: "Host header names neither this server nor a loopback address (MLXK_ALLOWED_HOSTS)",
+    503: "The inference worker is busy or restarting; retry (Retry-After)",
+}
+READ_ERRORS = (401, 404, 421)
+WRITE_ERRORS = (400, 401, 403, 404, 413, 415, 421)
+
+
+def error_responses(*statuses: int) -> dict:
+    """FastAPI `responses=` for these statuses, each with OpenAI's error body."""
+    return {status: {"model": ErrorResponse, "description": _ERROR_MEANING[status]} for status in statuses}
+
+
+def _inline_defs(schema: dict) -> dict:
+    """pydantic puts nested models under `$defs`; an operation's schema must stand alone, so inline them."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk(defs[ref.rsplit("/", 1)[-1]])
+            return {key: walk(value) for key, value in node.items()}
+        return [walk(item) for item in node] if isinstance(node, list) else node
+
+    return walk(schema)
+
+
+def request_body(model: type[BaseModel] | None, *, required: bool = True) -> dict:
+    """FastAPI `openapi_extra=` declaring a JSON request body: handlers read bodies themselves (deps.parse_body,
+    for OpenAI-shaped 400s), so FastAPI cannot see them. `model` None: an empty JSON object."""
+    schema = _inline_defs(model.model_json_schema()) if model else {"type": "object", "additionalProperties": False}
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": schema}}}}

@@ -17,10 +17,13 @@ from pydantic import BaseModel, ConfigDict
 from mlxk import index, jobs
 from mlxk.errors import MlxkError
 from mlxk.server.deps import State, parse_body, parse_optional_body, require_api_key
+from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, error_responses, request_body
 
 log = logging.getLogger("mlxk.server.jobs")
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(dependencies=[Depends(require_api_key)], responses=error_responses(*READ_ERRORS))
+WRITE = error_responses(*WRITE_ERRORS, 409)
+QUEUE = {**WRITE, 202: {"description": "Job queued (200: an active job for the same target, `existing: true`)"}}
 
 
 class PullRequest(BaseModel):
@@ -86,7 +89,7 @@ async def get_job(job_id: str) -> dict:
     return await run_in_threadpool(jobs.get, job_id)
 
 
-@router.post("/api/jobs/pull")
+@router.post("/api/jobs/pull", openapi_extra=request_body(PullRequest), responses=QUEUE)
 async def pull(request: Request) -> JSONResponse:
     body = await parse_body(request, PullRequest)
     outcome = await run_in_threadpool(jobs.enqueue_pull, body.model.strip(), include=body.include,
@@ -94,19 +97,20 @@ async def pull(request: Request) -> JSONResponse:
     return _queued(outcome)
 
 
-@router.post("/api/jobs/scan")
+@router.post("/api/jobs/scan", openapi_extra=request_body(ScanRequest, required=False), responses=QUEUE)
 async def scan(request: Request) -> JSONResponse:
     body = await parse_optional_body(request, ScanRequest)
     outcome = await run_in_threadpool(jobs.enqueue_scan, body.repos, force=body.force)
     return _queued(outcome)
 
 
-@router.post("/api/jobs/{job_id}/cancel")
+@router.post("/api/jobs/{job_id}/cancel", openapi_extra=request_body(CancelRequest, required=False),
+             responses=WRITE)
 async def cancel(job_id: str, request: Request) -> dict:
     body = await parse_optional_body(request, CancelRequest)
     return await run_in_threadpool(jobs.cancel, job_id, purge=body.purge)
 
 
-@router.post("/api/jobs/{job_id}/retry")
+@router.post("/api/jobs/{job_id}/retry", openapi_extra=request_body(None, required=False), responses=QUEUE)
 async def retry(job_id: str) -> JSONResponse:
     return _queued(await run_in_threadpool(jobs.retry, job_id))

@@ -29,12 +29,13 @@ from mlxk.clock import parse_iso
 from mlxk.server import catalog
 from mlxk.server.deps import Model, RequestId, State, ServerState, check_supported, parse_body, require_api_key
 from mlxk.server.errors import WorkerError, openai_error_body
-from mlxk.server.openai_types import ChatCompletionRequest, CompletionRequest, keep_alive_seconds
+from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, ChatCompletionRequest, CompletionRequest, \
+    error_responses, keep_alive_seconds, request_body
 from mlxk.workers.inference import protocol
 
 log = logging.getLogger("mlxk.server.openai")
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(dependencies=[Depends(require_api_key)], responses=error_responses(*READ_ERRORS))
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CLIENT_CLOSED = 499  # nginx's "client closed request": what metrics record for a request whose client left
@@ -333,11 +334,14 @@ def _completion_input(body: CompletionRequest) -> tuple[protocol.Params, None, s
     return _worker_params(body, body.max_tokens), None, body.prompt_text()
 
 
-@router.post("/v1/chat/completions")
+GENERATION_ERRORS = error_responses(*WRITE_ERRORS, 503)
+
+
+@router.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest), responses=GENERATION_ERRORS)
 async def chat_completions(request: Request, state: State, rid: RequestId):
     return await _handle(request, state, rid, "chat", ChatCompletionRequest, _chat_input)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=request_body(CompletionRequest), responses=GENERATION_ERRORS)
 async def completions(request: Request, state: State, rid: RequestId):
     return await _handle(request, state, rid, "completion", CompletionRequest, _completion_input)

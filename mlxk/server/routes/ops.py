@@ -11,13 +11,14 @@ from pydantic import BaseModel
 from mlxk import __version__, names
 from mlxk.errors import ModelNotFound
 from mlxk.server.deps import ServerState, State, parse_optional_body, require_api_key
+from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, error_responses, request_body
 from mlxk.workers.inference import protocol
 
 health_router = APIRouter()
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(dependencies=[Depends(require_api_key)], responses=error_responses(*READ_ERRORS))
 
 
-@health_router.get("/health")
+@health_router.get("/health", responses=error_responses(421))
 async def health(state: State) -> dict:
     return {"status": "ok", "version": __version__, "worker": state.supervisor.state()}
 
@@ -71,7 +72,8 @@ async def _loaded_target(state: ServerState, name: str) -> str:
         raise ModelNotFound(f"{name!r} is not loaded (loaded: {', '.join(loaded)})", name=name) from None
 
 
-@router.post("/api/stop")
+@router.post("/api/stop", openapi_extra=request_body(StopRequest, required=False),
+             responses=error_responses(*WRITE_ERRORS))
 async def stop(request: Request, state: State) -> dict:
     """Unload one model (`{"model": name}`, fuzzy against what is loaded) or all (`{"model": null}` or no body)."""
     body = await parse_optional_body(request, StopRequest)
