@@ -30,10 +30,10 @@ def serve_command(host, port, api_key, api_key_file, max_loaded, keep_alive, idl
     from mlxk.server.deps import ServerConfig
     from mlxk.server.main import hide_from_process_list, read_key_file, run_server
 
-    if api_key is not None:
-        hide_from_process_list(api_key)  # first: the key is in /proc/<pid>/cmdline until this line
     if api_key is not None and api_key_file is not None:
         raise click.UsageError("give --api-key or --api-key-file, not both")
+    if api_key is not None:
+        hide_from_process_list(api_key)  # at once: the key is in /proc/<pid>/cmdline until this line
     if api_key_file is not None:
         api_key = read_key_file(api_key_file)
     config = ServerConfig.from_settings(host=host, port=port, api_key=api_key, max_loaded=max_loaded,
