@@ -36,7 +36,7 @@ job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("mlxk_job_id
 # Order matters: a header's whole value first, then Bearer values and tokens anywhere else in the line.
 _PATTERNS = (
     # Authorization: <anything up to the end of the value>, as a header line, a dict item or a tuple of bytes
-    (re.compile(r"""(?i)(authorization['"]?\s*[:=,]\s*b?['"]?)[^'"\r\n,}\])]+"""), rf"\g<1>{REDACTED}"),
+    (re.compile(r"""(?i)(authorization['"]?\s*[:=,]\s*(?:b?['"])?)[^'"\r\n,}\])]+"""), rf"\g<1>{REDACTED}"),
     (re.compile(r"(?i)\b(bearer)\s+[^\s'\",;\\)\]}]+"), rf"\g<1> {REDACTED}"),
     (re.compile(r"\bhf_[A-Za-z0-9]{6,}"), REDACTED),
 )
