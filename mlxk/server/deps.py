@@ -172,7 +172,7 @@ async def parse_body(request: Request, model: type[Model]) -> Model:
 
 
 async def parse_optional_body(request: Request, model: type[Model]) -> Model:
-    """Like parse_body, but an empty body means the defaults (`curl -X POST .../cancel` is a plain cancel)."""
+    """Like parse_body, but an empty body means the defaults (a JSON-typed POST with no body is a plain cancel)."""
     if not (await request.body()).strip():
         return model()
     return await parse_body(request, model)
