@@ -8,6 +8,7 @@ each 500 the keep-alive connection was reset under the client's next request. Th
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -155,3 +156,43 @@ def test_schemathesis_finds_no_server_error(srv):
                 assert mode == GenerationMode.NEGATIVE
     assert not failures, failures[:5]
     assert len(calls) > 100 and any(400 <= status < 500 for status in calls)  # it really sent cases, bad ones too
+
+
+def test_an_unexpected_error_is_a_500_that_keeps_the_connection(tmp_path):
+    """A bug (here a route added by the test that raises) answers 500 in OpenAI's shape without its traceback, and
+    the keep-alive connection serves the next request: real uvicorn in a thread, the app of `mlxk serve`."""
+    import threading
+
+    import uvicorn
+
+    from mlxk.server.app import create_app
+    from tests.fixtures.server import free_port
+
+    app = create_app()
+
+    @app.get("/test-only/boom")
+    async def boom():
+        raise RuntimeError("a bug with a secret inside")
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+
+        class Srv:
+            url = f"http://127.0.0.1:{port}"
+
+        bad, good = bad_then_good(Srv, ("GET", "/test-only/boom", {}), ("GET", "/health", {}))
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert bad.status_code == 500
+    error = bad.json()["error"]
+    assert error["code"] == "internal" and "RuntimeError" in error["message"] and "secret" not in error["message"]
+    assert bad.headers["x-request-id"]
+    assert good.status_code == 200
