@@ -110,3 +110,20 @@ def test_no_secret_and_no_home_in_any_log_of_a_real_server(tmp_path):
     assert any("~/mlxk" in line["msg"] for line in server_lines)                  # home paths shown as ~
     worker_lines = [json.loads(line) for line in texts["worker"].splitlines()]
     assert any(line.get("job_id") == job["id"] for line in worker_lines)
+
+
+def test_mlxk_worker_takes_the_log_options(tmp_path):
+    """`mlxk worker --log-level debug --log-json` (foreground; --background so it exits when idle)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLXK_WORKER_IDLE": "1", "HF_TOKEN": HF_TOKEN}
+    result = subprocess.run([sys.executable, "-c", "from mlxk.cli import main; main()", "worker", "--background",
+                             "--no-scan", "--log-level", "debug", "--log-json"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    assert any(line["level"] == "debug" for line in lines)
+    assert any("started" in line["msg"] for line in lines if line["logger"] == "mlxk.consumer")
+    assert HF_TOKEN not in result.stderr and str(tmp_path / "user") not in result.stderr
