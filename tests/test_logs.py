@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import logging
 import time
 
@@ -41,6 +42,10 @@ def test_redactor(text, expected):
 
 def test_json_lines_carry_ids_and_tracebacks_are_redacted(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
+    for name in ("MLXK_LOG_LEVEL", "MLXK_LOG_JSON"):  # setup exports them for children: undo that after the test
+        monkeypatch.setenv(name, "")
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
     stream = io.StringIO()
     logs.setup("debug", True, secrets=[API_KEY], stream=stream)
     try:
@@ -55,7 +60,8 @@ def test_json_lines_carry_ids_and_tracebacks_are_redacted(monkeypatch):
         logs.request_id.reset(token)
         log.info("outside")
     finally:
-        logging.getLogger().handlers.clear()
+        root.handlers[:], root.level = saved
+    assert os.environ["MLXK_LOG_JSON"] == "1" and os.environ["MLXK_LOG_LEVEL"] == "debug"  # for child processes
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [line["level"] for line in lines] == ["debug", "error", "info"]
     assert lines[0]["request_id"] == "req-1" and lines[0]["job_id"] == "job-9" and "request_id" not in lines[2]
@@ -114,7 +120,6 @@ def test_no_secret_and_no_home_in_any_log_of_a_real_server(tmp_path):
 
 def test_mlxk_worker_takes_the_log_options(tmp_path):
     """`mlxk worker --log-level debug --log-json` (foreground; --background so it exits when idle)."""
-    import os
     import subprocess
     import sys
 

@@ -32,7 +32,7 @@ def check_bind(config: ServerConfig) -> None:
     if not is_loopback(config.host) and not config.api_key:
         raise ConfigError(
             f"refusing to listen on {config.host} without an API key: anyone on the network could use the "
-            "server. Pass --api-key KEY (or set MLXK_API_KEY), or bind 127.0.0.1.",
+            "server. Set MLXK_API_KEY or pass --api-key-file PATH (or --api-key KEY), or bind 127.0.0.1.",
             host=config.host,
         )
 
