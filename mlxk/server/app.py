@@ -1,7 +1,9 @@
 """The FastAPI application: wiring only (lifespan, middleware, routers, one exception handler).
 
 `uvicorn --factory mlxk.server.app:create_app` serves it with settings from the environment; `mlxk serve` builds
-a ServerConfig from its options and runs the same factory.
+a ServerConfig from its options and runs the same factory (and sets up mlxk.logs, whose redacting formatter a bare
+uvicorn does not use). Middleware, outermost first: RequestContext (request id, last-resort 500), CrossSiteGuard
+(Host, content type, Origin), BodyLimit, then CORS when MLXK_CORS_ORIGINS is set.
 """
 from __future__ import annotations
 
