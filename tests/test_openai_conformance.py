@@ -350,6 +350,7 @@ def test_trailing_slash_is_served_not_redirected(server, method, path, payload):
     (["😀 c"], "Hi "),
     (["caf", "zzz"], "Hi 😀 "),          # a match followed in the list by a stop that never matches
     (["zzz", "é", "😀"], "Hi "),          # two match: the earliest in the text wins, whatever the list order
+    (["ca", " c"], "Hi 😀"),              # ... also when both are in one piece of text (token-level stops miss both)
 ])
 def test_stop_strings_cut_on_characters(client, stream, stop, expected):
     assert chat_text(client, stream, model=EMOJI_ID, messages=HI, stop=stop) == (expected, "stop")
