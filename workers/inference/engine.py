@@ -801,6 +801,8 @@ class Engine:
             text, matched = row.stop_filter.push(detok.last_segment)
             if matched:
                 finish = protocol.FINISH_STOP
+            elif finish == protocol.FINISH_STOP and not eos:
+                text = ""  # a stop matched on tokens, not in the text (a tokenizer decoding it otherwise): never leak it
             elif finish is not None and (finish == protocol.FINISH_LENGTH or r.token in row.model.eos_ids):
                 text += row.stop_filter.flush()
             delta = row.router.feed(text)
