@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
+import subprocess
+import sys
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -432,5 +437,83 @@ def test_keep_alive_flag_minus_one_wins_over_the_environment(tmp_path):
         time.sleep(2.0)  # past the environment's 1 s
         model = _ps_model(srv, SCRIPTED_ID)
         assert model is not None and model["expires_at"] is None
+        ps = subprocess.run([sys.executable, "-c", "from mlxk.cli import main; main()", "ps"], env=srv.env,
+                            capture_output=True, text=True, timeout=60)
+        assert ps.returncode == 0 and re.search(r"tiny-scripted .* forever", ps.stdout), ps.stdout + ps.stderr
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------- two calls in one reply, through the api
+
+
+class ScriptedWorker:
+    """Stands in for the inference worker on its socket (MLXK_INFERENCE_EXTERNAL), replying to every generate with
+    fixed events. A fake at the protocol seam, because a scripted tiny model cannot say two tool calls: its bigram
+    weights need every token of the reply to be distinct, and two calls repeat `<tool_call>`."""
+
+    def __init__(self, socket_path: Path, events: list[dict]):
+        import socketserver
+
+        events_json = [json.dumps(event).encode() + b"\n" for event in events]
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                op = json.loads(self.rfile.readline()).get("op")
+                if op == "ping":
+                    self.wfile.write(json.dumps({"event": "pong", "pid": os.getpid()}).encode() + b"\n")
+                elif op == "generate":
+                    self.wfile.write(b"".join(events_json))
+                else:
+                    self.wfile.write(json.dumps({"event": "error", "type": "bad_request", "message": op,
+                                                 "status": 400, "retryable": False}).encode() + b"\n")
+
+        socket_path.parent.mkdir(parents=True, exist_ok=True)
+        self.server = socketserver.ThreadingUnixStreamServer(str(socket_path), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+TWO_CALLS = [
+    {"event": "accepted", "prompt_tokens": 5, "cached_tokens": 0},
+    {"event": "delta", "tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                       "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+    {"event": "delta", "tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                                       "function": {"name": "g", "arguments": "{}"}}]},
+    {"event": "done", "finish_reason": "tool_calls",
+     "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}},
+]
+
+
+@pytest.fixture(scope="module")
+def two_calls_server(tmp_path_factory):
+    from mlxk.config import settings
+
+    root = tmp_path_factory.mktemp("two-calls")
+    worker = ScriptedWorker(settings()._replace(home=root / "mlxk").inference_socket, TWO_CALLS)
+    srv = spawn_server(root, models={CALLER_ID: {"tools": True, "reply": CALL_REPLY}},
+                       env={"MLXK_INFERENCE_EXTERNAL": "1"})
+    yield srv
+    srv.stop()
+    worker.close()
+
+
+def test_two_tool_calls_keep_their_indices_whole_and_streamed(two_calls_server):
+    client = two_calls_server.openai()
+    reply = client.chat.completions.create(model=CALLER_ID, messages=HI, tools=F_TOOL)
+    calls = reply.choices[0].message.tool_calls
+    assert [(c.id, c.function.name, c.function.arguments) for c in calls] == [("call_a", "f", '{"x": 1}'),
+                                                                               ("call_b", "g", "{}")]
+    assert reply.choices[0].finish_reason == "tool_calls" and reply.choices[0].message.content is None
+    chunks = [c for c in client.chat.completions.create(model=CALLER_ID, messages=HI, tools=F_TOOL, stream=True)
+              if c.choices]
+    deltas = [(d.index, d.id, d.function.name) for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    assert deltas == [(0, "call_a", "f"), (1, "call_b", "g")]
+    if _components_available():
+        with two_calls_server.http() as http:
+            body = http.post("/v1/chat/completions", json={"model": CALLER_ID, "messages": HI, "tools": F_TOOL}).json()
+        assert_valid("CreateChatCompletionResponse", body)
