@@ -34,6 +34,8 @@ CALLER_ID = "mlx-community/tiny-tool-caller"     # answers one complete tool cal
 CALL_REPLY = '<tool_call>{"name": "f"}</tool_call>'
 OPEN_CALLER_ID = "mlx-community/tiny-open-call"  # a call whose closing tag never comes (EOS inside the call)
 OPEN_CALL_REPLY = '<tool_call>{"name": "f"}'
+BAD_CALLER_ID = "mlx-community/tiny-bad-call"    # a closed call the json_tools parser cannot parse
+BAD_CALL_REPLY = '<tool_call>{"name</tool_call>'
 STRICT_ID = "mlx-community/tiny-strict-roles"    # Gemma-style template: user/assistant alternate, system first only
 DEV_ID = "mlx-community/tiny-developer-aware"    # a template that knows `developer` and refuses `system`
 F_TOOL = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
@@ -78,7 +80,8 @@ def server(tmp_path_factory):
     factory.write_repo(hub, DEV_ID, _with_template(DEV_TEMPLATE))
     srv = spawn_server(root, api_key=API_KEY, env={"MLXK_KEEP_ALIVE": "-1"}, models={
         SCRIPTED_ID: {"reply": SCRIPTED_REPLY}, RANDOM_ID: {}, EMOJI_ID: {"reply": EMOJI_REPLY},
-        CALLER_ID: {"tools": True, "reply": CALL_REPLY}, OPEN_CALLER_ID: {"tools": True, "reply": OPEN_CALL_REPLY}})
+        CALLER_ID: {"tools": True, "reply": CALL_REPLY},
+        BAD_CALLER_ID: {"tools": True, "reply": BAD_CALL_REPLY}, OPEN_CALLER_ID: {"tools": True, "reply": OPEN_CALL_REPLY}})
     yield srv
     srv.stop()
 
@@ -268,6 +271,12 @@ def test_image_and_audio_parts_are_400_naming_the_part(client, part, kind):
     assert info.value.body["param"] == "messages[0].content[1]" and kind in info.value.body["message"]
 
 
+def test_completion_without_prompt_is_400_naming_it(server):
+    with server.http() as http:
+        response = http.post("/v1/completions", json={"model": SCRIPTED_ID, "max_tokens": 4})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
 def test_model_errors_name_the_model_param(client):
     for name in ("tiny", "org/na me"):
         with pytest.raises(openai.BadRequestError) as info:
@@ -387,6 +396,12 @@ def test_tool_call_cut_by_max_tokens_returns_its_text(client, stream):
     content, calls, finish = _tool_reply(client, stream, model=CALLER_ID, messages=HI, tools=F_TOOL, max_tokens=4)
     assert (calls, finish) == ([], "length")
     assert content.startswith("<tool_call>{") and CALL_REPLY.startswith(content)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_call_the_parser_refuses_returns_its_text(client, stream):
+    content, calls, finish = _tool_reply(client, stream, model=BAD_CALLER_ID, messages=HI, tools=F_TOOL)
+    assert (content, calls, finish) == (BAD_CALL_REPLY, [], "stop")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])

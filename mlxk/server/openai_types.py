@@ -219,7 +219,7 @@ def _invalid_tool(where: str, tool: Any) -> tuple[str, str] | None:
 
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[str], list[int], list[list[int]], None] = None
+    prompt: Union[str, list[str], list[int], list[list[int]], None]  # required, as in OpenAI's schema
     best_of: Optional[int] = Field(default=None, ge=0, le=20)
     echo: Optional[bool] = None
     logprobs: Optional[int] = Field(default=None, ge=0, le=5)
