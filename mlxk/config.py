@@ -5,7 +5,9 @@ the environment sees the change. Paths follow huggingface_hub's own rules so mlx
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,7 +28,7 @@ class Settings(NamedTuple):  # immutable; a NamedTuple because a frozen dataclas
     api_key: str | None        # MLXK_API_KEY
     cors_origins: tuple[str, ...]  # MLXK_CORS_ORIGINS (comma separated); empty = CORS off
     max_loaded: int            # MLXK_MAX_LOADED: models resident in the inference worker
-    keep_alive_s: float        # MLXK_KEEP_ALIVE: seconds an idle model stays loaded
+    keep_alive_s: float        # MLXK_KEEP_ALIVE: seconds (or a duration) an idle model stays loaded; < 0 = forever
     max_waiting: int           # MLXK_MAX_WAITING: queued generation requests before "busy"
     max_prompt_tokens: int     # MLXK_MAX_PROMPT_TOKENS
     max_body_bytes: int        # MLXK_MAX_BODY_BYTES: request body limit of the api
@@ -114,6 +116,48 @@ def _number(name: str, default: float, kind=float):
         raise ConfigError(f"{name}={raw!r} is not a number; unset it or give a number like {default!r}") from None
 
 
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value) -> float:
+    """Seconds from a number or an ollama (Go) duration: 300, "-1", "30s", "10m", "1h30m", "-1m", "500ms".
+
+    A negative duration means forever (ollama's keep_alive); the callers decide what that means for them.
+    Raises ValueError naming the accepted forms.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text.removeprefix("+"))
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION_PART.findall(body)
+            if not parts or "".join(n + u for n, u in parts) != body:
+                raise ValueError(f"{value!r} is not a duration: give seconds (300, -1) or a duration like "
+                                 "'30s', '10m', '1h30m' ('-1' or any negative value: forever)") from None
+            seconds = sign * sum(float(n) * _UNIT_S[u] for n, u in parts)
+    else:
+        raise ValueError(f"{value!r} is not a duration: give seconds (300, -1) or a string like '10m'")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a finite duration; use -1 for forever")
+    return seconds
+
+
+def _duration(name: str, default: float) -> float:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        return parse_duration(raw)
+    except ValueError as error:
+        from mlxk.errors import ConfigError
+
+        raise ConfigError(f"{name}: {error}") from None
+
+
 def _flag(name: str) -> bool:
     return (_env(name) or "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -161,7 +205,7 @@ def settings() -> Settings:
         api_key=_env("MLXK_API_KEY"),
         cors_origins=_list("MLXK_CORS_ORIGINS"),
         max_loaded=_number("MLXK_MAX_LOADED", 1, int),
-        keep_alive_s=_number("MLXK_KEEP_ALIVE", 300.0),
+        keep_alive_s=_duration("MLXK_KEEP_ALIVE", 300.0),
         max_waiting=_number("MLXK_MAX_WAITING", 64, int),
         max_prompt_tokens=_number("MLXK_MAX_PROMPT_TOKENS", 32768, int),
         max_body_bytes=_number("MLXK_MAX_BODY_BYTES", 8 * 1024 * 1024, int),

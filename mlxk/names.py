@@ -57,11 +57,17 @@ def validate_repo_id(repo_id: str, *, allow_bare: bool = False) -> str:
     return repo_id
 
 
+LATEST_TAG = ":latest"  # ollama's default tag, which clients append: the current revision, as if no tag were given
+
+
 def parse(name: str, *, allow_bare: bool = True) -> ModelRef:
-    """Split `org/name@rev`; validates both halves."""
+    """Split `org/name@rev`; validates both halves. A trailing `:latest` (ollama's default tag) is dropped."""
     if name is None or not name.strip():
         raise _fail(name or "", "it is empty")
-    repo, sep, revision = name.strip().partition("@")
+    text = name.strip()
+    if text.lower().endswith(LATEST_TAG) and len(text) > len(LATEST_TAG):
+        text = text[: -len(LATEST_TAG)]
+    repo, sep, revision = text.partition("@")
     validate_repo_id(repo, allow_bare=allow_bare)
     if sep:
         if not revision or not _REVISION.match(revision) or ".." in revision:

@@ -44,3 +44,30 @@ def test_bad_number_names_the_variable(monkeypatch):
     monkeypatch.setenv("MLXK_PORT", "eighty")
     with pytest.raises(ConfigError, match="MLXK_PORT"):
         settings()
+
+
+@pytest.mark.parametrize("raw, seconds", [
+    ("300", 300.0), ("-1", -1.0), ("30s", 30.0), ("10m", 600.0), ("1h30m", 5400.0), ("-1m", -60.0),
+    ("500ms", 0.5), ("1.5h", 5400.0), (90, 90.0), (-1, -1.0),
+])
+def test_durations_in_seconds_negative_is_forever(raw, seconds):
+    from mlxk.config import parse_duration
+
+    assert parse_duration(raw) == seconds
+
+
+@pytest.mark.parametrize("raw", ["1x", "h", "1h 30m", "--1m", "", "nan", "inf", True, None])
+def test_bad_durations_name_the_forms(raw):
+    from mlxk.config import parse_duration
+
+    with pytest.raises(ValueError, match="1h30m|finite|string"):
+        parse_duration(raw)
+
+
+def test_keep_alive_env_takes_durations_and_forever(monkeypatch):
+    for raw, seconds in (("-1", -1.0), ("10m", 600.0)):
+        monkeypatch.setenv("MLXK_KEEP_ALIVE", raw)
+        assert settings().keep_alive_s == seconds
+    monkeypatch.setenv("MLXK_KEEP_ALIVE", "soon")
+    with pytest.raises(ConfigError, match="MLXK_KEEP_ALIVE.*1h30m"):
+        settings()

@@ -395,15 +395,17 @@ def test_tool_choice_none_hides_tools(models, engine):
 def test_prompt_too_long_names_limit_and_count(models, engine):
     e = engine(max_prompt_tokens=8).start()
     (error,) = run(e, chat(models["chat"]))
-    assert error["type"] == "prompt_too_long" and error["status"] == 400
-    assert f"{prompt_len(models['chat'])} tokens" in error["message"] and "limit is 8" in error["message"]
+    assert error["type"] == "context_length_exceeded" and error["status"] == 400
+    assert f"resulted in {prompt_len(models['chat'])} tokens" in error["message"]
+    assert "maximum context length is 8 tokens on this server (MLXK_MAX_PROMPT_TOKENS)" in error["message"]
 
 
 def test_prompt_beyond_context_length(models, engine):
     e = engine().start()
     prompt = "hello " * 2100  # the tiny model's context is 2048 tokens
     (error,) = run(e, GenerateRequest(id="x", model=models["chat"], kind="completion", prompt=prompt))
-    assert error["type"] == "prompt_too_long" and "context length is 2048" in error["message"]
+    assert error["type"] == "context_length_exceeded"
+    assert "This model's maximum context length is 2048 tokens" in error["message"]
 
 
 @pytest.mark.parametrize("setup", ["missing", "garbage"])

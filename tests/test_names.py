@@ -40,6 +40,16 @@ def test_revision_split():
         names.parse("org/name@../../x")
 
 
+def test_latest_tag_means_the_current_revision():
+    """Ollama-style clients append `:latest`; it names what no tag names. Other tags stay invalid."""
+    assert names.parse("org/name:latest") == names.parse("org/name") == names.ModelRef("org/name", None)
+    assert names.parse("qwen:LATEST").repo == "qwen"
+    assert names.parse("org/name@abc123:latest") == names.ModelRef("org/name", "abc123")
+    for bad in ("org/name:7b", ":latest", "org/name:latest:latest"):
+        with pytest.raises(InvalidName):
+            names.parse(bad)
+
+
 def test_bare_name_needs_org_only_when_asked():
     assert names.parse("qwen", allow_bare=True).repo == "qwen"
     with pytest.raises(InvalidName, match="needs an organisation"):

@@ -266,7 +266,7 @@ def test_not_runnable_model_gets_index_reason(server, client):
     ({"logprobs": True}, "logprobs"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
     ({"modalities": ["text", "audio"]}, "modalities"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"temperature": "hot"}, "temperature"),
 ])
 def test_unsupported_or_invalid_fields_name_the_field(server, extra, param):

@@ -101,7 +101,8 @@ def test_prompt_over_limit_is_400(server):
     response = chat(server, messages=[{"role": "user", "content": "many words " * 100}])
     assert response.status_code == 400
     error = response.json()["error"]
-    assert error["code"] == "prompt_too_long" and error["type"] == "invalid_request_error"
+    assert error["code"] == "context_length_exceeded" and error["type"] == "invalid_request_error"
+    assert error["param"] == "messages" and "maximum context length is" in error["message"]
 
 
 def test_keep_alive_expiry_shows_in_ps(use_server):

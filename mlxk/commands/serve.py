@@ -10,6 +10,19 @@ from mlxk.commands import log_options
 from mlxk.output import Output, json_command
 
 
+class _Duration(click.ParamType):
+    """Seconds or an ollama-style duration ("10m", "1h30m"); negative = forever (config.parse_duration)."""
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        from mlxk.config import parse_duration
+
+        try:
+            return parse_duration(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
 @click.command("serve")
 @click.option("--host", default=None, help="Address to bind (default 127.0.0.1; others need an API key).")
 @click.option("--port", type=int, default=None, help="Port (default 8000, MLXK_PORT).")
@@ -19,8 +32,8 @@ from mlxk.output import Output, json_command
 @click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Read the API key from this file (its first line).")
 @click.option("--max-loaded", type=click.IntRange(min=1), default=None, help="Models kept loaded at once.")
-@click.option("--keep-alive", type=click.FloatRange(min=0), default=None,
-              help="Seconds an idle model stays loaded.")
+@click.option("--keep-alive", type=_Duration(), default=None,
+              help="How long an idle model stays loaded: seconds or a duration (10m, 1h30m); -1 = forever.")
 @click.option("--idle-exit", type=click.FloatRange(min=1), default=None, hidden=True,
               help="Exit after this many seconds without a request.")
 @log_options

@@ -4,15 +4,18 @@ Real clients send many optional fields, so every field of OpenAI's chat-completi
 schemas is declared (from the `openai` package's `completion_create_params.py` files) and fields outside the
 schema are ignored. A field at its default or neutral value is fine; one that asks for something this server
 cannot do (n > 1, logprobs, audio, a JSON schema, ...) is refused by `unsupported()` with a 400 naming it, rather
-than silently ignored. Vendor extensions that mlx servers commonly accept (top_k, min_p, repetition_penalty,
+than silently ignored. Values OpenAI's published schema rejects (a temperature above 2, five stop strings, a message
+without content, a tool without a function) are refused too: ranges by the field declarations, shapes by
+`invalid()`, each naming the field in `param`. Vendor extensions that mlx servers commonly accept (top_k, min_p, repetition_penalty,
 keep_alive, chat_template_kwargs) are declared too.
 """
 from __future__ import annotations
 
-import re
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from mlxk.config import parse_duration
 
 # ---------------------------------------------------------------- shared pieces
 
@@ -24,20 +27,15 @@ class StreamOptions(BaseModel):
 
 
 KeepAlive = Union[float, str, None]
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+Stop = Union[str, list[str], None]
+ReasoningEffort = Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]]
+MESSAGE_ROLES = ("developer", "system", "user", "assistant", "tool", "function")
+MAX_STOP = 4   # OpenAI's limit on stop sequences
 
 
 def keep_alive_seconds(value: KeepAlive) -> float | None:
-    """ollama-style keep_alive: seconds, or "30s" / "5m" / "1h"; negative means forever (a very long time)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if not match:
-            raise ValueError(f"keep_alive {value!r} is not a duration like 30, '30s', '5m' or '1h'")
-        value = float(match.group(1)) * _UNIT_S[match.group(2)]
-    return 10.0 ** 9 if value < 0 else float(value)
+    """ollama-style keep_alive: seconds or a duration ("30s", "10m", "1h30m"); negative (-1, "-1m") = forever."""
+    return None if value is None else parse_duration(value)
 
 
 class _Common(BaseModel):
@@ -45,16 +43,16 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
     model: str
-    frequency_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     logit_bias: Optional[dict[str, Any]] = None
     max_tokens: Optional[int] = Field(default=None, ge=1)
-    n: Optional[int] = None
+    n: Optional[int] = Field(default=None, ge=1, le=128)
     seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None
+    stop: Stop = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = Field(default=None, ge=0)
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, ge=0, le=1)
     user: Optional[str] = None
     # vendor extensions (mlx_lm.server, vLLM, ollama)
@@ -74,16 +72,18 @@ class _Common(BaseModel):
     def common_unsupported(self) -> tuple[str, str] | None:
         if self.n not in (None, 1):
             return "n", "n > 1 is not supported: ask for one choice and repeat the request"
-        if self.frequency_penalty not in (None, 0, 0.0):
-            return "frequency_penalty", "frequency_penalty is not supported; use repetition_penalty"
-        if self.presence_penalty not in (None, 0, 0.0):
-            return "presence_penalty", "presence_penalty is not supported; use repetition_penalty"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
+        return None
+
+    def common_invalid(self) -> tuple[str, str] | None:
+        """(param, message) for a value OpenAI's schema rejects that a field declaration cannot express."""
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
+            return "stop", f"stop takes at most {MAX_STOP} sequences; {len(self.stop)} were given"
         try:
             keep_alive_seconds(self.keep_alive)
         except ValueError as e:
-            return "keep_alive", str(e)
+            return "keep_alive", f"keep_alive: {e}"
         return None
 
 
@@ -96,7 +96,7 @@ class ChatCompletionRequest(_Common):
     function_call: Union[str, dict[str, Any], None] = None
     functions: Optional[list[dict[str, Any]]] = None
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     metadata: Optional[dict[str, Any]] = None
     modalities: Optional[list[str]] = None
@@ -106,14 +106,14 @@ class ChatCompletionRequest(_Common):
     prompt_cache_key: Optional[str] = None
     prompt_cache_options: Optional[dict[str, Any]] = None
     prompt_cache_retention: Optional[str] = None
-    reasoning_effort: Optional[str] = None
+    reasoning_effort: ReasoningEffort = None
     response_format: Optional[dict[str, Any]] = None
     safety_identifier: Optional[str] = None
     service_tier: Optional[str] = None
     store: Optional[bool] = None
     tool_choice: Union[str, dict[str, Any], None] = None
     tools: Optional[list[dict[str, Any]]] = None
-    verbosity: Optional[str] = None
+    verbosity: Optional[Literal["low", "medium", "high"]] = None
     web_search_options: Optional[dict[str, Any]] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None  # vendor extension (vLLM, mlx_lm.server)
 
@@ -152,19 +152,77 @@ class ChatCompletionRequest(_Common):
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
             return "tool_choice", "tool_choice needs tools"
         for i, message in enumerate(self.messages):
-            if not isinstance(message.get("role"), str):
-                return f"messages[{i}].role", "every message needs a string role"
+            for j, part in enumerate(message.get("content") if isinstance(message.get("content"), list) else ()):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in ("image_url", "input_audio", "file"):
+                    return (f"messages[{i}].content[{j}]",
+                            f"{kind} content parts are not supported: this server runs text models; send text parts")
+        for i, tool in enumerate(self.tools or ()):
+            if isinstance(tool, dict) and tool.get("type") == "custom":
+                return f"tools[{i}]", "custom tools are not supported; declare a function tool"
         return None
+
+    def invalid(self) -> tuple[str, str] | None:
+        """(param, message) for the first message or tool whose shape OpenAI's schema rejects."""
+        if (found := self.common_invalid()) is not None:
+            return found
+        for i, message in enumerate(self.messages):
+            if (found := _invalid_message(f"messages[{i}]", message)) is not None:
+                return found
+        for i, tool in enumerate(self.tools or ()):
+            if (found := _invalid_tool(f"tools[{i}]", tool)) is not None:
+                return found
+        return None
+
+
+def _invalid_message(where: str, message: dict) -> tuple[str, str] | None:
+    role = message.get("role")
+    if role not in MESSAGE_ROLES:
+        return f"{where}.role", f"role must be one of {', '.join(MESSAGE_ROLES)}; got {role!r}"
+    content = message.get("content")
+    if content is None:
+        if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
+            return None
+        needs = "content (or tool_calls)" if role == "assistant" else "content"
+        return f"{where}.content", f"a {role} message needs {needs}"
+    if isinstance(content, str):
+        pass
+    elif isinstance(content, list) and content:
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                return f"{where}.content[{j}]", "a content part must be an object with a string 'type'"
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                return f"{where}.content[{j}].text", "a text content part needs a string 'text'"
+    else:
+        return f"{where}.content", "content must be a string or a non-empty list of content parts"
+    if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+        return f"{where}.tool_call_id", "a tool message needs the tool_call_id it answers"
+    return None
+
+
+def _invalid_tool(where: str, tool: Any) -> tuple[str, str] | None:
+    if not isinstance(tool, dict) or tool.get("type") not in ("function", "custom"):
+        return f"{where}.type", "a tool needs type 'function'"
+    if tool["type"] == "custom":
+        return None  # a valid shape that unsupported() refuses
+    function = tool.get("function")
+    if not isinstance(function, dict):
+        return f"{where}.function", "a function tool needs a 'function' object with a 'name'"
+    if not isinstance(function.get("name"), str) or not function["name"]:
+        return f"{where}.function.name", "a function tool needs a 'function.name'"
+    if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+        return f"{where}.function.parameters", "function.parameters must be a JSON Schema object"
+    return None
 
 
 # ---------------------------------------------------------------- /v1/completions
 
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[str], list[int], list[list[int]], None] = None
-    best_of: Optional[int] = None
+    prompt: Union[str, list[str], list[int], list[list[int]], None]  # required, as in OpenAI's schema
+    best_of: Optional[int] = Field(default=None, ge=0, le=20)
     echo: Optional[bool] = None
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(default=None, ge=0, le=5)
     suffix: Optional[str] = None
 
     def prompt_text(self) -> str:
@@ -191,6 +249,8 @@ class CompletionRequest(_Common):
                                  "batches and token ids are not supported"
         return None
 
+    def invalid(self) -> tuple[str, str] | None:
+        return self.common_invalid()
 
 # ---------------------------------------------------------------- the OpenAPI document
 

@@ -148,14 +148,19 @@ def interactive(model: str, *, system: str | None, params: dict) -> Output:
 # ---------------------------------------------------------------- ps / stop
 
 
+def _until(model: dict) -> str:
+    if model.get("expires_in_s") is not None:
+        return human_duration(model["expires_in_s"])
+    return "running" if model.get("running") else "forever"  # idle with no expiry: keep_alive -1
+
+
 def _ps_text(data: dict) -> str:
     from mlxk.index import HASH_DISPLAY  # here, not at the top: `ps --json` never pays for the index's import
 
     if data.get("server") is None:
         return "No server is running."
     rows = [[m["name"], (m.get("revision") or "")[:HASH_DISPLAY], human_size(m.get("memory_bytes")),
-             m.get("running", 0), "running" if m.get("expires_in_s") is None else human_duration(m["expires_in_s"])]
-            for m in data["models"]]
+             m.get("running", 0), _until(m)] for m in data["models"]]
     lines = [table(rows, ["NAME", "HASH", "MEMORY", "RUNNING", "UNTIL"], right={2, 3})] if rows else \
         ["No model is loaded."]
     lines.append(f"requests running: {data.get('running', 0)}, waiting: {data.get('waiting', 0)} ({data['server']})")

@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mlxk.workers.inference", description="mlxk inference worker")
     p.add_argument("--socket", default=d["socket"], help="Unix socket path to serve")
     p.add_argument("--max-loaded", type=int, default=d["max_loaded"], help="models resident at once (LRU)")
-    p.add_argument("--keep-alive", type=float, default=d["keep_alive"], help="seconds an idle model stays loaded")
+    p.add_argument("--keep-alive", type=float, default=d["keep_alive"], help="seconds an idle model stays loaded (negative: forever)")
     p.add_argument("--max-waiting", type=int, default=d["max_waiting"], help="queued requests before 'busy'")
     p.add_argument("--max-prompt-tokens", type=int, default=d["max_prompt_tokens"], help="longest prompt accepted")
     p.add_argument("--max-batch", type=int, default=32, help="most rows decoding together")

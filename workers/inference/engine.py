@@ -89,7 +89,8 @@ class LoadedModel:
         return self.ref.key
 
     def expires_at(self) -> float | None:
-        if self.running:
+        """When idleness unloads it; None while it runs or when its keep-alive is negative (forever)."""
+        if self.running or self.keep_alive_s < 0:
             return None
         return self.last_used + self.keep_alive_s
 
@@ -462,12 +463,14 @@ class Engine:
         n = len(tokens)
         if n == 0:
             raise BadRequest("the prompt is empty")
-        if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
-            raise PromptTooLong(
-                f"the prompt has {n} tokens; the limit is {self.max_prompt_tokens} (max_prompt_tokens)")
+        what = "messages" if request.kind == "chat" else "prompt"
         if lm.context_length is not None and n >= lm.context_length:
-            raise PromptTooLong(
-                f"the prompt has {n} tokens; the model's context length is {lm.context_length} tokens")
+            raise PromptTooLong(f"This model's maximum context length is {lm.context_length} tokens. However, your "
+                                f"{what} resulted in {n} tokens. Please reduce the length of the {what}.")
+        if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
+            raise PromptTooLong(f"This model's maximum context length is {self.max_prompt_tokens} tokens on this "
+                                f"server (MLXK_MAX_PROMPT_TOKENS). However, your {what} resulted in {n} tokens. "
+                                f"Please reduce the length of the {what}.")
         room = (lm.context_length - n) if lm.context_length is not None else protocol.DEFAULT_MAX_TOKENS
         max_tokens = min(params.max_tokens or protocol.DEFAULT_MAX_TOKENS, room)
 
@@ -625,7 +628,8 @@ class Engine:
         for key, lm in list(self._models.items()):
             if lm.running or self._wanted(key):
                 continue
-            if lm.unload_when_idle or now >= lm.last_used + lm.keep_alive_s:
+            expires = lm.expires_at()
+            if lm.unload_when_idle or (expires is not None and now >= expires):
                 self._unload(key)
 
     def _wanted(self, key: str) -> bool:
@@ -640,6 +644,10 @@ class Engine:
         messages = _normalize_messages(request.messages)
         if not tokenizer.has_chat_template:
             raise BadRequest(f"{lm.key} has no chat template; use the completions endpoint")
+        if "developer" not in str(tokenizer.chat_template or ""):
+            for message in messages:  # OpenAI's newer name for system instructions, unknown to most templates
+                if message["role"] == "developer":
+                    message["role"] = "system"
         kwargs = dict(request.params.chat_template_kwargs or {})
         if tools := _effective_tools(request.params):
             kwargs["tools"] = tools
@@ -693,11 +701,15 @@ class Engine:
 
     @staticmethod
     def _logits_processors(params: Params):
-        if params.repetition_penalty is None or params.repetition_penalty == 1.0:
+        repetition = params.repetition_penalty if params.repetition_penalty != 1.0 else None
+        if repetition is None and not params.presence_penalty and not params.frequency_penalty:
             return None
         from mlx_lm.sample_utils import make_logits_processors
 
-        return make_logits_processors(None, float(params.repetition_penalty), REPETITION_CONTEXT)
+        return make_logits_processors(
+            None, repetition, REPETITION_CONTEXT,
+            presence_penalty=params.presence_penalty, presence_context_size=protocol.PENALTY_CONTEXT,
+            frequency_penalty=params.frequency_penalty, frequency_context_size=protocol.PENALTY_CONTEXT)
 
     def _stop_sequences(self, lm: LoadedModel, stops: list[str]):
         """Token-level stops (every EOS id, and each stop string's own tokens), cached per stop set."""
@@ -721,7 +733,8 @@ class Engine:
                 initial = "reasoning"
         initial = getattr(tokenizer, "response_initial_state", None) or initial
         sm = self._text_machine(lm, with_tools=bool(tools))
-        return OutputRouter(sm, initial, tokenizer.tool_parser if tools else None, tools)
+        return OutputRouter(sm, initial, tokenizer.tool_parser if tools else None, tools,
+                            (tokenizer.tool_call_start, tokenizer.tool_call_end))
 
     @staticmethod
     def _text_machine(lm: LoadedModel, with_tools: bool):
@@ -778,17 +791,18 @@ class Engine:
                 row.first_token_at = now
             finish = r.finish_reason   # mlx-lm's "stop" / "length" are the protocol's words
             detok = row.detokenizer
-            if finish == protocol.FINISH_STOP:
-                # The stop token itself (EOS or a stop string's last token) never becomes text.
+            eos = finish == protocol.FINISH_STOP and r.token in row.model.eos_ids
+            if not eos and r.token not in row.model.hidden_ids:
+                # A stop string's last token becomes text too: its earlier tokens may hold the first bytes of one
+                # multi-byte character, so the stop filter cuts on characters, never between bytes (no U+FFFD).
+                detok.add_token(r.token)
+            if finish is not None:
                 detok.finalize()
-            else:
-                if r.token not in row.model.hidden_ids:
-                    detok.add_token(r.token)
-                if finish == protocol.FINISH_LENGTH:
-                    detok.finalize()
             text, matched = row.stop_filter.push(detok.last_segment)
             if matched:
                 finish = protocol.FINISH_STOP
+            elif finish == protocol.FINISH_STOP and not eos:
+                text = ""  # a stop matched on tokens, not in the text (a tokenizer decoding it otherwise): never leak it
             elif finish is not None and (finish == protocol.FINISH_LENGTH or r.token in row.model.eos_ids):
                 text += row.stop_filter.flush()
             delta = row.router.feed(text)

@@ -26,7 +26,8 @@ class BadRequest(InferenceError):
 
 
 class PromptTooLong(InferenceError):
-    type = protocol.ERR_PROMPT_TOO_LONG
+    """OpenAI's context_length_exceeded: clients (litellm, ...) match the code and "maximum context length is N"."""
+    type = protocol.ERR_CONTEXT_LENGTH_EXCEEDED
     http_status = 400
 
 

@@ -15,13 +15,15 @@ Requests
      "kind": "chat" | "completion", "messages": [...] | null, "prompt": str | null,
      "params": {"max_tokens": int|null, "temperature": float|null, "top_p": float|null,
                 "top_k": int|null, "min_p": float|null, "repetition_penalty": float|null,
-                "seed": int|null, "stop": [str], "keep_alive": float|null,
+                "presence_penalty": float|null, "frequency_penalty": float|null, "seed": int|null, "stop": [str], "keep_alive": float|null,
                 "tools": [...]|null, "tool_choice": ...|null, "chat_template_kwargs": {...}|null}}
         chat: OpenAI messages, rendered with the model's chat template (add_generation_prompt=True,
         tools= when given, unless tool_choice is "none"). completion: `prompt` is tokenized as is.
-        temperature null = 0 (greedy, as mlx_lm.server). repetition_penalty uses the last 20 tokens.
+        temperature null = 0 (greedy, as mlx_lm.server). repetition_penalty uses the last 20 tokens;
+        presence_penalty and frequency_penalty (OpenAI's, additive) the last PENALTY_CONTEXT tokens.
+        A chat message of role "developer" is rendered as "system" when the template has no "developer".
         keep_alive: seconds the model stays loaded after this request; 0 unloads after the reply;
-        null = the worker's default.
+        negative = never unloaded for idleness (ollama's -1); null = the worker's default.
         max_tokens null: min(DEFAULT_MAX_TOKENS, context length - prompt tokens).
         seed: each seeded row samples from its own key stream, so the same seed gives the same text
         when the request runs alone; in a batch its draws are still its own, but batched arithmetic
@@ -50,7 +52,9 @@ Events of a generate request, in order
                "prompt_tokens_details": {"cached_tokens"}},
      "timings": {"ttft_s", "decode_tokens_per_s"}}
     {"event": "error", "type": str, "message": str, "status": int, "retryable": bool}
-        types: bad_request (400), prompt_too_long (400), load_failed (500, or 400 when the files
+        types: bad_request (400), context_length_exceeded (400, OpenAI's code: the prompt is longer than
+        the model's context or the server's prompt limit; the message says "maximum context length is N
+        tokens"), load_failed (500, or 400 when the files
         are not a loadable model), busy (503, retryable: the waiting queue is full, or the worker
         is shutting down), internal (500).
 """
@@ -81,7 +85,7 @@ EV_PONG = "pong"
 TERMINAL_EVENTS = frozenset({EV_DONE, EV_ERROR, EV_STATUS, EV_UNLOADED, EV_LOADED, EV_PONG})
 
 ERR_BAD_REQUEST = "bad_request"
-ERR_PROMPT_TOO_LONG = "prompt_too_long"
+ERR_CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 ERR_LOAD_FAILED = "load_failed"
 ERR_BUSY = "busy"
 ERR_INTERNAL = "internal"
@@ -91,6 +95,7 @@ FINISH_LENGTH = "length"
 FINISH_TOOL_CALLS = "tool_calls"
 
 DEFAULT_MAX_TOKENS = 2048
+PENALTY_CONTEXT = 256  # tokens presence_penalty and frequency_penalty look back over
 # One request line may carry a long conversation; asyncio's default 64 KiB line limit is too small.
 MAX_LINE_BYTES = 64 * 1024 * 1024
 
@@ -118,6 +123,8 @@ class Params:
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     keep_alive: float | None = None
@@ -199,6 +206,8 @@ def parse_params(raw: Any) -> Params:
         top_k=_optional(raw, "top_k", int),
         min_p=_optional(raw, "min_p", number),
         repetition_penalty=_optional(raw, "repetition_penalty", number),
+        presence_penalty=_optional(raw, "presence_penalty", number),
+        frequency_penalty=_optional(raw, "frequency_penalty", number),
         seed=_optional(raw, "seed", int),
         stop=[s for s in stop if s],
         keep_alive=_optional(raw, "keep_alive", number),
@@ -210,8 +219,6 @@ def parse_params(raw: Any) -> Params:
         raise ProtocolError('"params.max_tokens" must be at least 1')
     if params.temperature is not None and params.temperature < 0:
         raise ProtocolError('"params.temperature" must not be negative')
-    if params.keep_alive is not None and params.keep_alive < 0:
-        raise ProtocolError('"params.keep_alive" must not be negative')
     return params
 
 
@@ -243,7 +250,8 @@ def generate_message(request: GenerateRequest) -> dict:
         "kind": request.kind, "messages": request.messages, "prompt": request.prompt,
         "params": {
             "max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k,
-            "min_p": p.min_p, "repetition_penalty": p.repetition_penalty, "seed": p.seed, "stop": list(p.stop),
+            "min_p": p.min_p, "repetition_penalty": p.repetition_penalty, "presence_penalty": p.presence_penalty,
+            "frequency_penalty": p.frequency_penalty, "seed": p.seed, "stop": list(p.stop),
             "keep_alive": p.keep_alive, "tools": p.tools, "tool_choice": p.tool_choice,
             "chat_template_kwargs": p.chat_template_kwargs,
         },

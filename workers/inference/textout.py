@@ -5,6 +5,8 @@ Order matters: stop strings are cut from the raw text first, so a stop string ne
 state the text is in; the remaining text then goes through mlx-lm's TextStateMachine, which routes
 think blocks to `reasoning` and tool-call markup to the tool parser. Both stages hold back only text
 that could still be the start of a stop string or a marker, so safe text goes out at once (TTFT).
+A tool call that does not parse (cut off by max_tokens, malformed, or a parser that raises) is never
+dropped: its text, markup included, goes out as content, so the client sees what the model wrote.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ class OutputRouter:
     """Split safe text into content / reasoning / tool calls, as protocol delta fields."""
 
     def __init__(self, text_sm, initial_state: str = "normal", tool_parser: Callable | None = None,
-                 tools: list | None = None):
+                 tools: list | None = None, tool_markers: tuple[str | None, str | None] = (None, None)):
         from mlx_lm.generate import TextStateMachine
 
         self._tsm = TextStateMachine
@@ -66,6 +68,7 @@ class OutputRouter:
         self._prev = initial_state
         self._tool_parser = tool_parser
         self._tools = tools
+        self._tool_markers = (tool_markers[0] or "", tool_markers[1] or "")
         self._tool_text = ""
         self._tool_index = 0
         self.made_tool_call = False
@@ -85,14 +88,14 @@ class OutputRouter:
         self._sm_state, held, state = self._tsm.flush(self._sm_state)
         delta = self._route([(state, held)])
         if self._prev == "tool" and self._tool_text:
-            self._merge(delta, self._parse_tools())
+            self._end_tool(delta, closed=False)
         return delta
 
     def _route(self, segments) -> dict:
         delta: dict[str, Any] = {}
         for state, text in segments:
             if state != "tool" and self._prev == "tool":
-                self._merge(delta, self._parse_tools())
+                self._end_tool(delta, closed=True)
             if state == "tool":
                 self._tool_text += text
             elif state == "reasoning":
@@ -108,20 +111,25 @@ class OutputRouter:
         if text:
             delta[field] = delta.get(field, "") + text
 
-    @staticmethod
-    def _merge(delta: dict, calls: list) -> None:
+    def _end_tool(self, delta: dict, *, closed: bool) -> None:
+        """The call's text is complete (closed) or generation ended inside it: its calls, else its text as content."""
+        text, self._tool_text = self._tool_text, ""
+        if not text.strip():
+            return
+        calls = self._parse_tools(text)
         if calls:
             delta.setdefault("tool_calls", []).extend(calls)
+            return
+        start, end = self._tool_markers
+        self._append(delta, "content", start + text + (end if closed else ""))
 
-    def _parse_tools(self) -> list:
-        text, self._tool_text = self._tool_text, ""
-        if self._tool_parser is None or not text.strip():
+    def _parse_tools(self, text: str) -> list:
+        if self._tool_parser is None:
             return []
         try:
             parsed = self._tool_parser(text, self._tools)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            # A truncated or malformed call: mlx_lm.server drops it too; the text is not useful as content.
-            log.warning("could not parse a tool call (%s: %s)", type(e).__name__, e)
+        except Exception as e:  # noqa: BLE001 - model-family parsers raise anything on a cut or malformed call
+            log.warning("could not parse a tool call (%s: %s); returning its text", type(e).__name__, e)
             return []
         calls = []
         for call in parsed if isinstance(parsed, list) else [parsed]:

@@ -6,6 +6,11 @@ filtering happen in the worker, and splitting or re-joining text here could rein
 Errors before the first token (unknown model, prompt too long, busy) are real HTTP errors; once streaming has
 begun, an error is sent as a final `data: {"error": ...}` chunk, which OpenAI's clients raise.
 
+Every body follows OpenAI's published schemas (tests validate them): `system_fingerprint` is a string naming the
+weights and the software, `message.refusal` is present (null), and a completion chunk carries `usage` only when it
+has one. The one deviation is OpenAI's own: a streamed completion chunk before the last has `finish_reason: null`.
+A 400 names the request field at fault in `param`. Routes also answer with a trailing slash (no 307 redirect).
+
 A client that hangs up cancels its generation in the worker (closing the worker connection is the cancel). A
 streamed response notices through Starlette, which stops the body iterator; a non-streamed one (and a request
 still waiting to be accepted) would not notice at all, because its handler never writes until the end, so
@@ -14,21 +19,26 @@ still waiting to be accepted) would not notice at all, because its handler never
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import hashlib
 import json
 import logging
 import secrets
 import time
+from importlib import metadata
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from mlxk import __version__
 from mlxk.errors import MlxkError
 from mlxk.clock import parse_iso
 from mlxk.server import catalog
 from mlxk.server.deps import Model, RequestId, State, ServerState, check_supported, parse_body, require_api_key
-from mlxk.server.errors import WorkerError, openai_error_body
+from mlxk.server.errors import InvalidRequest, WorkerError, openai_error_body
 from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, ChatCompletionRequest, CompletionRequest, \
     error_responses, keep_alive_seconds, request_body
 from mlxk.workers.inference import protocol
@@ -47,10 +57,12 @@ CLIENT_CLOSED = 499  # nginx's "client closed request": what metrics record for 
 def _model_object(row: dict) -> dict:
     created = parse_iso(row.get("last_modified"))
     return {"id": row["repo_id"], "object": "model", "created": int(created or 0),
-            "owned_by": row["repo_id"].split("/")[0]}
+            "owned_by": row["repo_id"].split("/")[0],
+            "context_length": row.get("context_length")}  # extra field, as LM Studio and OpenRouter name it
 
 
 @router.get("/v1/models")
+@router.get("/v1/models/", include_in_schema=False)
 async def list_models(state: State) -> dict:
     rows = catalog.runnable(await state.model_rows())
     return {"object": "list", "data": [_model_object(row) for row in rows]}
@@ -58,8 +70,31 @@ async def list_models(state: State) -> dict:
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, state: State) -> dict:
-    row, _ = catalog.resolve_row(model_id, await state.model_rows())
+    with _naming("model"):
+        row, _ = catalog.resolve_row(model_id.removesuffix("/"), await state.model_rows())
     return _model_object(row)
+
+
+@contextlib.contextmanager
+def _naming(param: str):
+    """Name `param` in any 400 raised inside (a model name that is invalid or ambiguous, a prompt the worker
+    refuses), unless the error names a field already."""
+    try:
+        yield
+    except MlxkError as error:
+        if error.http_status == 400:
+            error.details.setdefault("param", param)
+        raise
+
+
+@functools.lru_cache(maxsize=64)
+def system_fingerprint(revision: str) -> str:
+    """OpenAI's system_fingerprint: changes when the weights (revision) or the software that runs them change."""
+    try:
+        mlx_lm = metadata.version("mlx-lm")
+    except metadata.PackageNotFoundError:
+        mlx_lm = "?"
+    return "fp_" + hashlib.sha256(f"{revision}|{__version__}|{mlx_lm}".encode()).hexdigest()[:10]
 
 
 # ---------------------------------------------------------------- generation
@@ -73,6 +108,7 @@ class Generation:
     stream: bool
     include_usage: bool
     started: float            # perf_counter at the start of the request, for time to first token
+    fingerprint: str = ""     # system_fingerprint
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -86,8 +122,8 @@ class Generation:
 
     def chunk(self, choice: dict | None, usage: dict | None = None) -> dict:
         body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "system_fingerprint": None, "choices": [choice] if choice is not None else []}
-        if self.include_usage:
+                "system_fingerprint": self.fingerprint, "choices": [choice] if choice is not None else []}
+        if self.include_usage and (usage is not None or self.kind == "chat"):  # null is valid in chat chunks only
             body["usage"] = usage
         return body
 
@@ -114,7 +150,8 @@ class Generation:
 def _worker_params(body, max_tokens: int | None) -> protocol.Params:
     return protocol.Params(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-        repetition_penalty=body.repetition_penalty, seed=body.seed, stop=body.stop_list(),
+        repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, seed=body.seed, stop=body.stop_list(),
         keep_alive=keep_alive_seconds(body.keep_alive))
 
 
@@ -257,14 +294,14 @@ async def _collect(run: Run) -> dict:
         await run.close(status=_error_status(error))
         raise
     await run.close()
-    body = {"id": gen.id, "created": gen.created, "model": gen.model, "system_fingerprint": None,
+    body = {"id": gen.id, "created": gen.created, "model": gen.model, "system_fingerprint": gen.fingerprint,
             "usage": _usage(done)}
     finish = done.get("finish_reason") or "stop"
     if gen.kind == "completion":
         body["object"] = "text_completion"
         body["choices"] = [{"index": 0, "text": "".join(content), "logprobs": None, "finish_reason": finish}]
         return body
-    message = {"role": "assistant", "content": "".join(content)}
+    message = {"role": "assistant", "content": "".join(content), "refusal": None}
     if any(reasoning):
         message["reasoning_content"] = "".join(reasoning)
     if calls:
@@ -311,15 +348,22 @@ async def _handle(request: Request, state: ServerState, rid: str, kind: str, bod
     request, whose params, messages and prompt `worker_input` makes from the body."""
     started = time.perf_counter()  # time to first token counts from the request, as the client sees it
     body = await parse_body(request, body_type)
+    if (found := body.invalid()) is not None:
+        param, message = found
+        raise InvalidRequest(message if param in message else f"{param}: {message}", param=param,
+                             code="invalid_value")
     check_supported(body)
-    servable = await state.resolve(body.model)
+    with _naming("model"):
+        servable = await state.resolve(body.model)
     params, messages, prompt = worker_input(body)
     stream = bool(body.stream)
-    gen = Generation(kind, servable.repo_id, stream, body.include_usage() and stream, started)
+    gen = Generation(kind, servable.repo_id, stream, body.include_usage() and stream, started,
+                     system_fingerprint(servable.revision))
     payload = protocol.generate_message(protocol.GenerateRequest(
         id=rid, model=protocol.ModelRef(servable.key, servable.path), kind=kind, messages=messages, prompt=prompt,
         params=params))
-    return await _generate(request, state, gen, payload, kind)
+    with _naming("messages" if kind == "chat" else "prompt"):
+        return await _generate(request, state, gen, payload, kind)
 
 
 def _chat_input(body: ChatCompletionRequest) -> tuple[protocol.Params, list, None]:
@@ -338,10 +382,12 @@ GENERATION_ERRORS = error_responses(*WRITE_ERRORS, 503)
 
 
 @router.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest), responses=GENERATION_ERRORS)
+@router.post("/v1/chat/completions/", include_in_schema=False)
 async def chat_completions(request: Request, state: State, rid: RequestId):
     return await _handle(request, state, rid, "chat", ChatCompletionRequest, _chat_input)
 
 
 @router.post("/v1/completions", openapi_extra=request_body(CompletionRequest), responses=GENERATION_ERRORS)
+@router.post("/v1/completions/", include_in_schema=False)
 async def completions(request: Request, state: State, rid: RequestId):
     return await _handle(request, state, rid, "completion", CompletionRequest, _completion_input)

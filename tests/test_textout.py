@@ -1,0 +1,94 @@
+"""The worker's text stages alone (pure Python, mlx-lm's own TextStateMachine and json_tools parser, no model): stop
+strings over any split of the text, and tool calls that end unusually. The server tests (test_openai_conformance.py)
+cover what a tiny scripted model can say; these cover what it cannot (two calls in one reply: a scripted model
+needs distinct tokens), each fed as one piece and as one character at a time, which is how a stream arrives.
+"""
+from __future__ import annotations
+
+import pytest
+
+from mlxk.workers.inference.textout import OutputRouter, StopFilter
+
+TEXT = "Hi 😀 café, and more"
+
+
+def run_stops(stops: list[str], pieces: list[str]) -> tuple[str, bool]:
+    stop_filter, out = StopFilter(stops), []
+    for piece in pieces:
+        text, matched = stop_filter.push(piece)
+        out.append(text)
+        if matched:
+            return "".join(out), True
+    return "".join(out) + stop_filter.flush(), False
+
+
+@pytest.mark.parametrize("split", ["whole", "chars"])
+@pytest.mark.parametrize("stops, expected", [
+    (["caf", "zzz"], ("Hi 😀 ", True)),          # a match followed in the list by a stop that never matches
+    (["zzz", "caf"], ("Hi 😀 ", True)),
+    (["and", "é", "😀"], ("Hi ", True)),         # several match: the earliest in the text wins, not the first listed
+    (["é, a", "café"], ("Hi 😀 ", True)),        # overlapping: the one that starts first
+    (["zzz", "ü"], (TEXT, False)),               # none matches: everything, the held-back tail included
+])
+def test_stop_filter(stops, expected, split):
+    pieces = [TEXT] if split == "whole" else list(TEXT)
+    assert run_stops(stops, pieces) == expected
+
+
+def _router(parser=None) -> OutputRouter:
+    from mlx_lm.generate import TextStateMachine
+    from mlx_lm.tool_parsers import json_tools
+
+    machine = TextStateMachine({"normal": [("<tool_call>", "tool")], "tool": [("</tool_call>", "normal")]})
+    return OutputRouter(machine, "normal", parser or json_tools.parse_tool_call, [{"type": "function"}],
+                        ("<tool_call>", "</tool_call>"))
+
+
+def route(text: str, split: str, parser=None) -> tuple[str, list]:
+    router, content, calls = _router(parser), [], []
+    for piece in ([text] if split == "whole" else list(text)):
+        delta = router.feed(piece)
+        content.append(delta.get("content", ""))
+        calls += delta.get("tool_calls", [])
+    delta = router.finish()
+    content.append(delta.get("content", ""))
+    calls += delta.get("tool_calls", [])
+    return "".join(content), [(c["index"], c["function"]["name"], c["function"]["arguments"]) for c in calls]
+
+
+SPLITS = pytest.mark.parametrize("split", ["whole", "chars"])
+
+
+@SPLITS
+def test_two_calls_get_their_own_indices(split):
+    text = '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>\n<tool_call>{"name": "g"}</tool_call>'
+    content, calls = route(text, split)
+    assert content.strip() == ""
+    assert calls == [(0, "f", '{"a": 1}'), (1, "g", "{}")]
+
+
+@SPLITS
+def test_call_open_when_generation_ends_is_parsed(split):
+    assert route('<tool_call>{"name": "f"}', split) == ("", [(0, "f", "{}")])
+
+
+@SPLITS
+def test_call_cut_short_comes_back_as_text(split):
+    text = 'Sure. <tool_call>{"name": "f", "argu'
+    assert route(text, split) == (text, [])
+
+
+@SPLITS
+@pytest.mark.parametrize("error", [ValueError, IndexError, RuntimeError])
+def test_parser_that_raises_gives_the_text_back(split, error):
+    def parser(text, tools):
+        raise error("cannot parse")
+
+    text = 'A <tool_call>{"name": "f"}</tool_call> B'
+    assert route(text, split, parser) == (text, [])
+
+
+@SPLITS
+def test_a_good_call_after_a_bad_one_keeps_index_zero(split):
+    text = '<tool_call>not json</tool_call><tool_call>{"name": "g"}</tool_call>'
+    assert route(text, split) == ("<tool_call>not json</tool_call>", [(0, "g", "{}")])
