@@ -34,6 +34,8 @@ class Settings(NamedTuple):  # immutable; a NamedTuple because a frozen dataclas
     server_idle_s: float       # MLXK_SERVER_IDLE: a server started by `mlxk run` exits after this idle time
     hub_offline: bool          # HF_HUB_OFFLINE
     inference_external: bool   # MLXK_INFERENCE_EXTERNAL: the api uses a worker started by others, never its own
+    worker_timeout_s: float    # MLXK_WORKER_TIMEOUT: an inference worker silent to pings this long is unresponsive
+    worker_replace_s: float    # MLXK_WORKER_REPLACE_AFTER: an unresponsive worker of the api's own is killed after this
 
     @property
     def state_db(self) -> Path:
@@ -111,6 +113,15 @@ def _number(name: str, default: float, kind=float):
         raise ConfigError(f"{name}={raw!r} is not a number; unset it or give a number like {default!r}") from None
 
 
+def _positive(name: str, default: float) -> float:
+    value = _number(name, default)
+    if not value > 0:
+        from mlxk.errors import ConfigError
+
+        raise ConfigError(f"{name}={value!r} must be a positive number of seconds, like {default!r}")
+    return value
+
+
 def _flag(name: str) -> bool:
     return (_env(name) or "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -144,4 +155,6 @@ def settings() -> Settings:
         server_idle_s=_number("MLXK_SERVER_IDLE", 900.0),
         hub_offline=_flag("HF_HUB_OFFLINE"),
         inference_external=_flag("MLXK_INFERENCE_EXTERNAL"),
+        worker_timeout_s=_positive("MLXK_WORKER_TIMEOUT", 5.0),
+        worker_replace_s=_positive("MLXK_WORKER_REPLACE_AFTER", 30.0),
     )

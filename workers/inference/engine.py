@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import protocol
-from .errors import BadRequest, InferenceError, Internal, LoadFailed, PromptTooLong, WorkerBusy
+from .errors import BadRequest, InferenceError, Internal, LoadFailed, ModelFailed, PromptTooLong, WorkerBusy
 from .protocol import GenerateRequest, ModelRef, Params
 from .textout import OutputRouter, StopFilter
 
@@ -553,9 +553,10 @@ class Engine:
         started = time.perf_counter()
         try:
             model, tokenizer, config = load(str(path), return_config=True)
-        except Exception as e:  # any loader failure is the caller's load_failed, in one line
+            self._probe(model)
+        except Exception as e:  # any loader failure is this model's fault: its requests fail, nobody else's
             log.warning("loading %s failed: %s", ref.key, _one_line(e))
-            raise LoadFailed(f"cannot load {ref.key}: {_one_line(e)}") from None
+            raise ModelFailed(ref.key, f"failed while loading: {_one_line(e)}") from None
         memory = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
         special = set(getattr(tokenizer, "all_special_ids", None) or [])
         markers = set()
@@ -571,6 +572,16 @@ class Engine:
         log.info("loaded %s from %s in %.2fs (%.1f MB)", ref.key, ref.path, time.perf_counter() - started,
                  memory / 1e6)
         return lm
+
+    def _probe(self, model) -> None:
+        """One forward pass over one token, so weights that load but cannot compute (float weights stored as
+        integers, a broken conversion) fail here, as this model's load error, before any request is accepted."""
+        import mlx.core as mx
+
+        logits = model(mx.array([[0]]))
+        mx.eval(logits)
+        if not mx.issubdtype(logits.dtype, mx.floating):
+            raise ValueError(f"the forward pass gives {logits.dtype} logits, not floating point")
 
     @staticmethod
     def _context_length(config: dict) -> int | None:
@@ -756,7 +767,10 @@ class Engine:
         inbox = self._inbox
         deadline = time.perf_counter() + STEP_BUDGET_S
         while self._rows and not self._stopping:
-            _, responses = generator.next()
+            try:
+                _, responses = generator.next()
+            except Exception as e:  # the batch is one model's: fail that model's requests, serve the others
+                return self._model_failed(self._active, e)
             if responses:
                 self._on_tokens(responses)
                 self._flush()
@@ -810,6 +824,25 @@ class Engine:
         for r in responses:
             if r.finish_reason is not None:
                 self._rows.pop(r.uid, None)
+
+    def _model_failed(self, lm: LoadedModel, error: Exception) -> None:
+        """A decode step of lm's batch raised: fail its rows and its queued requests, unload it, keep the loop."""
+        log.exception("generation with %s failed; unloading it", lm.key)
+        failure = ModelFailed(lm.key, f"failed while generating: {_one_line(error)}")
+        for row in self._rows.values():
+            row.ticket.finished = True
+            self._emit(row.ticket, failure.to_event())
+        self._rows.clear()
+        # Queued requests for it would only load it again to fail the same way.
+        for ticket in [t for t in self._waiting if t.request.model.key == lm.key]:
+            self._waiting.remove(ticket)
+            with self._lock:
+                self._n_waiting -= 1
+            self._finish_with_error(ticket, failure)
+        with self._lock:
+            lm.running = 0
+        self._unload(lm.key)  # closes the generator too: its state after the failed step is unknown
+        self._flush()
 
     def _finish_row(self, row: Row, finish: str, now: float) -> None:
         if finish == protocol.FINISH_STOP and row.router.made_tool_call:

@@ -50,9 +50,12 @@ Events of a generate request, in order
                "prompt_tokens_details": {"cached_tokens"}},
      "timings": {"ttft_s", "decode_tokens_per_s"}}
     {"event": "error", "type": str, "message": str, "status": int, "retryable": bool}
-        types: bad_request (400), prompt_too_long (400), load_failed (500, or 400 when the files
-        are not a loadable model), busy (503, retryable: the waiting queue is full, or the worker
-        is shutting down), internal (500).
+        types: bad_request (400), prompt_too_long (400), load_failed (400: the path is not a model
+        folder), model_failed (422: the model failed while loading or generating; the worker unloaded
+        it and serves other models on), busy (503, retryable: the waiting queue is full, or the
+        worker is shutting down), internal (500).
+        A model_failed event also carries "model" (the key) and "reason" (one line), which the api
+        records in the index as the model's runtime verdict.
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ import json
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 OP_GENERATE = "generate"
 OP_STATUS = "status"
@@ -83,6 +86,7 @@ TERMINAL_EVENTS = frozenset({EV_DONE, EV_ERROR, EV_STATUS, EV_UNLOADED, EV_LOADE
 ERR_BAD_REQUEST = "bad_request"
 ERR_PROMPT_TOO_LONG = "prompt_too_long"
 ERR_LOAD_FAILED = "load_failed"
+ERR_MODEL_FAILED = "model_failed"
 ERR_BUSY = "busy"
 ERR_INTERNAL = "internal"
 
@@ -248,8 +252,12 @@ def generate_message(request: GenerateRequest) -> dict:
 # ---- clients -------------------------------------------------------------------------------------------------
 
 
-async def request(socket_path: str, payload: dict) -> AsyncIterator[dict]:
+async def request(socket_path: str, payload: dict, *,
+                  opened: Callable[[asyncio.StreamWriter], None] | None = None) -> AsyncIterator[dict]:
     """Send one request and yield every event up to and including the terminal one.
+
+    `opened(writer)` is called once the connection is up (the api's supervisor keeps it, to abort the
+    connections of a worker that stopped answering).
 
     Closing the iterator early closes the connection, which cancels the request. Close it explicitly
     (`async with contextlib.aclosing(request(...)) as events:`): after a bare `break` the connection
@@ -258,6 +266,8 @@ async def request(socket_path: str, payload: dict) -> AsyncIterator[dict]:
     before a terminal event.
     """
     reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=MAX_LINE_BYTES)
+    if opened is not None:
+        opened(writer)
     try:
         writer.write(encode(payload))
         await writer.drain()
