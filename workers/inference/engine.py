@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mlxk.faults import checkpoint
+
 from . import protocol
 from .errors import BadRequest, InferenceError, Internal, LoadFailed, ModelFailed, PromptTooLong, WorkerBusy
 from .protocol import GenerateRequest, ModelRef, Params
@@ -452,6 +454,7 @@ class Engine:
         return ticket
 
     def _admit(self, ticket: Ticket) -> None:
+        checkpoint("inference.admit")  # tests hold the MLX thread here, like a long prefill (mlxk.faults)
         request = ticket.request
         params = request.params
         origin = self._burst_origin
