@@ -44,3 +44,13 @@ def test_bad_number_names_the_variable(monkeypatch):
     monkeypatch.setenv("MLXK_PORT", "eighty")
     with pytest.raises(ConfigError, match="MLXK_PORT"):
         settings()
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1"])
+def test_worker_timeouts_must_be_positive_seconds(monkeypatch, value):
+    for name in ("MLXK_WORKER_TIMEOUT", "MLXK_WORKER_REPLACE_AFTER"):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigError, match=name):
+            settings()
+        monkeypatch.delenv(name)
+    assert (settings().worker_timeout_s, settings().worker_replace_s) == (5.0, 30.0)

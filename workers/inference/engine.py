@@ -580,8 +580,9 @@ class Engine:
         """One forward pass over one token, so weights that load but cannot compute (float weights stored as
         integers, a broken conversion) fail here, as this model's load error, before any request is accepted."""
         import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
 
-        logits = model(mx.array([[0]]))
+        logits = model(mx.array([[0]]), cache=make_prompt_cache(model))  # the call generation makes
         mx.eval(logits)
         if not mx.issubdtype(logits.dtype, mx.floating):
             raise ValueError(f"the forward pass gives {logits.dtype} logits, not floating point")
