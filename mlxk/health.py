@@ -148,6 +148,17 @@ class RepoView:
         return [f for f in self.files if is_weight_file(f.name)]
 
     @cached_property
+    def tensors(self) -> dict[str, tuple[str, list[int]]]:
+        """Every tensor of every readable safetensors weight file: name -> (dtype, shape), from the headers."""
+        found: dict = {}
+        for entry in self.weight_files:
+            if entry.name.endswith(".safetensors") and entry.size and not is_lfs_pointer(entry):
+                header = self.safetensors_header(entry.name)
+                if header.error is None:
+                    found.update(header.tensors)
+        return found
+
+    @cached_property
     def index_files(self) -> list[cache.SnapshotFile]:
         return [f for f in self.files if f.name.endswith(INDEX_SUFFIXES)]
 
@@ -549,17 +560,6 @@ INTEGER_DTYPES = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "lm_head.weight")
 
 
-def _tensors(view: RepoView) -> dict[str, tuple[str, list[int]]]:
-    """Every tensor of every readable safetensors weight file: name -> (dtype, shape)."""
-    found: dict = {}
-    for entry in view.weight_files:
-        if entry.name.endswith(".safetensors") and entry.size and not is_lfs_pointer(entry):
-            header = view.safetensors_header(entry.name)
-            if header.error is None:
-                found.update(header.tensors)
-    return found
-
-
 def _quantization(config: dict) -> dict | None:
     """mlx-lm's `quantization` block (bits, group_size, per-module overrides), or None for an unquantized config."""
     for source in (config, config.get("text_config")):
@@ -592,7 +592,7 @@ def check_weight_dtypes(view: RepoView) -> list[Finding]:
     config = view.config or {}
     if _quantization(config) is not None or _quantized_by_other_means(config):
         return []
-    for name, (dtype, _shape) in sorted(_tensors(view).items()):
+    for name, (dtype, _shape) in sorted(view.tensors.items()):
         if dtype in INTEGER_DTYPES and name.endswith((".weight", ".bias")):
             return [Finding("weights_dtype_mismatch", f"tensor {name} is {dtype}, but config.json declares no "
                                                       "quantization, so its weights must be floating point; "
@@ -606,7 +606,7 @@ def check_quantized_shapes(view: RepoView) -> list[Finding]:
     quant = _quantization(view.config or {})
     if quant is None:
         return []
-    tensors = _tensors(view)
+    tensors = view.tensors
     for name, (_dtype, scales) in sorted(tensors.items()):
         if not name.endswith(".scales"):
             continue
@@ -635,7 +635,7 @@ def check_embedding_shapes(view: RepoView) -> list[Finding]:
         return []
     vocab, hidden = dims
     quant = _quantization(config)
-    tensors = _tensors(view)
+    tensors = view.tensors
     for name, (_dtype, shape) in sorted(tensors.items()):
         if not name.endswith(EMBEDDING_SUFFIXES) or len(shape) != 2:
             continue

@@ -287,3 +287,28 @@ def test_worker_that_stays_frozen_is_killed_and_replaced(tmp_path):
         assert "killing it to start a new one" in srv.log()
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[metal::malloc] Unable to allocate 4294967296 bytes")])
+def test_running_out_of_memory_while_loading_is_retryable_not_the_models_fault(tmp_path, monkeypatch, error,
+                                                                               no_compile_off_main_thread):
+    """A full machine says nothing about the model: 503 busy, retryable, and no model_failed (so no verdict).
+    The seam: the probe raises what MLX raises when an allocation fails (this machine cannot be filled safely)."""
+    from mlxk.workers.inference.engine import Engine
+    from mlxk.workers.inference.protocol import GenerateRequest, ModelRef, Params
+
+    def out_of_memory(self, model):
+        raise error
+
+    monkeypatch.setattr(Engine, "_probe", out_of_memory)
+    repo = factory.write_repo(tmp_path, SCRIPTED_ID, factory.tiny_model_files(reply=SCRIPTED_REPLY))
+    engine = Engine().start()
+    try:
+        ticket = engine.submit(GenerateRequest(id="m", model=ModelRef(f"{repo.repo_id}@{repo.revision}",
+                                                                      str(repo.snapshot_dir)),
+                                               kind="chat", messages=HELLO, params=Params(max_tokens=4)))
+        event = ticket.events.get(timeout=60)
+        assert (event["type"], event["status"], event["retryable"]) == ("busy", 503, True)
+        assert event["message"].startswith(f"not enough memory to load {SCRIPTED_ID}@") and engine.alive
+    finally:
+        engine.stop()

@@ -123,6 +123,11 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """MLX reports a failed allocation as MemoryError (std::bad_alloc) or "[metal::malloc] Unable to allocate"."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "allocate" in str(e).lower())
+
+
 def _normalize_messages(messages: list) -> list:
     """OpenAI messages -> what chat templates expect: string content, tool-call arguments as objects."""
     out = []
@@ -559,6 +564,9 @@ class Engine:
             self._probe(model)
         except Exception as e:  # any loader failure is this model's fault: its requests fail, nobody else's
             log.warning("loading %s failed: %s", ref.key, _one_line(e))
+            if _out_of_memory(e):  # the machine's state, not the model's: retryable, and no verdict on the model
+                raise WorkerBusy(f"not enough memory to load {ref.key} ({_one_line(e)}); unload other models "
+                                 "(mlxk stop) or retry") from None
             raise ModelFailed(ref.key, f"failed while loading: {_one_line(e)}") from None
         memory = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
         special = set(getattr(tokenizer, "all_special_ids", None) or [])
@@ -832,7 +840,10 @@ class Engine:
     def _model_failed(self, lm: LoadedModel, error: Exception) -> None:
         """A decode step of lm's batch raised: fail its rows and its queued requests, unload it, keep the loop."""
         log.exception("generation with %s failed; unloading it", lm.key)
-        failure = ModelFailed(lm.key, f"failed while generating: {_one_line(error)}")
+        if _out_of_memory(error):
+            failure = WorkerBusy(f"not enough memory to generate with {lm.key} ({_one_line(error)}); retry")
+        else:
+            failure = ModelFailed(lm.key, f"failed while generating: {_one_line(error)}")
         for row in self._rows.values():
             row.ticket.finished = True
             self._emit(row.ticket, failure.to_event())

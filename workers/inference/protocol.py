@@ -52,8 +52,8 @@ Events of a generate request, in order
     {"event": "error", "type": str, "message": str, "status": int, "retryable": bool}
         types: bad_request (400), prompt_too_long (400), load_failed (400: the path is not a model
         folder), model_failed (422: the model failed while loading or generating; the worker unloaded
-        it and serves other models on), busy (503, retryable: the waiting queue is full, or the
-        worker is shutting down), internal (500).
+        it and serves other models on), busy (503, retryable: the waiting queue is full, memory ran
+        out, or the worker is shutting down), internal (500).
         A model_failed event also carries "model" (the key) and "reason" (one line), which the api
         records in the index as the model's runtime verdict.
 """
