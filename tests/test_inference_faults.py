@@ -312,3 +312,36 @@ def test_running_out_of_memory_while_loading_is_retryable_not_the_models_fault(t
         assert event["message"].startswith(f"not enough memory to load {SCRIPTED_ID}@") and engine.alive
     finally:
         engine.stop()
+
+
+def test_frozen_external_worker_is_reported_but_never_killed(tmp_path):
+    """Under honcho the worker is someone else's process: the api reports it and fails its requests, never kills it."""
+    import subprocess
+    import sys
+
+    srv = freezing_server(tmp_path / "srv", MLXK_INFERENCE_EXTERNAL="1", MLXK_WORKER_REPLACE_AFTER="0.5")
+    with open(tmp_path / "worker.log", "ab") as log:
+        external = subprocess.Popen([sys.executable, "-m", "mlxk.workers.inference"], env=srv.env, cwd=srv.root,
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        until(lambda: (srv.root / "mlxk" / "inference.sock").exists(), timeout=60)
+        assert chat(srv, SCRIPTED_ID).choices[0].message.content == SCRIPTED_REPLY
+        assert worker(srv)["managed"] is False
+        os.kill(external.pid, signal.SIGSTOP)
+        try:
+            until(lambda: worker(srv)["state"] == "unresponsive")
+            with pytest.raises(openai.APIStatusError) as caught:
+                chat(srv, SCRIPTED_ID)
+            assert caught.value.status_code == 503 and caught.value.body["code"] == "worker_unresponsive"
+            # Well past MLXK_WORKER_REPLACE_AFTER (0.5 s): the monitor has had its chances, and still not killed it.
+            until(lambda: worker(srv)["silent_s"] >= 3.0)
+            assert external.poll() is None
+        finally:
+            os.kill(external.pid, signal.SIGCONT)
+        until(lambda: worker(srv)["state"] == "ready")
+        assert chat(srv, SCRIPTED_ID).choices[0].message.content == SCRIPTED_REPLY
+    finally:
+        srv.stop()
+        if external.poll() is None:
+            external.terminate()
+            external.wait(20)
