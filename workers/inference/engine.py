@@ -856,7 +856,13 @@ class Engine:
             self._finish_with_error(ticket, failure)
         with self._lock:
             lm.running = 0
-        self._unload(lm.key)  # closes the generator too: its state after the failed step is unknown
+        try:
+            self._unload(lm.key)  # closes the generator too: its state after the failed step is unknown
+        except Exception:  # a generator that cannot even close after the failure: drop it and the model anyway
+            log.exception("closing %s after its failure failed", lm.key)
+            self._generator = self._active = None
+            with self._lock:
+                self._models.pop(lm.key, None)
         self._flush()
 
     def _finish_row(self, row: Row, finish: str, now: float) -> None:
