@@ -36,6 +36,8 @@ class Settings(NamedTuple):  # immutable; a NamedTuple because a frozen dataclas
     server_idle_s: float       # MLXK_SERVER_IDLE: a server started by `mlxk run` exits after this idle time
     hub_offline: bool          # HF_HUB_OFFLINE
     inference_external: bool   # MLXK_INFERENCE_EXTERNAL: the api uses a worker started by others, never its own
+    worker_timeout_s: float    # MLXK_WORKER_TIMEOUT: an inference worker silent to pings this long is unresponsive
+    worker_replace_s: float    # MLXK_WORKER_REPLACE_AFTER: an unresponsive worker of the api's own is killed after this
     allowed_hosts: tuple[str, ...] = ()  # MLXK_ALLOWED_HOSTS (comma separated): Host names the api answers too
     log_level: str = "info"    # MLXK_LOG_LEVEL: debug | info | warning | error
     log_json: bool = False     # MLXK_LOG_JSON: one JSON object per log line
@@ -156,6 +158,13 @@ def _duration(name: str, default: float) -> float:
         from mlxk.errors import ConfigError
 
         raise ConfigError(f"{name}: {error}") from None
+def _positive(name: str, default: float) -> float:
+    value = _number(name, default)
+    if not value > 0:
+        from mlxk.errors import ConfigError
+
+        raise ConfigError(f"{name}={value!r} must be a positive number of seconds, like {default!r}")
+    return value
 
 
 def _flag(name: str) -> bool:
@@ -216,4 +225,6 @@ def settings() -> Settings:
         allowed_hosts=tuple(host.lower() for host in _list("MLXK_ALLOWED_HOSTS")),
         log_level=_log_level(),
         log_json=_flag("MLXK_LOG_JSON"),
+        worker_timeout_s=_positive("MLXK_WORKER_TIMEOUT", 5.0),
+        worker_replace_s=_positive("MLXK_WORKER_REPLACE_AFTER", 30.0),
     )

@@ -10,12 +10,11 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-from mlxk.health import RepoView
+from mlxk.health import CHAT_TEMPLATE_FILES, RepoView
 
 log = logging.getLogger("mlxk.detect")
 
 CAPABILITY_ORDER = ("text-generation", "chat", "embeddings", "tools", "reasoning", "vision")
-CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 EMBEDDING_PIPELINES = ("feature-extraction", "sentence-similarity")
 EMBEDDING_TAGS = ("sentence-transformers", "feature-extraction", "sentence-similarity", "embeddings")

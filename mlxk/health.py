@@ -38,6 +38,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".npz", ".pth", ".pt")
 INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.(?P<ext>safetensors|bin)$")
 LEGACY_WEIGHTS = re.compile(r"^(weights\.\d+\.safetensors|weights\.npz|pytorch_model-.*\.safetensors)$")
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")   # a chat template outside tokenizer_config.json
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model", "tiktoken.model")
 README_HEAD_BYTES = 16 * 1024   # front matter lives at the top; never read a whole model card
@@ -57,6 +58,7 @@ class SafetensorsHeader:
     header_len: int = 0
     data_len: int = 0                  # bytes of tensor data the header declares
     metadata: dict = field(default_factory=dict)
+    tensors: dict = field(default_factory=dict)   # name -> (dtype, shape): what config rules compare
     error: str | None = None
     rule: str | None = None            # "safetensors_bad_header" | "file_unreadable" when error is set
 
@@ -73,6 +75,7 @@ class RepoView:
     config: dict | None
     config_error: str | None            # why config is None: "missing" | "dangling" | "invalid_json: ..." | ...
     tokenizer_config: dict | None = None
+    tokenizer_config_error: str | None = None   # why tokenizer_config.json could not be parsed (None: fine or absent)
     revisions: list[str] = field(default_factory=list)
     flat: bool = False                  # a workspace folder, not a cache repo (no refs/blobs/trees)
     incomplete_bytes: int = 0           # reclaimable when the snapshot is complete
@@ -145,6 +148,17 @@ class RepoView:
         return [f for f in self.files if is_weight_file(f.name)]
 
     @cached_property
+    def tensors(self) -> dict[str, tuple[str, list[int]]]:
+        """Every tensor of every readable safetensors weight file: name -> (dtype, shape), from the headers."""
+        found: dict = {}
+        for entry in self.weight_files:
+            if entry.name.endswith(".safetensors") and entry.size and not is_lfs_pointer(entry):
+                header = self.safetensors_header(entry.name)
+                if header.error is None:
+                    found.update(header.tensors)
+        return found
+
+    @cached_property
     def index_files(self) -> list[cache.SnapshotFile]:
         return [f for f in self.files if f.name.endswith(INDEX_SUFFIXES)]
 
@@ -184,8 +198,11 @@ def _finish_view(view: RepoView) -> RepoView:
     if error is None and not isinstance(config, dict):
         config, error = None, "not_object"
     view.config, view.config_error = config, error
-    tok, _tok_error = view.read_json("tokenizer_config.json")
+    tok, tok_error = view.read_json("tokenizer_config.json")
     view.tokenizer_config = tok if isinstance(tok, dict) else None
+    if tok_error is None and tok is not None and not isinstance(tok, dict):
+        tok_error = "not_object"
+    view.tokenizer_config_error = tok_error if tok_error not in (None, "missing", "dangling") else None
     view.incomplete_bytes = sum(_lsize(p) for p in view.incomplete)
     return view
 
@@ -274,6 +291,7 @@ def read_safetensors_header(path: Path, size: int) -> SafetensorsHeader:
     if not isinstance(header, dict):
         return _bad("has a header that is not a JSON object")
     data_len = 0
+    tensors = {}
     for key, tensor in header.items():
         if key == "__metadata__":
             continue
@@ -281,8 +299,12 @@ def read_safetensors_header(path: Path, size: int) -> SafetensorsHeader:
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
             return _bad(f"has no valid data_offsets for tensor {key!r}")
         data_len = max(data_len, offsets[1])
+        shape = tensor.get("shape")
+        if isinstance(tensor.get("dtype"), str) and isinstance(shape, list) and all(isinstance(d, int) for d in shape):
+            tensors[key] = (tensor["dtype"], shape)
     metadata = header.get("__metadata__")
-    return SafetensorsHeader(header_len=n, data_len=data_len, metadata=metadata if isinstance(metadata, dict) else {})
+    return SafetensorsHeader(header_len=n, data_len=data_len, metadata=metadata if isinstance(metadata, dict) else {},
+                             tensors=tensors)
 
 
 def _bad(why: str) -> SafetensorsHeader:
@@ -478,13 +500,167 @@ def check_safetensors(view: RepoView) -> list[Finding]:
 
 
 def check_tokenizer(view: RepoView) -> list[Finding]:
-    if not view.has("tokenizer_config.json"):
-        return []
+    """A tokenizer config, a chat template or a vocabulary in config.json (`vocab_size`) says the model reads
+    tokens: then a tokenizer file must be there too (mlx-lm's load builds the tokenizer from it and fails without
+    one). A pull killed while linking, or an rm killed half-way, leaves exactly such a snapshot."""
     names = view.root_names
     if any(n in names for n in TOKENIZER_FILES) or any(n.endswith((".tiktoken", ".model")) for n in names):
         return []
-    return [Finding("tokenizer_missing", "tokenizer_config.json is present but no tokenizer file "
-                                         "(tokenizer.json, tokenizer.model, vocab.json) is")]
+    wants = [n for n in ("tokenizer_config.json", *CHAT_TEMPLATE_FILES) if view.has(n)]
+    if wants:
+        why = f"{wants[0]} is present"
+    elif (dims := _vocab_and_hidden(view.config or {})) is not None and view.weight_files and not gguf_only(view):
+        why = f"config.json declares a vocabulary of {dims[0]} tokens"
+    else:
+        return []
+    return [Finding("tokenizer_missing", f"{why} but no tokenizer file (tokenizer.json, tokenizer.model, vocab.json) "
+                                         f"is; pull {view.repo_id} again")]
+
+
+def check_tokenizer_json(view: RepoView) -> list[Finding]:
+    """tokenizer_config.json must parse (transformers json.loads it whole, so one stray byte fails every load).
+
+    tokenizer.json is often 10-30 MB, too much to parse on the `list` path: it must start with `{` and end with `}`,
+    which catches the truncated or appended-to file; a corruption inside it is left to the loader."""
+    findings = []
+    error = view.tokenizer_config_error
+    if error is not None:
+        why = "it is not a JSON object" if error == "not_object" else error.split(": ", 1)[-1]
+        findings.append(Finding("tokenizer_invalid_json", f"tokenizer_config.json is not valid JSON ({why}); "
+                                                          "pull the model again"))
+    entry = view.by_name.get("tokenizer.json")
+    if entry is not None and entry.size is not None:
+        why = _json_object_ends(entry.path, entry.size)
+        if why:
+            findings.append(Finding("tokenizer_invalid_json", f"tokenizer.json is not valid JSON ({why}); "
+                                                              "pull the model again"))
+    return findings
+
+
+def _json_object_ends(path: Path, size: int) -> str | None:
+    """None when the file's first and last non-blank bytes are `{` and `}`; else what is wrong."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64).lstrip()
+            fh.seek(max(0, size - 64))
+            tail = fh.read().rstrip()
+    except OSError as error:
+        return f"cannot be read: {error.strerror or error}"
+    if not head.startswith(b"{"):
+        return "it does not start with '{'"
+    if not tail.endswith(b"}"):
+        return f"it ends in {tail[-8:]!r}, not '}}': truncated, or bytes after the JSON"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights against config: what the safetensors headers alone can tell about a conversion (dtypes and shapes)
+
+INTEGER_DTYPES = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"})
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "lm_head.weight")
+
+
+def _quantization(config: dict) -> dict | None:
+    """mlx-lm's `quantization` block (bits, group_size, per-module overrides), or None for an unquantized config."""
+    for source in (config, config.get("text_config")):
+        if isinstance(source, dict) and isinstance(source.get("quantization"), dict):
+            return source["quantization"]
+    return None
+
+
+def _quantized_by_other_means(config: dict) -> bool:
+    """HF's quantization_config (GPTQ, AWQ, bitsandbytes, mxfp4...): integer-packed weights are expected."""
+    return any(isinstance(source, dict) and source.get("quantization_config")
+               for source in (config, config.get("text_config")))
+
+
+def _module_quant(quant: dict, module: str) -> tuple[int, int] | None:
+    """(bits, group_size) mlx-lm uses for `module`, honouring per-module overrides; None when it is not quantized."""
+    override = quant.get(module)
+    if override is False:
+        return None
+    source = override if isinstance(override, dict) else quant
+    bits, group = source.get("bits"), source.get("group_size")
+    if isinstance(bits, int) and isinstance(group, int) and bits > 0 and group > 0:
+        return bits, group
+    return None
+
+
+def check_weight_dtypes(view: RepoView) -> list[Finding]:
+    """An unquantized config means float weights: a `.weight`/`.bias` stored as integers cannot compute (mlx-lm loads
+    it, then the first forward pass fails)."""
+    config = view.config or {}
+    if _quantization(config) is not None or _quantized_by_other_means(config):
+        return []
+    for name, (dtype, _shape) in sorted(view.tensors.items()):
+        if dtype in INTEGER_DTYPES and name.endswith((".weight", ".bias")):
+            return [Finding("weights_dtype_mismatch", f"tensor {name} is {dtype}, but config.json declares no "
+                                                      "quantization, so its weights must be floating point; "
+                                                      "re-convert the model")]
+    return []
+
+
+def check_quantized_shapes(view: RepoView) -> list[Finding]:
+    """mlx-lm's quantized layers pack `bits`-bit values into uint32 `.weight` beside float `.scales` (one per
+    `group_size` inputs): both must agree with config.json's `quantization` (mlx.nn.QuantizedLinear's layout)."""
+    quant = _quantization(view.config or {})
+    if quant is None:
+        return []
+    tensors = view.tensors
+    for name, (_dtype, scales) in sorted(tensors.items()):
+        if not name.endswith(".scales"):
+            continue
+        module = name[: -len(".scales")]
+        weight = tensors.get(f"{module}.weight")
+        setting = _module_quant(quant, module)
+        if weight is None or setting is None or not scales:
+            continue
+        bits, group = setting
+        dtype, shape = weight
+        inputs = scales[-1] * group
+        expected = inputs * bits // 32
+        if dtype != "U32" or not shape or shape[-1] != expected:
+            return [Finding("quantization_mismatch", f"tensor {module}.weight is {dtype} {shape}, but config.json's "
+                                                     f"quantization ({bits} bits, group size {group}) and its scales "
+                                                     f"{scales} mean U32 [..., {expected}]; re-convert the model")]
+    return []
+
+
+def check_embedding_shapes(view: RepoView) -> list[Finding]:
+    """embed_tokens and lm_head are vocab_size x hidden_size (from config.json, or its text_config); a quantized
+    one is compared by the size its scales give, since its packed width is hidden_size * bits / 32."""
+    config = view.config or {}
+    dims = _vocab_and_hidden(config)
+    if dims is None:
+        return []
+    vocab, hidden = dims
+    quant = _quantization(config)
+    tensors = view.tensors
+    for name, (_dtype, shape) in sorted(tensors.items()):
+        if not name.endswith(EMBEDDING_SUFFIXES) or len(shape) != 2:
+            continue
+        module = name[: -len(".weight")]
+        rows, cols = shape
+        scales = tensors.get(f"{module}.scales")
+        setting = _module_quant(quant, module) if quant is not None and scales is not None else None
+        if setting is not None and scales[1]:
+            cols = scales[1][-1] * setting[1]
+        if [rows, cols] != [vocab, hidden]:
+            return [Finding("embedding_shape_mismatch", f"tensor {name} is {rows} x {cols}, but config.json says "
+                                                        f"vocab_size x hidden_size = {vocab} x {hidden}; the weights "
+                                                        "and config.json belong to different models")]
+    return []
+
+
+def _vocab_and_hidden(config: dict) -> tuple[int, int] | None:
+    for source in (config, config.get("text_config")):
+        if not isinstance(source, dict):
+            continue
+        vocab, hidden = source.get("vocab_size"), source.get("hidden_size")
+        if isinstance(vocab, int) and isinstance(hidden, int) and not isinstance(vocab, bool) and vocab > 0 \
+                and hidden > 0:
+            return vocab, hidden
+    return None
 
 
 # What an interrupted download leaves behind: files that are not there yet. A malformed file is not explained by
@@ -505,7 +681,8 @@ def check_incomplete(view: RepoView, findings: list[Finding]) -> list[Finding]:
 
 
 INTEGRITY_RULES = (check_snapshot, check_config, check_weights_present, check_index_shards, check_shard_contents,
-                   check_shards_without_index, check_symlinks, check_tree, check_safetensors, check_tokenizer)
+                   check_shards_without_index, check_symlinks, check_tree, check_safetensors, check_tokenizer,
+                   check_tokenizer_json, check_weight_dtypes, check_quantized_shapes, check_embedding_shapes)
 
 
 def check_integrity(view: RepoView) -> list[Finding]:

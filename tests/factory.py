@@ -792,6 +792,19 @@ def with_safetensors_metadata(data: bytes, metadata: dict | None) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + data[8 + n:]
 
 
+def with_safetensors_dtype(data: bytes, old: str, new: str) -> bytes:
+    """The same bytes with every `old` dtype in the header renamed `new` (e.g. F32 -> I32, same width): a file that
+    parses and has the right size, whose weights mlx then reads as the wrong type (a broken conversion)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    for name, tensor in header.items():
+        if name != "__metadata__" and tensor.get("dtype") == old:
+            tensor["dtype"] = new
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n:]
+
+
 def gguf_bytes(n_padding: int = 4096) -> bytes:
     """A minimal well-formed GGUF v3 file: magic, version, zero tensors, zero metadata keys."""
     return b"GGUF" + struct.pack("<IQQ", 3, 0, 0) + b"\x00" * n_padding

@@ -71,3 +71,11 @@ def test_keep_alive_env_takes_durations_and_forever(monkeypatch):
     monkeypatch.setenv("MLXK_KEEP_ALIVE", "soon")
     with pytest.raises(ConfigError, match="MLXK_KEEP_ALIVE.*1h30m"):
         settings()
+@pytest.mark.parametrize("value", ["soon", "0", "-1"])
+def test_worker_timeouts_must_be_positive_seconds(monkeypatch, value):
+    for name in ("MLXK_WORKER_TIMEOUT", "MLXK_WORKER_REPLACE_AFTER"):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigError, match=name):
+            settings()
+        monkeypatch.delenv(name)
+    assert (settings().worker_timeout_s, settings().worker_replace_s) == (5.0, 30.0)

@@ -300,9 +300,129 @@ def test_tokenizer_model_alone_is_enough(model_factory):
     assert health.check_tokenizer(view_of(repo)) == []
 
 
-def test_no_tokenizer_config_no_tokenizer_finding(model_factory):
+def test_snapshot_without_any_tokenizer_file_is_unhealthy(model_factory):
+    """What a pull killed while linking, or an rm killed after the tokenizer files, leaves: config and weights, no
+    tokenizer.json and no tokenizer_config.json. mlx-lm cannot load it, so it is not healthy."""
     files = {k: v for k, v in chat_files().items() if not k.startswith("tokenizer")}
-    assert health.check_tokenizer(view_of(model_factory.write("org/no-tok", files))) == []
+    status, _, finding = verdict(model_factory.write("org/no-tok", files))
+    assert status == "unhealthy" and finding.rule == "tokenizer_missing"
+    assert "vocabulary of 384 tokens" in finding.message and "tokenizer.json" in finding.message
+
+
+def test_model_without_a_vocabulary_needs_no_tokenizer(model_factory):
+    files = {k: v for k, v in chat_files().items() if not k.startswith("tokenizer")}
+    config = json.loads(files["config.json"])
+    del config["vocab_size"]  # an image or audio encoder reads no tokens
+    files["config.json"] = json.dumps(config).encode()
+    assert health.check_tokenizer(view_of(model_factory.write("org/vision", files))) == []
+
+
+def test_chat_template_without_tokenizer_is_unhealthy(model_factory):
+    files = {k: v for k, v in chat_files().items() if not k.startswith("tokenizer")}
+    files["chat_template.jinja"] = b"{% for m in messages %}{{ m.content }}{% endfor %}"
+    (finding,) = health.check_tokenizer(view_of(model_factory.write("org/tpl", files)))
+    assert finding.rule == "tokenizer_missing" and finding.message.startswith("chat_template.jinja is present")
+
+
+@pytest.mark.parametrize("name, mutate, fragment", [
+    ("tokenizer_config.json", lambda b: b + b"x", "Extra data"),            # one stray byte after the JSON
+    ("tokenizer_config.json", lambda b: b[: len(b) // 2], "Unterminated"),   # truncated
+    ("tokenizer_config.json", lambda b: b"[1, 2]", "not a JSON object"),
+    ("tokenizer.json", lambda b: b + b"x", "ends in"),
+    ("tokenizer.json", lambda b: b[: len(b) // 2], "ends in"),
+    ("tokenizer.json", lambda b: b"\x00" + b, "does not start"),
+])
+def test_tokenizer_files_that_are_not_json_are_unhealthy(model_factory, name, mutate, fragment):
+    files = chat_files()
+    files[name] = mutate(files[name])
+    status, _, finding = verdict(model_factory.write("org/bad-tok", files))
+    assert status == "unhealthy" and finding.rule == "tokenizer_invalid_json"
+    assert finding.message.startswith(f"{name} is not valid JSON") and fragment in finding.message
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Weights against config.json (headers only)
+
+
+def _with_config(files: dict, **changes) -> dict:
+    config = json.loads(files["config.json"])
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return {**files, "config.json": json.dumps(config).encode()}
+
+
+def test_float_weights_stored_as_integers_are_unhealthy(model_factory):
+    """The issue's reproduction: a float32 model whose safetensors header says I32 (same width, same size)."""
+    files = factory.tiny_model_files(factory.ModelSpec(dtype="float32"))
+    files["model.safetensors"] = factory.with_safetensors_dtype(files["model.safetensors"], "F32", "I32")
+    status, _, finding = verdict(model_factory.write("org/int-weights", files))
+    assert status == "unhealthy" and finding.rule == "weights_dtype_mismatch"
+    assert "tensor model.embed_tokens.weight is I32" in finding.message and "no quantization" in finding.message
+
+
+def test_quantized_model_keeps_its_integer_weights(model_factory):
+    repo = model_factory.repo("org/q4", quantize=True)
+    assert verdict(repo)[0] == "healthy"
+    assert health.check_weight_dtypes(view_of(repo)) == [] and health.check_quantized_shapes(view_of(repo)) == []
+
+
+@pytest.mark.parametrize("changes, rule, fragment", [
+    ({"vocab_size": 999}, "embedding_shape_mismatch", "vocab_size x hidden_size = 999 x 64"),
+    ({"hidden_size": 128}, "embedding_shape_mismatch", "384 x 64"),
+])
+def test_config_that_does_not_match_the_weights_is_unhealthy(model_factory, changes, rule, fragment):
+    files = _with_config(chat_files(), **changes)
+    status, _, finding = verdict(model_factory.write("org/mismatch", files))
+    assert status == "unhealthy" and finding.rule == rule and fragment in finding.message
+    assert "model.embed_tokens.weight" in finding.message
+
+
+@pytest.mark.parametrize("changes, rule, fragment", [
+    ({"quantization": {"bits": 8}}, "quantization_mismatch", "8 bits, group size 64"),
+    ({"quantization": {"group_size": 32}}, "quantization_mismatch", "group size 32"),
+    ({"vocab_size": 500}, "embedding_shape_mismatch", "500 x 64"),
+])
+def test_quantized_config_that_does_not_match_the_weights_is_unhealthy(model_factory, changes, rule, fragment):
+    files = _with_config(factory.tiny_model_files(quantize=True), **changes)
+    status, _, finding = verdict(model_factory.write("org/q-mismatch", files))
+    assert status == "unhealthy" and finding.rule == rule and fragment in finding.message
+    assert "tensor model." in finding.message
+
+
+def test_per_module_quantization_overrides_are_honoured(model_factory):
+    """mlx-lm's mixed quantization: `quantization` may name a module with its own bits (or false)."""
+    files = factory.tiny_model_files(quantize=True)
+    header = factory.safetensors_header(files["model.safetensors"])
+    module = next(n[: -len(".scales")] for n in sorted(header) if n.endswith(".scales"))
+    wrong = _with_config(files, quantization={module: {"bits": 8, "group_size": 64}})
+    (finding,) = health.check_quantized_shapes(view_of(model_factory.write("org/mixed", wrong)))
+    assert finding.message.startswith(f"tensor {module}.weight")
+    skipped = _with_config(files, quantization={module: False})
+    assert health.check_quantized_shapes(view_of(model_factory.write("org/mixed-off", skipped))) == []
+
+
+REALMODELS = Path("/work/shared/realmodels")
+
+
+@pytest.mark.skipif(not REALMODELS.is_dir(), reason="the real model-family files are not on this machine")
+@pytest.mark.parametrize("family", sorted(p.name for p in REALMODELS.iterdir() if p.is_dir())
+                         if REALMODELS.is_dir() else [])
+def test_real_families_tokenizers_and_configs_are_healthy(model_factory, family):
+    """Every real family's tokenizer, template and config files pass the tokenizer and config rules (their weights
+    are not shipped: one small tensor that no rule compares stands in for them)."""
+    files = {p.name: p.read_bytes() for p in (REALMODELS / family).iterdir() if p.is_file()}
+    files["model.safetensors"] = factory.with_safetensors_metadata(_one_tensor_safetensors(), {"format": "mlx"})
+    view = view_of(model_factory.write(f"mlx-community/{family}", files))
+    assert check_integrity(view) == []
+
+
+def _one_tensor_safetensors() -> bytes:
+    raw = json.dumps({"model.norm.weight": {"dtype": "F16", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + b"\x00" * 8
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
@@ -456,3 +576,34 @@ def test_two_hundred_repos_check_fast(hf_cache):
     elapsed = time.perf_counter() - started
     # ~0.1 s on a busy 2-core box; the bound only catches a rule that starts hashing or reading weights
     assert len(views) == 200 and elapsed < 2.0, elapsed
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The reproductions through the CLI: `mlxk list` and `mlxk health NAME` (exit 1)
+
+
+def _stray_byte_config(files: dict) -> dict:
+    return {**files, "tokenizer_config.json": files["tokenizer_config.json"] + b"x"}
+
+
+def _int_weights(files: dict) -> dict:
+    files = factory.tiny_model_files(factory.ModelSpec(dtype="float32"))
+    return {**files, "model.safetensors": factory.with_safetensors_dtype(files["model.safetensors"], "F32", "I32")}
+
+
+@pytest.mark.parametrize("name, broken, fragment", [
+    ("no-tokenizer", lambda f: {k: v for k, v in f.items() if not k.startswith("tokenizer")}, "no tokenizer file"),
+    ("stray-byte", _stray_byte_config, "tokenizer_config.json is not valid JSON"),
+    ("int-weights", _int_weights, "tensor model.embed_tokens.weight is I32"),
+    ("wrong-vocab", lambda f: _with_config(f, vocab_size=999), "999 x 64"),
+])
+def test_list_and_health_call_the_reproductions_unhealthy(model_factory, name, broken, fragment):
+    from tests.fixtures.cli import run, run_json
+
+    model_factory.write(f"mlx-community/{name}", broken(chat_files()))
+    result, doc = run_json("list")
+    (model,) = doc["data"]["models"]
+    assert (model["health"], model["runtime_compatible"]) == ("unhealthy", False) and fragment in model["reason"]
+    assert name not in run("list").stdout  # the default view shows runnable models only
+    result, doc = run_json("health", name)
+    assert result.exit_code == 1 and doc["error"]["type"] == "model_unhealthy" and fragment in doc["error"]["message"]

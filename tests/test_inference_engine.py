@@ -408,17 +408,20 @@ def test_prompt_beyond_context_length(models, engine):
     assert "This model's maximum context length is 2048 tokens" in error["message"]
 
 
-@pytest.mark.parametrize("setup", ["missing", "garbage"])
-def test_bad_model_path_is_load_failed_in_one_line(tmp_path, engine, setup):
+@pytest.mark.parametrize("setup, type, status", [
+    ("missing", "load_failed", 400),       # not a model folder: the caller's mistake
+    ("garbage", "model_failed", 422),      # a model folder mlx-lm cannot load: that model's failure
+])
+def test_bad_model_path_fails_in_one_line(tmp_path, engine, setup, type, status):
     path = tmp_path / "snap"
     if setup == "garbage":
         path.mkdir()
         (path / "config.json").write_text('{"model_type": "no-such-arch"}')
     e = engine().start()
     (error,) = run(e, chat(ModelRef("org/broken@" + "0" * 40, str(path))))
-    assert error["type"] == "load_failed"
+    assert (error["type"], error["status"]) == (type, status)
     assert "\n" not in error["message"] and "org/broken" in error["message"]
-    assert e.status()["models"] == []
+    assert e.status()["models"] == [] and e.alive
 
 
 def test_bad_messages_are_bad_request(models, engine):

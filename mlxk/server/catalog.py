@@ -89,5 +89,31 @@ def resolve(name: str, rows: list[dict], settings: Settings) -> Servable:
     return Servable(repo_id=repo_id, revision=revision, path=str(Path(path).resolve()))
 
 
+def mark_failed(settings: Settings, key: str, reason: str) -> bool:
+    """Record in the index that the model `key` ("org/name@<commit>") failed in the inference worker.
+
+    The verdict (runtime_compatible false, `reason`) goes through the index's own runtime-verdict query, stored
+    against the fingerprint the row has now: a changed repo is re-inspected and judged again, and so is every
+    repo when mlx-lm changes. Only the revision the row describes is marked (a `name@hash` run of an older one is
+    not). Returns whether a row took the verdict."""
+    import time
+    from contextlib import closing
+
+    from mlxk import db
+    from mlxk.clock import iso_utc
+    from mlxk.db import models as queries
+    from mlxk.health import mlx_lm_signature
+
+    repo_id, _, revision = key.partition("@")
+    with closing(db.connect(settings.state_db)) as conn:
+        row = queries.get_model(conn, repo_id)
+        if row is None or row["revision"] != revision:
+            return False
+        return queries.set_runtime_verdicts(conn, [{
+            "repo_id": repo_id, "fingerprint": row["fingerprint"], "runtime_compatible": False, "reason": reason,
+            "runtime_fingerprint": f"{row['fingerprint']}|{mlx_lm_signature()}",
+            "runtime_checked_at": iso_utc(time.time())}]) > 0
+
+
 def find(name: str, settings: Settings) -> Servable:
     return resolve(name, load(settings).rows, settings)

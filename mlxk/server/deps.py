@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
+import sqlite3
 import time
 from dataclasses import dataclass, field, replace
 from typing import Annotated, TypeVar
@@ -16,10 +18,13 @@ from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 
 from mlxk.config import Settings, settings as load_settings
+from mlxk.errors import MlxkError
 from mlxk.server import catalog
 from mlxk.server.errors import InvalidRequest, Unauthorized
 from mlxk.server.metrics import Metrics
 from mlxk.server.supervisor import Supervisor, WorkerOptions
+
+log = logging.getLogger("mlxk.server.deps")
 
 CATALOG_TTL_S = 1.0  # resolutions within this window reuse one index refresh (bursts of parallel requests)
 
@@ -46,7 +51,8 @@ class ServerConfig:
         s = self.settings
         return WorkerOptions(socket=s.inference_socket, max_loaded=self.max_loaded, keep_alive_s=self.keep_alive_s,
                              max_waiting=s.max_waiting, max_prompt_tokens=s.max_prompt_tokens,
-                             external=s.inference_external)
+                             external=s.inference_external, timeout_s=s.worker_timeout_s,
+                             replace_after_s=s.worker_replace_s)
 
 
 @dataclass
@@ -59,6 +65,21 @@ class ServerState:
     _catalog: catalog.Catalog | None = None
     _catalog_at: float = 0.0
     _catalog_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self):
+        self.supervisor.on_model_failed = self.model_failed
+
+    async def model_failed(self, key: str, reason: str) -> None:
+        """The worker says this model fails: mark it not runnable in the index, so later requests fail fast."""
+        try:
+            marked = await asyncio.to_thread(catalog.mark_failed, self.config.settings, key, reason)
+        except (sqlite3.Error, MlxkError) as error:  # a locked state.db: the worker's error still reached the client
+            log.warning("could not mark %s not runnable: %s", key, error)
+            return
+        if marked:
+            log.warning("marked %s not runnable: %s", key, reason)
+            async with self._catalog_lock:
+                self._catalog = None
 
     async def get_catalog(self, *, fresh: bool = False) -> catalog.Catalog:
         """The index after a refresh from the cache, done at most once per CATALOG_TTL_S unless `fresh` asks.

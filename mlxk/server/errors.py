@@ -54,6 +54,11 @@ class WorkerRestarting(MlxkError):
     retryable = True
 
 
+class WorkerUnresponsive(WorkerRestarting):
+    """The inference worker is alive but has not answered a ping for MLXK_WORKER_TIMEOUT seconds."""
+    type = "worker_unresponsive"
+
+
 class WorkerError(MlxkError):
     """An `error` event of the inference worker, carried with its own type and status."""
     http_status = 500

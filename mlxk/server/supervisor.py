@@ -18,6 +18,18 @@ which a worker holds from before it binds until it exits (workers/inference/serv
 - when its child dies, the api first checks whether another worker took the socket over, and uses it if so.
 An external worker is never stopped by the api; when it dies, the next request finds nothing, and the api starts
 its own.
+
+A worker that is alive but frozen (SIGSTOP, a hung kernel, swapping to death) never closes its connections, so
+requests would wait on it forever. The monitor therefore pings a ready worker every LIVENESS_INTERVAL_S; the ping
+is answered by the worker's socket thread, not the MLX thread, so a long prefill or generation does not delay it.
+A worker that has not answered for `timeout_s` (MLXK_WORKER_TIMEOUT) is `unresponsive`: /health says so, the
+requests waiting on it get a retryable 503 `worker_unresponsive` (their connections are aborted), and new ones get
+the same at once. The timeout bounds the worker's silence, never a request's total time. A worker of the api's own
+that stays unresponsive for `replace_after_s` (MLXK_WORKER_REPLACE_AFTER) is killed, and restarted like one that
+died; one that answers again before that is simply ready again.
+
+A model that fails in the worker (an error event of type model_failed) is reported through `on_model_failed`,
+which the server uses to mark the model not runnable in the index.
 """
 from __future__ import annotations
 
@@ -30,13 +42,14 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from mlxk.workers.inference import protocol
 
-from mlxk.server.errors import WorkerError, WorkerRestarting
+from mlxk.server.errors import WorkerError, WorkerRestarting, WorkerUnresponsive
 
 log = logging.getLogger("mlxk.server.supervisor")
 
@@ -47,6 +60,7 @@ PING_TIMEOUT_S = 2.0
 STOP_TIMEOUT_S = 10.0
 MONITOR_INTERVAL_S = 0.5
 FAST_FAILURE_S = 10.0       # a worker that dies this soon after starting is restarted with a growing delay
+LIVENESS_INTERVAL_S = 1.0   # how often the monitor pings a ready worker
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,8 @@ class WorkerOptions:
     max_waiting: int
     max_prompt_tokens: int
     external: bool = False   # MLXK_INFERENCE_EXTERNAL: someone else (honcho's `inference` line) runs the worker
+    timeout_s: float = 5.0          # MLXK_WORKER_TIMEOUT: silent to pings this long = unresponsive
+    replace_after_s: float = 30.0   # MLXK_WORKER_REPLACE_AFTER: an unresponsive child is killed after this long
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "mlxk.workers.inference", "--socket", str(self.socket),
@@ -109,6 +125,12 @@ class Supervisor:
         self._monitor: asyncio.Task | None = None
         self.restarts = 0
         self._fast_failures = 0
+        self._last_pong = 0.0                       # monotonic time of the last answered ping
+        self._last_liveness = 0.0                   # when the monitor last pinged
+        self._unresponsive_since: float | None = None
+        self._connections: weakref.WeakSet = weakref.WeakSet()  # open worker connections, aborted if it freezes
+        # Called with (model key, one-line reason) when the worker reports a model_failed error.
+        self.on_model_failed: Callable[[str, str], Awaitable[None]] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -144,7 +166,11 @@ class Supervisor:
             state, pid = "stopped", None
         # in external mode (honcho) the worker is someone else's from the start, not only once we first reached it
         managed = not (self._external or self.options.external)
-        return {"state": state, "pid": pid, "managed": managed, "restarts": self.restarts}
+        found = {"state": state, "pid": pid, "managed": managed, "restarts": self.restarts}
+        if state == "ready" and self._unresponsive_since is not None:
+            found["state"] = "unresponsive"
+            found["silent_s"] = round(time.monotonic() - self._last_pong, 1)
+        return found
 
     @property
     def child_pid(self) -> int | None:
@@ -152,7 +178,8 @@ class Supervisor:
         return proc.pid if proc is not None and proc.poll() is None else None
 
     async def ensure(self) -> None:
-        """Make sure a worker answers on the socket, starting one if needed."""
+        """Make sure a worker answers on the socket, starting one if needed; WorkerUnresponsive while it is frozen."""
+        self._refuse_if_unresponsive()
         if self._ready and (self._external or self.child_pid):
             return
         async with self._lock:
@@ -192,6 +219,7 @@ class Supervisor:
             log.info("using the inference worker already listening on %s", self.socket)
         self._proc = None  # a child of ours that gave way has exited: nothing to manage or restart
         self._external, self._ready = True, True
+        self._answered()
 
     def _spawn(self) -> None:
         self._external = False
@@ -214,18 +242,84 @@ class Supervisor:
                                        "see the server log")
             if await self._ping() == proc.pid:  # not another worker that answers while ours still starts
                 self._ready = True
+                self._answered()
                 log.info("inference worker ready (pid %s) after %.1fs", proc.pid, time.monotonic() - self._started_at)
                 return
             await asyncio.sleep(0.05)
         raise WorkerRestarting(f"the inference worker did not answer on {self.socket} within {START_TIMEOUT_S:.0f}s")
 
-    async def _ping(self) -> int | None:
+    async def _ping(self, timeout: float = PING_TIMEOUT_S) -> int | None:
         """The pid of the worker answering on the socket, or None."""
         try:
-            reply = await asyncio.wait_for(self._single({"op": protocol.OP_PING}), PING_TIMEOUT_S)
+            reply = await asyncio.wait_for(self._single({"op": protocol.OP_PING}), timeout)
         except (OSError, ConnectionError, asyncio.TimeoutError, ValueError):
             return None
         return reply.get("pid") if reply.get("event") == protocol.EV_PONG else None
+
+    # ------------------------------------------------------------ liveness
+
+    def _answered(self) -> None:
+        if self._unresponsive_since is not None:
+            log.warning("inference worker answers again after %.1fs of silence",
+                        time.monotonic() - self._last_pong)
+        self._last_pong, self._unresponsive_since = time.monotonic(), None
+
+    def _refuse_if_unresponsive(self) -> None:
+        if self._unresponsive_since is None:
+            return
+        silent = time.monotonic() - self._last_pong
+        if self.child_pid is not None:
+            replaced = max(0.0, self._unresponsive_since + self.options.replace_after_s - time.monotonic())
+            then = f"; it is replaced in {replaced:.0f}s unless it answers again"
+        else:
+            then = ""
+        raise WorkerUnresponsive(f"the inference worker has not answered for {silent:.0f}s "
+                                 f"(MLXK_WORKER_TIMEOUT={self.options.timeout_s:g}){then}; retry the request")
+
+    async def _check_alive(self) -> None:
+        """Ping a ready worker; mark it unresponsive after timeout_s of silence, kill our own after replace_after_s."""
+        if not self._ready or not (self._external or self.child_pid):
+            return  # nothing up, or still starting (importing mlx answers no pings)
+        now = time.monotonic()
+        if now - self._last_liveness < LIVENESS_INTERVAL_S:
+            return
+        self._last_liveness = now
+        timeout = self.options.timeout_s
+        if await self._ping(min(PING_TIMEOUT_S, timeout)) is not None:
+            self._answered()
+            return
+        now = time.monotonic()
+        if self._external and not _lock_held(self.lock_path):
+            self._lost()  # an external worker that exited: the next request finds or starts another
+            return
+        if now - self._last_pong < timeout:
+            return
+        if self._unresponsive_since is None:
+            self._unresponsive_since = now
+            log.warning("inference worker (pid %s) has not answered a ping for %.1fs: unresponsive; failing its "
+                        "%d open requests", self.child_pid, now - self._last_pong, len(self._connections))
+            for writer in list(self._connections):
+                writer.transport.abort()  # its reader sees EOF: the request fails with WorkerUnresponsive
+        proc = self._proc
+        if proc is not None and proc.poll() is None and now - self._unresponsive_since >= self.options.replace_after_s:
+            log.warning("inference worker (pid %s) unresponsive for %.1fs: killing it to start a new one",
+                        proc.pid, now - self._unresponsive_since)
+            proc.kill()  # the monitor restarts it like any worker that died
+
+    def _connected(self, writer: asyncio.StreamWriter) -> None:
+        self._connections.add(writer)
+
+    async def _report(self, event: dict) -> None:
+        """Pass a model_failed error on to on_model_failed (the index), never failing the request a second time."""
+        if event.get("type") != protocol.ERR_MODEL_FAILED or self.on_model_failed is None:
+            return
+        key, reason = event.get("model"), event.get("reason")
+        if not isinstance(key, str) or not isinstance(reason, str):
+            return
+        try:
+            await self.on_model_failed(key, reason)
+        except Exception:  # recording the verdict is best effort; the request already has its error
+            log.exception("could not record that %s failed", key)
 
     async def _watch(self) -> None:
         """Restart a managed worker that exits; the requests it was serving already got their 503."""
@@ -233,6 +327,8 @@ class Supervisor:
             await asyncio.sleep(MONITOR_INTERVAL_S)
             proc = self._proc
             if proc is None or proc.poll() is None or self._stopping:
+                if not self._stopping:
+                    await self._check_alive()
                 continue
             lived = time.monotonic() - self._started_at
             log.warning("inference worker (pid %s) exited with code %s after %.1fs; restarting it",
@@ -243,7 +339,7 @@ class Supervisor:
                 await asyncio.sleep(min(30.0, 2.0 ** self._fast_failures))
             async with self._lock:
                 if self._proc is proc and not self._stopping:
-                    self._ready = False
+                    self._ready, self._unresponsive_since = False, None
                     if await self._find_external(0.0):  # another worker took the socket over: use it
                         continue
                     self._spawn()
@@ -259,13 +355,15 @@ class Supervisor:
     # ------------------------------------------------------------ talking to it
 
     async def _single(self, payload: dict) -> dict:
-        async for event in protocol.request(self.socket, payload):
+        async for event in protocol.request(self.socket, payload, opened=self._connected):
             if event.get("event") in protocol.TERMINAL_EVENTS:
                 return event
         raise ConnectionError("no reply")
 
     async def call(self, payload: dict, *, start: bool = True) -> dict | None:
         """One single-reply op (status, unload, load). With start=False a worker that is not up gives None."""
+        if not start and self._unresponsive_since is not None:
+            return None
         if not start and not self._ready:
             # An external worker (honcho's `inference` line) may be up before this api has used it.
             if self.child_pid is not None or not await self._ping():
@@ -275,11 +373,14 @@ class Supervisor:
         try:
             reply = await self._single(payload)
         except (OSError, ConnectionError, json.JSONDecodeError) as error:
-            self._lost()
+            if self._unresponsive_since is None:
+                self._lost()
             if not start:
                 return None
+            self._refuse_if_unresponsive()  # the monitor aborted it: the worker froze
             raise WorkerRestarting(f"the inference worker stopped answering ({error}); retry the request") from None
         if reply.get("event") == protocol.EV_ERROR:
+            await self._report(reply)
             raise WorkerError(reply)
         return reply
 
@@ -289,7 +390,7 @@ class Supervisor:
         Closing this iterator early closes the connection, which cancels the request in the worker.
         """
         await self.ensure()
-        events = protocol.request(self.socket, payload)
+        events = protocol.request(self.socket, payload, opened=self._connected)
         try:
             while True:
                 try:
@@ -297,10 +398,13 @@ class Supervisor:
                 except StopAsyncIteration:
                     return
                 except (OSError, ConnectionError, json.JSONDecodeError) as error:
+                    self._refuse_if_unresponsive()  # the monitor aborted it: the worker froze
                     self._lost()
                     log.warning("inference worker connection lost during request %s: %s", payload.get("id"), error)
                     raise WorkerRestarting("the inference worker stopped while generating (it is being "
                                            "restarted); retry the request") from None
+                if event.get("event") == protocol.EV_ERROR:
+                    await self._report(event)
                 yield event
         finally:
             await events.aclose()

@@ -37,8 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mlxk.faults import checkpoint
+
 from . import protocol
-from .errors import BadRequest, InferenceError, Internal, LoadFailed, PromptTooLong, WorkerBusy
+from .errors import BadRequest, InferenceError, Internal, LoadFailed, ModelFailed, PromptTooLong, WorkerBusy
 from .protocol import GenerateRequest, ModelRef, Params
 from .textout import OutputRouter, StopFilter
 
@@ -120,6 +122,11 @@ class Counters:
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """MLX reports a failed allocation as MemoryError (std::bad_alloc) or "[metal::malloc] Unable to allocate"."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "allocate" in str(e).lower())
 
 
 def _normalize_messages(messages: list) -> list:
@@ -453,6 +460,7 @@ class Engine:
         return ticket
 
     def _admit(self, ticket: Ticket) -> None:
+        checkpoint("inference.admit")  # tests hold the MLX thread here, like a long prefill (mlxk.faults)
         request = ticket.request
         params = request.params
         origin = self._burst_origin
@@ -556,9 +564,13 @@ class Engine:
         started = time.perf_counter()
         try:
             model, tokenizer, config = load(str(path), return_config=True)
-        except Exception as e:  # any loader failure is the caller's load_failed, in one line
+            self._probe(model)
+        except Exception as e:  # any loader failure is this model's fault: its requests fail, nobody else's
             log.warning("loading %s failed: %s", ref.key, _one_line(e))
-            raise LoadFailed(f"cannot load {ref.key}: {_one_line(e)}") from None
+            if _out_of_memory(e):  # the machine's state, not the model's: retryable, and no verdict on the model
+                raise WorkerBusy(f"not enough memory to load {ref.key} ({_one_line(e)}); unload other models "
+                                 "(mlxk stop) or retry") from None
+            raise ModelFailed(ref.key, f"failed while loading: {_one_line(e)}") from None
         memory = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
         special = set(getattr(tokenizer, "all_special_ids", None) or [])
         markers = set()
@@ -574,6 +586,17 @@ class Engine:
         log.info("loaded %s from %s in %.2fs (%.1f MB)", ref.key, ref.path, time.perf_counter() - started,
                  memory / 1e6)
         return lm
+
+    def _probe(self, model) -> None:
+        """One forward pass over one token, so weights that load but cannot compute (float weights stored as
+        integers, a broken conversion) fail here, as this model's load error, before any request is accepted."""
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        logits = model(mx.array([[0]]), cache=make_prompt_cache(model))  # the call generation makes
+        mx.eval(logits)
+        if not mx.issubdtype(logits.dtype, mx.floating):
+            raise ValueError(f"the forward pass gives {logits.dtype} logits, not floating point")
 
     @staticmethod
     def _context_length(config: dict) -> int | None:
@@ -769,7 +792,10 @@ class Engine:
         inbox = self._inbox
         deadline = time.perf_counter() + STEP_BUDGET_S
         while self._rows and not self._stopping:
-            _, responses = generator.next()
+            try:
+                _, responses = generator.next()
+            except Exception as e:  # the batch is one model's: fail that model's requests, serve the others
+                return self._model_failed(self._active, e)
             if responses:
                 self._on_tokens(responses)
                 self._flush()
@@ -824,6 +850,34 @@ class Engine:
         for r in responses:
             if r.finish_reason is not None:
                 self._rows.pop(r.uid, None)
+
+    def _model_failed(self, lm: LoadedModel, error: Exception) -> None:
+        """A decode step of lm's batch raised: fail its rows and its queued requests, unload it, keep the loop."""
+        log.exception("generation with %s failed; unloading it", lm.key)
+        if _out_of_memory(error):
+            failure = WorkerBusy(f"not enough memory to generate with {lm.key} ({_one_line(error)}); retry")
+        else:
+            failure = ModelFailed(lm.key, f"failed while generating: {_one_line(error)}")
+        for row in self._rows.values():
+            row.ticket.finished = True
+            self._emit(row.ticket, failure.to_event())
+        self._rows.clear()
+        # Queued requests for it would only load it again to fail the same way.
+        for ticket in [t for t in self._waiting if t.request.model.key == lm.key]:
+            self._waiting.remove(ticket)
+            with self._lock:
+                self._n_waiting -= 1
+            self._finish_with_error(ticket, failure)
+        with self._lock:
+            lm.running = 0
+        try:
+            self._unload(lm.key)  # closes the generator too: its state after the failed step is unknown
+        except Exception:  # a generator that cannot even close after the failure: drop it and the model anyway
+            log.exception("closing %s after its failure failed", lm.key)
+            self._generator = self._active = None
+            with self._lock:
+                self._models.pop(lm.key, None)
+        self._flush()
 
     def _finish_row(self, row: Row, finish: str, now: float) -> None:
         if finish == protocol.FINISH_STOP and row.router.made_tool_call:

@@ -32,8 +32,24 @@ class PromptTooLong(InferenceError):
 
 
 class LoadFailed(InferenceError):
+    """The request names no loadable model folder (no directory, no config.json): the caller's mistake."""
     type = protocol.ERR_LOAD_FAILED
-    http_status = 500
+    http_status = 400
+
+
+class ModelFailed(InferenceError):
+    """The model itself failed while loading or generating (a broken conversion: wrong dtypes, shapes that do not
+    match its config). Only its own requests fail; the worker unloads it and keeps serving every other model.
+    422: the request was fine, the model it names cannot process it; retrying will not help."""
+    type = protocol.ERR_MODEL_FAILED
+    http_status = 422
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key.split('@', 1)[0]} {reason}")
+        self.key, self.reason = key, reason
+
+    def to_event(self) -> dict:
+        return {**super().to_event(), "model": self.key, "reason": self.reason}
 
 
 class WorkerBusy(InferenceError):

@@ -54,9 +54,11 @@ Events of a generate request, in order
     {"event": "error", "type": str, "message": str, "status": int, "retryable": bool}
         types: bad_request (400), context_length_exceeded (400, OpenAI's code: the prompt is longer than
         the model's context or the server's prompt limit; the message says "maximum context length is N
-        tokens"), load_failed (500, or 400 when the files
-        are not a loadable model), busy (503, retryable: the waiting queue is full, or the worker
-        is shutting down), internal (500).
+        tokens"), load_failed (400: the path is not a model folder), model_failed (422: the model failed
+        while loading or generating; the worker unloaded it and serves other models on), busy (503,
+        retryable: the waiting queue is full, memory ran out, or the worker is shutting down), internal (500).
+        A model_failed event also carries "model" (the key) and "reason" (one line), which the api
+        records in the index as the model's runtime verdict.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ import json
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 OP_GENERATE = "generate"
 OP_STATUS = "status"
@@ -87,6 +89,7 @@ TERMINAL_EVENTS = frozenset({EV_DONE, EV_ERROR, EV_STATUS, EV_UNLOADED, EV_LOADE
 ERR_BAD_REQUEST = "bad_request"
 ERR_CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 ERR_LOAD_FAILED = "load_failed"
+ERR_MODEL_FAILED = "model_failed"
 ERR_BUSY = "busy"
 ERR_INTERNAL = "internal"
 
@@ -261,8 +264,12 @@ def generate_message(request: GenerateRequest) -> dict:
 # ---- clients -------------------------------------------------------------------------------------------------
 
 
-async def request(socket_path: str, payload: dict) -> AsyncIterator[dict]:
+async def request(socket_path: str, payload: dict, *,
+                  opened: Callable[[asyncio.StreamWriter], None] | None = None) -> AsyncIterator[dict]:
     """Send one request and yield every event up to and including the terminal one.
+
+    `opened(writer)` is called once the connection is up (the api's supervisor keeps it, to abort the
+    connections of a worker that stopped answering).
 
     Closing the iterator early closes the connection, which cancels the request. Close it explicitly
     (`async with contextlib.aclosing(request(...)) as events:`): after a bare `break` the connection
@@ -271,6 +278,8 @@ async def request(socket_path: str, payload: dict) -> AsyncIterator[dict]:
     before a terminal event.
     """
     reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=MAX_LINE_BYTES)
+    if opened is not None:
+        opened(writer)
     try:
         writer.write(encode(payload))
         await writer.drain()
