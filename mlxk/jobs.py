@@ -377,8 +377,10 @@ def _refuse_if_busy(conn, repo_id: str) -> None:
     is rm once; the lock orders them), and jobs whose process died (they never hold anything)."""
     from mlxk.workers.tasks import KINDS
 
-    busy = [j for j in _read(conn, lambda c: jobs_db.active_jobs(c, target=repo_id))
-            if KINDS[j["kind"]].locks_model and j["kind"] != "rm"]
+    # A plain read, not _read: re-queueing a dead rm here would hand it to a worker that then holds the model.
+    busy = [j for j in jobs_db.active_jobs(conn, target=repo_id)
+            if KINDS[j["kind"]].locks_model and j["kind"] != "rm"
+            and not (j["state"] == "running" and not holder_alive(conn, j["worker"]))]
     if busy:
         job = busy[0]
         raise Conflict(f"{repo_id} is in use by job {job['id']} ({job['kind']}, {job['state']}). Wait for it "
