@@ -209,3 +209,38 @@ def test_clone_killed_mid_copy_resumes_its_own_workspace(model_factory, worker_m
     final = _final(job_id)
     assert final["state"] == "succeeded", final
     assert (dest / "config.json").is_file() and not list(tmp_path.glob(".workspace.mlxk-clone-*"))
+
+
+# ---------------------------------------------------------------- mlxk serve keeps a worker
+
+def test_serve_resumes_the_job_of_a_killed_worker_with_nobody_reading(hub_server, hub, tmp_path_factory):
+    import signal
+    import sqlite3
+
+    from tests.fixtures.jobs import hub_env
+    from tests.fixtures.server import spawn_server
+
+    root = tmp_path_factory.mktemp("keeper")
+    home = root / "mlxk"
+    srv = spawn_server(root, env=hub_env(hub_server))
+
+    def row(job_id):   # state.db read directly: no mlxk reader may notice the dead worker for the api
+        with sqlite3.connect(home / "state.db", timeout=10) as conn:
+            return dict(zip(("state", "worker", "bytes_done", "attempts"), conn.execute(
+                "SELECT state, worker, bytes_done, attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()))
+
+    try:
+        repo = hub.unique_repo("org/served")
+        hub.add_repo(repo, big_files(3 * MiB))
+        hub.faults.rate_limit_bps = 1 * MiB
+        with srv.http(timeout=30) as http:
+            job_id = http.post("/api/jobs/pull", json={"model": repo}).json()["id"]
+        running = wait_for(lambda: (row(job_id)["bytes_done"] or 0) > 0 and row(job_id), timeout=30)
+        os.kill(int(running["worker"].split(":")[1]), signal.SIGKILL)
+        hub.faults.rate_limit_bps = None
+
+        final = wait_for(lambda: row(job_id)["state"] in FINISHED and row(job_id), timeout=40)
+        assert final["state"] == "succeeded" and final["attempts"] == 2, final
+    finally:
+        srv.stop()
+        reap_background_workers(home)
