@@ -88,6 +88,13 @@ def enqueue_push(workspace: Path, repo_id: str, *, private: bool = False, public
     return _enqueue("push", repo_id, args)
 
 
+def runs_inline(kind: str) -> bool:
+    """Does a job of `kind` run inside the command that asks for it (workers.tasks.KINDS)?"""
+    from mlxk.workers.tasks import KINDS
+
+    return KINDS[kind].inline
+
+
 def check_workspace(directory: Path) -> list[dict]:
     """The findings (JSON-ready dicts) that would block pushing `directory`; offline, no job."""
     from mlxk import hub
@@ -231,7 +238,7 @@ def follow(job_id: str, on_update=None, *, poll_s: float = 0.25, timeout_s: floa
     next_check = time.monotonic() + STALE_S / 2
     with closing(connect()) as conn:
         while True:
-            rows = _read(conn, lambda c: [jobs_db.get_job(c, job_id)] if jobs_db.get_job(c, job_id) else [])
+            rows = _read(conn, lambda c: [row for row in [jobs_db.get_job(c, job_id)] if row])
             if not rows:
                 raise JobNotFound(f"job {job_id} disappeared from {settings().state_db}.", id=job_id)
             job = job_object(rows[0])

@@ -1,10 +1,15 @@
-"""The tasks: thin adapters from a job id to a domain call (mlxk.hub, mlxk.clone, mlxk.cache, mlxk.index).
+"""The tasks: one table of job kinds (KINDS: name, handler, priority, dedupe, lock, inline) and thin handlers from a
+job to a domain call (mlxk.hub, mlxk.clone, mlxk.cache, mlxk.index).
 
-Each task takes only a job id (Huey pickles its arguments), claims the job — which takes the per-model lock and
-marks it running in one transaction —, calls the domain with a progress reporter and a cooperative stop check
-bound to the row, and stores the result on the row. Outcomes (succeeded / failed / cancelled / re-queued) are
-written by the Huey signal receivers in workers.signals. A job whose model is held by another job waits: the
-task asks Huey to retry it a second later instead of failing.
+Each Huey task is named as its kind and takes the job id plus the job's spec (Huey pickles its arguments; the spec
+gives the row back if state.db is rebuilt meanwhile). It claims the job — which takes the per-model lock and marks
+it running in one transaction —, calls the handler with a JobContext: the settings the queuing command had
+(workers.jobsettings), a progress reporter and a cooperative stop check bound to the row. Outcomes (succeeded /
+failed / cancelled / re-queued) are written by the Huey signal receivers in workers.signals. A job whose model is
+held by another job waits: the task asks Huey to retry it a second later instead of failing.
+
+Named pause points (mlxk.faults) for tests: `<kind>.progress` after each progress write, `rm.moving` and
+`rm.deleting` around rm's one rename, `clone.copying` after each file a clone copies.
 
 Heavy imports (huggingface_hub through mlxk.hub, mlx-lm through mlxk.index) happen inside the tasks, so a
 worker starts in a fraction of a second.

@@ -127,7 +127,7 @@ def _queued(outcome: jobs.Enqueued, wait: bool) -> Output:
         say(f"Queued {job['kind']} of {job['target']} as job {job['id']}.")
     if wait:
         return follow_job(job["id"])
-    if job["kind"] != "rm":
+    if not jobs.runs_inline(job["kind"]):
         say(f"Follow it with `mlxk jobs watch {job['id']}`.")
     data = dict(job, existing=not outcome.created)
     if outcome.retry_of:
