@@ -60,16 +60,14 @@ def test_worker_killed_mid_pull_is_shown_interrupted_and_resumes_without_user_ac
     assert job_row(job_id)["state"] == "running"   # what the dead worker left behind
 
     # Every view, at once: not "running", but interrupted and resuming.
-    result, doc = run_json("jobs")
-    listed = next(j for j in doc["data"] if j["id"] == job_id)
-    assert listed["state"] in ("queued", "running", "succeeded"), listed
-    if listed["state"] == "queued":
-        assert "interrupted" in listed["message"] and "resuming" in listed["message"], listed
-    else:   # already picked up again by the worker the view started
-        assert listed["worker"] != job_row(job_id)["worker"] or listed["attempts"] >= 2
-    shown = run_json("jobs", "show", job_id)[1]["data"]
-    assert shown["state"] != "running" or shown["attempts"] >= 2, shown
-    assert _api_job(job_id)["attempts"] >= 1
+    # The first view notices and re-queues it (the worker it starts needs far longer than the re-read to claim it).
+    listed = next(j for j in run_json("jobs")[1]["data"] if j["id"] == job_id)
+    assert listed["state"] == "queued", listed
+    assert "interrupted" in listed["message"] and "resuming" in listed["message"], listed
+    assert str(first.pid) in listed["message"]
+    # The others agree: queued and interrupted, or already running again under a new attempt.
+    for view in (run_json("jobs", "show", job_id)[1]["data"], _api_job(job_id)):
+        assert (view["state"] == "queued" and "interrupted" in view["message"]) or view["attempts"] == 2, view
 
     # Nobody runs anything more: the worker the view started finishes the job.
     final = _final(job_id)

@@ -50,8 +50,9 @@ class JobContext:
     bookkeeping and throttled stop checks.
     """
 
-    def __init__(self, job: dict, task_id: str):
+    def __init__(self, job: dict, task_id: str, *, inline: bool = False):
         self.job = job
+        self.inline = inline                    # run by the command that asked for it, not by a worker
         self.job_id = job["id"]
         self.task_id = task_id
         self.settings = jobsettings.load(job)   # the queuing command's endpoint, cache and token
@@ -260,7 +261,8 @@ def run_rm(job: dict, ctx: JobContext) -> dict:
     record = cache.read_trash_plan(trash)
     if record is None:
         cache.empty_trash(trash)   # a plan written before the kill, nothing moved yet
-        _refuse_if_superseded(job)
+        if not ctx.inline:         # a worker runs an rm only to recover it: a newer job on the model wins
+            _refuse_if_superseded(job)
         plan = cache.plan_remove(cache_dir, repo, ctx.args.get("revision"))
         ctx.phase("removing")
         checkpoint("rm.moving")
@@ -278,8 +280,6 @@ def run_rm(job: dict, ctx: JobContext) -> dict:
 
 
 def _refuse_if_superseded(job: dict) -> None:
-    if (job.get("attempts") or 0) <= 1:
-        return   # a first attempt: whatever was queued after it waits for it, as the lock says
     with closing(connect()) as conn:
         newer = [j for j in jobs_db.newer_jobs(conn, job) if KINDS.get(j["kind"]) and KINDS[j["kind"]].locks_model]
     if newer:
@@ -436,7 +436,7 @@ def _claim(job_id: str, task_id: str, spec: dict | None):
                              holder_alive=lambda worker: holder_alive(conn, worker))
 
 
-def execute(job_id: str, task_id: str, spec: dict | None = None):
+def execute(job_id: str, task_id: str, spec: dict | None = None, *, inline: bool = False):
     """Claim and run one job; None when there is nothing to do (stale task, cancelled), else the result dict.
 
     Raises RetryLater when the model is held by another job, MlxkError / Cancelled for the outcome.
@@ -453,7 +453,7 @@ def execute(job_id: str, task_id: str, spec: dict | None = None):
         log.info("job %s: task %s has nothing to do (%s)", job_id, task_id, outcome)
         return None
     log.info("job %s: %s %s (attempt %s)", job_id, job["kind"], job["target"], job["attempts"])
-    with closing(JobContext(job, task_id)) as ctx:
+    with closing(JobContext(job, task_id, inline=inline)) as ctx:
         result = KINDS[job["kind"]].handler(job, ctx)
     with closing(connect()) as conn:
         jobs_db.update_job(conn, job_id, where_state="running", where_task=task_id, result=result)
@@ -469,7 +469,7 @@ def run_inline(job_id: str) -> dict:
     with closing(connect()) as conn:
         task_id = jobs_db.get_job(conn, job_id)["task_id"]
     try:
-        result = execute(job_id, task_id)
+        result = execute(job_id, task_id, inline=True)
     except RetryLater as busy:
         error = Conflict(f"the model is in use by job {busy.args[0]}; retry when it has finished.",
                          job_id=busy.args[0])
