@@ -18,9 +18,9 @@ FINISHED = ("succeeded", "failed", "cancelled")
 COLUMNS = (
     "id", "kind", "target", "args", "state", "bytes_done", "bytes_total", "files_done", "files_total", "rate",
     "eta", "message", "error", "result", "attempts", "cancel_requested", "task_id", "worker", "created_at",
-    "started_at", "finished_at", "updated_at",
+    "started_at", "finished_at", "updated_at", "settings",
 )
-_JSON_COLUMNS = ("args", "error", "result")
+_JSON_COLUMNS = ("args", "error", "result", "settings")
 
 
 def now_iso() -> str:
@@ -121,25 +121,53 @@ def cancel_requested(db, job_id: str) -> int:
 # ---------------------------------------------------------------- writes
 
 def create_job(db, *, id: str, kind: str, target: str, args: dict, task_id: str, message: str | None = None,
-               dedupe: bool = False) -> tuple[dict, bool]:
-    """Insert a queued job; with `dedupe`, an active job of the same kind and target is returned instead.
+               dedupe: bool = False, settings: dict | None = None) -> tuple[dict, bool]:
+    """Insert a queued job; with `dedupe`, an active job of the same kind, target and settings is returned instead.
 
     Returns (job, created). The check and the insert share one IMMEDIATE transaction, so two CLIs pulling the
-    same repo at once get one job.
+    same repo at once get one job; a pull of the same repo into another cache (or from another Hub) is another job.
     """
     stamp = now_iso()
+    encoded = json.dumps(settings, sort_keys=True) if settings is not None else None
     with _write(db) as conn:
         if dedupe:
             row = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE kind = ? AND target = ? AND state IN "
-                               "('queued', 'running') ORDER BY created_at LIMIT 1", (kind, target)).fetchone()
+                               "('queued', 'running') AND settings IS ? ORDER BY created_at LIMIT 1",
+                               (kind, target, encoded)).fetchone()
             if row is not None:
                 return _decode(row), False
         conn.execute(
             "INSERT INTO jobs (id, kind, target, args, state, task_id, message, attempts, cancel_requested, "
-            "bytes_done, files_done, created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, 0, 0, 0, 0, ?, ?)",
-            (id, kind, target, json.dumps(args), task_id, message, stamp, stamp),
+            "bytes_done, files_done, created_at, updated_at, settings) "
+            "VALUES (?, ?, ?, ?, 'queued', ?, ?, 0, 0, 0, 0, ?, ?, ?)",
+            (id, kind, target, json.dumps(args), task_id, message, stamp, stamp, encoded),
         )
     return get_job(db, id), True
+
+
+def restore_job(db, spec: dict, *, task_id: str, state: str, message: str, worker: str | None = None,
+                attempts: int = 0) -> bool:
+    """Re-create the row of a job whose row is gone (state.db rebuilt) from what its task carries (`spec`: id, kind,
+    target, args, settings, created_at). False when the row exists (nothing written)."""
+    stamp = now_iso()
+    with _write(db) as conn:
+        cursor = conn.execute(
+            "INSERT OR IGNORE INTO jobs (id, kind, target, args, state, task_id, worker, message, attempts, "
+            "cancel_requested, bytes_done, files_done, created_at, started_at, updated_at, settings) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 0, ?, ?, ?, ?)",
+            (spec["id"], spec["kind"], spec["target"], json.dumps(spec.get("args") or {}), state, task_id, worker,
+             message, attempts, spec.get("created_at") or stamp, stamp if state == "running" else None, stamp,
+             json.dumps(spec["settings"], sort_keys=True) if spec.get("settings") is not None else None))
+        return cursor.rowcount > 0
+
+
+def newer_jobs(db, job: dict, *, kinds=None) -> list[dict]:
+    """Jobs on the same target created after `job` (of `kinds`, default any), oldest first."""
+    clauses, params = ["target = ?", "id != ?", "created_at > ?"], [job["target"], job["id"], job["created_at"]]
+    if kinds:
+        clauses.append(f"kind IN ({', '.join('?' * len(kinds))})")
+        params.extend(kinds)
+    return _select(db, f"WHERE {' AND '.join(clauses)} ORDER BY created_at", params)
 
 
 def update_job(db, job_id: str, *, where_state=None, where_task: str | None = None, **fields) -> bool:
@@ -162,13 +190,14 @@ def update_job(db, job_id: str, *, where_state=None, where_task: str | None = No
 
 
 def set_progress(db, job_id: str, *, task_id: str, bytes_done, bytes_total, files_done, files_total, rate, eta,
-                 message) -> None:
+                 message) -> bool:
+    """True when the row was written (it exists, is running and held by `task_id`)."""
     with _write(db) as conn:
-        conn.execute(
+        return conn.execute(
             "UPDATE jobs SET bytes_done = ?, bytes_total = ?, files_done = ?, files_total = ?, rate = ?, eta = ?, "
             "message = ?, updated_at = ? WHERE id = ? AND task_id = ? AND state = 'running'",
             (bytes_done, bytes_total, files_done, files_total, rate, eta, message, now_iso(), job_id, task_id),
-        )
+        ).rowcount > 0
 
 
 def claim(db, job_id: str, *, task_id: str, worker: str, lock_key: str | None, holder_alive) -> tuple[str, dict | None]:
@@ -229,10 +258,11 @@ def register_worker(db, *, id: str, kind: str, pid: int, host: str) -> None:
                      "VALUES (?, ?, ?, ?, ?, ?, ?)", (id, kind, pid, host, stamp, stamp, ts))
 
 
-def heartbeat(db, worker_id: str) -> None:
+def heartbeat(db, worker_id: str) -> bool:
+    """False when the worker has no row (state.db was rebuilt): the caller registers it again."""
     with _write(db) as conn:
-        conn.execute("UPDATE workers SET heartbeat_at = ?, heartbeat_ts = ? WHERE id = ?",
-                     (now_iso(), time.time(), worker_id))
+        return conn.execute("UPDATE workers SET heartbeat_at = ?, heartbeat_ts = ? WHERE id = ?",
+                            (now_iso(), time.time(), worker_id)).rowcount > 0
 
 
 def remove_worker(db, worker_id: str) -> None:

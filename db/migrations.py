@@ -101,3 +101,9 @@ def m003_workers(db):
 @migration
 def m004_meta(db):
     db["meta"].create({"key": str, "value": str}, pk="key")
+
+
+@migration
+def m005_job_settings(db):
+    # The Hub endpoint and cache directory of the command that queued the job (JSON); never a secret.
+    db["jobs"].add_column("settings", str)

@@ -234,19 +234,99 @@ def plan_remove(cache_dir: Path, repo_id: str, revision: str | None = None) -> R
     return RemovalPlan(repo_id, [revision], paths, sum(p.stat().st_size for p in drop), whole_repo=False)
 
 
-def apply_remove(cache_dir: Path, plan: RemovalPlan) -> None:
-    import shutil  # not at the top: it pulls in bz2/lzma, and `list` imports this module
+TRASH_PREFIX = ".trash-"     # <cache>/.trash-<job id>/: what an rm took out of the cache, until it is deleted
+_PLAN = "plan.json"
+
+
+def trash_dir(cache_dir: Path, job_id: str) -> Path:
+    """Where the rm job `job_id` moves what it removes; no `models--` prefix, so no reader sees it as a repo."""
+    return Path(cache_dir) / f"{TRASH_PREFIX}{job_id}"
+
+
+def trash_dirs(cache_dir: Path) -> dict[str, Path]:
+    """{job id: folder} of every trash folder in the cache (leftovers of an interrupted rm among them)."""
+    try:
+        entries = list(os.scandir(cache_dir))
+    except OSError:
+        return {}
+    return {e.name[len(TRASH_PREFIX):]: Path(e.path) for e in entries if e.name.startswith(TRASH_PREFIX)}
+
+
+def _moved_name(plan: dict) -> str:
+    return repo_folder_name(plan["repo_id"]) if plan["whole_repo"] else f"snapshot-{plan['revisions'][0]}"
+
+
+def read_trash_plan(trash: Path) -> dict | None:
+    """The removal a trash folder belongs to (`repo_id, revisions, whole_repo, blobs, bytes_freed`), or None when
+    its one rename never happened (the folder holds only a plan, or nothing)."""
+    import json
+
+    try:
+        plan = json.loads((trash / _PLAN).read_text())
+    except (OSError, ValueError):
+        return None
+    return plan if (trash / _moved_name(plan)).exists() else None
+
+
+def move_to_trash(cache_dir: Path, plan: RemovalPlan, trash: Path) -> dict:
+    """The destructive step of rm, atomic as every reader sees it: ONE rename takes the repo (or the revision's
+    snapshot folder) out of the cache into `trash`; `finish_trash` does the rest. Returns the recorded plan."""
+    import json
 
     path = repo_dir(cache_dir, plan.repo_id)
-    if plan.whole_repo:
-        shutil.rmtree(path, ignore_errors=False)
-    else:
-        for target in plan.paths:
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
-        for ref, sha in refs(path).items():
-            if sha in plan.revisions:
-                (path / "refs" / ref).unlink(missing_ok=True)
-    shutil.rmtree(lock_dir(cache_dir, plan.repo_id), ignore_errors=True)
+    record = {"repo_id": plan.repo_id, "revisions": plan.revisions, "whole_repo": plan.whole_repo,
+              "bytes_freed": plan.bytes_freed,
+              "blobs": [] if plan.whole_repo else [p.name for p in plan.paths[1:]]}
+    trash.mkdir(parents=True, exist_ok=True)
+    (trash / _PLAN).write_text(json.dumps(record))
+    source = path if plan.whole_repo else path / "snapshots" / plan.revisions[0]
+    try:
+        os.rename(source, trash / _moved_name(record))
+    except FileNotFoundError:
+        raise CacheError(f"{plan.repo_id} changed while it was being removed ({source.name} is gone); "
+                         f"run `mlxk rm {plan.repo_id}` again.") from None
+    return record
+
+
+def finish_trash(cache_dir: Path, trash: Path, record: dict) -> None:
+    """The rest of a removal whose rename happened; safe to repeat after a kill. For one revision: refs that name
+    it go (as huggingface_hub's delete_revisions does), then its blobs that no snapshot left in the repo uses
+    (a newer pull that brought the revision back keeps its refs and blobs)."""
+    import shutil
+
+    path = repo_dir(cache_dir, record["repo_id"])
+    if record["whole_repo"]:
+        shutil.rmtree(lock_dir(cache_dir, record["repo_id"]), ignore_errors=True)
+        return
+    remaining = list_revisions(path)
+    gone = [r for r in record["revisions"] if r not in remaining]
+    for ref, sha in refs(path).items():
+        if sha in gone:
+            (path / "refs" / ref).unlink(missing_ok=True)
+    keep: set[Path] = set()
+    for other in remaining:
+        keep.update(f.target for f in snapshot_files(path / "snapshots" / other) if f.target)
+    (trash / "blobs").mkdir(exist_ok=True)
+    for name in record["blobs"]:
+        blob = path / "blobs" / name
+        if blob.exists() and blob.resolve() not in keep:
+            os.rename(blob, trash / "blobs" / name)
+
+
+def empty_trash(trash: Path) -> None:
+    import shutil
+
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def apply_remove(cache_dir: Path, plan: RemovalPlan, *, trash: Path | None = None) -> None:
+    """Remove what `plan` names through `trash` (move aside in one rename, finish, delete)."""
+    if trash is None:
+        import uuid
+
+        trash = trash_dir(cache_dir, uuid.uuid4().hex[:12])
+    if plan.whole_repo and not repo_dir(cache_dir, plan.repo_id).exists():
+        return
+    record = move_to_trash(cache_dir, plan, trash)
+    finish_trash(cache_dir, trash, record)
+    empty_trash(trash)

@@ -38,8 +38,20 @@ class CloneResult:
     method: str      # "clonefile" | "reflink" | "copy" (the weakest method any file needed)
 
 
-def clone(snapshot: Path, dest: Path, *, progress=None) -> CloneResult:
-    """Copy every file of `snapshot` (symlinks resolved) into `dest`, which must not exist or be empty."""
+def staging_dir(dest: Path, owner: str) -> Path:
+    """Where the clone by `owner` (a job id) is written before it becomes `dest`: a hidden sibling, same folder, so
+    the publishing rename stays on one filesystem. Its name marks the work as `owner`'s: a retry of the same job
+    finds it and starts it over; nobody else's output is ever taken for its own."""
+    return dest.parent / f".{dest.name}.mlxk-clone-{owner}"
+
+
+def clone(snapshot: Path, dest: Path, *, progress=None, owner: str | None = None) -> CloneResult:
+    """Copy every file of `snapshot` (symlinks resolved) into `dest`, which must not exist or be empty.
+
+    With `owner`, the files go to `staging_dir(dest, owner)` first and `dest` appears in one rename when all are
+    there: a clone killed half-way leaves `dest` as it was, and the owner's next attempt restarts its staging.
+    """
+    from mlxk.faults import checkpoint
     from mlxk.hub import Progress   # the one progress shape of the domain
 
     snapshot, dest = Path(snapshot), Path(dest)
@@ -48,10 +60,14 @@ def clone(snapshot: Path, dest: Path, *, progress=None) -> CloneResult:
     _check_dest(dest)
     files = _list(snapshot)
     total = sum(size for _rel, _src, size in files)
-    dest.mkdir(parents=True, exist_ok=True)
+    work = staging_dir(dest, owner) if owner else dest
+    if owner and work.exists():
+        log.info("restarting the unfinished clone in %s", work)
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
     done, method, last = 0, None, 0.0
     for index, (rel, src, size) in enumerate(files, 1):
-        target = dest / rel
+        target = work / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         used = copy_file(src, target)
         method = used if method is None or _STRENGTH[used] > _STRENGTH[method] else method
@@ -59,9 +75,24 @@ def clone(snapshot: Path, dest: Path, *, progress=None) -> CloneResult:
         if progress and (index == len(files) or time.monotonic() - last >= 0.25):
             last = time.monotonic()
             progress(Progress(done, total, index, len(files), rel))
+        checkpoint("clone.copying")
+    if owner:
+        _publish(work, dest)
     method = method or "copy"
     log.info("cloned %s to %s: %d files, %d bytes by %s", snapshot, dest, len(files), total, method)
     return CloneResult(dest, len(files), total, method)
+
+
+def _publish(work: Path, dest: Path) -> None:
+    """`work` becomes `dest` in one rename (POSIX rename replaces an empty folder, never a non-empty one)."""
+    try:
+        os.rename(work, dest)
+    except OSError as error:
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            shutil.rmtree(work, ignore_errors=True)
+            raise errors.Conflict(f"{dest} was filled by something else while the clone ran; nothing was "
+                                  "overwritten. Clone into a new or empty folder.", path=str(dest)) from None
+        raise
 
 
 def _check_dest(dest: Path) -> None:

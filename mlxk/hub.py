@@ -104,7 +104,9 @@ class RemoteFile:
 # HTTP: one client per call, errors mapped to the mlxk family
 
 
-def _token(token: str | None) -> str | None:
+def _token(token: str | bool | None) -> str | None:
+    if token is False:   # the caller decided there is none (a job queued without a token): never fall back
+        return None
     if token:
         return token
     from mlxk.config import settings

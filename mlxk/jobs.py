@@ -1,36 +1,30 @@
-"""Jobs as the CLI (and the api) see them: enqueue, find, follow, cancel, retry, and keep a worker alive.
+"""Jobs as the CLI (and the api) see them: enqueue, find, follow, cancel, retry.
 
 Why this layer: a job command must return in a few hundred milliseconds, so nothing here imports
-huggingface_hub or mlx; it writes a row to state.db, hands Huey a task id, and makes sure some consumer is
-alive to run it (starting one in the background when none is). The worker side (workers/) does the work and
-moves the row through its states; this module only reads those states, and requests cancels.
+huggingface_hub or mlx; it asks workers.queue to record and queue the job (with this command's settings, see
+workers.jobsettings) and workers.process to make sure some consumer is alive to run it. What a kind means
+(priority, dedupe, lock, inline) is declared once, in workers.tasks.KINDS. Imports go one way: this module uses
+workers/, never the reverse. Every read notices jobs whose worker died (workers.process.notice_dead), so no view
+shows a dead job as running.
 """
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import subprocess
-import sys
 import time
-import uuid
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxk import db as statedb
-from mlxk.db import jobs as jobs_db
 from mlxk.config import settings
-from mlxk.locks import file_lock
-from mlxk.errors import (Conflict, InvalidName, JobCancelled, JobFailed, JobNotFound, AmbiguousMatch, MlxkError,
-                         ModelNotFound)
+from mlxk.db import jobs as jobs_db
+from mlxk.errors import (AmbiguousMatch, Cancelled, Conflict, InvalidName, JobCancelled, JobFailed, JobNotFound,
+                         MlxkError, ModelNotFound)
+from mlxk.workers import process
+# Re-exported for callers that ask the jobs layer about processes (the server's runtime, tests).
+from mlxk.workers.process import STALE_S, connect, ensure_worker, holder_alive, live_workers, pid_alive  # noqa: F401
 
 log = logging.getLogger("mlxk.jobs")
 
-HEARTBEAT_S = 2.0        # a worker writes its heartbeat this often
-STALE_S = 10.0           # a heartbeat older than this (on another host) means the worker is gone
-USER_PRIORITY = 10       # user jobs run before background scans
-SCAN_PRIORITY = 0
 RESCAN_AFTER_S = 30.0    # request_scan does not repeat a scan of the same repos that ended this recently
 RECENT_FINISHED = 10     # `mlxk jobs` shows every active job and this many finished ones
 
@@ -43,134 +37,18 @@ class Enqueued:
     retry_of: str | None = None
 
 
-# ---------------------------------------------------------------- ids and liveness
-
-def new_id() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-def hostname() -> str:
-    return socket.gethostname()
-
-
-def process_id(pid: int | None = None) -> str:
-    """`host:pid:start` — the start time makes a reused pid a different process."""
-    pid = pid or os.getpid()
-    return f"{hostname()}:{pid}:{int(_create_time(pid) or 0)}"
-
-
-def _create_time(pid: int) -> float | None:
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-
-
-def pid_alive(pid: int) -> bool:
-    """True for a running process; a zombie (exited, not reaped) is not alive."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
-def holder_alive(conn, worker_id: str | None) -> bool:
-    """Is the process that holds a job still there? Same host: its pid (and start time); else its heartbeat."""
-    if not worker_id:
-        return False
-    host, _, rest = worker_id.partition(":")
-    pid_text, _, start = rest.partition(":")
-    if host == hostname() and pid_text.isdigit():
-        pid = int(pid_text)
-        if not pid_alive(pid):
-            return False
-        created = _create_time(pid)
-        return not (start.isdigit() and created is not None and abs(int(created) - int(start)) > 1)
-    row = jobs_db.get_worker(conn, worker_id)
-    return bool(row and row["heartbeat_ts"] and row["heartbeat_ts"] >= time.time() - STALE_S)
-
-
-def live_workers(conn) -> list[dict]:
-    fresh = jobs_db.workers(conn, kind="queue", fresh_after=time.time() - STALE_S)
-    return [w for w in fresh if w["host"] != hostname() or pid_alive(w["pid"])]
-
-
-# ---------------------------------------------------------------- state.db
-
-def connect():
-    """A raw connection to state.db (the fast path: no sqlite-utils import)."""
-    return statedb.connect(settings().state_db)
-
-
-# ---------------------------------------------------------------- worker start
-
-def _pidfile_alive(path: Path) -> bool:
-    try:
-        pid = int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return False
-    return pid_alive(pid)
-
-
-def worker_pidfile(config=None) -> Path:
-    """Where the background worker's pid goes; `config` saves a caller that holds settings() reading them again."""
-    return (config or settings()).run_dir / "worker.pid"
-
-
-def ensure_worker(conn=None) -> int | None:
-    """Start a background consumer when none is alive; the pid of the one started, else None.
-
-    A lock file makes two CLIs racing here start one worker; the pid file covers the second or so between the
-    start and the new worker's first heartbeat.
-    """
-    s = settings()
-    own = conn is None
-    conn = conn or connect()
-    try:
-        if live_workers(conn):
-            return None
-        s.log_dir.mkdir(parents=True, exist_ok=True)
-        with file_lock(s.run_dir / "worker.lock"):
-            if live_workers(conn) or _pidfile_alive(worker_pidfile(s)):
-                return None
-            with open(s.log_dir / "worker.log", "ab") as logfile:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "mlxk.workers", "--background"],
-                    stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
-                    start_new_session=True, close_fds=True, cwd=str(s.home),
-                )
-            worker_pidfile(s).write_text(f"{proc.pid}\n")
-            log.info("started a background worker, pid %s", proc.pid)
-            return proc.pid
-    finally:
-        if own:
-            conn.close()
-
-
 # ---------------------------------------------------------------- enqueue
 
-def _enqueue(kind: str, target: str, args: dict, *, dedupe: bool = False, message: str | None = None,
-             start_worker: bool = True, priority: int = USER_PRIORITY) -> Enqueued:
+def _enqueue(kind: str, target: str, args: dict, *, message: str | None = None, start_worker: bool = True,
+             dedupe: bool | None = None) -> Enqueued:
     from mlxk.workers import queue
+    from mlxk.workers.tasks import KINDS
 
-    huey = queue.get_huey()   # first: a broken queue.db fails before a row is written
-    job_id = new_id()
+    dedupe = KINDS[kind].dedupe if dedupe is None else dedupe
+    job, created = queue.submit(kind, target, args, message=message, dedupe=dedupe)
     with closing(connect()) as conn:
-        job, created = jobs_db.create_job(conn, id=job_id, kind=kind, target=target, args=args, task_id=job_id,
-                                          message=message or "queued", dedupe=dedupe)
-        if created:
-            try:
-                queue.enqueue(huey, kind, job_id, task_id=job_id, priority=priority)
-            except Exception as error:  # noqa: BLE001 — record why, then let it surface
-                jobs_db.finish(conn, job_id, state="failed", from_states=("queued",),
-                               error={"type": "state_error", "message": f"could not enqueue: {error}"})
-                raise
         started = ensure_worker(conn) if start_worker else None
-        return Enqueued(job=job_object(jobs_db.get_job(conn, job["id"])), created=created, worker_started=started)
+    return Enqueued(job=job_object(job), created=created, worker_started=started)
 
 
 def enqueue_pull(name: str, *, include=(), exclude=()) -> Enqueued:
@@ -181,7 +59,7 @@ def enqueue_pull(name: str, *, include=(), exclude=()) -> Enqueued:
     except InvalidName as error:
         raise InvalidName(f"{error.message} `mlxk pull` needs the full repo id.", **error.details) from None
     args = {"revision": ref.revision, "include": list(include) or None, "exclude": list(exclude) or None}
-    return _enqueue("pull", ref.repo, args, dedupe=True)
+    return _enqueue("pull", ref.repo, args)
 
 
 def enqueue_clone(name: str, dest: Path) -> Enqueued:
@@ -210,34 +88,29 @@ def enqueue_push(workspace: Path, repo_id: str, *, private: bool = False, public
     return _enqueue("push", repo_id, args)
 
 
+def runs_inline(kind: str) -> bool:
+    """Does a job of `kind` run inside the command that asks for it (workers.tasks.KINDS)?"""
+    from mlxk.workers.tasks import KINDS
+
+    return KINDS[kind].inline
+
+
+def check_workspace(directory: Path) -> list[dict]:
+    """The findings (JSON-ready dicts) that would block pushing `directory`; offline, no job."""
+    from mlxk import hub
+    from mlxk.workers.tasks import plain
+
+    return plain(hub.check_workspace(directory))
+
+
 def enqueue_scan(repos=None, *, force: bool = False, start_worker: bool = True) -> Enqueued:
     """A health scan (all repos, or `repos`); joins a scan that is still queued rather than adding another."""
-    repos = sorted(set(repos)) if repos else None
+    from mlxk.workers import queue
+
+    job, created = queue.submit_scan(repos, force=force)
     with closing(connect()) as conn:
-        pending = jobs_db.list_jobs(conn, states=("queued",), kind="scan", limit=1)
-        if pending:
-            job = pending[0]
-            merged = _merge_scan_args(job["args"] or {}, repos, force)
-            if merged != job["args"]:
-                jobs_db.update_job(conn, job["id"], where_state="queued", args=merged,
-                                   target=_scan_target(merged.get("repos")))
-            started = ensure_worker(conn) if start_worker else None
-            return Enqueued(job=job_object(jobs_db.get_job(conn, job["id"])), created=False, worker_started=started)
-    return _enqueue("scan", _scan_target(repos), {"repos": repos, "force": force},
-                    start_worker=start_worker, priority=SCAN_PRIORITY)
-
-
-def _merge_scan_args(args: dict, repos, force: bool) -> dict:
-    current = args.get("repos")
-    merged = None if current is None or repos is None else sorted(set(current) | set(repos))
-    return {"repos": merged, "force": bool(args.get("force")) or force}
-
-
-def _scan_target(repos: list[str] | None) -> str:
-    """What `mlxk jobs` shows as a scan's target; the full list stays in its args."""
-    if repos is None:
-        return "*"
-    return repos[0] if len(repos) == 1 else f"{repos[0]} and {len(repos) - 1} more"
+        started = ensure_worker(conn) if start_worker else None
+    return Enqueued(job=job_object(job), created=created, worker_started=started)
 
 
 def request_scan(repo_ids) -> str | None:
@@ -296,6 +169,7 @@ def job_object(row: dict) -> dict:
         "cancel_requested": bool(row.get("cancel_requested")),
         "worker": row.get("worker"),
         "task_id": row.get("task_id"),
+        "settings": row.get("settings"),
         "created_at": row.get("created_at"),
         "started_at": row.get("started_at"),
         "finished_at": row.get("finished_at"),
@@ -320,24 +194,42 @@ def find_job(conn, prefix: str) -> dict:
     raise JobNotFound(f"no job matches {prefix!r}. List jobs with `mlxk jobs --all`.", id=prefix)
 
 
+def _read(conn, fetch):
+    """Rows from `fetch(conn)`, after any whose worker died was re-queued (read again when one was)."""
+    rows = fetch(conn)
+    if process.notice_dead(conn, rows):
+        rows = fetch(conn)
+    return rows
+
+
 def get(prefix: str) -> dict:
     with closing(connect()) as conn:
-        return job_object(find_job(conn, prefix))
+        return job_object(_read(conn, lambda c: [find_job(c, prefix)])[0])
 
 
 def list_jobs(*, all_jobs: bool = False, states=None, kind: str | None = None) -> list[dict]:
-    with closing(connect()) as conn:
+    def fetch(conn):
         if all_jobs or states:
-            rows = jobs_db.list_jobs(conn, states=states, kind=kind)
-        else:
-            rows = jobs_db.list_jobs(conn, states=jobs_db.ACTIVE, kind=kind)
-            rows += jobs_db.list_jobs(conn, states=jobs_db.FINISHED, kind=kind, limit=RECENT_FINISHED)
-        return [job_object(r) for r in rows]
+            return jobs_db.list_jobs(conn, states=states, kind=kind)
+        return (jobs_db.list_jobs(conn, states=jobs_db.ACTIVE, kind=kind)
+                + jobs_db.list_jobs(conn, states=jobs_db.FINISHED, kind=kind, limit=RECENT_FINISHED))
+
+    with closing(connect()) as conn:
+        return [job_object(r) for r in _read(conn, fetch)]
 
 
 def active(*, kind: str | None = None, target: str | None = None) -> list[dict]:
     with closing(connect()) as conn:
-        return [job_object(r) for r in jobs_db.active_jobs(conn, kind=kind, target=target)]
+        return [job_object(r) for r in _read(conn, lambda c: jobs_db.active_jobs(c, kind=kind, target=target))]
+
+
+def keep_worker() -> int | None:
+    """For a long-lived reader (`mlxk serve`, every few seconds): while jobs are queued or running, re-queue those
+    whose worker died and keep a worker alive; the pid of a worker started, else None."""
+    with closing(connect()) as conn:
+        if not _read(conn, lambda c: jobs_db.active_jobs(c)):
+            return None
+        return ensure_worker(conn)
 
 
 def follow(job_id: str, on_update=None, *, poll_s: float = 0.25, timeout_s: float | None = None) -> dict:
@@ -346,36 +238,37 @@ def follow(job_id: str, on_update=None, *, poll_s: float = 0.25, timeout_s: floa
     next_check = time.monotonic() + STALE_S / 2
     with closing(connect()) as conn:
         while True:
-            row = jobs_db.get_job(conn, job_id)
-            if row is None:
+            rows = _read(conn, lambda c: [row for row in [jobs_db.get_job(c, job_id)] if row])
+            if not rows:
                 raise JobNotFound(f"job {job_id} disappeared from {settings().state_db}.", id=job_id)
-            job = job_object(row)
+            job = job_object(rows[0])
             if on_update:
                 on_update(job)
             if job["state"] in jobs_db.FINISHED:
                 return job
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + STALE_S / 2
-                if job["kind"] != "rm":
-                    ensure_worker(conn)
+                ensure_worker(conn)
             if deadline is not None and time.monotonic() >= deadline:
                 return job
             time.sleep(poll_s)
 
 
 def outcome_error(job: dict) -> MlxkError | None:
-    """The error a finished, unsuccessful job ends a command with (its own error type, so scripts can match)."""
+    """The error a finished, unsuccessful job ends a command with: the job's own error rebuilt as its class
+    (MlxkError.from_dict: hub_error, disk_full…, so scripts can match), its message prefixed with the job."""
     if job["state"] == "succeeded":
         return None
-    error = job.get("error") or {}
+    error = dict(job.get("error") or {})
+    what = f"job {job['id']} ({job['kind']} {job['target']})"
     if job["state"] == "cancelled":
         text = error.get("message") or "cancelled"
-        return JobCancelled(f"job {job['id']} ({job['kind']} {job['target']}) was cancelled: {text}",
-                            job_id=job["id"], state="cancelled")
-    failure = JobFailed(f"job {job['id']} ({job['kind']} {job['target']}) failed: "
-                        f"{error.get('message') or 'unknown error'}", job_id=job["id"], state=job["state"])
-    if error.get("type"):
-        failure.type = error["type"]  # the job's own error type (hub_error, disk_full...), so scripts can match
+        return JobCancelled(f"{what} was cancelled: {text}", job_id=job["id"], state="cancelled")
+    if not error.get("type"):
+        return JobFailed(f"{what} failed: {error.get('message') or 'unknown error'}", job_id=job["id"],
+                         state=job["state"])
+    failure = MlxkError.from_dict(error, message=f"{what} failed: {error.get('message') or 'unknown error'}")
+    failure.details.update(job_id=job["id"], state=job["state"])
     return failure
 
 
@@ -383,15 +276,17 @@ def outcome_error(job: dict) -> MlxkError | None:
 
 def cancel(prefix: str, *, purge: bool = False, wait_s: float = 3.0) -> dict:
     """Queued → cancelled now (its Huey task revoked); running → the task stops cooperatively within ~2 s."""
+    from mlxk.workers import signals
+
     level = 2 if purge else 1
     with closing(connect()) as conn:
         row = find_job(conn, prefix)
         if row["state"] in jobs_db.FINISHED:
             raise Conflict(f"job {row['id']} already {row['state']}; there is nothing to cancel.", id=row["id"])
         if row["state"] == "queued":
-            done = jobs_db.finish(conn, row["id"], state="cancelled", from_states=("queued",),
+            done = signals.finish(conn, row["id"], state="cancelled", from_states=("queued",),
                                   message="cancelled before it started",
-                                  error={"type": "cancelled", "message": "cancelled before it started"})
+                                  error=Cancelled("cancelled before it started").to_dict())
             jobs_db.update_job(conn, row["id"], cancel_requested=level)
             if done:
                 _revoke(row["task_id"])
@@ -399,8 +294,8 @@ def cancel(prefix: str, *, purge: bool = False, wait_s: float = 3.0) -> dict:
         jobs_db.update_job(conn, row["id"], where_state="running", cancel_requested=level)
         row = jobs_db.get_job(conn, row["id"])
         if row["state"] == "running" and not holder_alive(conn, row["worker"]):
-            jobs_db.finish(conn, row["id"], state="cancelled", message="cancelled (its worker was gone)",
-                           error={"type": "cancelled", "message": "cancelled while its worker was gone"})
+            signals.finish(conn, row["id"], state="cancelled", message="cancelled (its worker was gone)",
+                           error=Cancelled("cancelled while its worker was gone").to_dict())
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             row = jobs_db.get_job(conn, row["id"])
@@ -425,14 +320,14 @@ def retry(prefix: str) -> Enqueued:
     if row["state"] not in ("failed", "cancelled"):
         raise Conflict(f"job {row['id']} is {row['state']}; only failed or cancelled jobs can be retried.",
                        id=row["id"])
+    from mlxk.workers.tasks import KINDS
+
+    # A new job, queued by this command: it runs with this command's settings, not the old job's.
     message = f"retry of {row['id']}"
-    if row["kind"] == "rm":
-        outcome = run_rm_job(row["target"], row["args"] or {}, message=message)
-        outcome.retry_of = row["id"]
-        return outcome
-    priority = SCAN_PRIORITY if row["kind"] == "scan" else USER_PRIORITY
-    outcome = _enqueue(row["kind"], row["target"], row["args"] or {}, dedupe=row["kind"] == "pull",
-                       message=message, priority=priority)
+    if KINDS[row["kind"]].inline:
+        outcome = run_inline_job(row["kind"], row["target"], row["args"] or {}, message=message)
+    else:
+        outcome = _enqueue(row["kind"], row["target"], row["args"] or {}, message=message)
     outcome.retry_of = row["id"]
     return outcome
 
@@ -485,7 +380,14 @@ def plan_removal(target: RemovalTarget):
 
 
 def _refuse_if_busy(conn, repo_id: str) -> None:
-    busy = [j for j in jobs_db.active_jobs(conn, target=repo_id) if j["kind"] != "scan"]
+    """A job that holds (or waits for) the model refuses rm, except: scans (they only read), other rm jobs (rm twice
+    is rm once; the lock orders them), and jobs whose process died (they never hold anything)."""
+    from mlxk.workers.tasks import KINDS
+
+    # A plain read, not _read: re-queueing a dead rm here would hand it to a worker that then holds the model.
+    busy = [j for j in jobs_db.active_jobs(conn, target=repo_id)
+            if KINDS[j["kind"]].locks_model and j["kind"] != "rm"
+            and not (j["state"] == "running" and not holder_alive(conn, j["worker"]))]
     if busy:
         job = busy[0]
         raise Conflict(f"{repo_id} is in use by job {job['id']} ({job['kind']}, {job['state']}). Wait for it "
@@ -493,21 +395,21 @@ def _refuse_if_busy(conn, repo_id: str) -> None:
                        job_id=job["id"])
 
 
-def run_rm_job(repo_id: str, args: dict, *, message: str | None = None) -> Enqueued:
-    """rm runs in the calling process (it is quick) but is recorded, locked and finished like any job."""
-    from mlxk.workers import tasks
+def run_inline_job(kind: str, target: str, args: dict, *, message: str | None = None) -> Enqueued:
+    """An inline kind (rm: it is quick) runs in the calling process, recorded, locked and finished like any job.
+    Only its row is written (no Huey task): a CLI killed mid-way leaves a `running` row whose holder is dead, which
+    the next reader or worker re-queues (workers.process), and run_rm decides whether it may go on."""
+    from mlxk.workers import queue, tasks
 
-    job_id = new_id()
     with closing(connect()) as conn:
-        _refuse_if_busy(conn, repo_id)
-        jobs_db.create_job(conn, id=job_id, kind="rm", target=repo_id, args=args, task_id=job_id,
-                           message=message or "queued")
-    tasks.run_inline(job_id)
+        _refuse_if_busy(conn, target)
+    job, _created = queue.submit(kind, target, args, message=message)
+    tasks.run_inline(job["id"])
     with closing(connect()) as conn:
-        return Enqueued(job=job_object(jobs_db.get_job(conn, job_id)), created=True)
+        return Enqueued(job=job_object(jobs_db.get_job(conn, job["id"])), created=True)
 
 
 def remove(target: RemovalTarget) -> Enqueued:
     if target.repo_id not in cached_repo_ids():
         raise ModelNotFound(f"{target.repo_id} is not cached.", name=target.repo_id)
-    return run_rm_job(target.repo_id, {"revision": target.revision})
+    return run_inline_job("rm", target.repo_id, {"revision": target.revision})

@@ -230,3 +230,38 @@ def test_corrupt_queue_db_is_a_clear_error(worker_manager):
     proc = subprocess.run([sys.executable, "-m", "mlxk.workers", "--no-scan"], cwd=ROOT, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 1 and "queue.db" in proc.stderr and "not a usable SQLite database" in proc.stderr
+
+
+def _imports(path) -> set[str]:
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_imports_go_one_way_workers_never_import_the_jobs_client_and_db_jobs_imports_nothing_of_ours():
+    from tests.fixtures.cli import ROOT
+
+    for path in (ROOT / "workers").glob("*.py"):
+        bad = {m for m in _imports(path) if m in ("mlxk.jobs", "mlxk.cli", "mlxk.output")
+               or m.startswith(("mlxk.commands", "mlxk.server"))}
+        assert not bad, f"{path.name} imports {bad}"
+    assert not {m for m in _imports(ROOT / "db" / "jobs.py") if m.startswith("mlxk")}
+    # The CLI asks mlxk.jobs; it starts the foreground worker (mlxk.workers.consumer) but uses no task internals.
+    assert not {m for m in _imports(ROOT / "mlxk" / "commands" / "jobs.py") if m.startswith("mlxk.workers.tasks")}
+
+
+def test_each_kind_is_declared_once_and_is_the_huey_task_of_that_name():
+    from mlxk.workers import queue
+    from mlxk.workers.tasks import KINDS
+
+    huey = queue.get_huey()
+    assert set(KINDS) == {"pull", "rm", "clone", "push", "scan"}
+    assert {name.rsplit(".", 1)[-1] for name in huey._registry._registry} == set(KINDS)
+    assert [k for k in KINDS.values() if k.inline] == [KINDS["rm"]]

@@ -119,3 +119,28 @@ def test_dry_run_prints_the_plan_and_touches_nothing(indexed, hf_cache):
     with state_db() as conn:
         assert jobs_db.list_jobs(conn) == []
     assert not (home / "queue.db").exists()
+
+
+def test_rm_at_hash_of_the_revision_refs_point_at_drops_those_refs_and_the_other_revision_becomes_current(
+        model_factory):
+    from tests.factory import ModelSpec
+
+    kept = model_factory.repo("org/ref-target", ModelSpec(seed=7), revision="b" * 40, ref=None)
+    removed = model_factory.repo("org/ref-target", revision="a" * 40, ref="main")
+    refs = removed.repo_dir / "refs"
+    (refs / "v1").write_text("a" * 40)          # a tag on the removed revision
+    (refs / "stable").write_text("b" * 40)      # a ref on the kept one
+    before = {m["name"]: m for m in run_json("list", "--all")[1]["data"]["models"]}
+    assert before["org/ref-target"]["hash"] == "a" * 40   # refs/main names the revision about to go
+
+    result, doc = run_json("rm", "org/ref-target@aaaaaaa")
+
+    assert result.exit_code == 0, result.output
+    assert doc["data"]["result"]["revisions"] == ["a" * 40] and doc["data"]["result"]["whole_repo"] is False
+    assert not removed.snapshot_dir.exists() and kept.snapshot_dir.is_dir()
+    # As huggingface_hub's delete_revisions does: refs naming the removed revision go, others stay untouched.
+    assert not (refs / "main").exists() and not (refs / "v1").exists()
+    assert (refs / "stable").read_text() == "b" * 40
+    listed = {m["name"]: m for m in run_json("list", "--all")[1]["data"]["models"]}
+    assert listed["org/ref-target"]["hash"] == "b" * 40
+    assert not list(model_factory.cache_dir.glob(".trash-*"))

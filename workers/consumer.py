@@ -1,8 +1,9 @@
 """The job worker: a Huey consumer (a few threads) plus what makes it safe to kill and cheap to leave running.
 
 - A heartbeat in state.db's `workers` table every ~2 s: the CLI starts a worker only when none is alive.
-- At start (and every half minute) jobs left `running` by a process that died are put back in the queue, and
-  queued jobs whose Huey task was lost (a deleted queue.db, a CLI killed between its two writes) are re-enqueued.
+- At start (and every few seconds) jobs left `running` by a process that died are put back in the queue, queued
+  jobs whose Huey task was lost (a deleted queue.db, a CLI killed between its two writes) are re-enqueued, and
+  tasks whose row is missing (state.db rebuilt) get it back (workers.process.recover).
 - One health scan at start, as a low-priority job.
 - Started in the background by the CLI (`--background`), it exits after `worker_idle_s` with nothing queued or
   running, so nothing lingers.
@@ -19,18 +20,17 @@ from contextlib import closing
 
 from huey.consumer import Consumer, ConsumerStopped
 
-from mlxk.db import jobs as jobs_db
 from mlxk import logs
 from mlxk.config import LOG_LEVELS, settings
+from mlxk.db import jobs as jobs_db
 from mlxk.errors import MlxkError
-from mlxk.jobs import HEARTBEAT_S, connect, enqueue_scan, holder_alive, hostname, worker_pidfile
 from mlxk.workers import queue, signals
+from mlxk.workers.process import HEARTBEAT_S, StateConnection, connect, hostname, recover, worker_pidfile
 
 log = logging.getLogger("mlxk.consumer")
 
 DEFAULT_THREADS = 3
-RECOVER_EVERY_S = 30.0
-LOST_TASK_GRACE_S = 5.0     # a queued row younger than this may still be on its way into the queue
+RECOVER_EVERY_S = 3.0      # a peer worker's dead jobs are taken back within this (readers notice at once)
 IDLE_CHECK_EVERY_S = 0.5
 
 
@@ -47,7 +47,7 @@ class JobConsumer(Consumer):
         self._next_idle_check = now
         self._idle_since = now
         # state.db for the heartbeat and the idle check: opened once, not every tick; both run on the main thread.
-        self._conn = None
+        self._state = StateConnection()
 
     def run(self):
         try:
@@ -77,10 +77,14 @@ class JobConsumer(Consumer):
     # The main loop is a supervisor: a failed heartbeat or check is logged and tried again, never fatal.
     def _beat(self) -> None:
         try:
-            jobs_db.heartbeat(self._db(), self.worker_id)
+            self._state.run(self._beat_once)
         except Exception:  # noqa: BLE001
             log.warning("heartbeat failed", exc_info=True)
             self._drop_db()   # the next tick opens a fresh connection
+
+    def _beat_once(self, conn) -> None:
+        if not jobs_db.heartbeat(conn, self.worker_id):   # no row: state.db was rebuilt; register again
+            jobs_db.register_worker(conn, id=self.worker_id, kind="queue", pid=os.getpid(), host=hostname())
 
     def _recover(self) -> None:
         try:
@@ -92,48 +96,14 @@ class JobConsumer(Consumer):
         try:
             if self.huey.pending_count() or self.huey.scheduled_count():
                 return True
-            return jobs_db.count_active(self._db(), worker=self.worker_id) > 0
+            return self._state.run(lambda conn: jobs_db.count_active(conn, worker=self.worker_id)) > 0
         except Exception:  # noqa: BLE001
             log.warning("idle check failed", exc_info=True)
             self._drop_db()
             return True
 
-    def _db(self):
-        if self._conn is None:
-            self._conn = connect()
-        return self._conn
-
     def _drop_db(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
-def recover(huey, *, grace_s: float = LOST_TASK_GRACE_S) -> list[str]:
-    """Re-enqueue jobs whose holder died and queued jobs whose task is not in the queue; returns their ids."""
-    from mlxk.clock import parse_iso
-
-    recovered = []
-    with closing(connect()) as conn:
-        running = jobs_db.list_jobs(conn, states=("running",))
-        queued = jobs_db.list_jobs(conn, states=("queued",))
-        for job in running:
-            if not holder_alive(conn, job["worker"]):
-                if signals.requeue(huey, job["id"], kind=job["kind"], old_task_id=job["task_id"],
-                                   message=f"recovered after its worker ({job['worker']}) died; re-queued"):
-                    log.warning("job %s was left running by %s, which is gone; re-queued", job["id"], job["worker"])
-                    recovered.append(job["id"])
-    if queued:
-        waiting = queue.pending_task_ids(huey)
-        cutoff = time.time() - grace_s
-        for job in queued:
-            if job["task_id"] in waiting or (parse_iso(job["updated_at"]) or 0) > cutoff:
-                continue
-            if signals.requeue(huey, job["id"], kind=job["kind"], old_task_id=job["task_id"],
-                               from_states=("queued",), message="its queue entry was lost; re-queued"):
-                log.warning("job %s was queued but not in the queue; re-enqueued", job["id"])
-                recovered.append(job["id"])
-    return recovered
+        self._state.close()
 
 
 def _write_pidfile(background: bool) -> None:
@@ -167,7 +137,7 @@ def run(*, threads: int = DEFAULT_THREADS, background: bool = False, scan: bool 
     try:
         recover(huey)
         if scan:
-            enqueue_scan(None, start_worker=False)
+            queue.submit_scan(None)
         consumer = JobConsumer(
             huey, worker_id=worker_id,
             idle_exit_s=(idle_s if idle_s is not None else s.worker_idle_s) if background else None,

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
+from mlxk.db import jobs as jobs_db
 from mlxk.errors import ConfigError, StateError
 
 log = logging.getLogger("mlxk.queue")
@@ -45,14 +46,85 @@ def get_huey(queue_url: str | None = None):
         return huey
 
 
-def enqueue(huey, kind: str, job_id: str, *, task_id: str, priority: int | None = None) -> None:
-    """Hand Huey the task that runs job `job_id`; `task_id` is recorded on the job row (stale copies are skipped)."""
-    wrapper = _tasks[id(huey)][kind]
-    task = wrapper.s(job_id, id=task_id)
-    if priority is not None:
-        task.priority = priority
+def task_spec(job: dict) -> dict:
+    """What a Huey task carries besides the job id: enough to re-create the job's row if state.db is rebuilt
+    while the task waits or runs (never a secret: the token stays in workers.jobsettings' file)."""
+    return {key: job.get(key) for key in ("id", "kind", "target", "args", "settings", "created_at")}
+
+
+def enqueue(huey, job: dict, *, task_id: str) -> None:
+    """Hand Huey the task that runs `job` (a row); `task_id` is recorded on the row (stale copies are skipped).
+    Its priority is the kind's (workers.tasks.KINDS)."""
+    from mlxk.workers.tasks import KINDS
+
+    wrapper = _tasks[id(huey)][job["kind"]]
+    task = wrapper.s(job["id"], task_spec(job), id=task_id)
+    task.priority = KINDS[job["kind"]].priority
     with _reachable(huey):
         huey.enqueue(task)
+
+
+def submit(kind: str, target: str, args: dict, *, message: str | None = None, dedupe: bool = False,
+           huey=None) -> tuple[dict, bool]:
+    """Record a new job (with the settings and token of this process, see workers.jobsettings) and queue it.
+
+    Returns (row, created); with `dedupe` an active job of the same kind, target and settings is returned instead.
+    An inline kind (KINDS[kind].inline) is only recorded: the caller runs it.
+    A queue that cannot take the task fails the row (state_error) and raises.
+    """
+    from mlxk.workers import jobsettings, process
+    from mlxk.workers.tasks import KINDS
+
+    huey = huey or (None if KINDS[kind].inline else get_huey())   # first: a broken queue.db fails before a row
+    record, token = jobsettings.capture()
+    job_id = process.new_task_id()[:12]
+    with closing(process.connect()) as conn:
+        job, created = jobs_db.create_job(conn, id=job_id, kind=kind, target=target, args=args, task_id=job_id,
+                                          message=message or "queued", dedupe=dedupe, settings=record)
+        if not created:
+            return job, False
+        jobsettings.store_token(job_id, token)
+        if KINDS[kind].inline:
+            return job, True   # the caller runs it; only a recovery after its death queues it (workers.process)
+        try:
+            enqueue(huey, job, task_id=job_id)
+        except Exception as error:  # noqa: BLE001 — record why, then let it surface
+            jobs_db.finish(conn, job_id, state="failed", from_states=("queued",),
+                           error=StateError(f"could not enqueue: {error}").to_dict())
+            jobsettings.drop(job_id)
+            raise
+        return jobs_db.get_job(conn, job_id), True
+
+
+def submit_scan(repos=None, *, force: bool = False) -> tuple[dict, bool]:
+    """A health scan (all repos, or `repos`); joins a scan of the same cache that is still queued."""
+    from mlxk.workers import jobsettings, process
+
+    repos = sorted(set(repos)) if repos else None
+    record, _token = jobsettings.capture()
+    with closing(process.connect()) as conn:
+        for job in jobs_db.list_jobs(conn, states=("queued",), kind="scan", limit=5):
+            if (job["settings"] or record) != record:
+                continue
+            merged = _merge_scan_args(job["args"] or {}, repos, force)
+            if merged != job["args"]:
+                jobs_db.update_job(conn, job["id"], where_state="queued", args=merged,
+                                   target=scan_target(merged.get("repos")))
+            return jobs_db.get_job(conn, job["id"]), False
+    return submit("scan", scan_target(repos), {"repos": repos, "force": force})
+
+
+def _merge_scan_args(args: dict, repos, force: bool) -> dict:
+    current = args.get("repos")
+    merged = None if current is None or repos is None else sorted(set(current) | set(repos))
+    return {"repos": merged, "force": bool(args.get("force")) or force}
+
+
+def scan_target(repos: list[str] | None) -> str:
+    """What `mlxk jobs` shows as a scan's target; the full list stays in its args."""
+    if repos is None:
+        return "*"
+    return repos[0] if len(repos) == 1 else f"{repos[0]} and {len(repos) - 1} more"
 
 
 def revoke(huey, task_id: str) -> None:
@@ -61,13 +133,18 @@ def revoke(huey, task_id: str) -> None:
         huey.revoke_by_id(task_id, revoke_once=True)
 
 
-def pending_task_ids(huey) -> set[str]:
-    """Ids of tasks waiting in the queue or in the schedule (retry delays)."""
-    found = set()
+def pending_tasks(huey) -> dict[str, dict | None]:
+    """{task id: its job spec (None for a task queued by an older mlxk)} of tasks waiting in the queue or in the
+    schedule (retry delays)."""
+    found = {}
     with _reachable(huey):
         for task in list(huey.pending()) + list(huey.scheduled()):
-            found.add(task.id)
+            found[task.id] = task.args[1] if len(task.args) > 1 else None
     return found
+
+
+def pending_task_ids(huey) -> set[str]:
+    return set(pending_tasks(huey))
 
 
 @contextmanager

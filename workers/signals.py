@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from contextlib import closing
 
 from mlxk.db import jobs as jobs_db
-from mlxk.errors import Cancelled, MlxkError
-from mlxk.jobs import SCAN_PRIORITY, USER_PRIORITY, process_id
-from mlxk.jobs import connect as _connect   # `connect` here is the Huey receivers' hookup below
+from mlxk.errors import Cancelled, Internal, MlxkError
+from mlxk.workers import jobsettings
+from mlxk.workers.process import connect as _connect   # `connect` here is the Huey receivers' hookup below
+from mlxk.workers.process import process_id
 
 log = logging.getLogger("mlxk.signals")
 
@@ -40,50 +40,43 @@ def _job_id(task) -> str | None:
 
 
 def error_record(exc: BaseException) -> dict:
+    """The JSON an exception is stored as (rebuilt by MlxkError.from_dict on the reading side)."""
     if isinstance(exc, MlxkError):
         return exc.to_dict()
-    return {"type": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+    return Internal(f"{type(exc).__name__}: {exc}").to_dict()
 
 
 # ---------------------------------------------------------------- transitions (also used without Huey)
 
+def finish(conn, job_id: str, **fields) -> bool:
+    """jobs_db.finish, and the job's token forgotten when the row did end (see workers.jobsettings)."""
+    done = jobs_db.finish(conn, job_id, **fields)
+    if done:
+        jobsettings.drop(job_id)
+    return done
+
+
 def succeeded(job_id: str, task_id: str) -> bool:
     with closing(_connect()) as conn:
-        return jobs_db.finish(conn, job_id, state="succeeded", task_id=task_id, message="done")
+        return finish(conn, job_id, state="succeeded", task_id=task_id, message="done")
 
 
-def failed(job_id: str, task_id: str, exc: BaseException) -> bool:
+def failed(job_id: str, task_id: str, exc: BaseException, *, from_states=("running",)) -> bool:
     with closing(_connect()) as conn:
         if isinstance(exc, Cancelled):
             purge = jobs_db.cancel_requested(conn, job_id) >= 2
-            note = "cancelled; partial data removed" if purge else \
-                f"cancelled; partial data kept (`mlxk jobs retry {job_id}` resumes)"
-            return jobs_db.finish(conn, job_id, state="cancelled", task_id=task_id, message=note,
-                                  error=error_record(exc))
-        return jobs_db.finish(conn, job_id, state="failed", task_id=task_id, error=error_record(exc),
-                              message="failed")
+            note = exc.details.get("note") or ("cancelled; partial data removed" if purge else
+                                               f"cancelled; partial data kept (`mlxk jobs retry {job_id}` resumes)")
+            return finish(conn, job_id, state="cancelled", task_id=task_id, message=note, error=error_record(exc),
+                          from_states=from_states)
+        return finish(conn, job_id, state="failed", task_id=task_id, error=error_record(exc), message="failed",
+                      from_states=from_states)
 
 
 def cancelled_before_start(job_id: str, task_id: str, why: str) -> bool:
     with closing(_connect()) as conn:
-        return jobs_db.finish(conn, job_id, state="cancelled", task_id=task_id, from_states=("queued",),
-                              message=why, error={"type": "cancelled", "message": why})
-
-
-def requeue(huey, job_id: str, *, kind: str, old_task_id: str | None, message: str,
-            from_states=("running",)) -> bool:
-    """Put a job back in the queue under a new task id; False when the row had moved on (nothing done)."""
-    from mlxk.workers import queue
-
-    new_task = uuid.uuid4().hex
-    with closing(_connect()) as conn:
-        if not jobs_db.requeue(conn, job_id, new_task_id=new_task, old_task_id=old_task_id, message=message,
-                               from_states=from_states):
-            return False
-    priority = SCAN_PRIORITY if kind == "scan" else USER_PRIORITY
-    queue.enqueue(huey, kind, job_id, task_id=new_task, priority=priority)
-    log.info("job %s re-queued as task %s (%s)", job_id, new_task, message)
-    return True
+        return finish(conn, job_id, state="cancelled", task_id=task_id, from_states=("queued",),
+                      message=why, error=Cancelled(why).to_dict())
 
 
 # ---------------------------------------------------------------- Huey receivers
@@ -114,5 +107,9 @@ def connect(huey) -> None:
         # SIGTERM cut the task off mid-run: the job is not failed, it goes back to the queue; the partial
         # download stays, so the next run resumes it.
         if _job_id(task):
-            requeue(huey, _job_id(task), kind=task.name, old_task_id=task.id,
-                    message="interrupted by a worker shutdown; re-queued")
+            from mlxk.workers import process
+
+            with closing(_connect()) as conn:
+                job = jobs_db.get_job(conn, _job_id(task))
+            if job is not None and job["task_id"] == task.id:
+                process.requeue(huey, job, message="interrupted by a worker shutdown; re-queued")

@@ -1,10 +1,15 @@
-"""The tasks: thin adapters from a job id to a domain call (mlxk.hub, mlxk.clone, mlxk.cache, mlxk.index).
+"""The tasks: one table of job kinds (KINDS: name, handler, priority, dedupe, lock, inline) and thin handlers from a
+job to a domain call (mlxk.hub, mlxk.clone, mlxk.cache, mlxk.index).
 
-Each task takes only a job id (Huey pickles its arguments), claims the job — which takes the per-model lock and
-marks it running in one transaction —, calls the domain with a progress reporter and a cooperative stop check
-bound to the row, and stores the result on the row. Outcomes (succeeded / failed / cancelled / re-queued) are
-written by the Huey signal receivers in workers.signals. A job whose model is held by another job waits: the
-task asks Huey to retry it a second later instead of failing.
+Each Huey task is named as its kind and takes the job id plus the job's spec (Huey pickles its arguments; the spec
+gives the row back if state.db is rebuilt meanwhile). It claims the job — which takes the per-model lock and marks
+it running in one transaction —, calls the handler with a JobContext: the settings the queuing command had
+(workers.jobsettings), a progress reporter and a cooperative stop check bound to the row. Outcomes (succeeded /
+failed / cancelled / re-queued) are written by the Huey signal receivers in workers.signals. A job whose model is
+held by another job waits: the task asks Huey to retry it a second later instead of failing.
+
+Named pause points (mlxk.faults) for tests: `<kind>.progress` after each progress write, `rm.moving` and
+`rm.deleting` around rm's one rename, `clone.copying` after each file a clone copies.
 
 Heavy imports (huggingface_hub through mlxk.hub, mlx-lm through mlxk.index) happen inside the tasks, so a
 worker starts in a fraction of a second.
@@ -14,18 +19,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import sqlite3
 import threading
 import time
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from mlxk import db as statedb, logs
+from mlxk import logs
 from mlxk.db import jobs as jobs_db
-from mlxk.config import settings
-from mlxk.errors import Cancelled, MlxkError
-from mlxk.jobs import connect, holder_alive
-from mlxk.workers import signals
+from mlxk.errors import Cancelled, Conflict, Internal, MlxkError
+from mlxk.faults import checkpoint
+from mlxk.workers import jobsettings, signals
+from mlxk.workers.process import StateConnection, connect, holder_alive
 
 log = logging.getLogger("mlxk.tasks")
 
@@ -45,13 +51,15 @@ class JobContext:
     bookkeeping and throttled stop checks.
     """
 
-    def __init__(self, job: dict, task_id: str):
+    def __init__(self, job: dict, task_id: str, *, inline: bool = False):
         self.job = job
+        self.inline = inline                    # run by the command that asked for it, not by a worker
         self.job_id = job["id"]
         self.task_id = task_id
+        self.settings = jobsettings.load(job)   # the queuing command's endpoint, cache and token
         self._lock = threading.Lock()
         self._db_lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
+        self._state = StateConnection(shared=True)
         self._last_write = 0.0
         self._last_stop_check = 0.0
         self._stop = False
@@ -98,11 +106,30 @@ class JobContext:
                 return
             self._last_write = now
         with self._db_lock:
-            conn = self._db()
-            if "bytes_done" in fields:
-                jobs_db.set_progress(conn, self.job_id, task_id=self.task_id, **fields)
-            else:
-                jobs_db.update_job(conn, self.job_id, where_state="running", where_task=self.task_id, **fields)
+            self._state.run(lambda conn: self._write_row(conn, fields))
+        if "bytes_done" in fields:
+            checkpoint(f"{self.job['kind']}.progress")
+
+    def _write_row(self, conn, fields: dict) -> None:
+        if "bytes_done" in fields:
+            written = jobs_db.set_progress(conn, self.job_id, task_id=self.task_id, **fields)
+        else:
+            written = jobs_db.update_job(conn, self.job_id, where_state="running", where_task=self.task_id,
+                                         **fields)
+        if not written and jobs_db.get_job(conn, self.job_id) is None:
+            # state.db was rebuilt under us: give the job its row back, then write again.
+            jobs_db.restore_job(conn, self.job, task_id=self.task_id, state="running", worker=signals.worker_id(),
+                                attempts=self.job.get("attempts") or 1,
+                                message="restored by its worker (state.db was rebuilt)")
+            log.warning("job %s: its row was missing from state.db; restored", self.job_id)
+            self._write_row(conn, fields)
+
+    def record(self, result: dict) -> None:
+        """Store `result` on the row now (a step a retry of this job must know happened)."""
+        with self._db_lock:
+            self._state.run(lambda conn: jobs_db.update_job(conn, self.job_id, where_state="running",
+                                                            where_task=self.task_id, result=result))
+        self.job = dict(self.job, result=result)
 
     def flush(self) -> None:
         if self._latest:
@@ -116,8 +143,10 @@ class JobContext:
                 return self._stop
             self._last_stop_check = now
         with self._db_lock:
-            row = jobs_db.run_flags(self._db(), self.job_id)
-        stop = row is None or bool(row["cancel_requested"]) or row["task_id"] != self.task_id \
+            row = self._state.run(lambda conn: jobs_db.run_flags(conn, self.job_id))
+        if row is None:
+            return False   # no row (state.db rebuilt): not a cancel; the next progress write restores it
+        stop =  bool(row["cancel_requested"]) or row["task_id"] != self.task_id \
             or row["state"] != "running"
         with self._lock:
             self._stop = self._stop or stop
@@ -130,29 +159,21 @@ class JobContext:
 
     def purge_requested(self) -> bool:
         with self._db_lock:
-            return jobs_db.cancel_requested(self._db(), self.job_id) >= 2
+            return self._state.run(lambda conn: jobs_db.cancel_requested(conn, self.job_id)) >= 2
 
     def close(self) -> None:
         with self._db_lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def _db(self) -> sqlite3.Connection:
-        """The job's connection; call it holding `_db_lock`."""
-        if self._conn is None:
-            self._conn = statedb.connect(settings().state_db, shared=True)
-        return self._conn
+            self._state.close()
 
 
-def _plain(value):
+def plain(value):
     """JSON-ready copy of a domain result (dataclasses, Paths, sets)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     return value
@@ -160,62 +181,60 @@ def _plain(value):
 
 # ---------------------------------------------------------------- the domain calls
 
-def _refresh_index(repos=None, *, runtime: bool = True, force: bool = False):
+def _refresh_index(repos=None, *, runtime: bool = True, force: bool = False, cache_dir: Path | None = None):
     from mlxk import index
+    from mlxk.config import settings
 
     # A raw connection, as `list` uses: open_db would import sqlite-utils (and numpy) on the CLI's inline rm.
     with closing(connect()) as conn:
-        return index.refresh(conn, settings().hf_hub_cache, runtime=runtime,
+        return index.refresh(conn, cache_dir or settings().hf_hub_cache, runtime=runtime,
                              repos=set(repos) if repos is not None else None, force=force)
 
 
-def _safe_refresh(repo: str) -> None:
+def _safe_refresh(repo: str, cache_dir: Path) -> None:
     """After a failed or cancelled pull: let `list` see the repo as it now is (best effort, logged)."""
     try:
-        _refresh_index({repo}, runtime=False)
+        _refresh_index({repo}, runtime=False, cache_dir=cache_dir)
     except Exception:  # noqa: BLE001 — the job's own error is what matters; this is bookkeeping
         log.warning("index refresh of %s after a failed job failed", repo, exc_info=True)
 
 
-def _drop_empty_repo(repo: str) -> None:
+def _drop_empty_repo(repo: str, cache_dir: Path) -> None:
     """A pull that failed before any byte arrived (missing, gated, private) leaves nothing behind in the cache."""
     from mlxk import cache
 
-    s = settings()
-    path = cache.repo_dir(s.hf_hub_cache, repo)
+    path = cache.repo_dir(cache_dir, repo)
     blobs = path / "blobs"
     if path.is_dir() and not (blobs.is_dir() and any(blobs.iterdir())) and not cache.list_revisions(path):
         shutil.rmtree(path, ignore_errors=True)
-        shutil.rmtree(cache.lock_dir(s.hf_hub_cache, repo), ignore_errors=True)
+        shutil.rmtree(cache.lock_dir(cache_dir, repo), ignore_errors=True)
 
 
-def _purge_partials(repo: str) -> None:
+def _purge_partials(repo: str, cache_dir: Path) -> None:
     from mlxk import cache
 
-    s = settings()
-    path = cache.repo_dir(s.hf_hub_cache, repo)
-    for blob in cache.incomplete_blobs(path):
+    for blob in cache.incomplete_blobs(cache.repo_dir(cache_dir, repo)):
         blob.unlink(missing_ok=True)
-    _drop_empty_repo(repo)
+    _drop_empty_repo(repo, cache_dir)
 
 
 def _pull(repo: str, args: dict, ctx: JobContext):
     from mlxk import hub
 
-    s = settings()
+    s = ctx.settings
     ctx.phase("pulling")
     try:
         return hub.pull(repo, revision=args.get("revision"), include=args.get("include"),
-                        exclude=args.get("exclude"), cache_dir=s.hf_hub_cache, endpoint=s.hf_endpoint,
-                        token=s.hf_token, progress=ctx.progress, should_stop=ctx.should_stop)
+                        exclude=args.get("exclude"), cache_dir=s.cache, endpoint=s.endpoint,
+                        token=s.token or False, progress=ctx.progress, should_stop=ctx.should_stop)
     except Cancelled:
         if ctx.purge_requested():
-            _purge_partials(repo)
-        _safe_refresh(repo)
+            _purge_partials(repo, s.cache)
+        _safe_refresh(repo, s.cache)
         raise
     except BaseException:
-        _drop_empty_repo(repo)
-        _safe_refresh(repo)
+        _drop_empty_repo(repo, s.cache)
+        _safe_refresh(repo, s.cache)
         raise
 
 
@@ -225,35 +244,85 @@ def run_pull(job: dict, ctx: JobContext) -> dict:
     ctx.flush()
     ctx.phase("indexing")
     # Before the job succeeds, so `mlxk list` shows the model the moment the job says done.
-    _refresh_index({repo}, runtime=True)
-    return _plain(result)
+    _refresh_index({repo}, runtime=True, cache_dir=ctx.settings.cache)
+    return plain(result)
 
 
 def run_rm(job: dict, ctx: JobContext) -> dict:
-    from mlxk.db import models as models_db
+    """Remove a repo or one revision: one rename into `<cache>/.trash-<job id>` (named step `rm.moving` just
+    before), the index updated, then the trash deleted (named step `rm.deleting` just before).
+
+    Interrupted and run again, it finishes its own trash. It never removes anything once a newer job on the model
+    exists (a pull after the interrupted rm must keep what it brought): then it ends cancelled, "superseded".
+    """
     from mlxk import cache
 
-    s = settings()
-    repo, revision = job["target"], ctx.args.get("revision")
-    plan = cache.plan_remove(s.hf_hub_cache, repo, revision)
-    ctx.phase("removing")
-    cache.apply_remove(s.hf_hub_cache, plan)
+    cache_dir, repo = ctx.settings.cache, job["target"]
+    trash = cache.trash_dir(cache_dir, job["id"])
+    record = cache.read_trash_plan(trash)
+    if record is None:
+        cache.empty_trash(trash)   # a plan written before the kill, nothing moved yet
+        if not ctx.inline:         # a worker runs an rm only to recover it: a newer job on the model wins
+            _refuse_if_superseded(job)
+        plan = cache.plan_remove(cache_dir, repo, ctx.args.get("revision"))
+        ctx.phase("removing")
+        checkpoint("rm.moving")
+        if plan.whole_repo and not cache.repo_dir(cache_dir, repo).exists():
+            record = {"repo_id": repo, "revisions": [], "whole_repo": True, "bytes_freed": 0, "blobs": []}
+        else:
+            record = cache.move_to_trash(cache_dir, plan, trash)
+    cache.finish_trash(cache_dir, trash, record)
+    _index_removed(repo, cache_dir)
+    checkpoint("rm.deleting")
+    cache.empty_trash(trash)
+    _empty_leftover_trash(cache_dir)
+    return {"repo_id": repo, "revisions": record["revisions"], "whole_repo": record["whole_repo"],
+            "bytes_freed": record["bytes_freed"], "paths": [str(cache.repo_dir(cache_dir, repo))]}
+
+
+def _refuse_if_superseded(job: dict) -> None:
     with closing(connect()) as conn:
-        if plan.whole_repo:
-            models_db.delete_models(conn, [repo])
-    if not plan.whole_repo:
-        _refresh_index({repo}, runtime=False)
-    return {"repo_id": repo, "revisions": plan.revisions, "whole_repo": plan.whole_repo,
-            "bytes_freed": plan.bytes_freed, "paths": [str(p) for p in plan.paths]}
+        newer = [j for j in jobs_db.newer_jobs(conn, job) if KINDS.get(j["kind"]) and KINDS[j["kind"]].locks_model]
+    if newer:
+        later = newer[0]
+        raise Cancelled(f"rm of {job['target']} was interrupted and is not run again: job {later['id']} "
+                        f"({later['kind']}) was queued on the model after it. Run `mlxk rm {job['target']}` "
+                        "again if you still want it removed.",
+                        note=f"interrupted; superseded by job {later['id']} ({later['kind']}), nothing removed",
+                        superseded_by=later["id"])
 
 
-def _cached_snapshot(repo: str, revision: str | None) -> Path | None:
-    """The healthy cached snapshot a clone can use without the network, or None."""
+def _index_removed(repo: str, cache_dir: Path) -> None:
+    from mlxk import cache
     from mlxk.db import models as models_db
-    from mlxk import cache, names
 
-    s = settings()
-    path = cache.repo_dir(s.hf_hub_cache, repo)
+    if cache.repo_dir(cache_dir, repo).exists():
+        _refresh_index({repo}, runtime=False, cache_dir=cache_dir)
+        return
+    with closing(connect()) as conn:
+        models_db.delete_models(conn, [repo])
+
+
+def _empty_leftover_trash(cache_dir: Path) -> None:
+    """Finish deleting what interrupted rm jobs left in the cache, unless their job is still going somewhere."""
+    from mlxk import cache
+
+    leftovers = cache.trash_dirs(cache_dir)
+    if not leftovers:
+        return
+    with closing(connect()) as conn:
+        for job_id, trash in leftovers.items():
+            row = jobs_db.get_job(conn, job_id)
+            if row is None or row["state"] not in jobs_db.ACTIVE:
+                cache.empty_trash(trash)
+
+
+def _cached_snapshot(repo: str, revision: str | None, cache_dir: Path) -> Path | None:
+    """The healthy cached snapshot a clone can use without the network, or None."""
+    from mlxk import cache, names
+    from mlxk.db import models as models_db
+
+    path = cache.repo_dir(cache_dir, repo)
     revisions = cache.list_revisions(path)
     if not revisions:
         return None
@@ -269,7 +338,7 @@ def _cached_snapshot(repo: str, revision: str | None) -> Path | None:
             sha = hits[0]
     else:
         sha = cache.current_revision(path, revisions)
-    _refresh_index({repo}, runtime=False)
+    _refresh_index({repo}, runtime=False, cache_dir=cache_dir)
     with closing(connect()) as conn:
         row = models_db.get_model(conn, repo)
     if not row or row.get("health") != "healthy" or row.get("revision") != sha:
@@ -278,77 +347,115 @@ def _cached_snapshot(repo: str, revision: str | None) -> Path | None:
 
 
 def run_clone(job: dict, ctx: JobContext) -> dict:
+    """Clone through a staging folder owned by this job (mlxk.clone.staging_dir), so a retry after a kill restarts
+    its own unfinished copy instead of refusing it as "not empty"."""
     from mlxk import clone, hub
 
-    repo, args = job["target"], ctx.args
+    repo, args, cache_dir = job["target"], ctx.args, ctx.settings.cache
     dest = Path(args["dest"])
-    snapshot = _cached_snapshot(repo, args.get("revision"))
-    pulled = None
-    if snapshot is None:
-        # Not cached (or unfinished): pull first; the pull never re-downloads files the cache already has.
-        pulled = _pull(repo, {"revision": args.get("revision")}, ctx)
-        _refresh_index({repo}, runtime=True)
-        snapshot = Path(pulled.snapshot_path)
-    ctx.check()
-    ctx.phase("cloning")
-    result = clone.clone(snapshot, dest, progress=ctx.progress)
-    ctx.flush()
+    published = (job.get("result") or {}).get("publishing") == str(dest)
+    if published and not clone.staging_dir(dest, job["id"]).exists() and dest.is_dir() and any(dest.iterdir()):
+        result = {"dest": str(dest), "resumed": True}   # killed after its one rename: the workspace is complete
+    else:
+        snapshot = _cached_snapshot(repo, args.get("revision"), cache_dir)
+        pulled = None
+        if snapshot is None:
+            # Not cached (or unfinished): pull first; the pull never re-downloads files the cache already has.
+            pulled = _pull(repo, {"revision": args.get("revision")}, ctx)
+            _refresh_index({repo}, runtime=True, cache_dir=cache_dir)
+            snapshot = Path(pulled.snapshot_path)
+        ctx.check()
+        ctx.phase("cloning")
+        ctx.record({"publishing": str(dest)})
+        result = {"clone": plain(clone.clone(snapshot, dest, progress=ctx.progress, owner=job["id"])),
+                  "pulled": plain(pulled), "snapshot": str(snapshot)}
+        ctx.flush()
     ctx.phase("checking the workspace")
-    findings = hub.check_workspace(dest)
-    return {"clone": _plain(result), "pulled": _plain(pulled), "snapshot": str(snapshot),
-            "findings": _plain(findings)}
+    result["findings"] = plain(hub.check_workspace(dest))
+    return result
 
 
 def run_push(job: dict, ctx: JobContext) -> dict:
     from mlxk import hub
 
-    s, args = settings(), ctx.args
+    s, args = ctx.settings, ctx.args
     ctx.phase("pushing")
     result = hub.push(Path(args["workspace"]), job["target"], private=bool(args.get("private")),
-                      public=bool(args.get("public")), dry_run=bool(args.get("dry_run")), endpoint=s.hf_endpoint,
-                      token=s.hf_token, message=args.get("message"), progress=ctx.progress,
+                      public=bool(args.get("public")), dry_run=bool(args.get("dry_run")), endpoint=s.endpoint,
+                      token=s.token or False, message=args.get("message"), progress=ctx.progress,
                       should_stop=ctx.should_stop)
     ctx.flush()
-    return _plain(result)
+    return plain(result)
 
 
 def run_scan(job: dict, ctx: JobContext) -> dict:
     args = ctx.args
     ctx.phase("scanning")
-    return _plain(_refresh_index(args.get("repos"), runtime=True, force=bool(args.get("force"))))
+    _empty_leftover_trash(ctx.settings.cache)
+    return plain(_refresh_index(args.get("repos"), runtime=True, force=bool(args.get("force")),
+                                 cache_dir=ctx.settings.cache))
 
 
-HANDLERS = {"pull": run_pull, "rm": run_rm, "clone": run_clone, "push": run_push, "scan": run_scan}
-LOCKED_KINDS = {"pull", "rm", "clone", "push"}   # scan reads; everything else holds its model
+# ---------------------------------------------------------------- the job kinds: one table
+
+USER_PRIORITY = 10       # user jobs run before background scans
+SCAN_PRIORITY = 0
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """Everything a job kind means, declared once (as huey registers each task once)."""
+    name: str
+    handler: Callable[[dict, "JobContext"], dict]
+    priority: int           # Huey priority: higher runs first
+    dedupe: bool            # asking again while one is active (same target, same settings) returns that job
+    locks_model: bool       # holds its target: another locking job on the same model waits for it
+    inline: bool = False    # runs in the calling process (quick), recorded, locked and finished like any job
+
+
+KINDS: dict[str, JobKind] = {k.name: k for k in (
+    JobKind("pull", run_pull, USER_PRIORITY, dedupe=True, locks_model=True),
+    JobKind("rm", run_rm, USER_PRIORITY, dedupe=False, locks_model=True, inline=True),
+    JobKind("clone", run_clone, USER_PRIORITY, dedupe=False, locks_model=True),
+    JobKind("push", run_push, USER_PRIORITY, dedupe=False, locks_model=True),
+    JobKind("scan", run_scan, SCAN_PRIORITY, dedupe=False, locks_model=False),   # reads only
+)}
 
 
 # ---------------------------------------------------------------- running a job
 
-def _claim(job_id: str, task_id: str):
+def _claim(job_id: str, task_id: str, spec: dict | None):
     with closing(connect()) as conn:
         row = jobs_db.get_job(conn, job_id)
-        lock_key = row["target"] if row and row["kind"] in LOCKED_KINDS else None
+        if row is None and spec:
+            # state.db was rebuilt while the task waited: the task's own data gives the row back.
+            jobs_db.restore_job(conn, spec, task_id=task_id, state="queued",
+                                message="restored from the queue (state.db was rebuilt)")
+            row = jobs_db.get_job(conn, job_id)
+        lock_key = row["target"] if row and KINDS[row["kind"]].locks_model else None
         return jobs_db.claim(conn, job_id, task_id=task_id, worker=signals.worker_id(), lock_key=lock_key,
                              holder_alive=lambda worker: holder_alive(conn, worker))
 
 
-def execute(job_id: str, task_id: str):
+def execute(job_id: str, task_id: str, spec: dict | None = None, *, inline: bool = False):
     """Claim and run one job; None when there is nothing to do (stale task, cancelled), else the result dict.
 
     Raises RetryLater when the model is held by another job, MlxkError / Cancelled for the outcome.
     """
-    outcome, job = _claim(job_id, task_id)
+    outcome, job = _claim(job_id, task_id, spec)
     if outcome == "locked":
         with closing(connect()) as conn:
             jobs_db.update_job(conn, job_id, where_state="queued", where_task=task_id,
                                message=f"waiting for job {job['id']} ({job['kind']}) on {job['target']}")
         raise RetryLater(job["id"])
+    if outcome == "cancelled":
+        jobsettings.drop(job_id)
     if outcome != "claimed":
         log.info("job %s: task %s has nothing to do (%s)", job_id, task_id, outcome)
         return None
     log.info("job %s: %s %s (attempt %s)", job_id, job["kind"], job["target"], job["attempts"])
-    with closing(JobContext(job, task_id)) as ctx:
-        result = HANDLERS[job["kind"]](job, ctx)
+    with closing(JobContext(job, task_id, inline=inline)) as ctx:
+        result = KINDS[job["kind"]].handler(job, ctx)
     with closing(connect()) as conn:
         jobs_db.update_job(conn, job_id, where_state="running", where_task=task_id, result=result)
     return result
@@ -363,34 +470,30 @@ def run_inline(job_id: str) -> dict:
     with closing(connect()) as conn:
         task_id = jobs_db.get_job(conn, job_id)["task_id"]
     try:
-        result = execute(job_id, task_id)
+        result = execute(job_id, task_id, inline=True)
     except RetryLater as busy:
-        from mlxk.errors import Conflict
-
         error = Conflict(f"the model is in use by job {busy.args[0]}; retry when it has finished.",
                          job_id=busy.args[0])
-        with closing(connect()) as conn:
-            jobs_db.finish(conn, job_id, state="failed", task_id=task_id, from_states=("queued",),
-                           error=error.to_dict(), message="failed")
+        signals.failed(job_id, task_id, error, from_states=("queued",))
         raise error from None
     except BaseException as exc:
         signals.failed(job_id, task_id, exc)
         if isinstance(exc, (MlxkError, KeyboardInterrupt)):
             raise
-        raise MlxkError(f"job {job_id} failed: {type(exc).__name__}: {exc}") from exc
+        raise Internal(f"job {job_id} failed: {type(exc).__name__}: {exc}") from exc
     signals.succeeded(job_id, task_id)
     return result
 
 
 def register(huey) -> dict:
-    """Create the five tasks on `huey`; returns {kind: TaskWrapper}."""
+    """Create one Huey task per kind on `huey`, named as the kind; returns {kind: TaskWrapper}."""
     from huey.exceptions import RetryTask
 
     def make(kind: str):
-        def task_fn(job_id: str, task=None):
+        def task_fn(job_id: str, spec: dict | None = None, task=None):
             try:
                 with logs.job_context(job_id):  # every line the job logs carries its id
-                    return execute(job_id, task.id)
+                    return execute(job_id, task.id, spec)
             except RetryLater:
                 raise RetryTask(delay=LOCK_RETRY_S) from None
 
@@ -398,4 +501,4 @@ def register(huey) -> dict:
         task_fn.__module__ = __name__
         return huey.task(context=True, name=kind)(task_fn)
 
-    return {kind: make(kind) for kind in HANDLERS}
+    return {kind: make(kind) for kind in KINDS}

@@ -128,7 +128,7 @@ def _queued(outcome: jobs.Enqueued, wait: bool) -> Output:
         say(f"Queued {job['kind']} of {job['target']} as job {job['id']}.")
     if wait:
         return follow_job(job["id"])
-    if job["kind"] != "rm":
+    if not jobs.runs_inline(job["kind"]):
         say(f"Follow it with `mlxk jobs watch {job['id']}`.")
     data = dict(job, existing=not outcome.created)
     if outcome.retry_of:
@@ -209,17 +209,13 @@ def push_command(directory, repo, private, public, dry_run, check_only, message,
 
 def _check_only(directory: Path) -> Output:
     """Offline integrity check of a workspace; every finding blocks a push."""
-    from mlxk import hub
-    from mlxk.errors import MlxkError
-    from mlxk.workers.tasks import _plain
+    from mlxk.errors import WorkspaceInvalid
 
-    findings = _plain(hub.check_workspace(directory))
+    findings = jobs.check_workspace(directory)
     if not findings:
         return Output(data={"workspace": str(directory), "findings": [], "ok": True},
                       text=f"{directory} is ready to push.")
-    error = MlxkError(f"{directory} is not ready to push: {_finding_text(findings[0])}",
-                      findings=findings)
-    error.type = "workspace_invalid"
+    error = WorkspaceInvalid(f"{directory} is not ready to push: {_finding_text(findings[0])}", findings=findings)
     text = "\n".join([f"{directory}: {len(findings)} problem(s)", *(f"  {_finding_text(f)}" for f in findings)])
     return Output(data={"workspace": str(directory), "findings": findings, "ok": False}, text=text, error=error)
 

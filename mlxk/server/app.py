@@ -54,6 +54,20 @@ async def openai_error(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse(openai_error_body(mlxk_error), status_code=mlxk_error.http_status, headers=headers)
 
 
+async def _keep_job_worker(every_s: float = 3.0) -> None:
+    """While jobs are queued or running, a job worker stays alive and a dead one's jobs resume (mlxk.jobs)."""
+    from starlette.concurrency import run_in_threadpool
+
+    from mlxk import jobs as jobs_api
+
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await run_in_threadpool(jobs_api.keep_worker)
+        except Exception:  # noqa: BLE001 — a supervisor: log, try again next tick
+            log.warning("keeping a job worker alive failed", exc_info=True)
+
+
 def create_app(config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig.from_settings()
 
@@ -64,9 +78,11 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         await state.supervisor.start()
         runtime.write_pid_file(config.settings, host=config.host, port=config.port, api_key=bool(config.api_key))
         idle = asyncio.create_task(runtime.exit_when_idle(state, config.idle_exit_s)) if config.idle_exit_s else None
+        keeper = asyncio.create_task(_keep_job_worker())
         try:
             yield
         finally:
+            keeper.cancel()
             if idle:
                 idle.cancel()
             await state.supervisor.stop()

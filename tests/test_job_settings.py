@@ -1,0 +1,98 @@
+"""A job runs with the settings of the command that queued it — Hub endpoint, cache directory, token — whichever
+worker runs it: a real worker process started with one environment, the CLI run with another. The token is kept
+at rest only in a 0600 file for the job's life and appears in no view, log or process listing."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import psutil
+
+from tests.fixtures.cli import run, run_json
+from tests.fixtures.jobs import MiB, big_files, job_row, repo_path, wait_for
+from tests.fixtures.pause import release, wait_paused
+
+TOKEN = "hf_cli_secret_5f3a9c"
+
+
+def _home() -> Path:
+    return Path(os.environ["MLXK_HOME"])
+
+
+def test_the_cli_token_is_used_kept_private_and_forgotten(hub, worker_manager, monkeypatch):
+    hub.add_token(TOKEN, "alice")
+    repo = hub.unique_repo("alice/private")
+    hub.add_repo(repo, big_files(1 * MiB), private=True)
+    worker = worker_manager.start(env={"MLXK_TEST_PAUSE_AT": "pull.progress"})   # started without a token
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+
+    job_id = run("pull", repo).stdout.strip()
+    wait_paused(_home(), "pull.progress")
+    secret = _home() / "secrets" / job_id
+    assert secret.read_text() == TOKEN
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert stat.S_IMODE(secret.parent.stat().st_mode) == 0o700
+    shown = run("jobs", "show", job_id, "--json").stdout + run("jobs", "show", job_id).stdout
+    assert TOKEN not in shown and job_id in shown
+    assert TOKEN not in " ".join(psutil.Process(worker.pid).cmdline())
+
+    def finished():
+        release(_home(), "pull.progress")
+        return job_row(job_id)["state"] in ("succeeded", "failed") and job_row(job_id)
+
+    final = wait_for(finished, timeout=40)
+    assert final["state"] == "succeeded", final
+    assert all(r.token == TOKEN for r in hub.requests if r.origin == "hub")
+    assert not secret.exists()
+    assert TOKEN not in worker.output()
+    assert TOKEN not in (_home() / "state.db").read_bytes().decode("latin-1")
+
+
+def test_a_cli_without_a_token_never_borrows_the_workers(hub, worker_manager):
+    hub.add_token(TOKEN, "alice")
+    repo = hub.unique_repo("alice/not-yours")
+    hub.add_repo(repo, big_files(1 * MiB), private=True)
+    worker_manager.start(env={"HF_TOKEN": TOKEN})
+
+    result, doc = run_json("pull", repo, "--wait")
+
+    assert result.exit_code == 1, doc
+    assert doc["error"]["type"] == "repo_not_found" and "HF_TOKEN" in doc["error"]["message"]
+    assert all(r.token is None for r in hub.requests)
+
+
+def test_the_cli_endpoint_is_used_an_unreachable_hub_fails(hub, worker_manager, monkeypatch):
+    repo = hub.unique_repo("org/endpoint")
+    hub.add_repo(repo, big_files(1 * MiB))
+    worker_manager.start()
+    assert run("pull", repo, "--wait").exit_code == 0   # cached now: the worker's own Hub would say up to date
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")
+    result, doc = run_json("pull", repo, "--wait")
+
+    assert result.exit_code == 1, doc
+    assert doc["error"]["type"] == "hub_error"
+    assert "cannot reach the Hub at http://127.0.0.1:1" in doc["error"]["message"]
+    assert "up to date" not in result.stderr
+    assert doc["data"]["settings"]["endpoint"] == "http://127.0.0.1:1"
+
+
+def test_the_cli_cache_is_used(hub, worker_manager, monkeypatch, tmp_path):
+    repo = hub.unique_repo("org/other-cache")
+    hub.add_repo(repo, big_files(1 * MiB))
+    worker_manager.start()
+    default = repo_path(repo)   # where the worker's own settings would have put it
+    other = tmp_path / "other"
+    monkeypatch.setenv("HF_HOME", str(other))
+    monkeypatch.delenv("HF_HUB_CACHE")
+
+    result, doc = run_json("pull", repo, "--wait")
+
+    assert result.exit_code == 0, doc
+    assert (other / "hub" / ("models--" + repo.replace("/", "--")) / "snapshots").is_dir()
+    assert doc["data"]["settings"]["cache"] == str(other / "hub")
+    listed = json.dumps(run_json("list", "--all")[1]["data"])
+    assert repo in listed
+    assert not default.exists()
