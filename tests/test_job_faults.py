@@ -43,7 +43,7 @@ def _api_job(job_id: str) -> dict:
     config = ServerConfig.from_settings()
     app = create_app(config)
     app.state.mlxk = ServerState(config, Supervisor(config.worker_options()))
-    jobs = TestClient(app).get("/api/jobs").json()["jobs"]
+    jobs = TestClient(app, base_url="http://127.0.0.1").get("/api/jobs").json()["jobs"]
     return next(j for j in jobs if j["id"] == job_id)
 
 
