@@ -216,8 +216,15 @@ class RemovalPlan:
     whole_repo: bool = False
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) == os.path.abspath(folder)
+
+
 def plan_remove(cache_dir: Path, repo_id: str, revision: str | None = None) -> RemovalPlan:
-    """What `rm` deletes: the whole repo, or one revision plus the blobs no other revision uses."""
+    """What `rm` deletes: the whole repo, or one revision plus the blobs no other revision uses.
+
+    Only the repo's own folders: a snapshot link that points anywhere but the repo's `blobs/` (a hand-made link, a
+    hostile one) is removed as a link, never followed to what it points at."""
     path = repo_dir(cache_dir, repo_id)
     revisions = list_revisions(path)
     if revision is None or revisions == [revision]:
@@ -229,8 +236,11 @@ def plan_remove(cache_dir: Path, repo_id: str, revision: str | None = None) -> R
     for other in revisions:
         if other != revision:
             keep.update(f.target for f in snapshot_files(path / "snapshots" / other) if f.target)
-    drop = {f.target for f in snapshot_files(path / "snapshots" / revision) if f.is_symlink and f.target} - keep
-    paths = [path / "snapshots" / revision, *sorted(drop)]
+    blobs = path / "blobs"
+    drop = {f.target for f in snapshot_files(path / "snapshots" / revision)
+            if f.is_symlink and f.target and _inside(f.target, blobs)} - keep
+    tree = path / "trees" / f"{revision}.json"
+    paths = [path / "snapshots" / revision, *sorted(drop), *([tree] if tree.is_file() else [])]
     return RemovalPlan(repo_id, [revision], paths, sum(p.stat().st_size for p in drop), whole_repo=False)
 
 
@@ -239,14 +249,22 @@ def apply_remove(cache_dir: Path, plan: RemovalPlan) -> None:
 
     path = repo_dir(cache_dir, plan.repo_id)
     if plan.whole_repo:
-        shutil.rmtree(path, ignore_errors=False)
+        remove_path(path)
     else:
         for target in plan.paths:
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
+            remove_path(target)
         for ref, sha in refs(path).items():
             if sha in plan.revisions:
                 (path / "refs" / ref).unlink(missing_ok=True)
     shutil.rmtree(lock_dir(cache_dir, plan.repo_id), ignore_errors=True)
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a folder tree; a symlink (even to a folder) is unlinked, never followed (rmtree does not
+    follow the links inside a tree either)."""
+    import shutil
+
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
