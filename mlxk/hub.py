@@ -818,15 +818,20 @@ def sweep_staging(repo: Path) -> None:
     for entry in entries:
         pid = entry.name.rpartition(".")[2]
         if not pid.isdigit() or int(pid) == os.getpid() or not _pid_alive(int(pid)):
-            _discard(Path(entry.path))
+            _discard(Path(entry.path))   # removes .staging too once it is empty
 
 
 def _discard(path: Path) -> None:
-    """Best-effort removal of a staging folder (links are never followed); what stays is swept by the next pull."""
+    """Best-effort removal of a staging folder (links are never followed), and of `.staging` once it is empty; what
+    stays is swept by the next pull."""
     try:
         cache.remove_path(path)
     except OSError as error:
         log.warning("could not remove %s: %s", path, error)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass   # another pull is staging there, or it is already gone
 
 
 def _write_error(repo_id: str, sha: str, path: str, error: OSError) -> errors.CacheError:
@@ -931,10 +936,7 @@ def _publish(repo_id: str, repo: Path, sha: str, staging: Path) -> None:
             _discard(staging)   # now holds the previous snapshot
     except OSError as error:
         raise _write_error(repo_id, sha, f"snapshots/{sha}", error) from error
-    try:
-        (repo / STAGING_DIR).rmdir()
-    except OSError:
-        pass   # another pull is staging, or it is already gone
+    _discard(staging)   # gone already after a plain rename: only `.staging` itself is removed
 
 
 def _atomic_write(path: Path, text: str) -> None:
