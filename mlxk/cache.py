@@ -6,6 +6,7 @@
         snapshots/<sha>/<path>        relative symlinks into blobs/
         refs/main                     the commit sha `main` points at
         trees/<sha>.json              the file listing huggingface_hub saw for <sha>
+        .staging/<sha>.<pid>          a snapshot mlxk's pull is building (published by rename; see mlxk.hub)
 
 Paths in, no environment: callers pass the cache directory (mlxk.config resolves it).
 """
@@ -19,6 +20,7 @@ from mlxk.errors import CacheError
 
 REPO_PREFIX = "models--"
 INCOMPLETE_SUFFIX = ".incomplete"
+STAGING_DIR = ".staging"   # beside snapshots/, not in it: huggingface_hub's cache scan takes every folder there
 
 
 def repo_folder_name(repo_id: str) -> str:
@@ -240,7 +242,8 @@ def plan_remove(cache_dir: Path, repo_id: str, revision: str | None = None) -> R
     drop = {f.target for f in snapshot_files(path / "snapshots" / revision)
             if f.is_symlink and f.target and _inside(f.target, blobs)} - keep
     tree = path / "trees" / f"{revision}.json"
-    paths = [path / "snapshots" / revision, *sorted(drop), *([tree] if tree.is_file() else [])]
+    staged = sorted((path / STAGING_DIR).glob(f"{revision}.*"))   # what a killed pull of it left
+    paths = [path / "snapshots" / revision, *sorted(drop), *([tree] if tree.is_file() else []), *staged]
     return RemovalPlan(repo_id, [revision], paths, sum(p.stat().st_size for p in drop), whole_repo=False)
 
 

@@ -45,7 +45,6 @@ _SHA40 = re.compile(r"^[0-9a-f]{40}$")
 _SHA64 = re.compile(r"^[0-9a-f]{64}$")
 NAME_MAX = 255                      # bytes per path component, where the filesystem does not say (pathconf)
 PATH_MAX = 4096
-STAGING_DIR = ".staging"            # <repo>/.staging/<sha>.<pid>: a snapshot being built, published by one rename
 _OUR_PARTIAL = ".incomplete"
 
 
@@ -340,7 +339,7 @@ def validate_files(repo_id: str, sha: str, files: list[RemoteFile], *, repo: Pat
     pull write, link or lock anything outside the repo's folder, or fail half-way on a name the disk refuses.
     """
     name_max, path_max = _fs_limits(repo)
-    snapshot = os.path.join(os.path.abspath(repo), STAGING_DIR, f"{sha}.{os.getpid()}")   # the deeper of the two
+    snapshot = os.fspath(_staging(Path(os.path.abspath(repo)), sha))   # deeper than snapshots/<sha>: the bound
     seen: set[str] = set()
     for file in files:
         problem = path_problem(file.path, name_max=name_max) or _oid_problem(file)
@@ -795,7 +794,7 @@ def _write(out, data: bytes, job: _Job, partial: Path) -> None:
 
 
 def _staging(repo: Path, sha: str) -> Path:
-    return repo / STAGING_DIR / f"{sha}.{os.getpid()}"
+    return repo / cache.STAGING_DIR / f"{sha}.{os.getpid()}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -812,7 +811,7 @@ def sweep_staging(repo: Path) -> None:
     """Remove snapshots a killed or failed pull left half-built: this process's own (we hold the model's lock) and
     those of processes that are gone."""
     try:
-        entries = list(os.scandir(repo / STAGING_DIR))
+        entries = list(os.scandir(repo / cache.STAGING_DIR))
     except OSError:
         return
     for entry in entries:
