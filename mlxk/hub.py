@@ -8,6 +8,12 @@ does — `blobs/<etag>`, relative `snapshots/<sha>/<path>` links, `refs/<ref>` w
 `blobs/<etag>.incomplete` that a later process finds and continues with `Range`. It takes huggingface_hub's own
 per-blob lock files, so a concurrent `hf download` of the same blob waits instead of colliding.
 
+The Hub is untrusted input (DESIGN, trust boundaries): `validate_files` checks every path, oid and size of the listing
+before the first write, so no answer can make pull write, link or lock outside the repo's folder. A snapshot is
+built in `<repo>/.staging/<sha>.<pid>` and published by one rename, `refs/<ref>` last, so a killed or failed pull
+never shows a half-written snapshot. Test-only pause points (mlxk.faults): `pull.linking` (one link staged),
+`pull.publishing` (staged, not published), `pull.ref` (published, ref not written).
+
 Push goes through huggingface_hub's `HfApi` (create_repo + create_commit); only the policy (private/public,
 .hfignore, dry-run planning, token) is ours.
 """
@@ -572,7 +578,16 @@ def _adopt_orphan(repo: Path, file: RemoteFile, partial: Path) -> None:
 
 
 def _fetch(job: _Job, file: RemoteFile) -> None:
-    """Download `file` into blobs/<etag> (resuming blobs/<etag>.incomplete), verified, under the blob's lock."""
+    """Download `file` into blobs/<etag> (resuming blobs/<etag>.incomplete), verified, under the blob's lock.
+
+    An OSError of the cache's disk (lock, partial, rename) is a CacheError naming the file, never a raw error."""
+    try:
+        _fetch_locked(job, file)
+    except OSError as error:
+        raise _write_error(job.repo_id, job.sha, file.path, error) from error
+
+
+def _fetch_locked(job: _Job, file: RemoteFile) -> None:
     from filelock import FileLock
 
     blob, partial = _blob(job.repo, file), _partial(job.repo, file)
@@ -1079,7 +1094,10 @@ def pull(repo_id: str, *, revision: str | None = None, include=None, exclude=Non
             _atomic_write(repo / "refs" / ref, sha)   # last: the snapshot only counts once all its files are there
         except OSError as error:
             raise _write_error(repo_id, sha, f"refs/{ref}", error) from error
-    sweep_partials(cache_dir, repo_id, keep=())
+    try:
+        sweep_partials(cache_dir, repo_id, keep=())
+    except OSError as error:   # leftovers only: the pull itself is done
+        log.warning("could not sweep the partial downloads of %s: %s", repo_id, error)
     tracker.report("done")
     log.info("pulled %s@%s: %d files, %d bytes downloaded", repo_id, sha[:12], len(wanted), tracker.downloaded)
     return PullResult(repo_id, sha, ref or sha, len(wanted), tracker.downloaded, total, False, snapshot)

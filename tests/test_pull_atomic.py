@@ -155,3 +155,25 @@ def test_pulling_more_files_of_a_cached_commit_replaces_the_snapshot_whole(hub, 
     assert all(p.is_symlink() and os.readlink(p).startswith("../../blobs/") for p in snapshot.iterdir())
     assert not (repo_path(repo) / ".staging").exists()
     assert hubmod.pull(repo, cache_dir=cache, endpoint=hub.endpoint).up_to_date
+
+
+def test_an_oserror_while_downloading_is_a_cache_error_naming_the_file(hub, monkeypatch):
+    """The seam: os.replace fails (EROFS) when a finished blob is moved into blobs/, as a disk remounted read-only
+    would; a real one cannot be produced here."""
+    import errno
+
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    repo = hub.unique_repo("org/readonly")
+    hub.add_repo(repo, {"config.json": b'{"model_type": "llama"}'})
+    real_replace = os.replace
+
+    def failing_replace(src, dst, *args, **kw):
+        if "/blobs/" in str(dst):
+            raise OSError(errno.EROFS, "Read-only file system", str(dst))
+        return real_replace(src, dst, *args, **kw)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(errors.CacheError) as raised:
+        hubmod.pull(repo, cache_dir=cache, endpoint=hub.endpoint)
+    assert raised.value.details["file"] == "config.json" and "Read-only file system" in raised.value.message
+    assert not (repo_path(repo) / "snapshots").exists() and not (repo_path(repo) / "refs").exists()
