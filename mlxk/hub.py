@@ -1005,9 +1005,15 @@ def _preflight(client, repo_id: str, revision: str | None, *, repo: Path, includ
     info = _revision_info(client, repo_id, revision or "main", endpoint=endpoint, headers=headers, token=token)
     sha = info["sha"]
     files = _cached_tree(repo, sha)
+    if files is not None:
+        try:
+            validate_files(repo_id, sha, files, repo=repo)
+        except errors.InvalidHubReply as error:   # written by another tool, or long ago: ask the Hub again
+            log.warning("ignoring %s/trees/%s.json: %s", repo, sha, error.message)
+            files = None
     if files is None:
         files = _tree(client, repo_id, sha, endpoint=endpoint, headers=headers, token=token)
-    validate_files(repo_id, sha, files, repo=repo)
+        validate_files(repo_id, sha, files, repo=repo)
     wanted = select_files(files, include, exclude)
     if not wanted:
         raise errors.HubError(f"no file of {repo_id}@{revision or 'main'} matches include={include!r} "

@@ -175,20 +175,23 @@ def test_a_listing_that_is_not_a_list_of_objects_is_refused(hub, world):
 
 
 def test_a_hostile_trees_json_left_in_the_cache_is_checked_too(hub, world):
-    """trees/<sha>.json (ours or huggingface_hub's) saves the tree call: it is checked like the Hub's answer."""
+    """trees/<sha>.json (ours or huggingface_hub's) saves the tree call: it is checked like the Hub's answer, and an
+    invalid one is ignored (the Hub is asked again) and replaced."""
     cache = Path(os.environ["HF_HUB_CACHE"])
     repo_id = hub.unique_repo("org/tree-json")
     sha = hub.add_repo(repo_id, _files())
     config = hub.repo(repo_id).files()["config.json"]
-    trees = repo_path(repo_id) / "trees"
-    trees.mkdir(parents=True)
-    (trees / f"{sha}.json").write_text(json.dumps({"format_version": 1, "files": {
+    tree = repo_path(repo_id) / "trees" / f"{sha}.json"
+    tree.parent.mkdir(parents=True)
+    tree.write_text(json.dumps({"format_version": 1, "files": {
         "../../../../victim.txt": {"size": config.size, "blob_id": config.oid}}}))
-    with pytest.raises(errors.InvalidHubReply) as raised:
-        hubmod.pull(repo_id, cache_dir=cache, endpoint=hub.endpoint)
-    assert raised.value.details["file"] == "../../../../victim.txt"
-    assert (world / "victim.txt").read_bytes() == VICTIM
-    assert not (repo_path(repo_id) / "snapshots").exists()
+
+    result = hubmod.pull(repo_id, cache_dir=cache, endpoint=hub.endpoint)
+
+    assert (world / "victim.txt").read_bytes() == VICTIM and not (world / "victim.txt").is_symlink()
+    assert sorted(p.name for p in result.snapshot_path.iterdir()) == sorted(_files())
+    assert sorted(json.loads(tree.read_text())["files"]) == sorted(_files())
+    assert [r for r in hub.requests if f"/tree/{sha}" in r.path]
 
 
 def test_path_rules_accept_what_real_repos_use():
