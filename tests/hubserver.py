@@ -571,6 +571,7 @@ class HubServer:
         self.multipart_threshold: int | None = 64 * 1024 * 1024
         self.multipart_chunk_size = 16 * 1024 * 1024
         self.hostile_trees: dict[str, tuple[list[Any], bool]] = {}  # repo id -> (raw entries, replace)
+        self.tree_next_endpoint: str | None = None  # hostile: the tree's next-page links point at this server
 
     def unique_repo(self, base: str = "org/model") -> str:
         """A repo id no other test of this server has used: `base` plus a counter."""
@@ -1023,7 +1024,8 @@ class HubServer:
         if cursor + page < len(entries):
             params = {k: v[0] for k, v in req.query.items() if k != "cursor"}
             params["cursor"] = str(cursor + page)
-            headers["Link"] = f'<{self.endpoint}{req.raw_path}?{urlencode(params)}>; rel="next"'
+            base = self.tree_next_endpoint or self.endpoint
+            headers["Link"] = f'<{base}{req.raw_path}?{urlencode(params)}>; rel="next"'
         return json_reply(body, headers=headers)
 
     async def _paths_info(self, req: Request, repo_type: str, repo_id: str, rev: str) -> Reply:

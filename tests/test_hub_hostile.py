@@ -174,6 +174,30 @@ def test_a_listing_that_is_not_a_list_of_objects_is_refused(hub, world):
         assert not repo_path(repo_id).exists()
 
 
+def test_a_next_page_on_another_server_is_refused_before_the_token_goes_there(hub, world):
+    hub.add_token("tok-dave", "dave")
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    repo_id = hub.unique_repo("dave/paged")
+    hub.add_repo(repo_id, _files(), private=True)
+    hub.tree_page_size = 1
+    hub.tree_next_endpoint = hub.cdn_endpoint   # another origin
+
+    with pytest.raises(errors.InvalidHubReply) as raised:
+        hubmod.pull(repo_id, cache_dir=cache, endpoint=hub.endpoint, token="tok-dave")
+
+    assert "next page is on another server" in raised.value.message
+    assert not [r for r in hub.requests if r.origin == "cdn"]
+    assert not repo_path(repo_id).exists()
+
+
+def test_a_paged_listing_from_the_hub_itself_still_pulls(hub):
+    repo_id = hub.unique_repo("org/paged")
+    hub.add_repo(repo_id, _files())
+    hub.tree_page_size = 1
+    result = hubmod.pull(repo_id, cache_dir=Path(os.environ["HF_HUB_CACHE"]), endpoint=hub.endpoint)
+    assert result.files == len(_files()) and len([r for r in hub.requests if "/tree/" in r.path]) == len(_files())
+
+
 def test_a_hostile_trees_json_left_in_the_cache_is_checked_too(hub, world):
     """trees/<sha>.json (ours or huggingface_hub's) saves the tree call: it is checked like the Hub's answer, and an
     invalid one is ignored (the Hub is asked again) and replaced."""
