@@ -809,7 +809,8 @@ def _write(out, data: bytes, job: _Job, partial: Path) -> None:
 
 
 def _staging(repo: Path, sha: str) -> Path:
-    return repo / cache.STAGING_DIR / f"{sha}.{os.getpid()}"
+    """This thread's staging folder: `<sha>.<pid>-<thread>` (the pid says whether its owner is still alive)."""
+    return repo / cache.STAGING_DIR / f"{sha}.{os.getpid()}-{threading.get_ident()}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -823,15 +824,17 @@ def _pid_alive(pid: int) -> bool:
 
 
 def sweep_staging(repo: Path) -> None:
-    """Remove snapshots a killed or failed pull left half-built: this process's own (we hold the model's lock) and
-    those of processes that are gone."""
+    """Remove snapshots a killed or failed pull left half-built: this thread's own earlier ones (it holds the
+    model's lock) and those of processes that are gone. Another live process's or thread's is left alone."""
     try:
         entries = list(os.scandir(repo / cache.STAGING_DIR))
     except OSError:
         return
+    own = _staging(repo, "x").name.partition(".")[2]
     for entry in entries:
-        pid = entry.name.rpartition(".")[2]
-        if not pid.isdigit() or int(pid) == os.getpid() or not _pid_alive(int(pid)):
+        owner = entry.name.partition(".")[2]
+        pid = owner.partition("-")[0]
+        if owner in (own, own + "-old") or not pid.isdigit() or not _pid_alive(int(pid)):
             _discard(Path(entry.path))   # removes .staging too once it is empty
 
 
@@ -943,7 +946,7 @@ def _publish(repo_id: str, repo: Path, sha: str, staging: Path) -> None:
                 raise
             if not _exchange(staging, final):
                 # No atomic exchange on this system: the snapshot is missing (never half-written) for a moment.
-                old = staging.with_name(staging.name + ".old")
+                old = staging.with_name(staging.name + "-old")
                 os.rename(final, old)
                 os.rename(staging, final)
                 staging = old

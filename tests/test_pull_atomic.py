@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,8 @@ def test_a_pull_failing_while_linking_publishes_nothing_and_names_the_file(hub, 
     monkeypatch.setattr(os, "symlink", failing_symlink)
     with pytest.raises(errors.CacheError) as raised:
         hubmod.pull(repo, cache_dir=cache, endpoint=hub.endpoint)
-    failed_file = Path(calls[2]).relative_to(repo_path(repo) / ".staging" / f"{new}.{os.getpid()}").as_posix()
+    staging = repo_path(repo) / ".staging" / f"{new}.{os.getpid()}-{threading.get_ident()}"
+    failed_file = Path(calls[2]).relative_to(staging).as_posix()
     assert raised.value.type == "cache_error" and raised.value.details["file"] == failed_file
     assert f"cannot write {failed_file} of {repo}@{new[:12]}" in raised.value.message
     assert "Input/output error" in raised.value.message
@@ -177,3 +179,19 @@ def test_an_oserror_while_downloading_is_a_cache_error_naming_the_file(hub, monk
         hubmod.pull(repo, cache_dir=cache, endpoint=hub.endpoint)
     assert raised.value.details["file"] == "config.json" and "Read-only file system" in raised.value.message
     assert not (repo_path(repo) / "snapshots").exists() and not (repo_path(repo) / "refs").exists()
+
+
+def test_another_live_process_staging_is_left_alone(hub):
+    """Only dead owners' (and this thread's own) staging folders are swept: a concurrent `mlxk` pulling into the same
+    cache from another process keeps its half-built snapshot."""
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    repo = hub.unique_repo("org/shared-cache")
+    sha = hub.add_repo(repo, _files("v1"))
+    live = repo_path(repo) / ".staging" / f"{sha}.{os.getppid()}-1"   # our parent: alive for sure
+    live.mkdir(parents=True)
+    (live / "config.json").symlink_to("../../blobs/whatever")
+
+    result = hubmod.pull(repo, cache_dir=cache, endpoint=hub.endpoint)
+
+    assert result.revision == sha and (result.snapshot_path / "config.json").is_file()
+    assert (live / "config.json").is_symlink()
