@@ -6,7 +6,7 @@
         snapshots/<sha>/<path>        relative symlinks into blobs/
         refs/main                     the commit sha `main` points at
         trees/<sha>.json              the file listing huggingface_hub saw for <sha>
-        .staging/<sha>.<pid>          a snapshot mlxk's pull is building (published by rename; see mlxk.hub)
+        .staging/<sha>.<pid>-<tid>    a snapshot mlxk's pull is building (published by rename; see mlxk.hub)
 
 Paths in, no environment: callers pass the cache directory (mlxk.config resolves it).
 """

@@ -10,7 +10,7 @@ per-blob lock files, so a concurrent `hf download` of the same blob waits instea
 
 The Hub is untrusted input (DESIGN, trust boundaries): `validate_files` checks every path, oid and size of the listing
 before the first write, so no answer can make pull write, link or lock outside the repo's folder. A snapshot is
-built in `<repo>/.staging/<sha>.<pid>` and published by one rename, `refs/<ref>` last, so a killed or failed pull
+built in `<repo>/.staging/<sha>.<pid>-<tid>` and published by one rename, `refs/<ref>` last, so a killed or failed pull
 never shows a half-written snapshot. Test-only pause points (mlxk.faults): `pull.linking` (one link staged),
 `pull.publishing` (staged, not published), `pull.ref` (published, ref not written).
 
@@ -802,7 +802,7 @@ def _write(out, data: bytes, job: _Job, partial: Path) -> None:
 
 
 # A snapshot is never built in place: a reader (`mlxk list`, `hf`, mlx_lm) must see the old snapshot or the whole new
-# one, even when the pull is killed or fails half-way. So pull builds `<repo>/.staging/<sha>.<pid>` (same depth as
+# one, even when the pull is killed or fails half-way. So pull builds `<repo>/.staging/<sha>.<pid>-<tid>` (same depth as
 # `snapshots/<sha>`, so the relative links are the same), then publishes it with one rename (an atomic exchange when
 # the snapshot already exists), then writes `refs/<ref>`. `.staging` sits beside `snapshots/`, not in it, because
 # huggingface_hub's cache scan takes every folder in `snapshots/` for a revision.
