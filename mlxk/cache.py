@@ -218,7 +218,8 @@ class RemovalPlan:
     whole_repo: bool = False
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def is_inside(path: Path | str, folder: Path | str) -> bool:
+    """Is `path` (normalised, links not followed) `folder` or under it?"""
     return os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) == os.path.abspath(folder)
 
 
@@ -240,7 +241,7 @@ def plan_remove(cache_dir: Path, repo_id: str, revision: str | None = None) -> R
             keep.update(f.target for f in snapshot_files(path / "snapshots" / other) if f.target)
     blobs = path / "blobs"
     drop = {f.target for f in snapshot_files(path / "snapshots" / revision)
-            if f.is_symlink and f.target and _inside(f.target, blobs)} - keep
+            if f.is_symlink and f.target and is_inside(f.target, blobs)} - keep
     tree = path / "trees" / f"{revision}.json"
     staged = sorted((path / STAGING_DIR).glob(f"{revision}.*"))   # what a killed pull of it left
     paths = [path / "snapshots" / revision, *sorted(drop), *([tree] if tree.is_file() else []), *staged]

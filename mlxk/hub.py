@@ -867,10 +867,11 @@ def _scan_snapshot(root: Path, prefix: str = ""):
             yield name, entry
 
 
-def _carry_over(final: Path, staging: Path, wanted: list[RemoteFile]) -> None:
+def _carry_over(repo: Path, final: Path, staging: Path, wanted: list[RemoteFile]) -> None:
     """Copy what the published snapshot holds besides `wanted` (an earlier pull with other include patterns) into
     the staging folder, so publishing replaces the snapshot without dropping files; what `wanted` overlaps is left
-    for it to write."""
+    for it to write. A link out of the repo's blobs/ (made by hand, or by a pull before the Hub's answers were
+    checked) is not carried over."""
     paths = {f.path for f in wanted}
     folders = {"/".join(f.path.split("/")[:i]) for f in wanted for i in range(1, f.path.count("/") + 1)}
     for name, entry in _scan_snapshot(final):
@@ -878,10 +879,15 @@ def _carry_over(final: Path, staging: Path, wanted: list[RemoteFile]) -> None:
         if name in paths or name in folders or any("/".join(parts[:i]) in paths for i in range(1, len(parts))):
             continue
         dest = staging / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
         if entry.is_symlink():
-            os.symlink(os.readlink(entry.path), dest)   # relative links: same depth, same meaning
+            target = os.readlink(entry.path)
+            if not cache.is_inside(os.path.join(os.path.dirname(entry.path), target), repo / "blobs"):
+                log.warning("dropping %s from %s: it links out of the repo's blobs (%s)", name, final, target)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(target, dest)   # relative links: same depth, same meaning
         else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(entry.path, dest)
             except OSError:
@@ -897,7 +903,7 @@ def _build_snapshot(repo_id: str, repo: Path, sha: str, wanted: list[RemoteFile]
     try:
         staging.mkdir(parents=True)
         if final.is_dir():
-            _carry_over(final, staging, wanted)
+            _carry_over(repo, final, staging, wanted)
     except OSError as error:
         raise _write_error(repo_id, sha, str(error.filename or staging), error) from error
     for i, file in enumerate(wanted):

@@ -136,7 +136,7 @@ def test_a_pull_failing_while_linking_publishes_nothing_and_names_the_file(hub, 
 @pytest.mark.parametrize("exchange", ["atomic", "two-renames"])
 def test_pulling_more_files_of_a_cached_commit_replaces_the_snapshot_whole(hub, monkeypatch, exchange):
     """An --include pull, then a full one of the same commit: the snapshot is rebuilt beside it and swapped in,
-    keeping what it had; a staging folder a dead process left behind is swept. `two-renames`: the seam
+    keeping what it had but a link out of blobs/; a staging folder a dead process left behind is swept. `two-renames`: the seam
     hub._exchange says the kernel has no atomic exchange (as on an old kernel or filesystem)."""
     if exchange == "two-renames":
         monkeypatch.setattr(hubmod, "_exchange", lambda a, b: False)
@@ -146,6 +146,7 @@ def test_pulling_more_files_of_a_cached_commit_replaces_the_snapshot_whole(hub, 
     first = hubmod.pull(repo, cache_dir=cache, endpoint=hub.endpoint, include=["*.json"])
     snapshot = repo_path(repo) / "snapshots" / sha
     assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    (snapshot / "planted.txt").symlink_to("../../../../../victim.txt")   # a link out, from before the checks
     stale = repo_path(repo) / ".staging" / f"{sha}.999999999"
     (stale / "sub").mkdir(parents=True)
     (stale / "sub" / "x").symlink_to("../../../blobs/nothing")
