@@ -351,7 +351,7 @@ def validate_files(repo_id: str, sha: str, files: list[RemoteFile], *, repo: Pat
         problem = path_problem(file.path, name_max=name_max) or _oid_problem(file)
         if problem is None:
             target = os.path.normpath(os.path.join(snapshot, file.path))
-            if os.path.commonpath([target, snapshot]) != snapshot:
+            if not cache.is_inside(target, snapshot) or target == snapshot:
                 problem = "it leads outside the snapshot"
             elif len(os.fsencode(target)) >= path_max:
                 problem = f"the path in the cache would be longer than the {path_max} bytes the filesystem allows"
