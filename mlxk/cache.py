@@ -6,6 +6,7 @@
         snapshots/<sha>/<path>        relative symlinks into blobs/
         refs/main                     the commit sha `main` points at
         trees/<sha>.json              the file listing huggingface_hub saw for <sha>
+        .staging/<sha>.<pid>-<tid>    a snapshot mlxk's pull is building (published by rename; see mlxk.hub)
 
 Paths in, no environment: callers pass the cache directory (mlxk.config resolves it).
 """
@@ -19,6 +20,7 @@ from mlxk.errors import CacheError
 
 REPO_PREFIX = "models--"
 INCOMPLETE_SUFFIX = ".incomplete"
+STAGING_DIR = ".staging"   # beside snapshots/, not in it: huggingface_hub's cache scan takes every folder there
 
 
 def repo_folder_name(repo_id: str) -> str:
@@ -216,8 +218,16 @@ class RemovalPlan:
     whole_repo: bool = False
 
 
+def is_inside(path: Path | str, folder: Path | str) -> bool:
+    """Is `path` (normalised, links not followed) `folder` or under it?"""
+    return os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) == os.path.abspath(folder)
+
+
 def plan_remove(cache_dir: Path, repo_id: str, revision: str | None = None) -> RemovalPlan:
-    """What `rm` deletes: the whole repo, or one revision plus the blobs no other revision uses."""
+    """What `rm` deletes: the whole repo, or one revision plus the blobs no other revision uses.
+
+    Only the repo's own folders: a snapshot link that points anywhere but the repo's `blobs/` (a hand-made link, a
+    hostile one) is removed as a link, never followed to what it points at."""
     path = repo_dir(cache_dir, repo_id)
     revisions = list_revisions(path)
     if revision is None or revisions == [revision]:
@@ -229,8 +239,12 @@ def plan_remove(cache_dir: Path, repo_id: str, revision: str | None = None) -> R
     for other in revisions:
         if other != revision:
             keep.update(f.target for f in snapshot_files(path / "snapshots" / other) if f.target)
-    drop = {f.target for f in snapshot_files(path / "snapshots" / revision) if f.is_symlink and f.target} - keep
-    paths = [path / "snapshots" / revision, *sorted(drop)]
+    blobs = path / "blobs"
+    drop = {f.target for f in snapshot_files(path / "snapshots" / revision)
+            if f.is_symlink and f.target and is_inside(f.target, blobs)} - keep
+    tree = path / "trees" / f"{revision}.json"
+    staged = sorted((path / STAGING_DIR).glob(f"{revision}.*"))   # what a killed pull of it left
+    paths = [path / "snapshots" / revision, *sorted(drop), *([tree] if tree.is_file() else []), *staged]
     return RemovalPlan(repo_id, [revision], paths, sum(p.stat().st_size for p in drop), whole_repo=False)
 
 
@@ -276,7 +290,7 @@ def move_to_trash(cache_dir: Path, plan: RemovalPlan, trash: Path) -> dict:
     path = repo_dir(cache_dir, plan.repo_id)
     record = {"repo_id": plan.repo_id, "revisions": plan.revisions, "whole_repo": plan.whole_repo,
               "bytes_freed": plan.bytes_freed,
-              "blobs": [] if plan.whole_repo else [p.name for p in plan.paths[1:]]}
+              "blobs": [] if plan.whole_repo else [p.name for p in plan.paths[1:] if p.parent.name == "blobs"]}
     trash.mkdir(parents=True, exist_ok=True)
     (trash / _PLAN).write_text(json.dumps(record))
     source = path if plan.whole_repo else path / "snapshots" / plan.revisions[0]
@@ -303,6 +317,10 @@ def finish_trash(cache_dir: Path, trash: Path, record: dict) -> None:
     for ref, sha in refs(path).items():
         if sha in gone:
             (path / "refs" / ref).unlink(missing_ok=True)
+    for sha in gone:  # its listing and what a killed pull of it left; links are removed, never followed
+        for leftover in [path / "trees" / f"{sha}.json", *(path / STAGING_DIR).glob(f"{sha}.*")]:
+            if os.path.lexists(leftover):
+                remove_path(leftover)
     keep: set[Path] = set()
     for other in remaining:
         keep.update(f.target for f in snapshot_files(path / "snapshots" / other) if f.target)
@@ -325,8 +343,19 @@ def apply_remove(cache_dir: Path, plan: RemovalPlan, *, trash: Path | None = Non
         import uuid
 
         trash = trash_dir(cache_dir, uuid.uuid4().hex[:12])
-    if plan.whole_repo and not repo_dir(cache_dir, plan.repo_id).exists():
+    if plan.whole_repo and not os.path.lexists(repo_dir(cache_dir, plan.repo_id)):
         return
     record = move_to_trash(cache_dir, plan, trash)
     finish_trash(cache_dir, trash, record)
     empty_trash(trash)
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a folder tree; a symlink (even to a folder) is unlinked, never followed (rmtree does not
+    follow the links inside a tree either)."""
+    import shutil
+
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)

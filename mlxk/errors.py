@@ -122,6 +122,12 @@ class RevisionNotFound(HubError):
     http_status = 404
 
 
+class InvalidHubReply(HubError):
+    """The Hub's answer breaks rules every client relies on (a file path leaving the repo, a malformed oid or size):
+    it is untrusted input, so the pull stops before writing anything."""
+    type = "invalid_hub_reply"
+
+
 class IntegrityError(HubError):
     """Downloaded bytes do not match the hash the Hub published."""
     type = "integrity_error"

@@ -8,6 +8,12 @@ does — `blobs/<etag>`, relative `snapshots/<sha>/<path>` links, `refs/<ref>` w
 `blobs/<etag>.incomplete` that a later process finds and continues with `Range`. It takes huggingface_hub's own
 per-blob lock files, so a concurrent `hf download` of the same blob waits instead of colliding.
 
+The Hub is untrusted input (DESIGN, trust boundaries): `validate_files` checks every path, oid and size of the listing
+before the first write, so no answer can make pull write, link or lock outside the repo's folder. A snapshot is
+built in `<repo>/.staging/<sha>.<pid>-<tid>` and published by one rename, `refs/<ref>` last, so a killed or failed pull
+never shows a half-written snapshot. Test-only pause points (mlxk.faults): `pull.linking` (one link staged),
+`pull.publishing` (staged, not published), `pull.ref` (published, ref not written).
+
 Push goes through huggingface_hub's `HfApi` (create_repo + create_commit); only the policy (private/public,
 .hfignore, dry-run planning, token) is ours.
 """
@@ -31,6 +37,7 @@ from typing import Callable, Iterable
 from urllib.parse import quote, urljoin, urlsplit
 
 from mlxk import cache, errors, names
+from mlxk.faults import checkpoint
 
 log = logging.getLogger("mlxk.hub")
 
@@ -41,6 +48,9 @@ RETRY_BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0)
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 30.0
 _SHA40 = re.compile(r"^[0-9a-f]{40}$")
+_SHA64 = re.compile(r"^[0-9a-f]{64}$")
+NAME_MAX = 255                      # bytes per path component, where the filesystem does not say (pathconf)
+PATH_MAX = 4096
 _OUR_PARTIAL = ".incomplete"
 
 
@@ -194,30 +204,52 @@ def _get_json(client, url: str, *, headers, repo_id, endpoint, token, revision=N
 
 def _revision_info(client, repo_id: str, revision: str, *, endpoint: str, headers, token) -> dict:
     url = f"{endpoint}/api/models/{repo_id}/revision/{quote(revision, safe='')}"
-    info = _get_json(client, url, headers=headers, repo_id=repo_id, endpoint=endpoint, token=token,
-                     revision=revision).json()
-    if not _SHA40.match(str(info.get("sha", ""))):
+    info = _json(_get_json(client, url, headers=headers, repo_id=repo_id, endpoint=endpoint, token=token,
+                           revision=revision), repo_id, "revision info")
+    if not isinstance(info, dict) or not _SHA40.match(str(info.get("sha", ""))):
         raise errors.HubError(f"the Hub did not say which commit {repo_id}@{revision} is (no sha in its answer).",
                               repo=repo_id)
     return info
 
 
+def _json(response, repo_id: str, what: str):
+    try:
+        return response.json()
+    except ValueError:
+        raise errors.InvalidHubReply(f"the Hub's {what} for {repo_id} is not valid JSON; nothing was written. "
+                                     "Check HF_ENDPOINT, or try again later.", repo=repo_id) from None
+
+
 def _tree(client, repo_id: str, sha: str, *, endpoint: str, headers, token) -> list[RemoteFile]:
+    """Every file of commit `sha`, as the Hub lists it: unchecked; `validate_files` runs before anything is written."""
     url = f"{endpoint}/api/models/{repo_id}/tree/{sha}"
     params = {"recursive": "true", "expand": "false"}
     files: list[RemoteFile] = []
     while url:
         response = _get_json(client, url, headers=headers, repo_id=repo_id, endpoint=endpoint, token=token,
                              revision=sha, params=params)
-        for entry in response.json():
-            if entry.get("type") != "file":
-                continue
-            lfs = entry.get("lfs") or {}
-            files.append(RemoteFile(entry["path"], int(entry.get("size", 0)), entry["oid"],
-                                    lfs.get("oid") or lfs.get("sha256")))
+        entries = _json(response, repo_id, "file listing")
+        if not isinstance(entries, list):
+            raise _invalid(repo_id, sha, _NO_FILE, "the file listing is not a list")
+        files += [f for f in (_entry_file(e, repo_id, sha) for e in entries) if f is not None]
         url = response.links.get("next", {}).get("url")
+        if url and _origin(urljoin(endpoint, url)) != _origin(endpoint):
+            # The next page would get our token: only the Hub itself may be asked.
+            raise _invalid(repo_id, sha, _NO_FILE, f"its next page is on another server ({_origin(url)[1]})")
+        url = url and urljoin(endpoint, url)
         params = None   # the next-page link carries its own query
     return files
+
+
+def _entry_file(entry, repo_id: str, sha: str) -> RemoteFile | None:
+    """A tree entry as a RemoteFile (None for folders); values are kept as sent, for validate_files to judge."""
+    if not isinstance(entry, dict):
+        raise _invalid(repo_id, sha, _NO_FILE, f"an entry of its file listing is not an object: {str(entry)[:80]!r}")
+    if entry.get("type") != "file":
+        return None
+    lfs = entry.get("lfs")
+    lfs_oid = (lfs.get("oid") or lfs.get("sha256") or "") if isinstance(lfs, dict) else lfs
+    return RemoteFile(entry.get("path"), entry.get("size"), entry.get("oid"), lfs_oid)
 
 
 def _check_access(client, repo_id: str, sha: str, file: RemoteFile, *, endpoint: str, headers, token) -> None:
@@ -240,6 +272,101 @@ def _resolve_url(endpoint: str, repo_id: str, sha: str, path: str) -> str:
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme, parts.netloc
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Hub is untrusted input: every path, oid and size it sends is checked before anything is written
+
+
+_NO_FILE = object()
+
+
+def _invalid(repo_id: str, sha: str, path, problem: str) -> errors.InvalidHubReply:
+    """`path`: the file the problem is about (any value the Hub sent), or _NO_FILE."""
+    file = {} if path is _NO_FILE else {"file": path if isinstance(path, str) else repr(path)}
+    where = f"file {path!r} " if file else ""
+    return errors.InvalidHubReply(
+        f"the Hub's answer for {repo_id}@{sha[:12]} is invalid: {where}{problem}. Nothing was written. The repo (or "
+        "the server at HF_ENDPOINT) is broken or hostile: tell its owner; a pull from it cannot succeed.",
+        repo=repo_id, revision=sha, **file, problem=problem)
+
+
+def _fs_limits(repo: Path) -> tuple[int, int]:
+    """(longest name, longest path) in bytes on the filesystem that will hold the snapshot."""
+    where = _existing_parent(repo)
+    limits = []
+    for name, fallback in (("PC_NAME_MAX", NAME_MAX), ("PC_PATH_MAX", PATH_MAX)):
+        try:
+            limits.append(min(os.pathconf(where, name), fallback))
+        except (OSError, ValueError):
+            limits.append(fallback)
+    return limits[0], limits[1]
+
+
+def path_problem(path, *, name_max: int = NAME_MAX) -> str | None:
+    """Why `path` cannot be a file of a snapshot (None when it can): the rules huggingface_hub also enforces, plus
+    what the filesystem would refuse half-way through writing."""
+    if not isinstance(path, str):
+        return "its path is missing or not a string"
+    if not path:
+        return "its path is empty"
+    try:
+        encoded_parts = [part.encode("utf-8") for part in path.split("/")]
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
+        return "it contains a NUL or another control character"
+    if "\\" in path:
+        return "it contains a backslash"
+    if path.startswith("/"):
+        return "it is an absolute path"
+    if any(part in (b"", b".", b"..") for part in encoded_parts):
+        return "it has an empty, '.' or '..' part"
+    longest = max(len(part) for part in encoded_parts)
+    if longest > name_max:
+        return f"a part of it is {longest} bytes long; the filesystem allows {name_max}"
+    return None
+
+
+def _oid_problem(file: RemoteFile) -> str | None:
+    if not isinstance(file.blob_id, str) or not _SHA40.match(file.blob_id):
+        return f"its oid {str(file.blob_id)[:80]!r} is not a 40-hex git blob id"
+    if file.lfs_sha256 is not None and (not isinstance(file.lfs_sha256, str) or not _SHA64.match(file.lfs_sha256)):
+        return f"its LFS oid {str(file.lfs_sha256)[:80]!r} is not a 64-hex sha256"
+    if not isinstance(file.size, int) or isinstance(file.size, bool) or file.size < 0:
+        return f"its size {str(file.size)[:40]!r} is not a non-negative integer"
+    return None
+
+
+def validate_files(repo_id: str, sha: str, files: list[RemoteFile], *, repo: Path) -> None:
+    """Raise InvalidHubReply naming the first file of `files` that pull could not write safely inside `repo`.
+
+    Each path must be relative, without '.', '..', empty parts, NUL/control characters or backslashes, with parts
+    the filesystem accepts, and land inside the snapshot; no path may run through another listed file or be listed
+    twice; oids are 40-hex (git) or 64-hex (sha256), sizes non-negative integers. So no name the Hub sends can make
+    pull write, link or lock anything outside the repo's folder, or fail half-way on a name the disk refuses.
+    """
+    name_max, path_max = _fs_limits(repo)
+    snapshot = os.fspath(_staging(Path(os.path.abspath(repo)), sha))   # deeper than snapshots/<sha>: the bound
+    seen: set[str] = set()
+    for file in files:
+        problem = path_problem(file.path, name_max=name_max) or _oid_problem(file)
+        if problem is None:
+            target = os.path.normpath(os.path.join(snapshot, file.path))
+            if not cache.is_inside(target, snapshot) or target == snapshot:
+                problem = "it leads outside the snapshot"
+            elif len(os.fsencode(target)) >= path_max:
+                problem = f"the path in the cache would be longer than the {path_max} bytes the filesystem allows"
+            elif file.path in seen:
+                problem = "it is listed twice"
+        if problem:
+            raise _invalid(repo_id, sha, file.path, problem)
+        seen.add(file.path)
+    for file in files:
+        parts = file.path.split("/")
+        through = next(("/".join(parts[:i]) for i in range(1, len(parts)) if "/".join(parts[:i]) in seen), None)
+        if through is not None:
+            raise _invalid(repo_id, sha, file.path, f"its path runs through the file {through!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -453,7 +580,16 @@ def _adopt_orphan(repo: Path, file: RemoteFile, partial: Path) -> None:
 
 
 def _fetch(job: _Job, file: RemoteFile) -> None:
-    """Download `file` into blobs/<etag> (resuming blobs/<etag>.incomplete), verified, under the blob's lock."""
+    """Download `file` into blobs/<etag> (resuming blobs/<etag>.incomplete), verified, under the blob's lock.
+
+    An OSError of the cache's disk (lock, partial, rename) is a CacheError naming the file, never a raw error."""
+    try:
+        _fetch_locked(job, file)
+    except OSError as error:
+        raise _write_error(job.repo_id, job.sha, file.path, error) from error
+
+
+def _fetch_locked(job: _Job, file: RemoteFile) -> None:
     from filelock import FileLock
 
     blob, partial = _blob(job.repo, file), _partial(job.repo, file)
@@ -658,36 +794,188 @@ def _write(out, data: bytes, job: _Job, partial: Path) -> None:
             raise errors.DiskFull(f"the disk holding {job.cache_dir} filled up while downloading {job.repo_id}; "
                                   f"the partial download {partial.name} is kept. Free some space and pull again "
                                   "to resume.", path=str(partial)) from error
-        raise
+        raise errors.CacheError(f"cannot write {partial} while downloading {job.repo_id}: "
+                                f"{error.strerror or error}. Check the disk and the permissions of HF_HUB_CACHE, then "
+                                "pull again to resume.", repo=job.repo_id, path=str(partial)) from error
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Writing the snapshot
 
 
-def _link(repo: Path, sha: str, file: RemoteFile) -> None:
-    link = repo / "snapshots" / sha / file.path
-    link.parent.mkdir(parents=True, exist_ok=True)
-    target = os.path.relpath(_blob(repo, file), link.parent)
+# A snapshot is never built in place: a reader (`mlxk list`, `hf`, mlx_lm) must see the old snapshot or the whole new
+# one, even when the pull is killed or fails half-way. So pull builds `<repo>/.staging/<sha>.<pid>-<tid>` (same depth as
+# `snapshots/<sha>`, so the relative links are the same), then publishes it with one rename (an atomic exchange when
+# the snapshot already exists), then writes `refs/<ref>`. `.staging` sits beside `snapshots/`, not in it, because
+# huggingface_hub's cache scan takes every folder in `snapshots/` for a revision.
+
+
+def _staging(repo: Path, sha: str) -> Path:
+    """This thread's staging folder: `<sha>.<pid>-<thread>` (the pid says whether its owner is still alive)."""
+    return repo / cache.STAGING_DIR / f"{sha}.{os.getpid()}-{threading.get_ident()}"
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        if os.readlink(link) == target:
-            return
-        link.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError:   # a regular file or folder where the link goes: replace it
-        link.unlink()
-    os.symlink(target, link)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_staging(repo: Path) -> None:
+    """Remove snapshots a killed or failed pull left half-built: this thread's own earlier ones (it holds the
+    model's lock) and those of processes that are gone. Another live process's or thread's is left alone."""
+    try:
+        entries = list(os.scandir(repo / cache.STAGING_DIR))
+    except OSError:
+        return
+    own = _staging(repo, "x").name.partition(".")[2]
+    for entry in entries:
+        owner = entry.name.partition(".")[2]
+        pid = owner.partition("-")[0]
+        if owner in (own, own + "-old") or not pid.isdigit() or not _pid_alive(int(pid)):
+            _discard(Path(entry.path))   # removes .staging too once it is empty
+
+
+def _discard(path: Path) -> None:
+    """Best-effort removal of a staging folder (links are never followed), and of `.staging` once it is empty; what
+    stays is swept by the next pull."""
+    try:
+        cache.remove_path(path)
+    except OSError as error:
+        log.warning("could not remove %s: %s", path, error)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass   # another pull is staging there, or it is already gone
+
+
+def _write_error(repo_id: str, sha: str, path: str, error: OSError) -> errors.CacheError:
+    return errors.CacheError(f"cannot write {path} of {repo_id}@{sha[:12]} into the cache: "
+                             f"{error.strerror or error}. Nothing was published; check the disk and the permissions "
+                             "of HF_HUB_CACHE, then pull again.", repo=repo_id, file=path)
+
+
+def _scan_snapshot(root: Path, prefix: str = ""):
+    """(path inside the snapshot, DirEntry) of every non-folder entry, without following links."""
+    for entry in os.scandir(root):
+        name = prefix + entry.name
+        if entry.is_dir(follow_symlinks=False):
+            yield from _scan_snapshot(Path(entry.path), name + "/")
+        else:
+            yield name, entry
+
+
+def _carry_over(repo: Path, final: Path, staging: Path, wanted: list[RemoteFile]) -> None:
+    """Copy what the published snapshot holds besides `wanted` (an earlier pull with other include patterns) into
+    the staging folder, so publishing replaces the snapshot without dropping files; what `wanted` overlaps is left
+    for it to write. A link out of the repo's blobs/ (made by hand, or by a pull before the Hub's answers were
+    checked) is not carried over."""
+    paths = {f.path for f in wanted}
+    folders = {"/".join(f.path.split("/")[:i]) for f in wanted for i in range(1, f.path.count("/") + 1)}
+    for name, entry in _scan_snapshot(final):
+        parts = name.split("/")
+        if name in paths or name in folders or any("/".join(parts[:i]) in paths for i in range(1, len(parts))):
+            continue
+        dest = staging / name
+        if entry.is_symlink():
+            target = os.readlink(entry.path)
+            if not cache.is_inside(os.path.join(os.path.dirname(entry.path), target), repo / "blobs"):
+                log.warning("dropping %s from %s: it links out of the repo's blobs (%s)", name, final, target)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(target, dest)   # relative links: same depth, same meaning
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(entry.path, dest)
+            except OSError:
+                import shutil
+
+                shutil.copy2(entry.path, dest)
+
+
+def _build_snapshot(repo_id: str, repo: Path, sha: str, wanted: list[RemoteFile], staging: Path) -> None:
+    """Fill `staging` with the complete new snapshot (links into blobs/)."""
+    sweep_staging(repo)
+    final = repo / "snapshots" / sha
+    try:
+        staging.mkdir(parents=True)
+        if final.is_dir():
+            _carry_over(repo, final, staging, wanted)
+    except OSError as error:
+        raise _write_error(repo_id, sha, str(error.filename or staging), error) from error
+    for i, file in enumerate(wanted):
+        link = staging / file.path
+        try:
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.path.relpath(_blob(repo, file), (final / file.path).parent), link)
+        except OSError as error:
+            raise _write_error(repo_id, sha, file.path, error) from error
+        if i == 0:
+            checkpoint("pull.linking")   # tests: some links made, not all
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one step where the kernel can (Linux renameat2 RENAME_EXCHANGE, macOS renamex_np
+    RENAME_SWAP); False when it cannot here."""
+    import ctypes
+    import sys
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if sys.platform == "darwin":
+        call, args = getattr(libc, "renamex_np", None), (os.fsencode(a), os.fsencode(b), 2)
+    else:
+        at_fdcwd = -100
+        call, args = getattr(libc, "renameat2", None), (at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), 2)
+    if call is None:
+        return False
+    if call(*args) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _publish(repo_id: str, repo: Path, sha: str, staging: Path) -> None:
+    """Make the staging folder `snapshots/<sha>` in one step; an existing snapshot is replaced, not merged into."""
+    final = repo / "snapshots" / sha
+    checkpoint("pull.publishing")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(staging, final)
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            if not _exchange(staging, final):
+                # No atomic exchange on this system: the snapshot is missing (never half-written) for a moment.
+                old = staging.with_name(staging.name + "-old")
+                os.rename(final, old)
+                os.rename(staging, final)
+                staging = old
+            _discard(staging)   # now holds the previous snapshot
+    except OSError as error:
+        raise _write_error(repo_id, sha, f"snapshots/{sha}", error) from error
+    _discard(staging)   # gone already after a plain rename: only `.staging` itself is removed
 
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def _write_tree(repo: Path, sha: str, files: list[RemoteFile]) -> None:
+def _write_tree(repo_id: str, repo: Path, sha: str, files: list[RemoteFile]) -> None:
     """trees/<sha>.json in huggingface_hub's format, so `hf` (offline) and the health rules see the full listing."""
     entries = {}
     for f in files:
@@ -695,7 +983,10 @@ def _write_tree(repo: Path, sha: str, files: list[RemoteFile]) -> None:
         if f.lfs_sha256:
             entry.update(lfs_sha256=f.lfs_sha256, lfs_size=f.size)
         entries[f.path] = entry
-    _atomic_write(repo / "trees" / f"{sha}.json", json.dumps({"format_version": 1, "files": entries}, indent=2))
+    try:
+        _atomic_write(repo / "trees" / f"{sha}.json", json.dumps({"format_version": 1, "files": entries}, indent=2))
+    except OSError as error:
+        raise _write_error(repo_id, sha, f"trees/{sha}.json", error) from error
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -713,7 +1004,7 @@ def _cached_tree(repo: Path, sha: str) -> list[RemoteFile] | None:
     """A commit's listing never changes: trees/<sha>.json (ours or huggingface_hub's) saves the tree call."""
     try:
         data = json.loads((repo / "trees" / f"{sha}.json").read_text())
-        return [RemoteFile(path, int(e["size"]), e["blob_id"], e.get("lfs_sha256"))
+        return [RemoteFile(path, e["size"], e["blob_id"], e.get("lfs_sha256"))
                 for path, e in data["files"].items()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -725,8 +1016,15 @@ def _preflight(client, repo_id: str, revision: str | None, *, repo: Path, includ
     info = _revision_info(client, repo_id, revision or "main", endpoint=endpoint, headers=headers, token=token)
     sha = info["sha"]
     files = _cached_tree(repo, sha)
+    if files is not None:
+        try:
+            validate_files(repo_id, sha, files, repo=repo)
+        except errors.InvalidHubReply as error:   # written by another tool, or long ago: ask the Hub again
+            log.warning("ignoring %s/trees/%s.json: %s", repo, sha, error.message)
+            files = None
     if files is None:
         files = _tree(client, repo_id, sha, endpoint=endpoint, headers=headers, token=token)
+        validate_files(repo_id, sha, files, repo=repo)
     wanted = select_files(files, include, exclude)
     if not wanted:
         raise errors.HubError(f"no file of {repo_id}@{revision or 'main'} matches include={include!r} "
@@ -771,6 +1069,7 @@ def pull(repo_id: str, *, revision: str | None = None, include=None, exclude=Non
         snapshot = repo / "snapshots" / sha
         total = sum(f.size for f in wanted)
         if (ref is None or cache.read_ref(repo, ref) == sha) and _snapshot_complete(repo, sha, wanted):
+            sweep_staging(repo)
             if progress:
                 progress(Progress(total, total, len(wanted), len(wanted), "up to date"))
             return PullResult(repo_id, sha, ref or sha, len(wanted), 0, total, True, snapshot)
@@ -791,16 +1090,31 @@ def pull(repo_id: str, *, revision: str | None = None, include=None, exclude=Non
             return stop.is_set()
 
         job = _Job(repo_id, repo, cache_dir, sha, endpoint, headers, token, client, tracker, stopped)
-        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        try:
+            (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise _write_error(repo_id, sha, "blobs/", error) from error
         _download_all(job, missing, max_workers, stop)
 
-    for file in wanted:
-        _link(repo, sha, file)
-    if not _as_patterns(include) and not _as_patterns(exclude):
-        _write_tree(repo, sha, remote.files)
+    staging = _staging(repo, sha)
+    try:
+        _build_snapshot(repo_id, repo, sha, wanted, staging)
+        if not _as_patterns(include) and not _as_patterns(exclude):
+            _write_tree(repo_id, repo, sha, remote.files)   # before publishing: health checks the snapshot against it
+        _publish(repo_id, repo, sha, staging)
+    except BaseException:
+        _discard(staging)
+        raise
     if ref is not None:
-        _atomic_write(repo / "refs" / ref, sha)   # last: the snapshot only counts once all its files are there
-    sweep_partials(cache_dir, repo_id, keep=())
+        checkpoint("pull.ref")
+        try:
+            _atomic_write(repo / "refs" / ref, sha)   # last: the snapshot only counts once all its files are there
+        except OSError as error:
+            raise _write_error(repo_id, sha, f"refs/{ref}", error) from error
+    try:
+        sweep_partials(cache_dir, repo_id, keep=())
+    except OSError as error:   # leftovers only: the pull itself is done
+        log.warning("could not sweep the partial downloads of %s: %s", repo_id, error)
     tracker.report("done")
     log.info("pulled %s@%s: %d files, %d bytes downloaded", repo_id, sha[:12], len(wanted), tracker.downloaded)
     return PullResult(repo_id, sha, ref or sha, len(wanted), tracker.downloaded, total, False, snapshot)

@@ -104,7 +104,18 @@ def check_workspace(directory: Path) -> list[dict]:
 
 
 def enqueue_scan(repos=None, *, force: bool = False, start_worker: bool = True) -> Enqueued:
-    """A health scan (all repos, or `repos`); joins a scan that is still queued rather than adding another."""
+    """A health scan (all repos, or `repos`); joins a scan that is still queued rather than adding another.
+
+    `repos` come from users (the CLI, `POST /api/jobs/scan`): each must be a valid repo id (mlxk.names), else
+    InvalidName before anything is queued."""
+    from mlxk import names
+
+    for repo in repos or ():
+        names.validate_repo_id(repo, allow_bare=True)
+    return _enqueue_scan(repos, force=force, start_worker=start_worker)
+
+
+def _enqueue_scan(repos, *, force: bool, start_worker: bool) -> Enqueued:
     from mlxk.workers import queue
 
     job, created = queue.submit_scan(repos, force=force)
@@ -122,7 +133,9 @@ def request_scan(repo_ids) -> str | None:
         covering = _covering_scan(conn, repo_ids)
     if covering is not None:
         return covering
-    return enqueue_scan(repo_ids).job["id"]
+    # Ids read from the cache's own folder names, not typed by anyone: a folder whose name is no valid repo id
+    # (made by hand) is still scanned where it is, never refused.
+    return _enqueue_scan(repo_ids, force=False, start_worker=True).job["id"]
 
 
 def _covering_scan(conn, repo_ids: list[str]) -> str | None:

@@ -570,6 +570,8 @@ class HubServer:
         self.commits_page_size = 50
         self.multipart_threshold: int | None = 64 * 1024 * 1024
         self.multipart_chunk_size = 16 * 1024 * 1024
+        self.hostile_trees: dict[str, tuple[list[Any], bool]] = {}  # repo id -> (raw entries, replace)
+        self.tree_next_endpoint: str | None = None  # hostile: the tree's next-page links point at this server
 
     def unique_repo(self, base: str = "org/model") -> str:
         """A repo id no other test of this server has used: `base` plus a counter."""
@@ -611,6 +613,27 @@ class HubServer:
             tree[validate_repo_path(path)] = self.state.make_blob(content, path=path, patterns=patterns)
         commit = self.state.commit(repo, branch, tree, title=message, message="", author="hubserver")
         return commit.sha
+
+    def serve_hostile(self, repo_id: str, entries: Iterable[Any], *, replace: bool = False) -> None:
+        """Make the tree API of `repo_id` (every revision, recursive listing of the root) also list `entries`, raw.
+
+        A hostile or broken Hub, for the client's trust-boundary tests: entries are sent exactly as given (paths
+        such as `../../victim.txt`, bad oids, negative sizes, non-objects), bypassing `validate_repo_path`.
+        `replace=True` lists only them. Cleared by `reset()`. Build entries with `hostile_entry`.
+        """
+        self.hostile_trees[repo_id] = (list(entries), replace)
+
+    def hostile_entry(self, repo_id: str, path: Any, *, like: str | None = None, **fields: Any) -> dict:
+        """A raw tree entry for `path`: the oid, size and lfs of the repo's file `like` (a blob the client may
+        already hold), overridden by `fields` (`oid=`, `size=`, `lfs=`)."""
+        entry: dict[str, Any] = {"type": "file", "path": path}
+        if like is not None:
+            blob = self.repo(repo_id).files()[like]
+            entry.update(oid=blob.oid, size=blob.size)
+            if blob.lfs:
+                entry["lfs"] = {"oid": blob.sha256, "size": blob.size, "pointerSize": blob.pointer_size}
+        entry.update(fields)
+        return entry
 
     def delete_repo(self, repo_id: str, repo_type: str = "model") -> None:
         with self.state.lock:
@@ -994,11 +1017,15 @@ class HubServer:
         cursor = int(req.q("cursor", "0") or 0)
         chunk = entries[cursor:cursor + page]
         body = [self._entry_json(repo, commit, p, b, expand) for p, b in chunk]
+        hostile, replace = self.hostile_trees.get(repo_id, (None, False))
+        if hostile is not None and not path and recursive and cursor + page >= len(entries):
+            body = ([] if replace else body) + hostile
         headers = {}
         if cursor + page < len(entries):
             params = {k: v[0] for k, v in req.query.items() if k != "cursor"}
             params["cursor"] = str(cursor + page)
-            headers["Link"] = f'<{self.endpoint}{req.raw_path}?{urlencode(params)}>; rel="next"'
+            base = self.tree_next_endpoint or self.endpoint
+            headers["Link"] = f'<{base}{req.raw_path}?{urlencode(params)}>; rel="next"'
         return json_reply(body, headers=headers)
 
     async def _paths_info(self, req: Request, repo_type: str, repo_id: str, rev: str) -> Reply:
