@@ -34,6 +34,7 @@ class Settings(NamedTuple):  # immutable; a NamedTuple because a frozen dataclas
     server_idle_s: float       # MLXK_SERVER_IDLE: a server started by `mlxk run` exits after this idle time
     hub_offline: bool          # HF_HUB_OFFLINE
     inference_external: bool   # MLXK_INFERENCE_EXTERNAL: the api uses a worker started by others, never its own
+    started_by: str | None     # MLXK_STARTED_BY: who started this process (`mlxk processes` shows it); unset = a user
 
     @property
     def state_db(self) -> Path:
@@ -144,4 +145,20 @@ def settings() -> Settings:
         server_idle_s=_number("MLXK_SERVER_IDLE", 900.0),
         hub_offline=_flag("HF_HUB_OFFLINE"),
         inference_external=_flag("MLXK_INFERENCE_EXTERNAL"),
+        started_by=_env("MLXK_STARTED_BY"),
     )
+
+
+# Paths a child process must see as the parent does, although it runs in another working directory.
+_PATH_VARS = ("MLXK_HOME", "HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME", "HF_TOKEN_PATH")
+
+
+def child_env(started_by: str) -> dict[str, str]:
+    """The environment of a background process mlxk starts: ours, with every path variable made absolute (the child
+    runs in another directory, see mlxk.processes) and MLXK_STARTED_BY naming who started it."""
+    env = dict(os.environ)
+    for name in _PATH_VARS:
+        if (value := _env(name)) is not None:
+            env[name] = os.path.abspath(os.path.expanduser(value))
+    env["MLXK_STARTED_BY"] = started_by
+    return env

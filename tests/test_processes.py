@@ -1,0 +1,117 @@
+"""mlxk's background processes: isolated from the user's directory, listed by `mlxk processes`, stopped by
+`mlxk processes stop`.
+
+Everything here is real: the `mlxk` console script a user types, the job worker and the server it starts in the
+background, the inference worker the server starts, the test Hub for a pull.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.fixtures.server import SCRIPTED_ID, SCRIPTED_REPLY, free_port, server_env, write_models
+
+MLXK = str(Path(sys.executable).parent / "mlxk")   # the console script, as a user runs it (not `python -c`)
+TRAP = "raise SystemExit('imported {name} from the working directory instead of mlxk\\'s own')\n"
+
+
+def trap_dir(root: Path) -> Path:
+    """A working directory whose `db`, `mlxk` and `workers` folders break any process that imports them."""
+    trap = root / "trap"
+    for name in ("db", "mlxk", "workers"):
+        (trap / name).mkdir(parents=True)
+        (trap / name / "__init__.py").write_text(TRAP.format(name=name))
+    return trap
+
+
+def mlxk(*args, env=None, cwd=None, timeout=120, input=""):
+    return subprocess.run([MLXK, *args], env=env or os.environ.copy(), cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, input=input)
+
+
+def stop_all(env: dict) -> None:
+    """Whatever a test started, by the command under test, then by force for anything it missed."""
+    mlxk("processes", "stop", "--all", env=env, timeout=60)
+    home = Path(env["MLXK_HOME"]).resolve()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if "mlxk" in " ".join(proc.info["cmdline"] or []) and proc.environ().get("MLXK_HOME") == str(home):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+
+
+# ---------------------------------------------------------------- isolated
+
+
+def test_a_job_queued_from_a_directory_with_db_and_mlxk_folders_runs(hub, isolated, tmp_path):
+    trap = trap_dir(tmp_path)
+    repo = hub.unique_repo("org/isolated")
+    hub.add_repo(repo, {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"\0" * 64})
+    # MLXK_HOME relative to where the user stands: the worker runs elsewhere and must still find this home.
+    env = {**os.environ, "MLXK_HOME": os.path.relpath(isolated, trap)}
+    done = mlxk("pull", repo, "--wait", env=env, cwd=trap)
+    assert done.returncode == 0, done.stderr
+    assert "imported" not in (isolated / "logs" / "worker.log").read_text()
+    ours = [p for p in psutil.process_iter(["cmdline", "cwd"]) if "mlxk.workers" in " ".join(p.info["cmdline"] or [])
+            and _home_of(p) == str(isolated)]
+    assert ours and all(p.info["cwd"] == "/" for p in ours), "the worker runs in /, not in the user's directory"
+
+
+def _home_of(proc) -> str | None:
+    try:
+        return proc.environ().get("MLXK_HOME")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def test_the_inference_worker_of_a_server_started_in_such_a_directory_works(tmp_path):
+    root = tmp_path / "serve"
+    write_models(root, {SCRIPTED_ID: {"reply": SCRIPTED_REPLY}})
+    port = free_port()
+    env = server_env(root, port)
+    env.pop("PYTHONPATH")
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = subprocess.Popen([MLXK, "serve"], cwd=trap_dir(tmp_path), env=env, stdout=log, stderr=log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        reply = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                           json={"model": SCRIPTED_ID, "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status_code == 200, (reply.text, (tmp_path / "serve.log").read_text())
+        assert reply.json()["choices"][0]["message"]["content"] == SCRIPTED_REPLY
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+
+
+def test_run_from_a_directory_with_db_and_mlxk_folders_works(tmp_path):
+    root = tmp_path / "run"
+    write_models(root, {SCRIPTED_ID: {"reply": SCRIPTED_REPLY}})
+    env = server_env(root, free_port(), MLXK_SERVER_IDLE=60)
+    env.pop("PYTHONPATH")   # as a user has it: the installed mlxk only
+    trap = trap_dir(tmp_path)
+    try:
+        done = mlxk("run", "tiny-scripted", "Say hello", env=env, cwd=trap)
+        assert done.returncode == 0, done.stderr + (root / "mlxk" / "logs" / "server.log").read_text()
+        assert done.stdout == SCRIPTED_REPLY + "\n"
+        # and once more from anywhere: the server that `run` left behind is a working one
+        again = mlxk("run", SCRIPTED_ID, "Again", env=env, cwd=tmp_path)
+        assert again.returncode == 0 and again.stdout == SCRIPTED_REPLY + "\n"
+    finally:
+        stop_all(env)
