@@ -30,6 +30,7 @@ COMMANDS = {
     "ps": "mlxk.commands.serve:ps_command",
     "stop": "mlxk.commands.serve:stop_command",
     "worker": "mlxk.commands.jobs:worker_command",
+    "processes": "mlxk.commands.processes:processes_group",
     "version": "mlxk.cli:version_command",
 }
 # Commands that only read and print, run on the main thread alone: once they are done nothing is left to clean up but

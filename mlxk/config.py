@@ -82,6 +82,11 @@ def _default_home() -> Path:
     return Path(user_data_dir("mlxk", appauthor=False))
 
 
+def default_home() -> Path:
+    """MLXK_HOME when it is not set (what a process started without it uses)."""
+    return _default_home()
+
+
 def _hf_home() -> Path:
     if (value := _env("HF_HOME")) is not None:
         return Path(value).expanduser()

@@ -115,3 +115,82 @@ def test_run_from_a_directory_with_db_and_mlxk_folders_works(tmp_path):
         assert again.returncode == 0 and again.stdout == SCRIPTED_REPLY + "\n"
     finally:
         stop_all(env)
+
+
+# ---------------------------------------------------------------- visible and stoppable
+
+
+def processes(env) -> list[dict]:
+    done = mlxk("processes", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["data"]["processes"]
+
+
+def test_processes_lists_what_mlxk_run_and_a_job_started_and_stop_ends_them(tmp_path):
+    root = tmp_path / "home"
+    write_models(root, {SCRIPTED_ID: {"reply": SCRIPTED_REPLY}})
+    env = server_env(root, free_port(), MLXK_SERVER_IDLE=60, MLXK_WORKER_IDLE=60, HF_HUB_OFFLINE="0",
+                     HF_ENDPOINT="http://127.0.0.1:9")
+    try:
+        assert mlxk("run", SCRIPTED_ID, "hi", env=env).returncode == 0
+        assert mlxk("health", "--scan", env=env).returncode == 0    # a job: starts a background worker
+        found = processes(env)
+        by_role = {p["role"]: p for p in found}
+        assert sorted(by_role) == ["api", "inference", "worker"] and len(found) == 3, found
+        api, worker, inference = by_role["api"], by_role["worker"], by_role["inference"]
+        assert api["started_by"] == "mlxk run" and api["address"] == f"http://127.0.0.1:{env['MLXK_PORT']}"
+        assert api["idle_exit_s"] == 60 and 0 < api["idle_left_s"] <= 60 and api["background"]
+        assert inference["started_by"] == f"api (pid {api['pid']})" and inference["address"].endswith(".sock")
+        assert worker["started_by"] == "mlxk health" and worker["idle_exit_s"] == 60
+        assert worker["address"] == str(root / "mlxk" / "queue.db")
+        table = mlxk("processes", env=env).stdout
+        assert "mlxk run" in table and "IDLE EXIT IN" in table and str(api["pid"]) in table
+
+        probe = processes(env)   # looking (GET /health) is not use: the server's idle clock keeps running
+        assert {p["role"]: p for p in probe}["api"]["idle_left_s"] < api["idle_left_s"] + 0.5
+
+        done = mlxk("processes", "stop", "--json", env=env)
+        assert done.returncode == 0, done.stderr
+        stopped = json.loads(done.stdout)["data"]
+        assert sorted(p["role"] for p in stopped["stopped"]) == ["api", "inference", "worker"]
+        assert stopped["killed"] == []
+        for process in found:
+            assert not psutil.pid_exists(process["pid"]) or psutil.Process(process["pid"]).status() == "zombie"
+        assert processes(env) == []
+        assert not (root / "mlxk" / "run" / "server.pid").exists()
+    finally:
+        stop_all(env)
+
+
+def test_stop_leaves_what_a_person_started_unless_all_and_never_touches_other_processes(tmp_path):
+    root = tmp_path / "home"
+    env = server_env(root, free_port(), MLXK_INFERENCE_EXTERNAL="1")
+    other_env = server_env(tmp_path / "other", free_port())
+    with open(tmp_path / "serve.log", "wb") as log:
+        mine = subprocess.Popen([MLXK, "serve"], env=env, stdout=log, stderr=log)
+        # same command line, another MLXK_HOME: not ours to list or stop
+        theirs = subprocess.Popen([MLXK, "worker"], env=other_env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(processes(env)) < 1:
+            time.sleep(0.2)
+        found = processes(env)
+        assert [(p["pid"], p["role"], p["started_by"], p["background"]) for p in found] == \
+               [(mine.pid, "api", "user", False)]
+
+        kept = json.loads(mlxk("processes", "stop", "--json", env=env).stdout)["data"]
+        assert kept["stopped"] == [] and [p["pid"] for p in kept["skipped"]] == [mine.pid]
+        assert mine.poll() is None
+
+        refused = mlxk("processes", "stop", str(theirs.pid), env=env)
+        assert refused.returncode == 1 and f"no mlxk process with pid {theirs.pid}" in refused.stderr
+        assert theirs.poll() is None
+
+        done = mlxk("processes", "stop", "--all", env=env)
+        assert done.returncode == 0 and f"stopped api (pid {mine.pid}, started by user)" in done.stdout
+        assert mine.wait(10) is not None and theirs.poll() is None
+    finally:
+        for proc in (mine, theirs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
