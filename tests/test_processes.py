@@ -38,6 +38,18 @@ def mlxk(*args, env=None, cwd=None, timeout=120, input=""):
                           timeout=timeout, input=input)
 
 
+def wait_healthy(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer /health within {timeout_s}s")
+
+
 def stop_all(env: dict) -> None:
     """Whatever a test started, by the command under test, then by force for anything it missed."""
     mlxk("processes", "stop", "--all", env=env, timeout=60)
@@ -84,13 +96,7 @@ def test_the_inference_worker_of_a_server_started_in_such_a_directory_works(tmp_
         server = subprocess.Popen([MLXK, "serve"], cwd=trap_dir(tmp_path), env=env, stdout=log, stderr=log)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_healthy(url)
         reply = httpx.post(f"{url}/v1/chat/completions", timeout=60,
                            json={"model": SCRIPTED_ID, "messages": [{"role": "user", "content": "hi"}]})
         assert reply.status_code == 200, (reply.text, (tmp_path / "serve.log").read_text())
@@ -194,3 +200,60 @@ def test_stop_leaves_what_a_person_started_unless_all_and_never_touches_other_pr
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(30)
+
+
+# ---------------------------------------------------------------- make run
+
+
+def test_make_run_takes_over_from_mlxk_run_and_ctrl_c_leaves_nothing(tmp_path):
+    """The Makefile for real: a server `mlxk run` left behind is stopped with one line, the stack comes up with one
+    scan, and Ctrl-C (SIGINT to make's process group, as a terminal sends it) leaves no mlxk process behind."""
+    from tests.fixtures.server import REPO_ROOT
+
+    root = tmp_path / "home"
+    write_models(root, {SCRIPTED_ID: {"reply": SCRIPTED_REPLY}})
+    env = server_env(root, free_port(), MLXK_SERVER_IDLE=120)
+    env.pop("PYTHONPATH")
+    make = None
+    try:
+        assert mlxk("run", SCRIPTED_ID, "hi", env=env).returncode == 0
+        left = {p["role"]: p["pid"] for p in processes(env)}
+        assert set(left) == {"api", "inference"}
+
+        out = open(tmp_path / "make.log", "wb")
+        make = subprocess.Popen(["make", "-s", "-C", str(REPO_ROOT), "run"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            roles = sorted(p["role"] for p in processes(env) if p["started_by"] == "make run")
+            if roles == ["api", "inference", "worker"]:
+                break
+            assert make.poll() is None, (tmp_path / "make.log").read_text()
+            time.sleep(0.5)
+        log = (tmp_path / "make.log").read_text()
+        assert f"stopped api (pid {left['api']}, started by mlxk run)" in log, log
+        assert "already serving" not in log
+        assert not psutil.pid_exists(left["api"]) or psutil.Process(left["api"]).status() == "zombie"
+        wait_healthy(f"http://127.0.0.1:{env['MLXK_PORT']}")
+        chat = httpx.post(f"http://127.0.0.1:{env['MLXK_PORT']}/v1/chat/completions", timeout=60,
+                          json={"model": SCRIPTED_ID, "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 200, chat.text
+
+        jobs = json.loads(mlxk("jobs", "--all", "--json", env=env).stdout)["data"]
+        assert [j["kind"] for j in jobs] == ["scan"], jobs    # one scan: honcho's worker's, none from the index step
+        running = processes(env)
+        assert all(p["started_by"] == "make run" for p in running), running
+
+        os.killpg(make.pid, signal.SIGINT)
+        make.wait(60)
+        deadline = time.monotonic() + 30
+        while processes(env) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes(env) == []
+        log = (tmp_path / "make.log").read_text()
+        assert "terminate called" not in log and "Traceback" not in log, log
+    finally:
+        if make is not None and make.poll() is None:
+            os.killpg(make.pid, signal.SIGTERM)
+            make.wait(30)
+        stop_all(env)
