@@ -244,6 +244,7 @@ def _check_runtime(conn, cache_dir: Path, repo_ids: list[str], signature: _Signa
         return []
     from mlxk import health
     from mlxk.detect import detect
+    from mlxk.faults import checkpoint
 
     verdicts = []
     for repo_id in repo_ids:
@@ -260,6 +261,7 @@ def _check_runtime(conn, cache_dir: Path, repo_ids: list[str], signature: _Signa
             "reason": finding.message if finding else None,
             "runtime_fingerprint": f"{row['fingerprint']}|{signature}", "runtime_checked_at": _now(),
         })
+    checkpoint("index.runtime_checked")   # tests: stop a worker whose task thread has just run mlx-lm
     queries.set_runtime_verdicts(conn, verdicts)
     return [v["repo_id"] for v in verdicts]
 

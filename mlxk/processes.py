@@ -194,8 +194,14 @@ def _worker_idle_left(proc, idle_exit_s: float, now: float) -> float | None:
     from mlxk.clock import parse_iso
     from mlxk.jobs import connect, hostname
 
+    from mlxk.errors import MlxkError
+
     worker_id = f"{hostname()}:{proc.pid}:{int(proc.create_time())}"
-    with closing(connect()) as conn:
+    try:
+        conn = connect()
+    except MlxkError:   # state.db unusable (a read-only home): the process is still worth listing
+        return None
+    with closing(conn):
         if conn.execute("SELECT 1 FROM jobs WHERE worker = ? AND state = 'running' LIMIT 1", (worker_id,)).fetchone():
             return None
         last = conn.execute("SELECT max(finished_at) FROM jobs WHERE worker = ?", (worker_id,)).fetchone()[0]

@@ -257,3 +257,33 @@ def test_make_run_takes_over_from_mlxk_run_and_ctrl_c_leaves_nothing(tmp_path):
             os.killpg(make.pid, signal.SIGTERM)
             make.wait(30)
         stop_all(env)
+
+
+# ---------------------------------------------------------------- a job worker's exit
+
+
+@pytest.mark.parametrize("argv", [[sys.executable, "-m", "mlxk.workers"], [MLXK, "worker"]],
+                         ids=["python -m mlxk.workers", "mlxk worker"])
+def test_a_job_worker_stopped_while_a_task_thread_has_run_mlx_exits_cleanly(argv, isolated, model_factory, tmp_path):
+    """The task thread has just run mlx-lm's runtime check (paused at index.runtime_checked) when SIGTERM comes:
+    the consumer re-queues the job and returns, the thread is still alive, and a normal interpreter exit ran MLX's
+    C++ destructors under it: "terminate called without an active exception", SIGABRT (6 of 6 runs before)."""
+    from tests.fixtures.pause import wait_paused
+
+    model_factory.repo("mlx-community/tiny-chat")
+    env = {**os.environ, "MLXK_TEST_PAUSE_AT": "index.runtime_checked"}
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=tmp_path)
+    try:
+        assert wait_paused(isolated, "index.runtime_checked") == worker.pid
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    output = (tmp_path / "worker.log").read_text()
+    assert code == 0 and "terminate called" not in output, output
+    assert "re-queued" in output and "stopped" in output   # cleaned up before leaving
+    jobs = json.loads(mlxk("jobs", "--json", env={**os.environ, "MLXK_WORKER_IDLE": "1"}).stdout)["data"]
+    assert [(j["kind"], j["state"]) for j in jobs] == [("scan", "queued")]
