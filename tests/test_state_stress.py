@@ -235,19 +235,24 @@ def test_the_switch_to_wal_waits_out_a_writer(isolated):
 
 
 def test_eight_commands_on_an_empty_home_at_once_all_succeed(tmp_path):
-    env = {k: v for k, v in os.environ.items()}
+    """pulls (state.db, queue.db and a background worker, all created at once), `jobs` and `list` side by side."""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "MLXK_WORKER_IDLE": "1"}   # pulls that fail later
     for round_ in range(3):
         home = tmp_path / f"home{round_}"
         env["MLXK_HOME"] = str(home)
-        commands = [["jobs", "--json"], ["list", "--json"], ["jobs", "--all", "--json"], ["list", "--all", "--json"]]
+        commands = [["pull", f"org/m{round_}a", "--json"], ["jobs", "--json"], ["pull", f"org/m{round_}b", "--json"],
+                    ["list", "--json"]]
         procs = [subprocess.Popen([MLXK, *commands[i % 4]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                                   text=True) for i in range(8)]
-        for proc in procs:
-            out, err = proc.communicate(timeout=120)
-            assert proc.returncode == 0, err
-            assert json.loads(out)["status"] == "success"
-            assert "locked" not in err and "empty" not in err
-        assert not list(home.glob("state.db.corrupt-*"))
+        try:
+            for proc in procs:
+                out, err = proc.communicate(timeout=120)
+                assert proc.returncode == 0, err
+                assert json.loads(out)["status"] == "success"
+                assert "locked" not in err and "empty" not in err
+            assert not list(home.glob("state.db.corrupt-*")) and not list(home.glob("queue.db.corrupt-*"))
+        finally:
+            run_mlxk("processes", "stop", env=env)
 
 
 # ---------------------------------------------------------------- empty and corrupt files say so
