@@ -94,7 +94,7 @@ def unusable(path: Path, error: BaseException, *, what: str = "state.db and queu
         message = (f"MLXK_HOME {home} is read-only ({reason}): mlxk keeps {what} there. Make it writable or set "
                    f"MLXK_HOME to a writable directory.")
     elif kind == "locked":
-        message = (f"{path} stayed locked by another mlxk process for {BUSY_TIMEOUT_MS // 1000}s ({reason}); "
+        message = (f"{path} stayed locked by another process for {BUSY_TIMEOUT_MS // 1000}s ({reason}); "
                    f"nothing was changed. Try again in a moment (`mlxk processes` shows what is running).")
     else:
         message = f"{path} cannot be opened ({reason}); check that it and {home} are readable and writable."
@@ -149,13 +149,15 @@ def _create(path: Path, shared: bool) -> sqlite3.Connection:
     return conn
 
 
-def _check_writable(home: Path) -> None:
-    """SQLite opens a database in a read-only directory read-only and fails only at the first write, mid-command:
-    refuse up front (one access() call), so a command that writes never half-runs and `list` reads the cache."""
-    if os.access(home, os.W_OK):
-        return
-    code = errno.EROFS if os.statvfs(home).f_flag & os.ST_RDONLY else errno.EACCES
-    raise OSError(code, os.strerror(code), str(home))
+def _check_writable(path: Path) -> None:
+    """SQLite opens a database it cannot write (a read-only directory or file) read-only and fails only at the first
+    write, mid-command: refuse up front (two access() calls), so a command that writes never half-runs and `list`
+    reads the cache instead."""
+    for target in (path.parent, path):
+        if os.access(target, os.W_OK) or (target is path and not path.exists()):
+            continue
+        code = errno.EROFS if os.statvfs(target).f_flag & os.ST_RDONLY else errno.EACCES
+        raise OSError(code, os.strerror(code), str(target))
 
 
 def connect(path: Path | str, *, shared: bool = False) -> sqlite3.Connection:
@@ -172,7 +174,7 @@ def connect(path: Path | str, *, shared: bool = False) -> sqlite3.Connection:
     while True:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _check_writable(path.parent)
+            _check_writable(path)
             fresh = not path.exists() or path.stat().st_size == 0
             conn = _create(path, shared) if fresh else _open(path, shared)
         except (sqlite3.DatabaseError, OSError) as error:
