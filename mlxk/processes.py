@@ -135,7 +135,7 @@ def _describe(proc, role: str, config, server: dict | None) -> Process:
     started_by = env.get("MLXK_STARTED_BY") or "user"
     process = Process(pid=proc.pid, role=role, address=None, started_by=started_by, started_at=proc.create_time(),
                       idle_exit_s=None, idle_left_s=None, background=started_by.startswith(("mlxk", "api")),
-                      command=" ".join(cmdline))
+                      command=" ".join(_redacted(cmdline)))
     if role == "api":
         process.address = server["url"] if server and server.get("pid") == proc.pid else None
         process.idle_exit_s = _option(cmdline, "--idle-exit")
@@ -151,6 +151,18 @@ def _describe(proc, role: str, config, server: dict | None) -> Process:
             process.idle_exit_s = _number(env.get("MLXK_WORKER_IDLE"), 300.0)
             process.idle_left_s = _worker_idle_left(proc, process.idle_exit_s, time.time())
     return process
+
+
+def _redacted(cmdline: list[str]) -> list[str]:
+    """The command line with an --api-key value hidden: secrets never reach a process view."""
+    shown = []
+    for i, arg in enumerate(cmdline):
+        if i and cmdline[i - 1] == "--api-key":
+            arg = "***"
+        elif arg.startswith("--api-key="):
+            arg = "--api-key=***"
+        shown.append(arg)
+    return shown
 
 
 def _option(cmdline: list[str], name: str, kind=float):

@@ -173,7 +173,7 @@ def test_stop_leaves_what_a_person_started_unless_all_and_never_touches_other_pr
     env = server_env(root, free_port(), MLXK_INFERENCE_EXTERNAL="1")
     other_env = server_env(tmp_path / "other", free_port())
     with open(tmp_path / "serve.log", "wb") as log:
-        mine = subprocess.Popen([MLXK, "serve"], env=env, stdout=log, stderr=log)
+        mine = subprocess.Popen([MLXK, "serve", "--api-key", "sekrit-key"], env=env, stdout=log, stderr=log)
         # same command line, another MLXK_HOME: not ours to list or stop
         theirs = subprocess.Popen([MLXK, "worker"], env=other_env, stdout=log, stderr=log)
     try:
@@ -183,6 +183,7 @@ def test_stop_leaves_what_a_person_started_unless_all_and_never_touches_other_pr
         found = processes(env)
         assert [(p["pid"], p["role"], p["started_by"], p["background"]) for p in found] == \
                [(mine.pid, "api", "user", False)]
+        assert "sekrit" not in json.dumps(found) and found[0]["command"].endswith("serve --api-key ***")
 
         kept = json.loads(mlxk("processes", "stop", "--json", env=env).stdout)["data"]
         assert kept["stopped"] == [] and [p["pid"] for p in kept["skipped"]] == [mine.pid]
