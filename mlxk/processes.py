@@ -117,8 +117,24 @@ def find(config=None) -> list[Process]:
 
             if not isinstance(error, psutil.Error):
                 raise
+    _inherit_background(found)
     found.sort(key=lambda p: (ROLES.index(p.role), p.started_at))
     return found
+
+
+def _inherit_background(found: list[Process]) -> None:
+    """An api's own inference worker goes with its api: a person's foreground `mlxk serve` keeps its worker on a
+    plain `stop` (which would only make the api start another on the next request)."""
+    apis = {p.pid: p for p in found if p.role == "api"}
+    for process in found:
+        parent = _parent_api_pid(process.started_by)
+        if process.role == "inference" and parent in apis:
+            process.background = apis[parent].background
+
+
+def _parent_api_pid(started_by: str) -> int | None:
+    prefix, _, rest = started_by.partition("(pid ")
+    return int(rest.rstrip(")")) if prefix == "api " and rest.rstrip(")").isdigit() else None
 
 
 def _server_record(config) -> dict | None:

@@ -170,24 +170,28 @@ def test_processes_lists_what_mlxk_run_and_a_job_started_and_stop_ends_them(tmp_
 
 def test_stop_leaves_what_a_person_started_unless_all_and_never_touches_other_processes(tmp_path):
     root = tmp_path / "home"
-    env = server_env(root, free_port(), MLXK_INFERENCE_EXTERNAL="1")
+    env = server_env(root, free_port())
+    write_models(root, {SCRIPTED_ID: {"reply": SCRIPTED_REPLY}})
     other_env = server_env(tmp_path / "other", free_port())
     with open(tmp_path / "serve.log", "wb") as log:
         mine = subprocess.Popen([MLXK, "serve", "--api-key", "sekrit-key"], env=env, stdout=log, stderr=log)
         # same command line, another MLXK_HOME: not ours to list or stop
         theirs = subprocess.Popen([MLXK, "worker"], env=other_env, stdout=log, stderr=log)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(processes(env)) < 1:
-            time.sleep(0.2)
+        url = f"http://127.0.0.1:{env['MLXK_PORT']}"
+        wait_healthy(url)
+        chat = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": "Bearer sekrit-key"}, timeout=60,
+                          json={"model": SCRIPTED_ID, "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 200, chat.text   # the server has started its own inference worker now
         found = processes(env)
-        assert [(p["pid"], p["role"], p["started_by"], p["background"]) for p in found] == \
-               [(mine.pid, "api", "user", False)]
+        assert [(p["role"], p["started_by"], p["background"]) for p in found] == \
+               [("api", "user", False), ("inference", f"api (pid {mine.pid})", False)]
+        assert found[0]["pid"] == mine.pid
         assert "sekrit" not in json.dumps(found) and found[0]["command"].endswith("serve --api-key ***")
 
         kept = json.loads(mlxk("processes", "stop", "--json", env=env).stdout)["data"]
-        assert kept["stopped"] == [] and [p["pid"] for p in kept["skipped"]] == [mine.pid]
-        assert mine.poll() is None
+        assert kept["stopped"] == [] and [p["pid"] for p in kept["skipped"]] == [p["pid"] for p in found]
+        assert mine.poll() is None and psutil.pid_exists(found[1]["pid"])
 
         refused = mlxk("processes", "stop", str(theirs.pid), env=env)
         assert refused.returncode == 1 and f"no mlxk process with pid {theirs.pid}" in refused.stderr
