@@ -52,6 +52,7 @@ class Process:
     idle_left_s: float | None    # about how long until then; None when not known or not applicable
     background: bool             # started by mlxk itself (a job command, `mlxk run`, the api): `stop` needs no --all
     command: str
+    host: str | None = None      # None: this machine; else a job worker elsewhere sharing the queue (listed, not stopped)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,8 +119,33 @@ def find(config=None) -> list[Process]:
             if not isinstance(error, psutil.Error):
                 raise
     _inherit_background(found)
-    found.sort(key=lambda p: (ROLES.index(p.role), p.started_at))
+    found += _remote_workers()
+    found.sort(key=lambda p: (ROLES.index(p.role), p.host or "", p.started_at))
     return found
+
+
+def _remote_workers() -> list[Process]:
+    """Job workers on other hosts sharing this queue (MLXK_QUEUE_URL=redis://...), from their heartbeats in the
+    `workers` table: listed so the view is whole, never signalled (their pids are another machine's)."""
+    import time
+    from contextlib import closing
+
+    from mlxk.clock import parse_iso
+    from mlxk.db import jobs as jobs_db
+    from mlxk.errors import MlxkError
+    from mlxk.jobs import STALE_S, connect, hostname
+
+    try:
+        conn = connect()
+    except MlxkError:
+        return []
+    with closing(conn):
+        rows = jobs_db.workers(conn, kind="queue", fresh_after=time.time() - STALE_S)
+    here = hostname()
+    return [Process(pid=row["pid"], role="worker", address=f"{row['host']}:{row['pid']}", started_by="another host",
+                    started_at=parse_iso(row["started_at"]) or 0.0, idle_exit_s=None, idle_left_s=None,
+                    background=False, command="", host=row["host"])
+            for row in rows if row["host"] != here]
 
 
 def _inherit_background(found: list[Process]) -> None:
@@ -259,7 +285,7 @@ def stop(*, pids=(), everything: bool = False, timeout_s: float = STOP_TIMEOUT_S
 
     from mlxk.errors import MlxkError
 
-    found = find(config)
+    found = [p for p in find(config) if p.host is None]   # another machine's pids are not ours to signal
     by_pid = {p.pid: p for p in found}
     unknown = [pid for pid in pids if pid not in by_pid]
     if unknown:

@@ -292,3 +292,23 @@ def test_a_job_worker_stopped_while_a_task_thread_has_run_mlx_exits_cleanly(argv
     assert "re-queued" in output and "stopped" in output   # cleaned up before leaving
     jobs = json.loads(mlxk("jobs", "--json", env={**os.environ, "MLXK_WORKER_IDLE": "1"}).stdout)["data"]
     assert [(j["kind"], j["state"]) for j in jobs] == [("scan", "queued")]
+
+
+def test_a_worker_on_another_host_is_listed_from_its_heartbeat_and_never_signalled(isolated):
+    """A second machine cannot run here: its worker is a heartbeat row written as that machine's worker writes it
+    (the seam is the shared `workers` table). Its pid is this test's own, so a wrong signal would end the test."""
+    from contextlib import closing
+
+    from mlxk.db import jobs as jobs_db
+    from mlxk.jobs import connect
+
+    with closing(connect()) as conn:
+        jobs_db.register_worker(conn, id=f"gpu-box:{os.getpid()}:1", kind="queue", pid=os.getpid(), host="gpu-box")
+    found = processes(os.environ.copy())
+    assert [(p["role"], p["host"], p["pid"], p["background"]) for p in found] == \
+           [("worker", "gpu-box", os.getpid(), False)]
+    assert "gpu-box (not stopped from here)" in mlxk("processes").stdout
+    done = mlxk("processes", "stop", "--all", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["data"]["stopped"] == []
+    named = mlxk("processes", "stop", str(os.getpid()))
+    assert named.returncode == 1 and f"no mlxk process with pid {os.getpid()}" in named.stderr

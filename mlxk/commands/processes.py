@@ -12,8 +12,8 @@ from mlxk.output import Output, human_duration, json_command, relative_time, tab
 def _row(process) -> list:
     left = "-" if process.idle_exit_s is None else (
         "busy" if process.idle_left_s is None else human_duration(process.idle_left_s))
-    return [process.pid, process.role, process.address or "-", process.started_by, relative_time(process.started_at),
-            left]
+    started_by = process.started_by if process.host is None else f"{process.host} (not stopped from here)"
+    return [process.pid, process.role, process.address or "-", started_by, relative_time(process.started_at), left]
 
 
 def _render(found: list) -> str:
