@@ -94,7 +94,7 @@ def unusable(path: Path, error: BaseException, *, what: str = "state.db and queu
         message = (f"MLXK_HOME {home} is read-only ({reason}): mlxk keeps {what} there. Make it writable or set "
                    f"MLXK_HOME to a writable directory.")
     elif kind == "locked":
-        message = (f"{path} stayed locked by another process for {BUSY_TIMEOUT_MS // 1000}s ({reason}); "
+        message = (f"{path} stayed locked by another process for {BUSY_TIMEOUT_MS / 1000:g}s ({reason}); "
                    f"nothing was changed. Try again in a moment (`mlxk processes` shows what is running).")
     else:
         message = f"{path} cannot be opened ({reason}); check that it and {home} are readable and writable."
