@@ -33,9 +33,14 @@ system-deps:
 		exit 1; \
 	fi
 
+# `make run` owns MLXK_HOME while it runs: mlxk processes already serving it (a server `mlxk run` left, a background
+# job worker, an earlier `make run`) are stopped first, one line each, so nothing holds the port or the inference
+# socket. The index step queues nothing and starts no worker (honcho's worker scans once at start), so Ctrl-C on
+# honcho stops everything `make run` started.
 run: $(STAMP)
-	$(BIN)/mlxk list --all
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
+	$(BIN)/mlxk processes stop --all
+	$(BIN)/mlxk list --all --no-scan
+	PATH="$(CURDIR)/$(BIN):$$PATH" MLXK_STARTED_BY="make run" $(BIN)/honcho start -f Procfile
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q

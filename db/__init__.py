@@ -3,13 +3,16 @@
 `open_db()` gives a sqlite-utils Database for a unit of work (a command, a task run, a request). `connect()` gives
 a raw sqlite3 connection with the same pragmas for the `list` hot path, where importing sqlite-utils would cost
 more than the whole command. Both migrate on first use. A state.db that is not a database is moved aside and
-rebuilt: the models table is derived from the HF cache, which is the source of truth.
+rebuilt: the models table is derived from the HF cache, which is the source of truth. Nothing else costs the file: a
+lock is waited out, a read-only home is reported as such (`failure_kind` tells them apart for state.db and queue.db).
 """
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from mlxk.db import migrations
@@ -33,14 +36,15 @@ def _is_current(conn: sqlite3.Connection) -> bool:
     return set(migrations.names()) <= applied
 
 
-def _migrate(path: Path) -> None:
+def _migrate(path: Path, *, locked: bool = False) -> None:
+    """Apply pending migrations; `locked`: the caller holds the migration lock already (flock would deadlock)."""
     import sqlite_utils
     from sqlite_utils.migrations import Migrations
 
     from mlxk.locks import file_lock
 
     # Two processes starting at once must not both apply the same migration.
-    with file_lock(Path(f"{path}.lock")):
+    with (nullcontext() if locked else file_lock(Path(f"{path}.lock"))):
         database = sqlite_utils.Database(sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000))
         try:
             _pragmas(database.conn)
@@ -52,42 +56,139 @@ def _migrate(path: Path) -> None:
             database.close()
 
 
+# What SQLite says decides what a failure means; only real corruption ever costs the file (sqlite3's messages, from
+# sqlite3_errstr: SQLITE_NOTADB, SQLITE_CORRUPT; SQLITE_BUSY/LOCKED; SQLITE_READONLY, SQLITE_CANTOPEN, SQLITE_PERM).
+_CORRUPT = ("file is not a database", "malformed")
+_LOCKED = ("locked", "busy")
+
+
+def failure_kind(error: BaseException | None) -> str:
+    """corrupt | locked | unwritable | other: what an error opening a SQLite file (state.db, queue.db) means.
+
+    corrupt: the file is not (or no longer) a database, the one case where moving it aside is right; locked:
+    another process holds it, wait and retry; unwritable: a read-only or permission-denied directory or file.
+    """
+    if isinstance(error, OSError):
+        return "unwritable"
+    if not isinstance(error, sqlite3.DatabaseError):
+        return "other"
+    text = str(error).lower()
+    if any(marker in text for marker in _CORRUPT):
+        return "corrupt"
+    if any(marker in text for marker in _LOCKED):
+        return "locked"
+    if "readonly" in text or "read-only" in text or "unable to open" in text or "access permission" in text:
+        return "unwritable"
+    return "other"
+
+
+def unusable(path: Path, error: BaseException, *, what: str = "state.db and queue.db"):
+    """The StateError for `path` that cannot be used (never advising to delete it, unless it is corrupt);
+    `details["reason"]` is failure_kind's word, so callers can fall back (index.load reads the cache instead)."""
+    from mlxk.errors import StateError
+
+    kind = failure_kind(error)
+    reason = getattr(error, "strerror", None) or str(error)
+    home = path.parent
+    if kind == "unwritable" and not os.access(home if home.exists() else home.parent, os.W_OK):
+        message = (f"MLXK_HOME {home} is read-only ({reason}): mlxk keeps {what} there. Make it writable or set "
+                   f"MLXK_HOME to a writable directory.")
+    elif kind == "locked":
+        message = (f"{path} stayed locked by another process for {BUSY_TIMEOUT_MS / 1000:g}s ({reason}); "
+                   f"nothing was changed. Try again in a moment (`mlxk processes` shows what is running).")
+    else:
+        message = f"{path} cannot be opened ({reason}); check that it and {home} are readable and writable."
+    return StateError(message, path=str(path), reason=kind)
+
+
 def _quarantine(path: Path, error: Exception) -> None:
     aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-    import logging  # here, not at the top: `list` never needs it and it costs ~3 ms
-
-    logging.getLogger("mlxk.db").warning(
-        "%s is not a usable database (%s); moved it to %s and rebuilding from the HF cache", path, error, aside)
-    os.replace(path, aside)
+    try:
+        os.replace(path, aside)
+    except OSError as move_error:
+        raise unusable(path, move_error) from error
     for suffix in ("-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
+    _say(f"{path} was not a database ({error}): moved it to {aside.name} and rebuilt the index from the HF cache.")
+
+
+def _say(message: str) -> None:
+    import logging  # here, not at the top: `list` never needs it and it costs ~3 ms
+
+    # With no handler configured (the CLI) logging's last resort prints the bare message on stderr: one line.
+    logging.getLogger("mlxk.db").warning("%s", message)
+
+
+def _open(path: Path, shared: bool, *, locked: bool = False) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                           check_same_thread=not shared)
+    try:
+        _pragmas(conn)
+        if not _is_current(conn):
+            _migrate(path, locked=locked)
+        conn.execute("SELECT 1 FROM models LIMIT 1").fetchall()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _create(path: Path, shared: bool) -> sqlite3.Connection:
+    """First use: create (or rebuild an empty) state.db under the migration lock.
+
+    Creating under the lock means a 0-byte file seen while holding it is really empty (another process creating
+    the database holds the lock until the file has its header), and switching a new file to WAL, which SQLite does
+    not retry on its busy timeout, never races another process doing the same."""
+    from mlxk.locks import file_lock
+
+    with file_lock(Path(f"{path}.lock")):
+        empty = path.exists() and path.stat().st_size == 0 and not Path(f"{path}-wal").exists()
+        conn = _open(path, shared, locked=True)
+    if empty:
+        _say(f"{path} was empty (0 bytes): rebuilt the index from the HF cache.")
+    return conn
+
+
+def _check_writable(path: Path) -> None:
+    """SQLite opens a database it cannot write (a read-only directory or file) read-only and fails only at the first
+    write, mid-command: refuse up front (two access() calls), so a command that writes never half-runs and `list`
+    reads the cache instead."""
+    for target in (path.parent, path):
+        if os.access(target, os.W_OK) or (target is path and not path.exists()):
+            continue
+        code = errno.EROFS if os.statvfs(target).f_flag & os.ST_RDONLY else errno.EACCES
+        raise OSError(code, os.strerror(code), str(target))
 
 
 def connect(path: Path | str, *, shared: bool = False) -> sqlite3.Connection:
     """A raw connection to a migrated state.db (row factory sqlite3.Row); `shared` lets other threads use it too
-    (the caller serializes them)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(2):
-        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                               check_same_thread=not shared)
-        try:
-            _pragmas(conn)
-            if not _is_current(conn):
-                _migrate(path)
-            conn.execute("SELECT 1 FROM models LIMIT 1").fetchall()
-        except sqlite3.DatabaseError as error:
-            conn.close()
-            if "locked" in str(error) or attempt:
-                from mlxk.errors import StateError
+    (the caller serializes them).
 
-                raise StateError(f"{path} cannot be opened: {error}. Stop other mlxk processes or delete "
-                                 f"{path} (it is rebuilt from the HF cache).") from error
-            _quarantine(path, error)
-            continue
+    Raises StateError (details["reason"]: locked | unwritable | other) when it cannot be used: a lock is waited out
+    for BUSY_TIMEOUT_MS first, and only a file SQLite calls corrupt is moved aside (state.db.corrupt-<time>) and
+    rebuilt, with one line on stderr; so is a 0-byte state.db.
+    """
+    path = Path(path)
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    quarantined = False
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _check_writable(path)
+            fresh = not path.exists() or path.stat().st_size == 0
+            conn = _create(path, shared) if fresh else _open(path, shared)
+        except (sqlite3.DatabaseError, OSError) as error:
+            kind = failure_kind(error)
+            if kind == "locked" and time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+            if kind == "corrupt" and not quarantined:
+                _quarantine(path, error)
+                quarantined = True
+                continue
+            raise unusable(path, error) from error
         conn.row_factory = sqlite3.Row
         return conn
-    raise AssertionError("unreachable")
 
 
 def open_db(path: Path | str | None = None):

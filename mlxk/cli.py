@@ -30,11 +30,17 @@ COMMANDS = {
     "ps": "mlxk.commands.serve:ps_command",
     "stop": "mlxk.commands.serve:stop_command",
     "worker": "mlxk.commands.jobs:worker_command",
+    "processes": "mlxk.commands.processes:processes_group",
     "version": "mlxk.cli:version_command",
 }
 # Commands that only read and print, run on the main thread alone: once they are done nothing is left to clean up but
 # what atexit knows about, so main() skips the interpreter's module teardown (~10 ms, a tenth of `mlxk list`).
 QUICK_EXIT = {"list", "show"}
+# Commands that have cleaned up by the time they return but may leave threads inside native code: the job worker's task
+# threads can sit in MLX (a runtime check imports and runs it) when the consumer stops. A normal exit would then run
+# MLX's C++ static destructors under them ("terminate called without an active exception", SIGABRT); os._exit skips
+# them. `python -m mlxk.workers` leaves the same way.
+EXIT_AFTER_CLEANUP = {"worker"}
 _invoked: list[str] = []  # the subcommand click resolved, for main()
 
 
@@ -100,12 +106,13 @@ def main():
     try:
         cli.main(prog_name="mlxk")  # standalone: always ends in SystemExit
     except SystemExit as done:
-        if _invoked and _invoked[-1] in QUICK_EXIT and threading.active_count() == 1:
-            _exit_now(done.code)
+        if _invoked and (_invoked[-1] in QUICK_EXIT and threading.active_count() == 1
+                         or _invoked[-1] in EXIT_AFTER_CLEANUP):
+            exit_now(done.code)
         raise
 
 
-def _exit_now(code) -> None:
+def exit_now(code) -> None:
     """Leave as Python's own exit would, minus the module teardown: flush stdio, run atexit handlers (temp dirs,
     logging), then os._exit. A stdout that cannot be flushed (a closed pipe) takes the normal way out instead."""
     if code is None:

@@ -36,6 +36,7 @@ class Settings(NamedTuple):  # immutable; a NamedTuple because a frozen dataclas
     server_idle_s: float       # MLXK_SERVER_IDLE: a server started by `mlxk run` exits after this idle time
     hub_offline: bool          # HF_HUB_OFFLINE
     inference_external: bool   # MLXK_INFERENCE_EXTERNAL: the api uses a worker started by others, never its own
+    started_by: str | None     # MLXK_STARTED_BY: who started this process (`mlxk processes` shows it); unset = a user
     worker_timeout_s: float    # MLXK_WORKER_TIMEOUT: an inference worker silent to pings this long is unresponsive
     worker_replace_s: float    # MLXK_WORKER_REPLACE_AFTER: an unresponsive worker of the api's own is killed after this
     allowed_hosts: tuple[str, ...] = ()  # MLXK_ALLOWED_HOSTS (comma separated): Host names the api answers too
@@ -86,6 +87,11 @@ def _default_home() -> Path:
     from platformdirs import user_data_dir
 
     return Path(user_data_dir("mlxk", appauthor=False))
+
+
+def default_home() -> Path:
+    """MLXK_HOME when it is not set (what a process started without it uses)."""
+    return _default_home()
 
 
 def _hf_home() -> Path:
@@ -227,4 +233,20 @@ def settings() -> Settings:
         log_json=_flag("MLXK_LOG_JSON"),
         worker_timeout_s=_positive("MLXK_WORKER_TIMEOUT", 5.0),
         worker_replace_s=_positive("MLXK_WORKER_REPLACE_AFTER", 30.0),
+        started_by=_env("MLXK_STARTED_BY"),
     )
+
+
+# Paths a child process must see as the parent does, although it runs in another working directory.
+_PATH_VARS = ("MLXK_HOME", "HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME", "HF_TOKEN_PATH")
+
+
+def child_env(started_by: str) -> dict[str, str]:
+    """The environment of a background process mlxk starts: ours, with every path variable made absolute (the child
+    runs in another directory, see mlxk.processes) and MLXK_STARTED_BY naming who started it."""
+    env = dict(os.environ)
+    for name in _PATH_VARS:
+        if (value := _env(name)) is not None:
+            env[name] = os.path.abspath(os.path.expanduser(value))
+    env["MLXK_STARTED_BY"] = started_by
+    return env

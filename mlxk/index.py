@@ -244,6 +244,7 @@ def _check_runtime(conn, cache_dir: Path, repo_ids: list[str], signature: _Signa
         return []
     from mlxk import health
     from mlxk.detect import detect
+    from mlxk.faults import checkpoint
 
     verdicts = []
     for repo_id in repo_ids:
@@ -260,6 +261,7 @@ def _check_runtime(conn, cache_dir: Path, repo_ids: list[str], signature: _Signa
             "reason": finding.message if finding else None,
             "runtime_fingerprint": f"{row['fingerprint']}|{signature}", "runtime_checked_at": _now(),
         })
+    checkpoint("index.runtime_checked")   # tests: stop a worker whose task thread has just run mlx-lm
     queries.set_runtime_verdicts(conn, verdicts)
     return [v["repo_id"] for v in verdicts]
 
@@ -360,7 +362,7 @@ def listing(conn) -> list[dict]:
 class Loaded:
     conn: object               # sqlite3.Connection to state.db, or to a private copy when state.db is locked
     refresh: Refresh
-    warning: str | None = None  # set when state.db was locked: this index lives in a temp dir and is not kept
+    warning: str | None = None  # state.db was locked or read-only: this index lives in a temp dir, not kept
 
     def close(self) -> None:
         self.conn.close()
@@ -370,10 +372,11 @@ _PRIVATE_DIRS: list = []  # TemporaryDirectory objects of private indexes, remov
 
 
 def load(state_db: Path, cache_dir: Path, **refresh_options) -> Loaded:
-    """Open state.db and refresh it; when another process holds it locked, index the cache privately instead.
+    """Open state.db and refresh it; when it cannot be written (another process holds it locked, or MLXK_HOME is
+    read-only), index the cache privately instead and say why in `warning`.
 
-    A corrupt state.db is moved aside and rebuilt by db.connect; a locked one must not make `list` fail, because the
-    HF cache, not state.db, is the source of truth.
+    A corrupt state.db is moved aside and rebuilt by db.connect; a locked or read-only one must not make `list` or
+    `show` fail, because the HF cache, not state.db, is the source of truth.
     """
     import sqlite3
 
@@ -381,30 +384,28 @@ def load(state_db: Path, cache_dir: Path, **refresh_options) -> Loaded:
 
     try:
         conn = db.connect(state_db)
+    except MlxkError as error:
+        if error.details.get("reason") not in ("locked", "unwritable"):
+            raise
+        return _load_private(state_db, cache_dir, error, **refresh_options)
+    try:
         return Loaded(conn, refresh(conn, cache_dir, **refresh_options))
     except sqlite3.OperationalError as error:
-        if not _is_lock_error(error):
+        conn.close()
+        if db.failure_kind(error) not in ("locked", "unwritable"):
             raise
-        reason = error
-    except MlxkError as error:
-        if not _is_lock_error(error.__cause__):
-            raise
-        reason = error.__cause__
-    return _load_private(state_db, cache_dir, reason, **refresh_options)
+        return _load_private(state_db, cache_dir, db.unusable(state_db, error), **refresh_options)
+    except BaseException:
+        conn.close()
+        raise
 
 
-def _is_lock_error(error) -> bool:
-    import sqlite3
-
-    return isinstance(error, sqlite3.OperationalError) and ("locked" in str(error) or "busy" in str(error))
-
-
-def _load_private(state_db: Path, cache_dir: Path, reason: Exception, **refresh_options) -> Loaded:
+def _load_private(state_db: Path, cache_dir: Path, reason: MlxkError, **refresh_options) -> Loaded:
     import tempfile
 
     from mlxk import db
 
-    warning = (f"{state_db} is locked by another process ({reason}); read the HF cache directly, nothing was saved.")
+    warning = f"{reason.message} Read the HF cache directly, without the index; nothing was saved."
     _log().info("%s", warning)
     folder = tempfile.TemporaryDirectory(prefix="mlxk-index-")
     _PRIVATE_DIRS.append(folder)

@@ -302,3 +302,95 @@ def test_size_counts_blobs_once_across_revisions(conn, model_factory, hf_cache):
     factory.add_revision(repo, {"notes.txt": b"twelve bytes"})
     index.refresh(conn, hf_cache)
     assert row_of(conn, repo.repo_id)["size_bytes"] == repo.size_bytes + len(b"twelve bytes")
+
+
+# ---------------------------------------------------------------- one refresh, one transaction
+
+
+def _conn_of(kind: str, path: Path):
+    """The two kinds of connection refresh writes through: raw sqlite3 (`list`) and sqlite-utils (tasks)."""
+    return db.connect(path) if kind == "raw" else db.open_db(path).conn
+
+
+@pytest.mark.parametrize("kind", ["raw", "sqlite-utils"])
+def test_a_refresh_that_fails_halfway_leaves_the_index_as_it_was(kind, tmp_path, model_factory, hf_cache,
+                                                                 monkeypatch):
+    """Deletes and upserts of one refresh land together or not at all: here the third row cannot be written (a value
+    SQLite cannot bind, injected at the inspect seam), so the delete and the first upsert before it must roll back."""
+    conn = _conn_of(kind, tmp_path / "mlxk" / "state.db")
+    gone = model_factory.repo("mlx-community/gone")
+    index.refresh(conn, hf_cache)
+    shutil.rmtree(gone.repo_dir)
+    model_factory.repo("mlx-community/a-good")
+    model_factory.repo("mlx-community/b-broken")
+    real_inspect = index.inspect
+
+    def inspect(repo_id, path, signature=None):
+        record = real_inspect(repo_id, path, signature)
+        return {**record, "quantization": object()} if repo_id.endswith("b-broken") else record
+
+    monkeypatch.setattr(index, "inspect", inspect)
+    with pytest.raises(Exception, match="bind|type"):
+        index.refresh(conn, hf_cache)
+    reader = db.connect(tmp_path / "mlxk" / "state.db")
+    try:
+        assert queries.model_ids(reader) == ["mlx-community/gone"]
+    finally:
+        reader.close()
+        conn.close()
+
+
+# ---------------------------------------------------------------- mlx-lm changed since the verdicts
+
+
+def _verdicts_with(conn, hf_cache, model_factory, *, signature: str, stamp: str) -> str:
+    """A runtime verdict stored as if made with mlx-lm `signature`, and the install stamp then recorded."""
+    repo = model_factory.repo("mlx-community/tiny-chat")
+    index.refresh(conn, hf_cache, runtime=True)
+    assert row_of(conn, repo.repo_id)["runtime_compatible"] is True
+    conn.execute("UPDATE models SET runtime_fingerprint = fingerprint || ?", (f"|{signature}",))
+    queries.set_meta(conn, index.SIGNATURE_KEY, signature)
+    queries.set_meta(conn, index.STAMP_KEY, stamp)
+    return repo.repo_id
+
+
+def _installed_mlx_lm() -> tuple[str, int]:
+    import importlib.util
+
+    origin = importlib.util.find_spec("mlx_lm").origin
+    return origin, os.stat(origin).st_mtime_ns
+
+
+def test_mlx_lm_upgraded_in_place_sends_verdicts_back_to_pending(conn, model_factory, hf_cache):
+    """pip upgrades mlx-lm where it was: same path, newer files. The stamp recorded before (that path, an older mtime)
+    no longer holds, the version differs, so the verdicts made with the old one are pending again."""
+    origin, mtime = _installed_mlx_lm()
+    repo_id = _verdicts_with(conn, hf_cache, model_factory, signature="mlx-lm 0.0.1", stamp=f"{origin}:{mtime - 1}")
+    result = index.refresh(conn, hf_cache)
+    assert result.pending == [repo_id] and row_of(conn, repo_id)["runtime_compatible"] is None
+    assert queries.get_meta(conn, index.STAMP_KEY) == f"{origin}:{mtime}"
+    from mlxk.health import mlx_lm_signature
+
+    assert queries.get_meta(conn, index.SIGNATURE_KEY) == mlx_lm_signature()
+
+
+def test_files_touched_but_same_mlx_lm_keep_their_verdicts(conn, model_factory, hf_cache):
+    from mlxk.health import mlx_lm_signature
+
+    origin, mtime = _installed_mlx_lm()
+    repo_id = _verdicts_with(conn, hf_cache, model_factory, signature=mlx_lm_signature(), stamp=f"{origin}:{mtime - 1}")
+    assert index.refresh(conn, hf_cache).pending == []
+    assert row_of(conn, repo_id)["runtime_compatible"] is True
+    assert queries.get_meta(conn, index.STAMP_KEY) == f"{origin}:{mtime}"   # re-stamped: the next check is one stat
+
+
+def test_an_unchanged_install_is_not_asked_again(conn, model_factory, hf_cache, monkeypatch):
+    """The stamp holds (same file, same mtime): refresh trusts it and never computes the signature (~25 ms of
+    importlib.metadata on every `list`)."""
+    origin, mtime = _installed_mlx_lm()
+    repo_id = _verdicts_with(conn, hf_cache, model_factory, signature="mlx-lm 0.0.1", stamp=f"{origin}:{mtime}")
+    from mlxk import health
+
+    monkeypatch.setattr(health, "mlx_lm_signature", lambda: pytest.fail("the signature was computed"))
+    assert index.refresh(conn, hf_cache).pending == []
+    assert row_of(conn, repo_id)["runtime_compatible"] is True

@@ -13,14 +13,13 @@ import os
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 import uuid
 from contextlib import closing
 from pathlib import Path
 
 from mlxk import db as statedb
-from mlxk.config import settings
+from mlxk.config import child_env, settings
 from mlxk.db import jobs as jobs_db
 from mlxk.locks import file_lock
 
@@ -170,10 +169,13 @@ def ensure_worker(conn=None) -> int | None:
             if live_workers(conn) or _pidfile_alive(worker_pidfile(s)):
                 return None
             with open(s.log_dir / "worker.log", "ab") as logfile:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "mlxk.workers", "--background"],
+                from mlxk import processes
+
+                proc = subprocess.Popen(   # isolated from the user's directory: see mlxk.processes
+                    processes.python_argv("-m", "mlxk.workers", "--background"),
                     stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
-                    start_new_session=True, close_fds=True, cwd=str(s.home),
+                    start_new_session=True, close_fds=True, cwd=processes.SAFE_CWD,
+                    env=child_env(processes.started_by_cli()),
                 )
             worker_pidfile(s).write_text(f"{proc.pid}\n")
             log.info("started a background worker, pid %s", proc.pid)

@@ -238,12 +238,16 @@ def redacted_url(url: str) -> str:
 def _sqlite_huey(path: Path):
     from huey import SqliteHuey
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from mlxk import db
+
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         huey = SqliteHuey(QUEUE_NAME, filename=str(path), results=False, utc=True, timeout=10)
         # The storage connects lazily; touch it now so a broken file fails here, with a clear message.
         huey.storage.sql("SELECT count(*) FROM task", results=True)
-    except sqlite3.DatabaseError as error:
+    except (sqlite3.DatabaseError, OSError) as error:
+        if db.failure_kind(error) != "corrupt":   # locked, read-only: deleting the queue would not help
+            raise db.unusable(path, error, what="queue.db and state.db") from error
         raise StateError(
             f"the job queue {path} is not a usable SQLite database ({error}). Stop every mlxk worker and delete "
             f"{path} (and {path.name}-wal, {path.name}-shm beside it); queued jobs are re-enqueued from state.db "

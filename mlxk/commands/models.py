@@ -52,8 +52,10 @@ DEFAULT_MODEL_HINT = "mlx-community/Qwen3-4B-4bit"
 @click.option("--sort", "sort", type=click.Choice(list(SORTS)), default="name", show_default=True,
               help="name (A-Z), size (biggest first) or modified (newest first).")
 @click.option("--reverse", is_flag=True, help="Reverse the sort order.")
+@click.option("--no-scan", is_flag=True, hidden=True,
+              help="Do not queue runtime checks (nor start a job worker): `make run` indexes before its own worker.")
 @json_command
-def list_command(pattern, show_all, show_health, sort, reverse):
+def list_command(pattern, show_all, show_health, sort, reverse, no_scan):
     """List cached models (runnable MLX chat models unless --all)."""
     if pattern is not None:
         index.check_pattern(pattern)
@@ -61,7 +63,7 @@ def list_command(pattern, show_all, show_health, sort, reverse):
     with closing(index.load(config.state_db, config.hf_hub_cache)) as loaded:
         if loaded.warning:
             say(f"Warning: {loaded.warning}")
-        if loaded.refresh.pending and not loaded.warning:  # a locked state.db: list only
+        if loaded.refresh.pending and not loaded.warning and not no_scan:  # a locked state.db: list only
             _request_scan(loaded.refresh.pending)
         # --json embeds model objects SQLite rendered; the table reads only the columns it shows
         as_json = json_mode()

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import httpx
 
-from mlxk.config import Settings
+from mlxk import processes
+from mlxk.config import Settings, child_env
 from mlxk.locks import file_lock
 from mlxk.errors import MlxkError, ServerUnavailable
 from mlxk.output import say
@@ -68,12 +68,12 @@ def find_server(settings: Settings) -> Endpoint | None:
 def start_background(settings: Settings) -> Endpoint:
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     log_path = settings.log_dir / "server.log"
-    argv = [sys.executable, "-c", "from mlxk.cli import main; main()", "serve",
-            "--idle-exit", str(max(1.0, settings.server_idle_s))]
+    argv = processes.python_argv("-c", "from mlxk.cli import main; main()", "serve",
+                                 "--idle-exit", str(max(1.0, settings.server_idle_s)))
     say(f"Starting a server in the background (logs: {log_path}) ...")
-    with open(log_path, "ab") as out:
+    with open(log_path, "ab") as out:   # isolated from the user's directory: see mlxk.processes
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, cwd=processes.SAFE_CWD, env=child_env("mlxk run"))
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -48,6 +48,8 @@ class RequestContext:
                 message = {**message, "headers": headers}
             await send(message)
 
+        if scope["path"] == "/health":
+            state = None   # a probe is not use: `mlxk processes` or a monitor must not keep an idle server alive
         if state is not None:
             state.active_requests += 1
             state.last_activity = time.monotonic()

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
+from mlxk import processes
+from mlxk.config import child_env
 from mlxk.workers.inference import protocol
 
 from mlxk.server.errors import WorkerError, WorkerRestarting, WorkerUnresponsive
@@ -75,9 +77,9 @@ class WorkerOptions:
     replace_after_s: float = 30.0   # MLXK_WORKER_REPLACE_AFTER: an unresponsive child is killed after this long
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "mlxk.workers.inference", "--socket", str(self.socket),
+        return processes.python_argv("-m", "mlxk.workers.inference", "--socket", str(self.socket),
                 "--max-loaded", str(self.max_loaded), "--keep-alive", str(self.keep_alive_s),
-                "--max-waiting", str(self.max_waiting), "--max-prompt-tokens", str(self.max_prompt_tokens)]
+                "--max-waiting", str(self.max_waiting), "--max-prompt-tokens", str(self.max_prompt_tokens))
 
 
 def _lock_held(path: str) -> bool:
@@ -226,7 +228,8 @@ class Supervisor:
         argv = self.options.argv()
         log.info("starting inference worker: %s", " ".join(argv))
         preexec = _die_with_parent if sys.platform.startswith("linux") else None
-        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=preexec)
+        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=preexec, cwd=processes.SAFE_CWD,
+                                      env=child_env(f"api (pid {os.getpid()})"))
         self._started_at = time.monotonic()
         self._ready = False
 

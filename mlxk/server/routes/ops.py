@@ -20,7 +20,9 @@ router = APIRouter(dependencies=[Depends(require_api_key)], responses=error_resp
 
 @health_router.get("/health", responses=error_responses(421))
 async def health(state: State) -> dict:
-    return {"status": "ok", "version": __version__, "worker": state.supervisor.state()}
+    idle = 0.0 if state.active_requests else time.monotonic() - state.last_activity
+    return {"status": "ok", "version": __version__, "worker": state.supervisor.state(), "idle_s": round(idle, 1),
+            "idle_exit_s": state.config.idle_exit_s}
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
