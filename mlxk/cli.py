@@ -4,10 +4,7 @@ Loading lazily keeps `mlxk list` from importing what `mlxk serve` or `mlxk pull`
 """
 from __future__ import annotations
 
-import atexit
 import importlib
-import os
-import sys
 import threading
 
 import click
@@ -108,22 +105,7 @@ def main():
     except SystemExit as done:
         if _invoked and (_invoked[-1] in QUICK_EXIT and threading.active_count() == 1
                          or _invoked[-1] in EXIT_AFTER_CLEANUP):
+            from mlxk.processes import exit_now
+
             exit_now(done.code)
         raise
-
-
-def exit_now(code) -> None:
-    """Leave as Python's own exit would, minus the module teardown: flush stdio, run atexit handlers (temp dirs,
-    logging), then os._exit. A stdout that cannot be flushed (a closed pipe) takes the normal way out instead."""
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):
-        print(code, file=sys.stderr)
-        code = 1
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except OSError:
-        return
-    atexit._run_exitfuncs()
-    os._exit(code)

@@ -21,7 +21,8 @@ from mlxk.errors import (AmbiguousMatch, Cancelled, Conflict, InvalidName, JobCa
                          MlxkError, ModelNotFound)
 from mlxk.workers import process
 # Re-exported for callers that ask the jobs layer about processes (the server's runtime, tests).
-from mlxk.workers.process import STALE_S, connect, ensure_worker, holder_alive, live_workers, pid_alive  # noqa: F401
+from mlxk.workers.process import (STALE_S, connect, ensure_worker, holder_alive, hostname,  # noqa: F401
+                                  live_workers, pid_alive)
 
 log = logging.getLogger("mlxk.jobs")
 

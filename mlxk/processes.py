@@ -15,6 +15,7 @@ hit.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -58,10 +59,17 @@ class Process:
         return asdict(self)
 
 
+def command_args(cmdline: list[str]) -> list[str]:
+    """A process's arguments as launched. A title rewritten by setproctitle (`mlxk serve --api-key KEY` masks its
+    key that way) reads back as one space-joined string padded with empty ones: split it again."""
+    args = [arg for arg in cmdline if arg]
+    return args[0].split() if len(args) == 1 and " " in args[0] else args
+
+
 def role_of(cmdline: list[str]) -> str | None:
     """Which of mlxk's processes a command line runs: `python [-flags] -m mlxk.workers[.inference]`, or the
     `mlxk` CLI (`mlxk` script, `python -c "from mlxk.cli import main; main()"`) running `serve` or `worker`."""
-    args = list(cmdline)
+    args = command_args(cmdline)
     if "-m" in args[:-1]:
         module = args[args.index("-m") + 1]
         return {"mlxk.workers": "worker", "mlxk.workers.inference": "inference"}.get(module)
@@ -173,7 +181,7 @@ def _describe(proc, role: str, config, server: dict | None) -> Process:
     import time
 
     env = proc.environ()
-    cmdline = proc.cmdline()
+    cmdline = command_args(proc.cmdline())
     started_by = env.get("MLXK_STARTED_BY") or "user"
     process = Process(pid=proc.pid, role=role, address=None, started_by=started_by, started_at=proc.create_time(),
                       idle_exit_s=None, idle_left_s=None, background=started_by.startswith(("mlxk", "api")),
@@ -354,3 +362,20 @@ def _verified(process: Process):
         return handle
     except psutil.Error:
         return None
+
+
+def exit_now(code) -> None:
+    """Leave as Python's own exit would, minus the module teardown: flush stdio, run atexit handlers (temp dirs,
+    logging), then os._exit (see mlxk.cli.EXIT_AFTER_CLEANUP for why). A stdout that cannot be flushed (a closed pipe) takes the normal way out instead."""
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        return
+    atexit._run_exitfuncs()
+    os._exit(code)

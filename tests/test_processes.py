@@ -187,7 +187,7 @@ def test_stop_leaves_what_a_person_started_unless_all_and_never_touches_other_pr
         assert [(p["role"], p["started_by"], p["background"]) for p in found] == \
                [("api", "user", False), ("inference", f"api (pid {mine.pid})", False)]
         assert found[0]["pid"] == mine.pid
-        assert "sekrit" not in json.dumps(found) and found[0]["command"].endswith("serve --api-key ***")
+        assert "sekrit" not in json.dumps(found) and found[0]["command"].endswith(" serve")
 
         kept = json.loads(mlxk("processes", "stop", "--json", env=env).stdout)["data"]
         assert kept["stopped"] == [] and [p["pid"] for p in kept["skipped"]] == [p["pid"] for p in found]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -38,21 +39,26 @@ def check_bind(config: ServerConfig) -> None:
 
 
 def hide_from_process_list(secret: str) -> None:
-    """Rewrite this process's command line (what `ps` and /proc/<pid>/cmdline show) with `secret` masked.
+    """Start this process again without `--api-key KEY` on its command line; the key moves to MLXK_API_KEY.
 
-    setproctitle overwrites the argv memory the kernel reports, so the key given as `--api-key KEY` stops being
-    readable by other users; sys.argv (our own copy) is masked too. Children never get it: the inference worker's
-    argv carries no key (supervisor.WorkerOptions.argv).
+    /proc/<pid>/cmdline (what `ps` shows every user) is rewritten by exec, keeping the pid; the environment is
+    readable by the process's own user only. Rewriting argv in place (setproctitle) was tried and dropped: on Linux it
+    clobbers /proc/<pid>/environ, so `mlxk processes` could no longer tell whose server it is. Returns only when the
+    command line holds no key (then it does nothing).
     """
-    import setproctitle
-
-    def masked(arg: str) -> str:
-        if arg == secret:
-            return "***"
-        return "--api-key=***" if arg.startswith("--api-key=") else arg.replace(secret, "***")
-
-    setproctitle.setproctitle(" ".join(masked(arg) for arg in sys.orig_argv))
-    sys.argv[:] = [masked(arg) for arg in sys.argv]
+    argv, skip = [], False
+    for arg in sys.orig_argv:
+        if skip:
+            skip = False
+        elif arg == "--api-key":
+            skip = True
+        elif not arg.startswith("--api-key="):
+            argv.append(arg)
+    if argv == list(sys.orig_argv):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, {**os.environ, "MLXK_API_KEY": secret})
 
 
 def read_key_file(path: Path) -> str:

@@ -229,7 +229,7 @@ class Supervisor:
         log.info("starting inference worker: %s", " ".join(argv))
         preexec = _die_with_parent if sys.platform.startswith("linux") else None
         self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=preexec, cwd=processes.SAFE_CWD,
-                                      env=child_env(f"api (pid {os.getpid()})"))
+                                      env=_worker_env())
         self._started_at = time.monotonic()
         self._ready = False
 
@@ -411,3 +411,11 @@ class Supervisor:
                 yield event
         finally:
             await events.aclose()
+
+
+def _worker_env() -> dict[str, str]:
+    """The inference worker's environment: the api's, minus the API key (the worker answers a local socket only and
+    has no use for it, so it cannot leak from there)."""
+    env = child_env(f"api (pid {os.getpid()})")
+    env.pop("MLXK_API_KEY", None)
+    return env
