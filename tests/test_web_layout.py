@@ -15,7 +15,7 @@ import pytest
 
 from tests import factory
 from tests.fixtures import browser as web
-from tests.fixtures.browser import find, find_all, screenshot, screenshots, wait_until  # noqa: F401 (fixture)
+from tests.fixtures.browser import find, find_all, screenshot, wait_until
 from tests.fixtures.jobs import MiB, hub_env
 from tests.fixtures.queue import reap_background_workers
 from tests.fixtures.server import API_KEY, SCRIPTED_ID, SCRIPTED_REPLY, server_env, spawn_server
@@ -157,6 +157,18 @@ def health(stack) -> dict:
 
 
 # ---------------------------------------------------------------- tests
+
+
+def test_health_finds_the_procfile_workers_before_any_request(stack):
+    """Before any chat and with no page open, /health (what the header shows) finds honcho's inference worker
+    (it used to say `stopped` until the api first needed the worker) and the job worker."""
+    import time
+
+    deadline = time.monotonic() + 60   # the inference worker imports mlx before it answers
+    while (now := health(stack))["worker"]["state"] != "ready" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert now["worker"] == {"state": "ready", "pid": None, "managed": False, "restarts": 0}, now
+    assert now["job_workers"]["state"] == "running" and now["job_workers"]["count"] >= 1, now
 
 
 def test_every_view_fits_the_screen(page, screenshots):

@@ -164,6 +164,21 @@ def test_stop_aborts_the_stream_and_keeps_the_partial_reply(browser, server):
                    timeout=3)
 
 
+def test_header_shows_what_health_says_under_mlxk_serve(browser, server):
+    """Under `mlxk serve` the api runs the inference worker itself (started by the chats above): ready, with its pid;
+    the job worker is the one the api started for the background scan."""
+    open_dashboard(browser, server)
+    health = server.health()
+    assert health["worker"]["state"] == "ready" and health["worker"]["managed"] is True, health
+    pill = lambda d, which: (find(d, f"#status-{which}").get_attribute("data-state"),  # noqa: E731
+                             find(d, f"#status-{which}").text)
+    wait_until(browser, lambda d: pill(d, "inference")[0] == "ready", "the inference worker in the header")
+    assert pill(browser, "inference")[1] == f"inference worker ready (pid {health['worker']['pid']})"
+    workers = server.health()["job_workers"]
+    wait_until(browser, lambda d: pill(d, "jobs")[0] == workers["state"], "the job worker in the header")
+    assert pill(browser, "server") == ("ok", f"mlxk v{health['version']}")
+
+
 def test_pull_from_the_form_runs_to_succeeded_and_lists_the_model(browser, server, hub):
     repo = hub.unique_repo("mlx-community/web-pulled")
     hub.add_repo(repo, factory.tiny_model_files())
