@@ -296,6 +296,34 @@ def test_remove_and_check_from_the_page_are_the_cli_jobs(browser, stack):
     assert "Health check queued as job" in note.text and BROKEN_ID in note.text, note.text
 
 
+def test_the_api_key_form_fits_a_phone(browser, stack, screenshots):
+    web.set_viewport(browser, 360, 640)
+    browser.viewport = "360x640"
+    browser.get(stack.url + "/")
+    browser.execute_script("sessionStorage.clear()")
+    browser.refresh()
+    wait_until(browser, lambda d: find(d, "#auth").is_displayed(), "the API key form")
+    assert_no_overflow(browser, "the API key form")
+    screenshot(browser, screenshots, "360x640-api-key")
+    find(browser, "#api-key").send_keys(API_KEY)
+    tap(browser, find(browser, "#auth button[type=submit]"), "Use key")
+    wait_until(browser, lambda d: SCRIPTED_ID in model_names(d), "the models after the key")
+
+
+def test_no_sideways_overflow_from_360_to_1920_px(browser, stack, screenshots):
+    """Every tab at common widths, with the jobs and models the tests above left (long names, long messages)."""
+    web.open_dashboard(browser, stack, API_KEY)
+    for width, height in ((360, 640), (412, 915), (768, 1024), (999, 800), (1000, 800), (1440, 900), (1920, 1080)):
+        web.set_viewport(browser, width, height)
+        browser.viewport = f"{width}x{height}"
+        wait_until(browser, lambda d: d.execute_script("return window.innerWidth") == width, f"width {width}")
+        for tab in ("chat", "models", "jobs"):
+            show_tab(browser, tab)
+            assert_no_overflow(browser, f"{tab} at {width}px")
+            assert reachable(browser, find(browser, "#chat-send" if tab == "chat" else f"#{tab}-panel h2")) is None
+        screenshot(browser, screenshots, f"{width}x{height}-jobs")
+
+
 def test_a_chat_longer_than_the_context_drops_the_oldest_turns_once_said(browser, stack, screenshots):
     """MLXK_MAX_PROMPT_TOKENS is small: after a few turns the page leaves the oldest out instead of failing."""
     from selenium.webdriver.support.ui import Select
