@@ -214,7 +214,8 @@ function loadedRow(model) {
   const unload = el("button", { type: "button", className: "small unload", text: "Unload",
                                 title: `mlxk stop ${model.name}` });
   unload.addEventListener("click", () => unloadModel(model.name, unload));
-  const expires = model.expires_in_s === null || model.expires_in_s === undefined ? "-" : humanDuration(model.expires_in_s);
+  const expires = model.expires_in_s === null || model.expires_in_s === undefined
+    ? "-" : humanDuration(model.expires_in_s);
   return el("tr", { dataset: { name: model.name } }, [
     el("td", { className: "name", text: model.name }),
     el("td", { className: "num", dataset: { label: "memory" }, text: humanSize(model.memory_bytes) }),
