@@ -350,5 +350,19 @@ def test_a_chat_longer_than_the_context_drops_the_oldest_turns_once_said(browser
     faded = find_all(browser, "#chat-log .msg.dropped")
     assert faded and faded[0] == find_all(browser, "#chat-log .msg")[0]   # the oldest are the ones left out
     screenshot(browser, screenshots, "laptop-chat-trimmed")
+
+    # A message longer than the context by itself cannot be helped by leaving turns out: its error says so, and the
+    # conversation before it is still sent with the next message.
+    dropped = len(find_all(browser, "#chat-log .msg.dropped"))
+    browser.execute_script("document.getElementById('chat-input').value = arguments[0]", "weather " * 300)
+    find(browser, "#chat-send").click()
+    error = wait_until(browser, lambda d: find_all(d, ".msg.assistant.error .content"), "the too-long error")[0]
+    assert error.text.startswith("Error: your message alone is too long for this model: "), error.text
+    assert len(find_all(browser, "#chat-log .msg.dropped")) == dropped   # the failed try left nothing more out
+    browser.execute_script("document.getElementById('chat-input').value = ''")
+    find(browser, "#chat-input").send_keys(f"{turn} 7")
+    find(browser, "#chat-send").click()
+    wait_until(browser, lambda d: len([x for x in find_all(d, ".msg.assistant .note") if x.text]) == 7, "reply 7", 60)
+    assert len(find_all(browser, "#chat-log .notice")) == 1
     find(browser, "#chat-clear").click()
     assert not find_all(browser, "#chat-log .notice")
