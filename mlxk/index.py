@@ -278,6 +278,11 @@ def is_pending(row: dict) -> bool:
     return row["health"] == "healthy" and row["runtime_compatible"] is None
 
 
+def disk_total(rows) -> int:
+    """Bytes on disk of these models together (each row's size already counts its shared blobs once)."""
+    return sum(row["size_bytes"] or 0 for row in rows)
+
+
 def is_runnable_chat(row: dict) -> bool:
     """The default `list` view: healthy MLX chat models not known to be incompatible (pending ones included)."""
     return (row["health"] == "healthy" and row["framework"] == "mlx" and row["model_type"] == "chat"

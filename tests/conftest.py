@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 pytest_plugins = [
+    "tests.fixtures.browser",
     "tests.fixtures.cache",
     "tests.fixtures.hub",
     "tests.fixtures.queue",

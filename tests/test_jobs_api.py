@@ -80,7 +80,8 @@ def test_pull_reaches_succeeded_and_the_model_is_listed_and_runnable(client, hub
 
 def test_models_are_the_list_json_data(client):
     body = client.get("/api/models").json()
-    assert set(body) == {"models", "count", "pending"} and body["count"] == len(body["models"])
+    assert set(body) == {"models", "count", "pending", "size_bytes"} and body["count"] == len(body["models"])
+    assert body["size_bytes"] == sum(m["size_bytes"] or 0 for m in body["models"]) > 0   # the page's "on disk"
     scripted = next(m for m in body["models"] if m["name"] == SCRIPTED_ID)
     for field in ("name", "hash", "size_bytes", "last_modified", "framework", "model_type", "capabilities",
                   "health", "runtime_compatible", "reason", "cached"):
@@ -165,6 +166,7 @@ def test_scan_is_queued_as_a_job(client):
     ("POST", "/api/jobs/0123456789ab/cancel", {}),
     ("POST", "/api/jobs/0123456789ab/retry", {}),
     ("POST", "/api/jobs/scan", {}),
+    ("POST", "/api/jobs/rm", {"model": SCRIPTED_ID}),
 ])
 def test_api_key_is_required(server, method, path, body):
     for headers in ({}, {"Authorization": "Bearer wrong"}):
@@ -213,3 +215,68 @@ def test_the_event_loop_stays_free_while_a_cancel_waits(client, server, hub):
     thread.join()
     assert results["cancel"].status_code == 200
     assert max(health_s) < 0.5, (health_s, results["cancel_s"])
+
+
+# ---------------------------------------------------------------- rm (the web page's Remove)
+
+
+def cached_names(client) -> list[str]:
+    return [m["name"] for m in client.get("/api/models").json()["models"]]
+
+
+def test_rm_is_the_cli_rm_job_with_its_refusals(client, server):
+    repo = "org/api-doomed"
+    repo_dir = server.root / "hf" / "hub" / "models--org--api-doomed"
+    factory.write_repo(server.root / "hf" / "hub", repo, factory.tiny_model_files())
+    assert repo in cached_names(client)
+
+    fuzzy = client.post("/api/jobs/rm", json={"model": "api-doom"})   # as `mlxk rm api-doom`: not without force
+    assert fuzzy.status_code == 409 and error_of(fuzzy)["code"] == "conflict", fuzzy.text
+    assert "matches org/api-doomed" in error_of(fuzzy)["message"] and repo_dir.exists()
+
+    response = client.post("/api/jobs/rm", json={"model": repo})
+
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert (job["kind"], job["target"], job["state"]) == ("rm", repo, "succeeded")
+    assert not repo_dir.exists() and repo not in cached_names(client)
+    assert job["id"] in [j["id"] for j in client.get("/api/jobs", params={"all": "1"}).json()["jobs"]]
+    again = client.post("/api/jobs/rm", json={"model": repo})
+    assert again.status_code == 404 and error_of(again)["code"] == "model_not_found", again.text
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ({"model": "org/na..me"}, 400, "invalid_name"),
+    ({"model": "org/never-cached"}, 404, "model_not_found"),
+    ({}, 400, "invalid_request"),
+    ({"model": SCRIPTED_ID, "purge": True}, 400, "invalid_request"),
+    ({"model": SCRIPTED_ID, "force": "yes please"}, 400, "invalid_request"),
+])
+def test_bad_rm_requests_remove_nothing(client, body, status, code):
+    response = client.post("/api/jobs/rm", json=body)
+    assert response.status_code == status and error_of(response)["code"] == code, response.text
+    assert SCRIPTED_ID in cached_names(client)
+
+
+def test_rm_needs_a_json_body(client):
+    response = client.post("/api/jobs/rm", content=f'{{"model": "{SCRIPTED_ID}"}}',
+                           headers={"content-type": "text/plain"})
+    assert response.status_code == 415, response.text
+    assert SCRIPTED_ID in cached_names(client)
+
+
+def test_rm_of_a_model_a_pull_is_using_is_refused(client, server, hub):
+    repo = hub.unique_repo("org/api-busy")
+    hub.add_repo(repo, slow_files())
+    factory.write_repo(server.root / "hf" / "hub", repo, factory.tiny_model_files())   # an older copy is cached
+    hub.faults.rate_limit_bps = 1 * MiB
+    job_id = client.post("/api/jobs/pull", json={"model": repo}).json()["id"]
+    wait_job(client, job_id, states=("running",))
+
+    response = client.post("/api/jobs/rm", json={"model": repo})
+
+    assert response.status_code == 409 and error_of(response)["code"] == "conflict", response.text
+    assert f"in use by job {job_id}" in error_of(response)["message"]
+    client.post(f"/api/jobs/{job_id}/cancel", json={})
+    assert wait_job(client, job_id)["state"] == "cancelled"
+    assert repo in cached_names(client)

@@ -1,32 +1,22 @@
 """The dashboard at `/` in a real headless Chromium (selenium), against a real `mlxk serve`, job worker and test Hub.
 
-The browser is Debian's chromium + chromium-driver (`make test` installs them); selenium is given both paths, so it
-never downloads a driver. Missing, the test FAILS: a skipped browser test would hide a broken page.
+The browser and its helpers are in tests/fixtures/browser.py; the layout at phone and laptop sizes is
+tests/test_web_layout.py.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from tests import factory
+from tests.fixtures import browser as web
+from tests.fixtures.browser import MISSING, browser_missing, find, find_all, wait_until
 from tests.fixtures.jobs import hub_env
 from tests.fixtures.queue import reap_background_workers
 from tests.fixtures.server import API_KEY, RANDOM_ID, SCRIPTED_ID, SCRIPTED_REPLY, spawn_server
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-MISSING = ("the browser test needs Debian's chromium and chromedriver at /usr/bin/chromium and "
-           "/usr/bin/chromedriver: run `make test` (it installs them) or `sudo apt-get install chromium "
-           "chromium-driver`")
-WAIT_S = 30
 THINKING_ID = "mlx-community/tiny-thinking"   # reasons "Hello", then answers " world!"
 MODELS = {SCRIPTED_ID: {"reply": SCRIPTED_REPLY}, THINKING_ID: {"reasoning": True, "reply": "Hello</think> world!"},
           RANDOM_ID: {}}
-
-
-def browser_missing() -> list[str]:
-    return [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.is_file()]
 
 
 @pytest.fixture(scope="module")
@@ -40,73 +30,17 @@ def server(tmp_path_factory, hub_server):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    if browser_missing():
-        pytest.fail(f"{MISSING} (missing: {', '.join(browser_missing())})", pytrace=False)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-proxy-server", "--window-size=1280,1000", f"--user-data-dir={profile}"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = Service(executable_path=str(CHROMEDRIVER), log_output=str(profile.parent / "chromedriver.log"))
-    driver = webdriver.Chrome(service=service, options=options)
-    driver.set_page_load_timeout(WAIT_S)
+    driver = web.start_browser(tmp_path_factory.mktemp("chromium-profile"))
     yield driver
     driver.quit()
 
 
-# ---------------------------------------------------------------- helpers
-
-
-def find(driver, css: str):
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.CSS_SELECTOR, css)
-
-
-def find_all(driver, css: str):
-    from selenium.webdriver.common.by import By
-
-    return driver.find_elements(By.CSS_SELECTOR, css)
-
-
-def page_report(driver) -> str:
-    """What to show when a wait fails: the page's error lines and the browser console."""
-    errors = [e.text for e in find_all(driver, ".error") if e.text]
-    console = [entry.get("message") for entry in driver.get_log("browser")]
-    return f"errors on the page: {errors}\nconsole: {console}"
-
-
-def wait_until(driver, condition, what: str, timeout: float = WAIT_S):
-    from selenium.common.exceptions import TimeoutException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d))
-    except TimeoutException:
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{page_report(driver)}") from None
-
-
 def open_dashboard(driver, server, *, fresh: bool = False) -> None:
-    """Load `/`; give the API key when the page asks for it."""
-    driver.get(server.url + "/")
-    if fresh:
-        driver.execute_script("sessionStorage.clear()")
-        driver.refresh()
-    if fresh or not driver.execute_script("return sessionStorage.getItem('mlxk.apiKey')"):
-        wait_until(driver, lambda d: find(d, "#auth").is_displayed(), "the API key form")
-        find(driver, "#api-key").send_keys(API_KEY)
-        find(driver, "#auth button[type=submit]").click()
-    wait_until(driver, lambda d: not find(d, "#auth").is_displayed(), "the API key to be accepted")
+    web.open_dashboard(driver, server, API_KEY, fresh=fresh)
 
 
 def models_table(driver) -> dict[str, list[str]]:
-    """name -> the texts of its cells (name, size, type, health, runtime)."""
+    """name -> the texts of its cells (name, size, type, health, runtime, actions)."""
     return driver.execute_script("""
         const rows = {};
         for (const tr of document.querySelectorAll('#models tbody tr')) {
@@ -230,10 +164,26 @@ def test_stop_aborts_the_stream_and_keeps_the_partial_reply(browser, server):
                    timeout=3)
 
 
+def test_header_shows_what_health_says_under_mlxk_serve(browser, server):
+    """Under `mlxk serve` the api runs the inference worker itself (started by the chats above): ready, with its pid;
+    the job worker is the one the api started for the background scan."""
+    open_dashboard(browser, server)
+    health = server.health()
+    assert health["worker"]["state"] == "ready" and health["worker"]["managed"] is True, health
+    pill = lambda d, which: (find(d, f"#status-{which}").get_attribute("data-state"),  # noqa: E731
+                             find(d, f"#status-{which}").text)
+    wait_until(browser, lambda d: pill(d, "inference")[0] == "ready", "the inference worker in the header")
+    assert pill(browser, "inference")[1] == f"inference worker ready (pid {health['worker']['pid']})"
+    workers = server.health()["job_workers"]
+    wait_until(browser, lambda d: pill(d, "jobs")[0] == workers["state"], "the job worker in the header")
+    assert pill(browser, "server") == ("ok", f"mlxk v{health['version']}")
+
+
 def test_pull_from_the_form_runs_to_succeeded_and_lists_the_model(browser, server, hub):
     repo = hub.unique_repo("mlx-community/web-pulled")
     hub.add_repo(repo, factory.tiny_model_files())
     open_dashboard(browser, server)
+    find(browser, "#tab-jobs").click()   # the pull form is on the Jobs tab
 
     find(browser, "#pull-model").send_keys("not a repo id")
     find(browser, "#pull-submit").click()

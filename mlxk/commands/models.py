@@ -116,7 +116,7 @@ def _short(text: str | None) -> str:
 
 
 def _footer(shown: list[dict], total: int) -> str:
-    size = sum(row["size_bytes"] or 0 for row in shown)
+    size = index.disk_total(shown)
     parts = [f"{len(shown)} model{'s' if len(shown) != 1 else ''}, {human_size(size)} on disk."]
     if total > len(shown):
         parts.append(f"{total - len(shown)} more not shown (--all lists every repo).")

@@ -38,6 +38,12 @@ class CancelRequest(BaseModel):
     purge: bool = False
 
 
+class RemoveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    force: bool = False   # as `mlxk rm --force`: a fuzzy name may remove the one model it matches
+
+
 class ScanRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     repos: list[str] | None = None
@@ -72,7 +78,7 @@ async def list_models(state: State) -> dict:
         await run_in_threadpool(_request_scan, catalog.pending)
     found = sorted(catalog.rows, key=lambda row: row["repo_id"].lower())
     return {"models": [index.model_object(row) for row in found], "count": len(found),
-            "pending": sum(index.is_pending(row) for row in found)}
+            "pending": sum(index.is_pending(row) for row in found), "size_bytes": index.disk_total(found)}
 
 
 # ---------------------------------------------------------------- jobs
@@ -102,6 +108,22 @@ async def scan(request: Request) -> JSONResponse:
     body = await parse_optional_body(request, ScanRequest)
     outcome = await run_in_threadpool(jobs.enqueue_scan, body.repos, force=body.force)
     return _queued(outcome)
+
+
+def _remove(name: str, force: bool) -> jobs.Enqueued:
+    """`mlxk rm NAME [--force]`: the same resolution, refusals and inline rm job as the CLI."""
+    outcome = jobs.remove(jobs.resolve_removal(name, force=force))
+    error = jobs.outcome_error(outcome.job)
+    if error is not None:
+        raise error
+    return outcome
+
+
+@router.post("/api/jobs/rm", openapi_extra=request_body(RemoveRequest), responses=WRITE)
+async def remove(request: Request) -> dict:
+    """Remove a cached model (`NAME@HASH`: one revision). rm runs at once: 200 with the finished job."""
+    body = await parse_body(request, RemoveRequest)
+    return (await run_in_threadpool(_remove, body.model.strip(), body.force)).job
 
 
 @router.post("/api/jobs/{job_id}/cancel", openapi_extra=request_body(CancelRequest, required=False),

@@ -2,26 +2,52 @@
 `mlxk ps` and `mlxk stop` call."""
 from __future__ import annotations
 
+import logging
+import sqlite3
 import time
+from contextlib import closing
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
 
-from mlxk import __version__, names
-from mlxk.errors import ModelNotFound
+from mlxk import __version__, jobs, names
+from mlxk.errors import MlxkError, ModelNotFound
 from mlxk.server.deps import ServerState, State, parse_optional_body, require_api_key
 from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, error_responses, request_body
 from mlxk.workers.inference import protocol
+
+log = logging.getLogger("mlxk.server.ops")
 
 health_router = APIRouter()
 router = APIRouter(dependencies=[Depends(require_api_key)], responses=error_responses(*READ_ERRORS))
 
 
+async def _inference_state(state: ServerState) -> dict:
+    """The inference worker as it is: one that someone else runs (honcho's `inference` line) is `ready` from the
+    start, not `stopped` until this api first needs it. A ping of the socket when none is known finds it."""
+    if state.supervisor.state()["state"] == "stopped":
+        await state.supervisor.call({"op": protocol.OP_PING}, start=False)
+    return state.supervisor.state()
+
+
+def _job_workers() -> dict:
+    """The job workers whose heartbeat is fresh (any host); none means one starts when a job is queued."""
+    try:
+        with closing(jobs.connect()) as conn:
+            count = len(jobs.live_workers(conn))
+    except (sqlite3.Error, MlxkError) as error:   # /health still answers; it says what it could not read
+        log.warning("could not read the job workers from state.db: %s", error)
+        return {"state": "unknown", "count": None}
+    return {"state": "running" if count else "stopped", "count": count}
+
+
 @health_router.get("/health", responses=error_responses(421))
 async def health(state: State) -> dict:
     idle = 0.0 if state.active_requests else time.monotonic() - state.last_activity
-    return {"status": "ok", "version": __version__, "worker": state.supervisor.state(), "idle_s": round(idle, 1),
+    return {"status": "ok", "version": __version__, "worker": await _inference_state(state),
+            "job_workers": await run_in_threadpool(_job_workers), "idle_s": round(idle, 1),
             "idle_exit_s": state.config.idle_exit_s}
 
 

@@ -7,6 +7,9 @@ const KEY_STORAGE = "mlxk.apiKey";
 const ACTIVE_POLL_MS = 1000;   // while a job is queued or running
 const IDLE_POLL_MS = 5000;     // otherwise, so jobs started from the CLI show up too
 const ACTIVE_STATES = new Set(["queued", "running"]);
+const STATUS_POLL_MS = 5000;   // the header (server, inference worker, job workers) and the loaded models
+const CONFIRM_MS = 4000;       // how long a "Remove?" button waits for its second click
+const WIDE = window.matchMedia("(min-width: 1000px)");   // the chat beside the other panels (style.css)
 
 const $ = (id) => document.getElementById(id);
 
@@ -63,12 +66,17 @@ function authHeaders(extra = {}) {
   return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
 }
 
-async function errorMessage(response) {
+// The server's error as {message, code}: OpenAI's shape {"error": {"message", "type", "code"}}.
+async function errorOf(response) {
   try {
     const body = await response.json();
-    if (body && body.error && body.error.message) return body.error.message;
+    if (body && body.error && body.error.message) return { message: body.error.message, code: body.error.code };
   } catch (_) { /* not JSON */ }
-  return `HTTP ${response.status} ${response.statusText}`;
+  return { message: `HTTP ${response.status} ${response.statusText}`, code: null };
+}
+
+async function errorMessage(response) {
+  return (await errorOf(response)).message;
 }
 
 // Fetch JSON from the server; a 401 opens the API key form and raises AuthNeeded.
@@ -100,23 +108,57 @@ function keyAccepted() {
 // ------------------------------------------------------------------ models
 
 function runtimeCell(model) {
-  if (model.health !== "healthy") return ["no", "runtime-no", model.reason || "integrity check failed"];
-  if (model.runtime_compatible === true) return ["yes", "runtime-yes", ""];
-  if (model.runtime_compatible === false) return ["no", "runtime-no", model.reason || ""];
-  return ["pending", "runtime-pending", "the job worker checks it in the background"];
+  if (model.health !== "healthy") return ["no", "runtime-no", "", "integrity check failed"];
+  if (model.runtime_compatible === true) return ["yes", "runtime-yes", "", ""];
+  if (model.runtime_compatible === false) return ["no", "runtime-no", model.reason || "", ""];
+  return ["pending", "runtime-pending", "", "the job worker checks it in the background"];
+}
+
+// A cell with a word and, under it, the reason in full (an unhealthy model says why, not only "unhealthy").
+function verdictCell(className, label, word, reason, title = "") {
+  const td = el("td", { className, dataset: { label } }, [el("span", { className: "word", text: word })]);
+  if (reason) td.append(el("div", { className: "reason", text: reason }));
+  if (title) td.title = title;
+  return td;
+}
+
+// Two clicks remove: the first turns the button into "Remove?", the second (within CONFIRM_MS) removes.
+function removeButton(name) {
+  const button = el("button", { type: "button", className: "small danger remove", text: "Remove",
+                                title: `mlxk rm ${name}` });
+  let timer = null;
+  button.addEventListener("click", () => {
+    if (!button.classList.contains("confirm")) {
+      button.classList.add("confirm");
+      button.textContent = "Remove?";
+      timer = setTimeout(() => { button.classList.remove("confirm"); button.textContent = "Remove"; }, CONFIRM_MS);
+      return;
+    }
+    clearTimeout(timer);
+    removeModel(name, button);
+  });
+  return button;
 }
 
 function modelRow(model) {
-  const [runtime, runtimeClass, why] = runtimeCell(model);
-  const runtimeTd = el("td", { className: runtimeClass, text: runtime });
-  if (why) runtimeTd.title = why;
+  const [runtime, runtimeClass, runtimeReason, runtimeTitle] = runtimeCell(model);
+  const unhealthy = model.health !== "healthy";
+  const scan = el("button", { type: "button", className: "small scan", text: "Check",
+                              title: `mlxk health ${model.name}: check it again now` });
+  scan.addEventListener("click", () => scanModels([model.name], scan));
   return el("tr", { dataset: { name: model.name } }, [
     el("td", { className: "name", text: model.name }),
     el("td", { className: "num", text: humanSize(model.size_bytes) }),
-    el("td", { text: `${model.model_type || "-"} · ${model.framework || "-"}` }),
-    el("td", { className: `health-${model.health}`, text: model.health || "-", title: model.reason || "" }),
-    runtimeTd,
+    el("td", { className: "kind", text: `${model.model_type || "-"} · ${model.framework || "-"}` }),
+    verdictCell(`health health-${model.health}`, "", model.health || "-", unhealthy ? model.reason : ""),
+    verdictCell(`runtime ${runtimeClass}`, "runtime", runtime, runtimeReason, runtimeTitle),
+    el("td", { className: "actions" }, [scan, removeButton(model.name)]),
   ]);
+}
+
+function modelsNote(text) {
+  $("models-note").textContent = text || "";
+  $("models-note").hidden = !text;
 }
 
 async function refreshModels() {
@@ -125,14 +167,89 @@ async function refreshModels() {
     const tbody = $("models").tBodies[0];
     tbody.replaceChildren(...data.models.map(modelRow));
     $("models-empty").hidden = data.models.length > 0;
-    const pending = data.pending ? `, ${data.pending} pending` : "";
-    $("models-summary").textContent = `${data.count} cached${pending}`;
+    const pending = data.pending ? `, ${data.pending} pending a check` : "";
+    $("models-summary").textContent = `${data.count} cached, ${humanSize(data.size_bytes)} on disk${pending}`;
+    $("tab-models-count").textContent = String(data.count);
     showError("models-error", "");
     keyAccepted();
   } catch (error) {
     if (!(error instanceof AuthNeeded)) showError("models-error", `Could not list models: ${error.message}`);
   }
   await refreshChatModels();
+}
+
+async function scanModels(repos, button) {
+  button.disabled = true;
+  try {
+    const job = await api("/api/jobs/scan", { method: "POST", body: repos ? { repos, force: true } : { force: true } });
+    modelsNote(`Health check queued as job ${job.id.slice(0, 8)}${repos ? ` for ${repos.join(", ")}` : ""}; `
+               + "the table updates when it ends.");
+    showError("models-error", "");
+  } catch (error) {
+    if (!(error instanceof AuthNeeded)) showError("models-error", `Could not queue a health check: ${error.message}`);
+  } finally {
+    button.disabled = false;
+  }
+  refreshJobs();
+}
+
+// The same rm job as `mlxk rm NAME`: it runs at once, so the answer is the finished job (or why it was refused).
+async function removeModel(name, button) {
+  button.disabled = true;
+  try {
+    const job = await api("/api/jobs/rm", { method: "POST", body: { model: name } });
+    modelsNote(`Removed ${name} (rm job ${job.id.slice(0, 8)}).`);
+    showError("models-error", "");
+  } catch (error) {
+    if (!(error instanceof AuthNeeded)) showError("models-error", `Could not remove ${name}: ${error.message}`);
+    button.disabled = false;
+  }
+  refreshModels();
+  refreshJobs();
+}
+
+// ------------------------------------------------------------------ loaded models (`mlxk ps`, `mlxk stop`)
+
+function loadedRow(model) {
+  const unload = el("button", { type: "button", className: "small unload", text: "Unload",
+                                title: `mlxk stop ${model.name}` });
+  unload.addEventListener("click", () => unloadModel(model.name, unload));
+  const expires = model.expires_in_s === null || model.expires_in_s === undefined
+    ? "-" : humanDuration(model.expires_in_s);
+  return el("tr", { dataset: { name: model.name } }, [
+    el("td", { className: "name", text: model.name }),
+    el("td", { className: "num", dataset: { label: "memory" }, text: humanSize(model.memory_bytes) }),
+    el("td", { className: "num", dataset: { label: "unloads in" },
+               text: model.running ? `${expires} (${model.running} running)` : expires }),
+    el("td", { className: "actions" }, [unload]),
+  ]);
+}
+
+async function refreshLoaded() {
+  try {
+    const data = await api("/api/ps");
+    $("loaded").tBodies[0].replaceChildren(...data.models.map(loadedRow));
+    $("loaded").hidden = data.models.length === 0;
+    $("loaded-empty").hidden = data.models.length > 0;
+    showError("loaded-error", "");
+    showInference(data.worker);
+  } catch (error) {
+    if (error instanceof AuthNeeded) return false;
+    showError("loaded-error", `Could not list loaded models: ${error.message}`);
+  }
+  return true;
+}
+
+async function unloadModel(name, button) {
+  button.disabled = true;
+  try {
+    await api("/api/stop", { method: "POST", body: { model: name } });
+    showError("loaded-error", "");
+  } catch (error) {
+    if (!(error instanceof AuthNeeded)) showError("loaded-error", `Could not unload ${name}: ${error.message}`);
+    button.disabled = false;
+  }
+  refreshLoaded();
 }
 
 // ------------------------------------------------------------------ jobs
@@ -152,7 +269,7 @@ function progressText(job) {
 }
 
 function progressCell(job) {
-  const td = el("td", { className: "progress" });
+  const td = el("td", { className: "progress wide" });
   const percent = job.progress ? job.progress.percent : null;
   if (percent !== null && percent !== undefined) {
     td.append(el("progress", { max: "100", value: String(percent) }));
@@ -183,12 +300,12 @@ function jobMessage(job) {
 // Rows are kept per job id and updated in place, so a button is not replaced under the pointer every second.
 function updateJobRow(tr, job) {
   const cells = [
-    el("td", { text: job.id.slice(0, 8), title: job.id }),
-    el("td", { text: job.kind }),
+    el("td", { className: "id", text: job.id.slice(0, 8), title: job.id }),
+    el("td", { className: "kind", text: job.kind }),
     el("td", { className: "name", text: job.target }),
     el("td", { className: `state state-${job.state}`, text: job.state }),
     progressCell(job),
-    el("td", { className: "message", text: jobMessage(job) }),
+    el("td", { className: "message wide", text: jobMessage(job) }),
   ];
   const actions = tr.dataset.state === job.state && tr.cells.length === 7 ? tr.cells[6] : actionCell(job);
   tr.replaceChildren(...cells, actions);
@@ -218,6 +335,9 @@ async function refreshJobs() {
     const nowActive = new Set(data.jobs.filter((job) => ACTIVE_STATES.has(job.state)).map((job) => job.id));
     const ended = [...activeJobIds].some((id) => !nowActive.has(id));
     activeJobIds = nowActive;
+    const badge = $("tab-jobs-active");
+    badge.textContent = nowActive.size ? `${nowActive.size} active` : "";
+    badge.classList.toggle("active", nowActive.size > 0);
     if (ended) refreshModels();   // a pull, rm or scan changed what is cached or runnable
     if (nowActive.size) next = ACTIVE_POLL_MS;
   } catch (error) {
@@ -259,7 +379,11 @@ async function pull(event) {
 
 // ------------------------------------------------------------------ chat
 
-const conversation = [];        // the conversation sent with every request: {role, content}
+// The conversation: {role, content, node} (node: its bubble). Messages before `sentFrom` no longer fit the model's
+// context: they stay on screen, faded, and are not sent.
+const conversation = [];
+let sentFrom = 0;
+let trimNoticeShown = false;   // the page says once per conversation that old turns are left out
 let controller = null;       // AbortController of the reply in flight
 
 async function refreshChatModels() {
@@ -299,6 +423,64 @@ function addMessage(role, text) {
   return { node, content };
 }
 
+function sentMessages(from) {
+  return conversation.slice(from).map(({ role, content }) => ({ role, content }));
+}
+
+// Where the next shorter history starts: the user message after the oldest one sent (a history must start with a
+// user message); null when only the newest message is left.
+function nextStart(from) {
+  for (let i = from + 1; i < conversation.length; i += 1) {
+    if (conversation[i].role === "user") return i;
+  }
+  return null;
+}
+
+// The history no longer fits: fade what is left out from now on, and say so once per conversation.
+function leaveOut(from, limitMessage) {
+  for (const message of conversation.slice(sentFrom, from)) {
+    if (message.node) message.node.classList.add("dropped");
+  }
+  sentFrom = from;
+  if (trimNoticeShown) return;
+  trimNoticeShown = true;
+  const limit = /maximum context length is (\d+) tokens/.exec(limitMessage || "");
+  const context = limit ? ` (${limit[1]} tokens)` : "";
+  const notice = el("p", { className: "notice", role: "status",
+                           text: `The conversation no longer fits the model's context${context}: the oldest turns `
+                                 + "are left out from now on (shown faded). New conversation starts afresh." });
+  const last = conversation[conversation.length - 1];
+  $("chat-log").insertBefore(notice, last && last.node ? last.node : null);
+}
+
+// POST the chat; while the server answers 400 context_length_exceeded, leave out the oldest turn and ask again.
+async function requestReply(model, signal) {
+  let from = sentFrom;
+  let limitMessage = "";
+  for (;;) {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: authHeaders({ "Content-Type": "application/json" }),
+      body: JSON.stringify({ model, messages: sentMessages(from), stream: true,
+                             stream_options: { include_usage: true } }),
+      signal,
+    });
+    if (response.ok) {
+      if (from !== sentFrom) leaveOut(from, limitMessage);
+      return response;
+    }
+    const error = await errorOf(response);
+    if (response.status === 401) askForKey(error.message);
+    const shorter = error.code === "context_length_exceeded" ? nextStart(from) : null;
+    if (shorter === null) {
+      const alone = error.code === "context_length_exceeded" && from > sentFrom;
+      throw new Error(alone ? `your message alone is too long for this model: ${error.message}` : error.message);
+    }
+    limitMessage = error.message;
+    from = shorter;
+  }
+}
+
 function scrollChat() {
   const log = $("chat-log");
   log.scrollTop = log.scrollHeight;
@@ -316,6 +498,7 @@ function assistantBubble(model) {
   const note = el("div", { className: "note" });
   node.append(note);
   return {
+    node,
     text: "",
     addContent(piece) { this.text += piece; content.textContent = this.text; scrollChat(); },
     addReasoning(piece) { details.hidden = false; reasoning.textContent += piece; },
@@ -352,8 +535,7 @@ async function send(event) {
   if (!text || !model || controller) return;
   showError("chat-error", "");
   input.value = "";
-  conversation.push({ role: "user", content: text });
-  addMessage("user", text);
+  conversation.push({ role: "user", content: text, node: addMessage("user", text).node });
   const bubble = assistantBubble(model);
   controller = new AbortController();
   updateChatButtons();
@@ -361,14 +543,7 @@ async function send(event) {
   let finish = null;
   let usage = null;
   try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers: authHeaders({ "Content-Type": "application/json" }),
-      body: JSON.stringify({ model, messages: conversation, stream: true, stream_options: { include_usage: true } }),
-      signal: controller.signal,
-    });
-    if (response.status === 401) askForKey(await errorMessage(response));
-    if (!response.ok) throw new Error(await errorMessage(response));
+    const response = await requestReply(model, controller.signal);
     for await (const data of sseEvents(response.body)) {
       if (data === "[DONE]") break;
       const chunk = JSON.parse(data);
@@ -381,14 +556,14 @@ async function send(event) {
         if (choice.finish_reason) finish = choice.finish_reason;
       }
     }
-    conversation.push({ role: "assistant", content: bubble.text });
+    conversation.push({ role: "assistant", content: bubble.text, node: bubble.node });
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
     const tokens = usage ? `${usage.completion_tokens} tokens, ` : "";
     bubble.setNote(`${tokens}${seconds}s${finish === "length" ? " · stopped at the token limit" : ""}`);
   } catch (error) {
     if (error.name === "AbortError") {
       // Keep what arrived: the next turn continues from the partial answer the user saw.
-      if (bubble.text) conversation.push({ role: "assistant", content: bubble.text });
+      if (bubble.text) conversation.push({ role: "assistant", content: bubble.text, node: bubble.node });
       else conversation.pop();
       bubble.setNote("stopped");
     } else {
@@ -399,7 +574,7 @@ async function send(event) {
   } finally {
     controller = null;
     updateChatButtons();
-    showServer();   // the first request starts the inference worker
+    refreshStatus();   // the first request starts the inference worker and loads the model
   }
 }
 
@@ -410,26 +585,89 @@ function stop() {
 function clearChat() {
   stop();
   conversation.length = 0;
+  sentFrom = 0;
+  trimNoticeShown = false;
   $("chat-log").replaceChildren();
   showError("chat-error", "");
 }
 
 // ------------------------------------------------------------------ wiring
 
+function pill(id, text, tone, state, title = "") {
+  const node = $(id);
+  node.textContent = text;
+  node.className = `pill ${tone}`;
+  node.dataset.state = state;
+  node.title = title || text;
+  node.hidden = false;
+}
+
+// /health's `worker`: the supervisor's view of the inference worker (one honcho runs counts as ready).
+function showInference(worker) {
+  if (!worker || !worker.state) return;
+  const pid = worker.pid ? ` (pid ${worker.pid})` : "";
+  const texts = {
+    ready: [`inference worker ready${pid}`, "good"],
+    starting: [`inference worker starting${pid}`, "warn"],
+    unresponsive: [`inference worker not answering for ${Math.round(worker.silent_s || 0)}s`, "bad"],
+    stopped: worker.managed
+      ? ["inference worker not started (the first chat starts it)", ""]
+      : ["inference worker not running (start `python -m mlxk.workers.inference`)", "bad"],
+  };
+  const [text, tone] = texts[worker.state] || [`inference worker ${worker.state}`, ""];
+  pill("status-inference", text, tone, worker.state);
+}
+
+// /health's `job_workers`: the Huey consumers with a fresh heartbeat (any host).
+function showJobWorkers(workers) {
+  if (!workers || !workers.state) return;
+  const texts = {
+    running: [workers.count > 1 ? `${workers.count} job workers running` : "job worker running", "good"],
+    stopped: ["no job worker (one starts when a job is queued)", ""],
+    unknown: ["job workers unknown (state.db unreadable)", "warn"],
+  };
+  const [text, tone] = texts[workers.state] || [`job worker ${workers.state}`, ""];
+  pill("status-jobs", text, tone, workers.state);
+}
+
 async function showServer() {
   try {
     const response = await fetch("/health");
     const body = await response.json();
-    const worker = body.worker && body.worker.state ? `, inference worker ${body.worker.state}` : "";
-    $("server-status").textContent = `v${body.version}${worker}`;
+    pill("status-server", `mlxk v${body.version}`, "good", "ok");
+    showInference(body.worker);
+    showJobWorkers(body.job_workers);
   } catch (_) {
-    $("server-status").textContent = "server unreachable";
+    pill("status-server", "server unreachable", "bad", "unreachable");
+    $("status-inference").hidden = true;
+    $("status-jobs").hidden = true;
+  }
+}
+
+let statusTimer = null;
+
+async function refreshStatus() {
+  clearTimeout(statusTimer);
+  await showServer();
+  if (!(await refreshLoaded())) return;   // the loaded models need the key; polling goes on once it is given
+  clearTimeout(statusTimer);
+  statusTimer = setTimeout(refreshStatus, STATUS_POLL_MS);
+}
+
+// ------------------------------------------------------------------ tabs
+
+function selectTab(name) {
+  if (WIDE.matches && name === "chat") name = "models";   // the chat is always shown beside the others
+  $("main").dataset.tab = name;
+  for (const tab of document.querySelectorAll("#tabs [role=tab]")) {
+    tab.setAttribute("aria-selected", String(tab.dataset.tab === name));
   }
 }
 
 function loadAll() {
   refreshModels();
   refreshJobs();
+  refreshStatus();
 }
 
 function init() {
@@ -445,7 +683,13 @@ function init() {
     sessionStorage.removeItem(KEY_STORAGE);
     loadAll();
   });
-  $("models-refresh").addEventListener("click", refreshModels);
+  $("models-refresh").addEventListener("click", () => { refreshModels(); refreshLoaded(); });
+  $("models-scan").addEventListener("click", () => scanModels(null, $("models-scan")));
+  for (const tab of document.querySelectorAll("#tabs [role=tab]")) {
+    tab.addEventListener("click", () => selectTab(tab.dataset.tab));
+  }
+  WIDE.addEventListener("change", () => selectTab($("main").dataset.tab));
+  selectTab("chat");
   $("jobs-all").addEventListener("change", refreshJobs);
   $("pull-form").addEventListener("submit", pull);
   $("chat-form").addEventListener("submit", send);
@@ -458,7 +702,6 @@ function init() {
       $("chat-form").requestSubmit();
     }
   });
-  showServer();
   loadAll();
 }
 
