@@ -93,3 +93,22 @@ def openai_error_body(error: MlxkError) -> dict:
     if getattr(error, "retryable", False):
         body["retryable"] = True
     return {"error": body}
+
+
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error_type(status: int) -> str:
+    """Anthropic's error `type` for a status (its errors doc; other 4xx are invalid requests, other 5xx api errors)."""
+    return ANTHROPIC_ERROR_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+
+
+def anthropic_error_body(error: MlxkError, request_id: str = "") -> dict:
+    """Anthropic's error shape; mlxk's stable type string rides along as `error.code`."""
+    inner = {"type": anthropic_error_type(error.http_status), "message": error.message, "code": error.type}
+    body = {"type": "error", "error": inner}
+    if request_id:
+        body["request_id"] = request_id
+    return body

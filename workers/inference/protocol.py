@@ -48,6 +48,7 @@ Events of a generate request, in order
         "type": "function", "function": {"name", "arguments"}}]}
         zero or more; only the keys that carry something are present.
     {"event": "done", "finish_reason": "stop" | "length" | "tool_calls",
+     "stop_sequence"?: str (present when a request stop string ended the text: the one that matched),
      "usage": {"prompt_tokens", "completion_tokens", "total_tokens",
                "prompt_tokens_details": {"cached_tokens"}},
      "timings": {"ttft_s", "decode_tokens_per_s"}}
