@@ -206,3 +206,11 @@ def test_openai_routes_keep_openai_errors(server):
     with server.http() as http:
         r = http.post("/v1/chat/completions", json={"model": "no-such-model", "messages": HI})
     assert r.status_code == 404 and "type" not in r.json() and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_models_list_reads_in_both_sdks(client, server):
+    page = client.models.list()
+    assert SCRIPTED_ID in [m.id for m in page.data] and page.has_more is False
+    one = client.models.retrieve(SCRIPTED_ID)
+    assert (one.type, one.display_name) == ("model", SCRIPTED_ID) and one.created_at.year > 1970
+    assert SCRIPTED_ID in [m.id for m in server.openai().models.list().data]

@@ -32,11 +32,13 @@ from mlxk.server.deps import RequestId, State, parse_body, require_api_key
 from mlxk.server.errors import InvalidRequest, anthropic_error_type
 from mlxk.server.generation import SSE_HEADERS, Run, count_prompt_tokens, error_status, naming, open_run, \
     resolve, respond
+from mlxk.server.openai_types import WRITE_ERRORS, AnthropicErrorResponse, error_responses, request_body
 from mlxk.workers.inference import protocol
 
 log = logging.getLogger("mlxk.server.anthropic")
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(dependencies=[Depends(require_api_key)],
+                   responses=error_responses(*WRITE_ERRORS, 503, model=AnthropicErrorResponse))
 
 PATH = "/v1/messages"
 ATTRIBUTION_PREFIX = "x-anthropic-billing-header:"
@@ -83,7 +85,8 @@ def _text_of(content: Any, where: str) -> str:
     parts = []
     for j, block in enumerate(content):
         if not isinstance(block, dict):
-            raise InvalidRequest(f"{where}[{j}]: a content block must be an object with a 'type'", param=f"{where}[{j}]")
+            raise InvalidRequest(f"{where}[{j}]: a content block must be an object with a 'type'",
+                                 param=f"{where}[{j}]")
         if block.get("type") == "text":
             parts.append(str(block.get("text") or ""))
         elif block.get("type") == "image":
@@ -341,7 +344,7 @@ async def _stream(run: Run, reply: Reply) -> AsyncIterator[bytes]:
 # ---------------------------------------------------------------- routes
 
 
-@router.post(PATH)
+@router.post(PATH, openapi_extra=request_body(MessagesRequest))
 @router.post(PATH + "/", include_in_schema=False)
 async def messages(request: Request, state: State, rid: RequestId):
     started = time.perf_counter()
@@ -361,7 +364,7 @@ async def messages(request: Request, state: State, rid: RequestId):
         return await respond(request, run, exchange())
 
 
-@router.post(PATH + "/count_tokens")
+@router.post(PATH + "/count_tokens", openapi_extra=request_body(CountTokensRequest))
 async def count_tokens(request: Request, state: State, rid: RequestId) -> dict:
     body = await parse_body(request, CountTokensRequest)
     messages, params = chat_messages(body), worker_params(body)

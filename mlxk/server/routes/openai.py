@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from mlxk import __version__
 from mlxk.errors import MlxkError
-from mlxk.clock import parse_iso
+from mlxk.clock import iso_utc, parse_iso
 from mlxk.server import catalog
 from mlxk.server.deps import Model, RequestId, State, ServerState, check_supported, parse_body, require_api_key
 from mlxk.server.errors import InvalidRequest, openai_error_body
@@ -50,17 +50,21 @@ router = APIRouter(dependencies=[Depends(require_api_key)], responses=error_resp
 
 
 def _model_object(row: dict) -> dict:
-    created = parse_iso(row.get("last_modified"))
-    return {"id": row["repo_id"], "object": "model", "created": int(created or 0),
-            "owned_by": row["repo_id"].split("/")[0],
-            "context_length": row.get("context_length")}  # extra field, as LM Studio and OpenRouter name it
+    """OpenAI's model object, plus the fields of Anthropic's (type, display_name, created_at), so both SDKs'
+    models.list() read the one route."""
+    created = int(parse_iso(row.get("last_modified")) or 0)
+    return {"id": row["repo_id"], "object": "model", "created": created, "owned_by": row["repo_id"].split("/")[0],
+            "context_length": row.get("context_length"),  # extra field, as LM Studio and OpenRouter name it
+            "type": "model", "display_name": row["repo_id"], "created_at": iso_utc(created)}
 
 
 @router.get("/v1/models")
 @router.get("/v1/models/", include_in_schema=False)
 async def list_models(state: State) -> dict:
-    rows = catalog.runnable(await state.model_rows())
-    return {"object": "list", "data": [_model_object(row) for row in rows]}
+    """Every runnable model in one page: `has_more: false` (with first_id, last_id) ends Anthropic's pager."""
+    data = [_model_object(row) for row in catalog.runnable(await state.model_rows())]
+    return {"object": "list", "data": data, "has_more": False,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 
 @router.get("/v1/models/{model_id:path}")

@@ -38,11 +38,12 @@ from mlxk.errors import MlxkError, ResponseNotFound
 from mlxk.server.deps import RequestId, ServerState, State, parse_body, require_api_key
 from mlxk.server.errors import InvalidRequest
 from mlxk.server.generation import SSE_HEADERS, Run, error_status, naming, open_run, resolve, respond
+from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, error_responses, request_body
 from mlxk.workers.inference import protocol
 
 log = logging.getLogger("mlxk.server.responses")
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(dependencies=[Depends(require_api_key)], responses=error_responses(*READ_ERRORS))
 
 
 class ResponsesRequest(BaseModel):
@@ -138,6 +139,9 @@ def chat_tools(body: ResponsesRequest) -> tuple[list | None, Any]:
                                                "parameters": t.get("parameters") or {"type": "object"}}}
              for t in body.tools or () if t.get("type") == "function" and isinstance(t.get("name"), str)]
     choice = body.tool_choice
+    if isinstance(choice, str) and choice not in ("none", "auto", "required"):
+        raise InvalidRequest(f"tool_choice {choice!r} must be 'none', 'auto', 'required' or an object",
+                             param="tool_choice")
     if isinstance(choice, dict):
         if choice.get("type") == "function":
             choice = {"type": "function", "function": {"name": choice.get("name")}}
@@ -374,7 +378,8 @@ async def _stream(run: Run, reply: Reply, state: ServerState) -> AsyncIterator[b
 # ---------------------------------------------------------------- routes
 
 
-@router.post("/v1/responses")
+@router.post("/v1/responses", openapi_extra=request_body(ResponsesRequest),
+             responses=error_responses(*WRITE_ERRORS, 503))
 @router.post("/v1/responses/", include_in_schema=False)
 async def create_response(request: Request, state: State, rid: RequestId):
     started = time.perf_counter()
