@@ -3,12 +3,14 @@ inference worker on tiny scripted models (tests/fixtures/server.py, tests/factor
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import anthropic
 import httpx
 import pytest
 
-from tests.fixtures.server import API_KEY, SCRIPTED_ID, SCRIPTED_REPLY, spawn_server
+from tests.fixtures.server import API_KEY, RANDOM_ID, SCRIPTED_ID, SCRIPTED_REPLY, spawn_server
 
 THINKER_ID = "mlx-community/tiny-thinker"
 CALLER_ID = "mlx-community/tiny-tool-caller"
@@ -17,6 +19,7 @@ MODELS = {
     SCRIPTED_ID: {"reply": SCRIPTED_REPLY},
     CALLER_ID: {"tools": True, "reply": CALL_REPLY},
     THINKER_ID: {"reasoning": True, "reply": "Hm.</think>Hello world!"},
+    RANDOM_ID: {},   # never stops by itself
 }
 HI = [{"role": "user", "content": "hi"}]
 F_TOOL = [{"name": "f", "description": "answers", "input_schema": {"type": "object", "properties": {}}}]
@@ -214,3 +217,19 @@ def test_models_list_reads_in_both_sdks(client, server):
     one = client.models.retrieve(SCRIPTED_ID)
     assert (one.type, one.display_name) == ("model", SCRIPTED_ID) and one.created_at.year > 1970
     assert SCRIPTED_ID in [m.id for m in server.openai().models.list().data]
+
+
+def test_worker_dying_mid_stream_is_an_error_event(server, client):
+    client.messages.create(model=RANDOM_ID, max_tokens=1, messages=HI)   # loaded, so the kill lands mid-stream
+    pid = server.health()["worker"]["pid"]
+    received = 0
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        with client.messages.stream(model=RANDOM_ID, max_tokens=2000, messages=HI) as stream:
+            for _ in stream.text_stream:
+                received += 1
+                if received == 1:
+                    os.kill(pid, signal.SIGKILL)
+    assert received < 2000
+    error = raised.value.body["error"]
+    assert error["type"] == "overloaded_error" and "restart" in error["message"]
+    assert client.messages.create(model=SCRIPTED_ID, max_tokens=64, messages=HI).content[0].text == SCRIPTED_REPLY

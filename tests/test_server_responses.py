@@ -3,11 +3,13 @@ inference worker on tiny scripted models; stored responses live in state.db and 
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import openai
 import pytest
 
-from tests.fixtures.server import API_KEY, SCRIPTED_ID, SCRIPTED_REPLY, spawn_server
+from tests.fixtures.server import API_KEY, RANDOM_ID, SCRIPTED_ID, SCRIPTED_REPLY, spawn_server
 
 THINKER_ID = "mlx-community/tiny-thinker"
 CALLER_ID = "mlx-community/tiny-tool-caller"
@@ -16,6 +18,7 @@ MODELS = {
     SCRIPTED_ID: {"reply": SCRIPTED_REPLY},
     CALLER_ID: {"tools": True, "reply": CALL_REPLY},
     THINKER_ID: {"reasoning": True, "reply": "Hm.</think>Hello world!"},
+    RANDOM_ID: {},   # never stops by itself
 }
 F_TOOL = [{"type": "function", "name": "f", "description": "answers", "strict": False,
            "parameters": {"type": "object", "properties": {}}}]
@@ -162,3 +165,17 @@ def test_previous_response_id_survives_a_restart_and_delete_removes_it(tmp_path)
         assert client.responses.retrieve(second.id).previous_response_id == first.id
     finally:
         srv.stop()
+
+
+def test_worker_dying_mid_stream_is_a_response_failed_event(server, client):
+    client.responses.create(model=RANDOM_ID, input="hi", max_output_tokens=1)   # loaded, so the kill lands mid-stream
+    pid = server.health()["worker"]["pid"]
+    events = []
+    for event in client.responses.create(model=RANDOM_ID, input="hi", max_output_tokens=2000, stream=True):
+        events.append(event)
+        if event.type == "response.output_text.delta" and sum(e.type == event.type for e in events) == 1:
+            os.kill(pid, signal.SIGKILL)
+    assert events[-1].type == "response.failed"
+    assert events[-1].response.status == "failed" and events[-1].response.error.code == "worker_restarting"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert client.responses.create(model=SCRIPTED_ID, input="hi").output_text == SCRIPTED_REPLY
