@@ -233,3 +233,14 @@ def test_worker_dying_mid_stream_is_an_error_event(server, client):
     error = raised.value.body["error"]
     assert error["type"] == "overloaded_error" and "restart" in error["message"]
     assert client.messages.create(model=SCRIPTED_ID, max_tokens=64, messages=HI).content[0].text == SCRIPTED_REPLY
+
+
+def test_middleware_refusals_are_in_anthropic_shape_too(server):
+    with server.http() as http:
+        wrong_type = http.post("/v1/messages/count_tokens", content=b"{}", headers={"content-type": "text/plain"})
+        misdirected = http.post("/v1/messages", json={}, headers={"host": "evil.example"})
+    for response, status, kind in ((wrong_type, 415, "invalid_request_error"),
+                                   (misdirected, 421, "invalid_request_error")):
+        assert response.status_code == status
+        body = response.json()
+        assert body["type"] == "error" and body["error"]["type"] == kind and body["error"]["message"]

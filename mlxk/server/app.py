@@ -20,7 +20,7 @@ from mlxk import __version__
 from mlxk.errors import MlxkError
 from mlxk.server import runtime
 from mlxk.server.deps import ServerConfig, ServerState
-from mlxk.server.errors import InternalError, anthropic_error_body, openai_error_body
+from mlxk.server.errors import InternalError, error_body
 from mlxk.server.middleware import BodyLimit, CrossSiteGuard, RequestContext
 from mlxk.server.routes import anthropic, jobs, openai, ops, responses, ui
 from mlxk.server.supervisor import Supervisor
@@ -43,13 +43,6 @@ def _as_mlxk_error(request: Request, error: Exception) -> MlxkError:
     return InternalError(f"internal server error: {type(error).__name__}; see the server log")
 
 
-def _error_body(request: Request, error: MlxkError) -> dict:
-    """The error shape of the dialect the path belongs to: Anthropic's under /v1/messages, else OpenAI's."""
-    if anthropic.owns(request.url.path):
-        return anthropic_error_body(error, getattr(request.state, "request_id", ""))
-    return openai_error_body(error)
-
-
 async def openai_error(request: Request, error: Exception) -> JSONResponse:
     """The one exception handler: every error leaves in its dialect's shape (OpenAI's unless the route is another
     dialect's) with the request id."""
@@ -59,7 +52,7 @@ async def openai_error(request: Request, error: Exception) -> JSONResponse:
         headers.update(error.headers)
     if getattr(mlxk_error, "retryable", False):
         headers["retry-after"] = "1"
-    return JSONResponse(_error_body(request, mlxk_error), status_code=mlxk_error.http_status, headers=headers)
+    return JSONResponse(error_body(request.url.path, mlxk_error, headers["x-request-id"]), status_code=mlxk_error.http_status, headers=headers)
 
 
 async def _keep_job_worker(every_s: float = 3.0) -> None:

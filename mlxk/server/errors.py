@@ -112,3 +112,14 @@ def anthropic_error_body(error: MlxkError, request_id: str = "") -> dict:
     if request_id:
         body["request_id"] = request_id
     return body
+
+
+ANTHROPIC_PATH = "/v1/messages"  # Anthropic's Messages API and everything under it
+
+
+def error_body(path: str, error: MlxkError, request_id: str = "") -> dict:
+    """The error shape of the dialect a path belongs to: Anthropic's under /v1/messages, else OpenAI's (which the
+    Responses API shares). The one choice, for the app's handler and the middleware alike."""
+    if path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/"):
+        return anthropic_error_body(error, request_id)
+    return openai_error_body(error)

@@ -13,7 +13,7 @@ content blocks. Wire facts: ../shared/reference/dialects.md §1.
 - The worker's reasoning becomes thinking blocks, its content text blocks, each tool call a tool_use block; blocks
   are opened and closed one at a time with indexes 0, 1, 2…, which the SDK's accumulator needs.
 - Query strings (`?beta=true`), `anthropic-version`, `anthropic-beta` and unknown body fields are ignored.
-Errors, before or after the 200, are in Anthropic's shape (app.py picks it for these paths).
+Errors, before or after the 200, are in Anthropic's shape (errors.error_body picks it for these paths).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mlxk.errors import MlxkError
 from mlxk.server.deps import RequestId, State, parse_body, require_api_key
-from mlxk.server.errors import InvalidRequest, anthropic_error_type
+from mlxk.server.errors import ANTHROPIC_PATH, InvalidRequest, anthropic_error_type
 from mlxk.server.generation import SSE_HEADERS, Run, count_prompt_tokens, error_status, naming, open_run, \
     resolve, respond
 from mlxk.server.openai_types import WRITE_ERRORS, AnthropicErrorResponse, error_responses, request_body
@@ -40,16 +40,11 @@ log = logging.getLogger("mlxk.server.anthropic")
 router = APIRouter(dependencies=[Depends(require_api_key)],
                    responses=error_responses(*WRITE_ERRORS, 503, model=AnthropicErrorResponse))
 
-PATH = "/v1/messages"
+PATH = ANTHROPIC_PATH
 ATTRIBUTION_PREFIX = "x-anthropic-billing-header:"
 STOP_REASONS = {protocol.FINISH_STOP: "end_turn", protocol.FINISH_LENGTH: "max_tokens",
                 protocol.FINISH_TOOL_CALLS: "tool_use"}
 SIGNATURE = "mlxk"  # thinking blocks need a non-empty opaque signature; any comes back and is accepted
-
-
-def owns(path: str) -> bool:
-    """Whether an error on this path is answered in Anthropic's shape."""
-    return path == PATH or path.startswith(PATH + "/")
 
 
 class CountTokensRequest(BaseModel):
