@@ -244,3 +244,20 @@ def test_middleware_refusals_are_in_anthropic_shape_too(server):
         assert response.status_code == status
         body = response.json()
         assert body["type"] == "error" and body["error"]["type"] == kind and body["error"]["message"]
+
+
+def test_consecutive_turns_of_one_role_are_merged():
+    from mlxk.server.routes.anthropic import CountTokensRequest, chat_messages
+
+    body = CountTokensRequest(model="m", system="s", messages=[
+        {"role": "user", "content": "a"}, {"role": "user", "content": [{"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {"x": 1}}]},
+        {"role": "user", "content": [{"type": "text", "text": "reminder"},
+                                     {"type": "tool_result", "tool_use_id": "t1", "content": "42"}]}])
+    assert chat_messages(body) == [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "a\n\nb"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "t1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+        {"role": "tool", "tool_call_id": "t1", "content": "42"},   # the tool result first, then the user's text
+        {"role": "user", "content": "reminder"}]

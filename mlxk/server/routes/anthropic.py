@@ -146,8 +146,20 @@ def chat_messages(body: CountTokensRequest) -> list[dict]:
         if role == "system":
             messages.append({"role": "system", "content": _text_of(message.get("content"), f"messages[{i}].content")})
         else:
-            messages.extend(_turn(role, message.get("content"), f"messages[{i}]"))
+            for turn in _turn(role, message.get("content"), f"messages[{i}]"):
+                _append_merging(messages, turn)
     return messages
+
+
+def _append_merging(messages: list[dict], turn: dict) -> None:
+    """Consecutive turns of one role are one turn (Anthropic's rule; templates that insist on alternating roles
+    would refuse them otherwise). Tool results and tool calls stay where they are."""
+    last = messages[-1] if messages else None
+    if (last and last["role"] == turn["role"] and turn["role"] in ("user", "assistant")
+            and not last.get("tool_calls") and not turn.get("tool_calls")):
+        last["content"] = "\n\n".join(part for part in (last["content"], turn["content"]) if part)
+    else:
+        messages.append(turn)
 
 
 def chat_tools(body: CountTokensRequest) -> tuple[list | None, Any]:
