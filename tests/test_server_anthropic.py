@@ -261,3 +261,12 @@ def test_consecutive_turns_of_one_role_are_merged():
             {"id": "t1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
         {"role": "tool", "tool_call_id": "t1", "content": "42"},   # the tool result first, then the user's text
         {"role": "user", "content": "reminder"}]
+
+
+def test_thinking_disabled_reaches_the_template_and_enabled_is_tolerated(client):
+    default = client.messages.count_tokens(model=THINKER_ID, messages=HI)
+    disabled = client.messages.count_tokens(model=THINKER_ID, messages=HI, thinking={"type": "disabled"})
+    assert disabled.input_tokens > default.input_tokens   # the template's empty think block
+    reply = client.messages.create(model=SCRIPTED_ID, max_tokens=64, messages=HI,   # not a thinking model: no 400
+                                   thinking={"type": "enabled", "budget_tokens": 1024})
+    assert reply.content[0].text == SCRIPTED_REPLY

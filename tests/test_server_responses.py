@@ -179,3 +179,11 @@ def test_worker_dying_mid_stream_is_a_response_failed_event(server, client):
     assert events[-1].response.status == "failed" and events[-1].response.error.code == "worker_restarting"
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert client.responses.create(model=SCRIPTED_ID, input="hi").output_text == SCRIPTED_REPLY
+
+
+def test_reasoning_effort_none_turns_thinking_off(client):
+    default = client.responses.create(model=THINKER_ID, input="hi", max_output_tokens=1, store=False)
+    off = client.responses.create(model=THINKER_ID, input="hi", max_output_tokens=1, store=False,
+                                  reasoning={"effort": "none"})
+    assert off.usage.input_tokens > default.usage.input_tokens   # the template's empty think block
+    assert off.reasoning.effort == "none"
