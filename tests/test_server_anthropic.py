@@ -7,7 +7,6 @@ import os
 import signal
 
 import anthropic
-import httpx
 import pytest
 
 from tests.fixtures.server import API_KEY, RANDOM_ID, SCRIPTED_ID, SCRIPTED_REPLY, spawn_server
