@@ -187,3 +187,22 @@ def test_reasoning_effort_none_turns_thinking_off(client):
                                   reasoning={"effort": "none"})
     assert off.usage.input_tokens > default.usage.input_tokens   # the template's empty think block
     assert off.reasoning.effort == "none"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (None, None),
+    ({"format": {"type": "text"}}, None),
+    ({"format": {"type": "json_object"}}, {"type": "json_object"}),
+    ({"format": {"type": "json_schema", "name": "a", "schema": {"type": "object"}, "strict": True}},
+     {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}, "strict": True}}),
+])
+def test_text_format_becomes_the_chat_routes_response_format(text, expected):
+    from mlxk.server.routes.responses import response_format
+
+    assert response_format(text) == expected
+
+
+def test_unknown_text_format_is_a_400_naming_it(client):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.responses.create(model=SCRIPTED_ID, input="hi", text={"format": {"type": "yaml"}})
+    assert raised.value.param == "text.format.type" and "json_schema" in raised.value.message

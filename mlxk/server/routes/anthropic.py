@@ -12,6 +12,8 @@ content blocks. Wire facts: ../shared/reference/dialects.md §1.
   refused with a 400 naming it.
 - The worker's reasoning becomes thinking blocks, its content text blocks, each tool call a tool_use block; blocks
   are opened and closed one at a time with indexes 0, 1, 2…, which the SDK's accumulator needs.
+- tool_choice (any → required, tool → named) and `output_config.format` (→ response_format) travel in the worker
+  fields the chat route fills, so they are constrained exactly when /v1/chat/completions constrains them.
 - Query strings (`?beta=true`), `anthropic-version`, `anthropic-beta` and unknown body fields are ignored.
 Errors, before or after the 200, are in Anthropic's shape (errors.error_body picks it for these paths).
 """
@@ -56,6 +58,7 @@ class CountTokensRequest(BaseModel):
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[dict[str, Any]] = None
     thinking: Optional[dict[str, Any]] = None
+    output_config: Optional[dict[str, Any]] = None
 
 
 class MessagesRequest(CountTokensRequest):
@@ -195,6 +198,10 @@ def worker_params(body: CountTokensRequest) -> protocol.Params:
     params.tools, params.tool_choice = chat_tools(body)
     if (body.thinking or {}).get("type") == "disabled":
         params.chat_template_kwargs = {"enable_thinking": False}
+    fmt = (body.output_config or {}).get("format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":   # the chat route's field for it
+        params.response_format = {"type": "json_schema", "json_schema": {"name": "output",
+                                                                          "schema": fmt.get("schema") or {}}}
     return params
 
 

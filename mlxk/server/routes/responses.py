@@ -10,9 +10,8 @@ request fields /v1/chat/completions fills), the worker's events become output it
   part is refused with a 400 naming it.
 - `instructions` is this request's system message; it is not carried over by `previous_response_id`.
 - Function tools use the flat shape; other tool types are skipped rather than refused (Codex sends several).
-- `text.format` (json_schema, json_object) and `tool_choice` are accepted and echoed; tool_choice travels in the
-  same worker field the chat route uses. The chat route has no constrained decoding yet, so a format is asked
-  for, not enforced.
+- `text.format` (json_schema, json_object) and `tool_choice` travel in the worker fields the chat route fills
+  (`response_format`, `tool_choice`), so they are constrained exactly when /v1/chat/completions constrains them.
 - With `store` (the default) the Response and its conversation are kept in state.db (db.responses, KEEP_DAYS), so
   `previous_response_id` continues a conversation across requests and server restarts.
 Stream events carry `sequence_number` from 0, in the documented order; an error after the 200 is a
@@ -154,9 +153,24 @@ def chat_tools(body: ResponsesRequest) -> tuple[list | None, Any]:
     return tools, choice or "auto"
 
 
+def response_format(text: dict | None) -> dict | None:
+    """`text.format` as the chat route's `response_format` (the worker field that constrains decoding)."""
+    fmt = (text or {}).get("format")
+    if not isinstance(fmt, dict) or fmt.get("type") in (None, "text"):
+        return None
+    if fmt.get("type") == "json_object":
+        return {"type": "json_object"}
+    if fmt.get("type") == "json_schema":
+        return {"type": "json_schema", "json_schema": {key: fmt[key] for key in ("name", "schema", "strict",
+                                                                                  "description") if key in fmt}}
+    raise InvalidRequest(f"text.format.type must be text, json_schema or json_object; got {fmt.get('type')!r}",
+                         param="text.format.type")
+
+
 def worker_params(body: ResponsesRequest) -> protocol.Params:
     params = protocol.Params(max_tokens=body.max_output_tokens, temperature=body.temperature, top_p=body.top_p)
     params.tools, params.tool_choice = chat_tools(body)
+    params.response_format = response_format(body.text)
     if (body.reasoning or {}).get("effort") == "none":
         params.chat_template_kwargs = {"enable_thinking": False}
     return params
