@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 
 import anthropic
@@ -269,3 +270,11 @@ def test_thinking_disabled_reaches_the_template_and_enabled_is_tolerated(client)
     reply = client.messages.create(model=SCRIPTED_ID, max_tokens=64, messages=HI,   # not a thinking model: no 400
                                    thinking={"type": "enabled", "budget_tokens": 1024})
     assert reply.content[0].text == SCRIPTED_REPLY
+
+
+def test_prompt_over_the_context_is_a_400_in_anthropic_words(client):
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        client.messages.create(model=SCRIPTED_ID, max_tokens=8, messages=[{"role": "user", "content": "hi " * 2100}])
+    error = raised.value.body["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "context_length_exceeded"
+    assert re.match(r"prompt is too long: \d+ tokens > 2048 maximum\. This model's maximum context", error["message"])

@@ -1,6 +1,8 @@
 """Errors only the server raises; app.py's one handler turns every MlxkError into OpenAI's error shape."""
 from __future__ import annotations
 
+import re
+
 from mlxk.errors import MlxkError
 
 
@@ -105,9 +107,20 @@ def anthropic_error_type(status: int) -> str:
     return ANTHROPIC_ERROR_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
 
 
+def _anthropic_message(error: MlxkError) -> str:
+    """The message; a prompt over the context says so in Anthropic's words first ("prompt is too long: N tokens > M
+    maximum"), which Claude Code reads as its cue to compact the conversation."""
+    if error.type == "context_length_exceeded":
+        limit = re.search(r"maximum context length is (\d+) tokens", error.message)
+        used = re.search(r"resulted in (\d+) tokens", error.message)
+        if limit and used:
+            return f"prompt is too long: {used[1]} tokens > {limit[1]} maximum. {error.message}"
+    return error.message
+
+
 def anthropic_error_body(error: MlxkError, request_id: str = "") -> dict:
     """Anthropic's error shape; mlxk's stable type string rides along as `error.code`."""
-    inner = {"type": anthropic_error_type(error.http_status), "message": error.message, "code": error.type}
+    inner = {"type": anthropic_error_type(error.http_status), "message": _anthropic_message(error), "code": error.type}
     body = {"type": "error", "error": inner}
     if request_id:
         body["request_id"] = request_id
