@@ -107,3 +107,19 @@ def m004_meta(db):
 def m005_job_settings(db):
     # The Hub endpoint and cache directory of the command that queued the job (JSON); never a secret.
     db["jobs"].add_column("settings", str)
+
+
+@migration
+def m006_responses(db):
+    # OpenAI Responses API objects kept for GET /v1/responses/{id} and previous_response_id (store: true).
+    db["responses"].create(
+        {
+            "id": str,                 # resp_…
+            "created_at": float,       # unix seconds
+            "model": str,              # the resolved repo id
+            "body": str,               # JSON: the Response object as answered
+            "messages": str,           # JSON: the conversation as chat messages, its output included
+        },
+        pk="id",
+    )
+    db["responses"].create_index(["created_at"])

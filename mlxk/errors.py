@@ -84,6 +84,12 @@ class JobNotFound(MlxkError):
     http_status = 404
 
 
+class ResponseNotFound(MlxkError):
+    """A stored OpenAI Responses object that is not there (never stored, deleted, or pruned after its keep time)."""
+    type = "response_not_found"
+    http_status = 404
+
+
 class JobFailed(MlxkError):
     type = "job_failed"
 

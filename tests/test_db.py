@@ -86,3 +86,23 @@ def test_unopenable_path_is_a_clear_state_error(tmp_path):
     folder.mkdir()  # a directory where the file should be
     with pytest.raises((StateError, sqlite3.OperationalError, IsADirectoryError)):
         db.connect(folder)
+
+
+def test_stored_responses_round_trip_prune_and_delete(tmp_path):
+    import time
+
+    from mlxk.db import responses
+
+    conn = db.connect(tmp_path / "state.db")
+    assert {"id", "created_at", "model", "body", "messages"} <= set(db.open_db(tmp_path / "state.db")["responses"]
+                                                                    .columns_dict)
+    old = time.time() - (responses.KEEP_DAYS + 1) * 86400
+    responses.save_response(conn, id="resp_old", model="m", created_at=old, body={"id": "resp_old"}, messages=[])
+    assert responses.get_response(conn, "resp_old")["body"] == {"id": "resp_old"}
+    history = [{"role": "user", "content": "hi ✓"}]
+    responses.save_response(conn, id="resp_new", model="m", created_at=time.time(), body={"id": "resp_new"},
+                            messages=history)
+    assert responses.get_response(conn, "resp_old") is None   # pruned by the newer save
+    assert responses.get_response(conn, "resp_new")["messages"] == history
+    assert responses.delete_response(conn, "resp_new") is True
+    assert responses.delete_response(conn, "resp_new") is False and responses.get_response(conn, "resp_new") is None

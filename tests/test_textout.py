@@ -92,3 +92,22 @@ def test_parser_that_raises_gives_the_text_back(split, error):
 def test_a_good_call_after_a_bad_one_keeps_index_zero(split):
     text = '<tool_call>not json</tool_call><tool_call>{"name": "g"}</tool_call>'
     assert route(text, split) == ("<tool_call>not json</tool_call>", [(0, "g", "{}")])
+
+
+@pytest.mark.parametrize("stops, pieces, matched", [
+    (["world", "lo"], ["Hel", "lo world"], "lo"),          # the earliest match in the text wins, not the list order
+    (["zzz", "world"], ["Hello wor", "ld!"], "world"),     # a match across pieces
+    (["zzz"], ["Hello"], None),
+])
+def test_stop_filter_names_the_stop_that_matched(stops, pieces, matched):
+    stop_filter = StopFilter(stops)
+    for piece in pieces:
+        stop_filter.push(piece)
+    assert stop_filter.matched == matched
+
+
+def test_stop_matched_on_tokens_is_named_from_the_held_text():
+    stop_filter = StopFilter(["STOP", "END"])
+    assert stop_filter.push("Hello EN") == ("Hello ", False)
+    stop_filter.matched_on_tokens()
+    assert stop_filter.matched == "END" and stop_filter.flush() == ""

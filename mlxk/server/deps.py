@@ -115,14 +115,15 @@ RequestId = Annotated[str, Depends(request_id)]
 
 
 def require_api_key(request: Request, state: State) -> None:
-    """With an API key configured, every route but /health needs `Authorization: Bearer <key>`."""
+    """With an API key configured, every route but /health needs `Authorization: Bearer <key>` or `X-Api-Key: <key>`
+    (what the anthropic SDK and Claude Code send)."""
     expected = state.config.api_key
     if not expected:
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected.encode()):
-        raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    offered = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "").strip()
+    if not secrets.compare_digest(offered.encode(), expected.encode()):
+        raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'")
 
 
 Model = TypeVar("Model", bound=BaseModel)

@@ -1,6 +1,8 @@
 """Errors only the server raises; app.py's one handler turns every MlxkError into OpenAI's error shape."""
 from __future__ import annotations
 
+import re
+
 from mlxk.errors import MlxkError
 
 
@@ -93,3 +95,44 @@ def openai_error_body(error: MlxkError) -> dict:
     if getattr(error, "retryable", False):
         body["retryable"] = True
     return {"error": body}
+
+
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error_type(status: int) -> str:
+    """Anthropic's error `type` for a status (its errors doc; other 4xx are invalid requests, other 5xx api errors)."""
+    return ANTHROPIC_ERROR_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+
+
+def _anthropic_message(error: MlxkError) -> str:
+    """The message; a prompt over the context says so in Anthropic's words first ("prompt is too long: N tokens > M
+    maximum"), which Claude Code reads as its cue to compact the conversation."""
+    if error.type == "context_length_exceeded":
+        limit = re.search(r"maximum context length is (\d+) tokens", error.message)
+        used = re.search(r"resulted in (\d+) tokens", error.message)
+        if limit and used:
+            return f"prompt is too long: {used[1]} tokens > {limit[1]} maximum. {error.message}"
+    return error.message
+
+
+def anthropic_error_body(error: MlxkError, request_id: str = "") -> dict:
+    """Anthropic's error shape; mlxk's stable type string rides along as `error.code`."""
+    inner = {"type": anthropic_error_type(error.http_status), "message": _anthropic_message(error), "code": error.type}
+    body = {"type": "error", "error": inner}
+    if request_id:
+        body["request_id"] = request_id
+    return body
+
+
+ANTHROPIC_PATH = "/v1/messages"  # Anthropic's Messages API and everything under it
+
+
+def error_body(path: str, error: MlxkError, request_id: str = "") -> dict:
+    """The error shape of the dialect a path belongs to: Anthropic's under /v1/messages, else OpenAI's (which the
+    Responses API shares). The one choice, for the app's handler and the middleware alike."""
+    if path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/"):
+        return anthropic_error_body(error, request_id)
+    return openai_error_body(error)

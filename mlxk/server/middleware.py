@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from mlxk import logs
 from mlxk.errors import MlxkError
 from mlxk.server.errors import BodyTooLarge, CrossSiteRefused, InternalError, MisdirectedHost, \
-    UnsupportedMediaType, openai_error_body
+    UnsupportedMediaType, error_body
 
 log = logging.getLogger("mlxk.server.middleware")
 
@@ -63,7 +63,7 @@ class RequestContext:
             # keep-alive connection under the client's next request.
             log.error("unhandled error in %s %s", scope.get("method"), scope.get("path"), exc_info=error)
             await send_error(send_with_id, InternalError(
-                f"internal server error: {type(error).__name__}; see the server log"))
+                f"internal server error: {type(error).__name__}; see the server log"), scope)
         finally:
             logs.request_id.reset(token)
             if state is not None:
@@ -71,9 +71,11 @@ class RequestContext:
                 state.last_activity = time.monotonic()
 
 
-async def send_error(send, error: MlxkError) -> None:
-    """Answer with `error` in OpenAI's shape, from middleware (before any route or exception handler ran)."""
-    body = json.dumps(openai_error_body(error)).encode()
+async def send_error(send, error: MlxkError, scope: dict) -> None:
+    """Answer with `error` in its route's dialect's shape, from middleware (before any route or exception handler
+    ran)."""
+    rid = (scope.get("state") or {}).get("request_id", "")
+    body = json.dumps(error_body(scope.get("path", ""), error, rid)).encode()
     await send({"type": "http.response.start", "status": error.http_status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
@@ -89,7 +91,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await send_error(send, BodyTooLarge(self._message(int(declared))))
+            return await send_error(send, BodyTooLarge(self._message(int(declared))), scope)
         seen = 0
 
         async def counted_receive():
@@ -147,7 +149,7 @@ class CrossSiteGuard:
             return await self.app(scope, receive, send)
         error = self.refusal(scope)
         if error is not None:
-            return await send_error(send, error)
+            return await send_error(send, error, scope)
         await self.app(scope, receive, send)
 
     def refusal(self, scope) -> MlxkError | None:

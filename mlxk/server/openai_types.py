@@ -283,9 +283,22 @@ READ_ERRORS = (401, 404, 421)
 WRITE_ERRORS = (400, 401, 403, 404, 413, 415, 421)
 
 
-def error_responses(*statuses: int) -> dict:
-    """FastAPI `responses=` for these statuses, each with OpenAI's error body."""
-    return {status: {"model": ErrorResponse, "description": _ERROR_MEANING[status]} for status in statuses}
+class AnthropicErrorDetail(BaseModel):
+    type: str                  # Anthropic's kind: invalid_request_error, not_found_error, overloaded_error, ...
+    message: str
+    code: str                  # mlxk's stable error type
+
+
+class AnthropicErrorResponse(BaseModel):
+    """Every error of the Anthropic Messages routes (/v1/messages...)."""
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+    request_id: Optional[str] = None
+
+
+def error_responses(*statuses: int, model: type[BaseModel] = ErrorResponse) -> dict:
+    """FastAPI `responses=` for these statuses, each with the dialect's error body (OpenAI's unless `model`)."""
+    return {status: {"model": model, "description": _ERROR_MEANING[status]} for status in statuses}
 
 
 def _inline_defs(schema: dict) -> dict:

@@ -829,6 +829,7 @@ class Engine:
                 finish = protocol.FINISH_STOP
             elif finish == protocol.FINISH_STOP and not eos:
                 text = ""  # a stop matched on tokens, not in the text (a tokenizer decoding it otherwise): never leak it
+                row.stop_filter.matched_on_tokens()
             elif finish is not None and (finish == protocol.FINISH_LENGTH or r.token in row.model.eos_ids):
                 text += row.stop_filter.flush()
             delta = row.router.feed(text)
@@ -887,6 +888,7 @@ class Engine:
         rate = (row.completion_tokens - 1) / decode_s if row.completion_tokens > 1 and decode_s > 0 else 0.0
         self._emit(row.ticket, {
             "event": protocol.EV_DONE, "finish_reason": finish,
+            **({"stop_sequence": row.stop_filter.matched} if row.stop_filter.matched else {}),
             "usage": {
                 "prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
                 "total_tokens": row.prompt_tokens + row.completion_tokens,

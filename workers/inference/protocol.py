@@ -48,6 +48,7 @@ Events of a generate request, in order
         "type": "function", "function": {"name", "arguments"}}]}
         zero or more; only the keys that carry something are present.
     {"event": "done", "finish_reason": "stop" | "length" | "tool_calls",
+     "stop_sequence"?: str (present when a request stop string ended the text: the one that matched),
      "usage": {"prompt_tokens", "completion_tokens", "total_tokens",
                "prompt_tokens_details": {"cached_tokens"}},
      "timings": {"ttft_s", "decode_tokens_per_s"}}
@@ -134,6 +135,7 @@ class Params:
     tools: list | None = None
     tool_choice: Any = None
     chat_template_kwargs: dict | None = None
+    response_format: dict | None = None
 
 
 @dataclass
@@ -217,6 +219,7 @@ def parse_params(raw: Any) -> Params:
         tools=_optional(raw, "tools", list),
         tool_choice=raw.get("tool_choice"),
         chat_template_kwargs=_optional(raw, "chat_template_kwargs", dict),
+        response_format=_optional(raw, "response_format", dict),
     )
     if params.max_tokens is not None and params.max_tokens < 1:
         raise ProtocolError('"params.max_tokens" must be at least 1')
@@ -256,7 +259,7 @@ def generate_message(request: GenerateRequest) -> dict:
             "min_p": p.min_p, "repetition_penalty": p.repetition_penalty, "presence_penalty": p.presence_penalty,
             "frequency_penalty": p.frequency_penalty, "seed": p.seed, "stop": list(p.stop),
             "keep_alive": p.keep_alive, "tools": p.tools, "tool_choice": p.tool_choice,
-            "chat_template_kwargs": p.chat_template_kwargs,
+            "chat_template_kwargs": p.chat_template_kwargs, "response_format": p.response_format,
         },
     }
 

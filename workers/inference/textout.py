@@ -25,6 +25,7 @@ class StopFilter:
         self.stops = [s for s in stops if s]
         self._longest = max((len(s) for s in self.stops), default=0)
         self._held = ""
+        self.matched: str | None = None  # the stop string that ended the text (Anthropic reports it)
 
     def push(self, text: str) -> tuple[str, bool]:
         """Return (safe text, matched). After a match the text after the stop string is dropped."""
@@ -35,7 +36,7 @@ class StopFilter:
         for stop in self.stops:
             i = buf.find(stop)
             if i >= 0 and (first < 0 or i < first):
-                first = i
+                first, self.matched = i, stop
         if first >= 0:
             self._held = ""
             return buf[:first], True
@@ -49,6 +50,13 @@ class StopFilter:
             if any(s.startswith(tail) for s in self.stops):
                 return k
         return 0
+
+    def matched_on_tokens(self) -> None:
+        """The generator stopped on a stop string's tokens before its text showed: name the stop the held text
+        begins (else the only or first one)."""
+        self.matched = next((s for s in self.stops if self._held and s.startswith(self._held)),
+                            self.stops[0] if self.stops else None)
+        self._held = ""
 
     def flush(self) -> str:
         """Text held back that turned out not to be a stop string (generation ended otherwise)."""

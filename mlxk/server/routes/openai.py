@@ -11,15 +11,11 @@ weights and the software, `message.refusal` is present (null), and a completion 
 has one. The one deviation is OpenAI's own: a streamed completion chunk before the last has `finish_reason: null`.
 A 400 names the request field at fault in `param`. Routes also answer with a trailing slash (no 307 redirect).
 
-A client that hangs up cancels its generation in the worker (closing the worker connection is the cancel). A
-streamed response notices through Starlette, which stops the body iterator; a non-streamed one (and a request
-still waiting to be accepted) would not notice at all, because its handler never writes until the end, so
-`_unless_client_leaves` watches the ASGI receive channel for `http.disconnect` beside the worker exchange.
+The worker exchange itself (resolution, the generate request, hang-up cancels) is mlxk.server.generation, which
+the other dialects share.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import hashlib
 import json
@@ -31,14 +27,15 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from mlxk import __version__
 from mlxk.errors import MlxkError
-from mlxk.clock import parse_iso
+from mlxk.clock import iso_utc, parse_iso
 from mlxk.server import catalog
 from mlxk.server.deps import Model, RequestId, State, ServerState, check_supported, parse_body, require_api_key
-from mlxk.server.errors import InvalidRequest, WorkerError, openai_error_body
+from mlxk.server.errors import InvalidRequest, openai_error_body
+from mlxk.server.generation import SSE_HEADERS, Run, error_status, naming, open_run, resolve, respond
 from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, ChatCompletionRequest, CompletionRequest, \
     error_responses, keep_alive_seconds, request_body
 from mlxk.workers.inference import protocol
@@ -47,44 +44,34 @@ log = logging.getLogger("mlxk.server.openai")
 
 router = APIRouter(dependencies=[Depends(require_api_key)], responses=error_responses(*READ_ERRORS))
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-CLIENT_CLOSED = 499  # nginx's "client closed request": what metrics record for a request whose client left
 
 
 # ---------------------------------------------------------------- models
 
 
 def _model_object(row: dict) -> dict:
-    created = parse_iso(row.get("last_modified"))
-    return {"id": row["repo_id"], "object": "model", "created": int(created or 0),
-            "owned_by": row["repo_id"].split("/")[0],
-            "context_length": row.get("context_length")}  # extra field, as LM Studio and OpenRouter name it
+    """OpenAI's model object, plus the fields of Anthropic's (type, display_name, created_at), so both SDKs'
+    models.list() read the one route."""
+    created = int(parse_iso(row.get("last_modified")) or 0)
+    return {"id": row["repo_id"], "object": "model", "created": created, "owned_by": row["repo_id"].split("/")[0],
+            "context_length": row.get("context_length"),  # extra field, as LM Studio and OpenRouter name it
+            "type": "model", "display_name": row["repo_id"], "created_at": iso_utc(created)}
 
 
 @router.get("/v1/models")
 @router.get("/v1/models/", include_in_schema=False)
 async def list_models(state: State) -> dict:
-    rows = catalog.runnable(await state.model_rows())
-    return {"object": "list", "data": [_model_object(row) for row in rows]}
+    """Every runnable model in one page: `has_more: false` (with first_id, last_id) ends Anthropic's pager."""
+    data = [_model_object(row) for row in catalog.runnable(await state.model_rows())]
+    return {"object": "list", "data": data, "has_more": False,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, state: State) -> dict:
-    with _naming("model"):
+    with naming("model"):
         row, _ = catalog.resolve_row(model_id.removesuffix("/"), await state.model_rows())
     return _model_object(row)
-
-
-@contextlib.contextmanager
-def _naming(param: str):
-    """Name `param` in any 400 raised inside (a model name that is invalid or ambiguous, a prompt the worker
-    refuses), unless the error names a field already."""
-    try:
-        yield
-    except MlxkError as error:
-        if error.http_status == 400:
-            error.details.setdefault("param", param)
-        raise
 
 
 @functools.lru_cache(maxsize=64)
@@ -176,111 +163,17 @@ def _merge_tool_calls(calls: dict[int, dict], deltas: list[dict]) -> None:
         call["function"]["arguments"] += function.get("arguments") or ""
 
 
-class Run:
-    """One generation in flight: the worker's events, with metrics and the first-token clock."""
-
-    def __init__(self, state: ServerState, gen: Generation, payload: dict, endpoint: str):
-        self.state, self.gen, self.endpoint = state, gen, endpoint
-        self.events = state.supervisor.generate(payload)
-        self._first_token_seen = False
-        self._closed = False
-        state.metrics.started()
-
-    async def accepted(self) -> dict:
-        """Wait for the worker to accept the request; its refusal becomes a real HTTP error."""
-        try:
-            return await self._next()
-        except StopAsyncIteration:
-            await self.close(status=500)
-            raise WorkerError(protocol.error_event(protocol.ERR_INTERNAL, "the inference worker sent no reply",
-                                                   500)) from None
-        except BaseException as error:
-            await self.close(status=_error_status(error))
-            raise
-
-    async def _next(self) -> dict:
-        event = await self.events.__anext__()
-        kind = event.get("event")
-        if kind == protocol.EV_ERROR:
-            raise WorkerError(event)
-        if kind == protocol.EV_DELTA and not self._first_token_seen:
-            self._first_token_seen = True
-            self.state.metrics.first_token(time.perf_counter() - self.gen.started)
-        elif kind == protocol.EV_DONE:
-            self.state.metrics.done(event)
-        return event
-
-    async def rest(self) -> AsyncIterator[dict]:
-        while True:
-            try:
-                event = await self._next()
-            except StopAsyncIteration:
-                raise WorkerError(protocol.error_event(protocol.ERR_INTERNAL,
-                                                       "the inference worker ended the reply early", 500)) from None
-            yield event
-            if event.get("event") == protocol.EV_DONE:
-                return
-
-    async def close(self, *, status: int = 200) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        await self.events.aclose()
-        self.state.metrics.finished(self.endpoint, status)
-
-
-def _error_status(error: BaseException) -> int:
-    if isinstance(error, asyncio.CancelledError):
-        return CLIENT_CLOSED
-    return error.http_status if isinstance(error, MlxkError) else 500
-
-
-async def _generate(request: Request, state: ServerState, gen: Generation, payload: dict, endpoint: str):
-    run = Run(state, gen, payload, endpoint)
-
+async def _generate(request: Request, state: ServerState, gen: Generation, run: Run):
     async def exchange():
         await run.accepted()
         if gen.stream:  # from here on Starlette itself stops the stream when the client leaves
-            return StreamingResponse(_sse(run), media_type="text/event-stream", headers=SSE_HEADERS)
-        return JSONResponse(await _collect(run))
+            return StreamingResponse(_sse(run, gen), media_type="text/event-stream", headers=SSE_HEADERS)
+        return JSONResponse(await _collect(run, gen))
 
-    return await _unless_client_leaves(request, run, exchange())
-
-
-async def _until_disconnected(request: Request) -> None:
-    """Return once the HTTP client has hung up.
-
-    The body was read already, so the ASGI server's next message on the receive channel is `http.disconnect`,
-    sent when the connection closes (uvicorn answers it at once if that happened before we asked).
-    """
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    return await respond(request, run, exchange())
 
 
-async def _unless_client_leaves(request: Request, run: Run, exchange):
-    """Run the worker exchange; if the client hangs up first, cancel it (which cancels the worker's row)."""
-    work = asyncio.ensure_future(exchange)
-    hangup = asyncio.ensure_future(_until_disconnected(request))
-    try:
-        await asyncio.wait({work, hangup}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:  # the server is shutting down this handler: the exchange goes with it
-        work.cancel()  # (its own error path closes the run)
-        raise
-    finally:
-        hangup.cancel()
-    if work.done():
-        return work.result()
-    work.cancel()
-    await asyncio.wait({work})
-    if not work.cancelled():
-        work.exception()  # mark it retrieved: whatever it ended with, nobody is left to receive it
-    await run.close(status=CLIENT_CLOSED)  # closes the worker connection: the worker drops the row at its next step
-    log.info("client of %s hung up before the reply: generation cancelled", run.gen.id)
-    return Response(status_code=CLIENT_CLOSED)  # nobody is left to read it
-
-
-async def _collect(run: Run) -> dict:
-    gen = run.gen
+async def _collect(run: Run, gen: Generation) -> dict:
     content, reasoning, calls, done = [], [], {}, {}
     try:
         async for event in run.rest():
@@ -291,7 +184,7 @@ async def _collect(run: Run) -> dict:
             elif event.get("event") == protocol.EV_DONE:
                 done = event
     except BaseException as error:
-        await run.close(status=_error_status(error))
+        await run.close(status=error_status(error))
         raise
     await run.close()
     body = {"id": gen.id, "created": gen.created, "model": gen.model, "system_fingerprint": gen.fingerprint,
@@ -312,8 +205,7 @@ async def _collect(run: Run) -> dict:
     return body
 
 
-async def _sse(run: Run) -> AsyncIterator[bytes]:
-    gen = run.gen
+async def _sse(run: Run, gen: Generation) -> AsyncIterator[bytes]:
     status = 200
     try:
         if gen.kind == "chat":
@@ -353,17 +245,15 @@ async def _handle(request: Request, state: ServerState, rid: str, kind: str, bod
         raise InvalidRequest(message if param in message else f"{param}: {message}", param=param,
                              code="invalid_value")
     check_supported(body)
-    with _naming("model"):
-        servable = await state.resolve(body.model)
+    servable = await resolve(state, body.model)
     params, messages, prompt = worker_input(body)
     stream = bool(body.stream)
     gen = Generation(kind, servable.repo_id, stream, body.include_usage() and stream, started,
                      system_fingerprint(servable.revision))
-    payload = protocol.generate_message(protocol.GenerateRequest(
-        id=rid, model=protocol.ModelRef(servable.key, servable.path), kind=kind, messages=messages, prompt=prompt,
-        params=params))
-    with _naming("messages" if kind == "chat" else "prompt"):
-        return await _generate(request, state, gen, payload, kind)
+    run = open_run(state, rid, servable, kind=kind, messages=messages, prompt=prompt, params=params, endpoint=kind,
+                   started=started, label=gen.id)
+    with naming("messages" if kind == "chat" else "prompt"):
+        return await _generate(request, state, gen, run)
 
 
 def _chat_input(body: ChatCompletionRequest) -> tuple[protocol.Params, list, None]:
