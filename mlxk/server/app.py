@@ -22,7 +22,7 @@ from mlxk.server import runtime
 from mlxk.server.deps import ServerConfig, ServerState
 from mlxk.server.errors import InternalError, openai_error_body
 from mlxk.server.middleware import BodyLimit, CrossSiteGuard, RequestContext
-from mlxk.server.routes import jobs, openai, ops, ui
+from mlxk.server.routes import jobs, ollama, openai, ops, ui
 from mlxk.server.supervisor import Supervisor
 
 log = logging.getLogger("mlxk.server.app")
@@ -44,14 +44,16 @@ def _as_mlxk_error(request: Request, error: Exception) -> MlxkError:
 
 
 async def openai_error(request: Request, error: Exception) -> JSONResponse:
-    """The one exception handler: every error leaves in OpenAI's shape with the request id."""
+    """The one exception handler: every error leaves with the request id, in OpenAI's shape unless the route's
+    dialect set its own (`request.state.error_body`, e.g. Ollama's `{"error": "..."}`)."""
     mlxk_error = _as_mlxk_error(request, error)
     headers = {"x-request-id": getattr(request.state, "request_id", "")}
     if isinstance(error, HTTPException) and error.headers:  # e.g. 405's Allow, which RFC 9110 requires
         headers.update(error.headers)
     if getattr(mlxk_error, "retryable", False):
         headers["retry-after"] = "1"
-    return JSONResponse(openai_error_body(mlxk_error), status_code=mlxk_error.http_status, headers=headers)
+    error_body = getattr(request.state, "error_body", openai_error_body)
+    return JSONResponse(error_body(mlxk_error), status_code=mlxk_error.http_status, headers=headers)
 
 
 async def _keep_job_worker(every_s: float = 3.0) -> None:
@@ -92,6 +94,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     app.include_router(ops.health_router)
     app.include_router(ops.router)
     app.include_router(openai.router)
+    app.include_router(ollama.router)
     app.include_router(jobs.router)
     app.include_router(ui.router)
     app.add_exception_handler(MlxkError, openai_error)

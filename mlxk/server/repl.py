@@ -167,6 +167,17 @@ def _ps_text(data: dict) -> str:
     return "\n".join(lines)
 
 
+_PS_FIELDS = ("name", "revision", "key", "path", "memory_bytes", "loaded_at", "last_used", "keep_alive_s",
+              "expires_at", "expires_in_s", "running")
+
+
+def _ps_model(model: dict) -> dict:
+    """mlxk's view of a loaded model from /api/ps, whose Ollama fields (`name` tagged, `expires_at` RFC 3339) come
+    first: `name` is the repo id and `expires_at` unix seconds (null: never), as `mlxk ps --json` always said."""
+    mine = {**model, "name": model.get("repo_id", model.get("name")), "expires_at": model.get("expires_ts")}
+    return {key: mine.get(key) for key in _PS_FIELDS}
+
+
 def ps() -> Output:
     endpoint = find_server(load_settings())
     if endpoint is None:
@@ -174,7 +185,7 @@ def ps() -> Output:
         return Output(data, _ps_text(data))
     with Client(endpoint, timeout=30) as client:
         reply = client.get("/api/ps")
-    data = {"server": endpoint.url, **reply}
+    data = {"server": endpoint.url, **reply, "models": [_ps_model(m) for m in reply.get("models") or []]}
     return Output(data, lambda: _ps_text(data))
 
 
