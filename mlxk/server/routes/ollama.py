@@ -31,7 +31,8 @@ from mlxk.errors import MlxkError
 from mlxk.server import catalog
 from mlxk.server.deps import ServerState, State, RequestId, parse_body, require_api_key
 from mlxk.server.errors import InvalidRequest
-from mlxk.server.openai_types import KeepAlive, keep_alive_seconds
+from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, KeepAlive, error_responses, keep_alive_seconds, \
+    request_body
 from mlxk.server.routes import openai as openai_routes
 from mlxk.workers.inference import protocol
 
@@ -56,7 +57,19 @@ def ollama_dialect(request: Request) -> None:
     request.state.error_body = ollama_error_body
 
 
-router = APIRouter(dependencies=[Depends(ollama_dialect), Depends(require_api_key)])
+class OllamaError(BaseModel):
+    error: str
+
+
+def _errors(*statuses: int) -> dict:
+    """error_responses with Ollama's body. (Refusals by the middleware, 403/413/415/421, come before routing and
+    keep OpenAI's shape; Ollama clients read them as errors all the same.)"""
+    return {status: {**meaning, "model": OllamaError} for status, meaning in error_responses(*statuses).items()}
+
+
+WRITE = _errors(*WRITE_ERRORS)
+GENERATION_ERRORS = _errors(*WRITE_ERRORS, 503)
+router = APIRouter(dependencies=[Depends(ollama_dialect), Depends(require_api_key)], responses=_errors(*READ_ERRORS))
 
 
 def _now() -> str:
@@ -142,7 +155,7 @@ def _parameters(row: dict) -> str:
     return "\n".join(lines)
 
 
-@router.post("/api/show")
+@router.post("/api/show", openapi_extra=request_body(NameRequest), responses=WRITE)
 async def show(request: Request, state: State) -> dict:
     row = await _row(state, (await parse_body(request, NameRequest)).target())
     arch = row.get("architecture") or "unknown"
@@ -429,7 +442,7 @@ async def _resolve(state: ServerState, name: str) -> tuple[dict, catalog.Servabl
     return row, servable
 
 
-@router.post("/api/chat")
+@router.post("/api/chat", openapi_extra=request_body(ChatRequest), responses=GENERATION_ERRORS)
 async def chat(request: Request, state: State, rid: RequestId):
     body = await parse_body(request, ChatRequest)
     body.check()
@@ -439,7 +452,7 @@ async def chat(request: Request, state: State, rid: RequestId):
     return await _answer(request, state, rid, "chat", body, row, servable, _chat_messages(body), None)
 
 
-@router.post("/api/generate")
+@router.post("/api/generate", openapi_extra=request_body(GenerateRequest), responses=GENERATION_ERRORS)
 async def generate(request: Request, state: State, rid: RequestId):
     body = await parse_body(request, GenerateRequest)
     body.check()
@@ -502,7 +515,7 @@ async def _follow(job_id: str) -> AsyncIterator[dict]:
     yield _ending(final)
 
 
-@router.post("/api/pull")
+@router.post("/api/pull", openapi_extra=request_body(PullRequest), responses=WRITE)
 async def pull(request: Request):
     """A pull job (as `mlxk pull` queues it); its progress streams as Ollama's NDJSON status lines."""
     body = await parse_body(request, PullRequest)
@@ -525,7 +538,7 @@ async def pull(request: Request):
     return last
 
 
-@router.delete("/api/delete")
+@router.delete("/api/delete", openapi_extra=request_body(NameRequest), responses=WRITE)
 async def delete(request: Request, state: State):
     """An rm job for the named model (exact names only, as `mlxk rm` without --force); 200 with no body."""
     name = (await parse_body(request, NameRequest)).target()
