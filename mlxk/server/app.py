@@ -22,7 +22,7 @@ from mlxk.server import runtime
 from mlxk.server.deps import ServerConfig, ServerState
 from mlxk.server.errors import InternalError, openai_error_body
 from mlxk.server.middleware import BodyLimit, CrossSiteGuard, RequestContext
-from mlxk.server.routes import jobs, ollama, openai, ops, ui
+from mlxk.server.routes import embeddings, jobs, ollama, openai, ops, ui
 from mlxk.server.supervisor import Supervisor
 
 log = logging.getLogger("mlxk.server.app")
@@ -94,6 +94,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     app.include_router(ops.health_router)
     app.include_router(ops.router)
     app.include_router(openai.router)
+    app.include_router(embeddings.router)
     app.include_router(ollama.router)
     app.include_router(jobs.router)
     app.include_router(ui.router)

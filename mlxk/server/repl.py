@@ -145,6 +145,21 @@ def interactive(model: str, *, system: str | None, params: dict) -> Output:
     return Output({"model": name, "turns": len(history) // 2})
 
 
+# ---------------------------------------------------------------- embed
+
+
+def embed(model: str, texts: list[str]) -> Output:
+    """One vector per text from the embedding model (resolved locally first, like `run`), one JSON array a line."""
+    import json
+
+    servable = catalog.find(model, load_settings(), catalog.EMBEDDING_TYPES)
+    with _client() as client:
+        reply = client.post("/v1/embeddings", {"model": servable.repo_id, "input": texts})
+    vectors = [item["embedding"] for item in reply["data"]]
+    data = {"model": reply["model"], "embeddings": vectors, "dimensions": len(vectors[0]), "usage": reply["usage"]}
+    return Output(data, lambda: "\n".join(json.dumps(v) for v in vectors))
+
+
 # ---------------------------------------------------------------- ps / stop
 
 

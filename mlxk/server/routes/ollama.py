@@ -33,6 +33,7 @@ from mlxk.server.deps import ServerState, State, RequestId, parse_body, require_
 from mlxk.server.errors import InvalidRequest
 from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, KeepAlive, error_responses, keep_alive_seconds, \
     request_body
+from mlxk.server.routes import embeddings as embedding_routes
 from mlxk.server.routes import openai as openai_routes
 from mlxk.workers.inference import protocol
 
@@ -86,9 +87,7 @@ def _rfc3339(ts: float | None) -> str | None:
 
 def _listed(row: dict) -> bool:
     """What Ollama clients see: models that generate, and embedding models (served by /api/embed)."""
-    if row.get("model_type") == "embedding":
-        return row.get("health") == "healthy" and (row.get("framework") or "").lower() == "mlx"
-    return catalog.why_not_runnable(row) is None
+    return catalog.why_not_runnable(row) is None or catalog.why_not_runnable(row, catalog.EMBEDDING_TYPES) is None
 
 
 def _digest(row: dict) -> str:
@@ -227,10 +226,7 @@ class _Generate(BaseModel):
     def params(self) -> protocol.Params:
         o = self.options or Options()
         stop = [o.stop] if isinstance(o.stop, str) else [s for s in o.stop or [] if s]
-        try:
-            keep_alive = keep_alive_seconds(self.keep_alive)
-        except ValueError as error:
-            raise InvalidRequest(f"keep_alive: {error}", param="keep_alive") from None
+        keep_alive = _keep_alive(self.keep_alive)
         return protocol.Params(
             max_tokens=o.num_predict if o.num_predict and o.num_predict > 0 else None,  # -1, -2: as long as fits
             temperature=o.temperature, top_p=o.top_p, top_k=o.top_k or None, min_p=o.min_p, seed=o.seed,
@@ -469,6 +465,55 @@ async def generate(request: Request, state: State, rid: RequestId):
     messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
         [{"role": "user", "content": body.prompt}]
     return await _answer(request, state, rid, "generate", body, row, servable, messages, None)
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model: str
+    input: Union[str, list[str]]
+    truncate: bool = True
+    dimensions: Optional[int] = Field(default=None, ge=1)
+    keep_alive: KeepAlive = None
+
+
+class LegacyEmbeddingsRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model: str
+    prompt: str
+    keep_alive: KeepAlive = None
+
+
+def _keep_alive(value) -> float | None:
+    try:
+        return keep_alive_seconds(value)
+    except ValueError as error:
+        raise InvalidRequest(f"keep_alive: {error}", param="keep_alive") from None
+
+
+@router.post("/api/embed", openapi_extra=request_body(EmbedRequest), responses=GENERATION_ERRORS)
+async def embed(request: Request, state: State) -> dict:
+    body = await parse_body(request, EmbedRequest)
+    inputs = [body.input] if isinstance(body.input, str) else body.input
+    if not inputs or any(not text for text in inputs):
+        raise InvalidRequest("input must be a non-empty string or a list of non-empty strings", param="input")
+    result = await embedding_routes.embed(state, body.model, inputs, dimensions=body.dimensions,
+                                          keep_alive=_keep_alive(body.keep_alive))
+    ns = int(result.total_s * 1e9)
+    return {"model": body.model, "embeddings": result.vectors, "total_duration": ns, "load_duration": 0,
+            "prompt_eval_count": result.prompt_tokens}
+
+
+@router.post("/api/embeddings", openapi_extra=request_body(LegacyEmbeddingsRequest), responses=GENERATION_ERRORS)
+async def embeddings(request: Request, state: State) -> dict:
+    """The legacy route: one prompt, one vector."""
+    body = await parse_body(request, LegacyEmbeddingsRequest)
+    if not body.prompt:
+        raise InvalidRequest("prompt must not be empty", param="prompt")
+    result = await embedding_routes.embed(state, body.model, [body.prompt], keep_alive=_keep_alive(body.keep_alive))
+    return {"embedding": result.vectors[0]}
 
 
 # ---------------------------------------------------------------- pull, delete
