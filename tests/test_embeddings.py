@@ -97,8 +97,22 @@ def test_batched_requests_give_the_vectors_of_lone_ones(server, client):
     mixed = client.embeddings.create(model=EMBED_ID, input=texts, encoding_format="float")
     assert all(_close(a, b) for a, b in zip(alone, together))
     assert all(_close(a, d.embedding) for a, d in zip(alone, mixed.data))
-    metrics = httpx.get(f"{server.url}/api/ps", headers=server.headers).json()
-    assert any(m["repo_id"] == EMBED_ID for m in metrics["models"])  # resident like any model
+    ps = httpx.get(f"{server.url}/api/ps", headers=server.headers).json()
+    assert any(m["repo_id"] == EMBED_ID for m in ps["models"])  # resident like any model
+
+
+def _batches(server) -> int:
+    text = httpx.get(f"{server.url}/metrics", headers=server.headers).text
+    return int(next(line.split()[-1] for line in text.splitlines() if line.startswith("mlxk_embed_batches_total ")))
+
+
+def test_concurrent_requests_share_forward_passes(server, client):
+    """32 one-text requests at once take fewer than 32 forward passes: requests that wait for the MLX thread
+    join the next batch (each request alone would be one pass)."""
+    before = _batches(server)
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda i: client.embeddings.create(model=EMBED_ID, input=f"text {i}"), range(32)))
+    assert _batches(server) - before < 32
 
 
 @pytest.mark.parametrize("body, status, problem", [
