@@ -107,3 +107,10 @@ def m004_meta(db):
 def m005_job_settings(db):
     # The Hub endpoint and cache directory of the command that queued the job (JSON); never a secret.
     db["jobs"].add_column("settings", str)
+
+
+@migration
+def m006_aliases(db):
+    # Other names for cached models (Ollama's /api/copy): `name` as mlxk.names.parse normalizes it, lowercased.
+    db["aliases"].create({"name": str, "repo_id": str, "created_at": str}, pk="name")
+    db["aliases"].create_index(["repo_id"])

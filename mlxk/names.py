@@ -103,9 +103,18 @@ def is_commit_prefix(revision: str) -> bool:
     return bool(_HEX.match(revision))
 
 
-def resolve(name: str, candidates: list[str]) -> str:
-    """The one cached repo id `name` means: exact (case-insensitive), else a unique case-insensitive substring."""
+def alias_key(name: str) -> str:
+    """How an alias is stored and looked up: parsed like any name (tags mapped, `:latest` dropped), lowercased."""
+    return str(parse(name)).lower()
+
+
+def resolve(name: str, candidates: list[str], aliases: dict[str, str] | None = None) -> str:
+    """The one cached repo id `name` means: an alias (exact, case-insensitive; `aliases` maps alias_key → repo id)
+    of a cached repo, else exact (case-insensitive), else a unique case-insensitive substring."""
     lowered = name.lower()
+    target = (aliases or {}).get(lowered)
+    if target is not None and target in candidates:
+        return target
     exact = [c for c in candidates if c.lower() == lowered]
     if len(exact) == 1:
         return exact[0]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import subprocess
+import sys
 
 import httpx
 import ollama
@@ -194,3 +196,32 @@ def test_pull_of_a_missing_repo_streams_an_error_line(server, hub):
                       json={"model": "mlx-community/missing-everywhere"}) as response:
         lines = [json.loads(line) for line in response.iter_lines()]
     assert response.status_code == 200 and "error" in lines[-1] and "status" not in lines[-1]
+
+
+def test_copy_makes_an_alias_that_resolves_lists_and_deletes_alone(server, client):
+    client.copy(SCRIPTED_ID, "my-assistant")
+    assert "my-assistant:latest" in [m.model for m in client.list().models]
+    assert client.chat(model="my-assistant", messages=HI).message.content == SCRIPTED_REPLY
+    assert client.chat(model="MY-ASSISTANT:latest", messages=HI).model == "MY-ASSISTANT:latest"  # case-insensitive
+    listed = subprocess.run([sys.executable, "-c", "from mlxk.cli import main; main()", "list", "--json"],
+                            env=server.env, capture_output=True, text=True, timeout=60)
+    row = next(m for m in json.loads(listed.stdout)["data"]["models"] if m["name"] == SCRIPTED_ID)
+    assert row["aliases"] == ["my-assistant"]
+    text = subprocess.run([sys.executable, "-c", "from mlxk.cli import main; main()", "list"],
+                          env=server.env, capture_output=True, text=True, timeout=60).stdout
+    assert "(alias: my-assistant)" in text
+    assert client.delete("my-assistant:latest").status == "success"  # the alias goes, the model stays
+    models = [m.model for m in client.list().models]
+    assert "my-assistant:latest" not in models and f"{SCRIPTED_ID}:latest" in models
+
+
+@pytest.mark.parametrize("source, destination, status, problem", [
+    ("mlx-community/nothing-here", "x", 404, "no cached model matches"),
+    (SCRIPTED_ID, "bad name!", 400, "invalid model name"),
+    (SCRIPTED_ID, "alias@abc123", 400, "not a revision"),
+    (SCRIPTED_ID, CALLER_ID, 400, "already the name of a cached model"),
+])
+def test_bad_copies(client, source, destination, status, problem):
+    with pytest.raises(ollama.ResponseError) as info:
+        client.copy(source, destination)
+    assert info.value.status_code == status and problem in info.value.error

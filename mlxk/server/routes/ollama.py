@@ -124,7 +124,13 @@ async def version() -> dict:
 async def tags(state: State) -> dict:
     rows = sorted((r for r in (await state.get_catalog(fresh=True)).rows if _listed(r)),
                   key=lambda r: r["repo_id"].lower())
-    return {"models": [_tag(row) for row in rows]}
+    return {"models": [entry for row in rows for entry in _tags_of(row)]}
+
+
+def _tags_of(row: dict) -> list[dict]:
+    """The model under its own name, then under each alias (as Ollama lists a copy beside its source)."""
+    tag = _tag(row)
+    return [tag] + [{**tag, "name": f"{alias}:latest", "model": f"{alias}:latest"} for alias in row.get("aliases") or []]
 
 
 class NameRequest(BaseModel):
@@ -583,10 +589,46 @@ async def pull(request: Request):
     return last
 
 
+def _with_index(state: ServerState, work):
+    """Run `work(conn)` on the index (state.db), in the threadpool."""
+    from contextlib import closing
+
+    from mlxk import db
+
+    def run():
+        with closing(db.connect(state.config.settings.state_db)) as conn:
+            return work(conn)
+
+    return run_in_threadpool(run)
+
+
 @router.delete("/api/delete", openapi_extra=request_body(NameRequest), responses=WRITE)
 async def delete(request: Request, state: State):
-    """An rm job for the named model (exact names only, as `mlxk rm` without --force); 200 with no body."""
+    """An alias (from /api/copy) is forgotten, the model stays, as deleting an Ollama copy leaves its source;
+    any other name is an rm job (exact names only, as `mlxk rm` without --force). 200 with no body."""
+    from mlxk import index
+
     name = (await parse_body(request, NameRequest)).target()
-    await run_in_threadpool(lambda: jobs.remove(jobs.resolve_removal(name)))
+    if not await _with_index(state, lambda conn: index.remove_alias(conn, name)):
+        await run_in_threadpool(lambda: jobs.remove(jobs.resolve_removal(name)))
+    await state.get_catalog(fresh=True)
+    return Response(status_code=200)
+
+
+class CopyRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    source: str
+    destination: str
+
+
+@router.post("/api/copy", openapi_extra=request_body(CopyRequest), responses=WRITE)
+async def copy(request: Request, state: State):
+    """`destination` becomes an alias of the model `source` names (no files are copied): kept in state.db,
+    resolved like any name, listed by /api/tags and `mlxk list`. 200 with no body."""
+    from mlxk import index
+
+    body = await parse_body(request, CopyRequest)
+    await state.get_catalog(fresh=True)  # the index knows what is cached now
+    await _with_index(state, lambda conn: index.add_alias(conn, names.parse(body.source), body.destination))
     await state.get_catalog(fresh=True)
     return Response(status_code=200)
