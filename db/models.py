@@ -64,6 +64,10 @@ def aliases(db) -> dict[str, str]:
     return dict(_conn(db).execute("SELECT name, repo_id FROM aliases"))
 
 
+def has_aliases(db) -> bool:
+    return _conn(db).execute("SELECT 1 FROM aliases LIMIT 1").fetchone() is not None
+
+
 def set_alias(db, *, name: str, repo_id: str, created_at: str) -> None:
     """Point the alias `name` at `repo_id` (an existing alias is moved, as Ollama's copy overwrites)."""
     conn = _conn(db)

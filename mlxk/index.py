@@ -319,7 +319,7 @@ def model_object(row: dict) -> dict:
     }
 
 
-def _model_object_sql() -> str:
+def _model_object_sql(*, aliases: bool = True) -> str:
     """model_object() as an SQLite JSON expression over a `models` row, for `list --json`.
 
     With 1,000s of repos, reading rows into dicts, building model objects and encoding them costs `list` ~15 ms of
@@ -347,13 +347,14 @@ def _model_object_sql() -> str:
         "quantization": "quantization",
         "architecture": "architecture",
         "reclaimable_bytes": "reclaimable_bytes",
-        "aliases": "json((SELECT json_group_array(name) FROM (SELECT name FROM aliases a "
-                   "WHERE a.repo_id = models.repo_id ORDER BY name)))",
+        "aliases": ("json((SELECT json_group_array(name) FROM (SELECT name FROM aliases a "
+                    "WHERE a.repo_id = models.repo_id ORDER BY name)))") if aliases else "json('[]')",
     }
     return "json_object(" + ", ".join(f"'{key}', {value}" for key, value in fields.items()) + ")"
 
 
 MODEL_OBJECT_SQL = _model_object_sql()
+MODEL_OBJECT_SQL_NO_ALIASES = _model_object_sql(aliases=False)  # the usual case: no per-row alias lookups
 
 
 def listing(conn) -> list[dict]:
@@ -361,7 +362,8 @@ def listing(conn) -> list[dict]:
     the rest is what `list` sorts, filters and counts by."""
     return [{"repo_id": repo_id, "size_bytes": size, "last_modified": modified, "pending": bool(pending),
              "object": text}
-            for repo_id, size, modified, pending, text in queries.model_objects(conn, MODEL_OBJECT_SQL)]
+            for repo_id, size, modified, pending, text in queries.model_objects(
+                conn, MODEL_OBJECT_SQL if queries.has_aliases(conn) else MODEL_OBJECT_SQL_NO_ALIASES)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
