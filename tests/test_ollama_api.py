@@ -142,6 +142,8 @@ def test_format_is_refused_until_constrained_decoding(client):
     ({"model": SCRIPTED_ID, "messages": HI, "options": {"temperature": "hot"}}, "options.temperature"),
     ({"model": SCRIPTED_ID, "messages": HI, "keep_alive": "1x"}, "keep_alive"),
     ({"model": SCRIPTED_ID, "messages": [{"content": "hi"}]}, "role"),
+    ({"model": SCRIPTED_ID, "messages": [{"role": "user", "content": ["hi"]}]}, "content must be a string"),
+    ({"model": SCRIPTED_ID, "messages": ["hi"]}, "messages"),
     ({"model": "a:b:c", "messages": HI}, "invalid model name"),
 ])
 def test_bad_chat_bodies_are_400_naming_the_field(server, body, problem):

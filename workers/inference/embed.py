@@ -72,8 +72,20 @@ class Embedder:
             self._pending.append(request)
             first = len(self._pending) == 1
         if first:  # one flush per burst; requests that come while it waits for the MLX thread join it
-            self.engine.call(self._flush)
+            self.engine.call(self._flush).add_done_callback(self._flushed)
         return await asyncio.wrap_future(request.future)
+
+    def _flushed(self, done: Future) -> None:
+        """A flush that could not run (the engine is stopping) or broke: no request may wait forever."""
+        error = done.exception()
+        if error is None:
+            return
+        with self._lock:
+            stranded, self._pending = self._pending, []
+        failure = error if isinstance(error, InferenceError) else Internal(str(error))
+        for request in stranded:
+            if not request.future.done():
+                request.future.set_exception(failure)
 
     def stats(self) -> dict:
         return {"embed_batches_total": self.batches, "embed_peak_batch_inputs": self.peak_batch_inputs}
@@ -86,8 +98,13 @@ class Embedder:
         by_model: dict[str, list[EmbedRequest]] = {}
         for request in taken:
             by_model.setdefault(request.model.key, []).append(request)
-        for requests in by_model.values():
-            self._run(requests)
+        try:
+            for requests in by_model.values():
+                self._run(requests)
+        finally:  # a bug above must not leave a request waiting forever
+            for request in taken:
+                if not request.future.done():
+                    request.future.set_exception(Internal("the embedding batch failed; see the worker log"))
 
     def _run(self, requests: list[EmbedRequest]) -> None:
         try:

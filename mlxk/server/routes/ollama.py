@@ -277,7 +277,7 @@ def _chat_messages(body: ChatRequest) -> list[dict]:
     for i, message in enumerate(body.messages or []):
         if not isinstance(message.get("role"), str):
             raise InvalidRequest(f"messages[{i}].role is required", param=f"messages[{i}].role")
-        if not isinstance(message.get("content", ""), str):
+        if message.get("content") is not None and not isinstance(message["content"], str):
             raise InvalidRequest(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
         item = {"role": message["role"], "content": message.get("content") or ""}
         for key in ("tool_calls", "tool_call_id"):
