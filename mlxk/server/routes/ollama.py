@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import secrets
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Optional, Union
@@ -543,23 +544,40 @@ def _ending(job: dict) -> dict:
     return {"status": "success"} if error is None else {"error": error.message}
 
 
+class _StopFollowing(Exception):
+    """Raised inside jobs.follow's callback once nobody reads the lines (the client left): the poll ends."""
+
+
 async def _follow(job_id: str) -> AsyncIterator[dict]:
-    """The job's progress lines (when they change), then its end: Ollama's pull statuses over an mlxk job."""
+    """The job's progress lines (when they change), then its end: Ollama's pull statuses over an mlxk job.
+
+    A client that hangs up stops only the following (the poll thread ends at its next update); the pull job goes on,
+    as `mlxk pull` without --wait would."""
     queue: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
-    follower = loop.run_in_executor(None, lambda: jobs.follow(
-        job_id, lambda job: loop.call_soon_threadsafe(queue.put_nowait, job), poll_s=0.1))
-    last = None
-    while not (follower.done() and queue.empty()):
-        try:
-            job = await asyncio.wait_for(queue.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            continue
-        line = _progress(job)
-        if job["state"] not in ("queued",) and line != last:
-            last = line
-            yield line
-    final = await follower
+    left = threading.Event()
+
+    def update(job: dict) -> None:
+        if left.is_set():
+            raise _StopFollowing
+        loop.call_soon_threadsafe(queue.put_nowait, job)
+
+    follower = loop.run_in_executor(None, lambda: jobs.follow(job_id, update, poll_s=0.1))
+    follower.add_done_callback(lambda f: f.cancelled() or f.exception())  # _StopFollowing is nobody's error
+    try:
+        last = None
+        while not (follower.done() and queue.empty()):
+            try:
+                job = await asyncio.wait_for(queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                continue
+            line = _progress(job)
+            if job["state"] != "queued" and line != last:
+                last = line
+                yield line
+        final = await follower
+    finally:
+        left.set()
     if final["state"] == "succeeded":
         yield {"status": "verifying sha256 digest"}
         yield {"status": "writing manifest"}
