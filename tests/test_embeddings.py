@@ -11,12 +11,14 @@ import math
 import struct
 import subprocess
 import sys
+import time
 
 import httpx
 import ollama
 import pytest
 
 from tests import factory
+from tests.fixtures.pause import release, wait_paused
 from tests.fixtures.server import API_KEY, SCRIPTED_ID, SCRIPTED_REPLY, spawn_server
 
 EMBED_ID = "mlx-community/tiny-sentence-vectors"  # classified by its model card, not its name
@@ -101,21 +103,33 @@ def test_batched_requests_give_the_vectors_of_lone_ones(server, client):
     assert any(m["repo_id"] == EMBED_ID for m in ps["models"])  # resident like any model
 
 
-def _batches(server) -> int:
+def _metric(server, name: str) -> int:
     text = httpx.get(f"{server.url}/metrics", headers=server.headers).text
-    found = [line.split()[-1] for line in text.splitlines() if line.startswith("mlxk_embed_batches_total ")]
-    return int(found[0]) if found else 0  # no worker yet: no passes
+    found = [line.split()[-1] for line in text.splitlines() if line.startswith(f"{name} ")]
+    return int(found[0]) if found else 0  # no worker yet
 
 
-def test_concurrent_requests_share_forward_passes(server, client):
-    """32 one-text requests at once take far fewer than 32 forward passes: requests that wait for the MLX thread
-    (here: while the first one loads the model) join the next batch; each request alone would be one pass."""
-    unload = httpx.post(f"{server.url}/api/stop", json={"model": EMBED_ID}, headers=server.headers)
-    assert unload.status_code in (200, 404)  # 404: not loaded yet
-    before = _batches(server)
-    with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        list(pool.map(lambda i: client.embeddings.create(model=EMBED_ID, input=f"text {i}"), range(32)))
-    assert _batches(server) - before <= 8
+def test_requests_that_wait_for_the_mlx_thread_share_one_forward_pass(tmp_path):
+    """The MLX thread is held at the start of a flush (a test pause point) while 8 one-text requests arrive; once
+    it goes on, all 8 run in one forward pass (each alone would be one pass)."""
+    factory.write_repo(tmp_path / "hf" / "hub", EMBED_ID, factory.tiny_embedding_files())
+    srv = spawn_server(tmp_path, env={"MLXK_TEST_PAUSE_AT": "embed.flush"})
+    try:
+        client = srv.openai()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            first = pool.submit(client.embeddings.create, model=EMBED_ID, input="text 0")
+            wait_paused(srv.root / "mlxk", "embed.flush")  # the flush for the first request holds the thread
+            rest = [pool.submit(client.embeddings.create, model=EMBED_ID, input=f"text {i}") for i in range(1, 8)]
+            deadline = time.monotonic() + 60
+            while _metric(srv, "mlxk_embed_waiting") < 8:
+                assert time.monotonic() < deadline, "the requests did not reach the worker"
+                time.sleep(0.05)
+            release(srv.root / "mlxk", "embed.flush")
+            vectors = [f.result(timeout=60).data[0].embedding for f in [first, *rest]]
+        assert len(vectors) == 8 and all(len(v) == HIDDEN for v in vectors)
+        assert _metric(srv, "mlxk_embed_batches_total") == 1 and _metric(srv, "mlxk_embed_peak_batch_inputs") == 8
+    finally:
+        srv.stop()
 
 
 @pytest.mark.parametrize("body, status, problem", [

@@ -127,4 +127,6 @@ class Metrics:
             scalar("mlxk_embed_peak_batch_inputs", "gauge",
                    "Most inputs embedded in one forward pass (requests that arrive together share one).",
                    int(worker.get("embed_peak_batch_inputs") or 0))
+            scalar("mlxk_embed_waiting", "gauge", "Embedding requests waiting for the next batch.",
+                   int(worker.get("embed_waiting") or 0))
         return "\n".join(lines) + "\n"

@@ -88,11 +88,17 @@ class Embedder:
                 request.future.set_exception(failure)
 
     def stats(self) -> dict:
-        return {"embed_batches_total": self.batches, "embed_peak_batch_inputs": self.peak_batch_inputs}
+        with self._lock:
+            waiting = len(self._pending)
+        return {"embed_batches_total": self.batches, "embed_peak_batch_inputs": self.peak_batch_inputs,
+                "embed_waiting": waiting}
 
     # ---- on the MLX thread -----------------------------------------------------------------------------------
 
     def _flush(self) -> None:
+        from mlxk.faults import checkpoint
+
+        checkpoint("embed.flush")  # tests hold the MLX thread here while requests pile up
         with self._lock:
             taken, self._pending = self._pending, []
         by_model: dict[str, list[EmbedRequest]] = {}

@@ -43,8 +43,8 @@ Requests
      "keep_alive": float|null}
         -> {"event": "embeddings", "embeddings": [[float]], "prompt_tokens": int} or an error event
         (embed.py: last-token pooling, L2-normalized; `dimensions` truncates first). Requests that arrive
-        while the MLX thread is busy run in one batch. The status reply adds "embed_batches_total" and
-        "embed_peak_batch_inputs".
+        while the MLX thread is busy run in one batch. The status reply adds "embed_batches_total",
+        "embed_peak_batch_inputs" and "embed_waiting" (requests waiting for the next batch).
 
 Events of a generate request, in order
     {"event": "accepted", "prompt_tokens": int, "cached_tokens": int}
