@@ -123,3 +123,10 @@ def m006_responses(db):
         pk="id",
     )
     db["responses"].create_index(["created_at"])
+
+
+@migration
+def m007_aliases(db):
+    # Other names for cached models (Ollama's /api/copy): `name` as mlxk.names.parse normalizes it, lowercased.
+    db["aliases"].create({"name": str, "repo_id": str, "created_at": str}, pk="name")
+    db["aliases"].create_index(["repo_id"])

@@ -59,6 +59,29 @@ def model_ids(db) -> list[str]:
     return [row[0] for row in _conn(db).execute("SELECT repo_id FROM models ORDER BY repo_id")]
 
 
+def aliases(db) -> dict[str, str]:
+    """Every alias (its normalized, lowercased name) and the repo id it names."""
+    return dict(_conn(db).execute("SELECT name, repo_id FROM aliases"))
+
+
+def has_aliases(db) -> bool:
+    return _conn(db).execute("SELECT 1 FROM aliases LIMIT 1").fetchone() is not None
+
+
+def set_alias(db, *, name: str, repo_id: str, created_at: str) -> None:
+    """Point the alias `name` at `repo_id` (an existing alias is moved, as Ollama's copy overwrites)."""
+    conn = _conn(db)
+    with _writing(conn):
+        conn.execute("INSERT INTO aliases (name, repo_id, created_at) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE "
+                     "SET repo_id = excluded.repo_id, created_at = excluded.created_at", (name, repo_id, created_at))
+
+
+def delete_alias(db, *, name: str) -> bool:
+    conn = _conn(db)
+    with _writing(conn):
+        return conn.execute("DELETE FROM aliases WHERE name = ?", (name,)).rowcount > 0
+
+
 def healthy_ids(db) -> list[str]:
     """Repos whose files passed the integrity check, sorted."""
     return [row[0] for row in _conn(db).execute("SELECT repo_id FROM models WHERE health = 'healthy' ORDER BY repo_id")]

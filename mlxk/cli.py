@@ -23,6 +23,7 @@ COMMANDS = {
     "push": "mlxk.commands.jobs:push_command",
     "jobs": "mlxk.commands.jobs:jobs_group",
     "run": "mlxk.commands.serve:run_command",
+    "embed": "mlxk.commands.serve:embed_command",
     "serve": "mlxk.commands.serve:serve_command",
     "ps": "mlxk.commands.serve:ps_command",
     "stop": "mlxk.commands.serve:stop_command",

@@ -271,7 +271,14 @@ def _check_runtime(conn, cache_dir: Path, repo_ids: list[str], signature: _Signa
 
 
 def rows(conn, columns=queries.COLUMNS) -> list[dict]:
-    return queries.all_models(conn, columns)
+    """Every row, each with `aliases`: the other names it has (Ollama's /api/copy), sorted."""
+    found = queries.all_models(conn, columns)
+    by_repo: dict[str, list[str]] = {}
+    for alias, repo_id in sorted(queries.aliases(conn).items()):
+        by_repo.setdefault(repo_id, []).append(alias)
+    for row in found:
+        row["aliases"] = by_repo.get(row["repo_id"], [])
+    return found
 
 
 def is_pending(row: dict) -> bool:
@@ -313,10 +320,11 @@ def model_object(row: dict) -> dict:
         "quantization": row["quantization"],
         "architecture": row["architecture"],
         "reclaimable_bytes": row["reclaimable_bytes"],
+        "aliases": row.get("aliases") or [],
     }
 
 
-def _model_object_sql() -> str:
+def _model_object_sql(*, aliases: bool = True) -> str:
     """model_object() as an SQLite JSON expression over a `models` row, for `list --json`.
 
     With 1,000s of repos, reading rows into dicts, building model objects and encoding them costs `list` ~15 ms of
@@ -344,11 +352,14 @@ def _model_object_sql() -> str:
         "quantization": "quantization",
         "architecture": "architecture",
         "reclaimable_bytes": "reclaimable_bytes",
+        "aliases": ("json((SELECT json_group_array(name) FROM (SELECT name FROM aliases a "
+                    "WHERE a.repo_id = models.repo_id ORDER BY name)))") if aliases else "json('[]')",
     }
     return "json_object(" + ", ".join(f"'{key}', {value}" for key, value in fields.items()) + ")"
 
 
 MODEL_OBJECT_SQL = _model_object_sql()
+MODEL_OBJECT_SQL_NO_ALIASES = _model_object_sql(aliases=False)  # the usual case: no per-row alias lookups
 
 
 def listing(conn) -> list[dict]:
@@ -356,7 +367,8 @@ def listing(conn) -> list[dict]:
     the rest is what `list` sorts, filters and counts by."""
     return [{"repo_id": repo_id, "size_bytes": size, "last_modified": modified, "pending": bool(pending),
              "object": text}
-            for repo_id, size, modified, pending, text in queries.model_objects(conn, MODEL_OBJECT_SQL)]
+            for repo_id, size, modified, pending, text in queries.model_objects(
+                conn, MODEL_OBJECT_SQL if queries.has_aliases(conn) else MODEL_OBJECT_SQL_NO_ALIASES)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -448,9 +460,37 @@ def resolve(conn, ref) -> Resolved:
     from mlxk import names
 
     while True:
-        row = queries.get_model(conn, names.resolve(ref.repo, queries.model_ids(conn)))
+        aliases = queries.aliases(conn)
+        row = queries.get_model(conn, names.resolve(ref.repo, queries.model_ids(conn), aliases))
         if row is not None:  # None: another process removed it between the two reads, so the ids are stale
+            row["aliases"] = sorted(a for a, repo_id in aliases.items() if repo_id == row["repo_id"])
             return _at_revision(row, ref)
+
+
+def add_alias(conn, source, destination: str) -> dict:
+    """Give the cached model `source` (a parsed name) another name, `destination` (Ollama's /api/copy): kept in
+    state.db, resolved by mlxk.names.resolve before any other rule, shown by `list`. An alias names a model (its
+    current revision), so `destination` takes no '@revision'; it may not be a cached repo's own id."""
+    from mlxk import names
+    from mlxk.errors import InvalidName
+
+    row = resolve(conn, source).row
+    ref = names.parse(destination)
+    if ref.revision:
+        raise InvalidName(f"invalid alias {destination!r}: an alias names a model, not a revision; leave out "
+                          f"'@{ref.revision}' (or the commit tag)", name=destination)
+    key = names.alias_key(destination)
+    if any(repo_id.lower() == key for repo_id in queries.model_ids(conn)):
+        raise InvalidName(f"invalid alias {destination!r}: it is already the name of a cached model", name=destination)
+    queries.set_alias(conn, name=key, repo_id=row["repo_id"], created_at=iso_utc(time.time()))
+    return {"alias": key, "repo_id": row["repo_id"]}
+
+
+def remove_alias(conn, name: str) -> bool:
+    """Forget the alias `name` (the model it names stays); False when `name` is no alias."""
+    from mlxk import names
+
+    return queries.delete_alias(conn, name=names.alias_key(name))
 
 
 def resolve_in(all_rows: list[dict], ref) -> Resolved:
@@ -458,7 +498,8 @@ def resolve_in(all_rows: list[dict], ref) -> Resolved:
     from mlxk import names
 
     by_id = {row["repo_id"]: row for row in all_rows}
-    return _at_revision(by_id[names.resolve(ref.repo, list(by_id))], ref)
+    aliases = {alias: row["repo_id"] for row in all_rows for alias in row.get("aliases") or []}
+    return _at_revision(by_id[names.resolve(ref.repo, list(by_id), aliases)], ref)
 
 
 def _at_revision(row: dict, ref) -> Resolved:

@@ -58,16 +58,33 @@ def validate_repo_id(repo_id: str, *, allow_bare: bool = False) -> str:
 
 
 LATEST_TAG = ":latest"  # ollama's default tag, which clients append: the current revision, as if no tag were given
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$")  # ollama's tag grammar (types/model/name.go)
 
 
 def parse(name: str, *, allow_bare: bool = True) -> ModelRef:
-    """Split `org/name@rev`; validates both halves. A trailing `:latest` (ollama's default tag) is dropped."""
+    """Split `org/name@rev`; validates both halves. Ollama-style tags map onto repos and revisions:
+
+    `:latest` (ollama's default tag, which clients append) names the current revision, as if no tag were given;
+    a tag that is a commit prefix (4-40 hex digits) names that revision, so `org/name:1a2b3c4d` is
+    `org/name@1a2b3c4d`; any other tag names a variant repo, joined with '-': `qwen3:0.6b-4bit` is `qwen3-0.6b-4bit`
+    (which the resolver then matches as usual, e.g. to mlx-community/Qwen3-0.6B-4bit).
+    """
     if name is None or not name.strip():
         raise _fail(name or "", "it is empty")
     text = name.strip()
     if text.lower().endswith(LATEST_TAG) and len(text) > len(LATEST_TAG):
         text = text[: -len(LATEST_TAG)]
     repo, sep, revision = text.partition("@")
+    repo, colon, tag = repo.partition(":")
+    if colon:
+        if not repo or not _TAG.match(tag) or tag.lower() == LATEST_TAG[1:]:
+            raise _fail(name, "the tag after ':' may hold letters, digits, '_', '.' and '-' (at most 80)")
+        if sep:
+            raise _fail(name, "give a ':tag' or an '@revision', not both")
+        if is_commit_prefix(tag):
+            sep, revision = "@", tag
+        else:
+            repo = f"{repo}-{tag}"
     validate_repo_id(repo, allow_bare=allow_bare)
     if sep:
         if not revision or not _REVISION.match(revision) or ".." in revision:
@@ -76,13 +93,28 @@ def parse(name: str, *, allow_bare: bool = True) -> ModelRef:
     return ModelRef(repo, None)
 
 
+def tagged(repo_id: str) -> str:
+    """The ollama-style name of a repo's current revision (`org/name:latest`): clients that add `:latest` to a
+    name without a tag (Open WebUI) then find it as listed."""
+    return f"{repo_id}{LATEST_TAG}"
+
+
 def is_commit_prefix(revision: str) -> bool:
     return bool(_HEX.match(revision))
 
 
-def resolve(name: str, candidates: list[str]) -> str:
-    """The one cached repo id `name` means: exact (case-insensitive), else a unique case-insensitive substring."""
+def alias_key(name: str) -> str:
+    """How an alias is stored and looked up: parsed like any name (tags mapped, `:latest` dropped), lowercased."""
+    return str(parse(name)).lower()
+
+
+def resolve(name: str, candidates: list[str], aliases: dict[str, str] | None = None) -> str:
+    """The one cached repo id `name` means: an alias (exact, case-insensitive; `aliases` maps alias_key → repo id)
+    of a cached repo, else exact (case-insensitive), else a unique case-insensitive substring."""
     lowered = name.lower()
+    target = (aliases or {}).get(lowered)
+    if target is not None and target in candidates:
+        return target
     exact = [c for c in candidates if c.lower() == lowered]
     if len(exact) == 1:
         return exact[0]

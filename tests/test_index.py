@@ -12,7 +12,7 @@ import pytest
 
 from mlxk import db
 from mlxk.db import models as queries
-from mlxk import cache, index
+from mlxk import cache, index, names
 from tests import factory
 
 
@@ -275,6 +275,17 @@ def test_sqlite_renders_the_same_model_objects_as_python(conn, hf_cache, model_f
                  "WHERE repo_id = 'mlx-community/tiny-config-missing'")
     conn.execute("UPDATE models SET framework = 'onnx' WHERE repo_id = 'example-org/tiny-gguf'")
     conn.commit()
+    _assert_sql_renders_model_objects(conn)
+    # with aliases (Ollama's /api/copy) the rendering looks them up per row: two on one model, none elsewhere
+    index.add_alias(conn, names.parse("mlx-community/tiny-healthy-chat"), "zeta")
+    index.add_alias(conn, names.parse("tiny-healthy-chat"), "Alpha:v2")
+    _assert_sql_renders_model_objects(conn)
+    chat = next(json.loads(e["object"]) for e in index.listing(conn) if e["repo_id"] == "mlx-community/tiny-healthy-chat")
+    assert chat["aliases"] == ["alpha-v2", "zeta"]
+    assert index.resolve(conn, names.parse("ALPHA:v2")).row["repo_id"] == "mlx-community/tiny-healthy-chat"
+
+
+def _assert_sql_renders_model_objects(conn):
     expected = {row["repo_id"]: index.model_object(row) for row in index.rows(conn)}
     rendered = {entry["repo_id"]: entry for entry in index.listing(conn)}
     assert list(rendered) == list(expected)

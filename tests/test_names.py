@@ -41,13 +41,27 @@ def test_revision_split():
 
 
 def test_latest_tag_means_the_current_revision():
-    """Ollama-style clients append `:latest`; it names what no tag names. Other tags stay invalid."""
+    """Ollama-style clients append `:latest`; it names what no tag names."""
     assert names.parse("org/name:latest") == names.parse("org/name") == names.ModelRef("org/name", None)
     assert names.parse("qwen:LATEST").repo == "qwen"
     assert names.parse("org/name@abc123:latest") == names.ModelRef("org/name", "abc123")
-    for bad in ("org/name:7b", ":latest", "org/name:latest:latest"):
-        with pytest.raises(InvalidName):
-            names.parse(bad)
+    assert names.tagged("org/name") == "org/name:latest"
+
+
+@pytest.mark.parametrize("name, ref", [
+    ("qwen3:0.6b-4bit", names.ModelRef("qwen3-0.6b-4bit")),          # a variant: joined with '-'
+    ("org/name:4bit", names.ModelRef("org/name-4bit")),
+    ("org/name:1a2b3c4d", names.ModelRef("org/name", "1a2b3c4d")),    # a commit prefix: that revision
+])
+def test_ollama_tags_map_onto_repos_and_revisions(name, ref):
+    assert names.parse(name) == ref
+
+
+@pytest.mark.parametrize("bad", [":latest", "org/name:latest:latest", ":7b", "org/name:", "org/name:a b",
+                                 "org/name:7b@abc123", "org/name:-x", "a:b:c"])
+def test_bad_tags_are_invalid_names(bad):
+    with pytest.raises(InvalidName):
+        names.parse(bad)
 
 
 def test_bare_name_needs_org_only_when_asked():

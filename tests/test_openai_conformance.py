@@ -416,14 +416,14 @@ def test_call_still_open_when_generation_ends_is_parsed(client, stream):
 
 def _ps_model(server, repo_id: str) -> dict | None:
     ps = httpx.get(f"{server.url}/api/ps", headers=server.headers).json()
-    return next((m for m in ps["models"] if m["name"] == repo_id), None)
+    return next((m for m in ps["models"] if m["repo_id"] == repo_id), None)
 
 
 def test_keep_alive_minus_one_from_the_environment_never_unloads(server, client):
     client.chat.completions.create(model=SCRIPTED_ID, messages=HI)
     time.sleep(1.0)  # the report: unloaded 43 ms after the reply
     model = _ps_model(server, SCRIPTED_ID)
-    assert model is not None and model["keep_alive_s"] < 0 and model["expires_at"] is None
+    assert model is not None and model["keep_alive_s"] < 0 and model["expires_ts"] is None
 
 
 @pytest.mark.parametrize("keep_alive, seconds", [("1h30m", 5400), ("10m", 600), (90, 90), ("-1m", None)])
@@ -431,9 +431,9 @@ def test_keep_alive_durations_per_request(server, client, keep_alive, seconds):
     client.chat.completions.create(model=SCRIPTED_ID, messages=HI, extra_body={"keep_alive": keep_alive})
     model = _ps_model(server, SCRIPTED_ID)
     if seconds is None:
-        assert model["keep_alive_s"] < 0 and model["expires_at"] is None
+        assert model["keep_alive_s"] < 0 and model["expires_ts"] is None
     else:
-        assert model["keep_alive_s"] == seconds and model["expires_at"] > time.time() + seconds - 60
+        assert model["keep_alive_s"] == seconds and model["expires_ts"] > time.time() + seconds - 60
 
 
 def test_bad_keep_alive_is_400_naming_the_forms(server):
@@ -451,7 +451,7 @@ def test_keep_alive_flag_minus_one_wins_over_the_environment(tmp_path):
         srv.openai().chat.completions.create(model=SCRIPTED_ID, messages=HI)
         time.sleep(2.0)  # past the environment's 1 s
         model = _ps_model(srv, SCRIPTED_ID)
-        assert model is not None and model["expires_at"] is None
+        assert model is not None and model["expires_ts"] is None
         ps = subprocess.run([sys.executable, "-c", "from mlxk.cli import main; main()", "ps"], env=srv.env,
                             capture_output=True, text=True, timeout=60)
         assert ps.returncode == 0 and re.search(r"tiny-scripted .* forever", ps.stdout), ps.stdout + ps.stderr

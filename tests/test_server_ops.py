@@ -52,7 +52,7 @@ def mlxk(*args) -> tuple[int, dict]:
 
 
 def loaded(server) -> list[str]:
-    return [m["name"] for m in httpx.get(f"{server.url}/api/ps").json()["models"]]
+    return [m["repo_id"] for m in httpx.get(f"{server.url}/api/ps").json()["models"]]
 
 
 def test_health_reports_worker_state_without_auth(server):

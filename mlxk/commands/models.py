@@ -96,7 +96,8 @@ def _list_row(row: dict, show_health: bool) -> list:
         kind = f"{kind}, {index.FRAMEWORK_LABELS.get(row['framework'], row['framework'])}"
     if index.is_pending(row) and not show_health:
         kind += " (pending)"
-    cells = [row["repo_id"], (row["revision"] or "-")[: index.HASH_DISPLAY], human_size(row["size_bytes"]),
+    name = row["repo_id"] + (f" (alias: {', '.join(row['aliases'])})" if row.get("aliases") else "")
+    cells = [name, (row["revision"] or "-")[: index.HASH_DISPLAY], human_size(row["size_bytes"]),
              relative_time(row["last_modified"]), kind]
     if show_health:
         cells += [row["health"], _runtime_word(row), _short(row["reason"])]

@@ -81,6 +81,17 @@ def run_command(model, prompt, system, max_tokens, temperature):
     return repl.stream_answer(model, text, system=system, params=params)
 
 
+@click.command("embed")
+@click.argument("model")
+@click.argument("texts", nargs=-1, required=True)
+@json_command
+def embed_command(model, texts):
+    """Print the embedding vector of each TEXT (one JSON array a line) from an embedding MODEL."""
+    from mlxk.server import repl
+
+    return repl.embed(model, list(texts))
+
+
 @click.command("ps")
 @json_command
 def ps_command():

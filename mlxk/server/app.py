@@ -22,7 +22,7 @@ from mlxk.server import runtime
 from mlxk.server.deps import ServerConfig, ServerState
 from mlxk.server.errors import InternalError, error_body
 from mlxk.server.middleware import BodyLimit, CrossSiteGuard, RequestContext
-from mlxk.server.routes import anthropic, jobs, openai, ops, responses, ui
+from mlxk.server.routes import anthropic, embeddings, jobs, ollama, openai, ops, responses, ui
 from mlxk.server.supervisor import Supervisor
 
 log = logging.getLogger("mlxk.server.app")
@@ -44,15 +44,16 @@ def _as_mlxk_error(request: Request, error: Exception) -> MlxkError:
 
 
 async def openai_error(request: Request, error: Exception) -> JSONResponse:
-    """The one exception handler: every error leaves in its dialect's shape (OpenAI's unless the route is another
-    dialect's) with the request id."""
+    """The one exception handler: every error leaves in its dialect's shape (errors.error_body: Anthropic's, Ollama's
+    or OpenAI's, by route) with the request id."""
     mlxk_error = _as_mlxk_error(request, error)
     headers = {"x-request-id": getattr(request.state, "request_id", "")}
     if isinstance(error, HTTPException) and error.headers:  # e.g. 405's Allow, which RFC 9110 requires
         headers.update(error.headers)
     if getattr(mlxk_error, "retryable", False):
         headers["retry-after"] = "1"
-    return JSONResponse(error_body(request.url.path, mlxk_error, headers["x-request-id"]), status_code=mlxk_error.http_status, headers=headers)
+    return JSONResponse(error_body(request.url.path, mlxk_error, headers["x-request-id"]),
+                        status_code=mlxk_error.http_status, headers=headers)
 
 
 async def _keep_job_worker(every_s: float = 3.0) -> None:
@@ -95,6 +96,8 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(anthropic.router)
     app.include_router(responses.router)
+    app.include_router(embeddings.router)
+    app.include_router(ollama.router)
     app.include_router(jobs.router)
     app.include_router(ui.router)
     app.add_exception_handler(MlxkError, openai_error)

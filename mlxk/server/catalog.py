@@ -15,6 +15,7 @@ from mlxk.config import Settings
 from mlxk.errors import ModelNotRunnable
 
 SERVABLE_TYPES = ("chat", "base")
+EMBEDDING_TYPES = ("embedding",)
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,8 @@ def load(settings: Settings) -> Catalog:
         return Catalog(index.rows(loaded.conn), pending)
 
 
-def why_not_runnable(row: dict) -> str | None:
-    """None when the row can be served; else the reason shown to the user."""
+def why_not_runnable(row: dict, types: tuple[str, ...] = SERVABLE_TYPES) -> str | None:
+    """None when the row can be served (as one of `types`: generation by default); else the reason shown."""
     if row.get("health") != "healthy":
         return row.get("reason") or "the model failed its integrity check (see `mlxk health`)"
     if (row.get("framework") or "").lower() != "mlx":
@@ -58,7 +59,9 @@ def why_not_runnable(row: dict) -> str | None:
         return row.get("reason") or f"it is a {framework} model, not MLX"
     if row.get("runtime_compatible") is False:
         return row.get("reason") or "the installed mlx-lm cannot run this model type"
-    if row.get("model_type") not in SERVABLE_TYPES:
+    if row.get("model_type") not in types:
+        if types == EMBEDDING_TYPES:
+            return f"it is a {row.get('model_type')} model; only embedding models give embeddings"
         return f"it is an {row.get('model_type')} model; only chat and base models generate text"
     return None
 
@@ -67,21 +70,21 @@ def runnable(rows: list[dict]) -> list[dict]:
     return [row for row in rows if why_not_runnable(row) is None]
 
 
-def resolve_row(name: str, rows: list[dict]) -> tuple[dict, str]:
+def resolve_row(name: str, rows: list[dict], types: tuple[str, ...] = SERVABLE_TYPES) -> tuple[dict, str]:
     """The runnable row `name` means (exact, fuzzy or `name@hash`) and the revision it names, or a clear MlxkError."""
     from mlxk import index
 
     resolved = index.resolve_in(rows, names.parse(name))
     row = resolved.row
-    reason = why_not_runnable(row)
+    reason = why_not_runnable(row, types)
     if reason:
         raise ModelNotRunnable(f"{row['repo_id']} cannot be run: {reason}", name=row["repo_id"], reason=reason)
     return row, resolved.revision
 
 
-def resolve(name: str, rows: list[dict], settings: Settings) -> Servable:
+def resolve(name: str, rows: list[dict], settings: Settings, types: tuple[str, ...] = SERVABLE_TYPES) -> Servable:
     """The servable model `name` means, or a clear MlxkError."""
-    row, revision = resolve_row(name, rows)
+    row, revision = resolve_row(name, rows, types)
     repo_id = row["repo_id"]
     path = row["snapshot_path"]
     if revision != row["revision"]:
@@ -115,5 +118,5 @@ def mark_failed(settings: Settings, key: str, reason: str) -> bool:
             "runtime_checked_at": iso_utc(time.time())}]) > 0
 
 
-def find(name: str, settings: Settings) -> Servable:
-    return resolve(name, load(settings).rows, settings)
+def find(name: str, settings: Settings, types: tuple[str, ...] = SERVABLE_TYPES) -> Servable:
+    return resolve(name, load(settings).rows, settings, types)

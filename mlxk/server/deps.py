@@ -96,8 +96,8 @@ class ServerState:
     async def model_rows(self) -> list[dict]:
         return (await self.get_catalog()).rows
 
-    async def resolve(self, name: str) -> catalog.Servable:
-        return catalog.resolve(name, await self.model_rows(), self.config.settings)
+    async def resolve(self, name: str, types: tuple[str, ...] = catalog.SERVABLE_TYPES) -> catalog.Servable:
+        return catalog.resolve(name, await self.model_rows(), self.config.settings, types)
 
 
 def get_state(request: Request) -> ServerState:

@@ -130,9 +130,21 @@ def anthropic_error_body(error: MlxkError, request_id: str = "") -> dict:
 ANTHROPIC_PATH = "/v1/messages"  # Anthropic's Messages API and everything under it
 
 
+# Ollama's routes (routes/ollama.py); /api/ps is Ollama's superset of mlxk's own list, so it answers in Ollama's shape
+OLLAMA_PATHS = frozenset({"/api/version", "/api/tags", "/api/show", "/api/ps", "/api/chat", "/api/generate",
+                          "/api/embed", "/api/embeddings", "/api/pull", "/api/delete", "/api/copy"})
+
+
+def ollama_error_body(error: MlxkError) -> dict:
+    """Ollama's error shape: one string."""
+    return {"error": error.message}
+
+
 def error_body(path: str, error: MlxkError, request_id: str = "") -> dict:
-    """The error shape of the dialect a path belongs to: Anthropic's under /v1/messages, else OpenAI's (which the
-    Responses API shares). The one choice, for the app's handler and the middleware alike."""
+    """The error shape of the dialect a path belongs to: Anthropic's under /v1/messages, Ollama's on its routes, else
+    OpenAI's (which the Responses API shares). The one choice, for the app's handler and the middleware alike."""
     if path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/"):
         return anthropic_error_body(error, request_id)
+    if path.rstrip("/") in OLLAMA_PATHS:
+        return ollama_error_body(error)
     return openai_error_body(error)

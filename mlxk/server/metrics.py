@@ -121,4 +121,12 @@ class Metrics:
         if worker.get("peak_memory_bytes") is not None:
             scalar("mlxk_peak_memory_bytes", "gauge", "Peak MLX memory of the inference worker.",
                    int(worker["peak_memory_bytes"]))
+        if worker.get("embed_batches_total") is not None:
+            scalar("mlxk_embed_batches_total", "counter", "Forward passes that computed embeddings.",
+                   int(worker["embed_batches_total"]))
+            scalar("mlxk_embed_peak_batch_inputs", "gauge",
+                   "Most inputs embedded in one forward pass (requests that arrive together share one).",
+                   int(worker.get("embed_peak_batch_inputs") or 0))
+            scalar("mlxk_embed_waiting", "gauge", "Embedding requests waiting for the next batch.",
+                   int(worker.get("embed_waiting") or 0))
         return "\n".join(lines) + "\n"

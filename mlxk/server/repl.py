@@ -145,6 +145,21 @@ def interactive(model: str, *, system: str | None, params: dict) -> Output:
     return Output({"model": name, "turns": len(history) // 2})
 
 
+# ---------------------------------------------------------------- embed
+
+
+def embed(model: str, texts: list[str]) -> Output:
+    """One vector per text from the embedding model (resolved locally first, like `run`), one JSON array a line."""
+    import json
+
+    servable = catalog.find(model, load_settings(), catalog.EMBEDDING_TYPES)
+    with _client() as client:
+        reply = client.post("/v1/embeddings", {"model": servable.repo_id, "input": texts})
+    vectors = [item["embedding"] for item in reply["data"]]
+    data = {"model": reply["model"], "embeddings": vectors, "dimensions": len(vectors[0]), "usage": reply["usage"]}
+    return Output(data, lambda: "\n".join(json.dumps(v) for v in vectors))
+
+
 # ---------------------------------------------------------------- ps / stop
 
 
@@ -167,6 +182,17 @@ def _ps_text(data: dict) -> str:
     return "\n".join(lines)
 
 
+_PS_FIELDS = ("name", "revision", "key", "path", "memory_bytes", "loaded_at", "last_used", "keep_alive_s",
+              "expires_at", "expires_in_s", "running")
+
+
+def _ps_model(model: dict) -> dict:
+    """mlxk's view of a loaded model from /api/ps, whose Ollama fields (`name` tagged, `expires_at` RFC 3339) come
+    first: `name` is the repo id and `expires_at` unix seconds (null: never), as `mlxk ps --json` always said."""
+    mine = {**model, "name": model.get("repo_id", model.get("name")), "expires_at": model.get("expires_ts")}
+    return {key: mine.get(key) for key in _PS_FIELDS}
+
+
 def ps() -> Output:
     endpoint = find_server(load_settings())
     if endpoint is None:
@@ -174,7 +200,7 @@ def ps() -> Output:
         return Output(data, _ps_text(data))
     with Client(endpoint, timeout=30) as client:
         reply = client.get("/api/ps")
-    data = {"server": endpoint.url, **reply}
+    data = {"server": endpoint.url, **reply, "models": [_ps_model(m) for m in reply.get("models") or []]}
     return Output(data, lambda: _ps_text(data))
 
 

@@ -631,6 +631,16 @@ class Engine:
         lm.last_used = time.time()
         return {"event": protocol.EV_LOADED, "key": lm.key}
 
+    def embedding_model(self, ref: ModelRef, keep_alive: float | None) -> LoadedModel:
+        """The loaded model an embed batch runs on (embed.py; called on this thread): loaded, evicted and kept
+        alive like any other, so `ps` shows it and max_loaded counts it."""
+        lm = self._ensure_loaded(ref)
+        if keep_alive is not None:
+            lm.keep_alive_s = float(keep_alive)
+            lm.unload_when_idle = lm.keep_alive_s == 0
+        lm.last_used = time.time()
+        return lm
+
     def _unload_op(self, model: str | None) -> dict:
         keys = [k for k, lm in self._models.items()
                 if model is None or k == model or lm.ref.repo_id == model]

@@ -39,6 +39,12 @@ Requests
     {"op": "load", "model": {"key", "path"}, "keep_alive": float|null}
         -> {"event": "loaded", "key"} or an error event
     {"op": "ping"} -> {"event": "pong", "pid"}
+    {"op": "embed", "model": {"key", "path"}, "inputs": [str | [int]], "dimensions": int|null,
+     "keep_alive": float|null}
+        -> {"event": "embeddings", "embeddings": [[float]], "prompt_tokens": int} or an error event
+        (embed.py: last-token pooling, L2-normalized; `dimensions` truncates first). Requests that arrive
+        while the MLX thread is busy run in one batch. The status reply adds "embed_batches_total",
+        "embed_peak_batch_inputs" and "embed_waiting" (requests waiting for the next batch).
 
 Events of a generate request, in order
     {"event": "accepted", "prompt_tokens": int, "cached_tokens": int}
@@ -75,7 +81,8 @@ OP_STATUS = "status"
 OP_UNLOAD = "unload"
 OP_LOAD = "load"
 OP_PING = "ping"
-OPS = (OP_GENERATE, OP_STATUS, OP_UNLOAD, OP_LOAD, OP_PING)
+OP_EMBED = "embed"
+OPS = (OP_GENERATE, OP_STATUS, OP_UNLOAD, OP_LOAD, OP_PING, OP_EMBED)
 
 EV_ACCEPTED = "accepted"
 EV_DELTA = "delta"
@@ -85,7 +92,8 @@ EV_STATUS = "status"
 EV_UNLOADED = "unloaded"
 EV_LOADED = "loaded"
 EV_PONG = "pong"
-TERMINAL_EVENTS = frozenset({EV_DONE, EV_ERROR, EV_STATUS, EV_UNLOADED, EV_LOADED, EV_PONG})
+EV_EMBEDDINGS = "embeddings"
+TERMINAL_EVENTS = frozenset({EV_DONE, EV_ERROR, EV_STATUS, EV_UNLOADED, EV_LOADED, EV_PONG, EV_EMBEDDINGS})
 
 ERR_BAD_REQUEST = "bad_request"
 ERR_CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from . import protocol
+from .embed import Embedder
 from .engine import Engine
 from .errors import BadRequest, InferenceError
 from .protocol import socket_lock_path
@@ -37,6 +38,7 @@ LOCK_RETRY_S = 0.5   # the api's supervisor probes the lock by taking it for an 
 class WorkerServer:
     def __init__(self, engine: Engine, socket_path: str | Path, *, idle_exit_s: float | None = None):
         self.engine = engine
+        self.embedder = Embedder(engine)
         self.socket_path = Path(socket_path)
         self.idle_exit_s = idle_exit_s
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -186,7 +188,9 @@ class WorkerServer:
         if op == protocol.OP_PING:
             return {"event": protocol.EV_PONG, "pid": os.getpid()}
         if op == protocol.OP_STATUS:
-            return self.engine.status()
+            return {**self.engine.status(), **self.embedder.stats()}
+        if op == protocol.OP_EMBED:
+            return await self.embedder.embed(message)
         if op == protocol.OP_UNLOAD:
             model = message.get("model")
             if model is not None and not isinstance(model, str):

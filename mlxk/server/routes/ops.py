@@ -1,5 +1,5 @@
-"""Operations: /health (no auth), /metrics (Prometheus), and the ollama-like /api/ps and /api/stop that
-`mlxk ps` and `mlxk stop` call."""
+"""Operations: /health (no auth), /metrics (Prometheus), and /api/stop, which `mlxk stop` calls (Ollama has no
+/api/stop). `/api/ps`, which `mlxk ps` calls, is the Ollama route's superset (routes/ollama.py)."""
 from __future__ import annotations
 
 import logging
@@ -56,31 +56,6 @@ async def metrics(state: State) -> PlainTextResponse:
     worker = await state.supervisor.call({"op": protocol.OP_STATUS}, start=False)
     text = state.metrics.render(worker, state.supervisor.state())
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-def _loaded_model(model: dict, now: float) -> dict:
-    repo_id, _, revision = model.get("key", "").partition("@")
-    expires_at = model.get("expires_at")
-    return {
-        "name": repo_id, "revision": revision, "key": model.get("key"), "path": model.get("path"),
-        "memory_bytes": model.get("memory_bytes"), "loaded_at": model.get("loaded_at"),
-        "last_used": model.get("last_used"), "keep_alive_s": model.get("keep_alive_s"),
-        "expires_at": expires_at,
-        "expires_in_s": None if expires_at is None else max(0.0, round(expires_at - now, 1)),
-        "running": model.get("running", 0),
-    }
-
-
-@router.get("/api/ps")
-async def ps(state: State) -> dict:
-    """Loaded models and queue depth; a worker that is not running has nothing loaded (it is not started)."""
-    status = await state.supervisor.call({"op": protocol.OP_STATUS}, start=False) or {}
-    now = time.time()
-    return {
-        "models": [_loaded_model(m, now) for m in status.get("models") or []],
-        "running": status.get("running", 0), "waiting": status.get("waiting", 0),
-        "worker": state.supervisor.state(),
-    }
 
 
 class StopRequest(BaseModel):
