@@ -165,3 +165,16 @@ async def count_prompt_tokens(state: ServerState, rid: str, servable: catalog.Se
     accepted = await run.accepted()
     await run.close()
     return int(accepted.get("prompt_tokens") or 0)
+
+
+def merge_tool_calls(calls: dict[int, dict], deltas: list[dict]) -> None:
+    """Accumulate streamed tool-call pieces by index (OpenAI streams arguments in fragments)."""
+    for piece in deltas:
+        index = piece.get("index", len(calls))
+        call = calls.setdefault(index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+        if piece.get("id"):
+            call["id"] = piece["id"]
+        function = piece.get("function") or {}
+        if function.get("name"):
+            call["function"]["name"] = function["name"]
+        call["function"]["arguments"] += function.get("arguments") or ""

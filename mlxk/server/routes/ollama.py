@@ -1,10 +1,10 @@
 """The Ollama API (`/api/tags`, `/api/chat`, `/api/pull`, ...): a translation over the same parts as /v1.
 
 Names resolve through mlxk.names (the one resolver: `org/name:latest`, `qwen3:0.6b-4bit`, `org/name:<commit>`),
-generation goes through the OpenAI module's `Run` (one worker request, metrics, a client that hangs up cancels it),
+generation goes through mlxk.server.generation's `Run` (one worker request, metrics, a client that hangs up cancels it),
 pull and delete are mlxk jobs (mlxk.jobs), so `mlxk jobs` shows them. What differs is only the wire: NDJSON
 streams (on by default), a final chunk with counts and nanosecond durations, tool-call arguments as objects, and
-errors as `{"error": "..."}` (a router dependency tells the app's one handler to use that shape; after the 200 an
+errors as `{"error": "..."}` (errors.error_body picks that shape for these paths; after the 200 an
 error is the stream's last line). Wire facts: ../shared/reference/dialects.md §3.
 
 `/api/ps` is shared with `mlxk ps` and the web page: a compatible superset (Ollama's fields, then mlxk's).
@@ -29,13 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from mlxk import jobs, names
 from mlxk.clock import parse_iso
 from mlxk.errors import MlxkError
-from mlxk.server import catalog
+from mlxk.server import catalog, generation
 from mlxk.server.deps import ServerState, State, RequestId, parse_body, require_api_key
 from mlxk.server.errors import InvalidRequest, ollama_error_body
 from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, KeepAlive, error_responses, keep_alive_seconds, \
     request_body
 from mlxk.server.routes import embeddings as embedding_routes
-from mlxk.server.routes import openai as openai_routes
 from mlxk.workers.inference import protocol
 
 log = logging.getLogger("mlxk.server.ollama")
@@ -347,14 +346,14 @@ def _line(data: dict) -> bytes:
     return (json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 
-async def _stream(run: openai_routes.Run, reply: Reply, timing: Timing) -> AsyncIterator[bytes]:
+async def _stream(run: generation.Run, reply: Reply, timing: Timing) -> AsyncIterator[bytes]:
     calls: dict[int, dict] = {}
     status = 200
     try:
         async for event in run.rest():
             timing.mark(event)
             if event.get("event") == protocol.EV_DELTA:
-                openai_routes._merge_tool_calls(calls, event.get("tool_calls") or [])
+                generation.merge_tool_calls(calls, event.get("tool_calls") or [])
                 if event.get("content") or event.get("reasoning"):
                     yield _line(reply.chunk(event.get("content") or "", event.get("reasoning") or ""))
             elif event.get("event") == protocol.EV_DONE:
@@ -369,7 +368,7 @@ async def _stream(run: openai_routes.Run, reply: Reply, timing: Timing) -> Async
         await run.close(status=status)
 
 
-async def _collect(run: openai_routes.Run, reply: Reply, timing: Timing) -> dict:
+async def _collect(run: generation.Run, reply: Reply, timing: Timing) -> dict:
     content, thinking, calls, done = [], [], {}, {}
     try:
         async for event in run.rest():
@@ -377,11 +376,11 @@ async def _collect(run: openai_routes.Run, reply: Reply, timing: Timing) -> dict
             if event.get("event") == protocol.EV_DELTA:
                 content.append(event.get("content") or "")
                 thinking.append(event.get("reasoning") or "")
-                openai_routes._merge_tool_calls(calls, event.get("tool_calls") or [])
+                generation.merge_tool_calls(calls, event.get("tool_calls") or [])
             elif event.get("event") == protocol.EV_DONE:
                 done = event
     except BaseException as error:
-        await run.close(status=openai_routes._error_status(error))
+        await run.close(status=generation.error_status(error))
         raise
     await run.close()
     body = reply.chunk("".join(content), "".join(thinking), _tool_calls(calls) if calls else None, done=True)
@@ -411,22 +410,19 @@ async def _answer(request: Request, state: ServerState, rid: str, kind: str, bod
         params.tools, params.tool_choice = body.tools, "auto"
     timing = Timing()
     reply = Reply(kind, body.model)
-    gen = openai_routes.Generation("chat" if messages is not None else "completion", servable.repo_id,
-                                   body.stream, False, timing.started)
-    payload = protocol.generate_message(protocol.GenerateRequest(
-        id=rid, model=protocol.ModelRef(servable.key, servable.path), kind=gen.kind, messages=messages,
-        prompt=prompt, params=params))
-    run = openai_routes.Run(state, gen, payload, f"ollama_{kind}")
+    run = generation.open_run(state, rid, servable, kind="chat" if messages is not None else "completion",
+                              params=params, messages=messages, prompt=prompt, endpoint=f"ollama_{kind}",
+                              started=timing.started)
 
     async def exchange():
         await run.accepted()
         timing.accepted = time.perf_counter()
         if body.stream:
             return StreamingResponse(_stream(run, reply, timing), media_type=NDJSON,
-                                     headers=openai_routes.SSE_HEADERS)
+                                     headers=generation.SSE_HEADERS)
         return JSONResponse(await _collect(run, reply, timing))
 
-    return await openai_routes._unless_client_leaves(request, run, exchange())
+    return await generation.respond(request, run, exchange())
 
 
 async def _resolve(state: ServerState, name: str) -> tuple[dict, catalog.Servable]:

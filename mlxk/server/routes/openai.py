@@ -35,7 +35,8 @@ from mlxk.clock import iso_utc, parse_iso
 from mlxk.server import catalog
 from mlxk.server.deps import Model, RequestId, State, ServerState, check_supported, parse_body, require_api_key
 from mlxk.server.errors import InvalidRequest, openai_error_body
-from mlxk.server.generation import SSE_HEADERS, Run, error_status, naming, open_run, resolve, respond
+from mlxk.server.generation import SSE_HEADERS, Run, error_status, merge_tool_calls, naming, open_run, resolve, \
+    respond
 from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, ChatCompletionRequest, CompletionRequest, \
     error_responses, keep_alive_seconds, request_body
 from mlxk.workers.inference import protocol
@@ -150,19 +151,6 @@ def _usage(done: dict) -> dict:
     return usage
 
 
-def _merge_tool_calls(calls: dict[int, dict], deltas: list[dict]) -> None:
-    """Accumulate streamed tool-call pieces by index (OpenAI streams arguments in fragments)."""
-    for piece in deltas:
-        index = piece.get("index", len(calls))
-        call = calls.setdefault(index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
-        if piece.get("id"):
-            call["id"] = piece["id"]
-        function = piece.get("function") or {}
-        if function.get("name"):
-            call["function"]["name"] = function["name"]
-        call["function"]["arguments"] += function.get("arguments") or ""
-
-
 async def _generate(request: Request, state: ServerState, gen: Generation, run: Run):
     async def exchange():
         await run.accepted()
@@ -180,7 +168,7 @@ async def _collect(run: Run, gen: Generation) -> dict:
             if event.get("event") == protocol.EV_DELTA:
                 content.append(event.get("content") or "")
                 reasoning.append(event.get("reasoning") or "")
-                _merge_tool_calls(calls, event.get("tool_calls") or [])
+                merge_tool_calls(calls, event.get("tool_calls") or [])
             elif event.get("event") == protocol.EV_DONE:
                 done = event
     except BaseException as error:

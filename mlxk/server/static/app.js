@@ -211,13 +211,15 @@ async function removeModel(name, button) {
 // ------------------------------------------------------------------ loaded models (`mlxk ps`, `mlxk stop`)
 
 function loadedRow(model) {
+  // /api/ps is Ollama's superset: `name` is Ollama's tagged name, `repo_id` mlxk's
+  const name = model.repo_id || model.name;
   const unload = el("button", { type: "button", className: "small unload", text: "Unload",
-                                title: `mlxk stop ${model.name}` });
-  unload.addEventListener("click", () => unloadModel(model.name, unload));
+                                title: `mlxk stop ${name}` });
+  unload.addEventListener("click", () => unloadModel(name, unload));
   const expires = model.expires_in_s === null || model.expires_in_s === undefined
     ? "-" : humanDuration(model.expires_in_s);
-  return el("tr", { dataset: { name: model.name } }, [
-    el("td", { className: "name", text: model.name }),
+  return el("tr", { dataset: { name } }, [
+    el("td", { className: "name", text: name }),
     el("td", { className: "num", dataset: { label: "memory" }, text: humanSize(model.memory_bytes) }),
     el("td", { className: "num", dataset: { label: "unloads in" },
                text: model.running ? `${expires} (${model.running} running)` : expires }),
