@@ -607,6 +607,11 @@ def check_quantized_shapes(view: RepoView) -> list[Finding]:
     if quant is None:
         return []
     tensors = view.tensors
+    for name, (dtype, _shape) in sorted(tensors.items()):
+        if name.endswith((".scales", ".biases")) and dtype in INTEGER_DTYPES:
+            return [Finding("quantization_mismatch", f"tensor {name} is {dtype}, but a quantized layer's scales and "
+                                                     "biases must be floating point (mlx.core.dequantize refuses "
+                                                     "others); re-convert the model")]
     for name, (_dtype, scales) in sorted(tensors.items()):
         if not name.endswith(".scales"):
             continue
@@ -715,7 +720,8 @@ def mlx_lm_signature() -> str:
 
 def check_runtime(view: RepoView, detection: "Detection") -> Finding | None:
     """None when mlx-lm can run the model; else the first reason it cannot, with the fix."""
-    for rule in (check_framework, check_legacy_weights, check_model_type):
+    for rule in (check_framework, check_legacy_weights, check_model_type, check_tokenizer_files_load,
+                 check_weights_fit_model):
         finding = rule(view, detection)
         if finding:
             return finding
@@ -803,3 +809,46 @@ def _module_imports(module: str) -> bool:
     except Exception as error:  # a model module that is present but broken is as unsupported as a missing one
         log.warning("importing %s failed: %s", module, error)
         return False
+
+
+# Small JSON files the tokenizer loader (transformers) reads whole, as UTF-8 text: one stray byte or a BOM fails
+# every load. tokenizer.json is parsed here too, in full: the runtime check runs once per change of the repo in the
+# job worker (or for `mlxk health`), never on the `list` path, which only checks its first and last byte.
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                        "chat_template.json", "generation_config.json")
+
+
+def check_tokenizer_files_load(view: RepoView, detection: "Detection") -> Finding | None:
+    """Each tokenizer JSON file parses the way transformers reads it (`open(encoding="utf-8")`, then json.load)."""
+    for name in TOKENIZER_JSON_FILES:
+        entry = view.by_name.get(name)
+        if entry is None:
+            continue
+        try:
+            with open(entry.path, encoding="utf-8") as f:
+                json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            return Finding("tokenizer_invalid_json", f"{name} cannot be loaded ({_one_line(error)}); pull "
+                                                     f"{view.repo_id} again")
+    return None
+
+
+def check_weights_fit_model(view: RepoView, detection: "Detection") -> Finding | None:
+    """The weights fit the architecture config.json describes, as mlx-lm's loader checks them (strict: every
+    parameter present with its shape), from the safetensors headers alone: mlx_lm.utils.load_model with lazy=True
+    builds the model and reads the headers without loading a byte of weights (a few ms)."""
+    if view.snapshot is None or not any(f.name.endswith(".safetensors") for f in view.weight_files):
+        return None
+    try:
+        from mlx_lm.utils import load_model
+
+        load_model(view.snapshot, lazy=True, strict=True)
+    except Exception as error:  # noqa: BLE001 - any failure to build the model is this model's verdict
+        return Finding("weights_config_mismatch", f"the weights do not fit config.json ({_one_line(error)}); "
+                                                  "re-convert the model or pull it again")
+    return None
+
+
+def _one_line(error: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -607,3 +607,51 @@ def test_list_and_health_call_the_reproductions_unhealthy(model_factory, name, b
     assert name not in run("list").stdout  # the default view shows runnable models only
     result, doc = run_json("health", name)
     assert result.exit_code == 1 and doc["error"]["type"] == "model_unhealthy" and fragment in doc["error"]["message"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What only mlx-lm's own loader notices, checked from headers and whole JSON files (the runtime rules): a config whose
+# layer sizes, layer count or head count do not fit the weights, integer scales in a quantized model, and tokenizer
+# JSON files transformers cannot read (one stray byte, a BOM). Each loaded "healthy" before and failed at `mlxk run`.
+
+
+def _quantized_int_scales(files: dict) -> dict:
+    files = factory.tiny_model_files(quantize=True)
+    header = factory.safetensors_header(files["model.safetensors"])
+    float_type = next(v["dtype"] for k, v in header.items() if k.endswith(".scales"))
+    int_type = {"F16": "I16", "BF16": "I16", "F32": "I32"}[float_type]
+    return {**files, "model.safetensors": factory.with_safetensors_dtype(files["model.safetensors"], float_type, int_type)}
+
+
+@pytest.mark.parametrize("name, broken, fragment", [
+    ("wider-mlp", lambda f: _with_config(f, intermediate_size=256), "Expected shape (256, 64)"),
+    ("extra-layer", lambda f: _with_config(f, num_hidden_layers=3), "Missing 9 parameters"),
+    ("more-heads", lambda f: _with_config(f, num_attention_heads=8, num_key_value_heads=8), "Expected shape"),
+    ("int-scales", _quantized_int_scales, "scales"),
+    ("tokenizer-stray", lambda f: {**f, "tokenizer.json": f["tokenizer.json"] + b"}"}, "tokenizer.json cannot be loaded"),
+    ("special-stray", lambda f: {**f, "special_tokens_map.json": f["special_tokens_map.json"] + b"x"},
+     "special_tokens_map.json cannot be loaded"),
+    ("config-bom", lambda f: {**f, "tokenizer_config.json": b"\xef\xbb\xbf" + f["tokenizer_config.json"]},
+     "tokenizer_config.json"),
+])
+def test_what_the_loader_would_refuse_is_not_runnable(model_factory, name, broken, fragment):
+    from tests.fixtures.cli import run, run_json
+
+    model_factory.write(f"mlx-community/{name}", broken(chat_files()))
+    _, doc = run_json("health", name)
+    assert doc["data"]["summary"]["not_runnable"] + doc["data"]["summary"]["unhealthy"] == 1, doc
+    _, doc = run_json("list")
+    (model,) = doc["data"]["models"]
+    assert model["runtime_compatible"] is False and fragment in model["reason"], model
+    assert name not in run("list").stdout  # the default view shows runnable models only
+
+
+def test_the_loader_check_passes_every_factory_model(model_factory):
+    from tests.fixtures.cli import run_json
+
+    model_factory.write("mlx-community/plain", chat_files())
+    model_factory.write("mlx-community/quant", factory.tiny_model_files(quantize=True))
+    for name in ("plain", "quant"):
+        result, doc = run_json("health", name)
+        assert result.exit_code == 0 and doc["data"]["summary"]["healthy"] == 1, doc
+        assert doc["data"]["models"][0]["runtime_compatible"] is True, doc
