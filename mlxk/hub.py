@@ -638,8 +638,8 @@ def _resume_parts(job: _Job, file: RemoteFile, partial: Path, verifier: _Verifie
     if parts is None and have > file.size:
         partial.unlink()
         have = 0
-    if parts is None and job.connections > 1 and file.size - have >= 2 * PART_MIN_SIZE:
-        parts = _plan_parts(file.size, have, job.connections)
+    if parts is None and job.connections > 1 and file.size - have >= 2 * PART_SIZE:
+        parts = _plan_parts(file.size, have)
     if parts is None:
         if have:
             _hash_existing(partial, verifier, have)    # resume: the hash covers the bytes already on disk
@@ -834,16 +834,18 @@ def _write(out, data: bytes, job: _Job, partial: Path) -> None:
 # Fetching one large file over several ranged connections
 
 
-# A CDN caps each connection, so a large file is split into parts fetched at once, each with its own
-# `Range: bytes=a-b`, written in place (pwrite) into the same `<etag>.incomplete`. The progress of every part lives
-# in `<etag>.incomplete.parts` (fixed binary records; one 8-byte pwrite per chunk, after the data's own write), so a
-# killed process resumes each part exactly where its bytes end. The hash cannot be fed out of order: a hasher thread
-# follows the contiguous prefix that is on disk, reading it back from the page cache while the download goes on,
-# so verification needs no second pass over the file after the last byte arrives. Test-only pause point:
-# `pull.part` (every part has written its first chunk).
+# A CDN caps each connection, so a large file is split into parts of PART_SIZE, each one `Range: bytes=a-b` request,
+# fetched over `connections` connections at once, lowest offsets first, and written in place (pwrite) into the same
+# `<etag>.incomplete`. The progress of every part lives in `<etag>.incomplete.parts` (fixed binary records; one
+# 8-byte pwrite per chunk, after the data's own write), so a killed process resumes each part exactly where its
+# recorded bytes end. The hash cannot be fed out of order: a hasher thread follows the contiguous prefix that is on
+# disk, reading it back from the page cache while the download goes on; since parts are taken in order, it trails
+# the download by about `connections` parts, and no second pass over the whole file follows the last byte.
+# Test-only pause point: `pull.part` (every connection has written its first chunk).
 
 PARTS_SUFFIX = ".parts"
-PART_MIN_SIZE = 32 * 1024 * 1024     # a part is at least this big: smaller files go over one connection
+PART_SIZE = 16 * 1024 * 1024        # one ranged request; a file of less than two goes over one connection
+PART_FLUSH = 256 * 1024             # bytes a part holds before writing and recording them: what a kill re-fetches
 _PARTS_MAGIC = b"MLXKPRT1"
 _PARTS_HEAD = struct.Struct("<8sQI")
 _PART = struct.Struct("<QQQ")       # start, end (exclusive), bytes done
@@ -886,9 +888,9 @@ def _parts_path(partial: Path) -> Path:
     return partial.with_name(partial.name + PARTS_SUFFIX)
 
 
-def _plan_parts(size: int, have: int, connections: int) -> list[_Part]:
-    """[0, have) is one finished part; the rest is split into up to `connections` parts of >= PART_MIN_SIZE."""
-    count = max(1, min(connections, (size - have) // PART_MIN_SIZE))
+def _plan_parts(size: int, have: int) -> list[_Part]:
+    """[0, have) is one finished part; the rest is split into parts of PART_SIZE to 2 x PART_SIZE bytes."""
+    count = max(1, (size - have) // PART_SIZE)
     bounds = [have + (size - have) * i // count for i in range(count + 1)]
     parts = [_Part(0, 0, have, have)] if have else []
     parts += [_Part(0, a, b, 0) for a, b in zip(bounds, bounds[1:])]
@@ -897,8 +899,9 @@ def _plan_parts(size: int, have: int, connections: int) -> list[_Part]:
     return parts
 
 
-def _read_parts(path: Path, size: int) -> list[_Part] | None:
-    """The parts recorded beside a partial; None when absent or not a consistent cover of [0, size)."""
+def _read_parts(path: Path, size: int | None) -> list[_Part] | None:
+    """The parts recorded beside a partial; None when absent or not a consistent cover of [0, size) (of the
+    recorded size when `size` is None)."""
     try:
         data = path.read_bytes()
     except OSError:
@@ -908,6 +911,7 @@ def _read_parts(path: Path, size: int) -> list[_Part] | None:
         parts = [_Part(i, *_PART.unpack_from(data, _PARTS_HEAD.size + i * _PART.size)) for i in range(count)]
     except struct.error:
         return None
+    size = recorded if size is None else size
     edges = [p.start for p in parts] + [size]
     if magic != _PARTS_MAGIC or recorded != size or not parts or edges[0] != 0 or \
             any(p.end != edges[i + 1] or not 0 <= p.done <= p.end - p.start for i, p in enumerate(parts)):
@@ -918,10 +922,8 @@ def _read_parts(path: Path, size: int) -> list[_Part] | None:
 def partial_bytes(partial: Path, size: int | None = None) -> int:
     """Bytes of `partial` that are really downloaded: the parts' sum when split, else its length."""
     have = _size_or_none(partial) or 0
-    if size is None:
-        size = have
     parts = _read_parts(_parts_path(partial), size) if _parts_path(partial).exists() else None
-    return sum(p.done for p in parts) if parts else min(have, size)
+    return sum(p.done for p in parts) if parts else min(have, have if size is None else size)
 
 
 class _PartsFile:
@@ -990,18 +992,23 @@ class _FollowHasher:
 
 def _fetch_parts(job: _Job, file: RemoteFile, partial: Path, verifier: _Verifier,
                  parts: list[_Part]) -> tuple[int, bool]:
-    """Fetch every unfinished part at once. Returns (the contiguous prefix downloaded and hashed, True), or
-    (that prefix, False) when the server sends whole files for ranged requests and one connection must finish."""
+    """Fetch every unfinished part, `job.connections` at a time, lowest offsets first (so the hashed prefix keeps
+    up). Returns (the contiguous prefix downloaded and hashed, True), or (that prefix, False) when the server sends
+    whole files for ranged requests and one connection must finish."""
     fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
     record = _PartsFile(_parts_path(partial), file.size, parts)
     hasher = _FollowHasher(fd, verifier, parts)
-    started = _Countdown(sum(1 for p in parts if p.pos < p.end))
+    todo = queue.SimpleQueue()
+    for part in parts:
+        if part.pos < part.end:
+            todo.put(part)
+    lanes = max(1, min(job.connections, todo.qsize()))
+    started = _Countdown(lanes)
     halt = threading.Event()
     problems: list[BaseException] = []
     try:
-        todo = [p for p in parts if p.pos < p.end]
-        with ThreadPoolExecutor(max_workers=len(todo) or 1, thread_name_prefix="mlxk-pull-part") as pool:
-            futures = [pool.submit(_fetch_part, job, file, fd, record, hasher, part, started, halt) for part in todo]
+        with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="mlxk-pull-part") as pool:
+            futures = [pool.submit(_lane, job, file, fd, record, hasher, todo, started, halt) for _ in range(lanes)]
             done, _pending = wait(futures, return_when=FIRST_EXCEPTION)
             if any(f.exception() for f in done):
                 halt.set()    # the others stop at their next chunk; what they wrote is recorded
@@ -1025,7 +1032,7 @@ class _PartStopped(Exception):
 
 
 class _Countdown:
-    """`pull.part` pauses once, when every part has written its first chunk (tests kill -9 there)."""
+    """`pull.part` pauses once, when every connection has written its first chunk (tests kill -9 there)."""
 
     def __init__(self, n: int):
         self._left, self._lock = n, threading.Lock()
@@ -1038,15 +1045,29 @@ class _Countdown:
             checkpoint("pull.part")
 
 
+def _lane(job: _Job, file: RemoteFile, fd: int, record: _PartsFile, hasher: _FollowHasher, todo: queue.SimpleQueue,
+          started: _Countdown, halt: threading.Event) -> None:
+    """One connection: takes the next unfinished part until none is left."""
+    first: _Countdown | None = started
+    while not halt.is_set():
+        try:
+            part = todo.get_nowait()
+        except queue.Empty:
+            break
+        _fetch_part(job, file, fd, record, hasher, part, first, halt)
+        first = None
+    if first is not None:
+        first.one()
+
+
 def _fetch_part(job: _Job, file: RemoteFile, fd: int, record: _PartsFile, hasher: _FollowHasher, part: _Part,
-                started: _Countdown, halt: threading.Event) -> None:
-    first = True
+                started: _Countdown | None, halt: threading.Event) -> None:
     for attempt in range(RETRIES + 1):
         try:
-            _stream_part(job, file, fd, record, hasher, part, started if first else None, halt)
+            _stream_part(job, file, fd, record, hasher, part, started, halt)
             return
         except _Transient as problem:
-            first = False
+            started = None
             if attempt == RETRIES:
                 raise errors.HubError(
                     f"downloading {file.path} of {job.repo_id} failed {RETRIES + 1} times ({problem}); the "
@@ -1095,7 +1116,7 @@ def _stream_part(job: _Job, file: RemoteFile, fd: int, record: _PartsFile, hashe
                 if job.rate is not None:
                     job.rate.take(len(data))
                 pending += data
-                if len(pending) >= CHUNK_SIZE or time.monotonic() - last >= PROGRESS_INTERVAL_S:
+                if len(pending) >= PART_FLUSH or time.monotonic() - last >= PROGRESS_INTERVAL_S:
                     flush()
                     last = time.monotonic()
                     if started is not None:
