@@ -185,7 +185,6 @@ def _refresh_index(repos=None, *, runtime: bool = True, force: bool = False, cac
     from mlxk import index
     from mlxk.config import settings
 
-    # A raw connection, as `list` uses: open_db would import sqlite-utils (and numpy) on the CLI's inline rm.
     with closing(connect()) as conn:
         return index.refresh(conn, cache_dir or settings().hf_hub_cache, runtime=runtime,
                              repos=set(repos) if repos is not None else None, force=force)
