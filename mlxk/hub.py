@@ -821,13 +821,18 @@ def _write(out, data: bytes, job: _Job, partial: Path) -> None:
     try:
         out.write(data)
     except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise errors.DiskFull(f"the disk holding {job.cache_dir} filled up while downloading {job.repo_id}; "
-                                  f"the partial download {partial.name} is kept. Free some space and pull again "
-                                  "to resume.", path=str(partial)) from error
-        raise errors.CacheError(f"cannot write {partial} while downloading {job.repo_id}: "
-                                f"{error.strerror or error}. Check the disk and the permissions of HF_HUB_CACHE, then "
-                                "pull again to resume.", repo=job.repo_id, path=str(partial)) from error
+        raise _write_failure(error, job, partial) from error
+
+
+def _write_failure(error: OSError, job: _Job, partial: Path) -> errors.MlxkError:
+    """The typed error for a failed write into a partial download (a full disk, a read-only cache, ...)."""
+    if error.errno == errno.ENOSPC:
+        return errors.DiskFull(f"the disk holding {job.cache_dir} filled up while downloading {job.repo_id}; "
+                               f"the partial download {partial.name} is kept. Free some space and pull again "
+                               "to resume.", path=str(partial))
+    return errors.CacheError(f"cannot write {partial} while downloading {job.repo_id}: "
+                             f"{error.strerror or error}. Check the disk and the permissions of HF_HUB_CACHE, then "
+                             "pull again to resume.", repo=job.repo_id, path=str(partial))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1022,7 +1027,7 @@ def _fetch_parts(job: _Job, file: RemoteFile, partial: Path, verifier: _Verifier
         return hashed, False
     if problems:
         # A real failure explains more than the stops and cancels it caused in the other parts.
-        problems.sort(key=lambda e: isinstance(e, (errors.Cancelled, _PartStopped)))
+        problems.sort(key=lambda e: 2 if isinstance(e, _PartStopped) else isinstance(e, errors.Cancelled))
         raise problems[0]
     return hashed, True
 
@@ -1146,17 +1151,7 @@ def _pwrite_all(fd: int, data: bytearray, offset: int, job: _Job, file: RemoteFi
             n = os.pwrite(fd, view, offset)
             view, offset = view[n:], offset + n
     except OSError as error:
-        _write(_RaiseOnWrite(error), b"", job, _partial(job.repo, file))
-
-
-class _RaiseOnWrite:
-    """Lets `_write` turn an OSError from pwrite into the same typed error as a sequential write."""
-
-    def __init__(self, error: OSError):
-        self.error = error
-
-    def write(self, _data) -> None:
-        raise self.error
+        raise _write_failure(error, job, _partial(job.repo, file)) from error
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -191,3 +191,49 @@ def test_bad_rates_name_the_accepted_forms(text):
 
     with pytest.raises(ValueError, match="20M, 20MB/s, 500k or 8MiB"):
         parse_rate(text)
+
+
+def test_cancel_during_parts_keeps_every_part_for_the_next_pull(hub, cache, small_parts):
+    repo_id = hub.unique_repo("org/partcancel")
+    weights = _blob(8 * MiB)
+    hub.add_repo(repo_id, {"model.safetensors": weights})
+    hub.faults.rate_limit_bps = 1 * MiB
+    seen = []
+
+    def should_stop():
+        return bool(seen) and seen[-1] >= MiB
+
+    with pytest.raises(errors.Cancelled, match="cancelled"):
+        hubmod.pull(repo_id, cache_dir=cache, endpoint=hub.endpoint, connections=4, should_stop=should_stop,
+                    progress=lambda p: seen.append(p.bytes_done))
+    (partial,) = (_repo(cache, repo_id) / "blobs").glob("*.incomplete")
+    kept = hubmod.partial_bytes(partial, len(weights))
+    assert 0 < kept < len(weights)
+    hub.faults.reset()
+    time.sleep(0.5)
+    hub.clear_requests()
+    result = hubmod.pull(repo_id, cache_dir=cache, endpoint=hub.endpoint, connections=4)
+    assert (result.snapshot_path / "model.safetensors").read_bytes() == weights
+    assert sum(r.bytes_sent for r in _cdn(hub)) == len(weights) - kept
+
+
+def test_a_full_disk_while_writing_a_part_is_disk_full_and_keeps_the_parts(hub, cache, small_parts, monkeypatch):
+    import errno as errno_mod
+
+    repo_id = hub.unique_repo("org/partfull")
+    hub.add_repo(repo_id, {"model.safetensors": _blob(4 * MiB)})
+    real_pwrite = os.pwrite
+    writes = []
+
+    def pwrite(fd, data, offset):
+        if len(data) > 8:               # data, not the 8-byte records
+            writes.append(offset)
+            if len(writes) > 3:
+                raise OSError(errno_mod.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(hubmod.os, "pwrite", pwrite)
+    with pytest.raises(errors.DiskFull, match="filled up.*pull again"):
+        hubmod.pull(repo_id, cache_dir=cache, endpoint=hub.endpoint, connections=2)
+    blobs = _repo(cache, repo_id) / "blobs"
+    assert len(list(blobs.glob("*.incomplete"))) == 1 and len(list(blobs.glob("*.incomplete.parts"))) == 1
