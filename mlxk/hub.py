@@ -11,8 +11,12 @@ per-blob lock files, so a concurrent `hf download` of the same blob waits instea
 The Hub is untrusted input (DESIGN, trust boundaries): `validate_files` checks every path, oid and size of the listing
 before the first write, so no answer can make pull write, link or lock outside the repo's folder. A snapshot is
 built in `<repo>/.staging/<sha>.<pid>-<tid>` and published by one rename, `refs/<ref>` last, so a killed or failed pull
-never shows a half-written snapshot. Test-only pause points (mlxk.faults): `pull.linking` (one link staged),
-`pull.publishing` (staged, not published), `pull.ref` (published, ref not written).
+never shows a half-written snapshot. Test-only pause points (mlxk.faults): `pull.part` (every connection of a file
+split into ranged parts has written its first chunk), `pull.linking` (one link staged), `pull.publishing` (staged,
+not published), `pull.ref` (published, ref not written).
+
+Large files come over several ranged connections at once (see "Fetching one large file" below), and `max_rate`
+caps a pull's bandwidth across all of them.
 
 Push goes through huggingface_hub's `HfApi` (create_repo + create_commit); only the policy (private/public,
 .hfignore, dry-run planning, token) is ours.
