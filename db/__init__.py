@@ -1,8 +1,9 @@
 """state.db: the one way in.
 
-`open_db()` gives a sqlite-utils Database for a unit of work (a command, a task run, a request). `connect()` gives
-a raw sqlite3 connection with the same pragmas for the `list` hot path, where importing sqlite-utils would cost
-more than the whole command. Both migrate on first use. A state.db that is not a database is moved aside and
+`connect()` gives a raw sqlite3 connection (autocommit, WAL, busy timeout, row factory sqlite3.Row) for a unit of
+work (a command, a task run, a request), migrated on first use; `write()` is the one write transaction on it. The
+`list` hot path and every other caller use the same two, so what the tests exercise is what production runs;
+sqlite-utils is imported only to apply migrations. A state.db that is not a database is moved aside and
 rebuilt: the models table is derived from the HF cache, which is the source of truth. Nothing else costs the file: a
 lock is waited out, a read-only home is reported as such (`failure_kind` tells them apart for state.db and queue.db).
 """
@@ -191,15 +192,31 @@ def connect(path: Path | str, *, shared: bool = False) -> sqlite3.Connection:
         return conn
 
 
-def open_db(path: Path | str | None = None):
-    """A sqlite-utils Database on a migrated state.db; `None` opens the configured one."""
-    import sqlite_utils
+class write:
+    """The one write transaction on state.db, on a raw connection (`connect`) or a sqlite-utils Database.
 
-    if path is None:
-        from mlxk.config import settings
+    Outside a transaction: BEGIN IMMEDIATE … COMMIT (ROLLBACK on an error), so writers queue on the busy timeout
+    instead of deadlocking on a lock upgrade. Inside one the caller holds: a SAVEPOINT, released on success and
+    rolled back on an error, so the caller's open work is never committed (or lost) behind its back.
+    """
 
-        path = settings().state_db
-    conn = connect(path)
-    conn.row_factory = None
-    conn.isolation_level = ""  # sqlite-utils manages transactions with db.atomic()/conn context
-    return sqlite_utils.Database(conn)
+    def __init__(self, db):
+        self.conn: sqlite3.Connection = getattr(db, "conn", db)
+        self._savepoint: str | None = None
+
+    def __enter__(self) -> sqlite3.Connection:
+        if self.conn.in_transaction:
+            self._savepoint = f"mlxk_write_{id(self):x}"
+            self.conn.execute(f"SAVEPOINT {self._savepoint}")
+        else:
+            self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._savepoint is None:
+            self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        else:
+            if exc_type:
+                self.conn.execute(f"ROLLBACK TO {self._savepoint}")
+            self.conn.execute(f"RELEASE {self._savepoint}")
+        return False

@@ -12,6 +12,8 @@ import sqlite3
 import time
 from datetime import datetime, timezone
 
+from mlxk.db import write
+
 ACTIVE = ("queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -30,23 +32,6 @@ def now_iso() -> str:
 
 def _conn(db) -> sqlite3.Connection:
     return getattr(db, "conn", db)
-
-
-class _write:
-    """One write transaction on either kind of connection; BEGIN IMMEDIATE so writers queue on the busy timeout."""
-
-    def __init__(self, db):
-        self.conn = _conn(db)
-
-    def __enter__(self) -> sqlite3.Connection:
-        if self.conn.in_transaction:
-            self.conn.commit()
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
-
-    def __exit__(self, exc_type, exc, tb):
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-        return False
 
 
 def _decode(row) -> dict:
@@ -129,7 +114,7 @@ def create_job(db, *, id: str, kind: str, target: str, args: dict, task_id: str,
     """
     stamp = now_iso()
     encoded = json.dumps(settings, sort_keys=True) if settings is not None else None
-    with _write(db) as conn:
+    with write(db) as conn:
         if dedupe:
             row = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE kind = ? AND target = ? AND state IN "
                                "('queued', 'running') AND settings IS ? ORDER BY created_at LIMIT 1",
@@ -150,7 +135,7 @@ def restore_job(db, spec: dict, *, task_id: str, state: str, message: str, worke
     """Re-create the row of a job whose row is gone (state.db rebuilt) from what its task carries (`spec`: id, kind,
     target, args, settings, created_at). False when the row exists (nothing written)."""
     stamp = now_iso()
-    with _write(db) as conn:
+    with write(db) as conn:
         cursor = conn.execute(
             "INSERT OR IGNORE INTO jobs (id, kind, target, args, state, task_id, worker, message, attempts, "
             "cancel_requested, bytes_done, files_done, created_at, started_at, updated_at, settings) "
@@ -185,14 +170,14 @@ def update_job(db, job_id: str, *, where_state=None, where_task: str | None = No
     if where_task is not None:
         sql += " AND task_id = ?"
         params.append(where_task)
-    with _write(db) as conn:
+    with write(db) as conn:
         return conn.execute(sql, params).rowcount > 0
 
 
 def set_progress(db, job_id: str, *, task_id: str, bytes_done, bytes_total, files_done, files_total, rate, eta,
                  message) -> bool:
     """True when the row was written (it exists, is running and held by `task_id`)."""
-    with _write(db) as conn:
+    with write(db) as conn:
         return conn.execute(
             "UPDATE jobs SET bytes_done = ?, bytes_total = ?, files_done = ?, files_total = ?, rate = ?, eta = ?, "
             "message = ?, updated_at = ? WHERE id = ? AND task_id = ? AND state = 'running'",
@@ -207,7 +192,7 @@ def claim(db, job_id: str, *, task_id: str, worker: str, lock_key: str | None, h
     caller's `holder_alive(worker_id)`) holds the model. Checking and marking run in one IMMEDIATE transaction, so
     two workers can never both take the same model.
     """
-    with _write(db) as conn:
+    with write(db) as conn:
         row = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         job = _decode(row) if row else None
         if job is None or job["state"] != "queued" or job["task_id"] != task_id:
@@ -253,20 +238,20 @@ def requeue(db, job_id: str, *, new_task_id: str, message: str, from_states=("ru
 
 def register_worker(db, *, id: str, kind: str, pid: int, host: str) -> None:
     stamp, ts = now_iso(), time.time()
-    with _write(db) as conn:
+    with write(db) as conn:
         conn.execute("INSERT OR REPLACE INTO workers (id, kind, pid, host, started_at, heartbeat_at, heartbeat_ts) "
                      "VALUES (?, ?, ?, ?, ?, ?, ?)", (id, kind, pid, host, stamp, stamp, ts))
 
 
 def heartbeat(db, worker_id: str) -> bool:
     """False when the worker has no row (state.db was rebuilt): the caller registers it again."""
-    with _write(db) as conn:
+    with write(db) as conn:
         return conn.execute("UPDATE workers SET heartbeat_at = ?, heartbeat_ts = ? WHERE id = ?",
                             (now_iso(), time.time(), worker_id)).rowcount > 0
 
 
 def remove_worker(db, worker_id: str) -> None:
-    with _write(db) as conn:
+    with write(db) as conn:
         conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import sqlite3
 
+from mlxk.db import write
+
 COLUMNS = (
     "repo_id", "revision", "revisions", "snapshot_path", "size_bytes", "reclaimable_bytes", "last_modified",
     "framework", "model_type", "architecture", "capabilities", "context_length", "quantization", "health",
@@ -71,14 +73,14 @@ def has_aliases(db) -> bool:
 def set_alias(db, *, name: str, repo_id: str, created_at: str) -> None:
     """Point the alias `name` at `repo_id` (an existing alias is moved, as Ollama's copy overwrites)."""
     conn = _conn(db)
-    with _writing(conn):
+    with write(conn):
         conn.execute("INSERT INTO aliases (name, repo_id, created_at) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE "
                      "SET repo_id = excluded.repo_id, created_at = excluded.created_at", (name, repo_id, created_at))
 
 
 def delete_alias(db, *, name: str) -> bool:
     conn = _conn(db)
-    with _writing(conn):
+    with write(conn):
         return conn.execute("DELETE FROM aliases WHERE name = ?", (name,)).rowcount > 0
 
 
@@ -110,27 +112,6 @@ def delete_models(db, repo_ids: list[str]) -> None:
     sync_models(db, upserts=[], deletes=repo_ids)
 
 
-def _writing(conn: sqlite3.Connection):
-    """One write transaction: a sqlite-utils connection's own (commit, or rollback on error); on an autocommit
-    connection (the `list` fast path) an explicit one, see _transaction."""
-    return conn if conn.isolation_level is not None else _transaction(conn)
-
-
-class _transaction:
-    """BEGIN IMMEDIATE … COMMIT for autocommit connections: writers queue on the busy timeout, never deadlock."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-
-    def __enter__(self):
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
-
-    def __exit__(self, exc_type, exc, tb):
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-        return False
-
-
 def get_meta(db, key: str) -> str | None:
     row = _conn(db).execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return row[0] if row else None
@@ -138,7 +119,7 @@ def get_meta(db, key: str) -> str | None:
 
 def set_meta(db, key: str, value: str) -> None:
     conn = _conn(db)
-    with _writing(conn):
+    with write(conn):
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
 
@@ -155,7 +136,7 @@ def sync_models(db, *, upserts: list[dict], deletes: list[str]) -> None:
         return
     conn = _conn(db)
     rows = [_encode(record) for record in upserts]
-    with _writing(conn):
+    with write(conn):
         conn.executemany("DELETE FROM models WHERE repo_id = ?", [(repo_id,) for repo_id in deletes])
         for row in rows:
             names = list(row)
@@ -181,7 +162,7 @@ def set_runtime_verdicts(db, verdicts: list[dict]) -> int:
     conn = _conn(db)
     params = [(None if v["runtime_compatible"] is None else int(bool(v["runtime_compatible"])), v["reason"],
                v["runtime_fingerprint"], v["runtime_checked_at"], v["repo_id"], v["fingerprint"]) for v in verdicts]
-    with _writing(conn):
+    with write(conn):
         before = conn.total_changes
         conn.executemany(
             "UPDATE models SET runtime_compatible = ?, reason = ?, runtime_fingerprint = ?, runtime_checked_at = ? "
@@ -197,7 +178,7 @@ def clear_stale_runtime(db, signature: str) -> int:
         "AND runtime_fingerprint != fingerprint || '|' || ?", (signature,))]
     if not stale:
         return 0
-    with _writing(conn):
+    with write(conn):
         conn.executemany(
             "UPDATE models SET runtime_compatible = NULL, runtime_fingerprint = NULL, runtime_checked_at = NULL, "
             "reason = CASE WHEN health = 'healthy' THEN NULL ELSE reason END WHERE repo_id = ?",

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import time
 
-from .models import _conn, _writing
+from mlxk.db import write
+from .models import _conn
 
 KEEP_DAYS = 30
 
@@ -17,7 +18,7 @@ KEEP_DAYS = 30
 def save_response(db, *, id: str, model: str, created_at: float, body: dict, messages: list,
                   keep_days: float = KEEP_DAYS) -> None:
     conn = _conn(db)
-    with _writing(conn):
+    with write(conn):
         conn.execute("DELETE FROM responses WHERE created_at < ?", (time.time() - keep_days * 86400,))
         conn.execute("INSERT OR REPLACE INTO responses (id, created_at, model, body, messages) VALUES (?, ?, ?, ?, ?)",
                      (id, created_at, model, json.dumps(body, ensure_ascii=False),
@@ -36,5 +37,5 @@ def get_response(db, id: str) -> dict | None:
 
 def delete_response(db, id: str) -> bool:
     conn = _conn(db)
-    with _writing(conn):
+    with write(conn):
         return conn.execute("DELETE FROM responses WHERE id = ?", (id,)).rowcount > 0

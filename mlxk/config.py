@@ -42,6 +42,9 @@ class Settings(NamedTuple):  # immutable; a NamedTuple because a frozen dataclas
     allowed_hosts: tuple[str, ...] = ()  # MLXK_ALLOWED_HOSTS (comma separated): Host names the api answers too
     log_level: str = "info"    # MLXK_LOG_LEVEL: debug | info | warning | error
     log_json: bool = False     # MLXK_LOG_JSON: one JSON object per log line
+    pull_connections: int = 8  # MLXK_PULL_CONNECTIONS: ranged connections per large file of a pull
+    max_rate: float = 0.0      # MLXK_MAX_RATE: bandwidth cap of one pull in bytes/s ("20M"); 0 = none
+    max_pulls: int = 0         # MLXK_MAX_PULLS: pulls running at once on this MLXK_HOME; 0 = no limit
 
     @property
     def state_db(self) -> Path:
@@ -173,6 +176,42 @@ def _positive(name: str, default: float) -> float:
     return value
 
 
+_RATE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmg]i?)?b?(?:/s|ps)?\s*$", re.IGNORECASE)
+_RATE_UNIT = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+def parse_rate(value) -> float:
+    """Bytes per second from `20M`, `20MB/s`, `500k`, `1.5G`, `8MiB` or a plain number of bytes (0: no cap).
+
+    K/M/G are decimal (the units of a network link), Ki/Mi/Gi binary. Raises ValueError naming the accepted forms.
+    """
+    match = _RATE.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a rate: give bytes per second like 20M, 20MB/s, 500k or 8MiB (0: no cap)")
+    return float(match.group(1)) * _RATE_UNIT[(match.group(2) or "").lower()]
+
+
+def _rate(name: str) -> float:
+    raw = _env(name)
+    if raw is None:
+        return 0.0
+    try:
+        return parse_rate(raw)
+    except ValueError as error:
+        from mlxk.errors import ConfigError
+
+        raise ConfigError(f"{name}: {error}") from None
+
+
+def _count(name: str, default: int, *, least: int) -> int:
+    value = _number(name, default, int)
+    if value < least:
+        from mlxk.errors import ConfigError
+
+        raise ConfigError(f"{name}={value!r} must be a whole number >= {least}, like {default!r}")
+    return value
+
+
 def _flag(name: str) -> bool:
     return (_env(name) or "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -234,6 +273,9 @@ def settings() -> Settings:
         worker_timeout_s=_positive("MLXK_WORKER_TIMEOUT", 5.0),
         worker_replace_s=_positive("MLXK_WORKER_REPLACE_AFTER", 30.0),
         started_by=_env("MLXK_STARTED_BY"),
+        pull_connections=_count("MLXK_PULL_CONNECTIONS", 8, least=1),
+        max_rate=_rate("MLXK_MAX_RATE"),
+        max_pulls=_count("MLXK_MAX_PULLS", 0, least=0),
     )
 
 

@@ -11,8 +11,12 @@ per-blob lock files, so a concurrent `hf download` of the same blob waits instea
 The Hub is untrusted input (DESIGN, trust boundaries): `validate_files` checks every path, oid and size of the listing
 before the first write, so no answer can make pull write, link or lock outside the repo's folder. A snapshot is
 built in `<repo>/.staging/<sha>.<pid>-<tid>` and published by one rename, `refs/<ref>` last, so a killed or failed pull
-never shows a half-written snapshot. Test-only pause points (mlxk.faults): `pull.linking` (one link staged),
-`pull.publishing` (staged, not published), `pull.ref` (published, ref not written).
+never shows a half-written snapshot. Test-only pause points (mlxk.faults): `pull.part` (every connection of a file
+split into ranged parts has written its first chunk), `pull.linking` (one link staged), `pull.publishing` (staged,
+not published), `pull.ref` (published, ref not written).
+
+Large files come over several ranged connections at once (see "Fetching one large file" below), and `max_rate`
+caps a pull's bandwidth across all of them.
 
 Push goes through huggingface_hub's `HfApi` (create_repo + create_commit); only the policy (private/public,
 .hfignore, dry-run planning, token) is ours.
@@ -28,6 +32,7 @@ import os
 import queue
 import re
 import shutil
+import struct
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -133,12 +138,12 @@ def _headers(token: str | None) -> dict[str, str]:
     return headers
 
 
-def _client():
+def _client(max_connections: int = 64):
     import httpx
 
     return httpx.Client(follow_redirects=False,
                         timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
-                        limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+                        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=32))
 
 
 def _error_for(response, repo_id: str, *, endpoint: str, token: str | None, revision: str | None = None,
@@ -552,6 +557,8 @@ class _Job:
     client: object
     tracker: _Tracker
     stopped: Callable[[], bool]
+    connections: int = 1                # ranged connections per large file
+    rate: "_RateLimit | None" = None    # the pull's bandwidth cap, shared by all its connections
 
 
 def _hash_existing(path: Path, verifier: _Verifier, size: int) -> None:
@@ -602,12 +609,7 @@ def _fetch_locked(job: _Job, file: RemoteFile) -> None:
             return
         _adopt_orphan(job.repo, file, partial)
         verifier = _Verifier(file)
-        have = _size_or_none(partial) or 0
-        if have > file.size:
-            partial.unlink()
-            have = 0
-        if have:
-            _hash_existing(partial, verifier, have)    # resume: the hash covers the bytes already on disk
+        have = _resume_parts(job, file, partial, verifier)
         for attempt in range(RETRIES + 1):
             if have >= file.size:
                 break
@@ -626,6 +628,33 @@ def _fetch_locked(job: _Job, file: RemoteFile) -> None:
         _finish(job, file, partial, blob, verifier)
     finally:
         lock.release()
+
+
+def _resume_parts(job: _Job, file: RemoteFile, partial: Path, verifier: _Verifier) -> int:
+    """Bring `partial` to a contiguous, hashed prefix; large files go over several connections first.
+
+    Returns the prefix length; one connection continues from there (nothing left when the parts finished)."""
+    record = _parts_path(partial)
+    parts = _read_parts(record, file.size) if partial.exists() else None
+    if parts is None:
+        record.unlink(missing_ok=True)   # absent, torn or stale: the partial counts as a plain prefix
+    have = _size_or_none(partial) or 0
+    if parts is None and have > file.size:
+        partial.unlink()
+        have = 0
+    if parts is None and job.connections > 1 and file.size - have >= 2 * PART_SIZE:
+        parts = _plan_parts(file.size, have)
+    if parts is None:
+        if have:
+            _hash_existing(partial, verifier, have)    # resume: the hash covers the bytes already on disk
+        return have
+    prefix, ranged = _fetch_parts(job, file, partial, verifier, parts)
+    if not ranged:
+        log.info("server ignores ranged requests for %s; one connection continues at byte %d", file.path, prefix)
+        job.tracker.add(prefix - sum(p.done for p in parts), network=False)
+        os.truncate(partial, prefix)
+    record.unlink(missing_ok=True)
+    return prefix
 
 
 def _acquire(job: _Job, lock, file: RemoteFile) -> None:
@@ -654,6 +683,7 @@ def _finish(job: _Job, file: RemoteFile, partial: Path, blob: Path, verifier: _V
     size = _size_or_none(partial)
     if size != file.size or not verifier.ok():
         partial.unlink(missing_ok=True)
+        _parts_path(partial).unlink(missing_ok=True)
         what = "sha256" if file.lfs_sha256 else "git blob sha1"
         got = f"{size} bytes" if size != file.size else f"{what} {verifier.hash.hexdigest()}"
         raise errors.IntegrityError(
@@ -664,13 +694,16 @@ def _finish(job: _Job, file: RemoteFile, partial: Path, blob: Path, verifier: _V
     job.tracker.file_done(file.path)
 
 
-def _open_stream(job: _Job, file: RemoteFile, have: int):
-    """GET the file from `have` on; follows redirects by hand so the token never goes to another origin."""
+def _open_stream(job: _Job, file: RemoteFile, have: int, end: int | None = None):
+    """GET the file from `have` on (to `end`, exclusive, for one part); follows redirects by hand so the token
+    never goes to another origin."""
     import httpx
 
     url = _resolve_url(job.endpoint, job.repo_id, job.sha, file.path)
     headers = dict(job.headers)
-    if have:
+    if end is not None:
+        headers["range"] = f"bytes={have}-{end - 1}"
+    elif have:
         headers["range"] = f"bytes={have}-"
     for _hop in range(5):
         try:
@@ -734,6 +767,8 @@ def _stream(job: _Job, file: RemoteFile, partial: Path, verifier: _Verifier, hav
                 for data in response.iter_raw():
                     if have + len(pending) + len(data) > file.size:
                         raise _Transient("server sent more bytes than the file has")
+                    if job.rate is not None:
+                        job.rate.take(len(data))
                     pending += data
                     if len(pending) >= CHUNK_SIZE or time.monotonic() - last_flush >= PROGRESS_INTERVAL_S:
                         flush()
@@ -790,13 +825,337 @@ def _write(out, data: bytes, job: _Job, partial: Path) -> None:
     try:
         out.write(data)
     except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise errors.DiskFull(f"the disk holding {job.cache_dir} filled up while downloading {job.repo_id}; "
-                                  f"the partial download {partial.name} is kept. Free some space and pull again "
-                                  "to resume.", path=str(partial)) from error
-        raise errors.CacheError(f"cannot write {partial} while downloading {job.repo_id}: "
-                                f"{error.strerror or error}. Check the disk and the permissions of HF_HUB_CACHE, then "
-                                "pull again to resume.", repo=job.repo_id, path=str(partial)) from error
+        raise _write_failure(error, job, partial) from error
+
+
+def _write_failure(error: OSError, job: _Job, partial: Path) -> errors.MlxkError:
+    """The typed error for a failed write into a partial download (a full disk, a read-only cache, ...)."""
+    if error.errno == errno.ENOSPC:
+        return errors.DiskFull(f"the disk holding {job.cache_dir} filled up while downloading {job.repo_id}; "
+                               f"the partial download {partial.name} is kept. Free some space and pull again "
+                               "to resume.", path=str(partial))
+    return errors.CacheError(f"cannot write {partial} while downloading {job.repo_id}: "
+                             f"{error.strerror or error}. Check the disk and the permissions of HF_HUB_CACHE, then "
+                             "pull again to resume.", repo=job.repo_id, path=str(partial))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fetching one large file over several ranged connections
+
+
+# A CDN caps each connection, so a large file is split into parts of PART_SIZE, each one `Range: bytes=a-b` request,
+# fetched over `connections` connections at once, lowest offsets first, and written in place (pwrite) into the same
+# `<etag>.incomplete`. The progress of every part lives in `<etag>.incomplete.parts` (fixed binary records; one
+# 8-byte pwrite per chunk, after the data's own write), so a killed process resumes each part exactly where its
+# recorded bytes end. The hash cannot be fed out of order: a hasher thread follows the contiguous prefix that is on
+# disk, reading it back from the page cache while the download goes on; since parts are taken in order, it trails
+# the download by about `connections` parts, and no second pass over the whole file follows the last byte.
+# Test-only pause point: `pull.part` (every connection has written its first chunk).
+
+PARTS_SUFFIX = ".parts"
+PART_SIZE = 16 * 1024 * 1024        # one ranged request; a file of less than two goes over one connection
+PART_FLUSH = 256 * 1024             # bytes a part holds before writing and recording them: what a kill re-fetches
+_PARTS_MAGIC = b"MLXKPRT1"
+_PARTS_HEAD = struct.Struct("<8sQI")
+_PART = struct.Struct("<QQQ")       # start, end (exclusive), bytes done
+
+
+class _RangesIgnored(Exception):
+    """The server answered a ranged request with the whole file: fall back to one connection."""
+
+
+class _RateLimit:
+    """One bandwidth cap shared by every connection of a pull (`--max-rate`): virtual scheduling, ~0.25 s burst."""
+
+    def __init__(self, bytes_per_s: float):
+        self.rate = float(bytes_per_s)
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._next = max(self._next, now - 0.25) + n / self.rate
+            delay = self._next - now
+        if delay > 0:
+            time.sleep(delay)
+
+
+@dataclass
+class _Part:
+    index: int
+    start: int
+    end: int
+    done: int
+
+    @property
+    def pos(self) -> int:
+        return self.start + self.done
+
+
+def _parts_path(partial: Path) -> Path:
+    return partial.with_name(partial.name + PARTS_SUFFIX)
+
+
+def _plan_parts(size: int, have: int) -> list[_Part]:
+    """[0, have) is one finished part; the rest is split into parts of PART_SIZE to 2 x PART_SIZE bytes."""
+    count = max(1, (size - have) // PART_SIZE)
+    bounds = [have + (size - have) * i // count for i in range(count + 1)]
+    parts = [_Part(0, 0, have, have)] if have else []
+    parts += [_Part(0, a, b, 0) for a, b in zip(bounds, bounds[1:])]
+    for i, part in enumerate(parts):
+        part.index = i
+    return parts
+
+
+def _read_parts(path: Path, size: int | None) -> list[_Part] | None:
+    """The parts recorded beside a partial; None when absent or not a consistent cover of [0, size) (of the
+    recorded size when `size` is None)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        magic, recorded, count = _PARTS_HEAD.unpack_from(data)
+        parts = [_Part(i, *_PART.unpack_from(data, _PARTS_HEAD.size + i * _PART.size)) for i in range(count)]
+    except struct.error:
+        return None
+    size = recorded if size is None else size
+    edges = [p.start for p in parts] + [size]
+    if magic != _PARTS_MAGIC or recorded != size or not parts or edges[0] != 0 or \
+            any(p.end != edges[i + 1] or not 0 <= p.done <= p.end - p.start for i, p in enumerate(parts)):
+        return None
+    return parts
+
+
+def partial_bytes(partial: Path, size: int | None = None) -> int:
+    """Bytes of `partial` that are really downloaded: the parts' sum when split, else its length."""
+    have = _size_or_none(partial) or 0
+    parts = _read_parts(_parts_path(partial), size) if _parts_path(partial).exists() else None
+    return sum(p.done for p in parts) if parts else min(have, have if size is None else size)
+
+
+class _PartsFile:
+    """The `.parts` record, open for in-place updates of each part's `done` counter."""
+
+    def __init__(self, path: Path, size: int, parts: list[_Part]):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        head = _PARTS_HEAD.pack(_PARTS_MAGIC, size, len(parts))
+        os.pwrite(self.fd, head + b"".join(_PART.pack(p.start, p.end, p.done) for p in parts), 0)
+
+    def record(self, part: _Part) -> None:
+        os.pwrite(self.fd, struct.pack("<Q", part.done), _PARTS_HEAD.size + part.index * _PART.size + 16)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _frontier(parts: list[_Part]) -> int:
+    """End of the contiguous downloaded prefix."""
+    for part in parts:
+        if part.pos < part.end:
+            return part.pos
+    return parts[-1].end
+
+
+class _FollowHasher:
+    """Hashes the contiguous prefix as it grows, from the page cache, in its own thread."""
+
+    def __init__(self, fd: int, verifier: _Verifier, parts: list[_Part]):
+        self.fd, self.verifier, self.parts = fd, verifier, parts
+        self.hashed = 0
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="mlxk-pull-hash", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def _catch_up(self) -> None:
+        target = _frontier(self.parts)
+        while self.hashed < target:
+            data = os.pread(self.fd, min(CHUNK_SIZE, target - self.hashed), self.hashed)
+            if not data:
+                break
+            self.verifier.update(data)
+            self.hashed += len(data)
+
+    def _run(self) -> None:
+        while True:
+            self._catch_up()
+            with self._wake:
+                if self._closing:
+                    break
+                self._wake.wait(0.5)
+        self._catch_up()
+
+    def close(self) -> int:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+        return self.hashed
+
+
+def _fetch_parts(job: _Job, file: RemoteFile, partial: Path, verifier: _Verifier,
+                 parts: list[_Part]) -> tuple[int, bool]:
+    """Fetch every unfinished part, `job.connections` at a time, lowest offsets first (so the hashed prefix keeps
+    up). Returns (the contiguous prefix downloaded and hashed, True), or (that prefix, False) when the server sends
+    whole files for ranged requests and one connection must finish."""
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+    record = _PartsFile(_parts_path(partial), file.size, parts)
+    hasher = _FollowHasher(fd, verifier, parts)
+    todo = queue.SimpleQueue()
+    for part in parts:
+        if part.pos < part.end:
+            todo.put(part)
+    lanes = max(1, min(job.connections, todo.qsize()))
+    started = _Countdown(lanes)
+    halt = threading.Event()
+    problems: list[BaseException] = []
+    try:
+        with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="mlxk-pull-part") as pool:
+            futures = [pool.submit(_lane, job, file, fd, record, hasher, todo, started, halt) for _ in range(lanes)]
+            done, _pending = wait(futures, return_when=FIRST_EXCEPTION)
+            if any(f.exception() for f in done):
+                halt.set()    # the others stop at their next chunk; what they wrote is recorded
+            wait(futures)
+        problems = [f.exception() for f in futures if f.exception() is not None]
+    finally:
+        hashed = hasher.close()
+        record.close()
+        os.close(fd)
+    if any(isinstance(e, _RangesIgnored) for e in problems):
+        return hashed, False
+    if problems:
+        # A real failure explains more than the stops and cancels it caused in the other parts.
+        problems.sort(key=lambda e: 2 if isinstance(e, _PartStopped) else isinstance(e, errors.Cancelled))
+        raise problems[0]
+    return hashed, True
+
+
+class _PartStopped(Exception):
+    """A sibling part failed; this part stopped with its progress recorded."""
+
+
+class _Countdown:
+    """`pull.part` pauses once, when every connection has written its first chunk (tests kill -9 there)."""
+
+    def __init__(self, n: int):
+        self._left, self._lock = n, threading.Lock()
+
+    def one(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            checkpoint("pull.part")
+
+
+def _lane(job: _Job, file: RemoteFile, fd: int, record: _PartsFile, hasher: _FollowHasher, todo: queue.SimpleQueue,
+          started: _Countdown, halt: threading.Event) -> None:
+    """One connection: takes the next unfinished part until none is left."""
+    first: _Countdown | None = started
+    while not halt.is_set():
+        try:
+            part = todo.get_nowait()
+        except queue.Empty:
+            break
+        _fetch_part(job, file, fd, record, hasher, part, first, halt)
+        first = None
+    if first is not None:
+        first.one()
+
+
+def _fetch_part(job: _Job, file: RemoteFile, fd: int, record: _PartsFile, hasher: _FollowHasher, part: _Part,
+                started: _Countdown | None, halt: threading.Event) -> None:
+    for attempt in range(RETRIES + 1):
+        try:
+            _stream_part(job, file, fd, record, hasher, part, started, halt)
+            return
+        except _Transient as problem:
+            started = None
+            if attempt == RETRIES:
+                raise errors.HubError(
+                    f"downloading {file.path} of {job.repo_id} failed {RETRIES + 1} times ({problem}); the "
+                    f"downloaded parts are kept and the next pull resumes each where it stopped.",
+                    repo=job.repo_id, file=file.path) from None
+            log.info("part %d of %s %s interrupted (%s); resuming at byte %d", part.index, job.repo_id, file.path,
+                     problem, part.pos)
+            _sleep_unless_stopped(job, RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
+
+
+def _stream_part(job: _Job, file: RemoteFile, fd: int, record: _PartsFile, hasher: _FollowHasher, part: _Part,
+                 started: _Countdown | None, halt: threading.Event) -> None:
+    import httpx
+
+    response = _open_stream(job, file, part.pos, part.end)
+    try:
+        if response.status_code != 206:
+            if response.status_code == 200:
+                raise _RangesIgnored()
+            if _retryable_status(response.status_code):
+                raise _Transient(f"HTTP {response.status_code}")
+            response.read()
+            raise _error_for(response, job.repo_id, endpoint=job.endpoint, token=job.token, revision=job.sha,
+                             what=file.path)
+        match = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", response.headers.get("content-range", ""))
+        if not match or int(match.group(1)) != part.pos or int(match.group(2)) != part.end - 1:
+            raise _Transient(f"server answered Range bytes={part.pos}-{part.end - 1} with Content-Range "
+                             f"{response.headers.get('content-range')!r}")
+        pending = bytearray()
+
+        def flush() -> None:
+            nonlocal pending
+            if pending:
+                _pwrite_all(fd, pending, part.pos, job, file)
+                part.done += len(pending)
+                record.record(part)        # after the data: the record never claims bytes that are not on disk
+                job.tracker.add(len(pending))
+                hasher.poke()
+                pending = bytearray()
+
+        try:
+            last = time.monotonic()
+            for data in response.iter_raw():
+                if part.pos + len(pending) + len(data) > part.end:
+                    raise _Transient("server sent more bytes than the part has")
+                if job.rate is not None:
+                    job.rate.take(len(data))
+                pending += data
+                if len(pending) >= PART_FLUSH or time.monotonic() - last >= PROGRESS_INTERVAL_S:
+                    flush()
+                    last = time.monotonic()
+                    if started is not None:
+                        started.one()
+                        started = None
+                    if job.stopped():
+                        raise errors.Cancelled(f"pull of {job.repo_id} cancelled; the downloaded parts of "
+                                               f"{file.path} are kept and a later pull resumes them.")
+                    if halt.is_set():
+                        raise _PartStopped()
+            flush()
+        except httpx.TransportError as error:
+            flush()
+            raise _Transient(f"{type(error).__name__}: {error}") from error
+        if started is not None:
+            started.one()
+        if part.pos < part.end:
+            raise _Transient(f"connection closed at byte {part.pos} of part {part.start}-{part.end - 1}")
+    finally:
+        response.close()
+
+
+def _pwrite_all(fd: int, data: bytearray, offset: int, job: _Job, file: RemoteFile) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+    except OSError as error:
+        raise _write_failure(error, job, _partial(job.repo, file)) from error
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1054,14 +1413,25 @@ def remote_revision(repo_id: str, *, revision: str | None = None, endpoint: str,
 
 def pull(repo_id: str, *, revision: str | None = None, include=None, exclude=None, cache_dir: Path,
          endpoint: str, token: str | None = None, progress: ProgressFn | None = None,
-         should_stop: StopFn | None = None, max_workers: int = 8) -> PullResult:
-    """Download `repo_id@revision` (the files matching include/exclude) into the HF cache; resumes partials."""
+         should_stop: StopFn | None = None, max_workers: int = 8, connections: int | None = None,
+         max_rate: float | None = None) -> PullResult:
+    """Download `repo_id@revision` (the files matching include/exclude) into the HF cache; resumes partials.
+
+    `connections`: ranged connections per large file (default MLXK_PULL_CONNECTIONS); `max_rate`: a bandwidth cap
+    in bytes per second for the whole pull (default MLXK_MAX_RATE; None or 0: no cap)."""
     names.validate_repo_id(repo_id)
     _refuse_offline(repo_id)
     cache_dir, endpoint, token = Path(cache_dir), endpoint.rstrip("/"), _token(token)
     headers = _headers(token)
     repo = cache.repo_dir(cache_dir, repo_id)
-    with _client() as client:
+    if connections is None or max_rate is None:
+        from mlxk.config import settings
+
+        s = settings()
+        connections = s.pull_connections if connections is None else connections
+        max_rate = s.max_rate if max_rate is None else max_rate
+    connections = max(1, int(connections))
+    with _client(max_workers * connections + 8) as client:
         remote = _preflight(client, repo_id, revision, repo=repo, include=include, exclude=exclude, endpoint=endpoint,
                             headers=headers, token=token)
         sha, wanted = remote.sha, remote.wanted
@@ -1075,7 +1445,7 @@ def pull(repo_id: str, *, revision: str | None = None, include=None, exclude=Non
             return PullResult(repo_id, sha, ref or sha, len(wanted), 0, total, True, snapshot)
 
         missing = [f for f in _unique_blobs(wanted) if not _have_blob(repo, f)]
-        on_disk = {f.etag: min(_size_or_none(_partial(repo, f)) or 0, f.size) for f in missing}
+        on_disk = {f.etag: partial_bytes(_partial(repo, f), f.size) for f in missing}
         _check_disk(cache_dir, repo_id, sum(f.size - on_disk[f.etag] for f in missing))
 
         done_bytes = total - sum(f.size for f in wanted if f in missing) + sum(on_disk.values())
@@ -1089,7 +1459,8 @@ def pull(repo_id: str, *, revision: str | None = None, include=None, exclude=Non
                 stop.set()
             return stop.is_set()
 
-        job = _Job(repo_id, repo, cache_dir, sha, endpoint, headers, token, client, tracker, stopped)
+        job = _Job(repo_id, repo, cache_dir, sha, endpoint, headers, token, client, tracker, stopped,
+                   connections=connections, rate=_RateLimit(max_rate) if max_rate else None)
         try:
             (repo / "blobs").mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -1166,6 +1537,7 @@ def sweep_partials(cache_dir: Path, repo_id: str, *, keep=()) -> int:
             with FileLock(str(lock_path), timeout=0):
                 size = _size_or_none(path) or 0
                 path.unlink(missing_ok=True)
+                _parts_path(path).unlink(missing_ok=True)
                 freed += size
         except Timeout:
             log.debug("not sweeping %s: its download is in progress", path)

@@ -71,7 +71,7 @@ def refresh(conn, cache_dir: Path, *, runtime: bool = False, repos=None, force: 
     result.changed = sorted(repo_id for repo_id in set(on_disk) & set(known)
                             if force or cache.fingerprint(on_disk[repo_id], known[repo_id][1]) != known[repo_id][0])
     signature = _Signature()
-    records = [inspect(repo_id, Path(on_disk[repo_id]), signature) for repo_id in result.added + result.changed]
+    records = _inspect_all([(repo_id, on_disk[repo_id]) for repo_id in result.added + result.changed], signature)
     queries.sync_models(conn, upserts=records, deletes=result.removed)
     if result.touched:
         _log().info("index: %d added, %d changed, %d removed", len(result.added), len(result.changed),
@@ -84,6 +84,33 @@ def refresh(conn, cache_dir: Path, *, runtime: bool = False, repos=None, force: 
         pending = queries.pending_runtime(conn)
     result.pending = [repo_id for repo_id in pending if scope is None or repo_id in scope]
     return result
+
+
+PARALLEL_MIN_REPOS = 200   # a first index of more repos than this is spread over processes (one per CPU)
+
+
+def _inspect_all(targets: list[tuple[str, str]], signature: _Signature) -> list[dict]:
+    """Rows for (repo id, folder) pairs. Inspecting reads a few files per repo and is CPU-bound in Python, so a big
+    batch (a first index of 10,000 repos) goes to a process pool; a few repos (every later `list`) stay in this
+    process, which then never imports multiprocessing."""
+    workers = min(os.cpu_count() or 1, len(targets) // (PARALLEL_MIN_REPOS // 2))
+    if workers < 2 or len(targets) < PARALLEL_MIN_REPOS:
+        return [inspect(repo_id, Path(path), signature) for repo_id, path in targets]
+    import multiprocessing
+    import sys
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork is cheap and safe only where no other thread can hold a lock the child inherits (Linux, one thread);
+    # elsewhere (macOS, a worker's threads) spawn.
+    method = "fork" if sys.platform.startswith("linux") and threading.active_count() == 1 else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        return list(pool.map(_inspect_pair, targets, chunksize=max(1, len(targets) // (workers * 8))))
+
+
+def _inspect_pair(target: tuple[str, str]) -> dict:
+    repo_id, path = target
+    return inspect(repo_id, Path(path))
 
 
 def _repos_on_disk(cache_dir: Path, scope: set[str] | None) -> dict[str, str]:

@@ -52,14 +52,20 @@ def _enqueue(kind: str, target: str, args: dict, *, message: str | None = None, 
     return Enqueued(job=job_object(job), created=created, worker_started=started)
 
 
-def enqueue_pull(name: str, *, include=(), exclude=()) -> Enqueued:
+def enqueue_pull(name: str, *, include=(), exclude=(), max_rate: float | None = None) -> Enqueued:
+    """Queue a pull. Its limits ride on the job (`jobs show` lists them under args): `max_rate` in bytes/s
+    (default MLXK_MAX_RATE; 0 = none), `max_pulls` (MLXK_MAX_PULLS) and `connections` (MLXK_PULL_CONNECTIONS)."""
     from mlxk import names
+    from mlxk.config import settings
 
     try:
         ref = names.parse(name, allow_bare=False)
     except InvalidName as error:
         raise InvalidName(f"{error.message} `mlxk pull` needs the full repo id.", **error.details) from None
-    args = {"revision": ref.revision, "include": list(include) or None, "exclude": list(exclude) or None}
+    s = settings()
+    rate = s.max_rate if max_rate is None else max_rate
+    args = {"revision": ref.revision, "include": list(include) or None, "exclude": list(exclude) or None,
+            "max_rate": rate or None, "max_pulls": s.max_pulls or None, "connections": s.pull_connections}
     return _enqueue("pull", ref.repo, args)
 
 

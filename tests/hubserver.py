@@ -174,13 +174,14 @@ class Faults:
     drop_always: bool = False  # False: only the next matching GET, then drop_after_bytes is cleared
     drop_match: str = ""  # raw-path substring a file GET must contain to be dropped ("" = any)
     corrupt: bool = False  # serve wrong bytes of the right length for LFS files
-    rate_limit_bps: int | None = None  # throttle file bodies to this many bytes per second
+    rate_limit_bps: int | None = None  # throttle each file body (each connection) to this many bytes per second
+    ignore_range: bool = False  # answer ranged file GETs with the whole file (200), as some servers do
     fail_status: dict[str, int] = field(default_factory=dict)  # raw-path substring -> status to answer
     delay_s: dict[str, float] = field(default_factory=dict)  # raw-path substring -> seconds before answering
 
     def reset(self) -> None:
         self.drop_after_bytes, self.drop_always, self.drop_match = None, False, ""
-        self.corrupt, self.rate_limit_bps = False, None
+        self.corrupt, self.rate_limit_bps, self.ignore_range = False, None, False
         self.fail_status, self.delay_s = {}, {}
 
 
@@ -775,7 +776,7 @@ class HubServer:
 
     def _file_reply(self, req: Request, blob: Blob, headers: dict[str, str], *, corrupt: bool) -> Reply:
         headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream", **headers}
-        rng = parse_range(req.headers.get("range"), blob.size)
+        rng = None if self.faults.ignore_range else parse_range(req.headers.get("range"), blob.size)
         if rng == "unsatisfiable":
             return Reply(416, {**headers, "Content-Range": f"bytes */{blob.size}"})
         if rng is None:

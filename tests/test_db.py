@@ -30,27 +30,61 @@ def test_migrations_build_the_design_tables_in_memory():
         assert name in jobs
 
 
-def test_open_db_is_wal_and_migrated_once(tmp_path):
+def test_connect_is_wal_and_migrated_once(tmp_path):
     path = tmp_path / "state.db"
-    first = db.open_db(path)
+    first = db.connect(path)
     assert first.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     applied = [r[0] for r in first.execute("SELECT name FROM _sqlite_migrations")]
     assert applied == migrations.names()
-    db.open_db(path)  # second open applies nothing new
+    db.connect(path)  # second open applies nothing new
     assert [r[0] for r in first.execute("SELECT name FROM _sqlite_migrations")] == applied
 
 
-def test_connect_and_open_db_share_queries(tmp_path):
+def test_two_connections_share_queries(tmp_path):
     path = tmp_path / "state.db"
     raw = db.connect(path)
     model_queries.upsert_model(raw, repo_id="o/a", capabilities=["chat"], revisions=["r1"], runtime_compatible=None)
-    full = db.open_db(path)
-    model_queries.upsert_model(full, repo_id="o/b", capabilities=[], revisions=[], runtime_compatible=False)
+    other = db.connect(path)
+    model_queries.upsert_model(other, repo_id="o/b", capabilities=[], revisions=[], runtime_compatible=False)
     rows = {r["repo_id"]: r for r in model_queries.all_models(raw)}
     assert rows["o/a"]["capabilities"] == ["chat"] and rows["o/a"]["runtime_compatible"] is None
     assert rows["o/b"]["runtime_compatible"] is False
     model_queries.delete_models(raw, ["o/a"])
-    assert model_queries.get_model(full, "o/a") is None
+    assert model_queries.get_model(other, "o/a") is None
+
+
+def test_production_has_one_way_into_state_db():
+    """No sqlite-utils Database outside migrations, one transaction helper: db.write."""
+    from tests.fixtures.cli import ROOT
+
+    for path in [*ROOT.glob("mlxk/**/*.py"), *ROOT.glob("db/*.py"), *ROOT.glob("workers/**/*.py")]:
+        text = path.read_text()
+        if path.name != "__init__.py" or path.parent.name != "db":
+            assert "sqlite_utils" not in text and "open_db" not in text, path
+        assert "BEGIN IMMEDIATE" not in text or path.parent.name == "db" and path.name == "__init__.py", path
+
+
+def test_write_never_commits_what_the_caller_has_open(tmp_path):
+    """Inside a caller's transaction, a query's own write is a savepoint: rolling the caller back undoes both."""
+    conn = db.connect(tmp_path / "state.db")
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO meta (key, value) VALUES ('mine', '1')")
+    model_queries.set_meta(conn, "theirs", "2")
+    assert conn.in_transaction
+    conn.execute("ROLLBACK")
+    assert model_queries.get_meta(conn, "mine") is None and model_queries.get_meta(conn, "theirs") is None
+
+
+def test_write_rolls_back_its_own_work_on_an_error_and_keeps_the_callers(tmp_path):
+    conn = db.connect(tmp_path / "state.db")
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO meta (key, value) VALUES ('mine', '1')")
+    with pytest.raises(RuntimeError):
+        with db.write(conn):
+            conn.execute("INSERT INTO meta (key, value) VALUES ('theirs', '2')")
+            raise RuntimeError("boom")
+    conn.execute("COMMIT")
+    assert model_queries.get_meta(conn, "mine") == "1" and model_queries.get_meta(conn, "theirs") is None
 
 
 def test_corrupt_state_db_is_moved_aside_and_rebuilt(tmp_path):
@@ -94,8 +128,8 @@ def test_stored_responses_round_trip_prune_and_delete(tmp_path):
     from mlxk.db import responses
 
     conn = db.connect(tmp_path / "state.db")
-    assert {"id", "created_at", "model", "body", "messages"} <= set(db.open_db(tmp_path / "state.db")["responses"]
-                                                                    .columns_dict)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(responses)")}
+    assert {"id", "created_at", "model", "body", "messages"} <= columns
     old = time.time() - (responses.KEEP_DAYS + 1) * 86400
     responses.save_response(conn, id="resp_old", model="m", created_at=old, body={"id": "resp_old"}, messages=[])
     assert responses.get_response(conn, "resp_old")["body"] == {"id": "resp_old"}

@@ -140,15 +140,6 @@ def test_refresh_scoped_to_some_repos(conn, model_factory, hf_cache):
     assert row_of(conn, "mlx-community/a") is not None   # out of scope: left for the next full refresh
 
 
-def test_works_with_a_sqlite_utils_database(tmp_path, model_factory, hf_cache):
-    repo = model_factory.repo("mlx-community/tiny-chat")
-    database = db.open_db(tmp_path / "mlxk" / "state.db")
-    result = index.refresh(database, hf_cache, runtime=True, repos={repo.repo_id})
-    assert result.added == [repo.repo_id] and result.runtime_checked == [repo.repo_id]
-    assert database["models"].get(repo.repo_id)["runtime_compatible"] == 1
-    database.close()
-
-
 # ---------------------------------------------------------------- unreadable repos
 
 
@@ -318,17 +309,11 @@ def test_size_counts_blobs_once_across_revisions(conn, model_factory, hf_cache):
 # ---------------------------------------------------------------- one refresh, one transaction
 
 
-def _conn_of(kind: str, path: Path):
-    """The two kinds of connection refresh writes through: raw sqlite3 (`list`) and sqlite-utils (tasks)."""
-    return db.connect(path) if kind == "raw" else db.open_db(path).conn
-
-
-@pytest.mark.parametrize("kind", ["raw", "sqlite-utils"])
-def test_a_refresh_that_fails_halfway_leaves_the_index_as_it_was(kind, tmp_path, model_factory, hf_cache,
+def test_a_refresh_that_fails_halfway_leaves_the_index_as_it_was(tmp_path, model_factory, hf_cache,
                                                                  monkeypatch):
     """Deletes and upserts of one refresh land together or not at all: here the third row cannot be written (a value
     SQLite cannot bind, injected at the inspect seam), so the delete and the first upsert before it must roll back."""
-    conn = _conn_of(kind, tmp_path / "mlxk" / "state.db")
+    conn = db.connect(tmp_path / "mlxk" / "state.db")
     gone = model_factory.repo("mlx-community/gone")
     index.refresh(conn, hf_cache)
     shutil.rmtree(gone.repo_dir)

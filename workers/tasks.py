@@ -21,7 +21,7 @@ import logging
 import shutil
 import threading
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -185,7 +185,6 @@ def _refresh_index(repos=None, *, runtime: bool = True, force: bool = False, cac
     from mlxk import index
     from mlxk.config import settings
 
-    # A raw connection, as `list` uses: open_db would import sqlite-utils (and numpy) on the CLI's inline rm.
     with closing(connect()) as conn:
         return index.refresh(conn, cache_dir or settings().hf_hub_cache, runtime=runtime,
                              repos=set(repos) if repos is not None else None, force=force)
@@ -224,9 +223,11 @@ def _pull(repo: str, args: dict, ctx: JobContext):
     s = ctx.settings
     ctx.phase("pulling")
     try:
-        return hub.pull(repo, revision=args.get("revision"), include=args.get("include"),
-                        exclude=args.get("exclude"), cache_dir=s.cache, endpoint=s.endpoint,
-                        token=s.token or False, progress=ctx.progress, should_stop=ctx.should_stop)
+        with pull_slot(ctx, args.get("max_pulls")):
+            return hub.pull(repo, revision=args.get("revision"), include=args.get("include"),
+                            exclude=args.get("exclude"), cache_dir=s.cache, endpoint=s.endpoint,
+                            token=s.token or False, progress=ctx.progress, should_stop=ctx.should_stop,
+                            connections=args.get("connections"), max_rate=args.get("max_rate") or 0)
     except Cancelled:
         if ctx.purge_requested():
             _purge_partials(repo, s.cache)
@@ -236,6 +237,45 @@ def _pull(repo: str, args: dict, ctx: JobContext):
         _drop_empty_repo(repo, s.cache)
         _safe_refresh(repo, s.cache)
         raise
+
+
+PULL_SLOT_POLL_S = 0.2
+
+
+@contextmanager
+def pull_slot(ctx: JobContext, limit: int | None):
+    """Hold one of `limit` pull slots (MLXK_MAX_PULLS) for the download: lock files under `$MLXK_HOME/run/`, so
+    every worker process on this MLXK_HOME shares the count. Waits, cancellable, when all are taken; the job's
+    message says so. No limit: no wait."""
+    if not limit:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    from mlxk.config import settings
+
+    folder = settings().run_dir / "pull-slots"
+    folder.mkdir(parents=True, exist_ok=True)
+    waiting = False
+    while True:
+        for slot in range(limit):
+            lock = FileLock(str(folder / f"{slot}.lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            try:
+                ctx.phase(f"pulling (pull slot {slot + 1} of {limit}, MLXK_MAX_PULLS)")
+                yield
+            finally:
+                lock.release()
+            return
+        if not waiting:
+            waiting = True
+            ctx.phase(f"waiting for a pull slot: {limit} pulls are running (MLXK_MAX_PULLS={limit})")
+        if ctx.should_stop():
+            raise Cancelled(f"pull of {ctx.job['target']} cancelled while waiting for a pull slot.")
+        time.sleep(PULL_SLOT_POLL_S)
 
 
 def run_pull(job: dict, ctx: JobContext) -> dict:

@@ -145,11 +145,24 @@ wait_option = click.option("--wait", is_flag=True, help="Follow the job and exit
 @click.argument("name")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only files matching GLOB (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching GLOB (repeatable).")
+@click.option("--max-rate", metavar="RATE", callback=lambda _ctx, _param, value: _rate(value),
+              help="Cap this pull's bandwidth: bytes/s like 20M, 500k, 8MiB (default MLXK_MAX_RATE; 0: none).")
 @wait_option
 @json_command
-def pull_command(name, include, exclude, wait):
+def pull_command(name, include, exclude, max_rate, wait):
     """Download a model from the Hub into the HF cache (a background job)."""
-    return _queued(jobs.enqueue_pull(name, include=include, exclude=exclude), wait)
+    return _queued(jobs.enqueue_pull(name, include=include, exclude=exclude, max_rate=max_rate), wait)
+
+
+def _rate(value):
+    from mlxk.config import parse_rate
+
+    if value is None:
+        return None
+    try:
+        return parse_rate(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 @click.command("rm")
