@@ -65,7 +65,7 @@ def serve_command(host, port, api_key, api_key_file, max_loaded, keep_alive, idl
 def run_command(model, prompt, system, max_tokens, temperature):
     """Chat with MODEL, or answer PROMPT once (stdin is appended); starts a server if none is up."""
     from mlxk.output import json_mode
-    from mlxk.server import repl
+    from mlxk.client import repl
 
     params = {"max_tokens": max_tokens, "temperature": temperature}
     stdin_text = None if sys.stdin.isatty() else sys.stdin.read()
@@ -85,7 +85,7 @@ def run_command(model, prompt, system, max_tokens, temperature):
 @json_command
 def ps_command():
     """Show loaded models, their memory and keep-alive, and queued requests."""
-    from mlxk.server import repl
+    from mlxk.client import repl
 
     return repl.ps()
 
@@ -96,7 +96,7 @@ def ps_command():
 @json_command
 def stop_command(model, stop_all):
     """Unload MODEL (or --all) from the running server."""
-    from mlxk.server import repl
+    from mlxk.client import repl
 
     if bool(model) == bool(stop_all):
         raise click.UsageError("give a MODEL or --all")

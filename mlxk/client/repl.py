@@ -12,7 +12,7 @@ import click
 from mlxk.config import settings as load_settings
 from mlxk.output import Output, human_duration, human_size, say, table
 from mlxk.server import catalog
-from mlxk.server.client import Client, ensure_server, find_server
+from mlxk.client.connection import Client, ensure_server, find_server
 
 HELP = """Commands:
   /clear         forget the conversation
