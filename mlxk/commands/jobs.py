@@ -12,8 +12,9 @@ from pathlib import Path
 import click
 
 from mlxk import jobs
-from mlxk.commands import log_options
-from mlxk.output import Output, human_duration, human_size, is_tty, json_command, relative_time, say, table
+from mlxk.commands import SuggestingGroup, log_options
+from mlxk.output import (Output, human_duration, human_size, is_tty, json_command, json_mode, relative_time, say,
+                         table)
 
 
 # ---------------------------------------------------------------- progress on stderr
@@ -201,6 +202,8 @@ def clone_command(name, directory, wait):
 @json_command
 def push_command(directory, repo, private, public, dry_run, check_only, message, wait):
     """Upload a workspace DIRECTORY to the Hub as REPO (a background job)."""
+    if private and public:
+        raise click.UsageError("--private and --public contradict each other; give one.")
     if check_only:
         return _check_only(directory)
     return _queued(jobs.enqueue_push(directory, repo, private=private, public=public, dry_run=dry_run,
@@ -246,7 +249,7 @@ def jobs_list_command(all_jobs):
     return Output(data=rows, text=lambda: _jobs_table(rows))
 
 
-@click.group("jobs", invoke_without_command=True)
+@click.group("jobs", cls=SuggestingGroup, invoke_without_command=True)
 @click.option("--all", "all_jobs", is_flag=True, help="The full history, not only active and recent jobs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.pass_context
@@ -344,17 +347,21 @@ def jobs_retry_command(job_id, wait):
 
 # ---------------------------------------------------------------- worker
 
-@click.command("worker", hidden=True)
-@click.option("--threads", type=int, default=3, show_default=True, help="Tasks run at once.")
+@click.command("worker")
+@click.option("--threads", type=click.IntRange(min=1), default=3, show_default=True, help="Tasks run at once.")
 @click.option("--background", is_flag=True, help="Exit after MLXK_WORKER_IDLE seconds with nothing to do.")
 @click.option("--no-scan", is_flag=True, help="Skip the health scan at start.")
 @log_options
+@json_command
 def worker_command(threads, background, no_scan, log_level, log_json):
     """Run the job worker (a Huey consumer) in the foreground."""
+    from mlxk.errors import MlxkError
     from mlxk.workers import consumer
 
     code = consumer.main([f"--threads={threads}", *(["--background"] if background else []),
                           *(["--no-scan"] if no_scan else []), *([f"--log-level={log_level}"] if log_level else []),
                           *(["--log-json"] if log_json else [])])
-    if code:
-        click.get_current_context().exit(code)
+    # consumer.main has printed its own one-line error; --json also carries one in the envelope.
+    error = MlxkError(f"the job worker stopped with exit code {code}; see the messages above.") \
+        if code and json_mode() else None
+    return Output(data={"stopped": True, "exit_code": code}, exit_code=code, error=error)

@@ -25,7 +25,7 @@ class _Duration(click.ParamType):
 
 @click.command("serve")
 @click.option("--host", default=None, help="Address to bind (default 127.0.0.1; others need an API key).")
-@click.option("--port", type=int, default=None, help="Port (default 8000, MLXK_PORT).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (default 8000, MLXK_PORT).")
 @click.option("--api-key", default=None,
               help="Require 'Authorization: Bearer KEY'. Prefer MLXK_API_KEY or --api-key-file: the flag is wiped "
                    "from the process list at start, but other users may see it until then.")
