@@ -173,6 +173,15 @@ def _positive(name: str, default: float) -> float:
     return value
 
 
+def _port() -> int:
+    port = _number("MLXK_PORT", DEFAULT_PORT, int)
+    if not 1 <= port <= 65535:
+        from mlxk.errors import ConfigError
+
+        raise ConfigError(f"MLXK_PORT={port} is not a TCP port; give one from 1 to 65535, like {DEFAULT_PORT}")
+    return port
+
+
 def _flag(name: str) -> bool:
     return (_env(name) or "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -216,7 +225,7 @@ def settings() -> Settings:
         hf_token=_hf_token(hf_home),
         queue_url=_env("MLXK_QUEUE_URL") or str(home / "queue.db"),
         host=_env("MLXK_HOST") or DEFAULT_HOST,
-        port=_number("MLXK_PORT", DEFAULT_PORT, int),
+        port=_port(),
         api_key=_env("MLXK_API_KEY"),
         cors_origins=_list("MLXK_CORS_ORIGINS"),
         max_loaded=_number("MLXK_MAX_LOADED", 1, int),

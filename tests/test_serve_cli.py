@@ -182,3 +182,69 @@ def test_interactive_ctrl_c_stops_the_reply_not_the_session(run_env):
         assert proc.poll() is None
         os.write(leader, b"/bye\n")
         assert proc.wait(30) == 0
+
+
+def test_serve_on_a_busy_port_is_one_line_and_exit_1(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = server_env(tmp_path, port)
+        result = mlxk(env, "serve")
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines() == [
+            f"Error: port {port} on 127.0.0.1 is in use by another program (another `mlxk serve`?): stop it "
+            "(`mlxk processes`) or choose another port with --port or MLXK_PORT."]
+        doc = json.loads(mlxk(env, "serve", "--json").stdout)
+        assert doc["status"] == "error" and doc["error"]["type"] == "conflict" and doc["error"]["port"] == port
+
+
+@pytest.mark.parametrize("args, env_port, words", [
+    (("--port", "99999"), None, "99999 is not in the range 1<=x<=65535"),
+    (("--port", "0"), None, "0 is not in the range 1<=x<=65535"),
+    ((), "99999", "MLXK_PORT=99999 is not a TCP port"),
+])
+def test_serve_with_an_impossible_port_is_refused_without_a_traceback(tmp_path, args, env_port, words):
+    env = server_env(tmp_path, free_port())
+    if env_port:
+        env["MLXK_PORT"] = env_port
+    result = mlxk(env, "serve", *args)
+    assert result.returncode == (2 if args else 1) and words in result.stderr
+    assert "Traceback" not in result.stderr
+    doc = json.loads(mlxk(env, "serve", *args, "--json").stdout)
+    assert doc["error"]["type"] == ("usage" if args else "config_error")
+
+
+def test_serve_json_prints_one_envelope_when_stopped(tmp_path):
+    srv = spawn_server(tmp_path, args=("--json",))
+    try:
+        os.kill(srv.proc.pid, signal.SIGTERM)
+        assert srv.proc.wait(20) == 0
+    finally:
+        srv.stop()
+    out = srv.log().splitlines()
+    envelopes = [json.loads(line) for line in out if line.startswith("{")]
+    assert len(envelopes) == 1
+    assert envelopes[0]["status"] == "success" and envelopes[0]["command"] == "serve"
+    assert envelopes[0]["data"]["signal"] == "SIGTERM" and envelopes[0]["data"]["port"] == srv.port
+
+
+def test_worker_json_prints_one_envelope_when_stopped(tmp_path):
+    import threading
+
+    env = server_env(tmp_path, free_port())
+    proc = subprocess.Popen([*MLXK, "worker", "--no-scan", "--json"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any("consumer started" in line for line in lines):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read()
+    assert proc.wait(30) == 0, "".join(lines)
+    doc = json.loads(out)
+    assert doc["status"] == "success" and doc["command"] == "worker" and doc["data"]["exit_code"] == 0

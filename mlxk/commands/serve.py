@@ -51,8 +51,9 @@ def serve_command(host, port, api_key, api_key_file, max_loaded, keep_alive, idl
         api_key = read_key_file(api_key_file)
     config = ServerConfig.from_settings(host=host, port=port, api_key=api_key, max_loaded=max_loaded,
                                         keep_alive_s=keep_alive, idle_exit_s=idle_exit)
-    run_server(config, log_level=log_level, log_json=log_json)
-    return Output({"host": config.host, "port": config.port, "stopped": True})
+    stopped_by = run_server(config, log_level=log_level, log_json=log_json)
+    return Output({"host": config.host, "port": config.port, "url": f"http://{config.host}:{config.port}",
+                   "stopped": True, "signal": stopped_by})
 
 
 @click.command("run")
