@@ -61,6 +61,11 @@ class Settings(NamedTuple):  # immutable; a NamedTuple because a frozen dataclas
         return self.home / "run"
 
     @property
+    def chat_history(self) -> Path:
+        """What was typed into `mlxk run`'s chat, kept across sessions (arrow up recalls it)."""
+        return self.home / "chat_history"
+
+    @property
     def inference_socket(self) -> Path:
         """Unix socket of the inference worker; sockets paths are capped at ~104 bytes, so long homes hash."""
         path = self.home / "inference.sock"

@@ -142,6 +142,8 @@ def _read_until(fd: int, needle: str, timeout: float = 60) -> str:
 def terminal_session(env: dict, *args: str):
     """`mlxk <args>` on a pseudo-terminal: yields (process, the terminal's fd); killed and reaped if still running."""
     leader, follower = pty.openpty()
+    # A bare pty answers no cursor-position request; prompt_toolkit's setting for such terminals (see test_chat_cli).
+    env = {**env, "PROMPT_TOOLKIT_NO_CPR": "1"}
     proc = subprocess.Popen([*MLXK, *args], env=env, stdin=follower, stdout=follower, stderr=follower,
                             close_fds=True)
     os.close(follower)
@@ -156,7 +158,7 @@ def terminal_session(env: dict, *args: str):
 
 def test_interactive_chat_in_a_terminal(run_env):
     with terminal_session(run_env, "run", SCRIPTED_ID) as (proc, leader):
-        assert ">>> " in _read_until(leader, ">>> ")
+        assert ">>>" in _read_until(leader, ">>>")
         os.write(leader, b"hi\n")
         assert SCRIPTED_REPLY in _read_until(leader, SCRIPTED_REPLY)
         os.write(leader, b'"""\nline one\nline two\n"""\n')
@@ -169,16 +171,16 @@ def test_interactive_chat_in_a_terminal(run_env):
 
 def test_interactive_ctrl_c_stops_the_reply_not_the_session(run_env):
     with terminal_session(run_env, "run", RANDOM_ID, "--max-tokens", "2000") as (proc, leader):
-        _read_until(leader, ">>> ")
+        _read_until(leader, ">>>")
         os.write(leader, b"tell me everything\n")
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
         seen = _read_until(leader, "[reply stopped]")
         assert "[reply stopped]" in seen
         after = seen.split("[reply stopped]", 1)[1]
-        if ">>> " not in after:
-            after += _read_until(leader, ">>> ")
-        assert ">>> " in after
+        if ">>>" not in after:
+            after += _read_until(leader, ">>>")
+        assert ">>>" in after
         assert proc.poll() is None
         os.write(leader, b"/bye\n")
         assert proc.wait(30) == 0
