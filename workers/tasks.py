@@ -381,7 +381,8 @@ def run_push(job: dict, ctx: JobContext) -> dict:
     s, args = ctx.settings, ctx.args
     ctx.phase("pushing")
     result = hub.push(Path(args["workspace"]), job["target"], private=bool(args.get("private")),
-                      public=bool(args.get("public")), dry_run=bool(args.get("dry_run")), endpoint=s.endpoint,
+                      public=bool(args.get("public")), dry_run=bool(args.get("dry_run")),
+                      force=bool(args.get("force")), endpoint=s.endpoint,
                       token=s.token or False, message=args.get("message"), progress=ctx.progress,
                       should_stop=ctx.should_stop)
     ctx.flush()

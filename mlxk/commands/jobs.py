@@ -115,6 +115,12 @@ def _summary(job: dict) -> str:
     if job["kind"] == "clone":
         return f"Cloned {job['target']} into {job['args'].get('dest')}{took}."
     if job["kind"] == "push":
+        if result.get("dry_run"):
+            uploads = [step for step in result.get("plan") or [] if step["action"] == "upload"]
+            where = "a new " + ("private" if result.get("private") else "public") + " repo " \
+                if result.get("revision") is None else ""
+            return (f"Dry run: would push {len(uploads)} file(s) ({human_size(sum(s['size'] for s in uploads))}) "
+                    f"from {job['args'].get('workspace')} to {where}{job['target']}; nothing was uploaded.")
         return f"Pushed {job['args'].get('workspace')} to {job['target']}{took}."
     return f"Job {job['id']} ({job['kind']}) succeeded{took}."
 
@@ -195,19 +201,32 @@ def clone_command(name, directory, wait):
 @click.argument("repo")
 @click.option("--private", is_flag=True, help="Create the repo private.")
 @click.option("--public", is_flag=True, help="Create the repo public.")
-@click.option("--dry-run", is_flag=True, help="Show what would be uploaded; change nothing on the Hub.")
+@click.option("--dry-run", is_flag=True, help="Show what would be uploaded (waits for the plan); change nothing.")
 @click.option("--check-only", is_flag=True, help="Only check the workspace (offline, no job).")
+@click.option("--force", is_flag=True, help="Upload even what --check-only rejects.")
 @click.option("--message", "-m", help="Commit message.")
 @wait_option
 @json_command
-def push_command(directory, repo, private, public, dry_run, check_only, message, wait):
+def push_command(directory, repo, private, public, dry_run, check_only, force, message, wait):
     """Upload a workspace DIRECTORY to the Hub as REPO (a background job)."""
     if private and public:
         raise click.UsageError("--private and --public contradict each other; give one.")
     if check_only:
         return _check_only(directory)
-    return _queued(jobs.enqueue_push(directory, repo, private=private, public=public, dry_run=dry_run,
-                                     message=message), wait)
+    outcome = _queued(jobs.enqueue_push(directory, repo, private=private, public=public, dry_run=dry_run,
+                                        force=force, message=message), wait or dry_run)
+    if dry_run and outcome.error is None and isinstance(outcome.data, dict):
+        outcome.text = _plan_text(outcome.data)
+    return outcome
+
+
+def _plan_text(job: dict) -> str:
+    """A dry run's plan: each file and what the push would do with it."""
+    result = job.get("result") or {}
+    plan = result.get("plan") or []
+    rows = [["would upload" if step["action"] == "upload" else "unchanged", step["path"], human_size(step["size"])]
+            for step in plan]
+    return table(rows, ["ACTION", "PATH", "SIZE"], right={2}) if rows else "Nothing to push."
 
 
 def _check_only(directory: Path) -> Output:
