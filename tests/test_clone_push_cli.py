@@ -140,3 +140,22 @@ def test_push_refuses_what_check_only_rejects_unless_forced(tiny_model, tmp_path
         assert jobs_db.list_jobs(conn) == []        # refused before anything was queued
     forced, doc = run_json("push", str(ws), "org/target", "--private", "--force")
     assert forced.exit_code == 0 and doc["data"]["args"]["force"] is True
+
+
+def test_clone_of_an_unhealthy_cached_model_says_what_is_wrong(hub, worker, hf_cache, tmp_path):
+    from tests import factory
+
+    repo = "mlx-community/tiny-broken"
+    factory.make_variant(hf_cache, "shard_empty", repo_id=repo)    # cached, not on the Hub
+    assert run("health", repo).exit_code == 1
+
+    result, doc = run_json("clone", repo, str(tmp_path / "ws"), "--wait")
+
+    assert result.exit_code == 1
+    error = doc["error"]
+    assert error["type"] == "cache_error" and error["reason"]
+    assert error["message"].startswith(f"job {doc['data']['id']}") or repo in error["message"]
+    assert f"{repo} is cached but unhealthy: {error['reason']}" in error["message"]
+    assert f"`mlxk health {repo}`" in error["message"]
+    assert error["pull_error"]["type"] == "repo_not_found"   # what the Hub said stays available, not the headline
+    assert not (tmp_path / "ws").exists()

@@ -28,7 +28,7 @@ from typing import Callable
 
 from mlxk import logs
 from mlxk.db import jobs as jobs_db
-from mlxk.errors import Cancelled, Conflict, Internal, MlxkError
+from mlxk.errors import CacheError, Cancelled, Conflict, Internal, MlxkError
 from mlxk.faults import checkpoint
 from mlxk.workers import jobsettings, signals
 from mlxk.workers.process import StateConnection, connect, holder_alive
@@ -346,6 +346,26 @@ def _cached_snapshot(repo: str, revision: str | None, cache_dir: Path) -> Path |
     return path / "snapshots" / sha
 
 
+def _pull_for_clone(repo: str, revision: str | None, ctx: JobContext):
+    """Pull what the clone needs. A cached repo that is unhealthy is pulled too (that resumes or repairs it); when
+    that pull fails, the error leads with what is wrong with the cached copy, not only what the Hub said."""
+    from mlxk.db import models as models_db
+
+    try:
+        return _pull(repo, {"revision": revision}, ctx)
+    except MlxkError as error:
+        if isinstance(error, Cancelled):
+            raise
+        with closing(connect()) as conn:
+            row = models_db.get_model(conn, repo)
+        if not row or row.get("health") == "healthy":
+            raise
+        raise CacheError(f"{repo} is cached but unhealthy: {row.get('reason') or 'see `mlxk health ' + repo + '`'}; "
+                         f"repairing it from the Hub failed ({error.message}). Fix or replace its files "
+                         f"(`mlxk health {repo}` lists the problems, `mlxk rm {repo}` removes it), then clone again.",
+                         repo=repo, reason=row.get("reason"), pull_error=error.to_dict()) from error
+
+
 def run_clone(job: dict, ctx: JobContext) -> dict:
     """Clone through a staging folder owned by this job (mlxk.clone.staging_dir), so a retry after a kill restarts
     its own unfinished copy instead of refusing it as "not empty"."""
@@ -361,7 +381,7 @@ def run_clone(job: dict, ctx: JobContext) -> dict:
         pulled = None
         if snapshot is None:
             # Not cached (or unfinished): pull first; the pull never re-downloads files the cache already has.
-            pulled = _pull(repo, {"revision": args.get("revision")}, ctx)
+            pulled = _pull_for_clone(repo, args.get("revision"), ctx)
             _refresh_index({repo}, runtime=True, cache_dir=cache_dir)
             snapshot = Path(pulled.snapshot_path)
         ctx.check()
