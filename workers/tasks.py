@@ -210,12 +210,31 @@ def _drop_empty_repo(repo: str, cache_dir: Path) -> None:
         shutil.rmtree(cache.lock_dir(cache_dir, repo), ignore_errors=True)
 
 
-def _purge_partials(repo: str, cache_dir: Path) -> None:
+def _purge_partials(repo: str, cache_dir: Path) -> int:
+    """What `jobs cancel --purge` removes of an unfinished pull; returns the bytes freed. With no snapshot yet, the
+    whole repo folder (every byte in it is that download's); else its partial blobs, its staging folder and the
+    blobs no snapshot uses. Never the files of a complete snapshot."""
     from mlxk import cache
 
-    for blob in cache.incomplete_blobs(cache.repo_dir(cache_dir, repo)):
-        blob.unlink(missing_ok=True)
-    _drop_empty_repo(repo, cache_dir)
+    path = cache.repo_dir(cache_dir, repo)
+    if not path.is_dir() or path.is_symlink():
+        return 0
+    if not cache.list_revisions(path):
+        plan = cache.plan_remove(cache_dir, repo)
+        cache.apply_remove(cache_dir, plan)
+        shutil.rmtree(cache.lock_dir(cache_dir, repo), ignore_errors=True)
+        return plan.bytes_freed
+    blobs = path / "blobs"
+    used = {f.target.name for rev in cache.list_revisions(path) for f in cache.snapshot_files(path / "snapshots" / rev)
+            if f.is_symlink and f.target and cache.is_inside(f.target, blobs)}
+    freed = 0
+    for blob in (blobs.iterdir() if blobs.is_dir() else ()):
+        if blob.name not in used and blob.is_file() and not blob.is_symlink():
+            freed += blob.stat().st_size
+            blob.unlink(missing_ok=True)
+    if (path / cache.STAGING_DIR).exists():
+        cache.remove_path(path / cache.STAGING_DIR)
+    return freed
 
 
 def _pull(repo: str, args: dict, ctx: JobContext):
@@ -227,11 +246,15 @@ def _pull(repo: str, args: dict, ctx: JobContext):
         return hub.pull(repo, revision=args.get("revision"), include=args.get("include"),
                         exclude=args.get("exclude"), cache_dir=s.cache, endpoint=s.endpoint,
                         token=s.token or False, progress=ctx.progress, should_stop=ctx.should_stop)
-    except Cancelled:
-        if ctx.purge_requested():
-            _purge_partials(repo, s.cache)
+    except Cancelled as cancelled:
+        if not ctx.purge_requested():
+            _safe_refresh(repo, s.cache)
+            raise
+        freed = _purge_partials(repo, s.cache)
         _safe_refresh(repo, s.cache)
-        raise
+        # Said the same way in the job's message, its error and `jobs cancel`: the partial data is gone.
+        raise Cancelled(f"pull of {repo} cancelled; its partial download was removed ({freed} bytes freed).",
+                        note="cancelled; partial data removed", bytes_freed=freed) from cancelled
     except BaseException:
         _drop_empty_repo(repo, s.cache)
         _safe_refresh(repo, s.cache)

@@ -347,9 +347,8 @@ def jobs_cancel_command(job_id, purge):
     """Cancel a queued or running job (a running one stops within ~2 s)."""
     job = jobs.cancel(job_id, purge=purge)
     if job["state"] == "cancelled":
-        kept = "" if job["kind"] not in ("pull", "clone") else \
-            (" Partial data removed." if purge else f" Partial data kept; `mlxk jobs retry {job['id']}` resumes.")
-        say(f"Cancelled job {job['id']} ({job['kind']} {job['target']}).{kept}")
+        # The job's own message (what `jobs show`, `jobs` and the web page show): one account of the partial data.
+        say(f"Cancelled job {job['id']} ({job['kind']} {job['target']}): {job.get('message') or 'cancelled'}.")
     else:
         say(f"Cancel requested; job {job['id']} is {job['state']} and stopping.")
     return Output(data=job, text=job["id"])
