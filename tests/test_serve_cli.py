@@ -250,3 +250,17 @@ def test_worker_json_prints_one_envelope_when_stopped(tmp_path):
     assert proc.wait(30) == 0, "".join(lines)
     doc = json.loads(out)
     assert doc["status"] == "success" and doc["command"] == "worker" and doc["data"]["exit_code"] == 0
+
+
+def test_a_cli_user_without_the_api_key_is_told_to_set_mlxk_api_key(server):
+    env = dict(server.env)
+    env.pop("MLXK_API_KEY", None)
+    result = mlxk(env, "run", SCRIPTED_ID, "hi")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"Error: the server at {server.url} needs an API key: set MLXK_API_KEY to the key "
+                                     "it was started with (`export MLXK_API_KEY=...`) and run the command again.")
+    wrong = json.loads(mlxk({**env, "MLXK_API_KEY": "not-it"}, "ps", "--json").stdout)
+    assert wrong["error"]["type"] == "invalid_api_key"
+    assert "refused the one in MLXK_API_KEY" in wrong["error"]["message"] and "Authorization" not in \
+        wrong["error"]["message"]
+    assert json.loads(mlxk({**env, "MLXK_API_KEY": server.api_key}, "ps", "--json").stdout)["status"] == "success"
