@@ -72,9 +72,7 @@ def run_command(model, prompt, system, max_tokens, temperature):
     stdin_text = None if sys.stdin.isatty() else sys.stdin.read()
     if prompt is None and stdin_text is None:
         if json_mode():
-            from mlxk.errors import ConfigError
-
-            raise ConfigError("--json needs a PROMPT (or text on stdin)")
+            raise click.UsageError("--json needs a PROMPT (or text on stdin): the chat is for a terminal")
         return repl.interactive(model, system=system, params=params)
     text = "\n\n".join(part for part in (prompt, stdin_text) if part)
     if json_mode():
