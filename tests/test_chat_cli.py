@@ -112,3 +112,14 @@ def test_a_conversation_that_outgrows_the_context_drops_its_oldest_turns_once(ch
     say(child, "x" * 400 + "\r", "maximum context length")
     say(child, "short again\r", SCRIPTED_REPLY)
     bye(child)
+
+
+def test_json_without_a_prompt_in_a_terminal_is_a_usage_error(chat_server):
+    import json
+
+    child = pexpect.spawn(MLXK[0], [*MLXK[1:], "run", SCRIPTED_ID, "--json"], env=chat_server.env, encoding="utf-8",
+                          timeout=60)
+    child.expect(pexpect.EOF)
+    child.close()
+    doc = json.loads(child.before.replace("\r\n", "\n"))
+    assert child.exitstatus == 2 and doc["error"]["type"] == "usage" and "needs a PROMPT" in doc["error"]["message"]
