@@ -384,7 +384,7 @@ def _pull_for_clone(repo: str, revision: str | None, ctx: JobContext):
         if not row or row.get("health") == "healthy":
             raise
         raise CacheError(f"{repo} is cached but unhealthy: {row.get('reason') or 'see `mlxk health ' + repo + '`'}; "
-                         f"repairing it from the Hub failed ({error.message}). Fix or replace its files "
+                         f"the Hub could not replace it ({error.type}). Fix or replace its files "
                          f"(`mlxk health {repo}` lists the problems, `mlxk rm {repo}` removes it), then clone again.",
                          repo=repo, reason=row.get("reason"), pull_error=error.to_dict()) from error
 
