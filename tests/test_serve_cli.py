@@ -245,6 +245,7 @@ def test_worker_json_prints_one_envelope_when_stopped(tmp_path):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any("consumer started" in line for line in lines):
         time.sleep(0.2)
+    time.sleep(1.0)   # huey logs "started" just before it installs its signal handlers
     proc.send_signal(signal.SIGTERM)
     out = proc.stdout.read()
     assert proc.wait(30) == 0, "".join(lines)
