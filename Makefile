@@ -1,21 +1,27 @@
 # `make run` starts the whole stack (api, job worker, inference worker) on the embedded SQLite default;
-# `make test` runs the whole suite. Both create .venv and install first; `make test` also installs what the
-# suite drives for real (Debian/Ubuntu apt packages chromium, chromium-driver, redis-server) when missing.
+# `make test` runs the whole suite. Both create .venv and install first: `make run` only what running needs,
+# `make test` (and `make install`, the developer set-up) also the test extra, and what the suite drives for real
+# (Debian/Ubuntu apt packages chromium, chromium-driver, redis-server) when missing.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-stamp
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install system-deps run test clean
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(RUN_STAMP)
 
-install: $(STAMP)
+$(TEST_STAMP): $(RUN_STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(TEST_STAMP)
+
+install: $(TEST_STAMP)
 
 # The suite drives real programs: headless Chromium (the web page) and a Redis server (the shared queue).
 system-deps:
@@ -37,12 +43,12 @@ system-deps:
 # job worker, an earlier `make run`) are stopped first, one line each, so nothing holds the port or the inference
 # socket. The index step queues nothing and starts no worker (honcho's worker scans once at start), so Ctrl-C on
 # honcho stops everything `make run` started.
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/mlxk processes stop --all
 	$(BIN)/mlxk list --all --no-scan
 	PATH="$(CURDIR)/$(BIN):$$PATH" MLXK_STARTED_BY="make run" $(BIN)/honcho start -f Procfile
 
-test: $(STAMP) system-deps
+test: $(TEST_STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -10,7 +10,8 @@ import threading
 import click
 
 from mlxk import __version__
-from mlxk.output import Output, json_command
+from mlxk.commands import SuggestingGroup
+from mlxk.output import JsonUsageError, Output, json_command, json_requested
 
 # name → "module:attribute"; the order is the order of `mlxk --help`
 COMMANDS = {
@@ -42,7 +43,30 @@ EXIT_AFTER_CLEANUP = {"worker"}
 _invoked: list[str] = []  # the subcommand click resolved, for main()
 
 
-class LazyGroup(click.Group):
+class LazyGroup(SuggestingGroup):
+    _json = False  # the command line being run asked for --json (set by main, read when a usage error passes)
+
+    def main(self, args=None, *rest, **kwargs):
+        args = list(sys.argv[1:] if args is None else args)
+        self._json = json_requested(args)
+        return super().main(args, *rest, **kwargs)
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as error:
+            raise self._as_json(error) from None
+
+    def invoke(self, ctx):
+        # Every command's own parsing (and any click error it raises) happens below this call.
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as error:
+            raise self._as_json(error) from None
+
+    def _as_json(self, error: click.ClickException) -> click.ClickException:
+        return JsonUsageError(error) if self._json and not isinstance(error, JsonUsageError) else error
+
     def list_commands(self, ctx):
         return list(COMMANDS)
 

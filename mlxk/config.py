@@ -64,6 +64,11 @@ class Settings(NamedTuple):  # immutable; a NamedTuple because a frozen dataclas
         return self.home / "run"
 
     @property
+    def chat_history(self) -> Path:
+        """What was typed into `mlxk run`'s chat, kept across sessions (arrow up recalls it)."""
+        return self.home / "chat_history"
+
+    @property
     def inference_socket(self) -> Path:
         """Unix socket of the inference worker; sockets paths are capped at ~104 bytes, so long homes hash."""
         path = self.home / "inference.sock"
@@ -212,6 +217,15 @@ def _count(name: str, default: int, *, least: int) -> int:
     return value
 
 
+def _port() -> int:
+    port = _number("MLXK_PORT", DEFAULT_PORT, int)
+    if not 1 <= port <= 65535:
+        from mlxk.errors import ConfigError
+
+        raise ConfigError(f"MLXK_PORT={port} is not a TCP port; give one from 1 to 65535, like {DEFAULT_PORT}")
+    return port
+
+
 def _flag(name: str) -> bool:
     return (_env(name) or "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -255,7 +269,7 @@ def settings() -> Settings:
         hf_token=_hf_token(hf_home),
         queue_url=_env("MLXK_QUEUE_URL") or str(home / "queue.db"),
         host=_env("MLXK_HOST") or DEFAULT_HOST,
-        port=_number("MLXK_PORT", DEFAULT_PORT, int),
+        port=_port(),
         api_key=_env("MLXK_API_KEY"),
         cors_origins=_list("MLXK_CORS_ORIGINS"),
         max_loaded=_number("MLXK_MAX_LOADED", 1, int),

@@ -53,6 +53,13 @@ class ConfigError(MlxkError):
     type = "config_error"
 
 
+class UsageError(MlxkError):
+    """The command line itself is wrong (an unknown command or option, a missing argument, a value out of range):
+    exit code 2, as click's own usage errors."""
+    type = "usage"
+    exit_code = 2
+
+
 class InvalidName(MlxkError):
     type = "invalid_name"
 

@@ -1678,14 +1678,46 @@ def _push_token(token: str | None, repo_id: str) -> str:
     return token
 
 
+def refuse_unfit(workspace: Path, *, force: bool = False) -> None:
+    """A push never uploads what `push --check-only` rejects (a truncated safetensors file, a missing shard), unless
+    forced: WorkspaceInvalid naming the first problem, every finding in `findings`."""
+    if force:
+        return
+    findings = check_workspace(workspace)
+    if findings:
+        raise errors.WorkspaceInvalid(
+            f"{workspace} is not ready to push: {findings[0].message} ({findings[0].rule}). Fix it (`mlxk push "
+            "--check-only` lists every problem) or upload it anyway with --force.",
+            findings=[{"rule": f.rule, "message": f.message} for f in findings])
+
+
+def _check_visibility(remote: _RemoteRepo | None, repo_id: str, url: str, *, private: bool, public: bool) -> None:
+    """Visibility is only ever what the user said: a new repo needs --private or --public, an existing public one
+    --public, and a flag that contradicts an existing repo is refused, never silently ignored."""
+    if remote is None:
+        if not (private or public):
+            raise errors.Conflict(f"{repo_id} does not exist yet: add --private to create it as a private repo "
+                                  "(or --public to publish it).", repo=repo_id)
+        return
+    if remote.private and public:
+        raise errors.Conflict(f"{repo_id} exists and is private; a push does not change that, so --public would be "
+                              f"ignored. Push without --public to keep it private, or make it public first in its "
+                              f"settings ({url}/settings) and push again.", repo=repo_id, url=url)
+    if not remote.private and not public:
+        hint = "--private does not hide it" if private else "mlxk will not upload into a public repo unless you say so"
+        raise errors.Conflict(f"{repo_id} already exists and is PUBLIC; {hint}: add --public (or push to a new name "
+                              "with --private).", repo=repo_id, url=url)
+
+
 def push(workspace: Path, repo_id: str, *, private: bool = False, public: bool = False, dry_run: bool = False,
-         endpoint: str, token: str | None = None, message: str | None = None, progress: ProgressFn | None = None,
-         should_stop: StopFn | None = None) -> PushResult:
+         force: bool = False, endpoint: str, token: str | None = None, message: str | None = None,
+         progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> PushResult:
     """Upload a flat workspace to `repo_id` (only what changed); refuses to publish anything by accident.
 
     A new repo is created private with private=True, public with public=True, and not at all with neither. An
-    existing public repo is only written to with public=True. dry_run compares against the remote and writes
-    nothing anywhere.
+    existing public repo is only written to with public=True, an existing private one never with public=True
+    (_check_visibility). A workspace `push --check-only` rejects is refused unless force. dry_run compares against
+    the remote and writes nothing anywhere; it refuses what the push would refuse.
     """
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
@@ -1703,14 +1735,9 @@ def push(workspace: Path, repo_id: str, *, private: bool = False, public: bool =
     api = HfApi(endpoint=endpoint, token=token)
     url = f"{endpoint}/{repo_id}"
 
+    refuse_unfit(workspace, force=force)
     remote = _remote_repo(api, repo_id, endpoint)
-    if remote is not None and not remote.private and not public:
-        raise errors.Conflict(f"{repo_id} already exists and is PUBLIC; mlxk will not upload into a public repo "
-                              "unless you say so: add --public (or push to a new name with --private).",
-                              repo=repo_id, url=url)
-    if remote is None and not (private or public):
-        raise errors.Conflict(f"{repo_id} does not exist yet: add --private to create it as a private repo "
-                              "(or --public to publish it).", repo=repo_id)
+    _check_visibility(remote, repo_id, url, private=private, public=public)
     local = _local_files(workspace)
     if not local:
         raise errors.ConfigError(f"nothing to push: {workspace} has no files (after {HFIGNORE}).")

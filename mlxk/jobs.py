@@ -81,8 +81,8 @@ def enqueue_clone(name: str, dest: Path) -> Enqueued:
 
 
 def enqueue_push(workspace: Path, repo_id: str, *, private: bool = False, public: bool = False,
-                 dry_run: bool = False, message: str | None = None) -> Enqueued:
-    from mlxk import names
+                 dry_run: bool = False, force: bool = False, message: str | None = None) -> Enqueued:
+    from mlxk import hub, names
 
     names.validate_repo_id(repo_id)
     workspace = Path(workspace).expanduser().resolve()
@@ -90,8 +90,9 @@ def enqueue_push(workspace: Path, repo_id: str, *, private: bool = False, public
         raise MlxkError(f"{workspace} is not a directory; push needs a workspace made by `mlxk clone`.")
     if private and public:
         raise MlxkError("--private and --public contradict each other; give one.")
+    hub.refuse_unfit(workspace, force=force)   # at once, offline; the job checks again before uploading
     args = {"workspace": str(workspace), "private": private, "public": public, "dry_run": dry_run,
-            "message": message}
+            "force": force, "message": message}
     return _enqueue("push", repo_id, args)
 
 

@@ -111,6 +111,44 @@ def json_command(fn):
     return wrapper
 
 
+def json_requested(args) -> bool:
+    """Did the command line ask for --json (before a `--`)? Read from the raw arguments, because a usage error
+    stops click before any command has parsed its options."""
+    args = list(args)
+    return "--json" in (args[:args.index("--")] if "--" in args else args)
+
+
+def usage_error(error: click.ClickException) -> MlxkError:
+    """A click error as the mlxk error the envelope carries: `usage` (exit 2) for a wrong command line, with the
+    command's usage line and click's close matches (`suggestions`) where it has them."""
+    from mlxk.errors import UsageError
+
+    if not isinstance(error, click.UsageError):
+        return MlxkError(error.format_message())
+    details = {}
+    if error.ctx is not None:
+        details["usage"] = error.ctx.get_usage()
+    suggestions = getattr(error, "possibilities", None)
+    if suggestions:
+        details["suggestions"] = sorted(suggestions)
+    return UsageError(error.format_message(), **details)
+
+
+class JsonUsageError(click.UsageError):
+    """A click error of a command line that asked for --json: shown as the one envelope on stdout, not as click's
+    usage text on stderr; the exit code stays click's (2 for usage)."""
+
+    def __init__(self, error: click.ClickException):
+        super().__init__(error.format_message(), getattr(error, "ctx", None))
+        self.exit_code = error.exit_code
+        self.original = error
+
+    def show(self, file=None) -> None:
+        ctx = self.ctx
+        command = _command_name(ctx) if ctx is not None and ctx.parent is not None else None
+        click.echo(dumps(envelope(command, None, usage_error(self.original))))
+
+
 def say(message: str) -> None:
     """Chatter for humans: stderr, so stdout stays data."""
     click.echo(message, err=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.fixtures.cli import run, run_json
 from tests.fixtures.jobs import job_row, state_db
 
@@ -91,3 +93,70 @@ def test_push_round_trip(hub, worker_manager, tiny_model, tmp_path, monkeypatch)
     assert {n: remote.read(n) for n in remote.files() if n != ".gitattributes"} == _files(ws)
     assert remote.history()[0].title == "first upload"
     assert job_row(job["id"])["result"]["repo_id"] == repo
+
+
+def _copy_model(model, dest: Path) -> Path:
+    for name in model.files:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (dest / name).write_bytes(model.read(name))
+    return dest
+
+
+def test_push_dry_run_prints_the_plan_and_says_would_push(hub, worker, tiny_model, tmp_path, monkeypatch):
+    hub.add_token("hf_writer", user="alice")
+    monkeypatch.setenv("HF_TOKEN", "hf_writer")
+    ws = _copy_model(tiny_model, tmp_path / "ws")
+    repo = hub.unique_repo("alice/planned")
+
+    result = run("push", str(ws), repo, "--private", "--dry-run")
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["ACTION", "PATH", "SIZE"]
+    assert sorted(line.split()[2] for line in lines[1:]) == sorted(tiny_model.files)
+    assert all(line.startswith("would upload") for line in lines[1:])
+    assert f"Dry run: would push {len(tiny_model.files)} file(s)" in result.stderr
+    assert f"to a new private repo {repo}; nothing was uploaded." in result.stderr
+    assert "Pushed" not in result.output
+    with pytest.raises(KeyError):
+        hub.repo(repo)
+
+
+def test_push_refuses_what_check_only_rejects_unless_forced(tiny_model, tmp_path, reap_workers, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")   # the forced job below must never reach a real Hub
+    ws = _copy_model(tiny_model, tmp_path / "ws")
+    weights = ws / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])   # truncated, as a killed copy leaves it
+
+    check, check_doc = run_json("push", str(ws), "org/target", "--check-only")
+    refused, doc = run_json("push", str(ws), "org/target", "--private")
+
+    assert check.exit_code == 1 and refused.exit_code == 1
+    assert doc["error"]["type"] == "workspace_invalid" and "--force" in doc["error"]["message"]
+    assert doc["error"]["findings"][0]["rule"] == check_doc["data"]["findings"][0]["rule"]
+    from mlxk.db import jobs as jobs_db
+
+    with state_db() as conn:
+        assert jobs_db.list_jobs(conn) == []        # refused before anything was queued
+    forced, doc = run_json("push", str(ws), "org/target", "--private", "--force")
+    assert forced.exit_code == 0 and doc["data"]["args"]["force"] is True
+
+
+def test_clone_of_an_unhealthy_cached_model_says_what_is_wrong(hub, worker, hf_cache, tmp_path):
+    from tests import factory
+
+    repo = "mlx-community/tiny-broken"
+    factory.make_variant(hf_cache, "shard_empty", repo_id=repo)    # cached, not on the Hub
+    assert run("health", repo).exit_code == 1
+
+    result, doc = run_json("clone", repo, str(tmp_path / "ws"), "--wait")
+
+    assert result.exit_code == 1
+    error = doc["error"]
+    assert error["type"] == "cache_error" and error["reason"]
+    assert f"{repo} is cached but unhealthy: {error['reason']}" in error["message"]
+    assert f"`mlxk health {repo}`" in error["message"]
+    assert "the Hub could not replace it (repo_not_found)" in error["message"]
+    assert "was not found" not in error["message"] and "token" not in error["message"].lower()
+    assert error["pull_error"]["type"] == "repo_not_found"   # what the Hub said stays available, not the headline
+    assert not (tmp_path / "ws").exists()

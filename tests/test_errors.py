@@ -8,7 +8,7 @@ from mlxk import errors
 
 # The contract: scripts match these strings. Adding one is a decision (update this list); renaming one breaks users.
 TYPES = {
-    "error", "config_error", "invalid_name", "invalid_hub_reply", "model_not_found", "ambiguous_match", "model_not_runnable",
+    "error", "config_error", "usage", "invalid_name", "invalid_hub_reply", "model_not_found", "ambiguous_match", "model_not_runnable",
     "cache_error", "state_error", "job_not_found", "job_failed", "job_cancelled", "conflict", "hub_error",
     "repo_not_found", "gated_repo", "auth_error", "revision_not_found", "integrity_error", "disk_full", "cancelled",
     "server_unavailable", "internal", "workspace_invalid", "response_not_found",

@@ -28,6 +28,7 @@ def _model_files() -> dict[str, bytes]:
 
 def _push(server, workspace, repo_id, **kw):
     kw.setdefault("token", TOKEN)
+    kw.setdefault("force", True)   # these workspaces hold random bytes as weights: they test the transport, not health
     return hubmod.push(workspace, repo_id, endpoint=server.endpoint, **kw)
 
 
@@ -89,6 +90,37 @@ def test_refuses_an_existing_public_repo_unless_public(writer, tmp_path):
     assert not result.private and not result.created and result.revision != before
 
 
+def test_public_on_an_existing_private_repo_is_refused_not_ignored(writer, tmp_path):
+    ws = _workspace(tmp_path / "ws", _model_files())
+    repo_id = writer.unique_repo("writer/private")
+    before = writer.add_repo(repo_id, {"config.json": b"{}"}, private=True)
+    with pytest.raises(errors.Conflict, match=r"exists and is private.*--public would be ignored.*/settings"):
+        _push(writer, ws, repo_id, public=True)
+    with pytest.raises(errors.Conflict, match=r"exists and is private"):
+        _push(writer, ws, repo_id, public=True, dry_run=True)
+    assert writer.repo(repo_id).private and writer.repo(repo_id).resolve("main").sha == before
+    result = _push(writer, ws, repo_id)    # no flag: it stays what it is
+    assert result.private and writer.repo(repo_id).private
+
+
+def test_a_workspace_check_only_rejects_is_refused_unless_forced(writer, tmp_path):
+    from tests import factory
+
+    files = factory.tiny_model_files()
+    files["model.safetensors"] = files["model.safetensors"][:-100]      # truncated: the header says more
+    ws = _workspace(tmp_path / "ws", files)
+    repo_id = writer.unique_repo("writer/truncated")
+    writer.clear_requests()
+    with pytest.raises(errors.WorkspaceInvalid, match=r"not ready to push.*--force") as refused:
+        _push(writer, ws, repo_id, private=True, force=False)
+    assert refused.value.details["findings"][0]["rule"]
+    assert writer.requests == [] or {r.method for r in writer.requests} <= {"GET"}
+    with pytest.raises(KeyError):
+        writer.repo(repo_id)
+    result = _push(writer, ws, repo_id, private=True, force=True)
+    assert result.created and writer.repo(repo_id).read("model.safetensors") == files["model.safetensors"]
+
+
 def test_a_new_repo_needs_private_or_public(writer, tmp_path):
     ws = _workspace(tmp_path / "ws", _model_files())
     repo_id = writer.unique_repo("writer/new")
@@ -140,7 +172,8 @@ def test_hfignore_excludes_files(writer, tmp_path):
 def test_token_problems_are_auth_errors(writer, tmp_path, token, words):
     ws = _workspace(tmp_path / "ws", _model_files())
     with pytest.raises(errors.AuthError) as raised:
-        hubmod.push(ws, writer.unique_repo("writer/auth"), private=True, endpoint=writer.endpoint, token=token)
+        hubmod.push(ws, writer.unique_repo("writer/auth"), private=True, endpoint=writer.endpoint, token=token,
+                    force=True)
     for word in words:
         assert word in raised.value.message
 
@@ -148,7 +181,7 @@ def test_token_problems_are_auth_errors(writer, tmp_path, token, words):
 def test_token_comes_from_settings_when_not_given(writer, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     ws = _workspace(tmp_path / "ws", _model_files())
-    result = hubmod.push(ws, writer.unique_repo("writer/env"), private=True, endpoint=writer.endpoint)
+    result = hubmod.push(ws, writer.unique_repo("writer/env"), private=True, endpoint=writer.endpoint, force=True)
     assert result.created
 
 

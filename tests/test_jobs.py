@@ -118,6 +118,28 @@ def test_cancel_a_running_pull_stops_within_2s_keeps_partial_and_retry_resumes(h
     assert job_row(job_id)["state"] == "cancelled"
 
 
+def test_cancel_purge_removes_the_partial_data_and_every_view_says_so(hub, worker):
+    repo = hub.unique_repo("org/purge")
+    hub.add_repo(repo, big_files(6 * MiB))
+    hub.faults.rate_limit_bps = 1 * MiB
+    job_id = run("pull", repo).stdout.strip()
+    wait_for(lambda: (job_row(job_id)["bytes_done"] or 0) > 512 * 1024)
+
+    result = run("jobs", "cancel", job_id, "--purge")
+    final = wait_for(lambda: job_row(job_id)["state"] != "running" and job_row(job_id), timeout=5)
+
+    assert result.exit_code == 0 and final["state"] == "cancelled", final
+    assert final["message"] == "cancelled; partial data removed"
+    assert "was removed" in final["error"]["message"] and "kept" not in final["error"]["message"]
+    assert final["error"]["bytes_freed"] > 512 * 1024
+    assert "partial data removed" in result.stderr and "kept" not in result.stderr
+    assert not repo_path(repo).exists()                  # nothing of the download is left
+    listed = run_json("list", "--all")[1]["data"]["models"]
+    assert repo not in [m["name"] for m in listed]        # so it is not listed as an unhealthy model either
+    shown = run_json("jobs", "show", job_id)[1]["data"]
+    assert shown["message"] == final["message"]
+
+
 def test_cancel_a_queued_job_revokes_it(hub, worker_manager):
     # No worker: the job stays queued until we cancel it; the worker started afterwards must not run it.
     repo = hub.unique_repo("org/queued")

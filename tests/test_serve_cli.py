@@ -142,6 +142,8 @@ def _read_until(fd: int, needle: str, timeout: float = 60) -> str:
 def terminal_session(env: dict, *args: str):
     """`mlxk <args>` on a pseudo-terminal: yields (process, the terminal's fd); killed and reaped if still running."""
     leader, follower = pty.openpty()
+    # A bare pty answers no cursor-position request; prompt_toolkit's setting for such terminals (see test_chat_cli).
+    env = {**env, "PROMPT_TOOLKIT_NO_CPR": "1"}
     proc = subprocess.Popen([*MLXK, *args], env=env, stdin=follower, stdout=follower, stderr=follower,
                             close_fds=True)
     os.close(follower)
@@ -156,7 +158,7 @@ def terminal_session(env: dict, *args: str):
 
 def test_interactive_chat_in_a_terminal(run_env):
     with terminal_session(run_env, "run", SCRIPTED_ID) as (proc, leader):
-        assert ">>> " in _read_until(leader, ">>> ")
+        assert ">>>" in _read_until(leader, ">>>")
         os.write(leader, b"hi\n")
         assert SCRIPTED_REPLY in _read_until(leader, SCRIPTED_REPLY)
         os.write(leader, b'"""\nline one\nline two\n"""\n')
@@ -169,16 +171,97 @@ def test_interactive_chat_in_a_terminal(run_env):
 
 def test_interactive_ctrl_c_stops_the_reply_not_the_session(run_env):
     with terminal_session(run_env, "run", RANDOM_ID, "--max-tokens", "2000") as (proc, leader):
-        _read_until(leader, ">>> ")
+        _read_until(leader, ">>>")
         os.write(leader, b"tell me everything\n")
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
         seen = _read_until(leader, "[reply stopped]")
         assert "[reply stopped]" in seen
         after = seen.split("[reply stopped]", 1)[1]
-        if ">>> " not in after:
-            after += _read_until(leader, ">>> ")
-        assert ">>> " in after
+        if ">>>" not in after:
+            after += _read_until(leader, ">>>")
+        assert ">>>" in after
         assert proc.poll() is None
         os.write(leader, b"/bye\n")
         assert proc.wait(30) == 0
+
+
+def test_serve_on_a_busy_port_is_one_line_and_exit_1(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = server_env(tmp_path, port)
+        result = mlxk(env, "serve")
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines() == [
+            f"Error: port {port} on 127.0.0.1 is in use by another program (another `mlxk serve`?): stop it "
+            "(`mlxk processes`) or choose another port with --port or MLXK_PORT."]
+        doc = json.loads(mlxk(env, "serve", "--json").stdout)
+        assert doc["status"] == "error" and doc["error"]["type"] == "conflict" and doc["error"]["port"] == port
+
+
+@pytest.mark.parametrize("args, env_port, words", [
+    (("--port", "99999"), None, "99999 is not in the range 1<=x<=65535"),
+    (("--port", "0"), None, "0 is not in the range 1<=x<=65535"),
+    ((), "99999", "MLXK_PORT=99999 is not a TCP port"),
+])
+def test_serve_with_an_impossible_port_is_refused_without_a_traceback(tmp_path, args, env_port, words):
+    env = server_env(tmp_path, free_port())
+    if env_port:
+        env["MLXK_PORT"] = env_port
+    result = mlxk(env, "serve", *args)
+    assert result.returncode == (2 if args else 1) and words in result.stderr
+    assert "Traceback" not in result.stderr
+    doc = json.loads(mlxk(env, "serve", *args, "--json").stdout)
+    assert doc["error"]["type"] == ("usage" if args else "config_error")
+
+
+def test_serve_json_prints_one_envelope_when_stopped(tmp_path):
+    srv = spawn_server(tmp_path, args=("--json",))
+    try:
+        os.kill(srv.proc.pid, signal.SIGTERM)
+        assert srv.proc.wait(20) == 0
+    finally:
+        srv.stop()
+    out = srv.log().splitlines()
+    envelopes = [json.loads(line) for line in out if line.startswith("{")]
+    assert len(envelopes) == 1
+    assert envelopes[0]["status"] == "success" and envelopes[0]["command"] == "serve"
+    assert envelopes[0]["data"]["signal"] == "SIGTERM" and envelopes[0]["data"]["port"] == srv.port
+
+
+def test_worker_json_prints_one_envelope_when_stopped(tmp_path):
+    import threading
+
+    env = server_env(tmp_path, free_port())
+    proc = subprocess.Popen([*MLXK, "worker", "--no-scan", "--json"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any("consumer started" in line for line in lines):
+        time.sleep(0.2)
+    time.sleep(1.0)   # huey logs "started" just before it installs its signal handlers
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read()
+    assert proc.wait(30) == 0, "".join(lines)
+    doc = json.loads(out)
+    assert doc["status"] == "success" and doc["command"] == "worker" and doc["data"]["exit_code"] == 0
+
+
+def test_a_cli_user_without_the_api_key_is_told_to_set_mlxk_api_key(server):
+    env = dict(server.env)
+    env.pop("MLXK_API_KEY", None)
+    result = mlxk(env, "run", SCRIPTED_ID, "hi")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"Error: the server at {server.url} needs an API key: set MLXK_API_KEY to the key "
+                                     "it was started with (`export MLXK_API_KEY=...`) and run the command again.")
+    wrong = json.loads(mlxk({**env, "MLXK_API_KEY": "not-it"}, "ps", "--json").stdout)
+    assert wrong["error"]["type"] == "invalid_api_key"
+    assert "refused the one in MLXK_API_KEY" in wrong["error"]["message"] and "Authorization" not in \
+        wrong["error"]["message"]
+    assert json.loads(mlxk({**env, "MLXK_API_KEY": server.api_key}, "ps", "--json").stdout)["status"] == "success"

@@ -174,7 +174,7 @@ def test_api_modules_do_not_import_mlx(tmp_path):
         "import sys\n"
         "from fastapi.testclient import TestClient\n"
         "from mlxk.server.app import create_app\n"
-        "import mlxk.commands.serve, mlxk.server.repl\n"
+        "import mlxk.commands.serve, mlxk.client.repl\n"
         "with TestClient(create_app(), base_url='http://127.0.0.1') as c:\n"
         "    assert c.get('/health').status_code == 200\n"
         "    c.get('/v1/models')\n"

@@ -126,3 +126,34 @@ def test_jobs_watch_follows_a_job_to_its_end(hub, worker):
     assert f"pull {repo}" in result.stderr and "Pulled" in result.stderr
     everything = run("jobs", "watch")
     assert everything.exit_code == 0 and "No active jobs." in everything.stderr
+
+
+def test_an_expected_job_failure_is_one_line_in_the_worker_console_a_bug_keeps_its_traceback(hub, worker):
+    missing = hub.unique_repo("org/missing")
+    result = run("pull", missing, "--wait")
+    assert result.exit_code == 1
+    wait_for(lambda: "failed: repo_not_found" in worker.output(), timeout=10)
+    log = worker.output()
+    lines = [line for line in log.splitlines() if "repo_not_found" in line]
+    assert len(lines) == 1 and f"{missing} was not found" in lines[0], log
+    assert "Traceback" not in log
+
+    import logging
+
+    from mlxk.errors import Internal, RepoNotFound
+    from mlxk.workers.consumer import ExpectedFailures
+
+    def record(exc):
+        try:
+            raise exc
+        except Exception:
+            import sys
+
+            return logging.LogRecord("huey", logging.ERROR, __file__, 1, "Unhandled exception in task %s.", ("t1",),
+                                     sys.exc_info())
+
+    expected, bug, internal = record(RepoNotFound("x not found")), record(KeyError("k")), record(Internal("boom"))
+    for r in (expected, bug, internal):
+        ExpectedFailures().filter(r)
+    assert expected.getMessage() == "task t1 failed: repo_not_found: x not found" and expected.exc_info is None
+    assert bug.exc_info is not None and internal.exc_info is not None

@@ -23,7 +23,7 @@ from huey.consumer import Consumer, ConsumerStopped
 from mlxk import logs
 from mlxk.config import LOG_LEVELS, settings
 from mlxk.db import jobs as jobs_db
-from mlxk.errors import MlxkError
+from mlxk.errors import Internal, MlxkError
 from mlxk.workers import queue, signals
 from mlxk.workers.process import HEARTBEAT_S, StateConnection, connect, hostname, recover, worker_pidfile
 
@@ -123,9 +123,25 @@ def _remove_pidfile() -> None:
         pass
 
 
+class ExpectedFailures(logging.Filter):
+    """huey logs every task exception with its traceback. A job that fails the way jobs do (a gated or missing repo,
+    a full disk: an MlxkError) is one line in the console, `job failed: <type>: <message>`; a bug (any other
+    exception, or `internal`) keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, MlxkError) and not isinstance(exc, Internal):
+            record.msg, record.args = "task %s failed: %s: %s", (*(record.args or ("?",))[:1], exc.type, exc.message)
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def run(*, threads: int = DEFAULT_THREADS, background: bool = False, scan: bool = True,
         idle_s: float | None = None) -> int:
     """Run the consumer until stopped (or idle, when `background`); the exit status."""
+    huey_log = logging.getLogger("huey")
+    if not any(isinstance(f, ExpectedFailures) for f in huey_log.filters):
+        huey_log.addFilter(ExpectedFailures())
     s = settings()
     huey = queue.get_huey()
     worker_id = signals.worker_id()

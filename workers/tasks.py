@@ -28,7 +28,7 @@ from typing import Callable
 
 from mlxk import logs
 from mlxk.db import jobs as jobs_db
-from mlxk.errors import Cancelled, Conflict, Internal, MlxkError
+from mlxk.errors import CacheError, Cancelled, Conflict, Internal, MlxkError
 from mlxk.faults import checkpoint
 from mlxk.workers import jobsettings, signals
 from mlxk.workers.process import StateConnection, connect, holder_alive
@@ -209,12 +209,31 @@ def _drop_empty_repo(repo: str, cache_dir: Path) -> None:
         shutil.rmtree(cache.lock_dir(cache_dir, repo), ignore_errors=True)
 
 
-def _purge_partials(repo: str, cache_dir: Path) -> None:
+def _purge_partials(repo: str, cache_dir: Path) -> int:
+    """What `jobs cancel --purge` removes of an unfinished pull; returns the bytes freed. With no snapshot yet, the
+    whole repo folder (every byte in it is that download's); else its partial blobs, its staging folder and the
+    blobs no snapshot uses. Never the files of a complete snapshot."""
     from mlxk import cache
 
-    for blob in cache.incomplete_blobs(cache.repo_dir(cache_dir, repo)):
-        blob.unlink(missing_ok=True)
-    _drop_empty_repo(repo, cache_dir)
+    path = cache.repo_dir(cache_dir, repo)
+    if not path.is_dir() or path.is_symlink():
+        return 0
+    if not cache.list_revisions(path):
+        plan = cache.plan_remove(cache_dir, repo)
+        cache.apply_remove(cache_dir, plan)
+        shutil.rmtree(cache.lock_dir(cache_dir, repo), ignore_errors=True)
+        return plan.bytes_freed
+    blobs = path / "blobs"
+    used = {f.target.name for rev in cache.list_revisions(path) for f in cache.snapshot_files(path / "snapshots" / rev)
+            if f.is_symlink and f.target and cache.is_inside(f.target, blobs)}
+    freed = 0
+    for blob in (blobs.iterdir() if blobs.is_dir() else ()):
+        if blob.name not in used and blob.is_file() and not blob.is_symlink():
+            freed += blob.stat().st_size
+            blob.unlink(missing_ok=True)
+    if (path / cache.STAGING_DIR).exists():
+        cache.remove_path(path / cache.STAGING_DIR)
+    return freed
 
 
 def _pull(repo: str, args: dict, ctx: JobContext):
@@ -228,11 +247,15 @@ def _pull(repo: str, args: dict, ctx: JobContext):
                             exclude=args.get("exclude"), cache_dir=s.cache, endpoint=s.endpoint,
                             token=s.token or False, progress=ctx.progress, should_stop=ctx.should_stop,
                             connections=args.get("connections"), max_rate=args.get("max_rate") or 0)
-    except Cancelled:
-        if ctx.purge_requested():
-            _purge_partials(repo, s.cache)
+    except Cancelled as cancelled:
+        if not ctx.purge_requested():
+            _safe_refresh(repo, s.cache)
+            raise
+        freed = _purge_partials(repo, s.cache)
         _safe_refresh(repo, s.cache)
-        raise
+        # Said the same way in the job's message, its error and `jobs cancel`: the partial data is gone.
+        raise Cancelled(f"pull of {repo} cancelled; its partial download was removed ({freed} bytes freed).",
+                        note="cancelled; partial data removed", bytes_freed=freed) from cancelled
     except BaseException:
         _drop_empty_repo(repo, s.cache)
         _safe_refresh(repo, s.cache)
@@ -386,6 +409,26 @@ def _cached_snapshot(repo: str, revision: str | None, cache_dir: Path) -> Path |
     return path / "snapshots" / sha
 
 
+def _pull_for_clone(repo: str, revision: str | None, ctx: JobContext):
+    """Pull what the clone needs. A cached repo that is unhealthy is pulled too (that resumes or repairs it); when
+    that pull fails, the error leads with what is wrong with the cached copy, not only what the Hub said."""
+    from mlxk.db import models as models_db
+
+    try:
+        return _pull(repo, {"revision": revision}, ctx)
+    except MlxkError as error:
+        if isinstance(error, Cancelled):
+            raise
+        with closing(connect()) as conn:
+            row = models_db.get_model(conn, repo)
+        if not row or row.get("health") == "healthy":
+            raise
+        raise CacheError(f"{repo} is cached but unhealthy: {row.get('reason') or 'see `mlxk health ' + repo + '`'}; "
+                         f"the Hub could not replace it ({error.type}). Fix or replace its files "
+                         f"(`mlxk health {repo}` lists the problems, `mlxk rm {repo}` removes it), then clone again.",
+                         repo=repo, reason=row.get("reason"), pull_error=error.to_dict()) from error
+
+
 def run_clone(job: dict, ctx: JobContext) -> dict:
     """Clone through a staging folder owned by this job (mlxk.clone.staging_dir), so a retry after a kill restarts
     its own unfinished copy instead of refusing it as "not empty"."""
@@ -401,7 +444,7 @@ def run_clone(job: dict, ctx: JobContext) -> dict:
         pulled = None
         if snapshot is None:
             # Not cached (or unfinished): pull first; the pull never re-downloads files the cache already has.
-            pulled = _pull(repo, {"revision": args.get("revision")}, ctx)
+            pulled = _pull_for_clone(repo, args.get("revision"), ctx)
             _refresh_index({repo}, runtime=True, cache_dir=cache_dir)
             snapshot = Path(pulled.snapshot_path)
         ctx.check()
@@ -421,7 +464,8 @@ def run_push(job: dict, ctx: JobContext) -> dict:
     s, args = ctx.settings, ctx.args
     ctx.phase("pushing")
     result = hub.push(Path(args["workspace"]), job["target"], private=bool(args.get("private")),
-                      public=bool(args.get("public")), dry_run=bool(args.get("dry_run")), endpoint=s.endpoint,
+                      public=bool(args.get("public")), dry_run=bool(args.get("dry_run")),
+                      force=bool(args.get("force")), endpoint=s.endpoint,
                       token=s.token or False, message=args.get("message"), progress=ctx.progress,
                       should_stop=ctx.should_stop)
     ctx.flush()

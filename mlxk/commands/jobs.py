@@ -12,8 +12,9 @@ from pathlib import Path
 import click
 
 from mlxk import jobs
-from mlxk.commands import log_options
-from mlxk.output import Output, human_duration, human_size, is_tty, json_command, relative_time, say, table
+from mlxk.commands import SuggestingGroup, log_options
+from mlxk.output import (Output, human_duration, human_size, is_tty, json_command, json_mode, relative_time, say,
+                         table)
 
 
 # ---------------------------------------------------------------- progress on stderr
@@ -114,6 +115,12 @@ def _summary(job: dict) -> str:
     if job["kind"] == "clone":
         return f"Cloned {job['target']} into {job['args'].get('dest')}{took}."
     if job["kind"] == "push":
+        if result.get("dry_run"):
+            uploads = [step for step in result.get("plan") or [] if step["action"] == "upload"]
+            where = "a new " + ("private" if result.get("private") else "public") + " repo " \
+                if result.get("revision") is None else ""
+            return (f"Dry run: would push {len(uploads)} file(s) ({human_size(sum(s['size'] for s in uploads))}) "
+                    f"from {job['args'].get('workspace')} to {where}{job['target']}; nothing was uploaded.")
         return f"Pushed {job['args'].get('workspace')} to {job['target']}{took}."
     return f"Job {job['id']} ({job['kind']}) succeeded{took}."
 
@@ -207,17 +214,32 @@ def clone_command(name, directory, wait):
 @click.argument("repo")
 @click.option("--private", is_flag=True, help="Create the repo private.")
 @click.option("--public", is_flag=True, help="Create the repo public.")
-@click.option("--dry-run", is_flag=True, help="Show what would be uploaded; change nothing on the Hub.")
+@click.option("--dry-run", is_flag=True, help="Show what would be uploaded (waits for the plan); change nothing.")
 @click.option("--check-only", is_flag=True, help="Only check the workspace (offline, no job).")
+@click.option("--force", is_flag=True, help="Upload even what --check-only rejects.")
 @click.option("--message", "-m", help="Commit message.")
 @wait_option
 @json_command
-def push_command(directory, repo, private, public, dry_run, check_only, message, wait):
+def push_command(directory, repo, private, public, dry_run, check_only, force, message, wait):
     """Upload a workspace DIRECTORY to the Hub as REPO (a background job)."""
+    if private and public:
+        raise click.UsageError("--private and --public contradict each other; give one.")
     if check_only:
         return _check_only(directory)
-    return _queued(jobs.enqueue_push(directory, repo, private=private, public=public, dry_run=dry_run,
-                                     message=message), wait)
+    outcome = _queued(jobs.enqueue_push(directory, repo, private=private, public=public, dry_run=dry_run,
+                                        force=force, message=message), wait or dry_run)
+    if dry_run and outcome.error is None and isinstance(outcome.data, dict):
+        outcome.text = _plan_text(outcome.data)
+    return outcome
+
+
+def _plan_text(job: dict) -> str:
+    """A dry run's plan: each file and what the push would do with it."""
+    result = job.get("result") or {}
+    plan = result.get("plan") or []
+    rows = [["would upload" if step["action"] == "upload" else "unchanged", step["path"], human_size(step["size"])]
+            for step in plan]
+    return table(rows, ["ACTION", "PATH", "SIZE"], right={2}) if rows else "Nothing to push."
 
 
 def _check_only(directory: Path) -> Output:
@@ -259,7 +281,7 @@ def jobs_list_command(all_jobs):
     return Output(data=rows, text=lambda: _jobs_table(rows))
 
 
-@click.group("jobs", invoke_without_command=True)
+@click.group("jobs", cls=SuggestingGroup, invoke_without_command=True)
 @click.option("--all", "all_jobs", is_flag=True, help="The full history, not only active and recent jobs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.pass_context
@@ -338,9 +360,8 @@ def jobs_cancel_command(job_id, purge):
     """Cancel a queued or running job (a running one stops within ~2 s)."""
     job = jobs.cancel(job_id, purge=purge)
     if job["state"] == "cancelled":
-        kept = "" if job["kind"] not in ("pull", "clone") else \
-            (" Partial data removed." if purge else f" Partial data kept; `mlxk jobs retry {job['id']}` resumes.")
-        say(f"Cancelled job {job['id']} ({job['kind']} {job['target']}).{kept}")
+        # The job's own message (what `jobs show`, `jobs` and the web page show): one account of the partial data.
+        say(f"Cancelled job {job['id']} ({job['kind']} {job['target']}): {job.get('message') or 'cancelled'}.")
     else:
         say(f"Cancel requested; job {job['id']} is {job['state']} and stopping.")
     return Output(data=job, text=job["id"])
@@ -357,17 +378,21 @@ def jobs_retry_command(job_id, wait):
 
 # ---------------------------------------------------------------- worker
 
-@click.command("worker", hidden=True)
-@click.option("--threads", type=int, default=3, show_default=True, help="Tasks run at once.")
+@click.command("worker")
+@click.option("--threads", type=click.IntRange(min=1), default=3, show_default=True, help="Tasks run at once.")
 @click.option("--background", is_flag=True, help="Exit after MLXK_WORKER_IDLE seconds with nothing to do.")
 @click.option("--no-scan", is_flag=True, help="Skip the health scan at start.")
 @log_options
+@json_command
 def worker_command(threads, background, no_scan, log_level, log_json):
     """Run the job worker (a Huey consumer) in the foreground."""
+    from mlxk.errors import MlxkError
     from mlxk.workers import consumer
 
     code = consumer.main([f"--threads={threads}", *(["--background"] if background else []),
                           *(["--no-scan"] if no_scan else []), *([f"--log-level={log_level}"] if log_level else []),
                           *(["--log-json"] if log_json else [])])
-    if code:
-        click.get_current_context().exit(code)
+    # consumer.main has printed its own one-line error; --json also carries one in the envelope.
+    error = MlxkError(f"the job worker stopped with exit code {code}; see the messages above.") \
+        if code and json_mode() else None
+    return Output(data={"stopped": True, "exit_code": code}, exit_code=code, error=error)

@@ -6,6 +6,7 @@ import time
 
 import click
 
+from mlxk.commands import SuggestingGroup
 from mlxk.output import Output, human_duration, json_command, relative_time, table
 
 
@@ -23,7 +24,7 @@ def _render(found: list) -> str:
     return table([_row(p) for p in found], headers, right={0})
 
 
-@click.group("processes", invoke_without_command=True)
+@click.group("processes", cls=SuggestingGroup, invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.pass_context
 def processes_group(ctx, as_json):

@@ -25,7 +25,7 @@ class _Duration(click.ParamType):
 
 @click.command("serve")
 @click.option("--host", default=None, help="Address to bind (default 127.0.0.1; others need an API key).")
-@click.option("--port", type=int, default=None, help="Port (default 8000, MLXK_PORT).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (default 8000, MLXK_PORT).")
 @click.option("--api-key", default=None,
               help="Require 'Authorization: Bearer KEY'. Prefer MLXK_API_KEY or --api-key-file: the flag is wiped "
                    "from the process list at start, but other users may see it until then.")
@@ -51,8 +51,9 @@ def serve_command(host, port, api_key, api_key_file, max_loaded, keep_alive, idl
         api_key = read_key_file(api_key_file)
     config = ServerConfig.from_settings(host=host, port=port, api_key=api_key, max_loaded=max_loaded,
                                         keep_alive_s=keep_alive, idle_exit_s=idle_exit)
-    run_server(config, log_level=log_level, log_json=log_json)
-    return Output({"host": config.host, "port": config.port, "stopped": True})
+    stopped_by = run_server(config, log_level=log_level, log_json=log_json)
+    return Output({"host": config.host, "port": config.port, "url": f"http://{config.host}:{config.port}",
+                   "stopped": True, "signal": stopped_by})
 
 
 @click.command("run")
@@ -65,15 +66,13 @@ def serve_command(host, port, api_key, api_key_file, max_loaded, keep_alive, idl
 def run_command(model, prompt, system, max_tokens, temperature):
     """Chat with MODEL, or answer PROMPT once (stdin is appended); starts a server if none is up."""
     from mlxk.output import json_mode
-    from mlxk.server import repl
+    from mlxk.client import repl
 
     params = {"max_tokens": max_tokens, "temperature": temperature}
     stdin_text = None if sys.stdin.isatty() else sys.stdin.read()
     if prompt is None and stdin_text is None:
         if json_mode():
-            from mlxk.errors import ConfigError
-
-            raise ConfigError("--json needs a PROMPT (or text on stdin)")
+            raise click.UsageError("--json needs a PROMPT (or text on stdin): the chat is for a terminal")
         return repl.interactive(model, system=system, params=params)
     text = "\n\n".join(part for part in (prompt, stdin_text) if part)
     if json_mode():
@@ -87,7 +86,7 @@ def run_command(model, prompt, system, max_tokens, temperature):
 @json_command
 def embed_command(model, texts):
     """Print the embedding vector of each TEXT (one JSON array a line) from an embedding MODEL."""
-    from mlxk.server import repl
+    from mlxk.client import repl
 
     return repl.embed(model, list(texts))
 
@@ -96,7 +95,7 @@ def embed_command(model, texts):
 @json_command
 def ps_command():
     """Show loaded models, their memory and keep-alive, and queued requests."""
-    from mlxk.server import repl
+    from mlxk.client import repl
 
     return repl.ps()
 
@@ -107,7 +106,7 @@ def ps_command():
 @json_command
 def stop_command(model, stop_all):
     """Unload MODEL (or --all) from the running server."""
-    from mlxk.server import repl
+    from mlxk.client import repl
 
     if bool(model) == bool(stop_all):
         raise click.UsageError("give a MODEL or --all")

@@ -5,13 +5,18 @@ started, so no child keeps the port or the socket.
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
+import signal
+import socket
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
-from mlxk.errors import ConfigError
+from mlxk.errors import ConfigError, Conflict
 from mlxk.server.deps import ServerConfig
 
 log = logging.getLogger("mlxk.server.main")
@@ -74,7 +79,26 @@ def read_key_file(path: Path) -> str:
     return key
 
 
-def run_server(config: ServerConfig, *, log_level: str | None = None, log_json: bool | None = None) -> None:
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything starts, so a busy port is one clear line (not uvicorn's log,
+    exit 3, after the app has started): Conflict when the port is taken, ConfigError for an address we cannot use."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn: TIME_WAIT of a previous run is fine
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise Conflict(f"port {port} on {host} is in use by another program (another `mlxk serve`?): stop it "
+                           "(`mlxk processes`) or choose another port with --port or MLXK_PORT.",
+                           host=host, port=port) from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}; check --host and --port "
+                          "(MLXK_HOST, MLXK_PORT).", host=host, port=port) from None
+    return sock
+
+
+def run_server(config: ServerConfig, *, log_level: str | None = None, log_json: bool | None = None) -> str | None:
+    """Serve until stopped; returns the signal that stopped it (SIGTERM, SIGINT), None when it ended otherwise."""
     import uvicorn
 
     from mlxk import logs
@@ -82,6 +106,7 @@ def run_server(config: ServerConfig, *, log_level: str | None = None, log_json: 
 
     check_bind(config)
     logs.setup(log_level, log_json, secrets=[config.api_key])
+    sock = bind(config.host, config.port)
     # log_config=None: uvicorn installs no handlers of its own, so its error and access logs go through ours
     # (same format, redacted, with the request id).
     uv_config = uvicorn.Config(create_app(config), host=config.host, port=config.port, log_config=None,
@@ -90,7 +115,25 @@ def run_server(config: ServerConfig, *, log_level: str | None = None, log_json: 
     server = uvicorn.Server(uv_config)
     log.info("mlxk serving on http://%s:%s (inference socket %s)", config.host, config.port,
              config.settings.inference_socket)
-    server.run()
+    with sock, _signals_noted() as stopped_by:
+        server.run(sockets=[sock])
     if not server.started:
-        raise ConfigError(f"the server could not start on {config.host}:{config.port} (is the port in use?); "
-                          "see the messages above")
+        raise ConfigError(f"the server could not start on {config.host}:{config.port}; see the messages above")
+    return stopped_by[-1] if stopped_by else None
+
+
+@contextmanager
+def _signals_noted():
+    """uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again under the handlers it found.
+    Handlers that only note it let `serve` end normally (its --json envelope, exit 0) after a requested stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    noted: list[str] = []
+    previous = {sig: signal.signal(sig, lambda number, frame: noted.append(signal.Signals(number).name))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield noted
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -5,21 +5,25 @@ cannot run fails at once with the index's reason, without starting a server.
 """
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import click
 
 from mlxk.config import settings as load_settings
 from mlxk.output import Output, human_duration, human_size, say, table
 from mlxk.server import catalog
-from mlxk.server.client import Client, ensure_server, find_server
+from mlxk.client.connection import Client, ServerError, ensure_server, find_server
 
 HELP = """Commands:
   /clear         forget the conversation
   /system TEXT   set the system prompt (and clear)
   /bye           leave (Ctrl-D too)
   \"\"\"            start or end a multi-line message
-Ctrl-C stops the current reply."""
+Arrow keys edit the line; up/down (and Ctrl-R) recall what you typed, also in earlier chats.
+Ctrl-C stops the current reply (or clears the line).
+When the conversation outgrows the model's context, the oldest turns are dropped."""
 
 
 def _model_name(name: str) -> str:
@@ -78,41 +82,94 @@ def stream_answer(model: str, text: str, *, system: str | None, params: dict) ->
     return Output({"model": name, "content": content, "finish_reason": finish})
 
 
-def _read_message() -> str:
-    """One user message; a line of three double quotes opens and closes a multi-line block."""
-    line = input(">>> ")
-    if line.strip() != '"""':
-        if line.startswith('"""'):
-            rest = line[3:]
-            lines = [rest] if rest else []
-            while True:
-                more = input("... ")
-                if more.rstrip().endswith('"""'):
-                    lines.append(more.rstrip()[:-3])
-                    return "\n".join(lines)
-                lines.append(more)
-        return line
-    lines = []
+def open_block(text: str) -> bool:
+    """Is this a multi-line message still being typed? One that starts with three double quotes goes on, Enter
+    adding lines, until a line ends with three double quotes."""
+    stripped = text.lstrip()
+    return stripped.startswith('"""') and not stripped[3:].rstrip().endswith('"""')
+
+
+def message_text(typed: str) -> str:
+    """The message a typed entry stands for: a triple-quoted block without its quotes, anything else as typed."""
+    stripped = typed.strip()
+    if not stripped.startswith('"""'):
+        return typed
+    body = stripped[3:].rstrip()
+    return (body[:-3] if body.endswith('"""') else body).strip("\n")
+
+
+class LineReader:
+    """The chat's input line: prompt_toolkit's line editing (arrows, Home/End, Ctrl-R search), its history kept in
+    MLXK_HOME across sessions, Enter inside an open triple-quoted block adding a line. Ctrl-C raises
+    KeyboardInterrupt and Ctrl-D on an empty line EOFError, as input() does. Without a terminal on both ends
+    (a pipe) it is plain input()."""
+
+    def __init__(self, history_path: Path):
+        self.session = None
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            return
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.application.current import get_app
+        from prompt_toolkit.filters import Condition
+        from prompt_toolkit.history import FileHistory
+
+        history_path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(history_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))  # private: what you typed
+        self.session = PromptSession(
+            history=FileHistory(str(history_path)),
+            multiline=Condition(lambda: open_block(get_app().current_buffer.text)),
+            prompt_continuation=lambda width, line_number, wrap_count: "... ",
+        )
+
+    def read(self) -> str:
+        if self.session is not None:
+            return self.session.prompt(">>> ")
+        typed = input(">>> ")
+        while open_block(typed):
+            typed += "\n" + input("... ")
+        return typed
+
+
+def _send(client: Client, name: str, system: str | None, history: list[dict], params: dict,
+          notice: dict) -> str | None:
+    """Stream the answer to the conversation so far. When it no longer fits the model's context, the oldest turns
+    are dropped from `history` (said once per chat) until it fits; None when even the last message alone does not
+    fit (it is dropped too, with the server's message)."""
     while True:
-        more = input("... ")
-        if more.strip() == '"""':
-            return "\n".join(lines)
-        lines.append(more)
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        try:
+            reply, _ = _stream(client, _body(name, messages, params))
+            return reply
+        except ServerError as error:
+            if error.type != "context_length_exceeded":
+                raise
+            if len(history) <= 1:
+                history.pop()
+                say(f"[{error.message} Shorten the message.]")
+                return None
+            del history[:2]   # the oldest user message and its answer
+            if not notice.get("said"):
+                notice["said"] = True
+                say(f"[The conversation no longer fits {name}'s context: the oldest turns are dropped from now on. "
+                    "/clear starts afresh.]")
 
 
 def interactive(model: str, *, system: str | None, params: dict) -> Output:
     name = _model_name(model)
+    reader = LineReader(load_settings().chat_history)
     say(f"Chatting with {name}. /? for help, /bye or Ctrl-D to leave.")
     history: list[dict] = []
+    notice: dict = {}
     with _client() as client:
         while True:
             try:
-                text = _read_message()
+                typed = reader.read()
             except EOFError:
                 break
             except KeyboardInterrupt:
-                say("\nUse Ctrl-D or /bye to leave.")
+                say("Use Ctrl-D or /bye to leave.")
                 continue
+            text = message_text(typed)
             command = text.strip()
             if command in ("/bye", "/exit", "/quit"):
                 break
@@ -131,16 +188,14 @@ def interactive(model: str, *, system: str | None, params: dict) -> Output:
             if not command:
                 continue
             history.append({"role": "user", "content": text})
-            messages = ([{"role": "system", "content": system}] if system else []) + history
             try:
-                reply, _ = _stream(client, _body(name, messages, params))
+                reply = _send(client, name, system, history, params, notice)
             except KeyboardInterrupt:
                 reply = None
+                history.pop()  # the question stays unanswered: do not send half a turn next time
                 say("\n[reply stopped]")
             sys.stdout.write("\n")
-            if reply is None:
-                history.pop()  # the question stays unanswered: do not send half a turn next time
-            else:
+            if reply is not None:
                 history.append({"role": "assistant", "content": reply})
     return Output({"model": name, "turns": len(history) // 2})
 

@@ -117,7 +117,15 @@ class Client:
             body = response.json()
         except ValueError:
             body = None
-        raise ServerError(response.status_code, body, f"HTTP {response.status_code}: {response.text[:200]}")
+        error = ServerError(response.status_code, body, f"HTTP {response.status_code}: {response.text[:200]}")
+        if response.status_code == 401:
+            # The server's text speaks to HTTP clients (send a header); a CLI user sets the key in the environment.
+            error.message = (
+                f"the server at {self.endpoint.url} needs an API key"
+                f"{' and refused the one in MLXK_API_KEY' if self.endpoint.api_key else ''}: "
+                "set MLXK_API_KEY to the key it was started with (`export MLXK_API_KEY=...`) and run the command "
+                "again.")
+        raise error
 
     def get(self, path: str) -> dict:
         response = self.http.get(path)
