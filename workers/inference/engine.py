@@ -85,6 +85,7 @@ class LoadedModel:
     prompt_cache: Any = None
     stop_sequences: dict = field(default_factory=dict)
     text_machines: dict = field(default_factory=dict)
+    grammar_tokenizer: Any = None   # llguidance's view of the vocabulary, made on the first constrained request
 
     @property
     def key(self) -> str:
@@ -109,6 +110,7 @@ class Row:
     router: OutputRouter
     completion_tokens: int = 0
     first_token_at: float | None = None
+    constraint: Any = None       # its GrammarProcessor when response_format or tool_choice constrains it
 
 
 @dataclass
@@ -484,7 +486,10 @@ class Engine:
 
         # Everything that can fail comes before insert(): a row the engine does not track would decode unseen.
         router = self._router(lm, request, tokens)
+        constraint = self._constraint(lm, request, tokens)
         sampler, processors = self._sampler(params), self._logits_processors(params)
+        if constraint is not None:
+            processors = [*(processors or ()), constraint]
         stop_sequences = self._stop_sequences(lm, params.stop)
         cache, rest = self._fetch_cache(lm, tokens)
         cached = n - len(rest)
@@ -494,7 +499,8 @@ class Engine:
         )
         del cache
         row = Row(ticket=ticket, model=lm, uid=uid, prompt_tokens=n, cached_tokens=cached,
-                  detokenizer=lm.tokenizer.detokenizer, stop_filter=StopFilter(params.stop), router=router)
+                  detokenizer=lm.tokenizer.detokenizer, stop_filter=StopFilter(params.stop), router=router,
+                  constraint=constraint)
         self._rows[uid] = row
         self._trim_prompt_cache(lm)
         with self._lock:
@@ -747,14 +753,40 @@ class Engine:
             lm.stop_sequences[key] = seqs
         return seqs
 
-    def _router(self, lm: LoadedModel, request: GenerateRequest, tokens: list[int]) -> OutputRouter:
+    @staticmethod
+    def _initial_state(lm: LoadedModel, request: GenerateRequest, tokens: list[int]) -> str:
+        """Where the reply starts: "reasoning" when the prompt leaves a think block open."""
         tokenizer = lm.tokenizer
-        tools = _effective_tools(request.params) if tokenizer.has_tool_calling else None
         initial = "normal"
         if tokenizer.has_thinking and request.kind == "chat":
             if tokenizer.rfind_think_start(tokens) > tokenizer.rfind_think_end(tokens):
                 initial = "reasoning"
-        initial = getattr(tokenizer, "response_initial_state", None) or initial
+        return getattr(tokenizer, "response_initial_state", None) or initial
+
+    def _constraint(self, lm: LoadedModel, request: GenerateRequest, tokens: list[int]):
+        """The row's grammar processor (constrain.py), or None when the request constrains nothing."""
+        from . import constrain
+
+        params = request.params
+        try:
+            spec = constrain.spec_from(params.response_format, params.tools, params.tool_choice)
+            if spec is None:
+                return None
+            tokenizer = lm.tokenizer
+            markers = (tokenizer.tool_call_start_tokens or (), tokenizer.tool_call_end_tokens or ())
+            grammar = constrain.lark_grammar(spec, constrain.tool_format(tokenizer), markers)
+        except constrain.ConstraintError as e:
+            raise BadRequest(e.message) from None
+        if lm.grammar_tokenizer is None:
+            lm.grammar_tokenizer = constrain.grammar_tokenizer(lm.tokenizer._tokenizer, lm.eos_ids)
+        reasoning = self._initial_state(lm, request, tokens) == "reasoning"
+        trigger = tuple(lm.tokenizer.think_end_tokens or ()) if reasoning else ()
+        return constrain.GrammarProcessor(lm.grammar_tokenizer, grammar, lm.eos_ids, trigger=trigger)
+
+    def _router(self, lm: LoadedModel, request: GenerateRequest, tokens: list[int]) -> OutputRouter:
+        tokenizer = lm.tokenizer
+        tools = _effective_tools(request.params) if tokenizer.has_tool_calling else None
+        initial = self._initial_state(lm, request, tokens)
         sm = self._text_machine(lm, with_tools=bool(tools))
         return OutputRouter(sm, initial, tokenizer.tool_parser if tools else None, tools,
                             (tokenizer.tool_call_start, tokenizer.tool_call_end))

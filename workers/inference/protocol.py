@@ -16,9 +16,13 @@ Requests
      "params": {"max_tokens": int|null, "temperature": float|null, "top_p": float|null,
                 "top_k": int|null, "min_p": float|null, "repetition_penalty": float|null,
                 "presence_penalty": float|null, "frequency_penalty": float|null, "seed": int|null, "stop": [str], "keep_alive": float|null,
-                "tools": [...]|null, "tool_choice": ...|null, "chat_template_kwargs": {...}|null}}
+                "tools": [...]|null, "tool_choice": ...|null, "chat_template_kwargs": {...}|null,
+                "response_format": {...}|null}}
         chat: OpenAI messages, rendered with the model's chat template (add_generation_prompt=True,
         tools= when given, unless tool_choice is "none"). completion: `prompt` is tokenized as is.
+        response_format (OpenAI's json_object / json_schema) and tool_choice "required" / {"type": "function",
+        "function": {"name"}} constrain decoding by grammar (constrain.py); a schema that does not compile, a
+        name not in tools, or a model whose tool-call format has no grammar -> bad_request.
         temperature null = 0 (greedy, as mlx_lm.server). repetition_penalty uses the last 20 tokens;
         presence_penalty and frequency_penalty (OpenAI's, additive) the last PENALTY_CONTEXT tokens.
         A chat message of role "developer" is rendered as "system" when the template has no "developer".
@@ -134,6 +138,7 @@ class Params:
     tools: list | None = None
     tool_choice: Any = None
     chat_template_kwargs: dict | None = None
+    response_format: dict | None = None
 
 
 @dataclass
@@ -217,6 +222,7 @@ def parse_params(raw: Any) -> Params:
         tools=_optional(raw, "tools", list),
         tool_choice=raw.get("tool_choice"),
         chat_template_kwargs=_optional(raw, "chat_template_kwargs", dict),
+        response_format=_optional(raw, "response_format", dict),
     )
     if params.max_tokens is not None and params.max_tokens < 1:
         raise ProtocolError('"params.max_tokens" must be at least 1')
@@ -256,7 +262,7 @@ def generate_message(request: GenerateRequest) -> dict:
             "min_p": p.min_p, "repetition_penalty": p.repetition_penalty, "presence_penalty": p.presence_penalty,
             "frequency_penalty": p.frequency_penalty, "seed": p.seed, "stop": list(p.stop),
             "keep_alive": p.keep_alive, "tools": p.tools, "tool_choice": p.tool_choice,
-            "chat_template_kwargs": p.chat_template_kwargs,
+            "chat_template_kwargs": p.chat_template_kwargs, "response_format": p.response_format,
         },
     }
 
