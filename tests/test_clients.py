@@ -111,7 +111,11 @@ def test_llm_prompt_with_schema(server, tmp_path):
         "  supports_schema: true\n")
     (user / "keys.json").write_text(json.dumps({"mlxk": API_KEY}))
     env = {**os.environ, "LLM_USER_PATH": str(user)}
-    result = subprocess.run([sys.executable, "-m", "llm", "-m", "tiny", "--schema", "name, age int", "-o",
+    # bounded fields: a random model would otherwise fill max_tokens with one string (an honest "length" cut)
+    schema = json.dumps({"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                                          "age": {"type": "integer", "maximum": 30}},
+                         "required": ["name", "age"]})
+    result = subprocess.run([sys.executable, "-m", "llm", "-m", "tiny", "--schema", schema, "-o",
                              "max_tokens", "80", "hi"], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
@@ -154,6 +158,8 @@ def test_langchain_stream(chat_model):
 
 @pytest.fixture(scope="module")
 def litellm(server):
+    # litellm fetches its model price map from GitHub at import unless told to use the copy it ships
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     return pytest.importorskip("litellm")
 
 
