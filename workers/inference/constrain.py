@@ -221,14 +221,17 @@ class GrammarProcessor:
         if not self.active:
             return logits
         vocab = logits.shape[-1]
-        allowed = np.zeros(vocab, dtype=bool)
         if self._failed or self.matcher.is_stopped():
-            allowed[[t for t in self.eos_ids if t < vocab]] = True
+            allowed = np.zeros(vocab, dtype=bool)
         else:
-            bias = np.frombuffer(self.matcher.compute_logit_bias(), dtype=np.uint8)[:vocab]
-            allowed[: len(bias)] = bias > 0
-            if self.matcher.is_accepting():
-                allowed[[t for t in self.eos_ids if t < vocab]] = True
+            # one bit per token (a 151k vocabulary is 19 KB), unpacked once; the model's logits may be padded
+            # past the tokenizer's vocabulary: those rows stay masked
+            bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+            allowed = np.zeros(vocab, dtype=bool)
+            n = min(vocab, len(bits))
+            allowed[:n] = bits[:n]
+        if self._failed or self.matcher.is_stopped() or self.matcher.is_accepting():
+            allowed[[t for t in self.eos_ids if t < vocab]] = True
         out = mx.where(mx.array(allowed), logits, mx.array(-float("inf"), dtype=logits.dtype))
         self.mask_seconds += time.perf_counter() - started
         self.masks += 1
