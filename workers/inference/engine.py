@@ -785,11 +785,15 @@ class Engine:
 
     def _router(self, lm: LoadedModel, request: GenerateRequest, tokens: list[int]) -> OutputRouter:
         tokenizer = lm.tokenizer
+        from .constrain import FORMAT_LLAMA3, tool_format
+
         tools = _effective_tools(request.params) if tokenizer.has_tool_calling else None
+        bare = not tools and request.kind == "chat" and tool_format(tokenizer) == FORMAT_LLAMA3
         initial = self._initial_state(lm, request, tokens)
         sm = self._text_machine(lm, with_tools=bool(tools))
-        return OutputRouter(sm, initial, tokenizer.tool_parser if tools else None, tools,
-                            (tokenizer.tool_call_start, tokenizer.tool_call_end))
+        return OutputRouter(sm, initial, tokenizer.tool_parser if tools else None,
+                            tools or (_effective_tools(request.params) if bare else None),
+                            (tokenizer.tool_call_start, tokenizer.tool_call_end), bare_json_calls=bare)
 
     @staticmethod
     def _text_machine(lm: LoadedModel, with_tools: bool):

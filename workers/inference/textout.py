@@ -7,6 +7,10 @@ think blocks to `reasoning` and tool-call markup to the tool parser. Both stages
 that could still be the start of a stop string or a marker, so safe text goes out at once (TTFT).
 A tool call that does not parse (cut off by max_tokens, malformed, or a parser that raises) is never
 dropped: its text, markup included, goes out as content, so the client sees what the model wrote.
+Llama 3 calls tools with bare JSON (`{"name": ..., "parameters": {...}}`, no markers): with `bare_json_calls`, a
+reply that starts with "{" is held to its end and becomes a tool call when it is exactly such a call to one of the
+tools, otherwise it goes out as content; any other reply streams as usual. The blank lines a model writes after
+`</think>` (Qwen3: "</think>\n\n") are not content: content after a think block starts at its first other character.
 """
 from __future__ import annotations
 
@@ -60,7 +64,8 @@ class OutputRouter:
     """Split safe text into content / reasoning / tool calls, as protocol delta fields."""
 
     def __init__(self, text_sm, initial_state: str = "normal", tool_parser: Callable | None = None,
-                 tools: list | None = None, tool_markers: tuple[str | None, str | None] = (None, None)):
+                 tools: list | None = None, tool_markers: tuple[str | None, str | None] = (None, None),
+                 bare_json_calls: bool = False):
         from mlx_lm.generate import TextStateMachine
 
         self._tsm = TextStateMachine
@@ -72,23 +77,28 @@ class OutputRouter:
         self._tool_text = ""
         self._tool_index = 0
         self.made_tool_call = False
+        self._after_think = False
+        self._bare_pending = bool(bare_json_calls and tools)   # still undecided: may be a bare JSON call
+        self._bare_held = ""
 
     def feed(self, text: str) -> dict:
         if not text:
             return {}
         if self._sm_state is None:
-            return {"content": text}
+            return self._route([("normal", text)])
         self._sm_state, segments = self._tsm.split(self._sm_state, text)
         return self._route(segments)
 
     def finish(self) -> dict:
         """Flush a held partial marker as text and parse an unterminated tool call."""
-        if self._sm_state is None:
-            return {}
-        self._sm_state, held, state = self._tsm.flush(self._sm_state)
-        delta = self._route([(state, held)])
-        if self._prev == "tool" and self._tool_text:
-            self._end_tool(delta, closed=False)
+        delta: dict[str, Any] = {}
+        if self._sm_state is not None:
+            self._sm_state, held, state = self._tsm.flush(self._sm_state)
+            delta = self._route([(state, held)])
+            if self._prev == "tool" and self._tool_text:
+                self._end_tool(delta, closed=False)
+        if self._bare_held:
+            self._end_bare_call(delta)
         return delta
 
     def _route(self, segments) -> dict:
@@ -101,10 +111,46 @@ class OutputRouter:
             elif state == "reasoning":
                 self._append(delta, "reasoning", text)
             elif state is not None:
-                self._append(delta, "content", text)
+                if self._prev == "reasoning":
+                    self._after_think = True
+                self._content(delta, text)
             if state is not None:
                 self._prev = state
         return delta
+
+    def _content(self, delta: dict, text: str) -> None:
+        if self._after_think:
+            text = text.lstrip("\n")
+            self._after_think = not text
+        if self._bare_pending:
+            self._bare_held += text
+            head = self._bare_held.lstrip()
+            if not head or head.startswith("{"):
+                return  # nothing yet, or maybe a bare JSON call: decide at the end
+            text, self._bare_held, self._bare_pending = self._bare_held, "", False
+        self._append(delta, "content", text)
+
+    def _end_bare_call(self, delta: dict) -> None:
+        text, self._bare_held = self._bare_held, ""
+        try:
+            call = json.loads(text)
+        except json.JSONDecodeError:
+            call = None
+        names = {(t.get("function") or {}).get("name") for t in self._tools or () if isinstance(t, dict)}
+        if (isinstance(call, dict) and set(call) == {"name", "parameters"} and call["name"] in names
+                and isinstance(call["parameters"], dict)):
+            delta.setdefault("tool_calls", []).append(self._call(call["name"], call["parameters"], None))
+            self.made_tool_call = True
+            return
+        self._append(delta, "content", text)
+
+    def _call(self, name: str, arguments: Any, call_id: str | None) -> dict:
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        call = {"index": self._tool_index, "id": call_id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                "function": {"name": name, "arguments": arguments}}
+        self._tool_index += 1
+        return call
 
     @staticmethod
     def _append(delta: dict, field: str, text: str) -> None:
@@ -135,16 +181,7 @@ class OutputRouter:
         for call in parsed if isinstance(parsed, list) else [parsed]:
             if not isinstance(call, dict) or "name" not in call:
                 continue
-            arguments = call.get("arguments", {})
-            if not isinstance(arguments, str):
-                arguments = json.dumps(arguments, ensure_ascii=False)
-            calls.append({
-                "index": self._tool_index,
-                "id": call.get("id") or f"call_{uuid.uuid4().hex[:24]}",
-                "type": "function",
-                "function": {"name": call["name"], "arguments": arguments},
-            })
-            self._tool_index += 1
+            calls.append(self._call(call["name"], call.get("arguments", {}), call.get("id")))
         if calls:
             self.made_tool_call = True
         return calls
