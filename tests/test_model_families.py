@@ -20,7 +20,7 @@ from mlxk.workers.inference.protocol import GenerateRequest, ModelRef, Params
 REALMODELS = Path("/work/shared/realmodels")
 SPEC = factory.ModelSpec(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                          intermediate_size=32, dtype="float32")
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
     "additionalProperties": False}}}
 HI = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -125,3 +125,53 @@ def test_qwen3_answer_does_not_start_with_the_blank_lines_after_think(tmp_path_f
     assert events[-1]["finish_reason"] == "stop", events
     assert field_of(events, "reasoning").strip() == "Hm.", events
     assert field_of(events, "content") == "Hello"
+
+
+def test_gpt_oss_harmony_transcript_through_the_real_tokenizer():
+    """The real gpt-oss tokenizer keeps harmony's markers in the decoded text (they are not special there), and the
+    router turns its transcript into reasoning, content and tool calls, token by token as the engine feeds it."""
+    from mlx_lm.tokenizer_utils import load
+
+    from mlxk.workers.inference.textout import HarmonyRouter, is_harmony
+
+    folder = REALMODELS / "gpt-oss"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is not on this machine (the real gpt-oss tokenizer and template)")
+    tokenizer = load(folder)
+    assert is_harmony(tokenizer)
+    hidden = set(tokenizer.all_special_ids)
+    transcript = ("<|channel|>analysis<|message|>User asks weather.<|end|><|start|>assistant<|channel|>commentary "
+                  'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>')
+    for text, expected in ((transcript, ("User asks weather.", "", ["get_weather"])),
+                           ("<|channel|>analysis<|message|>Hm.<|end|><|start|>assistant<|channel|>final"
+                            "<|message|>Hello world!<|return|>", ("Hm.", "Hello world!", []))):
+        router, detok = HarmonyRouter([WEATHER]), tokenizer.detokenizer
+        detok.reset()
+        deltas = []
+        for token in tokenizer.encode(text, add_special_tokens=False):
+            if token not in hidden:
+                detok.add_token(token)
+                deltas.append(router.feed(detok.last_segment))
+        detok.finalize()
+        deltas += [router.feed(detok.last_segment), router.finish()]
+        reasoning = "".join(d.get("reasoning", "") for d in deltas)
+        content = "".join(d.get("content", "") for d in deltas)
+        names = [c["function"]["name"] for d in deltas for c in d.get("tool_calls", [])]
+        assert (reasoning, content, names) == expected
+
+
+def test_gpt_oss_reply_in_the_engine_is_content_not_a_transcript(tmp_path_factory, engine):
+    from tokenizers import Tokenizer
+
+    folder = REALMODELS / "gpt-oss"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is not on this machine (the real gpt-oss tokenizer and template)")
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(
+        "<|channel|>final<|message|>Hello world!", add_special_tokens=False).ids
+    assert len(set(ids)) == len(ids), ids
+    ref = write(tmp_path_factory, "openai/gpt-oss-tiny", family_files("gpt-oss", reply_ids=ids))
+    events = collect(engine.submit(GenerateRequest(id="t", model=ref, kind="chat", messages=HI,
+                                                   params=Params(max_tokens=20, tools=[WEATHER]))))
+    assert events[-1].get("finish_reason") == "stop", events[-1]
+    assert field_of(events, "content") == "Hello world!"
+    assert field_of(events, "reasoning") == ""

@@ -135,3 +135,28 @@ def test_blank_lines_after_think_are_not_content(text, reasoning, content, split
 
     machine = TextStateMachine({"normal": [("<think>", "reasoning")], "reasoning": [("</think>", "normal")]})
     assert drive(OutputRouter(machine, "reasoning"), text, split)[:2] == (reasoning, content)
+
+
+HARMONY = ("<|channel|>analysis<|message|>User wants weather.<|end|><|start|>assistant<|channel|>commentary "
+           'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>')
+
+
+@SPLITS
+@pytest.mark.parametrize("text, expected", [
+    ("<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Hello world!",
+     ("Think.", "Hello world!", [])),
+    (HARMONY, ("User wants weather.", "", [(0, "get_weather", '{"city": "Paris"}')])),
+    ('<|channel|>analysis<|message|>a<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary json'
+     '<|message|>{"city": "Rome"}<|call|>', ("a", "", [(0, "get_weather", '{"city": "Rome"}')])),
+    ("<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>final<|message|>Done",
+     ("", "Checking.Done", [])),     # a preamble to the user is content
+    ('<|channel|>commentary to=functions.get_weather<|message|>{"city": "Par',   # cut by max_tokens: text back
+     ("", '{"city": "Par', [])),
+    ("Plain text, no channels", ("", "Plain text, no channels", [])),
+])
+def test_harmony(text, expected, split):
+    from mlxk.workers.inference.textout import HarmonyRouter
+
+    router = HarmonyRouter([{"type": "function", "function": {"name": "get_weather"}}])
+    assert drive(router, text, split) == expected
+    assert router.made_tool_call == bool(expected[2])

@@ -42,7 +42,7 @@ from mlxk.faults import checkpoint
 from . import protocol
 from .errors import BadRequest, InferenceError, Internal, LoadFailed, ModelFailed, PromptTooLong, WorkerBusy
 from .protocol import GenerateRequest, ModelRef, Params
-from .textout import OutputRouter, StopFilter
+from .textout import HarmonyRouter, OutputRouter, StopFilter, is_harmony
 
 log = logging.getLogger("mlxk.inference.engine")
 
@@ -490,7 +490,9 @@ class Engine:
         sampler, processors = self._sampler(params), self._logits_processors(params)
         if constraint is not None:
             processors = [*(processors or ()), constraint]
-        stop_sequences = self._stop_sequences(lm, params.stop)
+        # harmony ends a tool call with <|call|>, which gpt-oss's generation_config does not list as an EOS token
+        token_stops = [*params.stop, "<|call|>"] if isinstance(router, HarmonyRouter) else params.stop
+        stop_sequences = self._stop_sequences(lm, token_stops)
         cache, rest = self._fetch_cache(lm, tokens)
         cached = n - len(rest)
         (uid,) = self._generator.insert(
@@ -787,6 +789,8 @@ class Engine:
         tokenizer = lm.tokenizer
         from .constrain import FORMAT_LLAMA3, tool_format
 
+        if request.kind == "chat" and is_harmony(tokenizer):
+            return HarmonyRouter(_effective_tools(request.params))
         tools = _effective_tools(request.params) if tokenizer.has_tool_calling else None
         bare = not tools and request.kind == "chat" and tool_format(tokenizer) == FORMAT_LLAMA3
         initial = self._initial_state(lm, request, tokens)

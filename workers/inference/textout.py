@@ -185,3 +185,107 @@ class OutputRouter:
         if calls:
             self.made_tool_call = True
         return calls
+
+
+HARMONY_MARKERS = ("<|end|>", "<|call|>", "<|return|>", "<|start|>")
+
+
+def is_harmony(tokenizer) -> bool:
+    """gpt-oss's harmony format: every reply message is `<|channel|>NAME[ to=RECIPIENT]<|message|>BODY<|end|>`."""
+    return "<|channel|>" in str(getattr(tokenizer, "chat_template", "") or "")
+
+
+class HarmonyRouter:
+    """OutputRouter's counterpart for gpt-oss (harmony): analysis -> reasoning, final -> content, a commentary
+    message addressed `to=functions.NAME` -> a tool call with its body as arguments, any other commentary (a
+    preamble for the user) -> content. Fed the detokenized text, markers included; headers never reach the client.
+
+    Why not the openai-harmony package: it parses token ids with its own o200k encoding, which it downloads from
+    the internet on first use (an offline server cannot), and the engine already has the text."""
+
+    def __init__(self, tools: list | None = None):
+        self._tools = tools
+        self._buf = ""
+        self._in_body = False
+        self._channel = ""
+        self._recipient = ""
+        self._call_text = ""
+        self._tool_index = 0
+        self.made_tool_call = False
+
+    def feed(self, text: str) -> dict:
+        delta: dict[str, Any] = {}
+        self._buf += text
+        while self._buf:
+            if not self._in_body:
+                i = self._buf.find("<|message|>")
+                if i < 0:
+                    return delta
+                self._open(self._buf[:i])
+                self._buf = self._buf[i + len("<|message|>"):]
+                continue
+            found = [(self._buf.find(m), m) for m in HARMONY_MARKERS if m in self._buf]
+            if found:
+                j, marker = min(found)
+                self._body(delta, self._buf[:j])
+                self._close(delta)
+                self._buf = self._buf[j + len(marker):]
+                continue
+            keep = self._partial_marker()
+            self._body(delta, self._buf[: len(self._buf) - keep])
+            self._buf = self._buf[len(self._buf) - keep:]
+            return delta
+        return delta
+
+    def finish(self) -> dict:
+        delta: dict[str, Any] = {}
+        if self._in_body:
+            self._body(delta, self._buf)
+            self._close(delta)
+        elif self._buf.strip() and "<|channel|>" not in self._buf:
+            OutputRouter._append(delta, "content", self._buf)  # a reply that never used the format: keep its text
+        self._buf = ""
+        return delta
+
+    def _partial_marker(self) -> int:
+        i = self._buf.rfind("<")
+        if i >= 0 and any(m.startswith(self._buf[i:]) for m in HARMONY_MARKERS):
+            return len(self._buf) - i
+        return 0
+
+    def _open(self, header: str) -> None:
+        import re
+
+        channel = re.search(r"<\|channel\|>\s*(\w+)", header)
+        recipient = re.search(r"to=([^\s<]+)", header)
+        self._channel = channel.group(1) if channel else "final"
+        self._recipient = recipient.group(1) if recipient else ""
+        self._in_body = True
+        self._call_text = ""
+
+    def _body(self, delta: dict, text: str) -> None:
+        if not text:
+            return
+        if self._recipient:
+            self._call_text += text
+        elif self._channel == "analysis":
+            OutputRouter._append(delta, "reasoning", text)
+        else:
+            OutputRouter._append(delta, "content", text)
+
+    def _close(self, delta: dict) -> None:
+        self._in_body = False
+        if not self._recipient:
+            return
+        name = self._recipient.split(".", 1)[1] if self._recipient.startswith("functions.") else self._recipient
+        text, self._call_text = self._call_text.strip(), ""
+        try:
+            arguments = json.loads(text) if text else {}
+        except json.JSONDecodeError:
+            OutputRouter._append(delta, "content", text)  # not a call we can hand over: the client sees the text
+            return
+        delta.setdefault("tool_calls", []).append({
+            "index": self._tool_index, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}})
+        self._tool_index += 1
+        self.made_tool_call = True
