@@ -175,3 +175,15 @@ def test_gpt_oss_reply_in_the_engine_is_content_not_a_transcript(tmp_path_factor
     assert events[-1].get("finish_reason") == "stop", events[-1]
     assert field_of(events, "content") == "Hello world!"
     assert field_of(events, "reasoning") == ""
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_gpt_oss_forced_call_is_a_tool_call(tmp_path_factory, engine, tool_choice):
+    ref = write(tmp_path_factory, "openai/gpt-oss-random", family_files("gpt-oss"))
+    events = collect(engine.submit(GenerateRequest(id="t", model=ref, kind="chat", messages=HI, params=Params(
+        max_tokens=60, tools=[WEATHER], tool_choice=tool_choice))))
+    assert events[-1].get("finish_reason") == "tool_calls", events
+    (call,) = [c for e in events for c in e.get("tool_calls", [])]
+    assert call["function"]["name"] == "get_weather"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER["function"]["parameters"])
+    assert field_of(events, "content") == "" and field_of(events, "reasoning") == ""

@@ -21,7 +21,8 @@ What is constrained:
 - tool_choice "required" / a named function: the output is one call in the model family's own format, its name
   one of the tools (or the named one) and its arguments valid against that tool's `parameters` schema.
   Supported formats: `<tool_call>{"name", "arguments"}</tool_call>` (mlx-lm's json_tools parser: Qwen,
-  Hermes-style templates) and Llama 3's bare `{"name", "parameters"}`. Other formats are refused with a 400
+  Hermes-style templates), Llama 3's bare `{"name", "parameters"}` and gpt-oss's harmony commentary message
+  (`<|channel|>commentary to=functions.NAME<|message|>{...}<|call|>`). Other formats are refused with a 400
   rather than generated unconstrained.
 - On a thinking model whose prompt opens a think block, the grammar starts after the think end marker.
 JSON is generated compact (", " and ": " separators, no other whitespace), so a model cannot spend its tokens on
@@ -40,6 +41,8 @@ log = logging.getLogger("mlxk.inference.constrain")
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 FORMAT_JSON_TOOLS = "json_tools"   # <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>
 FORMAT_LLAMA3 = "llama3"           # {"name": ..., "parameters": {...}}
+FORMAT_HARMONY = "harmony"         # gpt-oss: <|channel|>commentary to=functions.NAME<|message|>{...}<|call|>
+HARMONY_TOKENS = ("<|channel|>", "<|message|>", "<|call|>")
 
 
 class ConstraintError(ValueError):
@@ -137,6 +140,10 @@ def _parameters(function: dict) -> dict:
 
 def tool_format(tokenizer) -> str | None:
     """The tool-call format of a loaded tokenizer that a grammar can express, or None."""
+    from .textout import is_harmony
+
+    if is_harmony(tokenizer):
+        return FORMAT_HARMONY
     parser = getattr(tokenizer, "tool_parser", None)
     module = getattr(parser, "__module__", "") or ""
     if module.endswith(".json_tools") and tokenizer.tool_call_start and tokenizer.tool_call_end:
@@ -147,17 +154,31 @@ def tool_format(tokenizer) -> str | None:
     return None
 
 
+def format_markers(tokenizer, fmt: str | None) -> tuple:
+    """The token ids of the markers a call format needs: (start, end) for json_tools, harmony's
+    (<|channel|>, <|message|>, <|call|>)."""
+    if fmt == FORMAT_HARMONY:
+        return tuple((tokenizer.convert_tokens_to_ids(t),) for t in HARMONY_TOKENS)
+    return (tokenizer.tool_call_start_tokens or (), tokenizer.tool_call_end_tokens or ())
+
+
 def lark_grammar(spec: Spec, fmt: str | None, markers: tuple = ((), ())) -> str:
     """The grammar of the whole reply: a call (when one is required) or the response JSON.
 
-    markers: the token ids of the tool-call start and end markers. A marker that is one token is matched as that
-    token (`<[id]>`): llguidance sees added tokens such as Qwen's `<tool_call>` as special, not as their text."""
+    markers: format_markers(). A marker that is one token is matched as that token (`<[id]>`): llguidance sees
+    added tokens such as Qwen's `<tool_call>` as special, not as their text."""
     if not spec.wants_call:
         return _as_lark_json(spec.response_schema, spec.strict)
     if fmt is None:
         raise ConstraintError("tool_choice", "tool_choice 'required' or a named function needs a model whose tool-call "
                                              "format this server can constrain (json_tools or Llama 3); this one's "
                                              "is not supported: use tool_choice 'auto'")
+    if fmt == FORMAT_HARMONY:
+        channel, message, call = (_lark_marker(ids) for ids in markers)
+        alternatives = [f'{channel} {json.dumps("commentary to=functions." + str(f.get("name")))} {message} '
+                        f'{_as_lark_json(_parameters(f), bool(f.get("strict")), rule=False)} {call}'
+                        for f in spec.tools]
+        return "start: " + " | ".join(f"({a})" for a in alternatives) + "\n"
     args_key = "parameters" if fmt == FORMAT_LLAMA3 else "arguments"
     calls = [{"type": "object", "properties": {"name": {"const": f.get("name")}, args_key: _parameters(f)},
               "required": ["name", args_key], "additionalProperties": False} for f in spec.tools]

@@ -774,9 +774,8 @@ class Engine:
             spec = constrain.spec_from(params.response_format, params.tools, params.tool_choice)
             if spec is None:
                 return None
-            tokenizer = lm.tokenizer
-            markers = (tokenizer.tool_call_start_tokens or (), tokenizer.tool_call_end_tokens or ())
-            grammar = constrain.lark_grammar(spec, constrain.tool_format(tokenizer), markers)
+            fmt = constrain.tool_format(lm.tokenizer)
+            grammar = constrain.lark_grammar(spec, fmt, constrain.format_markers(lm.tokenizer, fmt))
         except constrain.ConstraintError as e:
             raise BadRequest(e.message) from None
         if lm.grammar_tokenizer is None:
