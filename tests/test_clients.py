@@ -99,6 +99,14 @@ def test_openai_unknown_tool_name_is_a_400_naming_it(client):
     assert "'get_tide'" in info.value.body["message"] and "get_weather" in info.value.body["message"]
 
 
+def test_openai_forced_call_on_a_model_without_a_call_format_is_a_400(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=RANDOM_ID, messages=HI, tools=[WEATHER], tool_choice="required")
+    assert info.value.body["param"] == "tool_choice" and "tool_choice 'auto'" in info.value.body["message"]
+
+
 # ---- llm ------------------------------------------------------------------------------------------------------
 
 

@@ -777,7 +777,7 @@ class Engine:
             fmt = constrain.tool_format(lm.tokenizer)
             grammar = constrain.lark_grammar(spec, fmt, constrain.format_markers(lm.tokenizer, fmt))
         except constrain.ConstraintError as e:
-            raise BadRequest(e.message) from None
+            raise BadRequest(e.message, param=e.param) from None
         if lm.grammar_tokenizer is None:
             lm.grammar_tokenizer = constrain.grammar_tokenizer(lm.tokenizer._tokenizer, lm.eos_ids)
         reasoning = self._initial_state(lm, request, tokens) == "reasoning"

@@ -55,7 +55,7 @@ Events of a generate request, in order
      "usage": {"prompt_tokens", "completion_tokens", "total_tokens",
                "prompt_tokens_details": {"cached_tokens"}},
      "timings": {"ttft_s", "decode_tokens_per_s"}}
-    {"event": "error", "type": str, "message": str, "status": int, "retryable": bool}
+    {"event": "error", "type": str, "message": str, "status": int, "retryable": bool, "param"?: str}
         types: bad_request (400), context_length_exceeded (400, OpenAI's code: the prompt is longer than
         the model's context or the server's prompt limit; the message says "maximum context length is N
         tokens"), load_failed (400: the path is not a model folder), model_failed (422: the model failed
