@@ -170,11 +170,20 @@ def test_tool_choice_auto_stays_free(models, engine):
 @pytest.mark.parametrize("params, words", [
     ({"response_format": schema_format({"type": "nonsense"})}, "response_format.json_schema.schema"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),
+    ({"response_format": schema_format({"type": "string", "pattern": "("})}, "regex"),
 ])
 def test_bad_constraints_are_bad_requests(models, engine, params, words):
     events = collect(engine.submit(chat(models["random"], max_tokens=5, **params)))
     assert events[-1]["event"] == "error" and events[-1]["status"] == 400
     assert words in events[-1]["message"]
+
+
+def test_schema_with_odd_llguidance_options_still_constrains(models, engine):
+    """A client's own "x-guidance" that is not an object is ignored, not a crash (it once made a 500)."""
+    schema = {**PERSON, "x-guidance": 5}
+    events = collect(engine.submit(chat(models["random"], max_tokens=80, response_format=schema_format(schema))))
+    assert events[-1]["event"] == "done", events[-1]
+    jsonschema.validate(json.loads(text_of(events)), PERSON)
 
 
 def test_model_without_a_call_format_refuses_required(models, engine):

@@ -201,7 +201,8 @@ def _lark_marker(ids) -> str:
 
 def _as_lark_json(schema: dict, strict: bool, rule: bool = True) -> str:
     options = {**JSON_OPTIONS, "lenient": not strict}
-    embedded = {**schema, "x-guidance": {**options, **(schema.get("x-guidance") or {})}}
+    own = schema.get("x-guidance")   # llguidance's per-schema options, if the client sent some
+    embedded = {**schema, "x-guidance": {**options, **(own if isinstance(own, dict) else {})}}
     body = f"%json {json.dumps(embedded)}"
     return f"start: {body}\n" if rule else body
 

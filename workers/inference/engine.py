@@ -776,13 +776,13 @@ class Engine:
                 return None
             fmt = constrain.tool_format(lm.tokenizer)
             grammar = constrain.lark_grammar(spec, fmt, constrain.format_markers(lm.tokenizer, fmt))
+            if lm.grammar_tokenizer is None:
+                lm.grammar_tokenizer = constrain.grammar_tokenizer(lm.tokenizer._tokenizer, lm.eos_ids)
+            reasoning = self._initial_state(lm, request, tokens) == "reasoning"
+            trigger = tuple(lm.tokenizer.think_end_tokens or ()) if reasoning else ()
+            return constrain.GrammarProcessor(lm.grammar_tokenizer, grammar, lm.eos_ids, trigger=trigger)
         except constrain.ConstraintError as e:
             raise BadRequest(e.message, param=e.param) from None
-        if lm.grammar_tokenizer is None:
-            lm.grammar_tokenizer = constrain.grammar_tokenizer(lm.tokenizer._tokenizer, lm.eos_ids)
-        reasoning = self._initial_state(lm, request, tokens) == "reasoning"
-        trigger = tuple(lm.tokenizer.think_end_tokens or ()) if reasoning else ()
-        return constrain.GrammarProcessor(lm.grammar_tokenizer, grammar, lm.eos_ids, trigger=trigger)
 
     def _router(self, lm: LoadedModel, request: GenerateRequest, tokens: list[int]) -> OutputRouter:
         tokenizer = lm.tokenizer
