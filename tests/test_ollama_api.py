@@ -131,9 +131,25 @@ def test_think_on_a_model_that_cannot_think_is_400(client):
     assert reply.done
 
 
-def test_format_is_refused_until_constrained_decoding(client):
+FLAG = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("fmt", ["json", FLAG])
+def test_format_constrains_the_reply_to_json(client, fmt):
+    """The scripted model would say its sentence; `format` makes the worker's grammar force JSON instead."""
+    reply = client.chat(model=SCRIPTED_ID, messages=HI, format=fmt, options={"num_predict": 60, "temperature": 0})
+    text = reply.message.content
+    if reply.done_reason == "stop":
+        value = json.loads(text)
+        assert isinstance(value, dict) and (fmt == "json" or set(value) == {"ok"} and isinstance(value["ok"], bool))
+    else:  # cut by num_predict: honest "length", and what came is a JSON prefix
+        assert reply.done_reason == "length" and text.startswith("{"), reply
+    assert SCRIPTED_REPLY not in text
+
+
+def test_a_format_that_is_neither_json_nor_a_schema_is_400(client):
     with pytest.raises(ollama.ResponseError) as info:
-        client.chat(model=SCRIPTED_ID, messages=HI, format="json")
+        client.chat(model=SCRIPTED_ID, messages=HI, format="yaml")
     assert info.value.status_code == 400 and "format" in info.value.error
 
 

@@ -264,7 +264,9 @@ def test_not_runnable_model_gets_index_reason(server, client):
 @pytest.mark.parametrize("extra, param", [
     ({"n": 2}, "n"),
     ({"logprobs": True}, "logprobs"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"temperature": "hot"}, "temperature"),

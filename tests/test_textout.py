@@ -111,3 +111,71 @@ def test_stop_matched_on_tokens_is_named_from_the_held_text():
     assert stop_filter.push("Hello EN") == ("Hello ", False)
     stop_filter.matched_on_tokens()
     assert stop_filter.matched == "END" and stop_filter.flush() == ""
+
+
+# ---- model-family quirks --------------------------------------------------------------------------------------
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def drive(router: OutputRouter, text: str, split: str) -> tuple[str, str, list]:
+    deltas = [router.feed(piece) for piece in ([text] if split == "whole" else list(text))] + [router.finish()]
+    joined = lambda field: "".join(d.get(field, "") for d in deltas)  # noqa: E731
+    calls = [(c["index"], c["function"]["name"], c["function"]["arguments"]) for d in deltas
+             for c in d.get("tool_calls", [])]
+    return joined("reasoning"), joined("content"), calls
+
+
+@SPLITS
+@pytest.mark.parametrize("text, expected", [
+    ('{"name": "get_weather", "parameters": {"city": "Paris"}}', ("", [(0, "get_weather", '{"city": "Paris"}')])),
+    ('  {"name": "get_weather", "parameters": {}}', ("", [(0, "get_weather", "{}")])),
+    ('{"name": "get_tide", "parameters": {}}', ('{"name": "get_tide", "parameters": {}}', [])),  # not a tool
+    ('{"name": "get_weather", "parameters": {"city": "Par', ('{"name": "get_weather", "parameters": {"city": "Par', [])),
+    ('{"a": 1}', ('{"a": 1}', [])),
+    ('Sunny {"name": "get_weather", "parameters": {}}', ('Sunny {"name": "get_weather", "parameters": {}}', [])),
+])
+def test_llama3_bare_json_calls(text, expected, split):
+    """Llama 3.2 answers a tool prompt with bare JSON: a whole call to a known tool is a tool call, the rest text."""
+    router = OutputRouter(None, "normal", None, WEATHER, bare_json_calls=True)
+    _, content, calls = drive(router, text, split)
+    assert (content, calls) == expected
+    assert router.made_tool_call == bool(expected[1])
+
+
+@SPLITS
+@pytest.mark.parametrize("text, reasoning, content", [
+    ("Hm.</think>\n\nHello", "Hm.", "Hello"),
+    ("Hm.</think>\n\n", "Hm.", ""),
+    ("Hm.</think>Hello\n\nworld", "Hm.", "Hello\n\nworld"),   # only the blank lines right after </think> go
+])
+def test_blank_lines_after_think_are_not_content(text, reasoning, content, split):
+    from mlx_lm.generate import TextStateMachine
+
+    machine = TextStateMachine({"normal": [("<think>", "reasoning")], "reasoning": [("</think>", "normal")]})
+    assert drive(OutputRouter(machine, "reasoning"), text, split)[:2] == (reasoning, content)
+
+
+HARMONY = ("<|channel|>analysis<|message|>User wants weather.<|end|><|start|>assistant<|channel|>commentary "
+           'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>')
+
+
+@SPLITS
+@pytest.mark.parametrize("text, expected", [
+    ("<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Hello world!",
+     ("Think.", "Hello world!", [])),
+    (HARMONY, ("User wants weather.", "", [(0, "get_weather", '{"city": "Paris"}')])),
+    ('<|channel|>analysis<|message|>a<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary json'
+     '<|message|>{"city": "Rome"}<|call|>', ("a", "", [(0, "get_weather", '{"city": "Rome"}')])),
+    ("<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>final<|message|>Done",
+     ("", "Checking.Done", [])),     # a preamble to the user is content
+    ('<|channel|>commentary to=functions.get_weather<|message|>{"city": "Par',   # cut by max_tokens: text back
+     ("", '{"city": "Par', [])),
+    ("Plain text, no channels", ("", "Plain text, no channels", [])),
+])
+def test_harmony(text, expected, split):
+    from mlxk.workers.inference.textout import HarmonyRouter
+
+    router = HarmonyRouter([{"type": "function", "function": {"name": "get_weather"}}])
+    assert drive(router, text, split) == expected
+    assert router.made_tool_call == bool(expected[2])

@@ -71,6 +71,8 @@ class WorkerError(MlxkError):
         self.http_status = int(event.get("status") or 500)
         self.retryable = bool(event.get("retryable"))
         self.details = {"retryable": self.retryable}
+        if event.get("param"):
+            self.details["param"] = event["param"]
 
 
 def openai_error_type(status: int) -> str:

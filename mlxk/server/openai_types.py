@@ -140,9 +140,6 @@ class ChatCompletionRequest(_Common):
         if self.functions or self.function_call not in (None, "none", "auto"):
             field = "functions" if self.functions else "function_call"
             return field, f"{field} is deprecated and not supported; use tools and tool_choice"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            kind = self.response_format.get("type")
-            return "response_format", f"response_format type {kind!r} is not supported; only 'text'"
         if self.web_search_options is not None:
             return "web_search_options", "web search is not supported"
         if self.moderation is not None:
@@ -160,6 +157,20 @@ class ChatCompletionRequest(_Common):
         for i, tool in enumerate(self.tools or ()):
             if isinstance(tool, dict) and tool.get("type") == "custom":
                 return f"tools[{i}]", "custom tools are not supported; declare a function tool"
+        return self.unenforceable()
+
+    def unenforceable(self) -> tuple[str, str] | None:
+        """(param, message) when response_format or tool_choice asks for a constraint that cannot be compiled: a
+        schema the grammar compiler rejects, or a named function that is not in tools (constrain.py)."""
+        if not self.response_format and not isinstance(self.tool_choice, dict) and self.tool_choice != "required":
+            return None
+        from mlxk.workers.inference import constrain
+
+        tool_choice = self.tool_choice if self.tools else None
+        try:
+            constrain.spec_from(self.response_format, self.tools, tool_choice)
+        except constrain.ConstraintError as e:
+            return e.param, e.message
         return None
 
     def invalid(self) -> tuple[str, str] | None:

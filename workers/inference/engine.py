@@ -42,7 +42,7 @@ from mlxk.faults import checkpoint
 from . import protocol
 from .errors import BadRequest, InferenceError, Internal, LoadFailed, ModelFailed, PromptTooLong, WorkerBusy
 from .protocol import GenerateRequest, ModelRef, Params
-from .textout import OutputRouter, StopFilter
+from .textout import HarmonyRouter, OutputRouter, StopFilter, is_harmony
 
 log = logging.getLogger("mlxk.inference.engine")
 
@@ -85,6 +85,7 @@ class LoadedModel:
     prompt_cache: Any = None
     stop_sequences: dict = field(default_factory=dict)
     text_machines: dict = field(default_factory=dict)
+    grammar_tokenizer: Any = None   # llguidance's view of the vocabulary, made on the first constrained request
 
     @property
     def key(self) -> str:
@@ -109,6 +110,7 @@ class Row:
     router: OutputRouter
     completion_tokens: int = 0
     first_token_at: float | None = None
+    constraint: Any = None       # its GrammarProcessor when response_format or tool_choice constrains it
 
 
 @dataclass
@@ -484,8 +486,13 @@ class Engine:
 
         # Everything that can fail comes before insert(): a row the engine does not track would decode unseen.
         router = self._router(lm, request, tokens)
+        constraint = self._constraint(lm, request, tokens)
         sampler, processors = self._sampler(params), self._logits_processors(params)
-        stop_sequences = self._stop_sequences(lm, params.stop)
+        if constraint is not None:
+            processors = [*(processors or ()), constraint]
+        # harmony ends a tool call with <|call|>, which gpt-oss's generation_config does not list as an EOS token
+        token_stops = [*params.stop, "<|call|>"] if isinstance(router, HarmonyRouter) else params.stop
+        stop_sequences = self._stop_sequences(lm, token_stops)
         cache, rest = self._fetch_cache(lm, tokens)
         cached = n - len(rest)
         (uid,) = self._generator.insert(
@@ -494,7 +501,8 @@ class Engine:
         )
         del cache
         row = Row(ticket=ticket, model=lm, uid=uid, prompt_tokens=n, cached_tokens=cached,
-                  detokenizer=lm.tokenizer.detokenizer, stop_filter=StopFilter(params.stop), router=router)
+                  detokenizer=lm.tokenizer.detokenizer, stop_filter=StopFilter(params.stop), router=router,
+                  constraint=constraint)
         self._rows[uid] = row
         self._trim_prompt_cache(lm)
         with self._lock:
@@ -757,17 +765,48 @@ class Engine:
             lm.stop_sequences[key] = seqs
         return seqs
 
-    def _router(self, lm: LoadedModel, request: GenerateRequest, tokens: list[int]) -> OutputRouter:
+    @staticmethod
+    def _initial_state(lm: LoadedModel, request: GenerateRequest, tokens: list[int]) -> str:
+        """Where the reply starts: "reasoning" when the prompt leaves a think block open."""
         tokenizer = lm.tokenizer
-        tools = _effective_tools(request.params) if tokenizer.has_tool_calling else None
         initial = "normal"
         if tokenizer.has_thinking and request.kind == "chat":
             if tokenizer.rfind_think_start(tokens) > tokenizer.rfind_think_end(tokens):
                 initial = "reasoning"
-        initial = getattr(tokenizer, "response_initial_state", None) or initial
+        return getattr(tokenizer, "response_initial_state", None) or initial
+
+    def _constraint(self, lm: LoadedModel, request: GenerateRequest, tokens: list[int]):
+        """The row's grammar processor (constrain.py), or None when the request constrains nothing."""
+        from . import constrain
+
+        params = request.params
+        try:
+            spec = constrain.spec_from(params.response_format, params.tools, params.tool_choice)
+            if spec is None:
+                return None
+            fmt = constrain.tool_format(lm.tokenizer)
+            grammar = constrain.lark_grammar(spec, fmt, constrain.format_markers(lm.tokenizer, fmt))
+            if lm.grammar_tokenizer is None:
+                lm.grammar_tokenizer = constrain.grammar_tokenizer(lm.tokenizer._tokenizer, lm.eos_ids)
+            reasoning = self._initial_state(lm, request, tokens) == "reasoning"
+            trigger = tuple(lm.tokenizer.think_end_tokens or ()) if reasoning else ()
+            return constrain.GrammarProcessor(lm.grammar_tokenizer, grammar, lm.eos_ids, trigger=trigger)
+        except constrain.ConstraintError as e:
+            raise BadRequest(e.message, param=e.param) from None
+
+    def _router(self, lm: LoadedModel, request: GenerateRequest, tokens: list[int]) -> OutputRouter:
+        tokenizer = lm.tokenizer
+        from .constrain import FORMAT_LLAMA3, tool_format
+
+        if request.kind == "chat" and is_harmony(tokenizer):
+            return HarmonyRouter(_effective_tools(request.params))
+        tools = _effective_tools(request.params) if tokenizer.has_tool_calling else None
+        bare = not tools and request.kind == "chat" and tool_format(tokenizer) == FORMAT_LLAMA3
+        initial = self._initial_state(lm, request, tokens)
         sm = self._text_machine(lm, with_tools=bool(tools))
-        return OutputRouter(sm, initial, tokenizer.tool_parser if tools else None, tools,
-                            (tokenizer.tool_call_start, tokenizer.tool_call_end))
+        return OutputRouter(sm, initial, tokenizer.tool_parser if tools else None,
+                            tools or (_effective_tools(request.params) if bare else None),
+                            (tokenizer.tool_call_start, tokenizer.tool_call_end), bare_json_calls=bare)
 
     @staticmethod
     def _text_machine(lm: LoadedModel, with_tools: bool):

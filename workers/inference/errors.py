@@ -21,8 +21,19 @@ class InferenceError(MlxkError):
 
 
 class BadRequest(InferenceError):
+    """`param` names the request field at fault when the worker knows it (it rides in the event)."""
     type = protocol.ERR_BAD_REQUEST
     http_status = 400
+
+    def __init__(self, message: str, *, param: str | None = None, status: int | None = None):
+        super().__init__(message, status=status)
+        self.param = param
+
+    def to_event(self) -> dict:
+        event = super().to_event()
+        if self.param:
+            event["param"] = self.param
+        return event
 
 
 class PromptTooLong(InferenceError):

@@ -16,9 +16,13 @@ Requests
      "params": {"max_tokens": int|null, "temperature": float|null, "top_p": float|null,
                 "top_k": int|null, "min_p": float|null, "repetition_penalty": float|null,
                 "presence_penalty": float|null, "frequency_penalty": float|null, "seed": int|null, "stop": [str], "keep_alive": float|null,
-                "tools": [...]|null, "tool_choice": ...|null, "chat_template_kwargs": {...}|null}}
+                "tools": [...]|null, "tool_choice": ...|null, "chat_template_kwargs": {...}|null,
+                "response_format": {...}|null}}
         chat: OpenAI messages, rendered with the model's chat template (add_generation_prompt=True,
         tools= when given, unless tool_choice is "none"). completion: `prompt` is tokenized as is.
+        response_format (OpenAI's json_object / json_schema) and tool_choice "required" / {"type": "function",
+        "function": {"name"}} constrain decoding by grammar (constrain.py); a schema that does not compile, a
+        name not in tools, or a model whose tool-call format has no grammar -> bad_request.
         temperature null = 0 (greedy, as mlx_lm.server). repetition_penalty uses the last 20 tokens;
         presence_penalty and frequency_penalty (OpenAI's, additive) the last PENALTY_CONTEXT tokens.
         A chat message of role "developer" is rendered as "system" when the template has no "developer".
@@ -58,7 +62,7 @@ Events of a generate request, in order
      "usage": {"prompt_tokens", "completion_tokens", "total_tokens",
                "prompt_tokens_details": {"cached_tokens"}},
      "timings": {"ttft_s", "decode_tokens_per_s"}}
-    {"event": "error", "type": str, "message": str, "status": int, "retryable": bool}
+    {"event": "error", "type": str, "message": str, "status": int, "retryable": bool, "param"?: str}
         types: bad_request (400), context_length_exceeded (400, OpenAI's code: the prompt is longer than
         the model's context or the server's prompt limit; the message says "maximum context length is N
         tokens"), load_failed (400: the path is not a model folder), model_failed (422: the model failed

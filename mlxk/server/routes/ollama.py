@@ -227,13 +227,22 @@ class _Generate(BaseModel):
             max_tokens=o.num_predict if o.num_predict and o.num_predict > 0 else None,  # -1, -2: as long as fits
             temperature=o.temperature, top_p=o.top_p, top_k=o.top_k or None, min_p=o.min_p, seed=o.seed,
             repetition_penalty=o.repeat_penalty, presence_penalty=o.presence_penalty,
-            frequency_penalty=o.frequency_penalty, stop=stop, keep_alive=keep_alive)
+            frequency_penalty=o.frequency_penalty, stop=stop, keep_alive=keep_alive,
+            response_format=self.response_format())
+
+    def response_format(self) -> dict | None:
+        """Ollama's `format` as the chat route's response_format, which the worker enforces while decoding:
+        "json" is a JSON object, a dict is a JSON schema (not strict: Ollama ignores keywords it cannot enforce)."""
+        if self.format in (None, ""):
+            return None
+        if self.format == "json":
+            return {"type": "json_object"}
+        return {"type": "json_schema", "json_schema": {"name": "format", "schema": self.format, "strict": False}}
 
     def check(self) -> None:
-        if self.format not in (None, ""):
-            # The OpenAI route refuses response_format json_* the same way until constrained decoding lands.
-            raise InvalidRequest("format (JSON mode and JSON schemas) is not supported yet: constrained decoding is "
-                                 "not in this mlxk; leave out 'format'", param="format")
+        if isinstance(self.format, str) and self.format not in ("", "json"):
+            raise InvalidRequest(f"format must be \"json\" or a JSON schema object, not {self.format!r}",
+                                 param="format")
         if isinstance(self.think, str) and self.think not in ("low", "medium", "high", "max"):
             raise InvalidRequest(f"think must be true, false or one of low, medium, high, max; not {self.think!r}",
                                  param="think")

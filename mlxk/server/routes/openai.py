@@ -249,6 +249,8 @@ def _chat_input(body: ChatCompletionRequest) -> tuple[protocol.Params, list, Non
     if body.tools and body.tool_choice != "none":
         params.tools, params.tool_choice = body.tools, body.tool_choice
     params.chat_template_kwargs = body.template_kwargs()
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        params.response_format = body.response_format
     return params, body.messages, None
 
 

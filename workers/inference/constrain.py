@@ -1,0 +1,277 @@
+"""Structured output and tool choice by grammar-constrained decoding, one logits processor per constrained row.
+
+Why this shape: a constrained row must stay in the one continuous batch (mlx-lm's BatchGenerator), so the
+constraint is a per-row logits processor: before each sampling step it feeds the row's grammar matcher the token
+sampled last, asks it which tokens may come next, and sets every other logit to -inf. Rows without a constraint
+carry no processor and pay nothing; the batch still decodes in one forward pass.
+
+Why llguidance (compared here, Nov 2026, Python 3.11 on Linux x86_64; wheels checked for macOS arm64 too):
+- llguidance 1.9.1: no Python dependencies, abi3 wheels for macOS arm64 and Linux x86_64/aarch64. A lexer plus
+  Earley parser computes each mask on demand (no ahead-of-time index), so a new schema costs nothing to compile;
+  the broadest JSON-Schema coverage of the three (anyOf/oneOf, $ref and recursion, min/max, patterns,
+  additionalProperties) and Lark grammars that embed JSON schemas (`%json {...}`), which tool-call formats need.
+- xgrammar 0.2.9: requires torch (and triton on Linux) at install: refused, the server must not pull torch.
+- outlines-core 0.2.14: compiles a schema to one regex and then an index over the whole vocabulary before the
+  first token (seconds for nested schemas on a 150k vocabulary), no recursive schemas, no grammar around the JSON.
+Measured on Qwen3's real 151k vocabulary (this 2-core machine at load average ~8): outlines-core built its index in
+1.1 s per schema (paid by every request with a new schema, before its first token), then ~1 us per token;
+llguidance compiled the same schemas in ~2 ms and computed a mask in 40-260 us per token. Clients send a schema per
+request, so compile time matters more than a lookup; and the tool-call formats need special tokens around the JSON,
+which llguidance's grammars express (`<[id]>`) and a byte regex does not. bench/serve --schema-mix prints the
+per-token cost as this processor pays it; each processor also keeps it (`mask_seconds`, `masks`).
+
+What is constrained:
+- response_format json_object: any JSON object; json_schema: its `schema` (strict true: keywords the compiler
+  does not implement are an error; strict false: they are ignored, as OpenAI's non-strict mode does).
+- tool_choice "required" / a named function: the output is one call in the model family's own format, its name
+  one of the tools (or the named one) and its arguments valid against that tool's `parameters` schema.
+  Supported formats: `<tool_call>{"name", "arguments"}</tool_call>` (mlx-lm's json_tools parser: Qwen,
+  Hermes-style templates), Llama 3's bare `{"name", "parameters"}` and gpt-oss's harmony commentary message
+  (`<|channel|>commentary to=functions.NAME<|message|>{...}<|call|>`). Other formats are refused with a 400
+  rather than generated unconstrained.
+- On a thinking model whose prompt opens a think block, the grammar starts after the think end marker.
+JSON is generated compact (", " and ": " separators, no other whitespace), so a model cannot spend its tokens on
+whitespace. A row cut off by max_tokens ends with finish_reason "length" and whatever JSON was made so far.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("mlxk.inference.constrain")
+
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+FORMAT_JSON_TOOLS = "json_tools"   # <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>
+FORMAT_LLAMA3 = "llama3"           # {"name": ..., "parameters": {...}}
+FORMAT_HARMONY = "harmony"         # gpt-oss: <|channel|>commentary to=functions.NAME<|message|>{...}<|call|>
+HARMONY_TOKENS = ("<|channel|>", "<|message|>", "<|call|>")
+
+
+class ConstraintError(ValueError):
+    """A response_format or tool schema that cannot be compiled; `param` names the request field."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param, self.message = param, message
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a request asks to constrain, independent of any model (the api checks it, the worker compiles it)."""
+    response_schema: dict | None = None   # response_format json_object / json_schema
+    strict: bool = False
+    tools: tuple = ()                     # the function tools a call may name (tool_choice required / named)
+
+    @property
+    def wants_call(self) -> bool:
+        return bool(self.tools)
+
+
+def spec_from(response_format: Any, tools: Any, tool_choice: Any) -> Spec | None:
+    """The constraint a request carries, or None. Raises ConstraintError naming the field at fault."""
+    schema, strict = None, False
+    if isinstance(response_format, dict):
+        kind = response_format.get("type", "text")
+        if kind == "json_object":
+            schema = {"type": "object"}
+        elif kind == "json_schema":
+            js = response_format.get("json_schema")
+            if not isinstance(js, dict):
+                raise ConstraintError("response_format.json_schema",
+                                      "response_format type 'json_schema' needs a json_schema object with the schema")
+            schema = js.get("schema", {"type": "object"})
+            strict = bool(js.get("strict"))
+            if not isinstance(schema, dict):
+                raise ConstraintError("response_format.json_schema.schema", "the schema must be a JSON object")
+        elif kind != "text":
+            raise ConstraintError("response_format.type",
+                                  f"response_format type {kind!r} is not one of 'text', 'json_object', 'json_schema'")
+    chosen: tuple = ()
+    functions = [t["function"] for t in tools or () if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    if tool_choice == "required":
+        chosen = tuple(functions)
+    elif isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice.get("function"), dict) \
+            else None
+        if not isinstance(name, str):
+            raise ConstraintError("tool_choice.function.name",
+                                  'a tool_choice object needs {"type": "function", "function": {"name": ...}}')
+        chosen = tuple(f for f in functions if f.get("name") == name)
+        if not chosen:
+            known = ", ".join(repr(f.get("name")) for f in functions) or "none"
+            raise ConstraintError("tool_choice.function.name",
+                                  f"tool_choice names the function {name!r}, which is not in tools (tools: {known})")
+    if schema is None and not chosen:
+        return None
+    spec = Spec(response_schema=schema, strict=strict, tools=chosen)
+    check(spec)
+    return spec
+
+
+def check(spec: Spec) -> None:
+    """Compile every schema once without a tokenizer: a broken one is the request's fault, named precisely."""
+    from llguidance import LLMatcher
+
+    if spec.response_schema is not None:
+        _validate(LLMatcher, _json_grammar(spec.response_schema, spec.strict), "response_format.json_schema.schema")
+    for i, function in enumerate(spec.tools):
+        _validate(LLMatcher, _json_grammar(_parameters(function), bool(function.get("strict"))),
+                  f"tools[{i}].function.parameters")
+
+
+def _validate(matcher_cls, grammar_or_error: str | Exception, param: str) -> None:
+    error = grammar_or_error if isinstance(grammar_or_error, Exception) else None
+    message = str(error) if error else matcher_cls.validate_grammar(grammar_or_error)
+    if message and not message.startswith("WARNING"):
+        raise ConstraintError(param, f"{param} is not a JSON schema this server can enforce: {message.strip()}")
+
+
+def _json_grammar(schema: dict, strict: bool) -> str | Exception:
+    from llguidance import LLMatcher
+
+    try:
+        return LLMatcher.grammar_from_json_schema(schema, defaults={**JSON_OPTIONS, "lenient": not strict})
+    except (ValueError, TypeError) as e:
+        return e
+
+
+def _parameters(function: dict) -> dict:
+    params = function.get("parameters")
+    return params if isinstance(params, dict) and params else {"type": "object"}
+
+
+def tool_format(tokenizer) -> str | None:
+    """The tool-call format of a loaded tokenizer that a grammar can express, or None."""
+    from .textout import is_harmony
+
+    if is_harmony(tokenizer):
+        return FORMAT_HARMONY
+    parser = getattr(tokenizer, "tool_parser", None)
+    module = getattr(parser, "__module__", "") or ""
+    if module.endswith(".json_tools") and tokenizer.tool_call_start and tokenizer.tool_call_end:
+        return FORMAT_JSON_TOOLS
+    template = str(getattr(tokenizer, "chat_template", "") or "")
+    if "<|python_tag|>" in template or ('"parameters"' in template and "<|eot_id|>" in template):
+        return FORMAT_LLAMA3
+    return None
+
+
+def format_markers(tokenizer, fmt: str | None) -> tuple:
+    """The token ids of the markers a call format needs: (start, end) for json_tools, harmony's
+    (<|channel|>, <|message|>, <|call|>)."""
+    if fmt == FORMAT_HARMONY:
+        return tuple((tokenizer.convert_tokens_to_ids(t),) for t in HARMONY_TOKENS)
+    return (tokenizer.tool_call_start_tokens or (), tokenizer.tool_call_end_tokens or ())
+
+
+def lark_grammar(spec: Spec, fmt: str | None, markers: tuple = ((), ())) -> str:
+    """The grammar of the whole reply: a call (when one is required) or the response JSON.
+
+    markers: format_markers(). A marker that is one token is matched as that token (`<[id]>`): llguidance sees
+    added tokens such as Qwen's `<tool_call>` as special, not as their text."""
+    if not spec.wants_call:
+        return _as_lark_json(spec.response_schema, spec.strict)
+    if fmt is None:
+        raise ConstraintError("tool_choice", "tool_choice 'required' or a named function needs a model whose tool-call "
+                                             "format this server can constrain (json_tools or Llama 3); this one's "
+                                             "is not supported: use tool_choice 'auto'")
+    if fmt == FORMAT_HARMONY:
+        channel, message, call = (_lark_marker(ids) for ids in markers)
+        alternatives = [f'{channel} {json.dumps("commentary to=functions." + str(f.get("name")))} {message} '
+                        f'{_as_lark_json(_parameters(f), bool(f.get("strict")), rule=False)} {call}'
+                        for f in spec.tools]
+        return "start: " + " | ".join(f"({a})" for a in alternatives) + "\n"
+    args_key = "parameters" if fmt == FORMAT_LLAMA3 else "arguments"
+    calls = [{"type": "object", "properties": {"name": {"const": f.get("name")}, args_key: _parameters(f)},
+              "required": ["name", args_key], "additionalProperties": False} for f in spec.tools]
+    call_schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    body = _as_lark_json(call_schema, any(bool(f.get("strict")) for f in spec.tools), rule=False)
+    if fmt == FORMAT_JSON_TOOLS:
+        start, end = (_lark_marker(ids) for ids in markers)
+        return f'start: {start} "\\n" {body} "\\n" {end}\n'
+    return f"start: {body}\n"
+
+
+def _lark_marker(ids) -> str:
+    return " ".join(f"<[{int(i)}]>" for i in ids)
+
+
+def _as_lark_json(schema: dict, strict: bool, rule: bool = True) -> str:
+    options = {**JSON_OPTIONS, "lenient": not strict}
+    own = schema.get("x-guidance")   # llguidance's per-schema options, if the client sent some
+    embedded = {**schema, "x-guidance": {**options, **(own if isinstance(own, dict) else {})}}
+    body = f"%json {json.dumps(embedded)}"
+    return f"start: {body}\n" if rule else body
+
+
+def grammar_tokenizer(hf_tokenizer, eos_ids) -> Any:
+    """llguidance's view of a model's vocabulary (about 1 s for a 150k vocabulary: cache it per model)."""
+    import llguidance.hf
+
+    return llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=sorted(eos_ids))
+
+
+class GrammarProcessor:
+    """A BatchGenerator logits processor that keeps one row's tokens inside a grammar.
+
+    BatchGenerator calls it once per decode step with the row's token context (its last entry is the token
+    sampled in the step before; on the first call it is the last prompt token, which the grammar never sees).
+    `trigger`: token ids after which the grammar starts (a think block's end marker); before them the row is free.
+    """
+
+    def __init__(self, ll_tokenizer, grammar: str, eos_ids, trigger: tuple = ()):
+        from llguidance import LLMatcher
+
+        self.matcher = LLMatcher(ll_tokenizer, grammar)
+        if self.matcher.is_error():
+            raise ConstraintError("response_format", f"the grammar does not compile: {self.matcher.get_error()}")
+        self.eos_ids = sorted(eos_ids)
+        self.trigger = tuple(trigger)
+        self.active = not self.trigger
+        self._recent: list[int] = []
+        self._started = False
+        self._failed = False
+        self.mask_seconds = 0.0
+        self.masks = 0
+
+    def __call__(self, tokens, logits):
+        import mlx.core as mx
+        import numpy as np
+
+        started = time.perf_counter()
+        if self._started:
+            self._advance(int(tokens[-1].item()))
+        self._started = True
+        if not self.active:
+            return logits
+        vocab = logits.shape[-1]
+        if self._failed or self.matcher.is_stopped():
+            allowed = np.zeros(vocab, dtype=bool)
+        else:
+            # one bit per token (a 151k vocabulary is 19 KB), unpacked once; the model's logits may be padded
+            # past the tokenizer's vocabulary: those rows stay masked
+            bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+            allowed = np.zeros(vocab, dtype=bool)
+            n = min(vocab, len(bits))
+            allowed[:n] = bits[:n]
+        if self._failed or self.matcher.is_stopped() or self.matcher.is_accepting():
+            allowed[[t for t in self.eos_ids if t < vocab]] = True
+        out = mx.where(mx.array(allowed), logits, mx.array(-float("inf"), dtype=logits.dtype))
+        self.mask_seconds += time.perf_counter() - started
+        self.masks += 1
+        return out
+
+    def _advance(self, token: int) -> None:
+        if not self.active:
+            self._recent = (self._recent + [token])[-len(self.trigger):]
+            self.active = tuple(self._recent) == self.trigger
+            return
+        if self._failed or self.matcher.is_stopped():
+            return
+        if not self.matcher.consume_token(token):
+            # Only possible when a sampler picked a masked token; end the row rather than emit text off-grammar.
+            log.warning("the grammar refused token %d (%s); ending the row", token, self.matcher.get_error())
+            self._failed = True
