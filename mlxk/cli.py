@@ -5,6 +5,7 @@ Loading lazily keeps `mlxk list` from importing what `mlxk serve` or `mlxk pull`
 from __future__ import annotations
 
 import importlib
+import sys
 import threading
 
 import click
