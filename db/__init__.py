@@ -143,7 +143,14 @@ def _create(path: Path, shared: bool) -> sqlite3.Connection:
     from mlxk.locks import file_lock
 
     with file_lock(Path(f"{path}.lock")):
-        empty = path.exists() and path.stat().st_size == 0 and not Path(f"{path}-wal").exists()
+        empty = path.exists() and path.stat().st_size == 0
+        if empty:
+            # Truncated in place (a crash, a user's `: > state.db`): its -wal/-shm belong to the old database, and
+            # processes still holding connections keep locks in that -shm. Unlink all three, so the rebuilt file is
+            # a new inode: those processes notice it and reopen (workers.process.StateConnection), instead of this
+            # open waiting on their locks or their writes landing in a dead file.
+            for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+                name.unlink(missing_ok=True)
         conn = _open(path, shared, locked=True)
     if empty:
         _say(f"{path} was empty (0 bytes): rebuilt the index from the HF cache.")

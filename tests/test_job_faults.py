@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+
+import pytest
 from pathlib import Path
 
 from tests.fixtures.cli import MLXK, ROOT, run, run_json
@@ -74,22 +76,33 @@ def test_worker_killed_mid_pull_is_shown_interrupted_and_resumes_without_user_ac
     assert final["state"] == "succeeded" and final["attempts"] == 2, final
 
 
-def test_state_db_rebuilt_mid_pull_gets_the_running_job_back(hub, worker_manager):
+@pytest.mark.parametrize("damage", ["replaced by garbage", "truncated in place"])
+def test_state_db_rebuilt_mid_pull_gets_the_running_job_back(hub, worker_manager, damage):
     repo = hub.unique_repo("org/rebuilt-db")
     hub.add_repo(repo, big_files(2 * MiB))
     worker_manager.start(env={"MLXK_TEST_PAUSE_AT": "pull.progress"})
     job_id = run("pull", repo).stdout.strip()
     wait_paused(_home(), "pull.progress")
 
-    # Corrupt state.db under the running job: the next opener moves it aside and rebuilds an empty one.
+    # Damage state.db under the running job (whose worker holds open connections to it): the next opener moves a
+    # corrupt file aside, or replaces a 0-byte one, and rebuilds; it must neither hang on the worker's locks nor
+    # lose the job.
     state = _home() / "state.db"
-    garbage = state.with_name("garbage")
-    garbage.write_bytes(b"this is not a database" * 200)
-    os.replace(garbage, state)
-    for suffix in ("-wal", "-shm"):
-        Path(f"{state}{suffix}").unlink(missing_ok=True)
-    assert run("jobs", "--json").exit_code == 0
-    assert list(_home().glob("state.db.corrupt-*"))
+    if damage == "truncated in place":
+        with open(state, "r+b") as f:   # same inode, -wal and -shm left as they are: `: > state.db`
+            f.truncate(0)
+    else:
+        garbage = state.with_name("garbage")
+        garbage.write_bytes(b"this is not a database" * 200)
+        os.replace(garbage, state)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{state}{suffix}").unlink(missing_ok=True)
+    listed = subprocess.run([*MLXK, "jobs", "--json"], capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0, listed.stderr
+    if damage == "truncated in place":
+        assert "was empty (0 bytes)" in listed.stderr
+    else:
+        assert list(_home().glob("state.db.corrupt-*"))
 
     def released_row():   # the step pauses at every progress write while armed: let each one go
         release(_home(), "pull.progress")

@@ -152,6 +152,16 @@ def _pidfile_alive(path: Path) -> bool:
     return pid_alive(pid)
 
 
+def _worker_env() -> dict[str, str]:
+    """A background job worker's environment: ours, paths absolute, minus the api's key (a job never needs it, and
+    a worker started by `mlxk serve --api-key` must not carry it)."""
+    from mlxk import processes
+
+    env = child_env(processes.started_by_cli())
+    env.pop("MLXK_API_KEY", None)
+    return env
+
+
 def ensure_worker(conn=None) -> int | None:
     """Start a background consumer when none is alive; the pid of the one started, else None.
 
@@ -175,7 +185,7 @@ def ensure_worker(conn=None) -> int | None:
                     processes.python_argv("-m", "mlxk.workers", "--background"),
                     stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
                     start_new_session=True, close_fds=True, cwd=processes.SAFE_CWD,
-                    env=child_env(processes.started_by_cli()),
+                    env=_worker_env(),
                 )
             worker_pidfile(s).write_text(f"{proc.pid}\n")
             log.info("started a background worker, pid %s", proc.pid)
