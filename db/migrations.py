@@ -107,3 +107,11 @@ def m004_meta(db):
 def m005_job_settings(db):
     # The Hub endpoint and cache directory of the command that queued the job (JSON); never a secret.
     db["jobs"].add_column("settings", str)
+
+
+@migration
+def m006_quantization_config(db):
+    # mlx-knife's model object reports quantization as {bits, group_size} (JSON); the label stays in `quantization`.
+    # Every repo is inspected again (fingerprint cleared) so the new column is filled on the next refresh.
+    db["models"].add_column("quantization_config", str)
+    db.execute("UPDATE models SET fingerprint = NULL")

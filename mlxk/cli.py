@@ -86,25 +86,51 @@ def cli():
     """Manage and serve MLX models in the Hugging Face cache."""
 
 
+JSON_API_SPEC_VERSION = "0.2.4"  # the mlx-knife JSON API whose shapes `--json` is a superset of (README)
+
+
 @click.command("version")
 @json_command
 def version_command():
     """Show the versions of mlxk and the libraries it runs on."""
     from importlib.metadata import PackageNotFoundError, version
 
-    data = {"version": __version__}
+    libraries = {}
     for package in ("mlx", "mlx-lm", "huggingface-hub", "huey"):
         try:
-            data[package] = version(package)
+            libraries[package] = version(package)
         except PackageNotFoundError:
-            data[package] = None
-    text = f"mlxk {__version__}\n" + "\n".join(f"{k} {v or 'not installed'}" for k, v in data.items() if k != "version")
+            libraries[package] = None
+    data = {"cli_version": __version__, "json_api_spec_version": JSON_API_SPEC_VERSION, "system": _system(),
+            "version": __version__, **libraries}
+    text = f"mlxk {__version__}\n" + "\n".join(f"{k} {v or 'not installed'}" for k, v in libraries.items())
     return Output(data, text)
 
 
-def main():
+def _system() -> dict | None:
+    """mlx-knife's `system` object: physical memory in bytes, or None where the platform does not say."""
     try:
-        cli.main(prog_name="mlxk")  # standalone: always ends in SystemExit
+        return {"memory_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+    except (ValueError, OSError, AttributeError):
+        return _sysctl_memsize()
+
+
+def _sysctl_memsize() -> dict | None:
+    import subprocess
+
+    try:
+        done = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True, timeout=5)
+        return {"memory_total_bytes": int(done.stdout.strip())}
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def main():
+    args = sys.argv[1:]
+    if "--version" in args and "--json" in args and set(args) <= {"--version", "--json"}:
+        args = ["version", "--json"]  # mlx-knife's `--version --json`: the same document as `version --json`
+    try:
+        cli.main(args=args, prog_name="mlxk")  # standalone: always ends in SystemExit
     except SystemExit as done:
         if _invoked and (_invoked[-1] in QUICK_EXIT and threading.active_count() == 1
                          or _invoked[-1] in EXIT_AFTER_CLEANUP):

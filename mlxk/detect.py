@@ -33,6 +33,7 @@ class Detection:
     capabilities: list[str] = field(default_factory=list)
     context_length: int | None = None
     quantization: str | None = None   # "4bit", "mxfp4", "fp8"... None when unquantized
+    quantization_config: dict | None = None  # mlx-knife's model object `quantization`: {bits, group_size[, mode]}
 
 
 def detect(view: RepoView) -> Detection:
@@ -47,6 +48,7 @@ def detect(view: RepoView) -> Detection:
         capabilities=detect_capabilities(view, model_type, template),
         context_length=context_length(config),
         quantization=quantization(config),
+        quantization_config=quantization_config(config),
     )
 
 
@@ -213,6 +215,21 @@ def quantization(config: dict) -> str | None:
             label = _quant_label(source.get(key))
             if label:
                 return label
+    return None
+
+
+def quantization_config(config: dict) -> dict | None:
+    """{bits, group_size} (and mode, when not affine) of a quantized model, as mlx-knife's JSON API reports it."""
+    for source in (config, config.get("text_config")):
+        if not isinstance(source, dict):
+            continue
+        for key in ("quantization", "quantization_config"):
+            value = source.get(key)
+            if isinstance(value, dict) and _quant_label(value):
+                found = {name: value.get(name) for name in ("bits", "group_size")}
+                if isinstance(value.get("mode"), str) and value["mode"] not in ("affine", ""):
+                    found["mode"] = value["mode"]
+                return found
     return None
 
 

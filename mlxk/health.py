@@ -803,3 +803,4 @@ def _module_imports(module: str) -> bool:
     except Exception as error:  # a model module that is present but broken is as unsupported as a missing one
         log.warning("importing %s failed: %s", module, error)
         return False
+

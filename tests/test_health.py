@@ -606,4 +606,5 @@ def test_list_and_health_call_the_reproductions_unhealthy(model_factory, name, b
     assert (model["health"], model["runtime_compatible"]) == ("unhealthy", False) and fragment in model["reason"]
     assert name not in run("list").stdout  # the default view shows runnable models only
     result, doc = run_json("health", name)
-    assert result.exit_code == 1 and doc["error"]["type"] == "model_unhealthy" and fragment in doc["error"]["message"]
+    assert result.exit_code == 0 and doc["data"]["summary"]["unhealthy_count"] == 1
+    assert fragment in doc["data"]["unhealthy"][0]["reason"]

@@ -204,7 +204,8 @@ def test_eight_readers_never_see_database_is_locked_while_health_writes(hf_cache
             errors.append((process.args, process.returncode, err[-1500:]))
     assert errors == []
     checked = json.loads(outputs[writer.pid])["data"]
-    assert checked["summary"] == {"total": 13, "healthy": 12, "unhealthy": 1, "not_runnable": 0, "pending": 0}
+    assert checked["summary"] == {"total": 13, "healthy_count": 12, "unhealthy_count": 1,
+                                  "healthy": 12, "unhealthy": 1, "not_runnable": 0, "pending": 0}
     assert len(json.loads(run_mlxk("list", "--json").stdout)["data"]["models"]) == 13
 
 

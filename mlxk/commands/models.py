@@ -145,10 +145,12 @@ def show_command(name, show_files, show_config):
         if loaded.warning:
             say(f"Warning: {loaded.warning}")
         detail = index.describe(index.resolve(loaded.conn, ref), files=show_files, config=show_config)
-    return Output(detail, lambda: _render_show(detail))
+        pending = detail["model"]["runtime_pending"]
+        index.with_provisional_verdict(loaded.conn, detail["model"])
+    return Output(detail, lambda: _render_show(detail, pending))
 
 
-def _render_show(detail: dict) -> str:
+def _render_show(detail: dict, pending: bool) -> str:
     model = detail["model"]
     runtime = {None: "pending (mlxk health checks now)", True: "compatible", False: "not compatible"}
     facts = [
@@ -163,9 +165,9 @@ def _render_show(detail: dict) -> str:
         ("Capabilities", ", ".join(model["capabilities"]) or "-"),
         ("Architecture", model["architecture"] or "-"),
         ("Context", model["context_length"] or "-"),
-        ("Quantization", model["quantization"] or "-"),
+        ("Quantization", model["quantization_label"] or "-"),
         ("Health", model["health"]),
-        ("Runtime", "-" if model["health"] != "healthy" else runtime[model["runtime_compatible"]]),
+        ("Runtime", "-" if model["health"] != "healthy" else runtime[None if pending else model["runtime_compatible"]]),
         ("Reason", model["reason"] or "-"),
     ]
     if model["reclaimable_bytes"]:
@@ -213,12 +215,8 @@ def health_command(name, scan, wait):
     if loaded.warning:
         say(f"Warning: {loaded.warning}")
     summary = index.summarize(checked)
-    data = {"models": [index.model_object(row) for row in checked], "summary": summary}
-    error = None
-    if ref is not None and checked and checked[0]["health"] != "healthy":
-        row = checked[0]
-        error = index.ModelUnhealthy(f"{row['repo_id']} is unhealthy: {row['reason']}", name=row["repo_id"])
-    return Output(data, lambda: _render_health(checked, summary), error=error)
+    data = index.health_report(checked, summary)
+    return Output(data, lambda: _render_health(checked, summary))
 
 
 def _render_health(checked: list[dict], summary: dict) -> str:
