@@ -521,24 +521,11 @@ def _at_revision(row: dict, ref) -> Resolved:
     """The snapshot of a resolved repo that `ref` names: the current one, or the commit or ref after its '@'."""
     from mlxk import names
 
-    repo_id = row["repo_id"]
     if not ref.revision:
         return Resolved(row, row["revision"])
-    revisions = row["revisions"] or []
-    if names.is_commit_prefix(ref.revision.lower()) and any(r.startswith(ref.revision.lower()) for r in revisions):
-        return Resolved(row, names.resolve_revision(repo_id, ref.revision, revisions))
-    named = _ref_target(row, ref.revision)
-    if named and named in revisions:
-        return Resolved(row, named)
-    return Resolved(row, names.resolve_revision(repo_id, ref.revision, revisions))
-
-
-def _ref_target(row: dict, ref_name: str) -> str | None:
-    """The commit a branch or tag (refs/<name>) of a cached repo names."""
     repo_path = Path(row["snapshot_path"]).parent.parent if row["snapshot_path"] else None
-    if repo_path is None:
-        return None
-    return cache.refs(repo_path).get(ref_name)
+    refs = cache.refs(repo_path) if repo_path is not None else {}
+    return Resolved(row, names.pick_revision(row["repo_id"], ref.revision, row["revisions"] or [], refs))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -368,22 +368,27 @@ def resolve_cached(name: str) -> tuple[str, bool]:
     return repo, repo.lower() != name.lower()
 
 
-def resolve_removal(name: str, *, force: bool = False) -> RemovalTarget:
+def resolve_removal(name: str) -> RemovalTarget:
+    """What `rm NAME[@REV]` means: the same names, branches, tags and hash prefixes as `show` and `run`."""
     from mlxk import cache, names
 
     ref = names.parse(name, allow_bare=True)
     repo, fuzzy = resolve_cached(ref.repo)
-    if fuzzy and not force:
-        raise Conflict(f"{ref.repo!r} is not an exact name; it matches {repo}. "
-                       f"Run `mlxk rm {repo}` or add --force to remove it.", match=repo)
     revision = None
     if ref.revision:
-        revisions = cache.list_revisions(cache.repo_dir(settings().hf_hub_cache, repo))
-        if not names.is_commit_prefix(ref.revision):
-            raise InvalidName(f"`mlxk rm {name}`: the part after '@' must be a commit hash (see `mlxk show {repo}`).",
-                              name=name)
-        revision = names.resolve_revision(repo, ref.revision, revisions)
+        path = cache.repo_dir(settings().hf_hub_cache, repo)
+        revision = names.pick_revision(repo, ref.revision, cache.list_revisions(path), cache.refs(path))
     return RemovalTarget(repo, revision, fuzzy)
+
+
+def removal_refusal(target: RemovalTarget) -> Conflict | None:
+    """Why rm would refuse `target` now (a job holds the model), or None: what `rm --dry-run` reports."""
+    with closing(connect()) as conn:
+        try:
+            _refuse_if_busy(conn, target.repo_id)
+        except Conflict as error:
+            return error
+    return None
 
 
 def plan_removal(target: RemovalTarget):

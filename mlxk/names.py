@@ -117,6 +117,18 @@ def resolve_revision(repo_id: str, revision: str, revisions: list[str]) -> str:
     raise ModelNotFound(f"revision {revision!r} of {repo_id} is not cached (cached: {cached}).", name=repo_id)
 
 
+def pick_revision(repo_id: str, revision: str, revisions: list[str], refs: dict[str, str]) -> str:
+    """The one cached snapshot `repo@revision` names, for every command alike: a commit prefix of a cached
+    snapshot first, else a branch or tag (refs/<name>) that points at one, else the commit-prefix rules' error."""
+    lowered = revision.lower()
+    if is_commit_prefix(lowered) and any(r.startswith(lowered) for r in revisions):
+        return resolve_revision(repo_id, revision, revisions)
+    named = refs.get(revision)
+    if named and named in revisions:
+        return named
+    return resolve_revision(repo_id, revision, revisions)
+
+
 def not_found(name: str, candidates: list[str]) -> ModelNotFound:
     import difflib
 

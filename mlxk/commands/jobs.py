@@ -110,7 +110,9 @@ def _summary(job: dict) -> str:
             f"{human_size(result.get('bytes_downloaded'))} downloaded"
         return f"Pulled {job['target']}@{(result.get('revision') or '')[:12]} ({state}){took}."
     if job["kind"] == "rm":
-        return f"Removed {job['target']} ({human_size(result.get('bytes_freed'))} freed){took}."
+        revision = (job.get("args") or {}).get("revision")
+        what = f"{job['target']}@{revision[:12]}" if revision else job["target"]
+        return f"Removed {what} ({human_size(result.get('bytes_freed'))} freed){took}."
     if job["kind"] == "clone":
         return f"Cloned {job['target']} into {job['args'].get('dest')}{took}."
     if job["kind"] == "push":
@@ -154,29 +156,68 @@ def pull_command(name, include, exclude, wait):
 
 @click.command("rm")
 @click.argument("name")
-@click.option("--force", is_flag=True, help="Remove a fuzzy (non-exact) match.")
-@click.option("--dry-run", is_flag=True, help="Show what would be deleted; touch nothing.")
+@click.option("--force", "-f", is_flag=True, help="Remove a fuzzy (non-exact) match.")
+@click.option("--dry-run", is_flag=True, help="Show what would be deleted, or why rm would refuse; touch nothing.")
 @wait_option
 @json_command
 def rm_command(name, force, dry_run, wait):
-    """Remove a cached model (or one revision of it: NAME@HASH)."""
-    target = jobs.resolve_removal(name, force=force)
+    """Remove a cached model (or one revision of it: NAME@HASH, NAME@BRANCH)."""
+    from mlxk.errors import AmbiguousMatch
+
+    try:
+        target = jobs.resolve_removal(name)
+    except AmbiguousMatch as error:   # mlx-knife's API puts the matches in data, so a script can pick one
+        return Output(data={"model": None, "action": "ambiguous", "matches": error.details.get("matches", [])},
+                      error=error)
+    model = f"{target.repo_id}@{target.revision}" if target.revision else target.repo_id
+    if dry_run:
+        return _rm_plan(target, model, confirm=target.fuzzy and not force)
+    if target.fuzzy and not force:
+        message = (f"{name!r} is not an exact name; it matches {model}. Nothing was removed: "
+                   f"run `mlxk rm {model}` or add --force to remove it.")
+        return Output(data={"model": model, "action": "requires_confirmation", "message": message},
+                      text=message)
     if target.fuzzy:
         say(f"{name!r} matches {target.repo_id}.")
-    if dry_run:
-        plan = jobs.plan_removal(target)
-        data = {"repo_id": plan.repo_id, "revisions": plan.revisions, "whole_repo": plan.whole_repo,
-                "paths": [str(p) for p in plan.paths], "bytes_freed": plan.bytes_freed, "dry_run": True}
-        what = plan.repo_id if plan.whole_repo else f"{plan.repo_id}@{plan.revisions[0][:12]}"
-        text = "\n".join([f"Would remove {what}, freeing {human_size(plan.bytes_freed)}:",
-                          *(f"  {p}" for p in plan.paths)])
-        return Output(data=data, text=text)
-    outcome = jobs.remove(target)
-    job = outcome.job
+    job = jobs.remove(target).job
     error = jobs.outcome_error(job)
     if error is None:
         say(_summary(job))
-    return Output(data=job, text=job["id"], error=error)
+    action = "deleted" if job["state"] == "succeeded" else "failed"
+    message = f"Successfully deleted {model}" if action == "deleted" else (job.get("message") or f"rm of {model} failed")
+    return Output(data={**_public(job), "model": model, "action": action, "message": message},
+                  text=job["id"], error=error)
+
+
+def _rm_plan(target, model: str, *, confirm: bool) -> Output:
+    """`rm --dry-run`: exactly what rm would do now: remove these paths, refuse (a job holds the model), or ask for
+    --force (a fuzzy name). Paths are relative to the HF cache: mlx-knife's API shows no absolute paths."""
+    from mlxk.config import settings
+
+    plan = jobs.plan_removal(target)
+    refusal = jobs.removal_refusal(target)
+    cache_dir = settings().hf_hub_cache
+    action = "would_refuse" if refusal else "requires_confirmation" if confirm else "would_delete"
+    message = {"would_refuse": refusal.message if refusal else "",
+               "requires_confirmation": f"Would ask for --force: the name is not exact; it matches {model}.",
+               "would_delete": f"Would remove {model}, freeing {human_size(plan.bytes_freed)}."}[action]
+    data = {"model": model, "action": action, "message": message, "dry_run": True, "repo_id": plan.repo_id,
+            "revisions": plan.revisions, "whole_repo": plan.whole_repo, "bytes_freed": plan.bytes_freed,
+            "paths": [_cache_relative(p, cache_dir) for p in plan.paths]}
+    lines = [message] + ([f"  {p}" for p in plan.paths] if action != "would_refuse" else [])
+    return Output(data=data, text="\n".join(lines))
+
+
+def _cache_relative(path: Path, cache_dir: Path) -> str:
+    try:
+        return Path(path).relative_to(cache_dir).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def _public(job: dict) -> dict:
+    """A job as pull/rm print it: without its settings (the cache path; mlx-knife's API shows no paths)."""
+    return {key: value for key, value in job.items() if key != "settings"}
 
 
 @click.command("clone")
