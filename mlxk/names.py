@@ -76,6 +76,19 @@ def parse(name: str, *, allow_bare: bool = True) -> ModelRef:
     return ModelRef(repo, None)
 
 
+DEFAULT_ORG = "mlx-community"  # where a bare name points, as mlx-knife expands it
+
+
+def expand_for_pull(name: str) -> tuple[str, str | None]:
+    """(name to pull, the expanded repo id or None): a bare `NAME[@REV]` means `mlx-community/NAME[@REV]`."""
+    ref = parse(name, allow_bare=True)
+    if "/" in ref.repo:
+        return name, None
+    expanded = f"{DEFAULT_ORG}/{ref.repo}"
+    validate_repo_id(expanded)
+    return str(ModelRef(expanded, ref.revision)), expanded
+
+
 def is_commit_prefix(revision: str) -> bool:
     return bool(_HEX.match(revision))
 
@@ -89,6 +102,9 @@ def resolve(name: str, candidates: list[str]) -> str:
     by_name = [c for c in candidates if c.lower().split("/")[-1] == lowered]
     if len(by_name) == 1:
         return by_name[0]
+    preferred = [c for c in by_name if c.lower().startswith(DEFAULT_ORG + "/")]
+    if len(preferred) == 1:  # `NAME` in several orgs: mlx-knife's rule, mlx-community/NAME
+        return preferred[0]
     matches = sorted(c for c in candidates if lowered in c.lower())
     if len(matches) == 1:
         return matches[0]

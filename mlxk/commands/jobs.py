@@ -151,7 +151,30 @@ wait_option = click.option("--wait", is_flag=True, help="Follow the job and exit
 @json_command
 def pull_command(name, include, exclude, wait):
     """Download a model from the Hub into the HF cache (a background job)."""
-    return _queued(jobs.enqueue_pull(name, include=include, exclude=exclude), wait)
+    from mlxk import names
+
+    repo, expanded = names.expand_for_pull(name)
+    result = _queued(jobs.enqueue_pull(repo, include=include, exclude=exclude), wait)
+    if isinstance(result.data, dict):
+        result.data = _pull_data(result.data, expanded)
+    return result
+
+
+PULL_STATUS = {"succeeded": "success", "failed": "failed", "cancelled": "cancelled"}
+
+
+def _pull_data(job: dict, expanded: str | None) -> dict:
+    """The pull job as mlx-knife's API reads it: `model`, `download_status` (success | already_exists | failed |
+    cancelled, or queued | running while the job has not ended), `message`, `expanded_name`."""
+    result = job.get("result") or {}
+    status = PULL_STATUS.get(job["state"], job["state"])
+    if status == "success" and result.get("up_to_date"):
+        status = "already_exists"
+    message = {"success": f"Successfully downloaded model {job['target']}",
+               "already_exists": f"Model {job['target']} already exists in cache"}.get(status) or job.get("message") \
+        or f"pull of {job['target']} is {job['state']} (job {job['id']})"
+    return {**_public(job), "model": job["target"], "download_status": status, "message": message,
+            "expanded_name": expanded}
 
 
 @click.command("rm")
