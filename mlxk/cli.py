@@ -13,7 +13,7 @@ import threading
 import click
 
 from mlxk import __version__
-from mlxk.output import Output, json_command
+from mlxk.output import Output, json_command, system_object
 
 # name → "module:attribute"; the order is the order of `mlxk --help`
 COMMANDS = {
@@ -101,28 +101,10 @@ def version_command():
             libraries[package] = version(package)
         except PackageNotFoundError:
             libraries[package] = None
-    data = {"cli_version": __version__, "json_api_spec_version": JSON_API_SPEC_VERSION, "system": _system(),
+    data = {"cli_version": __version__, "json_api_spec_version": JSON_API_SPEC_VERSION, "system": system_object(),
             "version": __version__, **libraries}
     text = f"mlxk {__version__}\n" + "\n".join(f"{k} {v or 'not installed'}" for k, v in libraries.items())
     return Output(data, text)
-
-
-def _system() -> dict | None:
-    """mlx-knife's `system` object: physical memory in bytes, or None where the platform does not say."""
-    try:
-        return {"memory_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
-    except (ValueError, OSError, AttributeError):
-        return _sysctl_memsize()
-
-
-def _sysctl_memsize() -> dict | None:
-    import subprocess
-
-    try:
-        done = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True, timeout=5)
-        return {"memory_total_bytes": int(done.stdout.strip())}
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None
 
 
 def main():

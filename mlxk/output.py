@@ -111,6 +111,17 @@ def json_command(fn):
     return wrapper
 
 
+def system_object() -> dict | None:
+    """mlx-knife's `system` object of `version` and `list`: physical memory in bytes, None where the platform
+    does not say."""
+    import os
+
+    try:
+        return {"memory_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def say(message: str) -> None:
     """Chatter for humans: stderr, so stdout stays data."""
     click.echo(message, err=True)

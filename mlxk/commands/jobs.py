@@ -152,9 +152,14 @@ wait_option = click.option("--wait", is_flag=True, help="Follow the job and exit
 def pull_command(name, include, exclude, wait):
     """Download a model from the Hub into the HF cache (a background job)."""
     from mlxk import names
+    from mlxk.errors import MlxkError
 
-    repo, expanded = names.expand_for_pull(name)
-    result = _queued(jobs.enqueue_pull(repo, include=include, exclude=exclude), wait)
+    try:
+        repo, expanded = names.expand_for_pull(name)
+        result = _queued(jobs.enqueue_pull(repo, include=include, exclude=exclude), wait)
+    except MlxkError as error:   # mlx-knife's API: a refused pull still says its download_status
+        return Output(data={"model": None, "download_status": "error", "message": error.message,
+                            "expanded_name": None}, error=error)
     if isinstance(result.data, dict):
         result.data = _pull_data(result.data, expanded)
     return result

@@ -12,7 +12,8 @@ import click
 
 from mlxk import index
 from mlxk.config import settings
-from mlxk.output import Output, RawJSON, human_size, json_command, json_mode, relative_time, say, table
+from mlxk.output import (Output, RawJSON, human_size, json_command, json_mode, relative_time, say, system_object,
+                         table)
 
 
 
@@ -73,7 +74,8 @@ def list_command(pattern, show_all, show_health, sort, reverse, no_scan):
     found.sort(key=key, reverse=descending != reverse)
     if as_json:
         return Output({"models": RawJSON("[" + ",".join(row["object"] for row in found) + "]"),
-                       "count": len(found), "pending": sum(row["pending"] for row in found)})
+                       "count": len(found), "system": system_object(),
+                       "pending": sum(row["pending"] for row in found)})
     shown = found if show_all else [row for row in found if index.is_runnable_chat(row)]
     return Output(None, lambda: _render_list(shown, len(found), show_health, config.hf_hub_cache, pattern))
 
