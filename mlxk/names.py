@@ -146,11 +146,27 @@ def pick_revision(repo_id: str, revision: str, revisions: list[str], refs: dict[
 
 
 def not_found(name: str, candidates: list[str]) -> ModelNotFound:
-    import difflib
-
-    by_lower = {c.lower(): c for c in candidates}
-    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)  # best first
-    suggestions = [by_lower[c] for c in close]
+    suggestions = suggest(name, candidates)
     hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
     pull = f" To download it: mlxk pull {name if '/' in name else 'ORG/' + name}"
     return ModelNotFound(f"no cached model matches {name!r}.{hint}{pull}", name=name, suggestions=suggestions)
+
+
+SUGGESTION_CUTOFF = 0.6
+
+
+def suggest(name: str, candidates: list[str], limit: int = 3) -> list[str]:
+    """The cached ids closest to a mistyped name, best first: a short name (`quen`) is compared with the start of
+    each model name (`qwen3-...`), a full one with the whole id, so both typo kinds find their model."""
+    import difflib
+
+    lowered = name.lower()
+    scored = []
+    for candidate in candidates:
+        whole = candidate.lower()
+        part = whole.split("/")[-1]
+        texts = (whole, part, part[: len(lowered)], whole[: len(lowered)]) if "/" not in lowered else (whole,)
+        score = max(difflib.SequenceMatcher(None, lowered, text).ratio() for text in texts)
+        if score >= SUGGESTION_CUTOFF:
+            scored.append((-score, candidate))
+    return [candidate for _score, candidate in sorted(scored)[:limit]]

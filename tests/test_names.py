@@ -106,3 +106,12 @@ def test_a_bare_name_in_several_orgs_means_mlx_community():
     assert names.expand_for_pull("Qwen3-4B-4bit@main") == ("mlx-community/Qwen3-4B-4bit@main",
                                                            "mlx-community/Qwen3-4B-4bit")
     assert names.expand_for_pull("org/x") == ("org/x", None)
+
+
+def test_a_short_mistyped_name_gets_did_you_mean():
+    """Issue 11: `mlxk show quen` gave no suggestion; the start of each model name is compared too."""
+    with pytest.raises(ModelNotFound) as info:
+        names.resolve("quen", ["mlx-community/Qwen3-0.6B-4bit", "mlx-community/Llama-3.2-1B-Instruct-4bit"])
+    assert info.value.details["suggestions"] == ["mlx-community/Qwen3-0.6B-4bit"]
+    assert "Did you mean: mlx-community/Qwen3-0.6B-4bit?" in info.value.message
+    assert names.suggest("zzzz", ["mlx-community/Qwen3-0.6B-4bit"]) == []

@@ -183,3 +183,10 @@ def test_health_rechecks_a_repo_that_broke_since_it_was_indexed(model_factory):
     blob.write_bytes(b"{" + b" " * (blob.stat().st_size - 1))
     doc = document("health", "tiny-chat")
     assert "not valid JSON" in doc["data"]["unhealthy"][0]["reason"]
+
+
+def test_show_a_mistyped_short_name_suggests_the_model(model_factory):
+    model_factory.repo("mlx-community/Qwen3-0.6B-4bit")
+    error = document("show", "quen", code=1)["error"]
+    assert error["type"] == "model_not_found" and error["suggestions"] == ["mlx-community/Qwen3-0.6B-4bit"]
+    assert "Did you mean: mlx-community/Qwen3-0.6B-4bit?" in mlxk("show", "quen").stderr
