@@ -67,10 +67,16 @@ def enqueue_clone(name: str, dest: Path) -> Enqueued:
 
     ref = names.parse(name, allow_bare=True)
     repo = ref.repo if "/" in ref.repo else resolve_cached(ref.repo)[0]
+    revision = ref.revision
+    if revision:
+        try:  # the cache's rules first (show's, rm's): an ambiguous hash prefix lists its matches, offline
+            revision = pick_cached_revision(repo, revision)
+        except ModelNotFound:
+            pass   # not a cached revision: the clone's pull asks the Hub for it
     dest = Path(dest).expanduser().resolve()
     if dest.exists() and any(dest.iterdir()):
         raise Conflict(f"{dest} exists and is not empty; clone into a new or empty directory.", path=str(dest))
-    return _enqueue("clone", repo, {"revision": ref.revision, "dest": str(dest)})
+    return _enqueue("clone", repo, {"revision": revision, "dest": str(dest)})
 
 
 def enqueue_push(workspace: Path, repo_id: str, *, private: bool = False, public: bool = False,
@@ -370,15 +376,20 @@ def resolve_cached(name: str) -> tuple[str, bool]:
 
 def resolve_removal(name: str) -> RemovalTarget:
     """What `rm NAME[@REV]` means: the same names, branches, tags and hash prefixes as `show` and `run`."""
-    from mlxk import cache, names
+    from mlxk import names
 
     ref = names.parse(name, allow_bare=True)
     repo, fuzzy = resolve_cached(ref.repo)
-    revision = None
-    if ref.revision:
-        path = cache.repo_dir(settings().hf_hub_cache, repo)
-        revision = names.pick_revision(repo, ref.revision, cache.list_revisions(path), cache.refs(path))
+    revision = pick_cached_revision(repo, ref.revision) if ref.revision else None
     return RemovalTarget(repo, revision, fuzzy)
+
+
+def pick_cached_revision(repo: str, revision: str) -> str:
+    """The full hash of the cached snapshot `repo@revision` names (names.pick_revision over the cache's refs)."""
+    from mlxk import cache, names
+
+    path = cache.repo_dir(settings().hf_hub_cache, repo)
+    return names.pick_revision(repo, revision, cache.list_revisions(path), cache.refs(path))
 
 
 def removal_refusal(target: RemovalTarget) -> Conflict | None:

@@ -91,3 +91,15 @@ def test_push_round_trip(hub, worker_manager, tiny_model, tmp_path, monkeypatch)
     assert {n: remote.read(n) for n in remote.files() if n != ".gitattributes"} == _files(ws)
     assert remote.history()[0].title == "first upload"
     assert job_row(job["id"])["result"]["repo_id"] == repo
+
+
+def test_clone_with_an_ambiguous_hash_prefix_lists_the_matches_offline(model_factory, tmp_path):
+    """Issue 11: the prefix went to the network instead of listing the cached matches (one resolver now)."""
+    from tests.factory import ModelSpec
+
+    model_factory.repo("org/twice", revision="abc1" + "0" * 36, ref=None)
+    model_factory.repo("org/twice", ModelSpec(seed=7), revision="abc2" + "0" * 36)
+    result, doc = run_json("clone", "org/twice@abc", str(tmp_path / "ws"))
+    assert result.exit_code == 1 and doc["error"]["type"] == "ambiguous_match"
+    assert sorted(doc["error"]["matches"]) == ["abc1" + "0" * 36, "abc2" + "0" * 36]
+    assert not (tmp_path / "ws").exists()
