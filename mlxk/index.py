@@ -230,7 +230,9 @@ def _inspect(repo_id: str, path: Path, stamp: str, signature: _Signature, revisi
         "revision": view.revision,
         "revisions": view.revisions,
         "snapshot_path": str(view.snapshot) if view.snapshot else None,
-        "size_bytes": usage.size_bytes,
+        # what is on disk: an unfinished download's partial files count (they are the repo's only bytes so far);
+        # beside a complete snapshot they are reclaimable_bytes, which the "on disk" totals add
+        "size_bytes": usage.size_bytes + (0 if healthy else usage.incomplete_bytes),
         "reclaimable_bytes": usage.incomplete_bytes if healthy else 0,
         "last_modified": iso_utc(cache.last_modified(path, view.revision)),
         "framework": detection.framework,
@@ -637,7 +639,7 @@ def _snapshot_dir(row: dict, revision: str | None) -> Path | None:
 
 def _file_entry(entry: cache.SnapshotFile) -> dict:
     """mlx-knife's file entry ({name, size, type}: a size for people, what the file is), then mlxk's exact fields."""
-    from mlxk.output import human_size
+    from mlxk.units import human_size
 
     blob = entry.target.name if entry.is_symlink and entry.target else ""
     return {

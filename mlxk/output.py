@@ -17,6 +17,7 @@ import click
 
 from mlxk.clock import iso_utc, parse_iso  # noqa: F401 - re-exported for renderers
 from mlxk.errors import MlxkError
+from mlxk.units import human_size  # noqa: F401 - re-exported for renderers
 
 
 @dataclass
@@ -128,17 +129,6 @@ def say(message: str) -> None:
 
 
 # ---------------------------------------------------------------- formatting
-
-def human_size(num: int | float | None) -> str:
-    if num is None:
-        return "-"
-    num = float(num)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(num) < 1000 or unit == "TB":
-            return f"{num:.0f} {unit}" if unit in ("B", "KB") else f"{num:.1f} {unit}"
-        num /= 1000
-    return f"{num:.1f} PB"
-
 
 def relative_time(ts: float | str | None, now: float | None = None) -> str:
     if ts is None:

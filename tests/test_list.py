@@ -261,3 +261,18 @@ def test_list_skips_interpreter_teardown_but_flushes_and_runs_atexit(hf_cache, t
     done, ran = run("show", "nobody/nothing", "--json")
     assert (done.returncode, ran) == (1, True)
     assert json.loads(done.stdout)["status"] == "error"
+
+
+def test_one_size_unit_everywhere_and_partial_files_count_on_disk(hf_cache):
+    """Issue 11: a partial file showed as 116.1 MB in one view and 121.7 MB in another (1000 vs 1024), and the
+    "on disk" total ignored partial downloads. Decimal units (mlxk.units) everywhere now."""
+    from mlxk.units import human_size
+
+    repo = factory.make_variant(hf_cache, "incomplete_download")
+    partial = next(repo.repo_dir.glob("blobs/*.incomplete")).stat().st_size
+    (model,) = listed()
+    assert f"({human_size(partial)})" in model["reason"]
+    on_disk = sum(p.stat().st_size for p in repo.repo_dir.glob("blobs/*"))
+    assert model["size_bytes"] == on_disk   # the partial file is on disk
+    assert mlxk("list", "--all").stdout.strip().endswith(f"1 model, {human_size(on_disk)} on disk.")
+    assert human_size(121_700_000) == "121.7 MB" and human_size(999) == "999 B"
