@@ -54,10 +54,8 @@ def _enqueue(kind: str, target: str, args: dict, *, message: str | None = None, 
 def enqueue_pull(name: str, *, include=(), exclude=()) -> Enqueued:
     from mlxk import names
 
-    try:
-        ref = names.parse(name, allow_bare=False)
-    except InvalidName as error:
-        raise InvalidName(f"{error.message} `mlxk pull` needs the full repo id.", **error.details) from None
+    expanded, _ = names.expand_for_pull(name)   # a bare NAME is mlx-community/NAME, for the CLI and the api alike
+    ref = names.parse(expanded, allow_bare=False)
     args = {"revision": ref.revision, "include": list(include) or None, "exclude": list(exclude) or None}
     return _enqueue("pull", ref.repo, args)
 

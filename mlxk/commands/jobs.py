@@ -155,8 +155,8 @@ def pull_command(name, include, exclude, wait):
     from mlxk.errors import MlxkError
 
     try:
-        repo, expanded = names.expand_for_pull(name)
-        result = _queued(jobs.enqueue_pull(repo, include=include, exclude=exclude), wait)
+        _, expanded = names.expand_for_pull(name)
+        result = _queued(jobs.enqueue_pull(name, include=include, exclude=exclude), wait)
     except MlxkError as error:   # mlx-knife's API: a refused pull still says its download_status
         return Output(data={"model": None, "download_status": "error", "message": error.message,
                             "expanded_name": None}, error=error)
