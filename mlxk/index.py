@@ -579,11 +579,13 @@ def health_report(checked: list[dict], summary: dict) -> dict:
     for row in checked:
         entries[row["health"]].append({
             "name": row["repo_id"], "status": row["health"], "reason": row["reason"] or "Model is healthy",
-            "hash": row["revision"], "runtime_compatible": model_object(row)["runtime_compatible"]})
+            "hash": row["revision"], "runtime_compatible": model_object(row)["runtime_compatible"],
+            **({"cached": False} if row.get("display_name") is not None else {})})
     counts = {"total": len(checked), "healthy_count": len(entries["healthy"]),
               "unhealthy_count": len(entries["unhealthy"])}
     return {**entries, "summary": {**counts, **summary},
-            "models": [model_object(row) for row in checked]}
+            "models": [workspace_object(row) if row.get("display_name") is not None else model_object(row)
+                       for row in checked]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -612,6 +614,45 @@ def describe(resolved: Resolved, *, files: bool = False, config: bool = False) -
     return detail
 
 
+def workspace(typed: str) -> dict:
+    """A workspace folder (`./dir`) as a row model_object() renders (`cached: false`, `hash: null`, `name` the
+    absolute path, `display_name` as typed): integrity, detection and the runtime check, read now (no index)."""
+    from mlxk import health
+    from mlxk.detect import detect
+    from mlxk.errors import ModelNotFound
+
+    path = Path(typed).expanduser().resolve()
+    if not path.is_dir():
+        raise ModelNotFound(f"workspace {typed!r} is not a folder ({path}).", name=typed)
+    view = health.inspect_dir(path, str(path))
+    findings = health.check_integrity(view)
+    detection = detect(view)
+    runtime = None if findings else health.check_runtime(view, detection)
+    problem = (findings[0] if findings else runtime)
+    return {"repo_id": str(path), "revision": None, "revisions": [], "snapshot_path": str(path),
+            "size_bytes": sum(f.size or 0 for f in view.files), "reclaimable_bytes": 0,
+            "last_modified": iso_utc(path.stat().st_mtime), "framework": detection.framework,
+            "model_type": detection.model_type, "architecture": detection.architecture,
+            "capabilities": list(detection.capabilities or []), "context_length": detection.context_length,
+            "quantization": detection.quantization, "quantization_config": detection.quantization_config,
+            "health": "unhealthy" if findings else "healthy", "runtime_compatible": not findings and runtime is None,
+            "reason": problem.message if problem else None, "checked_at": _now(), "runtime_checked_at": _now(),
+            "display_name": typed}
+
+
+def workspace_object(row: dict) -> dict:
+    return {**model_object(row), "cached": False, "display_name": row["display_name"]}
+
+
+def describe_workspace(row: dict, *, files: bool = False, config: bool = False) -> dict:
+    """`show ./dir`: describe() for a workspace row (see workspace())."""
+    detail = describe(Resolved(row, None), files=False, config=config)
+    detail["model"] = workspace_object(row)
+    if files:
+        detail["files"] = [_file_entry(f) for f in cache.snapshot_files(Path(row["snapshot_path"]))]
+    return detail
+
+
 METADATA_KEYS = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers")
 
 
@@ -632,6 +673,8 @@ def _metadata(row: dict, config: dict | None) -> dict | None:
 
 
 def _snapshot_dir(row: dict, revision: str | None) -> Path | None:
+    if row.get("display_name") is not None:   # a workspace: the folder itself
+        return Path(row["snapshot_path"])
     if not row["snapshot_path"] or not revision:
         return None
     return Path(row["snapshot_path"]).parent / revision

@@ -76,6 +76,15 @@ def parse(name: str, *, allow_bare: bool = True) -> ModelRef:
     return ModelRef(repo, None)
 
 
+WORKSPACE_PREFIXES = ("./", "../", "/", "~")
+
+
+def is_workspace_path(name: str) -> bool:
+    """A model folder on disk (`./my-model`, `/abs/dir`, `~/dir`), not a cached repo name: what mlx-knife's API
+    calls a workspace path. Repo ids never start like this (validate_repo_id refuses a leading '/' or '.')."""
+    return name in (".", "..") or name.startswith(WORKSPACE_PREFIXES)
+
+
 DEFAULT_ORG = "mlx-community"  # where a bare name points, as mlx-knife expands it
 
 

@@ -116,3 +116,25 @@ def test_the_specs_health_monitoring_script_warns(cache):
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("Warning: 1 unhealthy models found\nUNHEALTHY: mlx-community/tiny-config-missing")
+
+
+def test_workspace_paths_show_and_health_as_cached_false(cache, tmp_path, monkeypatch):
+    """The spec: commands taking model names take workspace paths (`./dir`); `cached: false`, `hash: null`."""
+    workspace = tmp_path / "my-phi"
+    shutil.copytree(cache.snapshot_dir, workspace, symlinks=False)
+    monkeypatch.chdir(tmp_path)
+    result, doc = run_json("show", "./my-phi", "--files")
+    assert result.exit_code == 0, result.output
+    validate(doc)
+    model = doc["data"]["model"]
+    assert (model["name"], model["display_name"], model["cached"], model["hash"]) == (
+        str(workspace), "./my-phi", False, None)
+    assert model["health"] == "healthy" and model["runtime_compatible"] is True
+    assert model["size_bytes"] == sum(f["size_bytes"] for f in doc["data"]["files"])
+    assert doc["data"]["metadata"]["quantization"] == "4bit"
+    (workspace / "config.json").unlink()
+    result, doc = run_json("health", str(workspace))
+    validate(doc)
+    assert result.exit_code == 0 and doc["data"]["unhealthy"][0]["name"] == str(workspace)
+    result, doc = run_json("show", "./nowhere")
+    assert result.exit_code == 1 and doc["error"]["type"] == "model_not_found"

@@ -141,6 +141,9 @@ def show_command(name, show_files, show_config):
     """Show one cached model: what it is, its health, its files or config."""
     from mlxk import names  # not at the top: `list` does not need it
 
+    if names.is_workspace_path(name):   # mlx-knife's workspace paths: a model folder outside the cache
+        detail = index.describe_workspace(index.workspace(name), files=show_files, config=show_config)
+        return Output(detail, lambda: _render_show(detail, False))
     ref = names.parse(name)
     config = settings()
     with closing(index.load(config.state_db, config.hf_hub_cache)) as loaded:
@@ -159,7 +162,7 @@ def _render_show(detail: dict, pending: bool) -> str:
         ("Name", model["name"]),
         ("Revision", detail["revision"] + ("" if detail["revision"] == model["hash"] else " (not the current one)")
          if detail["revision"] else "-"),
-        ("Revisions", f"{len(model['revisions'])} cached"),
+        ("Revisions", f"{len(model['revisions'])} cached" if model["cached"] else "a workspace, not in the cache"),
         ("Size", human_size(model["size_bytes"])),
         ("Modified", f"{relative_time(model['last_modified'])} ({model['last_modified']})"),
         ("Framework", model["framework"]),
@@ -209,6 +212,10 @@ def health_command(name, scan, wait):
         return _queued(jobs.enqueue_scan(repos, force=True), wait)
     if wait:
         raise click.UsageError("--wait goes with --scan.")
+    if name is not None and names.is_workspace_path(name):   # a workspace folder: checked now, not indexed
+        checked = [index.workspace(name)]
+        summary = index.summarize(checked)
+        return Output(index.health_report(checked, summary), lambda: _render_health(checked, summary))
 
     ref = names.parse(name) if name is not None else None
     config = settings()
