@@ -70,7 +70,7 @@ def test_show_unknown_suggests_pull(model_factory):
     assert "Did you mean: mlx-community/tiny-chat" in error["message"]
 
 
-BAD_NAMES = ["../x", "/etc/passwd", "a//b", "org/name/extra", "o/" + "x" * 95, "bad\x00name", "bad\nname"]
+BAD_NAMES = ["a//b", "org/name/extra", "o/" + "x" * 95, "bad\x00name", "bad\nname", ".x", "x-/y"]
 
 
 @pytest.mark.parametrize("command", ["show", "health"])
@@ -80,6 +80,19 @@ def test_bad_names_are_refused_before_anything_is_touched(command, name, model_f
     before = sorted(p.name for p in repo.repo_dir.rglob("*"))
     error = document(command, name, code=1)["error"]
     assert error["type"] == "invalid_name" and "invalid model name" in error["message"]
+    assert not isolated.exists()
+    assert sorted(p.name for p in repo.repo_dir.rglob("*")) == before
+
+
+@pytest.mark.parametrize("command", ["show", "health"])
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "./nowhere"])
+def test_path_names_are_workspace_paths_read_only_outside_the_cache(command, name, model_factory, isolated):
+    """mlx-knife's API takes workspace paths where a model name goes: a path is never a cache name (nothing in the
+    cache is touched, no index opened); one that is not a model folder is not found, naming the path."""
+    repo = model_factory.repo("mlx-community/tiny-chat")
+    before = sorted(p.name for p in repo.repo_dir.rglob("*"))
+    error = document(command, name, code=1)["error"]
+    assert error["type"] == "model_not_found" and f"workspace {name!r} is not a folder" in error["message"]
     assert not isolated.exists()
     assert sorted(p.name for p in repo.repo_dir.rglob("*")) == before
 
