@@ -624,6 +624,8 @@ def workspace(typed: str) -> dict:
     path = Path(typed).expanduser().resolve()
     if not path.is_dir():
         raise ModelNotFound(f"workspace {typed!r} is not a folder ({path}).", name=typed)
+    if not (path / "config.json").exists():   # never walk a folder that is no model (`show /`)
+        raise ModelNotFound(f"workspace {typed!r} is not a model folder: {path} has no config.json.", name=typed)
     view = health.inspect_dir(path, str(path))
     findings = health.check_integrity(view)
     detection = detect(view)

@@ -132,7 +132,7 @@ def test_workspace_paths_show_and_health_as_cached_false(cache, tmp_path, monkey
     assert model["health"] == "healthy" and model["runtime_compatible"] is True
     assert model["size_bytes"] == sum(f["size_bytes"] for f in doc["data"]["files"])
     assert doc["data"]["metadata"]["quantization"] == "4bit"
-    (workspace / "config.json").unlink()
+    (workspace / "config.json").write_text("{")   # broken, not gone: a folder without config.json is no model
     result, doc = run_json("health", str(workspace))
     validate(doc)
     assert result.exit_code == 0 and doc["data"]["unhealthy"][0]["name"] == str(workspace)

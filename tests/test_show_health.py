@@ -85,14 +85,14 @@ def test_bad_names_are_refused_before_anything_is_touched(command, name, model_f
 
 
 @pytest.mark.parametrize("command", ["show", "health"])
-@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "./nowhere"])
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "./nowhere", "/", "/etc"])
 def test_path_names_are_workspace_paths_read_only_outside_the_cache(command, name, model_factory, isolated):
     """mlx-knife's API takes workspace paths where a model name goes: a path is never a cache name (nothing in the
     cache is touched, no index opened); one that is not a model folder is not found, naming the path."""
     repo = model_factory.repo("mlx-community/tiny-chat")
     before = sorted(p.name for p in repo.repo_dir.rglob("*"))
     error = document(command, name, code=1)["error"]
-    assert error["type"] == "model_not_found" and f"workspace {name!r} is not a folder" in error["message"]
+    assert error["type"] == "model_not_found" and f"workspace {name!r} is not a " in error["message"]
     assert not isolated.exists()
     assert sorted(p.name for p in repo.repo_dir.rglob("*")) == before
 
