@@ -410,6 +410,22 @@ def _with_verdict(model: dict, verdict: tuple[bool, str | None]) -> dict:
     return model
 
 
+def model_objects(state_db: Path, found: list[dict]) -> list[dict]:
+    """model_object() of rows read earlier (the server's catalog), pending verdicts made provisional as `list --json`
+    makes them; state.db (where mlx-lm's registry is kept) is opened only when a row is pending."""
+    pending = [row["repo_id"] for row in found if is_pending(row)]
+    verdicts = {}
+    if pending:
+        from contextlib import closing
+
+        from mlxk import db
+
+        with closing(db.connect(state_db)) as conn:
+            verdicts = provisional_verdicts(conn, pending)
+    return [_with_verdict(model_object(row), verdicts[row["repo_id"]]) if row["repo_id"] in verdicts
+            else model_object(row) for row in found]
+
+
 def with_provisional_verdict(conn, model: dict) -> dict:
     """A model object whose runtime verdict is pending gets the provisional one (see provisional_verdicts)."""
     if model["health"] == "healthy" and model["runtime_compatible"] is None:

@@ -80,7 +80,8 @@ def test_pull_reaches_succeeded_and_the_model_is_listed_and_runnable(client, hub
 
 def test_models_are_the_list_json_data(client):
     body = client.get("/api/models").json()
-    assert set(body) == {"models", "count", "pending"} and body["count"] == len(body["models"])
+    assert set(body) == {"models", "count", "system", "pending"} and body["count"] == len(body["models"])
+    assert all(isinstance(m["runtime_compatible"], bool) for m in body["models"])
     scripted = next(m for m in body["models"] if m["name"] == SCRIPTED_ID)
     for field in ("name", "hash", "size_bytes", "last_modified", "framework", "model_type", "capabilities",
                   "health", "runtime_compatible", "reason", "cached"):
