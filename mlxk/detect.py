@@ -219,17 +219,16 @@ def quantization(config: dict) -> str | None:
 
 
 def quantization_config(config: dict) -> dict | None:
-    """{bits, group_size} (and mode, when not affine) of a quantized model, as mlx-knife's JSON API reports it."""
+    """The quantization settings of a quantized model (bits, group_size, mode...), as mlx-knife's JSON API reports
+    them: the config's scalar values (per-module overrides, dicts of their own, left out)."""
     for source in (config, config.get("text_config")):
         if not isinstance(source, dict):
             continue
         for key in ("quantization", "quantization_config"):
             value = source.get(key)
             if isinstance(value, dict) and _quant_label(value):
-                found = {name: value.get(name) for name in ("bits", "group_size")}
-                if isinstance(value.get("mode"), str) and value["mode"] not in ("affine", ""):
-                    found["mode"] = value["mode"]
-                return found
+                return {name: item for name, item in value.items()
+                        if isinstance(item, (str, int, float, bool)) or item is None}
     return None
 
 

@@ -700,12 +700,12 @@ def _snapshot_dir(row: dict, revision: str | None) -> Path | None:
 
 def _file_entry(entry: cache.SnapshotFile) -> dict:
     """mlx-knife's file entry ({name, size, type}: a size for people, what the file is), then mlxk's exact fields."""
-    from mlxk.units import human_size
+    from mlxk.units import compact_size
 
     blob = entry.target.name if entry.is_symlink and entry.target else ""
     return {
         "name": entry.name,
-        "size": human_size(entry.size),
+        "size": compact_size(entry.size),
         "type": file_kind(entry.name),
         "size_bytes": entry.size,
         # LFS blobs are named by their sha256 (64 hex), regular git files by their git blob sha1 (40 hex)

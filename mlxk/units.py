@@ -14,3 +14,17 @@ def human_size(num: int | float | None) -> str:
             return f"{num:.0f} {unit}" if unit in ("B", "KB") else f"{num:.1f} {unit}"
         num /= 1000
     return f"{num:.1f} PB"
+
+
+def compact_size(num: int | None) -> str:
+    """The same decimal units in mlx-knife's spelling (`178B`, `60.9KB`), for the fields its JSON API defines."""
+    if num is None:
+        return "-"
+    if num < 1000:
+        return f"{num}B"
+    value = float(num)
+    for unit in ("KB", "MB", "GB", "TB"):
+        value /= 1000
+        if value < 1000 or unit == "TB":
+            return f"{value:.1f}{unit}"
+    return f"{value:.1f}TB"

@@ -138,3 +138,16 @@ def test_workspace_paths_show_and_health_as_cached_false(cache, tmp_path, monkey
     assert result.exit_code == 0 and doc["data"]["unhealthy"][0]["name"] == str(workspace)
     result, doc = run_json("show", "./nowhere")
     assert result.exit_code == 1 and doc["error"]["type"] == "model_not_found"
+
+
+def test_file_sizes_and_quantization_as_mlx_knife_2_0_8_spells_them(cache):
+    """Compared with mlx-knife 2.0.8 on the same cache: `60.9KB`, `178B` (decimal, no space), and the config's
+    quantization settings as they are."""
+    from mlxk.units import compact_size
+
+    _, doc = run_json("show", PHI, "--files")
+    sizes = {f["name"]: (f["size"], f["size_bytes"]) for f in doc["data"]["files"]}
+    assert all(size == compact_size(exact) for size, exact in sizes.values())
+    assert (compact_size(178), compact_size(60858), compact_size(3554), compact_size(2_300_000_000)) == (
+        "178B", "60.9KB", "3.6KB", "2.3GB")
+    assert doc["data"]["model"]["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
