@@ -621,7 +621,7 @@ def describe(resolved: Resolved, *, files: bool = False, config: bool = False) -
                      last_modified=iso_utc(cache.last_modified(snapshot.parent.parent, resolved.revision)))
     parsed, problem = _read_config(snapshot)
     detail = {"model": model, "metadata": _metadata(row, parsed if isinstance(parsed, dict) else None),
-              "revision": resolved.revision, "checked_at": row["checked_at"],
+              "workspace_metadata": None, "revision": resolved.revision, "checked_at": row["checked_at"],
               "runtime_checked_at": row["runtime_checked_at"]}
     if files:
         detail["files"] = [_file_entry(f) for f in cache.snapshot_files(snapshot)] if snapshot else []
@@ -680,8 +680,10 @@ def _metadata(row: dict, config: dict | None) -> dict | None:
         return None
     from mlxk.detect import context_length, quantization
 
-    found = {"model_type": config.get("model_type"), "quantization": quantization(config),
-             "context_length": context_length(config)}
+    architectures = config.get("architectures")
+    found = {"model_type": config.get("model_type"),
+             "architecture": architectures[0] if isinstance(architectures, list) and architectures else None,
+             "quantization": quantization(config), "context_length": context_length(config)}
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     for key in METADATA_KEYS:
         value = config.get(key, text.get(key))

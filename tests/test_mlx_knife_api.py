@@ -151,3 +151,6 @@ def test_file_sizes_and_quantization_as_mlx_knife_2_0_8_spells_them(cache):
     assert (compact_size(178), compact_size(60858), compact_size(3554), compact_size(2_300_000_000)) == (
         "178B", "60.9KB", "3.6KB", "2.3GB")
     assert doc["data"]["model"]["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+    assert doc["data"]["workspace_metadata"] is None and doc["data"]["metadata"]["architecture"] == "LlamaForCausalLM"
+    _, doc = run_json("rm", "Phi-3-mini")
+    assert doc["data"]["requires_confirmation"] is True and doc["data"]["action"] == "requires_confirmation"

@@ -195,16 +195,16 @@ def rm_command(name, force, dry_run, wait):
     try:
         target = jobs.resolve_removal(name)
     except AmbiguousMatch as error:   # mlx-knife's API puts the matches in data, so a script can pick one
-        return Output(data={"model": None, "action": "ambiguous", "matches": error.details.get("matches", [])},
-                      error=error)
+        return Output(data={"model": None, "action": "ambiguous", "requires_confirmation": False,
+                            "matches": error.details.get("matches", [])}, error=error)
     model = f"{target.repo_id}@{target.revision}" if target.revision else target.repo_id
     if dry_run:
         return _rm_plan(target, model, confirm=target.fuzzy and not force)
     if target.fuzzy and not force:
         message = (f"{name!r} is not an exact name; it matches {model}. Nothing was removed: "
                    f"run `mlxk rm {model}` or add --force to remove it.")
-        return Output(data={"model": model, "action": "requires_confirmation", "message": message},
-                      text=message)
+        return Output(data={"model": model, "action": "requires_confirmation", "message": message,
+                            "requires_confirmation": True, "matches": []}, text=message)
     if target.fuzzy:
         say(f"{name!r} matches {target.repo_id}.")
     job = jobs.remove(target).job
@@ -213,7 +213,8 @@ def rm_command(name, force, dry_run, wait):
         say(_summary(job))
     action = "deleted" if job["state"] == "succeeded" else "failed"
     message = f"Successfully deleted {model}" if action == "deleted" else (job.get("message") or f"rm of {model} failed")
-    return Output(data={**_public(job), "model": model, "action": action, "message": message},
+    return Output(data={**_public(job), "model": model, "action": action, "message": message,
+                        "requires_confirmation": False},
                   text=job["id"], error=error)
 
 
