@@ -110,8 +110,10 @@ def m005_job_settings(db):
 
 
 @migration
-def m006_quantization_config(db):
-    # mlx-knife's model object reports quantization as {bits, group_size} (JSON); the label stays in `quantization`.
-    # Every repo is inspected again (fingerprint cleared) so the new column is filled on the next refresh.
+def m006_mlx_knife_fields(db):
+    # mlx-knife's model object: quantization as the config's settings (JSON; the label stays in `quantization`), and
+    # size_bytes of the current snapshot alone; what the repo takes on disk (every revision, partial files) moves to
+    # disk_bytes. Every repo is inspected again (fingerprint cleared) so the new columns are filled on the next refresh.
     db["models"].add_column("quantization_config", str)
+    db["models"].add_column("disk_bytes", int)
     db.execute("UPDATE models SET fingerprint = NULL")

@@ -9,7 +9,8 @@ import json
 import sqlite3
 
 COLUMNS = (
-    "repo_id", "revision", "revisions", "snapshot_path", "size_bytes", "reclaimable_bytes", "last_modified",
+    "repo_id", "revision", "revisions", "snapshot_path", "size_bytes", "disk_bytes", "reclaimable_bytes",
+    "last_modified",
     "framework", "model_type", "architecture", "capabilities", "context_length", "quantization", "quantization_config", "health",
     "runtime_compatible", "reason", "fingerprint", "checked_at", "runtime_fingerprint", "runtime_checked_at",
 )

@@ -230,9 +230,10 @@ def _inspect(repo_id: str, path: Path, stamp: str, signature: _Signature, revisi
         "revision": view.revision,
         "revisions": view.revisions,
         "snapshot_path": str(view.snapshot) if view.snapshot else None,
-        # what is on disk: an unfinished download's partial files count (they are the repo's only bytes so far);
-        # beside a complete snapshot they are reclaimable_bytes, which the "on disk" totals add
-        "size_bytes": usage.size_bytes + (0 if healthy else usage.incomplete_bytes),
+        # mlx-knife's size_bytes: the files of the current snapshot (else, with no snapshot, the repo's bytes)
+        "size_bytes": _snapshot_bytes(view) if view.snapshot else usage.size_bytes + usage.incomplete_bytes,
+        # what the repo takes on disk: every revision's blobs once, partial downloads included
+        "disk_bytes": usage.size_bytes + usage.incomplete_bytes,
         "reclaimable_bytes": usage.incomplete_bytes if healthy else 0,
         "last_modified": iso_utc(cache.last_modified(path, view.revision)),
         "framework": detection.framework,
@@ -261,10 +262,18 @@ def _inspect(repo_id: str, path: Path, stamp: str, signature: _Signature, revisi
     return record
 
 
+def _snapshot_bytes(view) -> int:
+    """Bytes of the files the snapshot links to, each blob once."""
+    blobs = {}
+    for entry in view.files:
+        blobs[str(entry.target or entry.path)] = entry.size or 0
+    return sum(blobs.values())
+
+
 def _unreadable(repo_id: str, path: Path, stamp: str, error: OSError) -> dict:
     where = error.filename or path
     return {
-        "repo_id": repo_id, "revision": None, "revisions": [], "snapshot_path": None, "size_bytes": 0,
+        "repo_id": repo_id, "revision": None, "revisions": [], "snapshot_path": None, "size_bytes": 0, "disk_bytes": 0,
         "reclaimable_bytes": 0, "last_modified": None, "framework": "unknown", "model_type": None,
         "architecture": None, "capabilities": [], "context_length": None, "quantization": None,
         "quantization_config": None, "health": "unhealthy", "runtime_compatible": None,
@@ -346,6 +355,7 @@ def model_object(row: dict) -> dict:
         "quantization_label": row["quantization"],
         "architecture": row["architecture"],
         "reclaimable_bytes": row["reclaimable_bytes"],
+        "disk_bytes": row["disk_bytes"],
         "runtime_pending": healthy and row["runtime_compatible"] is None,
     }
 
@@ -380,6 +390,7 @@ def _model_object_sql() -> str:
         "quantization_label": "quantization",
         "architecture": "architecture",
         "reclaimable_bytes": "reclaimable_bytes",
+        "disk_bytes": "disk_bytes",
         "runtime_pending": f"json(CASE WHEN {queries.PENDING} THEN 'true' ELSE 'false' END)",
     }
     return "json_object(" + ", ".join(f"'{key}', {value}" for key, value in fields.items()) + ")"
@@ -648,7 +659,8 @@ def workspace(typed: str) -> dict:
     runtime = None if findings else health.check_runtime(view, detection)
     problem = (findings[0] if findings else runtime)
     return {"repo_id": str(path), "revision": None, "revisions": [], "snapshot_path": str(path),
-            "size_bytes": sum(f.size or 0 for f in view.files), "reclaimable_bytes": 0,
+            "size_bytes": sum(f.size or 0 for f in view.files), "disk_bytes": sum(f.size or 0 for f in view.files),
+            "reclaimable_bytes": 0,
             "last_modified": iso_utc(path.stat().st_mtime), "framework": detection.framework,
             "model_type": detection.model_type, "architecture": detection.architecture,
             "capabilities": list(detection.capabilities or []), "context_length": detection.context_length,

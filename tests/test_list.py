@@ -273,6 +273,7 @@ def test_one_size_unit_everywhere_and_partial_files_count_on_disk(hf_cache):
     (model,) = listed()
     assert f"({human_size(partial)})" in model["reason"]
     on_disk = sum(p.stat().st_size for p in repo.repo_dir.glob("blobs/*"))
-    assert model["size_bytes"] == on_disk   # the partial file is on disk
+    assert model["disk_bytes"] == on_disk   # the partial file is on disk
+    assert model["size_bytes"] < on_disk    # mlx-knife's size_bytes: the snapshot's files
     assert mlxk("list", "--all").stdout.strip().endswith(f"1 model, {human_size(on_disk)} on disk.")
     assert human_size(121_700_000) == "121.7 MB" and human_size(999) == "999 B"

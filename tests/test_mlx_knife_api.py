@@ -21,7 +21,7 @@ PHI = "mlx-community/Phi-3-mini-4k-instruct-4bit"
 def cache(model_factory, hf_cache):
     """The spec's example names: a quantized chat model, two Llamas, a Qwen, a GGUF and a broken download."""
     phi = model_factory.repo(PHI, quantize=True)
-    factory.add_revision(phi, {"notes.txt": b"second commit"})
+    factory.add_revision(phi, {"notes.txt": b"second commit", "README.md": b"# the second card\n" * 40})
     model_factory.repo("mlx-community/Llama-3.2-1B-Instruct-4bit")
     model_factory.repo("mlx-community/Llama-3.2-3B-Instruct-4bit")
     model_factory.repo("mlx-community/Qwen3-0.6B-4bit", chat_template=False)
@@ -154,3 +154,12 @@ def test_file_sizes_and_quantization_as_mlx_knife_2_0_8_spells_them(cache):
     assert doc["data"]["workspace_metadata"] is None and doc["data"]["metadata"]["architecture"] == "LlamaForCausalLM"
     _, doc = run_json("rm", "Phi-3-mini")
     assert doc["data"]["requires_confirmation"] is True and doc["data"]["action"] == "requires_confirmation"
+
+
+def test_size_bytes_is_the_selected_snapshots_and_disk_bytes_the_repos(cache):
+    """Issue 12 #10: with several revisions, `hash` named the current one and `size_bytes` counted them all."""
+    (model,) = [m for m in run_json("list", "Phi-3")[1]["data"]["models"]]
+    files = run_json("show", PHI, "--files")[1]["data"]["files"]
+    assert model["size_bytes"] == sum(f["size_bytes"] for f in files)
+    on_disk = sum(p.stat().st_size for p in (cache.repo_dir / "blobs").iterdir())
+    assert model["disk_bytes"] == on_disk > model["size_bytes"]

@@ -36,7 +36,7 @@ SORTS = {
     "modified": (lambda row: row["last_modified"] or "", True),    # newest first
 }
 # what the `list` table reads of each row
-LIST_COLUMNS = ("repo_id", "revision", "size_bytes", "reclaimable_bytes", "last_modified", "framework", "model_type",
+LIST_COLUMNS = ("repo_id", "revision", "size_bytes", "disk_bytes", "last_modified", "framework", "model_type",
                 "health", "runtime_compatible", "reason")
 REASON_WIDTH = 60
 DEFAULT_MODEL_HINT = "mlx-community/Qwen3-4B-4bit"
@@ -118,7 +118,7 @@ def _short(text: str | None) -> str:
 
 
 def _footer(shown: list[dict], total: int) -> str:
-    size = sum((row["size_bytes"] or 0) + (row["reclaimable_bytes"] or 0) for row in shown)  # partial files too
+    size = sum(row["disk_bytes"] or 0 for row in shown)  # every revision, partial files too
     parts = [f"{len(shown)} model{'s' if len(shown) != 1 else ''}, {human_size(size)} on disk."]
     if total > len(shown):
         parts.append(f"{total - len(shown)} more not shown (--all lists every repo).")
