@@ -508,10 +508,16 @@ def _load_private(state_db: Path, cache_dir: Path, reason: MlxkError, **refresh_
 
 
 def check_pattern(pattern: str) -> str:
-    """A `list` filter is a piece of a repo id: validated like one (a trailing '/' allowed), so it names no path."""
+    """A `list` filter is a case-insensitive substring of repo ids, as in mlx-knife (`1B-4bit`, `.2-1B`, `Llama 3`): it
+    only filters, never names a path, so only what no repo id can hold is refused (control characters, overlength)."""
     from mlxk import names
+    from mlxk.errors import InvalidName
 
-    names.validate_repo_id(pattern[:-1] if pattern.endswith("/") and len(pattern) > 1 else pattern, allow_bare=True)
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in pattern) or len(pattern) > names.MAX_REPO_ID_LENGTH:
+        problem = "it contains control characters" if len(pattern) <= names.MAX_REPO_ID_LENGTH else \
+            f"it is {len(pattern)} characters long; a repo id has at most {names.MAX_REPO_ID_LENGTH}"
+        raise InvalidName(f"invalid model name pattern {pattern!r}: {problem}. A pattern is a piece of a repo id, "
+                          "like 'qwen' or '-4bit'.", name=pattern)
     return pattern
 
 
