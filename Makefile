@@ -23,19 +23,21 @@ $(TEST_STAMP): $(RUN_STAMP)
 
 install: $(TEST_STAMP)
 
-# The suite drives real programs: headless Chromium (the web page) and a Redis server (the shared queue).
+# The suite drives real programs: headless Chromium (the web page), a Redis server (the shared queue) and jq (the
+# mlx-knife JSON API examples).
 system-deps:
 	@missing=""; \
 	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
 	(command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1) || missing="$$missing chromium"; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v jq >/dev/null 2>&1 || missing="$$missing jq"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if command -v apt-get >/dev/null 2>&1; then \
 		echo "Installing$$missing for the test suite (apt)"; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null || \
 		{ $(SUDO) apt-get update -q >/dev/null && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
 	else \
-		echo "The test suite needs$$missing on PATH (macOS: brew install --cask chromium chromedriver; brew install redis)"; \
+		echo "The test suite needs$$missing on PATH (macOS: brew install --cask chromium chromedriver; brew install redis jq)"; \
 		exit 1; \
 	fi
 

@@ -130,3 +130,13 @@ def m007_aliases(db):
     # Other names for cached models (Ollama's /api/copy): `name` as mlxk.names.parse normalizes it, lowercased.
     db["aliases"].create({"name": str, "repo_id": str, "created_at": str}, pk="name")
     db["aliases"].create_index(["repo_id"])
+
+
+@migration
+def m008_mlx_knife_fields(db):
+    # mlx-knife's model object: quantization as the config's settings (JSON; the label stays in `quantization`), and
+    # size_bytes of the current snapshot alone; what the repo takes on disk (every revision, partial files) moves to
+    # disk_bytes. Every repo is inspected again (fingerprint cleared) so the new columns are filled on the next refresh.
+    db["models"].add_column("quantization_config", str)
+    db["models"].add_column("disk_bytes", int)
+    db.execute("UPDATE models SET fingerprint = NULL")

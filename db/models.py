@@ -11,11 +11,13 @@ import sqlite3
 from mlxk.db import write
 
 COLUMNS = (
-    "repo_id", "revision", "revisions", "snapshot_path", "size_bytes", "reclaimable_bytes", "last_modified",
-    "framework", "model_type", "architecture", "capabilities", "context_length", "quantization", "health",
+    "repo_id", "revision", "revisions", "snapshot_path", "size_bytes", "disk_bytes", "reclaimable_bytes",
+    "last_modified",
+    "framework", "model_type", "architecture", "capabilities", "context_length", "quantization", "quantization_config", "health",
     "runtime_compatible", "reason", "fingerprint", "checked_at", "runtime_fingerprint", "runtime_checked_at",
 )
 _JSON_COLUMNS = ("revisions", "capabilities")
+_JSON_OR_NULL = ("quantization_config",)
 # healthy, runtime verdict not known yet (mlxk.index.is_pending says the same of a decoded row)
 PENDING = "health = 'healthy' AND runtime_compatible IS NULL"
 
@@ -29,6 +31,9 @@ def _decode(row: sqlite3.Row | tuple, names) -> dict:
     for column in _JSON_COLUMNS:
         if column in record:
             record[column] = json.loads(record[column]) if record[column] else []
+    for column in _JSON_OR_NULL:
+        if record.get(column):
+            record[column] = json.loads(record[column])
     if record.get("runtime_compatible") is not None:
         record["runtime_compatible"] = bool(record["runtime_compatible"])
     return record
@@ -93,6 +98,9 @@ def _encode(record: dict) -> dict:
     row = {key: record[key] for key in COLUMNS if key in record}
     for column in _JSON_COLUMNS:
         if column in row and not isinstance(row[column], str) and row[column] is not None:
+            row[column] = json.dumps(row[column])
+    for column in _JSON_OR_NULL:
+        if row.get(column) is not None and not isinstance(row[column], str):
             row[column] = json.dumps(row[column])
     if row.get("runtime_compatible") is not None:
         row["runtime_compatible"] = int(bool(row["runtime_compatible"]))

@@ -216,6 +216,18 @@ class RemovalPlan:
     paths: list[Path] = field(default_factory=list)   # what would be deleted
     bytes_freed: int = 0
     whole_repo: bool = False
+    linked_to: Path | None = None   # the repo folder is a link to this folder (another disk): removed too
+
+
+def linked_repo(path: Path) -> Path | None:
+    """Where a repo folder that is a link (the repo moved to another disk and linked back) really is, when the
+    target is a repo folder (it has `snapshots/`): rm removes the files there too, as the link promised they were
+    the model. A link to anything else is only unlinked."""
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    return target if (target / "snapshots").is_dir() and not path.parent.resolve() == target.parent and \
+        target != Path(target.anchor) else None
 
 
 def is_inside(path: Path | str, folder: Path | str) -> bool:
@@ -232,7 +244,9 @@ def plan_remove(cache_dir: Path, repo_id: str, revision: str | None = None) -> R
     revisions = list_revisions(path)
     if revision is None or revisions == [revision]:
         usage = disk_usage(path)
-        return RemovalPlan(repo_id, revisions, [path], usage.size_bytes + usage.incomplete_bytes, whole_repo=True)
+        linked = linked_repo(path)
+        return RemovalPlan(repo_id, revisions, [path, *([linked] if linked else [])],
+                           usage.size_bytes + usage.incomplete_bytes, whole_repo=True, linked_to=linked)
     if revision not in revisions:
         raise CacheError(f"{repo_id}@{revision[:12]} is not cached.")
     keep: set[Path] = set()
@@ -289,7 +303,7 @@ def move_to_trash(cache_dir: Path, plan: RemovalPlan, trash: Path) -> dict:
 
     path = repo_dir(cache_dir, plan.repo_id)
     record = {"repo_id": plan.repo_id, "revisions": plan.revisions, "whole_repo": plan.whole_repo,
-              "bytes_freed": plan.bytes_freed,
+              "bytes_freed": plan.bytes_freed, "linked_to": str(plan.linked_to) if plan.linked_to else None,
               "blobs": [] if plan.whole_repo else [p.name for p in plan.paths[1:] if p.parent.name == "blobs"]}
     trash.mkdir(parents=True, exist_ok=True)
     (trash / _PLAN).write_text(json.dumps(record))
@@ -311,6 +325,8 @@ def finish_trash(cache_dir: Path, trash: Path, record: dict) -> None:
     path = repo_dir(cache_dir, record["repo_id"])
     if record["whole_repo"]:
         shutil.rmtree(lock_dir(cache_dir, record["repo_id"]), ignore_errors=True)
+        if record.get("linked_to"):  # the link went with the rename; the files it named are removed where they are
+            shutil.rmtree(record["linked_to"], ignore_errors=True)
         return
     remaining = list_revisions(path)
     gone = [r for r in record["revisions"] if r not in remaining]

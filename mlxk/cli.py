@@ -12,7 +12,7 @@ import click
 
 from mlxk import __version__
 from mlxk.commands import SuggestingGroup
-from mlxk.output import JsonUsageError, Output, json_command, json_requested
+from mlxk.output import JsonUsageError, Output, json_command, json_requested, system_object
 
 # name → "module:attribute"; the order is the order of `mlxk --help`
 COMMANDS = {
@@ -109,25 +109,33 @@ def cli():
     """Manage and serve MLX models in the Hugging Face cache."""
 
 
+JSON_API_SPEC_VERSION = "0.2.4"  # the mlx-knife JSON API whose shapes `--json` is a superset of (README)
+
+
 @click.command("version")
 @json_command
 def version_command():
     """Show the versions of mlxk and the libraries it runs on."""
     from importlib.metadata import PackageNotFoundError, version
 
-    data = {"version": __version__}
+    libraries = {}
     for package in ("mlx", "mlx-lm", "huggingface-hub", "huey"):
         try:
-            data[package] = version(package)
+            libraries[package] = version(package)
         except PackageNotFoundError:
-            data[package] = None
-    text = f"mlxk {__version__}\n" + "\n".join(f"{k} {v or 'not installed'}" for k, v in data.items() if k != "version")
+            libraries[package] = None
+    data = {"cli_version": __version__, "json_api_spec_version": JSON_API_SPEC_VERSION, "system": system_object(),
+            "version": __version__, **libraries}
+    text = f"mlxk {__version__}\n" + "\n".join(f"{k} {v or 'not installed'}" for k, v in libraries.items())
     return Output(data, text)
 
 
 def main():
+    args = sys.argv[1:]
+    if "--version" in args and "--json" in args and set(args) <= {"--version", "--json"}:
+        args = ["version", "--json"]  # mlx-knife's `--version --json`: the same document as `version --json`
     try:
-        cli.main(prog_name="mlxk")  # standalone: always ends in SystemExit
+        cli.main(args=args, prog_name="mlxk")  # standalone: always ends in SystemExit
     except SystemExit as done:
         if _invoked and (_invoked[-1] in QUICK_EXIT and threading.active_count() == 1
                          or _invoked[-1] in EXIT_AFTER_CLEANUP):

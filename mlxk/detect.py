@@ -33,6 +33,7 @@ class Detection:
     capabilities: list[str] = field(default_factory=list)
     context_length: int | None = None
     quantization: str | None = None   # "4bit", "mxfp4", "fp8"... None when unquantized
+    quantization_config: dict | None = None  # mlx-knife's model object `quantization`: {bits, group_size[, mode]}
 
 
 def detect(view: RepoView) -> Detection:
@@ -47,6 +48,7 @@ def detect(view: RepoView) -> Detection:
         capabilities=detect_capabilities(view, model_type, template),
         context_length=context_length(config),
         quantization=quantization(config),
+        quantization_config=quantization_config(config),
     )
 
 
@@ -213,6 +215,20 @@ def quantization(config: dict) -> str | None:
             label = _quant_label(source.get(key))
             if label:
                 return label
+    return None
+
+
+def quantization_config(config: dict) -> dict | None:
+    """The quantization settings of a quantized model (bits, group_size, mode...), as mlx-knife's JSON API reports
+    them: the config's scalar values (per-module overrides, dicts of their own, left out)."""
+    for source in (config, config.get("text_config")):
+        if not isinstance(source, dict):
+            continue
+        for key in ("quantization", "quantization_config"):
+            value = source.get(key)
+            if isinstance(value, dict) and _quant_label(value):
+                return {name: item for name, item in value.items()
+                        if isinstance(item, (str, int, float, bool)) or item is None}
     return None
 
 

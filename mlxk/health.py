@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlxk import cache
+from mlxk.units import human_size
 
 if TYPE_CHECKING:
     from mlxk.detect import Detection
@@ -364,14 +365,6 @@ def is_lfs_pointer(entry: cache.SnapshotFile) -> bool:
         return False
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Integrity rules: each a small function over the view, in the order their findings are reported
 
@@ -682,7 +675,7 @@ def check_incomplete(view: RepoView, findings: list[Finding]) -> list[Finding]:
     where = first.relative_to(view.path).as_posix() if first.is_relative_to(view.path) else first.name
     more = f" and {len(view.incomplete) - 1} more" if len(view.incomplete) > 1 else ""
     return [Finding("incomplete_download", f"download did not finish: {where}{more} is partial "
-                                           f"({_human(view.incomplete_bytes)}); pull {view.repo_id} again to resume")]
+                                           f"({human_size(view.incomplete_bytes)}); pull {view.repo_id} again to resume")]
 
 
 INTEGRITY_RULES = (check_snapshot, check_config, check_weights_present, check_index_shards, check_shard_contents,

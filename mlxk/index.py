@@ -34,11 +34,7 @@ FRAMEWORK_LABELS = {"mlx": "MLX", "gguf": "GGUF", "pytorch": "PyTorch", "unknown
 HASH_DISPLAY = 7   # the short hash mlx-knife shows
 STAMP_KEY = "mlx_lm_stamp"          # meta: where mlx-lm is installed + its mtime, cheap to recompute
 SIGNATURE_KEY = "mlx_lm_signature"  # meta: the mlx-lm the stored verdicts were made with
-
-
-class ModelUnhealthy(MlxkError):
-    """`mlxk health NAME` found the model's files broken."""
-    type = "model_unhealthy"
+REGISTRY_KEY = "mlx_lm_registry"    # meta: that mlx-lm's model modules and remappings, read once per install
 
 
 @dataclass
@@ -180,6 +176,42 @@ def _forget_stale_verdicts(conn, signature: _Signature) -> None:
     queries.set_meta(conn, STAMP_KEY, stamp)
 
 
+def provisional_verdicts(conn, repo_ids) -> dict[str, tuple[bool, str | None]]:
+    """(runtime_compatible, reason) for repos still pending mlx-lm's check, from its registry as read from its files
+    (mlxk.registry, no import), so every `--json` model object says true or false, as mlx-knife's API promises, on
+    the first `list` after a repo appears. The stored verdict (worker scan, `health`) imports the module itself and
+    replaces this one."""
+    if not repo_ids:
+        return {}
+    from mlxk import registry
+
+    found = _registry(conn)
+    verdicts = {}
+    for repo_id in repo_ids:
+        row = queries.get_model(conn, repo_id)
+        if row is not None:
+            config, _ = _read_config(Path(row["snapshot_path"]) if row["snapshot_path"] else None)
+            verdicts[repo_id] = registry.verdict(found, config if isinstance(config, dict) else None)
+    return verdicts
+
+
+def _registry(conn) -> dict | None:
+    """The installed mlx-lm's registry, from state.db while the install is unchanged, else read and kept there."""
+    import json
+
+    stored = queries.get_meta(conn, REGISTRY_KEY)
+    if stored:
+        kept = json.loads(stored)
+        if _stamp_holds(kept.get("stamp")):
+            return kept.get("registry")
+    from mlxk import registry
+
+    stamp = _mlx_lm_stamp()
+    found = registry.read(stamp.rpartition(":")[0] if stamp != "absent" else None)
+    queries.set_meta(conn, REGISTRY_KEY, json.dumps({"stamp": stamp, "registry": found}))
+    return found
+
+
 def _runtime_targets(conn, pending: list[str], scope: set[str] | None, force: bool) -> list[str]:
     candidates = queries.healthy_ids(conn) if force else pending
     return [repo_id for repo_id in candidates if scope is None or repo_id in scope]
@@ -225,7 +257,10 @@ def _inspect(repo_id: str, path: Path, stamp: str, signature: _Signature, revisi
         "revision": view.revision,
         "revisions": view.revisions,
         "snapshot_path": str(view.snapshot) if view.snapshot else None,
-        "size_bytes": usage.size_bytes,
+        # mlx-knife's size_bytes: the files of the current snapshot (else, with no snapshot, the repo's bytes)
+        "size_bytes": _snapshot_bytes(view) if view.snapshot else usage.size_bytes + usage.incomplete_bytes,
+        # what the repo takes on disk: every revision's blobs once, partial downloads included
+        "disk_bytes": usage.size_bytes + usage.incomplete_bytes,
         "reclaimable_bytes": usage.incomplete_bytes if healthy else 0,
         "last_modified": iso_utc(cache.last_modified(path, view.revision)),
         "framework": detection.framework,
@@ -234,6 +269,7 @@ def _inspect(repo_id: str, path: Path, stamp: str, signature: _Signature, revisi
         "capabilities": list(detection.capabilities or []),
         "context_length": detection.context_length,
         "quantization": detection.quantization,
+        "quantization_config": detection.quantization_config,
         "health": "healthy" if healthy else "unhealthy",
         "runtime_compatible": None,
         "reason": findings[0].message if findings else None,
@@ -253,13 +289,21 @@ def _inspect(repo_id: str, path: Path, stamp: str, signature: _Signature, revisi
     return record
 
 
+def _snapshot_bytes(view) -> int:
+    """Bytes of the files the snapshot links to, each blob once."""
+    blobs = {}
+    for entry in view.files:
+        blobs[str(entry.target or entry.path)] = entry.size or 0
+    return sum(blobs.values())
+
+
 def _unreadable(repo_id: str, path: Path, stamp: str, error: OSError) -> dict:
     where = error.filename or path
     return {
-        "repo_id": repo_id, "revision": None, "revisions": [], "snapshot_path": None, "size_bytes": 0,
+        "repo_id": repo_id, "revision": None, "revisions": [], "snapshot_path": None, "size_bytes": 0, "disk_bytes": 0,
         "reclaimable_bytes": 0, "last_modified": None, "framework": "unknown", "model_type": None,
         "architecture": None, "capabilities": [], "context_length": None, "quantization": None,
-        "health": "unhealthy", "runtime_compatible": None,
+        "quantization_config": None, "health": "unhealthy", "runtime_compatible": None,
         "reason": f"cannot read {where}: {error.strerror or error}; check its permissions",
         "fingerprint": stamp, "checked_at": _now(), "runtime_fingerprint": None, "runtime_checked_at": None,
     }
@@ -313,8 +357,9 @@ def is_pending(row: dict) -> bool:
 
 
 def disk_total(rows) -> int:
-    """Bytes on disk of these models together (each row's size already counts its shared blobs once)."""
-    return sum(row["size_bytes"] or 0 for row in rows)
+    """Bytes on disk of these models together: every revision and partial file of each repo (`disk_bytes`; blobs
+    shared between revisions counted once)."""
+    return sum(row["disk_bytes"] or 0 for row in rows)
 
 
 def is_runnable_chat(row: dict) -> bool:
@@ -341,13 +386,18 @@ def model_object(row: dict) -> dict:
         "runtime_compatible": row["runtime_compatible"] if healthy else False,
         "reason": row["reason"],
         "cached": True,
+        # mlx-knife's workspace fields: null for a cache model
+        "origin": None, "content_hash": None, "hash_modified": None, "clean": None, "display_name": None,
+        "quantization": row["quantization_config"],
+        "context_length": row["context_length"],
         "revision": row["revision"],
         "revisions": row["revisions"],
-        "context_length": row["context_length"],
-        "quantization": row["quantization"],
+        "quantization_label": row["quantization"],
         "architecture": row["architecture"],
         "reclaimable_bytes": row["reclaimable_bytes"],
         "aliases": row.get("aliases") or [],
+        "disk_bytes": row["disk_bytes"],
+        "runtime_pending": healthy and row["runtime_compatible"] is None,
     }
 
 
@@ -373,14 +423,18 @@ def _model_object_sql(*, aliases: bool = True) -> str:
                               "WHEN runtime_compatible THEN 'true' ELSE 'false' END)",
         "reason": "reason",
         "cached": "json('true')",
+        "origin": "NULL", "content_hash": "NULL", "hash_modified": "NULL", "clean": "NULL", "display_name": "NULL",
+        "quantization": "json(nullif(quantization_config, ''))",
+        "context_length": "context_length",
         "revision": "revision",
         "revisions": "json(coalesce(nullif(revisions, ''), '[]'))",
-        "context_length": "context_length",
-        "quantization": "quantization",
+        "quantization_label": "quantization",
         "architecture": "architecture",
         "reclaimable_bytes": "reclaimable_bytes",
         "aliases": ("json((SELECT json_group_array(name) FROM (SELECT name FROM aliases a "
                     "WHERE a.repo_id = models.repo_id ORDER BY name)))") if aliases else "json('[]')",
+        "disk_bytes": "disk_bytes",
+        "runtime_pending": f"json(CASE WHEN {queries.PENDING} THEN 'true' ELSE 'false' END)",
     }
     return "json_object(" + ", ".join(f"'{key}', {value}" for key, value in fields.items()) + ")"
 
@@ -391,11 +445,48 @@ MODEL_OBJECT_SQL_NO_ALIASES = _model_object_sql(aliases=False)  # the usual case
 
 def listing(conn) -> list[dict]:
     """Every repo as {repo_id, size_bytes, last_modified, pending, object}: `object` is its model object as JSON text,
-    the rest is what `list` sorts, filters and counts by."""
-    return [{"repo_id": repo_id, "size_bytes": size, "last_modified": modified, "pending": bool(pending),
-             "object": text}
-            for repo_id, size, modified, pending, text in queries.model_objects(
-                conn, MODEL_OBJECT_SQL if queries.has_aliases(conn) else MODEL_OBJECT_SQL_NO_ALIASES)]
+    the rest is what `list` sorts, filters and counts by. A pending repo's object carries its provisional verdict."""
+    found = [{"repo_id": repo_id, "size_bytes": size, "last_modified": modified, "pending": bool(pending),
+              "object": text}
+             for repo_id, size, modified, pending, text in queries.model_objects(
+                 conn, MODEL_OBJECT_SQL if queries.has_aliases(conn) else MODEL_OBJECT_SQL_NO_ALIASES)]
+    verdicts = provisional_verdicts(conn, [row["repo_id"] for row in found if row["pending"]])
+    if verdicts:
+        import json
+
+        for row in found:
+            if row["repo_id"] in verdicts:
+                row["object"] = json.dumps(_with_verdict(json.loads(row["object"]), verdicts[row["repo_id"]]))
+    return found
+
+
+def _with_verdict(model: dict, verdict: tuple[bool, str | None]) -> dict:
+    model["runtime_compatible"], model["reason"] = verdict
+    model["runtime_pending"] = True   # mlxk's own: provisional until the worker's scan or `health` imports it
+    return model
+
+
+def model_objects(state_db: Path, found: list[dict]) -> list[dict]:
+    """model_object() of rows read earlier (the server's catalog), pending verdicts made provisional as `list --json`
+    makes them; state.db (where mlx-lm's registry is kept) is opened only when a row is pending."""
+    pending = [row["repo_id"] for row in found if is_pending(row)]
+    verdicts = {}
+    if pending:
+        from contextlib import closing
+
+        from mlxk import db
+
+        with closing(db.connect(state_db)) as conn:
+            verdicts = provisional_verdicts(conn, pending)
+    return [_with_verdict(model_object(row), verdicts[row["repo_id"]]) if row["repo_id"] in verdicts
+            else model_object(row) for row in found]
+
+
+def with_provisional_verdict(conn, model: dict) -> dict:
+    """A model object whose runtime verdict is pending gets the provisional one (see provisional_verdicts)."""
+    if model["health"] == "healthy" and model["runtime_compatible"] is None:
+        _with_verdict(model, provisional_verdicts(conn, [model["name"]])[model["name"]])
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -462,10 +553,16 @@ def _load_private(state_db: Path, cache_dir: Path, reason: MlxkError, **refresh_
 
 
 def check_pattern(pattern: str) -> str:
-    """A `list` filter is a piece of a repo id: validated like one (a trailing '/' allowed), so it names no path."""
+    """A `list` filter is a case-insensitive substring of repo ids, as in mlx-knife (`1B-4bit`, `.2-1B`, `Llama 3`): it
+    only filters, never names a path, so only what no repo id can hold is refused (control characters, overlength)."""
     from mlxk import names
+    from mlxk.errors import InvalidName
 
-    names.validate_repo_id(pattern[:-1] if pattern.endswith("/") and len(pattern) > 1 else pattern, allow_bare=True)
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in pattern) or len(pattern) > names.MAX_REPO_ID_LENGTH:
+        problem = "it contains control characters" if len(pattern) <= names.MAX_REPO_ID_LENGTH else \
+            f"it is {len(pattern)} characters long; a repo id has at most {names.MAX_REPO_ID_LENGTH}"
+        raise InvalidName(f"invalid model name pattern {pattern!r}: {problem}. A pattern is a piece of a repo id, "
+                          "like 'qwen' or '-4bit'.", name=pattern)
     return pattern
 
 
@@ -533,24 +630,11 @@ def _at_revision(row: dict, ref) -> Resolved:
     """The snapshot of a resolved repo that `ref` names: the current one, or the commit or ref after its '@'."""
     from mlxk import names
 
-    repo_id = row["repo_id"]
     if not ref.revision:
         return Resolved(row, row["revision"])
-    revisions = row["revisions"] or []
-    if names.is_commit_prefix(ref.revision.lower()) and any(r.startswith(ref.revision.lower()) for r in revisions):
-        return Resolved(row, names.resolve_revision(repo_id, ref.revision, revisions))
-    named = _ref_target(row, ref.revision)
-    if named and named in revisions:
-        return Resolved(row, named)
-    return Resolved(row, names.resolve_revision(repo_id, ref.revision, revisions))
-
-
-def _ref_target(row: dict, ref_name: str) -> str | None:
-    """The commit a branch or tag (refs/<name>) of a cached repo names."""
     repo_path = Path(row["snapshot_path"]).parent.parent if row["snapshot_path"] else None
-    if repo_path is None:
-        return None
-    return cache.refs(repo_path).get(ref_name)
+    refs = cache.refs(repo_path) if repo_path is not None else {}
+    return Resolved(row, names.pick_revision(row["repo_id"], ref.revision, row["revisions"] or [], refs))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -595,38 +679,146 @@ def summarize(checked: list[dict]) -> dict:
     return counts
 
 
+def health_report(checked: list[dict], summary: dict) -> dict:
+    """`health --json` data: mlx-knife's `healthy[]`, `unhealthy[]` (integrity) and counts, then mlxk's own
+    runtime-aware `models` and summary counts. An unhealthy model is a finding, not a failed command (exit 0)."""
+    entries = {"healthy": [], "unhealthy": []}
+    for row in checked:
+        entries[row["health"]].append({
+            "name": row["repo_id"], "status": row["health"], "reason": row["reason"] or "Model is healthy",
+            "hash": row["revision"], "runtime_compatible": model_object(row)["runtime_compatible"],
+            **({"cached": False} if row.get("display_name") is not None else {})})
+    counts = {"total": len(checked), "healthy_count": len(entries["healthy"]),
+              "unhealthy_count": len(entries["unhealthy"])}
+    return {**entries, "summary": {**counts, **summary},
+            "models": [workspace_object(row) if row.get("display_name") is not None else model_object(row)
+                       for row in checked]}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # `show`: one repo in detail
 
 
 def describe(resolved: Resolved, *, files: bool = False, config: bool = False) -> dict:
-    """The model object plus, on request, the snapshot's files (size, LFS or regular, link ok) or its config.json."""
+    """mlx-knife's `show` data: the model object of the snapshot the name selected (`NAME@HASH` describes that
+    revision), `metadata` from its config.json, and on request its files or the config itself."""
     row = resolved.row
-    detail = {"model": model_object(row), "revision": resolved.revision,
-              "checked_at": row["checked_at"], "runtime_checked_at": row["runtime_checked_at"]}
     snapshot = _snapshot_dir(row, resolved.revision)
+    model = model_object(row)
+    if resolved.revision and resolved.revision != row["revision"] and snapshot is not None:
+        entries = cache.snapshot_files(snapshot)
+        blobs = {(f.target or f.path): f.size or 0 for f in entries}
+        model.update(hash=resolved.revision, revision=resolved.revision, size_bytes=sum(blobs.values()),
+                     last_modified=iso_utc(cache.last_modified(snapshot.parent.parent, resolved.revision)))
+    parsed, problem = _read_config(snapshot)
+    detail = {"model": model, "metadata": _metadata(row, parsed if isinstance(parsed, dict) else None),
+              "workspace_metadata": None, "revision": resolved.revision, "checked_at": row["checked_at"],
+              "runtime_checked_at": row["runtime_checked_at"]}
     if files:
         detail["files"] = [_file_entry(f) for f in cache.snapshot_files(snapshot)] if snapshot else []
     if config:
-        detail["config"], detail["config_error"] = _read_config(snapshot)
+        detail["config"], detail["config_error"] = parsed, problem
     return detail
 
 
+def workspace(typed: str) -> dict:
+    """A workspace folder (`./dir`) as a row model_object() renders (`cached: false`, `hash: null`, `name` the
+    absolute path, `display_name` as typed): integrity, detection and the runtime check, read now (no index)."""
+    from mlxk import health
+    from mlxk.detect import detect
+    from mlxk.errors import ModelNotFound
+
+    path = Path(typed).expanduser().resolve()
+    if not path.is_dir():
+        raise ModelNotFound(f"workspace {typed!r} is not a folder ({path}).", name=typed)
+    if not (path / "config.json").exists():   # never walk a folder that is no model (`show /`)
+        raise ModelNotFound(f"workspace {typed!r} is not a model folder: {path} has no config.json.", name=typed)
+    view = health.inspect_dir(path, str(path))
+    findings = health.check_integrity(view)
+    detection = detect(view)
+    runtime = None if findings else health.check_runtime(view, detection)
+    problem = (findings[0] if findings else runtime)
+    return {"repo_id": str(path), "revision": None, "revisions": [], "snapshot_path": str(path),
+            "size_bytes": sum(f.size or 0 for f in view.files), "disk_bytes": sum(f.size or 0 for f in view.files),
+            "reclaimable_bytes": 0,
+            "last_modified": iso_utc(path.stat().st_mtime), "framework": detection.framework,
+            "model_type": detection.model_type, "architecture": detection.architecture,
+            "capabilities": list(detection.capabilities or []), "context_length": detection.context_length,
+            "quantization": detection.quantization, "quantization_config": detection.quantization_config,
+            "health": "unhealthy" if findings else "healthy", "runtime_compatible": not findings and runtime is None,
+            "reason": problem.message if problem else None, "checked_at": _now(), "runtime_checked_at": _now(),
+            "display_name": typed}
+
+
+def workspace_object(row: dict) -> dict:
+    return {**model_object(row), "cached": False, "display_name": row["display_name"]}
+
+
+def describe_workspace(row: dict, *, files: bool = False, config: bool = False) -> dict:
+    """`show ./dir`: describe() for a workspace row (see workspace())."""
+    detail = describe(Resolved(row, None), files=False, config=config)
+    detail["model"] = workspace_object(row)
+    if files:
+        detail["files"] = [_file_entry(f) for f in cache.snapshot_files(Path(row["snapshot_path"]))]
+    return detail
+
+
+METADATA_KEYS = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers")
+
+
+def _metadata(row: dict, config: dict | None) -> dict | None:
+    """mlx-knife's `show` metadata: the architecture, quantization label, context length and a few config numbers."""
+    if config is None:
+        return None
+    from mlxk.detect import context_length, quantization
+
+    architectures = config.get("architectures")
+    found = {"model_type": config.get("model_type"),
+             "architecture": architectures[0] if isinstance(architectures, list) and architectures else None,
+             "quantization": quantization(config), "context_length": context_length(config)}
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    for key in METADATA_KEYS:
+        value = config.get(key, text.get(key))
+        if isinstance(value, int) and not isinstance(value, bool):
+            found[key] = value
+    return found
+
+
 def _snapshot_dir(row: dict, revision: str | None) -> Path | None:
+    if row.get("display_name") is not None:   # a workspace: the folder itself
+        return Path(row["snapshot_path"])
     if not row["snapshot_path"] or not revision:
         return None
     return Path(row["snapshot_path"]).parent / revision
 
 
 def _file_entry(entry: cache.SnapshotFile) -> dict:
+    """mlx-knife's file entry ({name, size, type}: a size for people, what the file is), then mlxk's exact fields."""
+    from mlxk.units import compact_size
+
     blob = entry.target.name if entry.is_symlink and entry.target else ""
     return {
         "name": entry.name,
+        "size": compact_size(entry.size),
+        "type": file_kind(entry.name),
         "size_bytes": entry.size,
         # LFS blobs are named by their sha256 (64 hex), regular git files by their git blob sha1 (40 hex)
         "lfs": len(blob) == 64,
         "link_ok": entry.size is not None,
     }
+
+
+def file_kind(name: str) -> str:
+    """weights | tokenizer | config | other, as mlx-knife's `show --files` names them."""
+    base = name.rsplit("/", 1)[-1].lower()
+    if base.endswith((".safetensors", ".gguf", ".bin", ".npz", ".pt", ".pth")) and "index" not in base:
+        return "weights"
+    if base.startswith("tokenizer") and not base.endswith("_config.json") or base.endswith((".model", ".tiktoken")) \
+            or base in ("vocab.json", "merges.txt"):
+        return "tokenizer"
+    if base.endswith((".json", ".jinja", ".yaml", ".yml")):
+        return "config"
+    return "other"
 
 
 def _read_config(snapshot: Path | None) -> tuple[object, str | None]:

@@ -58,10 +58,8 @@ def enqueue_pull(name: str, *, include=(), exclude=(), max_rate: float | None = 
     from mlxk import names
     from mlxk.config import settings
 
-    try:
-        ref = names.parse(name, allow_bare=False)
-    except InvalidName as error:
-        raise InvalidName(f"{error.message} `mlxk pull` needs the full repo id.", **error.details) from None
+    expanded, _ = names.expand_for_pull(name)   # a bare NAME is mlx-community/NAME, for the CLI and the api alike
+    ref = names.parse(expanded, allow_bare=False)
     s = settings()
     rate = s.max_rate if max_rate is None else max_rate
     args = {"revision": ref.revision, "include": list(include) or None, "exclude": list(exclude) or None,
@@ -74,10 +72,16 @@ def enqueue_clone(name: str, dest: Path) -> Enqueued:
 
     ref = names.parse(name, allow_bare=True)
     repo = ref.repo if "/" in ref.repo else resolve_cached(ref.repo)[0]
+    revision = ref.revision
+    if revision:
+        try:  # the cache's rules first (show's, rm's): an ambiguous hash prefix lists its matches, offline
+            revision = pick_cached_revision(repo, revision)
+        except ModelNotFound:
+            pass   # not a cached revision: the clone's pull asks the Hub for it
     dest = Path(dest).expanduser().resolve()
     if dest.exists() and any(dest.iterdir()):
         raise Conflict(f"{dest} exists and is not empty; clone into a new or empty directory.", path=str(dest))
-    return _enqueue("clone", repo, {"revision": ref.revision, "dest": str(dest)})
+    return _enqueue("clone", repo, {"revision": revision, "dest": str(dest)})
 
 
 def enqueue_push(workspace: Path, repo_id: str, *, private: bool = False, public: bool = False,
@@ -376,22 +380,32 @@ def resolve_cached(name: str) -> tuple[str, bool]:
     return repo, repo.lower() != name.lower()
 
 
-def resolve_removal(name: str, *, force: bool = False) -> RemovalTarget:
-    from mlxk import cache, names
+def resolve_removal(name: str) -> RemovalTarget:
+    """What `rm NAME[@REV]` means: the same names, branches, tags and hash prefixes as `show` and `run`."""
+    from mlxk import names
 
     ref = names.parse(name, allow_bare=True)
     repo, fuzzy = resolve_cached(ref.repo)
-    if fuzzy and not force:
-        raise Conflict(f"{ref.repo!r} is not an exact name; it matches {repo}. "
-                       f"Run `mlxk rm {repo}` or add --force to remove it.", match=repo)
-    revision = None
-    if ref.revision:
-        revisions = cache.list_revisions(cache.repo_dir(settings().hf_hub_cache, repo))
-        if not names.is_commit_prefix(ref.revision):
-            raise InvalidName(f"`mlxk rm {name}`: the part after '@' must be a commit hash (see `mlxk show {repo}`).",
-                              name=name)
-        revision = names.resolve_revision(repo, ref.revision, revisions)
+    revision = pick_cached_revision(repo, ref.revision) if ref.revision else None
     return RemovalTarget(repo, revision, fuzzy)
+
+
+def pick_cached_revision(repo: str, revision: str) -> str:
+    """The full hash of the cached snapshot `repo@revision` names (names.pick_revision over the cache's refs)."""
+    from mlxk import cache, names
+
+    path = cache.repo_dir(settings().hf_hub_cache, repo)
+    return names.pick_revision(repo, revision, cache.list_revisions(path), cache.refs(path))
+
+
+def removal_refusal(target: RemovalTarget) -> Conflict | None:
+    """Why rm would refuse `target` now (a job holds the model), or None: what `rm --dry-run` reports."""
+    with closing(connect()) as conn:
+        try:
+            _refuse_if_busy(conn, target.repo_id)
+        except Conflict as error:
+            return error
+    return None
 
 
 def plan_removal(target: RemovalTarget):

@@ -99,6 +99,28 @@ def tagged(repo_id: str) -> str:
     return f"{repo_id}{LATEST_TAG}"
 
 
+WORKSPACE_PREFIXES = ("./", "../", "/", "~")
+
+
+def is_workspace_path(name: str) -> bool:
+    """A model folder on disk (`./my-model`, `/abs/dir`, `~/dir`), not a cached repo name: what mlx-knife's API
+    calls a workspace path. Repo ids never start like this (validate_repo_id refuses a leading '/' or '.')."""
+    return name in (".", "..") or name.startswith(WORKSPACE_PREFIXES)
+
+
+DEFAULT_ORG = "mlx-community"  # where a bare name points, as mlx-knife expands it
+
+
+def expand_for_pull(name: str) -> tuple[str, str | None]:
+    """(name to pull, the expanded repo id or None): a bare `NAME[@REV]` means `mlx-community/NAME[@REV]`."""
+    ref = parse(name, allow_bare=True)
+    if "/" in ref.repo:
+        return name, None
+    expanded = f"{DEFAULT_ORG}/{ref.repo}"
+    validate_repo_id(expanded)
+    return str(ModelRef(expanded, ref.revision)), expanded
+
+
 def is_commit_prefix(revision: str) -> bool:
     return bool(_HEX.match(revision))
 
@@ -121,6 +143,9 @@ def resolve(name: str, candidates: list[str], aliases: dict[str, str] | None = N
     by_name = [c for c in candidates if c.lower().split("/")[-1] == lowered]
     if len(by_name) == 1:
         return by_name[0]
+    preferred = [c for c in by_name if c.lower().startswith(DEFAULT_ORG + "/")]
+    if len(preferred) == 1:  # `NAME` in several orgs: mlx-knife's rule, mlx-community/NAME
+        return preferred[0]
     matches = sorted(c for c in candidates if lowered in c.lower())
     if len(matches) == 1:
         return matches[0]
@@ -149,12 +174,40 @@ def resolve_revision(repo_id: str, revision: str, revisions: list[str]) -> str:
     raise ModelNotFound(f"revision {revision!r} of {repo_id} is not cached (cached: {cached}).", name=repo_id)
 
 
-def not_found(name: str, candidates: list[str]) -> ModelNotFound:
-    import difflib
+def pick_revision(repo_id: str, revision: str, revisions: list[str], refs: dict[str, str]) -> str:
+    """The one cached snapshot `repo@revision` names, for every command alike: a commit prefix of a cached
+    snapshot first, else a branch or tag (refs/<name>) that points at one, else the commit-prefix rules' error."""
+    lowered = revision.lower()
+    if is_commit_prefix(lowered) and any(r.startswith(lowered) for r in revisions):
+        return resolve_revision(repo_id, revision, revisions)
+    named = refs.get(revision)
+    if named and named in revisions:
+        return named
+    return resolve_revision(repo_id, revision, revisions)
 
-    by_lower = {c.lower(): c for c in candidates}
-    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)  # best first
-    suggestions = [by_lower[c] for c in close]
+
+def not_found(name: str, candidates: list[str]) -> ModelNotFound:
+    suggestions = suggest(name, candidates)
     hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
     pull = f" To download it: mlxk pull {name if '/' in name else 'ORG/' + name}"
     return ModelNotFound(f"no cached model matches {name!r}.{hint}{pull}", name=name, suggestions=suggestions)
+
+
+SUGGESTION_CUTOFF = 0.6
+
+
+def suggest(name: str, candidates: list[str], limit: int = 3) -> list[str]:
+    """The cached ids closest to a mistyped name, best first: a short name (`quen`) is compared with the start of
+    each model name (`qwen3-...`), a full one with the whole id, so both typo kinds find their model."""
+    import difflib
+
+    lowered = name.lower()
+    scored = []
+    for candidate in candidates:
+        whole = candidate.lower()
+        part = whole.split("/")[-1]
+        texts = (whole, part, part[: len(lowered)], whole[: len(lowered)]) if "/" not in lowered else (whole,)
+        score = max(difflib.SequenceMatcher(None, lowered, text).ratio() for text in texts)
+        if score >= SUGGESTION_CUTOFF:
+            scored.append((-score, candidate))
+    return [candidate for _score, candidate in sorted(scored)[:limit]]

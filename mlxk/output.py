@@ -17,6 +17,7 @@ import click
 
 from mlxk.clock import iso_utc, parse_iso  # noqa: F401 - re-exported for renderers
 from mlxk.errors import MlxkError
+from mlxk.units import human_size  # noqa: F401 - re-exported for renderers
 
 
 @dataclass
@@ -149,23 +150,23 @@ class JsonUsageError(click.UsageError):
         click.echo(dumps(envelope(command, None, usage_error(self.original))))
 
 
+def system_object() -> dict | None:
+    """mlx-knife's `system` object of `version` and `list`: physical memory in bytes, None where the platform
+    does not say."""
+    import os
+
+    try:
+        return {"memory_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def say(message: str) -> None:
     """Chatter for humans: stderr, so stdout stays data."""
     click.echo(message, err=True)
 
 
 # ---------------------------------------------------------------- formatting
-
-def human_size(num: int | float | None) -> str:
-    if num is None:
-        return "-"
-    num = float(num)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(num) < 1000 or unit == "TB":
-            return f"{num:.0f} {unit}" if unit in ("B", "KB") else f"{num:.1f} {unit}"
-        num /= 1000
-    return f"{num:.1f} PB"
-
 
 def relative_time(ts: float | str | None, now: float | None = None) -> str:
     if ts is None:

@@ -147,7 +147,7 @@ def test_clone_of_an_unhealthy_cached_model_says_what_is_wrong(hub, worker, hf_c
 
     repo = "mlx-community/tiny-broken"
     factory.make_variant(hf_cache, "shard_empty", repo_id=repo)    # cached, not on the Hub
-    assert run("health", repo).exit_code == 1
+    assert run_json("health", repo)[1]["data"]["summary"]["unhealthy_count"] == 1
 
     result, doc = run_json("clone", repo, str(tmp_path / "ws"), "--wait")
 
@@ -159,4 +159,15 @@ def test_clone_of_an_unhealthy_cached_model_says_what_is_wrong(hub, worker, hf_c
     assert "the Hub could not replace it (repo_not_found)" in error["message"]
     assert "was not found" not in error["message"] and "token" not in error["message"].lower()
     assert error["pull_error"]["type"] == "repo_not_found"   # what the Hub said stays available, not the headline
+
+
+def test_clone_with_an_ambiguous_hash_prefix_lists_the_matches_offline(model_factory, tmp_path):
+    """Issue 11: the prefix went to the network instead of listing the cached matches (one resolver now)."""
+    from tests.factory import ModelSpec
+
+    model_factory.repo("org/twice", revision="abc1" + "0" * 36, ref=None)
+    model_factory.repo("org/twice", ModelSpec(seed=7), revision="abc2" + "0" * 36)
+    result, doc = run_json("clone", "org/twice@abc", str(tmp_path / "ws"))
+    assert result.exit_code == 1 and doc["error"]["type"] == "ambiguous_match"
+    assert sorted(doc["error"]["matches"]) == ["abc1" + "0" * 36, "abc2" + "0" * 36]
     assert not (tmp_path / "ws").exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -227,3 +228,13 @@ def test_front_matter_forms():
     assert found["tags"] == ["mlx", "chat"] and found["base_model"] == ["a/b", "c/d"]
     assert parse_front_matter("# no front matter\nlibrary_name: mlx\n") == {}
 
+
+
+def test_engine_and_show_share_one_context_length():
+    """`show` reported `n_ctx`/`model_max_length` limits the engine ignored: one definition now serves both."""
+    import ast
+
+    source = (Path(__file__).parents[1] / "workers" / "inference" / "engine.py").read_text()
+    defined = [node.name for node in ast.walk(ast.parse(source)) if isinstance(node, ast.FunctionDef)]
+    assert "_context_length" not in defined and "from mlxk.detect import context_length" in source
+    assert context_length({"n_ctx": 2048}) == 2048

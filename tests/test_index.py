@@ -277,18 +277,22 @@ def test_sqlite_renders_the_same_model_objects_as_python(conn, hf_cache, model_f
 
 
 def _assert_sql_renders_model_objects(conn):
-    expected = {row["repo_id"]: index.model_object(row) for row in index.rows(conn)}
+    expected = {row["repo_id"]: index.with_provisional_verdict(conn, index.model_object(row))
+                for row in index.rows(conn)}
     rendered = {entry["repo_id"]: entry for entry in index.listing(conn)}
     assert list(rendered) == list(expected)
-    states = set()
+    states, pending = set(), set()
     for repo_id, entry in rendered.items():
         obj = json.loads(entry["object"])
         assert obj == expected[repo_id] and list(obj) == list(expected[repo_id]), repo_id
         assert (entry["size_bytes"], entry["last_modified"]) == (obj["size_bytes"], obj["last_modified"])
-        assert entry["pending"] == (obj["health"] == "healthy" and obj["runtime_compatible"] is None)
+        assert entry["pending"] == obj["runtime_pending"]
+        assert isinstance(obj["runtime_compatible"], bool)  # mlx-knife's API: always a boolean
         states.add((obj["health"], obj["runtime_compatible"], obj["framework"]))
+        pending.add(obj["runtime_pending"])
     # the comparison covered every branch of the SQL
-    assert {("healthy", True, "MLX"), ("healthy", None, "MLX"), ("unhealthy", False, "Unknown"),
+    assert pending == {True, False}
+    assert {("healthy", True, "MLX"), ("unhealthy", False, "Unknown"),
             ("healthy", False, "PyTorch"), ("healthy", False, "onnx")} <= states
 
 

@@ -107,3 +107,25 @@ def test_resolve_revision_prefix():
         names.resolve_revision("o/n", "abcd", revs)
     with pytest.raises(ModelNotFound, match="not cached"):
         names.resolve_revision("o/n", "ffff", revs)
+
+
+def test_a_bare_name_in_several_orgs_means_mlx_community():
+    """mlx-knife's rule (issue 12 #11): `NAME` held by several orgs is mlx-community/NAME, not ambiguous."""
+    from mlxk import names
+
+    cached = ["someone/Qwen3-4B-4bit", "mlx-community/Qwen3-4B-4bit", "other/Qwen3-4B-4bit-DWQ"]
+    assert names.resolve("qwen3-4b-4bit", cached) == "mlx-community/Qwen3-4B-4bit"
+    with pytest.raises(AmbiguousMatch):
+        names.resolve("qwen3-4b", cached)
+    assert names.expand_for_pull("Qwen3-4B-4bit@main") == ("mlx-community/Qwen3-4B-4bit@main",
+                                                           "mlx-community/Qwen3-4B-4bit")
+    assert names.expand_for_pull("org/x") == ("org/x", None)
+
+
+def test_a_short_mistyped_name_gets_did_you_mean():
+    """Issue 11: `mlxk show quen` gave no suggestion; the start of each model name is compared too."""
+    with pytest.raises(ModelNotFound) as info:
+        names.resolve("quen", ["mlx-community/Qwen3-0.6B-4bit", "mlx-community/Llama-3.2-1B-Instruct-4bit"])
+    assert info.value.details["suggestions"] == ["mlx-community/Qwen3-0.6B-4bit"]
+    assert "Did you mean: mlx-community/Qwen3-0.6B-4bit?" in info.value.message
+    assert names.suggest("zzzz", ["mlx-community/Qwen3-0.6B-4bit"]) == []

@@ -88,10 +88,31 @@ def test_include_and_exclude_reach_the_download(hub, worker):
 
 
 def test_invalid_names_are_refused_before_any_job(worker_manager):
-    for name in ("../etc", "bare-name", "org/na..me", "a/b/c"):
+    for name in ("../etc", "org/na..me", "a/b/c", "na..me"):
         result, doc = run_json("pull", name)
         assert result.exit_code == 1 and doc["error"]["type"] == "invalid_name", (name, doc)
     from mlxk.db import jobs as jobs_db
 
     with state_db() as conn:
         assert jobs_db.list_jobs(conn) == []
+
+
+def test_pull_speaks_mlx_knifes_api_bare_names_expand_to_mlx_community(hub, worker):
+    """Issue 12: `download_status`, `model`, `expanded_name`; a second pull is `already_exists`; a bare name
+    means mlx-community/NAME; a repo that does not exist fails with --wait (without it, the job is queued: exit 0)."""
+    repo = hub.unique_repo("mlx-community/bare")
+    hub.add_repo(repo, big_files(1000))
+    bare = repo.split("/", 1)[1]
+
+    result, doc = run_json("pull", bare, "--wait")
+    assert result.exit_code == 0, result.output
+    data = doc["data"]
+    assert (data["model"], data["download_status"], data["expanded_name"]) == (repo, "success", repo)
+    assert "settings" not in data and data["message"] == f"Successfully downloaded model {repo}"
+    result, doc = run_json("pull", repo, "--wait")
+    assert doc["data"]["download_status"] == "already_exists" and doc["data"]["expanded_name"] is None
+
+    result, doc = run_json("pull", "org/does-not-exist", "--wait")
+    assert result.exit_code == 1 and doc["status"] == "error" and doc["data"]["download_status"] == "failed"
+    result, doc = run_json("pull", "org/does-not-exist-either")
+    assert result.exit_code == 0 and doc["data"]["download_status"] in ("queued", "running", "failed")

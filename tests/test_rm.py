@@ -48,10 +48,12 @@ def test_rm_exact_name_removes_repo_index_row_and_locks_and_records_a_job(indexe
 
 
 def test_fuzzy_name_needs_force_and_names_the_match(indexed):
+    """mlx-knife's API: a fuzzy name without --force is `requires_confirmation` (success, exit 0), nothing removed."""
     result, doc = run_json("rm", "tiny-chat")
 
-    assert result.exit_code == 1 and doc["error"]["type"] == "conflict"
-    assert indexed.repo_id in doc["error"]["message"] and "--force" in doc["error"]["message"]
+    assert result.exit_code == 0 and doc["status"] == "success"
+    assert doc["data"]["action"] == "requires_confirmation" and doc["data"]["model"] == indexed.repo_id
+    assert "--force" in doc["data"]["message"] and "Nothing was removed" in doc["data"]["message"]
     assert indexed.repo_dir.exists()
 
     forced = run("rm", "tiny-chat", "--force")
@@ -64,6 +66,7 @@ def test_ambiguous_and_unknown_names(model_factory):
     model_factory.repo("org/alpha-two")
     result, doc = run_json("rm", "alpha", "--force")
     assert result.exit_code == 1 and doc["error"]["type"] == "ambiguous_match"
+    assert doc["data"]["matches"] == ["org/alpha-one", "org/alpha-two"]  # in data, as mlx-knife's API has them
     result, doc = run_json("rm", "org/nothing-like-it")
     assert result.exit_code == 1 and doc["error"]["type"] == "model_not_found"
 
@@ -81,6 +84,8 @@ def test_rm_at_hash_removes_only_that_revision_and_its_own_blobs(model_factory):
 
     assert result.exit_code == 0, result.output
     assert doc["data"]["result"]["whole_repo"] is False and doc["data"]["result"]["revisions"] == ["a" * 40]
+    assert doc["data"]["action"] == "deleted" and doc["data"]["model"] == "org/two-revs@" + "a" * 40
+    assert "settings" not in doc["data"]   # no cache paths in rm's document
     assert not old.snapshot_dir.exists() and new.snapshot_dir.is_dir()
     for name in own:
         assert not old.blob_path(name).exists()
@@ -113,6 +118,7 @@ def test_dry_run_prints_the_plan_and_touches_nothing(indexed, hf_cache):
     assert result.exit_code == 0 and "Would remove " + indexed.repo_id in result.stdout
     assert str(indexed.repo_dir) in result.stdout
     assert doc["data"]["dry_run"] is True and doc["data"]["bytes_freed"] >= indexed.size_bytes
+    assert doc["data"]["action"] == "would_delete" and doc["data"]["paths"] == [indexed.repo_dir.name]
     assert _tree(hf_cache) == before
     from mlxk.db import jobs as jobs_db
 
@@ -144,3 +150,36 @@ def test_rm_at_hash_of_the_revision_refs_point_at_drops_those_refs_and_the_other
     listed = {m["name"]: m for m in run_json("list", "--all")[1]["data"]["models"]}
     assert listed["org/ref-target"]["hash"] == "b" * 40
     assert not list(model_factory.cache_dir.glob(".trash-*"))
+
+
+def test_dry_run_says_what_rm_would_do_refusals_and_fuzzy_names_included(indexed):
+    """Issue 11: `--dry-run` promised a removal that rm then refused (a pull running), and refused a fuzzy name."""
+    result, doc = run_json("rm", "tiny-chat", "--dry-run")
+    assert result.exit_code == 0 and doc["data"]["action"] == "requires_confirmation"
+    assert doc["data"]["model"] == indexed.repo_id and doc["data"]["bytes_freed"] >= indexed.size_bytes
+    from mlxk.db import jobs as jobs_db
+
+    with state_db() as conn:
+        jobs_db.create_job(conn, id="feedbeef0002", kind="pull", target=indexed.repo_id, args={},
+                           task_id="feedbeef0002")
+    result, doc = run_json("rm", indexed.repo_id, "--dry-run")
+    assert result.exit_code == 0 and doc["data"]["action"] == "would_refuse"
+    assert "feedbeef0002" in doc["data"]["message"]
+    text = run("rm", indexed.repo_id, "--dry-run")
+    assert "in use by job feedbeef0002" in text.stdout and "Would remove" not in text.stdout
+    result, doc = run_json("rm", indexed.repo_id)
+    assert result.exit_code == 1 and doc["error"]["type"] == "conflict" and indexed.repo_dir.exists()
+
+
+def test_rm_takes_branches_and_tags_like_show(model_factory):
+    """Issue 11: `rm NAME@main` was refused where `show` and `run` accept branches and tags (one resolver now)."""
+    repo = model_factory.repo("org/branchy")
+    shown = json.loads(run("show", "org/branchy@main", "--json").stdout)["data"]
+    result, doc = run_json("rm", "org/branchy@main", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert doc["data"]["revisions"] == [shown["revision"]] == [repo.revision]
+    assert doc["data"]["model"] == f"org/branchy@{repo.revision}"
+    result, doc = run_json("rm", "org/branchy@no-such-branch")
+    assert result.exit_code == 1 and doc["error"]["type"] == "model_not_found"
+    text = run("rm", "org/branchy@main")
+    assert text.exit_code == 0 and f"org/branchy@{repo.revision[:12]}" in text.stderr

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from tests.factory import ModelSpec
-from tests.fixtures.cli import run_json
+from tests.fixtures.cli import run, run_json
 
 PRECIOUS = b"not the cache's to delete\n"
 
@@ -55,14 +55,15 @@ def test_rm_of_a_repo_with_links_out_removes_the_repo_and_only_it(model_factory,
     assert victim.read_bytes() == PRECIOUS and (outside_dir / "keep.txt").read_bytes() == PRECIOUS
 
 
-def test_rm_of_a_repo_folder_that_is_a_link_unlinks_it_and_keeps_its_target(model_factory, tmp_path, hf_cache):
-    """A repo folder moved to another disk and linked back: rm removes the link from the cache, not the model's
-    files on the other disk (they are not under HF_HUB_CACHE)."""
+def test_rm_of_a_repo_folder_that_is_a_link_to_something_else_unlinks_it_and_keeps_its_target(
+        model_factory, tmp_path, hf_cache):
+    """A repo folder linked to a folder that is no repo (no snapshots/): rm removes the link only."""
     repo = model_factory.repo("org/moved")
     moved = tmp_path / "other-disk" / repo.repo_dir.name
     moved.parent.mkdir()
     os.rename(repo.repo_dir, moved)
     repo.repo_dir.symlink_to(moved, target_is_directory=True)
+    os.rename(moved / "snapshots", moved / "kept")
     before = sorted(p.relative_to(moved) for p in moved.rglob("*"))
 
     result, doc = run_json("rm", "org/moved")
@@ -70,3 +71,25 @@ def test_rm_of_a_repo_folder_that_is_a_link_unlinks_it_and_keeps_its_target(mode
     assert result.exit_code == 0, result.output
     assert not repo.repo_dir.is_symlink() and not repo.repo_dir.exists()
     assert sorted(p.relative_to(moved) for p in moved.rglob("*")) == before
+
+
+def test_rm_of_a_repo_moved_to_another_disk_removes_its_files_there_and_the_link(model_factory, tmp_path, hf_cache):
+    """Issue 11: `rm` of a repo folder that is a link to another disk raised `OSError: Cannot call rmtree on a
+    symbolic link` after `--dry-run` promised the bytes; now the files go where they are, and the link."""
+    repo = model_factory.repo("org/moved")
+    moved = tmp_path / "other-disk" / repo.repo_dir.name
+    moved.parent.mkdir()
+    os.rename(repo.repo_dir, moved)
+    repo.repo_dir.symlink_to(moved, target_is_directory=True)
+
+    _, plan = run_json("rm", "org/moved", "--dry-run")
+    assert plan["data"]["action"] == "would_delete" and plan["data"]["bytes_freed"] >= repo.size_bytes
+    text = run("rm", "org/moved", "--dry-run").stdout
+    assert str(moved) in text and moved.is_dir()
+
+    result, doc = run_json("rm", "org/moved")
+
+    assert result.exit_code == 0, result.output
+    assert doc["data"]["action"] == "deleted" and doc["data"]["result"]["bytes_freed"] == plan["data"]["bytes_freed"]
+    assert not os.path.lexists(repo.repo_dir) and not moved.exists() and moved.parent.is_dir()
+    assert not any(p.name.startswith(".trash-") for p in hf_cache.iterdir())

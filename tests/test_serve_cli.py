@@ -101,6 +101,14 @@ def test_run_json_and_piped_stdin(run_env):
     doc = json.loads(plain.stdout)
     assert plain.returncode == 0 and doc["status"] == "success" and doc["command"] == "run"
     assert doc["data"]["content"] == SCRIPTED_REPLY and doc["data"]["finish_reason"] == "stop"
+    # mlx-knife's run fields (issue 12): the answer in `response`, the prompt, counts and time
+    assert (doc["data"]["response"], doc["data"]["prompt"]) == (SCRIPTED_REPLY, "Summarize")
+    assert doc["data"]["tokens_generated"] == doc["data"]["usage"]["completion_tokens"] > 0
+    assert doc["data"]["generation_time_s"] > 0
+    words = json.loads(mlxk(run_env, "run", SCRIPTED_ID, "Summarize", "this", "--json").stdout)
+    assert words["data"]["prompt"] == "Summarize this"   # unquoted words are one prompt
+    option = json.loads(mlxk(run_env, "run", SCRIPTED_ID, "--prompt", "Summarize that", "--json").stdout)
+    assert option["status"] == "success" and option["data"]["prompt"] == "Summarize that"
     piped = json.loads(mlxk(run_env, "run", SCRIPTED_ID, "Summarize", "--json",
                             input="a long document " * 20).stdout)
     assert piped["data"]["usage"]["prompt_tokens"] > doc["data"]["usage"]["prompt_tokens"] + 20

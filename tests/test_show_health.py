@@ -41,7 +41,9 @@ def test_show_at_hash_picks_a_cached_revision(model_factory):
     first = model_factory.repo("mlx-community/tiny-chat")
     second = factory.add_revision(first, {"notes.txt": b"second commit"})
     data = document("show", f"tiny-chat@{first.revision[:7]}", "--files")["data"]
-    assert data["revision"] == first.revision and data["model"]["hash"] == second.revision
+    # NAME@HASH describes that revision (mlx-knife's API): its hash, its files' bytes
+    assert data["revision"] == first.revision and data["model"]["hash"] == first.revision
+    assert data["model"]["size_bytes"] == sum(f["size_bytes"] for f in data["files"])
     assert "notes.txt" not in {f["name"] for f in data["files"]}
     data = document("show", f"tiny-chat@{second.revision[:7]}", "--files")["data"]
     assert "notes.txt" in {f["name"] for f in data["files"]}
@@ -68,7 +70,7 @@ def test_show_unknown_suggests_pull(model_factory):
     assert "Did you mean: mlx-community/tiny-chat" in error["message"]
 
 
-BAD_NAMES = ["../x", "/etc/passwd", "a//b", "org/name/extra", "o/" + "x" * 95, "bad\x00name", "bad\nname"]
+BAD_NAMES = ["a//b", "org/name/extra", "o/" + "x" * 95, "bad\x00name", "bad\nname", ".x", "x-/y"]
 
 
 @pytest.mark.parametrize("command", ["show", "health"])
@@ -78,6 +80,19 @@ def test_bad_names_are_refused_before_anything_is_touched(command, name, model_f
     before = sorted(p.name for p in repo.repo_dir.rglob("*"))
     error = document(command, name, code=1)["error"]
     assert error["type"] == "invalid_name" and "invalid model name" in error["message"]
+    assert not isolated.exists()
+    assert sorted(p.name for p in repo.repo_dir.rglob("*")) == before
+
+
+@pytest.mark.parametrize("command", ["show", "health"])
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "./nowhere", "/", "/etc"])
+def test_path_names_are_workspace_paths_read_only_outside_the_cache(command, name, model_factory, isolated):
+    """mlx-knife's API takes workspace paths where a model name goes: a path is never a cache name (nothing in the
+    cache is touched, no index opened); one that is not a model folder is not found, naming the path."""
+    repo = model_factory.repo("mlx-community/tiny-chat")
+    before = sorted(p.name for p in repo.repo_dir.rglob("*"))
+    error = document(command, name, code=1)["error"]
+    assert error["type"] == "model_not_found" and f"workspace {name!r} is not a " in error["message"]
     assert not isolated.exists()
     assert sorted(p.name for p in repo.repo_dir.rglob("*")) == before
 
@@ -127,7 +142,11 @@ def test_health_all_checks_writes_and_summarises(hf_cache, isolated):
     result = mlxk("health", "--json")
     assert result.exit_code == 0
     data = json.loads(result.stdout)["data"]
-    assert data["summary"] == {"total": 5, "healthy": 1, "unhealthy": 2, "not_runnable": 2, "pending": 0}
+    assert data["summary"] == {"total": 5, "healthy_count": 3, "unhealthy_count": 2,  # mlx-knife's: files only
+                               "healthy": 1, "unhealthy": 2, "not_runnable": 2, "pending": 0}
+    assert sorted(entry["name"] for entry in data["unhealthy"]) == [
+        "mlx-community/tiny-config-missing", "mlx-community/tiny-shard-empty"]
+    assert {entry["status"] for entry in data["healthy"]} == {"healthy"}
     by_name = {m["name"]: m for m in data["models"]}
     assert by_name["mlx-community/tiny-unsupported-model-type"]["runtime_compatible"] is False
     assert "notamodel" in by_name["mlx-community/tiny-unsupported-model-type"]["reason"]
@@ -141,15 +160,17 @@ def test_health_all_checks_writes_and_summarises(hf_cache, isolated):
     assert text.strip().splitlines()[-1] == "1 healthy, 2 unhealthy, 2 not runnable."
 
 
-def test_health_named_unhealthy_exits_1_with_the_reason(hf_cache):
+def test_health_named_unhealthy_is_a_finding_exit_0_with_the_reason(hf_cache):
+    """mlx-knife's API: `health NAME` succeeds and lists the model under `unhealthy` (it was an error, exit 1)."""
     factory.make_variant(hf_cache, "shard_empty")
     factory.make_variant(hf_cache, "healthy_chat")
-    doc = document("health", "shard-empty", code=1)
-    assert doc["status"] == "error" and doc["error"]["type"] == "model_unhealthy"
-    assert "is empty (0 bytes)" in doc["error"]["message"]
+    doc = document("health", "shard-empty")
+    assert doc["status"] == "success" and doc["error"] is None and doc["data"]["healthy"] == []
+    (entry,) = doc["data"]["unhealthy"]
+    assert entry["name"] == "mlx-community/tiny-shard-empty" and "is empty (0 bytes)" in entry["reason"]
     assert [m["name"] for m in doc["data"]["models"]] == ["mlx-community/tiny-shard-empty"]
     text = mlxk("health", "shard-empty")
-    assert text.exit_code == 1 and "unhealthy" in text.stdout and "Error:" in text.stderr
+    assert text.exit_code == 0 and "unhealthy" in text.stdout and "is empty (0 bytes)" in text.stdout
 
 
 def test_health_named_healthy_and_not_runnable_exit_0(hf_cache):
@@ -173,5 +194,12 @@ def test_health_rechecks_a_repo_that_broke_since_it_was_indexed(model_factory):
     # Damaged in place (same size, same mtime on the folders): only a forced re-inspection notices.
     blob = repo.blob_path("config.json")
     blob.write_bytes(b"{" + b" " * (blob.stat().st_size - 1))
-    doc = document("health", "tiny-chat", code=1)
-    assert "not valid JSON" in doc["error"]["message"]
+    doc = document("health", "tiny-chat")
+    assert "not valid JSON" in doc["data"]["unhealthy"][0]["reason"]
+
+
+def test_show_a_mistyped_short_name_suggests_the_model(model_factory):
+    model_factory.repo("mlx-community/Qwen3-0.6B-4bit")
+    error = document("show", "quen", code=1)["error"]
+    assert error["type"] == "model_not_found" and error["suggestions"] == ["mlx-community/Qwen3-0.6B-4bit"]
+    assert "Did you mean: mlx-community/Qwen3-0.6B-4bit?" in mlxk("show", "quen").stderr

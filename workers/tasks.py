@@ -390,15 +390,10 @@ def _cached_snapshot(repo: str, revision: str | None, cache_dir: Path) -> Path |
     if not revisions:
         return None
     if revision:
-        if not names.is_commit_prefix(revision):
-            sha = cache.read_ref(path, revision)
-            if sha not in revisions:
-                return None
-        else:
-            hits = [r for r in revisions if r.startswith(revision.lower())]
-            if len(hits) != 1:
-                return None
-            sha = hits[0]
+        try:  # the one rule set of every command (mlxk.names.pick_revision)
+            sha = names.pick_revision(repo, revision, revisions, cache.refs(path))
+        except MlxkError:
+            return None   # not cached: the clone pulls it
     else:
         sha = cache.current_revision(path, revisions)
     _refresh_index({repo}, runtime=False, cache_dir=cache_dir)

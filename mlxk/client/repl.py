@@ -45,13 +45,21 @@ def _client() -> Client:
 
 
 def answer(model: str, text: str, *, system: str | None, params: dict) -> dict:
-    """One non-streamed answer, as the data of the --json envelope."""
+    """One non-streamed answer, as the data of the --json envelope: mlx-knife's `model, prompt, response,
+    tokens_generated, generation_time_s`, then mlxk's own (`content` is `response`, as the OpenAI API names it)."""
+    import time
+
     name = _model_name(model)
+    started = time.monotonic()
     with _client() as client:
         reply = client.post("/v1/chat/completions", _body(name, _messages(text, system), params))
+    took = round(time.monotonic() - started, 3)
     choice = reply["choices"][0]
     message = choice.get("message") or {}
-    return {"model": reply.get("model"), "content": message.get("content") or "",
+    usage = reply.get("usage") or {}
+    return {"model": reply.get("model"), "prompt": text, "response": message.get("content") or "",
+            "tokens_generated": usage.get("completion_tokens"), "generation_time_s": took,
+            "content": message.get("content") or "",
             "reasoning_content": message.get("reasoning_content"), "tool_calls": message.get("tool_calls"),
             "finish_reason": choice.get("finish_reason"), "usage": reply.get("usage")}
 

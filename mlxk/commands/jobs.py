@@ -111,7 +111,9 @@ def _summary(job: dict) -> str:
             f"{human_size(result.get('bytes_downloaded'))} downloaded"
         return f"Pulled {job['target']}@{(result.get('revision') or '')[:12]} ({state}){took}."
     if job["kind"] == "rm":
-        return f"Removed {job['target']} ({human_size(result.get('bytes_freed'))} freed){took}."
+        revision = (job.get("args") or {}).get("revision")
+        what = f"{job['target']}@{revision[:12]}" if revision else job["target"]
+        return f"Removed {what} ({human_size(result.get('bytes_freed'))} freed){took}."
     if job["kind"] == "clone":
         return f"Cloned {job['target']} into {job['args'].get('dest')}{took}."
     if job["kind"] == "push":
@@ -158,7 +160,35 @@ wait_option = click.option("--wait", is_flag=True, help="Follow the job and exit
 @json_command
 def pull_command(name, include, exclude, max_rate, wait):
     """Download a model from the Hub into the HF cache (a background job)."""
-    return _queued(jobs.enqueue_pull(name, include=include, exclude=exclude, max_rate=max_rate), wait)
+    from mlxk import names
+    from mlxk.errors import MlxkError
+
+    try:
+        _, expanded = names.expand_for_pull(name)
+        result = _queued(jobs.enqueue_pull(name, include=include, exclude=exclude, max_rate=max_rate), wait)
+    except MlxkError as error:   # mlx-knife's API: a refused pull still says its download_status
+        return Output(data={"model": None, "download_status": "error", "message": error.message,
+                            "expanded_name": None}, error=error)
+    if isinstance(result.data, dict):
+        result.data = _pull_data(result.data, expanded)
+    return result
+
+
+PULL_STATUS = {"succeeded": "success", "failed": "failed", "cancelled": "cancelled"}
+
+
+def _pull_data(job: dict, expanded: str | None) -> dict:
+    """The pull job as mlx-knife's API reads it: `model`, `download_status` (success | already_exists | failed |
+    cancelled, or queued | running while the job has not ended), `message`, `expanded_name`."""
+    result = job.get("result") or {}
+    status = PULL_STATUS.get(job["state"], job["state"])
+    if status == "success" and result.get("up_to_date"):
+        status = "already_exists"
+    message = {"success": f"Successfully downloaded model {job['target']}",
+               "already_exists": f"Model {job['target']} already exists in cache"}.get(status) or job.get("message") \
+        or f"pull of {job['target']} is {job['state']} (job {job['id']})"
+    return {**_public(job), "model": job["target"], "download_status": status, "message": message,
+            "expanded_name": expanded}
 
 
 def _rate(value):
@@ -174,29 +204,69 @@ def _rate(value):
 
 @click.command("rm")
 @click.argument("name")
-@click.option("--force", is_flag=True, help="Remove a fuzzy (non-exact) match.")
-@click.option("--dry-run", is_flag=True, help="Show what would be deleted; touch nothing.")
+@click.option("--force", "-f", is_flag=True, help="Remove a fuzzy (non-exact) match.")
+@click.option("--dry-run", is_flag=True, help="Show what would be deleted, or why rm would refuse; touch nothing.")
 @wait_option
 @json_command
 def rm_command(name, force, dry_run, wait):
-    """Remove a cached model (or one revision of it: NAME@HASH)."""
-    target = jobs.resolve_removal(name, force=force)
+    """Remove a cached model (or one revision of it: NAME@HASH, NAME@BRANCH)."""
+    from mlxk.errors import AmbiguousMatch
+
+    try:
+        target = jobs.resolve_removal(name)
+    except AmbiguousMatch as error:   # mlx-knife's API puts the matches in data, so a script can pick one
+        return Output(data={"model": None, "action": "ambiguous", "requires_confirmation": False,
+                            "matches": error.details.get("matches", [])}, error=error)
+    model = f"{target.repo_id}@{target.revision}" if target.revision else target.repo_id
+    if dry_run:
+        return _rm_plan(target, model, confirm=target.fuzzy and not force)
+    if target.fuzzy and not force:
+        message = (f"{name!r} is not an exact name; it matches {model}. Nothing was removed: "
+                   f"run `mlxk rm {model}` or add --force to remove it.")
+        return Output(data={"model": model, "action": "requires_confirmation", "message": message,
+                            "requires_confirmation": True, "matches": []}, text=message)
     if target.fuzzy:
         say(f"{name!r} matches {target.repo_id}.")
-    if dry_run:
-        plan = jobs.plan_removal(target)
-        data = {"repo_id": plan.repo_id, "revisions": plan.revisions, "whole_repo": plan.whole_repo,
-                "paths": [str(p) for p in plan.paths], "bytes_freed": plan.bytes_freed, "dry_run": True}
-        what = plan.repo_id if plan.whole_repo else f"{plan.repo_id}@{plan.revisions[0][:12]}"
-        text = "\n".join([f"Would remove {what}, freeing {human_size(plan.bytes_freed)}:",
-                          *(f"  {p}" for p in plan.paths)])
-        return Output(data=data, text=text)
-    outcome = jobs.remove(target)
-    job = outcome.job
+    job = jobs.remove(target).job
     error = jobs.outcome_error(job)
     if error is None:
         say(_summary(job))
-    return Output(data=job, text=job["id"], error=error)
+    action = "deleted" if job["state"] == "succeeded" else "failed"
+    message = f"Successfully deleted {model}" if action == "deleted" else (job.get("message") or f"rm of {model} failed")
+    return Output(data={**_public(job), "model": model, "action": action, "message": message,
+                        "requires_confirmation": False},
+                  text=job["id"], error=error)
+
+
+def _rm_plan(target, model: str, *, confirm: bool) -> Output:
+    """`rm --dry-run`: exactly what rm would do now: remove these paths, refuse (a job holds the model), or ask for
+    --force (a fuzzy name). Paths are relative to the HF cache: mlx-knife's API shows no absolute paths."""
+    from mlxk.config import settings
+
+    plan = jobs.plan_removal(target)
+    refusal = jobs.removal_refusal(target)
+    cache_dir = settings().hf_hub_cache
+    action = "would_refuse" if refusal else "requires_confirmation" if confirm else "would_delete"
+    message = {"would_refuse": refusal.message if refusal else "",
+               "requires_confirmation": f"Would ask for --force: the name is not exact; it matches {model}.",
+               "would_delete": f"Would remove {model}, freeing {human_size(plan.bytes_freed)}."}[action]
+    data = {"model": model, "action": action, "message": message, "dry_run": True, "repo_id": plan.repo_id,
+            "revisions": plan.revisions, "whole_repo": plan.whole_repo, "bytes_freed": plan.bytes_freed,
+            "paths": [_cache_relative(p, cache_dir) for p in plan.paths]}
+    lines = [message] + ([f"  {p}" for p in plan.paths] if action != "would_refuse" else [])
+    return Output(data=data, text="\n".join(lines))
+
+
+def _cache_relative(path: Path, cache_dir: Path) -> str:
+    try:
+        return Path(path).relative_to(cache_dir).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def _public(job: dict) -> dict:
+    """A job as pull/rm print it: without its settings (the cache path; mlx-knife's API shows no paths)."""
+    return {key: value for key, value in job.items() if key != "settings"}
 
 
 @click.command("clone")

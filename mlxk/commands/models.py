@@ -12,7 +12,8 @@ import click
 
 from mlxk import index
 from mlxk.config import settings
-from mlxk.output import Output, RawJSON, human_size, json_command, json_mode, relative_time, say, table
+from mlxk.output import (Output, RawJSON, human_size, json_command, json_mode, relative_time, say, system_object,
+                         table)
 
 
 
@@ -35,8 +36,8 @@ SORTS = {
     "modified": (lambda row: row["last_modified"] or "", True),    # newest first
 }
 # what the `list` table reads of each row
-LIST_COLUMNS = ("repo_id", "revision", "size_bytes", "last_modified", "framework", "model_type", "health",
-                "runtime_compatible", "reason")
+LIST_COLUMNS = ("repo_id", "revision", "size_bytes", "disk_bytes", "last_modified", "framework", "model_type",
+                "health", "runtime_compatible", "reason")
 REASON_WIDTH = 60
 DEFAULT_MODEL_HINT = "mlx-community/Qwen3-4B-4bit"
 
@@ -73,7 +74,8 @@ def list_command(pattern, show_all, show_health, sort, reverse, no_scan):
     found.sort(key=key, reverse=descending != reverse)
     if as_json:
         return Output({"models": RawJSON("[" + ",".join(row["object"] for row in found) + "]"),
-                       "count": len(found), "pending": sum(row["pending"] for row in found)})
+                       "count": len(found), "system": system_object(),
+                       "pending": sum(row["pending"] for row in found)})
     shown = found if show_all else [row for row in found if index.is_runnable_chat(row)]
     return Output(None, lambda: _render_list(shown, len(found), show_health, config.hf_hub_cache, pattern))
 
@@ -140,23 +142,28 @@ def show_command(name, show_files, show_config):
     """Show one cached model: what it is, its health, its files or config."""
     from mlxk import names  # not at the top: `list` does not need it
 
+    if names.is_workspace_path(name):   # mlx-knife's workspace paths: a model folder outside the cache
+        detail = index.describe_workspace(index.workspace(name), files=show_files, config=show_config)
+        return Output(detail, lambda: _render_show(detail, False))
     ref = names.parse(name)
     config = settings()
     with closing(index.load(config.state_db, config.hf_hub_cache)) as loaded:
         if loaded.warning:
             say(f"Warning: {loaded.warning}")
         detail = index.describe(index.resolve(loaded.conn, ref), files=show_files, config=show_config)
-    return Output(detail, lambda: _render_show(detail))
+        pending = detail["model"]["runtime_pending"]
+        index.with_provisional_verdict(loaded.conn, detail["model"])
+    return Output(detail, lambda: _render_show(detail, pending))
 
 
-def _render_show(detail: dict) -> str:
+def _render_show(detail: dict, pending: bool) -> str:
     model = detail["model"]
     runtime = {None: "pending (mlxk health checks now)", True: "compatible", False: "not compatible"}
     facts = [
         ("Name", model["name"]),
         ("Revision", detail["revision"] + ("" if detail["revision"] == model["hash"] else " (not the current one)")
          if detail["revision"] else "-"),
-        ("Revisions", f"{len(model['revisions'])} cached"),
+        ("Revisions", f"{len(model['revisions'])} cached" if model["cached"] else "a workspace, not in the cache"),
         ("Size", human_size(model["size_bytes"])),
         ("Modified", f"{relative_time(model['last_modified'])} ({model['last_modified']})"),
         ("Framework", model["framework"]),
@@ -164,9 +171,9 @@ def _render_show(detail: dict) -> str:
         ("Capabilities", ", ".join(model["capabilities"]) or "-"),
         ("Architecture", model["architecture"] or "-"),
         ("Context", model["context_length"] or "-"),
-        ("Quantization", model["quantization"] or "-"),
+        ("Quantization", model["quantization_label"] or "-"),
         ("Health", model["health"]),
-        ("Runtime", "-" if model["health"] != "healthy" else runtime[model["runtime_compatible"]]),
+        ("Runtime", "-" if model["health"] != "healthy" else runtime[None if pending else model["runtime_compatible"]]),
         ("Reason", model["reason"] or "-"),
     ]
     if model["reclaimable_bytes"]:
@@ -206,6 +213,10 @@ def health_command(name, scan, wait):
         return _queued(jobs.enqueue_scan(repos, force=True), wait)
     if wait:
         raise click.UsageError("--wait goes with --scan.")
+    if name is not None and names.is_workspace_path(name):   # a workspace folder: checked now, not indexed
+        checked = [index.workspace(name)]
+        summary = index.summarize(checked)
+        return Output(index.health_report(checked, summary), lambda: _render_health(checked, summary))
 
     ref = names.parse(name) if name is not None else None
     config = settings()
@@ -214,12 +225,8 @@ def health_command(name, scan, wait):
     if loaded.warning:
         say(f"Warning: {loaded.warning}")
     summary = index.summarize(checked)
-    data = {"models": [index.model_object(row) for row in checked], "summary": summary}
-    error = None
-    if ref is not None and checked and checked[0]["health"] != "healthy":
-        row = checked[0]
-        error = index.ModelUnhealthy(f"{row['repo_id']} is unhealthy: {row['reason']}", name=row["repo_id"])
-    return Output(data, lambda: _render_health(checked, summary), error=error)
+    data = index.health_report(checked, summary)
+    return Output(data, lambda: _render_health(checked, summary))
 
 
 def _render_health(checked: list[dict], summary: dict) -> str:

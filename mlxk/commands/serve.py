@@ -58,16 +58,20 @@ def serve_command(host, port, api_key, api_key_file, max_loaded, keep_alive, idl
 
 @click.command("run")
 @click.argument("model")
-@click.argument("prompt", required=False)
+@click.argument("words", nargs=-1)
+@click.option("--prompt", "prompt_option", default=None, help="The prompt (the same as PROMPT words).")
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Most tokens to generate.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=None, help="Sampling temperature.")
 @json_command
-def run_command(model, prompt, system, max_tokens, temperature):
+def run_command(model, words, prompt_option, system, max_tokens, temperature):
     """Chat with MODEL, or answer PROMPT once (stdin is appended); starts a server if none is up."""
     from mlxk.output import json_mode
     from mlxk.client import repl
 
+    if words and prompt_option is not None:
+        raise click.UsageError("give the prompt once: as words after MODEL or with --prompt, not both.")
+    prompt = prompt_option if prompt_option is not None else (" ".join(words) or None)  # unquoted words: one prompt
     params = {"max_tokens": max_tokens, "temperature": temperature}
     stdin_text = None if sys.stdin.isatty() else sys.stdin.read()
     if prompt is None and stdin_text is None:
@@ -76,7 +80,7 @@ def run_command(model, prompt, system, max_tokens, temperature):
         return repl.interactive(model, system=system, params=params)
     text = "\n\n".join(part for part in (prompt, stdin_text) if part)
     if json_mode():
-        return Output(repl.answer(model, text, system=system, params=params))
+        return Output(repl.answer(model, text, system=system, params=params))  # mlx-knife's run fields included
     return repl.stream_answer(model, text, system=system, params=params)
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mlxk.detect import context_length  # the one definition `show` and the engine share
 from mlxk.faults import checkpoint
 
 from . import protocol
@@ -586,7 +587,7 @@ class Engine:
                     tokenizer.tool_call_start_tokens, tokenizer.tool_call_end_tokens):
             markers.update(seq or ())
         lm = LoadedModel(
-            ref=ref, model=model, tokenizer=tokenizer, context_length=self._context_length(config),
+            ref=ref, model=model, tokenizer=tokenizer, context_length=context_length(config),
             memory_bytes=memory, eos_ids=frozenset(tokenizer.eos_token_ids),
             hidden_ids=frozenset(special - markers), keep_alive_s=self.keep_alive_s,
             prompt_cache=LRUPromptCache(max_size=PROMPT_CACHE_ENTRIES, max_bytes=self.prompt_cache_bytes),
@@ -605,16 +606,6 @@ class Engine:
         mx.eval(logits)
         if not mx.issubdtype(logits.dtype, mx.floating):
             raise ValueError(f"the forward pass gives {logits.dtype} logits, not floating point")
-
-    @staticmethod
-    def _context_length(config: dict) -> int | None:
-        for source in (config, config.get("text_config") or {}):
-            for name in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions",
-                         "max_seq_len"):
-                value = source.get(name)
-                if isinstance(value, int) and value > 0:
-                    return value
-        return None
 
     def _unload(self, key: str) -> bool:
         import mlx.core as mx

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from mlxk import index, jobs
 from mlxk.errors import MlxkError
+from mlxk.output import system_object
 from mlxk.server.deps import State, parse_body, parse_optional_body, require_api_key
 from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, error_responses, request_body
 
@@ -77,7 +78,8 @@ async def list_models(state: State) -> dict:
     if catalog.pending:
         await run_in_threadpool(_request_scan, catalog.pending)
     found = sorted(catalog.rows, key=lambda row: row["repo_id"].lower())
-    return {"models": [index.model_object(row) for row in found], "count": len(found),
+    models = await run_in_threadpool(index.model_objects, state.config.settings.state_db, found)
+    return {"models": models, "count": len(found), "system": system_object(),
             "pending": sum(index.is_pending(row) for row in found), "size_bytes": index.disk_total(found)}
 
 

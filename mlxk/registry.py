@@ -1,0 +1,69 @@
+"""mlx-lm's model registry read from its files: a runtime verdict without importing mlx-lm (~1 s).
+
+Why: mlx-knife's JSON API promises a boolean `runtime_compatible` on every model object, also on the first `list`
+after a repo appears, while `list` must never import mlx-lm (bench/list). mlx-lm decides by `model_type` (after its
+MODEL_REMAPPING / MODEL_ARCHITECTURE_REMAPPING) whether a module exists in mlx_lm/models; both are plain files we can
+read with `ast`. mlxk.index reads them once per mlx-lm install and keeps the result in state.db. This module stays
+light: it is on the `list` path whenever a repo is pending.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def read(package_file: str | None) -> dict | None:
+    """The model modules and remappings of the mlx-lm installed at `package_file` (its __init__.py), or None when
+    it is not installed or its layout is not the one this reader knows."""
+    import ast
+
+    if not package_file:
+        return None
+    package = Path(package_file).parent
+    try:
+        modules = sorted(p.stem for p in (package / "models").glob("*.py") if p.stem != "__init__")
+        tree = ast.parse((package / "utils.py").read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    tables = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                and node.targets[0].id in ("MODEL_REMAPPING", "MODEL_ARCHITECTURE_REMAPPING"):
+            try:
+                tables[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                return None
+    if not modules or "MODEL_REMAPPING" not in tables:
+        return None
+    arch = tables.get("MODEL_ARCHITECTURE_REMAPPING") or {}
+    return {"signature": f"mlx-lm {_version(package)}", "modules": modules, "remap": tables["MODEL_REMAPPING"],
+            "arch_remap": [[key[0], key[1], value] for key, value in arch.items()]}
+
+
+def verdict(registry: dict | None, config: dict | None) -> tuple[bool, str | None]:
+    """(runtime_compatible, reason) as mlxk.health.check_model_type would say, from a registry (see read())."""
+    if registry is None:
+        return False, "mlx-lm is not installed, so nothing can run this model; install it (pip install mlx-lm)"
+    config = config or {}
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        return False, f"config.json has no model_type, so {registry['signature']} cannot pick an architecture"
+    architectures = config.get("architectures") or ()
+    if isinstance(architectures, str):
+        architectures = (architectures,)
+    remapped = next((target for kind, architecture, target in registry["arch_remap"]
+                     if kind == model_type and architecture in architectures), None)
+    if (remapped or registry["remap"].get(model_type, model_type)) not in registry["modules"]:
+        return False, (f"model type '{model_type}' is not supported by {registry['signature']}; "
+                       "upgrade mlx-lm (pip install -U mlx-lm)")
+    return True, None
+
+
+def _version(package: Path) -> str:
+    """mlx-lm's version from its _version.py (what importlib.metadata would say, without its ~25 ms)."""
+    import re
+
+    try:
+        found = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", (package / "_version.py").read_text(encoding="utf-8"))
+    except OSError:
+        found = None
+    return found.group(1) if found else "(unknown version)"

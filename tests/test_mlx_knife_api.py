@@ -1,0 +1,165 @@
+"""`--json` is a superset of mlx-knife's JSON API (issue 12): every command both tools have validates against its
+published schema (relaxed: extra keys allowed), and the spec's jq examples give answers, not errors or nulls.
+
+The schema and spec are read from ../shared/reference/mlx-knife-json-api/ (skipped with the reason when absent)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from tests import factory
+from tests.fixtures.cli import run_json
+from tests.fixtures.mlx_knife import jq_examples, validate
+
+PHI = "mlx-community/Phi-3-mini-4k-instruct-4bit"
+
+
+@pytest.fixture
+def cache(model_factory, hf_cache):
+    """The spec's example names: a quantized chat model, two Llamas, a Qwen, a GGUF and a broken download."""
+    phi = model_factory.repo(PHI, quantize=True)
+    factory.add_revision(phi, {"notes.txt": b"second commit", "README.md": b"# the second card\n" * 40})
+    model_factory.repo("mlx-community/Llama-3.2-1B-Instruct-4bit")
+    model_factory.repo("mlx-community/Llama-3.2-3B-Instruct-4bit")
+    model_factory.repo("mlx-community/Qwen3-0.6B-4bit", chat_template=False)
+    factory.make_variant(hf_cache, "gguf")
+    factory.make_variant(hf_cache, "config_missing")
+    return phi
+
+
+COMMANDS = [
+    ("list",), ("list", "Llama"), ("list", "nothing-matches"),
+    ("show", "Phi-3-mini"), ("show", PHI, "--files"), ("show", "Phi-3-mini", "--config"),
+    ("health",), ("health", "Phi-3-mini"), ("health", "config-missing"),
+    ("rm", "Qwen3-0.6B-4bit"), ("rm", "Llama"), ("rm", "mlx-community/Qwen3-0.6B-4bit", "--dry-run"),
+    ("rm", "mlx-community/Qwen3-0.6B-4bit"), ("show", "nothing-like-it"), ("version",),
+]
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=" ".join)
+def test_every_shared_command_validates_against_the_schema(cache, args):
+    result, doc = run_json(*args)
+    validate(doc)
+    assert result.exit_code == (0 if doc["status"] == "success" else 1), result.output
+    if doc["status"] == "success" and args[0] in ("list", "show"):
+        models = doc["data"]["models"] if args[0] == "list" else [doc["data"]["model"]]
+        assert all(isinstance(m["runtime_compatible"], bool) for m in models)
+
+
+def test_show_at_hash_and_version_carry_the_spec_fields(cache):
+    old = [r for r in json.loads(run_json("show", PHI)[0].stdout)["data"]["model"]["revisions"]][-1]
+    _, doc = run_json("show", f"{PHI}@{old[:7]}")
+    validate(doc)
+    assert doc["data"]["model"]["hash"] == old
+    assert doc["data"]["model"]["quantization"]["bits"] == 4 and doc["data"]["metadata"]["quantization"] == "4bit"
+    _, doc = run_json("version")
+    assert doc["data"]["json_api_spec_version"] == "0.2.4" and doc["data"]["cli_version"]
+    assert doc["data"]["system"] is None or doc["data"]["system"]["memory_total_bytes"] > 0
+
+
+def test_version_flag_with_json_is_the_version_document():
+    from tests.fixtures.cli import MLXK
+
+    done = subprocess.run([*MLXK, "--version", "--json"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    validate(doc)
+    assert doc["command"] == "version" and doc["data"]["cli_version"]
+
+
+def test_pull_documents_validate(hub, worker):
+    repo = hub.unique_repo("mlx-community/schema")
+    hub.add_repo(repo, factory.tiny_model_files(factory.TINY))
+    for args in ((repo,), (repo, "--wait"), (repo.split("/")[1], "--wait"), ("org/missing", "--wait"),
+                 ("../bad",)):
+        _, doc = run_json("pull", *args)
+        validate(doc)
+        assert doc["data"]["download_status"]
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed (make system-deps installs it)")
+def test_the_specs_jq_examples_answer(cache):
+    """Each one-line example of the spec's "Agent Integration" section, through the real jq: no jq error, and an
+    answer (not null) for every model or count it asks about. Left out: the `pull "$model"` loop, which downloads
+    (test_pull_documents_validate runs pull against the test Hub). Not a one-liner, so not matched: the
+    `.size | test("GB")` loop, which reads a field the spec itself says does not exist (only size_bytes)."""
+    from tests.fixtures.cli import MLXK
+
+    examples = jq_examples()
+    assert len(examples) >= 10
+    ran = 0
+    for args, flags, program in examples:
+        if "$model" in args:
+            continue
+        mlxk = subprocess.run([*MLXK, *args, "--json"], capture_output=True, text=True, timeout=120)
+        jq = subprocess.run(["jq", *flags, program], input=mlxk.stdout, capture_output=True, text=True, timeout=30)
+        assert jq.returncode == 0, (args, program, jq.stderr)
+        assert jq.stdout.strip() and "null" not in jq.stdout.split(), (args, program, jq.stdout)
+        ran += 1
+    assert ran == len(examples) - 1 == 11
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed (make system-deps installs it)")
+def test_the_specs_health_monitoring_script_warns(cache):
+    """The spec's "Automated Health Monitoring" script: it silently skipped its warning before issue 12."""
+    from tests.fixtures.cli import MLXK
+
+    import shlex
+
+    mlxk = shlex.join(MLXK)
+    script = (f"count=$({mlxk} health --json | jq '.data.summary.unhealthy_count')\n"
+              'if [ "$count" -gt 0 ]; then echo "Warning: $count unhealthy models found"\n'
+              f"  {mlxk} health --json | jq -r '.data.unhealthy[] | \"UNHEALTHY: \\(.name) - \\(.reason)\"'\nfi\n")
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Warning: 1 unhealthy models found\nUNHEALTHY: mlx-community/tiny-config-missing")
+
+
+def test_workspace_paths_show_and_health_as_cached_false(cache, tmp_path, monkeypatch):
+    """The spec: commands taking model names take workspace paths (`./dir`); `cached: false`, `hash: null`."""
+    workspace = tmp_path / "my-phi"
+    shutil.copytree(cache.snapshot_dir, workspace, symlinks=False)
+    monkeypatch.chdir(tmp_path)
+    result, doc = run_json("show", "./my-phi", "--files")
+    assert result.exit_code == 0, result.output
+    validate(doc)
+    model = doc["data"]["model"]
+    assert (model["name"], model["display_name"], model["cached"], model["hash"]) == (
+        str(workspace), "./my-phi", False, None)
+    assert model["health"] == "healthy" and model["runtime_compatible"] is True
+    assert model["size_bytes"] == sum(f["size_bytes"] for f in doc["data"]["files"])
+    assert doc["data"]["metadata"]["quantization"] == "4bit"
+    (workspace / "config.json").write_text("{")   # broken, not gone: a folder without config.json is no model
+    result, doc = run_json("health", str(workspace))
+    validate(doc)
+    assert result.exit_code == 0 and doc["data"]["unhealthy"][0]["name"] == str(workspace)
+    result, doc = run_json("show", "./nowhere")
+    assert result.exit_code == 1 and doc["error"]["type"] == "model_not_found"
+
+
+def test_file_sizes_and_quantization_as_mlx_knife_2_0_8_spells_them(cache):
+    """Compared with mlx-knife 2.0.8 on the same cache: `60.9KB`, `178B` (decimal, no space), and the config's
+    quantization settings as they are."""
+    from mlxk.units import compact_size
+
+    _, doc = run_json("show", PHI, "--files")
+    sizes = {f["name"]: (f["size"], f["size_bytes"]) for f in doc["data"]["files"]}
+    assert all(size == compact_size(exact) for size, exact in sizes.values())
+    assert (compact_size(178), compact_size(60858), compact_size(3554), compact_size(2_300_000_000)) == (
+        "178B", "60.9KB", "3.6KB", "2.3GB")
+    assert doc["data"]["model"]["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+    assert doc["data"]["workspace_metadata"] is None and doc["data"]["metadata"]["architecture"] == "LlamaForCausalLM"
+    _, doc = run_json("rm", "Phi-3-mini")
+    assert doc["data"]["requires_confirmation"] is True and doc["data"]["action"] == "requires_confirmation"
+
+
+def test_size_bytes_is_the_selected_snapshots_and_disk_bytes_the_repos(cache):
+    """Issue 12 #10: with several revisions, `hash` named the current one and `size_bytes` counted them all."""
+    (model,) = [m for m in run_json("list", "Phi-3")[1]["data"]["models"]]
+    files = run_json("show", PHI, "--files")[1]["data"]["files"]
+    assert model["size_bytes"] == sum(f["size_bytes"] for f in files)
+    on_disk = sum(p.stat().st_size for p in (cache.repo_dir / "blobs").iterdir())
+    assert model["disk_bytes"] == on_disk > model["size_bytes"]
