@@ -67,6 +67,29 @@ def enqueue_pull(name: str, *, include=(), exclude=(), max_rate: float | None = 
     return _enqueue("pull", ref.repo, args)
 
 
+def cached_for_offline_pull(name: str) -> tuple[str, str]:
+    """HF_HUB_OFFLINE=1 (huggingface_hub's own switch): a pull cannot ask the Hub, so it answers from the cache at
+    once, as mlx-knife does: (repo id, cached commit) when `name` (bare = mlx-community/NAME, `@REV` a cached
+    revision) is cached; else HubError saying why nothing can be downloaded. No job is queued either way. (An
+    unreachable Hub without that switch is an error: the pull could not check for a newer revision.)"""
+    from mlxk import cache, names
+    from mlxk.errors import HubError
+
+    expanded, _ = names.expand_for_pull(name)
+    ref = names.parse(expanded, allow_bare=False)
+    path = cache.repo_dir(settings().hf_hub_cache, ref.repo)
+    revisions = cache.list_revisions(path)
+    try:
+        sha = (pick_cached_revision(ref.repo, ref.revision) if ref.revision
+               else cache.current_revision(path, revisions) if revisions else None)
+    except ModelNotFound:
+        sha = None
+    if sha is None:
+        raise HubError(f"HF_HUB_OFFLINE is set and {ref} is not cached, so it cannot be downloaded; unset "
+                       "HF_HUB_OFFLINE to pull it.", repo=ref.repo)
+    return ref.repo, sha
+
+
 def enqueue_clone(name: str, dest: Path) -> Enqueued:
     from mlxk import names
 

@@ -116,3 +116,28 @@ def test_pull_speaks_mlx_knifes_api_bare_names_expand_to_mlx_community(hub, work
     assert result.exit_code == 1 and doc["status"] == "error" and doc["data"]["download_status"] == "failed"
     result, doc = run_json("pull", "org/does-not-exist-either")
     assert result.exit_code == 0 and doc["data"]["download_status"] in ("queued", "running", "failed")
+
+
+def test_offline_pull_of_a_cached_model_says_already_exists_and_queues_nothing(model_factory, monkeypatch):
+    """mlx-knife's answer under HF_HUB_OFFLINE (issue 12): a cached model is `already_exists` at once, a bare name
+    meaning mlx-community/NAME; one that is not cached cannot be downloaded. No job either way."""
+    from mlxk.db import jobs as jobs_db
+    from tests.fixtures.cli import run_json
+
+    repo = model_factory.repo("mlx-community/offline-kept")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")   # never asked
+
+    for name in ("mlx-community/offline-kept", "offline-kept", f"offline-kept@{repo.revision[:8]}"):
+        result, doc = run_json("pull", name)
+        assert result.exit_code == 0, doc
+        data = doc["data"]
+        assert (data["model"], data["download_status"], data["hash"]) == \
+               ("mlx-community/offline-kept", "already_exists", repo.revision), doc
+        assert "HF_HUB_OFFLINE" in data["message"]
+
+    result, doc = run_json("pull", "mlx-community/not-here")
+    assert result.exit_code == 1 and doc["error"]["type"] == "hub_error", doc
+    assert doc["data"]["download_status"] == "error" and "HF_HUB_OFFLINE" in doc["error"]["message"]
+    with state_db() as conn:
+        assert jobs_db.list_jobs(conn) == []

@@ -163,8 +163,17 @@ def pull_command(name, include, exclude, max_rate, wait):
     from mlxk import names
     from mlxk.errors import MlxkError
 
+    from mlxk.config import settings
+
     try:
         _, expanded = names.expand_for_pull(name)
+        if settings().hub_offline:
+            repo, sha = jobs.cached_for_offline_pull(name)
+            return Output(data={"model": repo, "download_status": "already_exists", "hash": sha,
+                                "message": f"Model {repo} already exists in cache (HF_HUB_OFFLINE is set: not checked "
+                                           "against the Hub for a newer revision)", "expanded_name": expanded},
+                          text=f"{repo}@{sha[:12]} is cached; HF_HUB_OFFLINE is set, so it was not checked for a "
+                               "newer revision.")
         result = _queued(jobs.enqueue_pull(name, include=include, exclude=exclude, max_rate=max_rate), wait)
     except MlxkError as error:   # mlx-knife's API: a refused pull still says its download_status
         return Output(data={"model": None, "download_status": "error", "message": error.message,
