@@ -22,7 +22,9 @@ MODELS = {
     RANDOM_ID: {},   # never stops by itself
 }
 HI = [{"role": "user", "content": "hi"}]
-F_TOOL = [{"name": "f", "description": "answers", "input_schema": {"type": "object", "properties": {}}}]
+# no extra keys: with tool_choice any the grammar forces the call, and an open object lets a scripted model write on
+F_TOOL = [{"name": "f", "description": "answers",
+           "input_schema": {"type": "object", "properties": {}, "additionalProperties": False}}]
 
 
 @pytest.fixture(scope="module")

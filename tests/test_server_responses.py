@@ -119,11 +119,14 @@ def test_max_output_tokens_makes_it_incomplete(client):
     assert reply.usage.output_tokens == 2
 
 
-def test_text_format_is_accepted_and_echoed(client):
-    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
-    reply = client.responses.create(model=SCRIPTED_ID, input="hi", text={"format": {
+def test_text_format_is_enforced_and_echoed(client):
+    """text.format reaches the engine's grammar: the scripted model's sentence becomes JSON valid for the schema."""
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"],
+              "additionalProperties": False}
+    reply = client.responses.create(model=SCRIPTED_ID, input="hi", max_output_tokens=40, text={"format": {
         "type": "json_schema", "name": "answer", "schema": schema, "strict": True}})
     assert reply.status == "completed" and reply.text.format.type == "json_schema"
+    assert isinstance(json.loads(reply.output_text)["a"], bool)
 
 
 def test_unknown_previous_response_is_a_404(client):

@@ -18,7 +18,7 @@ from tests.fixtures import browser as web
 from tests.fixtures.browser import find, find_all, screenshot, wait_until
 from tests.fixtures.jobs import MiB, hub_env
 from tests.fixtures.queue import reap_background_workers
-from tests.fixtures.server import API_KEY, SCRIPTED_ID, SCRIPTED_REPLY, server_env, spawn_server
+from tests.fixtures.server import API_KEY, SCRIPTED_ID, SCRIPTED_REPLY, free_port, server_env, spawn_server
 
 LONG_ID = "mlx-community/Qwen3-Coder-30B-A3B-Instruct-DWQ-4bit-tiny-stand-in"   # a realistic long name
 BROKEN_ID = "mlx-community/tiny-broken"     # tokenizer_config.json without a tokenizer file: unhealthy
@@ -45,7 +45,7 @@ def stack(tmp_path_factory, hub_server):
     factory.write_repo(cache, BROKEN_ID, {k: v for k, v in factory.tiny_model_files().items()
                                           if k != "tokenizer.json"})
     extra = {**hub_env(hub_server), "MLXK_INFERENCE_EXTERNAL": "1", "MLXK_MAX_PROMPT_TOKENS": str(PROMPT_LIMIT)}
-    logs, procs = _procs(root, server_env(root, 0, **extra))
+    logs, procs = _procs(root, server_env(root, free_port(), **extra))   # workers read MLXK_PORT too: a real one
     srv = spawn_server(root, models={SCRIPTED_ID: {"reply": SCRIPTED_REPLY}, LONG_ID: {"reply": SCRIPTED_REPLY},
                                      DOOMED_ID: {}}, api_key=API_KEY, env=extra)
     yield srv

@@ -25,16 +25,25 @@ START_TIMEOUT_S = 60.0
 HEALTH_TIMEOUT_S = 2.0
 
 
-class ServerError(MlxkError):
-    """An error reply of the server, carrying its code as the type."""
+# What a reply without mlxk's own error body means (Ollama's routes answer `{"error": "..."}`, a proxy plain text)
+STATUS_TYPES = {401: "invalid_api_key", 404: "model_not_found", 503: "busy"}
 
-    def __init__(self, status: int, body: dict | None, fallback: str):
-        error = (body or {}).get("error") if isinstance(body, dict) else None
-        error = error if isinstance(error, dict) else {}
-        super().__init__(error.get("message") or fallback)
-        self.type = error.get("code") or error.get("type") or "server_error"
-        self.http_status = status
-        self.details = {k: v for k, v in error.items() if k not in ("message", "type", "code") and v is not None}
+
+def server_error(status: int, body, fallback: str) -> MlxkError:
+    """The error a server reply carries, rebuilt through MlxkError.from_dict, so the CLI raises the same class and
+    `type` the server raised (mlxk.errors' one closed set). OpenAI's and Anthropic's shapes carry mlxk's type as
+    the error's `code`; a body without one (Ollama's, or not JSON) gets its type from the HTTP status."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        data = {k: v for k, v in error.items() if k not in ("type", "code") and v is not None}
+        kind = error.get("code") or error.get("type")
+    else:
+        data = {"message": error} if isinstance(error, str) and error else {}
+        kind = None
+    data["message"] = data.get("message") or fallback
+    rebuilt = MlxkError.from_dict({**data, "type": kind or STATUS_TYPES.get(status, "server_error")})
+    rebuilt.http_status = status
+    return rebuilt
 
 
 @dataclass(frozen=True)
@@ -117,7 +126,7 @@ class Client:
             body = response.json()
         except ValueError:
             body = None
-        error = ServerError(response.status_code, body, f"HTTP {response.status_code}: {response.text[:200]}")
+        error = server_error(response.status_code, body, f"HTTP {response.status_code}: {response.text[:200]}")
         if response.status_code == 401:
             # The server's text speaks to HTTP clients (send a header); a CLI user sets the key in the environment.
             error.message = (
@@ -138,7 +147,7 @@ class Client:
         return response.json()
 
     def chat_stream(self, body: dict) -> Iterator[dict]:
-        """Chunks of a streamed chat completion; an error chunk raises ServerError."""
+        """Chunks of a streamed chat completion; an error chunk raises its error (server_error)."""
         with self.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
             self._check(response)
             for line in response.iter_lines():
@@ -149,5 +158,5 @@ class Client:
                     return
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    raise ServerError(500, chunk, "the server ended the stream with an error")
+                    raise server_error(500, chunk, "the server ended the stream with an error")
                 yield chunk

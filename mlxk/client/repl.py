@@ -14,7 +14,8 @@ import click
 from mlxk.config import settings as load_settings
 from mlxk.output import Output, human_duration, human_size, say, table
 from mlxk.server import catalog
-from mlxk.client.connection import Client, ServerError, ensure_server, find_server
+from mlxk.errors import MlxkError
+from mlxk.client.connection import Client, ensure_server, find_server
 
 HELP = """Commands:
   /clear         forget the conversation
@@ -148,7 +149,7 @@ def _send(client: Client, name: str, system: str | None, history: list[dict], pa
         try:
             reply, _ = _stream(client, _body(name, messages, params))
             return reply
-        except ServerError as error:
+        except MlxkError as error:
             if error.type != "context_length_exceeded":
                 raise
             if len(history) <= 1:

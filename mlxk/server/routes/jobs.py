@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from mlxk import index, jobs
-from mlxk.errors import MlxkError
+from mlxk.errors import Conflict, MlxkError
 from mlxk.output import system_object
 from mlxk.server.deps import State, parse_body, parse_optional_body, require_api_key
 from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, error_responses, request_body
@@ -114,7 +114,11 @@ async def scan(request: Request) -> JSONResponse:
 
 def _remove(name: str, force: bool) -> jobs.Enqueued:
     """`mlxk rm NAME [--force]`: the same resolution, refusals and inline rm job as the CLI."""
-    outcome = jobs.remove(jobs.resolve_removal(name, force=force))
+    target = jobs.resolve_removal(name)
+    if target.fuzzy and not force:   # the CLI's requires_confirmation, as an HTTP refusal
+        raise Conflict(f"{name!r} is not an exact name: it matches {target.repo_id}; send \"force\": true to remove "
+                       "it, or use the full name.", model=target.repo_id)
+    outcome = jobs.remove(target)
     error = jobs.outcome_error(outcome.job)
     if error is not None:
         raise error
