@@ -15,6 +15,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -48,7 +49,15 @@ def ro_home(isolated, model_factory):
     from tests.fixtures.queue import reap_background_workers
 
     reap_background_workers(isolated)
-    db.connect(isolated / "state.db").close()   # the last connection out checkpoints: no -wal/-shm left behind
+    # The last connection out checkpoints and removes -wal/-shm. A worker killed just now may still be closing its
+    # files: wait until our close is the last one, so nothing outside the read-only mount changes the home later.
+    deadline = time.monotonic() + 20
+    while True:
+        db.connect(isolated / "state.db").close()
+        if not any((isolated / f"state.db{suffix}").exists() for suffix in ("-wal", "-shm")):
+            break
+        assert time.monotonic() < deadline, "state.db stayed open by another process"
+        time.sleep(0.1)
     # A repo the index has not seen: whether SQLite can open the read-only file or not, `list` cannot save it.
     model_factory.repo("mlx-community/tiny-new")
     probe = subprocess.run(["unshare", "-m", "sh", "-c", RO_SHELL, str(isolated), "sh", "-c", 'touch "$0/probe"',
