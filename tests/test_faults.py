@@ -32,3 +32,15 @@ def test_unarmed_steps_do_not_pause(tmp_path):
     proc = _start(tmp_path, "")
     assert proc.communicate(timeout=30)[0].strip() == "done"
     assert not (tmp_path / "run").exists()
+
+
+def test_pauses_in_a_home_that_does_not_exist_yet_and_in_one_already_used(tmp_path):
+    home = tmp_path / "not" / "yet"          # run/ and its parents are made on the first pause
+    first = _start(home, "a.first")
+    assert wait_paused(home, "a.first") == first.pid
+    release(home, "a.first")
+    assert first.communicate(timeout=30)[0].strip() == "done"
+    again = _start(home, "a.first")          # run/ exists now: pausing again must not trip over it
+    assert wait_paused(home, "a.first") == again.pid
+    release(home, "a.first")
+    assert again.communicate(timeout=30)[0].strip() == "done"
