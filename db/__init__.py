@@ -164,6 +164,8 @@ def _check_writable(path: Path) -> None:
     for target in (path.parent, path):
         if os.access(target, os.W_OK) or (target is path and not path.exists()):
             continue
+        if target is path and os.access(target, os.W_OK):
+            continue   # another process created the file between the two looks (first use, 8 at once)
         code = errno.EROFS if os.statvfs(target).f_flag & os.ST_RDONLY else errno.EACCES
         raise OSError(code, os.strerror(code), str(target))
 
