@@ -42,3 +42,39 @@ def test_a_job_that_crashed_is_reported_as_internal():
     from mlxk.workers.signals import error_record
 
     assert error_record(ZeroDivisionError("boom")) == {"type": "internal", "message": "ZeroDivisionError: boom"}
+
+
+# mlx-knife's words (spec 0.2.3 "Error Handling" and what mlx-knife 2.0.8's operations emit): the only values the
+# CLI's --json `error.type` may take
+KNIFE_WORDS = {"ValidationError", "ambiguous_match", "model_not_found", "download_failed", "NetworkError",
+               "PermissionError", "OperationError", "InternalError", "locks_present", "auth_error", "clone_failed",
+               "execution_error", "access_denied", "CommandError", "repo_not_found"}
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_every_type_has_mlx_knifes_word_in_every_command(kind):
+    """A new type cannot be forgotten: each one maps, in every command, onto mlx-knife's vocabulary."""
+    assert kind in errors.KNIFE_TYPES
+    for command in (None, "list", "show", "health", "rm", "pull", "run", "version", "clone", "push", "jobs show"):
+        assert errors.knife_type(kind, command) in KNIFE_WORDS, (kind, command)
+
+
+@pytest.mark.parametrize("kind, command, word", [
+    ("invalid_name", "pull", "ValidationError"), ("ambiguous_match", "show", "ambiguous_match"),
+    ("model_not_found", "rm", "model_not_found"), ("repo_not_found", "pull", "access_denied"),
+    ("hub_error", "pull", "download_failed"), ("hub_error", "list", "NetworkError"), ("conflict", "rm", "locks_present"),
+    ("model_not_found", "run", "execution_error"), ("usage", "run", "CommandError"), ("internal", "show", "InternalError"),
+    ("repo_not_found", "clone", "clone_failed"), ("auth_error", "push", "auth_error"),
+    ("from_the_future", "show", "OperationError"), ("from_the_future", "run", "execution_error"),
+])
+def test_mlx_knife_words_as_2_0_8_emits_them(kind, command, word):
+    assert errors.knife_type(kind, command) == word
+
+
+def test_an_envelope_error_keeps_mlxks_type_as_code_and_reads_back():
+    original = errors.ModelNotFound("no cached model matches 'x'.", name="x", suggestions=[])
+    body = errors.cli_error(original, "run")
+    assert body == {"type": "execution_error", "code": "model_not_found", "message": "no cached model matches 'x'.",
+                    "name": "x", "suggestions": []}
+    rebuilt = errors.MlxkError.from_dict(body)
+    assert type(rebuilt) is errors.ModelNotFound and rebuilt.to_dict() == original.to_dict()

@@ -59,7 +59,7 @@ def test_a_cli_without_a_token_never_borrows_the_workers(hub, worker_manager):
     result, doc = run_json("pull", repo, "--wait")
 
     assert result.exit_code == 1, doc
-    assert doc["error"]["type"] == "repo_not_found" and "HF_TOKEN" in doc["error"]["message"]
+    assert doc["error"]["code"] == "repo_not_found" and "HF_TOKEN" in doc["error"]["message"]
     assert all(r.token is None for r in hub.requests)
 
 
@@ -73,7 +73,7 @@ def test_the_cli_endpoint_is_used_an_unreachable_hub_fails(hub, worker_manager, 
     result, doc = run_json("pull", repo, "--wait")
 
     assert result.exit_code == 1, doc
-    assert doc["error"]["type"] == "hub_error"
+    assert doc["error"]["code"] == "hub_error"
     assert "cannot reach the Hub at http://127.0.0.1:1" in doc["error"]["message"]
     assert "up to date" not in result.stderr
     assert "settings" not in doc["data"]   # pull's document shows no cache paths (mlx-knife's API); jobs show does

@@ -141,7 +141,7 @@ def test_bad_patterns_are_refused_before_anything_is_touched(pattern, model_fact
     result = mlxk("list", "--json", pattern)
     assert result.exit_code == 1
     document = json.loads(result.stdout)
-    assert document["status"] == "error" and document["error"]["type"] == "invalid_name"
+    assert document["status"] == "error" and document["error"]["code"] == "invalid_name"
     assert "invalid model name" in document["error"]["message"]
     assert not isolated.exists()  # MLXK_HOME (state.db) was never created
     text = mlxk("list", pattern)

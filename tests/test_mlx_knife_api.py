@@ -137,7 +137,7 @@ def test_workspace_paths_show_and_health_as_cached_false(cache, tmp_path, monkey
     validate(doc)
     assert result.exit_code == 0 and doc["data"]["unhealthy"][0]["name"] == str(workspace)
     result, doc = run_json("show", "./nowhere")
-    assert result.exit_code == 1 and doc["error"]["type"] == "model_not_found"
+    assert result.exit_code == 1 and doc["error"]["code"] == "model_not_found"
 
 
 def test_file_sizes_and_quantization_as_mlx_knife_2_0_8_spells_them(cache):

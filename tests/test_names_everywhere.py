@@ -40,9 +40,9 @@ def test_every_cli_entry_point_refuses_a_bad_name_before_any_work(name, tmp_path
         assert result.exit_code == 1, (argv, result.output)
         if argv in (["show", name], ["health", name]) and is_workspace_path(name):
             # a workspace path (mlx-knife's API): read-only, outside the cache, and this one is no model folder
-            assert doc["error"]["type"] == "model_not_found" and "is not a" in doc["error"]["message"]
+            assert doc["error"]["code"] == "model_not_found" and "is not a" in doc["error"]["message"]
             continue
-        assert doc["error"]["type"] == "invalid_name", (argv, doc)
+        assert doc["error"]["code"] == "invalid_name", (argv, doc)
         assert repr(name) in doc["error"]["message"] or repr(name.partition("@")[0]) in doc["error"]["message"], \
             (argv, doc)
     assert _no_jobs()

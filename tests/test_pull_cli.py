@@ -90,7 +90,7 @@ def test_include_and_exclude_reach_the_download(hub, worker):
 def test_invalid_names_are_refused_before_any_job(worker_manager):
     for name in ("../etc", "org/na..me", "a/b/c", "na..me"):
         result, doc = run_json("pull", name)
-        assert result.exit_code == 1 and doc["error"]["type"] == "invalid_name", (name, doc)
+        assert result.exit_code == 1 and doc["error"]["code"] == "invalid_name", (name, doc)
     from mlxk.db import jobs as jobs_db
 
     with state_db() as conn:
@@ -137,7 +137,7 @@ def test_offline_pull_of_a_cached_model_says_already_exists_and_queues_nothing(m
         assert "HF_HUB_OFFLINE" in data["message"]
 
     result, doc = run_json("pull", "mlx-community/not-here")
-    assert result.exit_code == 1 and doc["error"]["type"] == "hub_error", doc
+    assert result.exit_code == 1 and doc["error"]["code"] == "hub_error", doc
     assert doc["data"]["download_status"] == "error" and "HF_HUB_OFFLINE" in doc["error"]["message"]
     with state_db() as conn:
         assert jobs_db.list_jobs(conn) == []
