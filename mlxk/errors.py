@@ -69,6 +69,12 @@ class InvalidName(MlxkError):
     type = "invalid_name"
 
 
+class WorkspacePath(InvalidName):
+    """A folder path (`./dir`, `/abs/dir`, `~/dir`: mlx-knife's workspace) where only a model name will do: pull,
+    rm, run, clone and serve work on the HF cache; `show` and `health` are the commands that read a workspace."""
+    type = "workspace_path"
+
+
 class ModelNotFound(MlxkError):
     type = "model_not_found"
     http_status = 404
@@ -188,6 +194,7 @@ KNIFE_TYPES: dict[str, str] = {
     "config_error": "ValidationError",
     "usage": "CommandError",              # 2.0.8: argparse errors under --json (exit 2)
     "invalid_name": "ValidationError",
+    "workspace_path": "ValidationError",
     "model_not_found": "model_not_found",
     "ambiguous_match": "ambiguous_match",
     "model_not_runnable": "ValidationError",
@@ -214,7 +221,8 @@ KNIFE_TYPES: dict[str, str] = {
 
 # Where a command says it differently (mlx-knife 2.0.8's operations): `run` reports every failure as
 # execution_error (its usage errors stay CommandError); `pull` has its Hub refusals as access_denied and every
-# other Hub failure as download_failed; `rm` a model another job holds as locks_present; `clone` Hub failures as
+# other Hub failure as download_failed; `rm` a model another job holds as locks_present and a workspace path as
+# workspace_model ("Cannot delete workspace model"); `clone` Hub failures as
 # clone_failed and an existing target as ValidationError; `push` a missing repo as repo_not_found.
 _HUB = ("hub_error", "repo_not_found", "gated_repo", "auth_error", "revision_not_found", "invalid_hub_reply",
         "integrity_error")
@@ -222,7 +230,7 @@ KNIFE_COMMAND_TYPES: dict[str, dict[str, str]] = {
     "run": {kind: "execution_error" for kind in TYPES if kind != "usage"},
     "pull": {**{kind: "download_failed" for kind in _HUB},
              "repo_not_found": "access_denied", "gated_repo": "access_denied", "auth_error": "access_denied"},
-    "rm": {"conflict": "locks_present"},
+    "rm": {"conflict": "locks_present", "workspace_path": "workspace_model"},
     "clone": {**{kind: "clone_failed" for kind in _HUB}, "conflict": "ValidationError"},
     "push": {"repo_not_found": "repo_not_found"},
 }

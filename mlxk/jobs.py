@@ -10,6 +10,7 @@ shows a dead job as running.
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from contextlib import closing
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 from mlxk.config import settings
 from mlxk.db import jobs as jobs_db
 from mlxk.errors import (AmbiguousMatch, Cancelled, Conflict, InvalidName, JobCancelled, JobFailed, JobNotFound,
-                         MlxkError, ModelNotFound)
+                         MlxkError, ModelNotFound, WorkspacePath)
 from mlxk.workers import process
 # Re-exported for callers that ask the jobs layer about processes (the server's runtime, tests).
 from mlxk.workers.process import (STALE_S, connect, ensure_worker, holder_alive, hostname,  # noqa: F401
@@ -72,8 +73,21 @@ def cached_for_offline_pull(name: str) -> tuple[str, str]:
     once, as mlx-knife does: (repo id, cached commit) when `name` (bare = mlx-community/NAME, `@REV` a cached
     revision) is cached; else HubError saying why nothing can be downloaded. No job is queued either way. (An
     unreachable Hub without that switch is an error: the pull could not check for a newer revision.)"""
-    from mlxk import cache, names
+    from mlxk import names
     from mlxk.errors import HubError
+
+    found = cached_copy(name)
+    if found is None:
+        ref = names.parse(names.expand_for_pull(name)[0], allow_bare=False)
+        raise HubError(f"HF_HUB_OFFLINE is set and {ref} is not cached, so it cannot be downloaded; unset "
+                       "HF_HUB_OFFLINE to pull it.", repo=ref.repo)
+    return found
+
+
+def cached_copy(name: str) -> tuple[str, str] | None:
+    """(repo id, commit) of the cached snapshot a pull of `name` would fetch (bare = mlx-community/NAME, `@REV` a
+    cached revision, else the current one), or None when it is not cached."""
+    from mlxk import cache, names
 
     expanded, _ = names.expand_for_pull(name)
     ref = names.parse(expanded, allow_bare=False)
@@ -84,10 +98,7 @@ def cached_for_offline_pull(name: str) -> tuple[str, str]:
                else cache.current_revision(path, revisions) if revisions else None)
     except ModelNotFound:
         sha = None
-    if sha is None:
-        raise HubError(f"HF_HUB_OFFLINE is set and {ref} is not cached, so it cannot be downloaded; unset "
-                       "HF_HUB_OFFLINE to pull it.", repo=ref.repo)
-    return ref.repo, sha
+    return None if sha is None else (ref.repo, sha)
 
 
 def enqueue_clone(name: str, dest: Path) -> Enqueued:
@@ -407,6 +418,12 @@ def resolve_removal(name: str) -> RemovalTarget:
     """What `rm NAME[@REV]` means: the same names, branches, tags and hash prefixes as `show` and `run`."""
     from mlxk import names
 
+    if names.is_workspace_path(name):   # mlx-knife's `workspace_model` refusal: rm never deletes outside the cache
+        path = Path(name).expanduser().resolve()
+        raise WorkspacePath(
+            f"Cannot delete workspace model {name!r}: mlxk rm removes models from the HF cache only, never a folder "
+            f"outside it. If you mean to delete the folder, do it yourself: rm -rf {shlex.quote(str(path))}",
+            name=name, path=str(path))
     ref = names.parse(name, allow_bare=True)
     repo, fuzzy = resolve_cached(ref.repo)
     revision = pick_cached_revision(repo, ref.revision) if ref.revision else None

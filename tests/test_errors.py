@@ -11,7 +11,7 @@ TYPES = {
     "error", "config_error", "usage", "invalid_name", "invalid_hub_reply", "model_not_found", "ambiguous_match", "model_not_runnable",
     "cache_error", "state_error", "job_not_found", "job_failed", "job_cancelled", "conflict", "hub_error",
     "repo_not_found", "gated_repo", "auth_error", "revision_not_found", "integrity_error", "disk_full", "cancelled",
-    "server_unavailable", "internal", "workspace_invalid", "response_not_found",
+    "server_unavailable", "internal", "workspace_invalid", "response_not_found", "workspace_path",
 }
 
 
@@ -48,7 +48,7 @@ def test_a_job_that_crashed_is_reported_as_internal():
 # CLI's --json `error.type` may take
 KNIFE_WORDS = {"ValidationError", "ambiguous_match", "model_not_found", "download_failed", "NetworkError",
                "PermissionError", "OperationError", "InternalError", "locks_present", "auth_error", "clone_failed",
-               "execution_error", "access_denied", "CommandError", "repo_not_found"}
+               "execution_error", "access_denied", "CommandError", "repo_not_found", "workspace_model"}
 
 
 @pytest.mark.parametrize("kind", sorted(TYPES))

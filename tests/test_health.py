@@ -26,7 +26,7 @@ REASON_NAMES = {
     "gguf": "tiny-model-Q4_K_M.gguf",
     "pytorch": "mlx_lm.convert",
     "legacy_weights": "weights.00.safetensors",
-    "unsupported_model_type": "'notamodel'",
+    "unsupported_model_type": "Model type notamodel not supported",
     "config_missing": "config.json",
     "config_invalid_json": "config.json",
     "config_not_object": "config.json",
@@ -93,11 +93,11 @@ def test_every_variant_has_a_reason_expectation():
 
 def test_runtime_messages_name_the_fix(model_factory):
     _, _, gguf = verdict(model_factory.variant("gguf"))
-    assert gguf.message == ("GGUF weights (tiny-model-Q4_K_M.gguf): mlx-lm cannot run them; "
+    assert gguf.message == ("Incompatible framework: GGUF (tiny-model-Q4_K_M.gguf): mlx-lm cannot run GGUF weights; "
                             "use an MLX conversion such as mlx-community/tiny")
     _, _, unsupported = verdict(model_factory.variant("unsupported_model_type"))
     version = importlib.metadata.version("mlx-lm")
-    assert unsupported.message == (f"model type 'notamodel' is not supported by mlx-lm {version}; "
+    assert unsupported.message == (f"Model type notamodel not supported by mlx-lm {version}; "
                                    "upgrade mlx-lm (pip install -U mlx-lm)")
 
 
@@ -173,7 +173,7 @@ def test_broken_revision_beside_refs_main_does_not_count(model_factory):
 def test_config_empty_object(model_factory):
     repo = model_factory.write("org/empty-config", {**chat_files(), "config.json": b"{}"})
     assert [(f.rule, f.message) for f in health.check_config(view_of(repo))] == \
-        [("config_not_object", "config.json is an empty object")]
+        [("config_not_object", "config.json is empty or invalid: an empty object")]
 
 
 def test_config_dangling_link_is_config_missing(model_factory):
@@ -209,7 +209,7 @@ def test_index_in_a_nested_folder_resolves_shards_beside_it(model_factory):
     (repo.path(f"sub/dir/{SHARD2}")).unlink()
     findings = health.check_index_shards(view_of(repo))
     assert [f.message for f in findings] == \
-        [f"sub/dir/{SHARD2} (listed in sub/dir/model.safetensors.index.json) is missing"]
+        [f"Index/shard mismatch: sub/dir/{SHARD2} (listed in sub/dir/model.safetensors.index.json) is missing"]
 
 
 def test_index_that_is_not_usable(model_factory):

@@ -80,7 +80,7 @@ def test_health_columns(variants):
     assert header == ["NAME", "ID", "SIZE", "MODIFIED", "TYPE", "HEALTH", "RUNTIME", "REASON"]
     lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:-1]}
     assert "unhealthy" in lines["mlx-community/tiny-config-missing"]
-    assert "config.json is missing" in lines["mlx-community/tiny-config-missing"]
+    assert "config.json missing" in lines["mlx-community/tiny-config-missing"]
     assert " pending " in lines["mlx-community/tiny-healthy-chat"]
     assert " no " in lines["example-org/tiny-gguf"]
 

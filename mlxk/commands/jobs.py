@@ -180,7 +180,25 @@ def pull_command(name, include, exclude, max_rate, wait):
                             "expanded_name": None}, error=error)
     if isinstance(result.data, dict):
         result.data = _pull_data(result.data, expanded)
+        if result.error is not None:
+            _say_still_cached(name, result)
     return result
+
+
+def _say_still_cached(name: str, result: Output) -> None:
+    """A pull that failed (an unreachable Hub, say) of a model that is cached: the cached copy is untouched and
+    usable, and a script must be able to tell (mlx-knife answers `already_exists` without asking the Hub). The
+    document says so (`data.cached`, `data.hash`, `error.cached`, `error.hint`); the failure stays a failure
+    (issue 8: an unchecked model is never "up to date")."""
+    found = jobs.cached_copy(name)
+    if found is None:
+        return
+    repo, sha = found
+    hint = (f"{repo} is cached (revision {sha[:12]}) and unchanged; only the check for a newer revision failed. "
+            "To use the cached copy without asking the Hub, set HF_HUB_OFFLINE=1.")
+    result.data.update(cached=True, hash=sha)
+    result.error.details.update(cached=True, hash=sha, hint=hint)
+    say(hint)
 
 
 PULL_STATUS = {"succeeded": "success", "failed": "failed", "cancelled": "cancelled"}
