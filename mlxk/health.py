@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlxk import cache
+from mlxk.registry import unsupported_reason
 from mlxk.units import human_size
 
 if TYPE_CHECKING:
@@ -764,8 +765,7 @@ def check_model_type(view: RepoView, detection: "Detection") -> Finding | None:
         return Finding("unsupported_model_type", f"config.json has no model_type, so {mlx_lm_signature()} cannot "
                                                  "pick an architecture")
     if not model_type_supported(model_type, config.get("architectures")):
-        return Finding("unsupported_model_type", f"Model type {model_type} not supported by "
-                                                 f"{mlx_lm_signature()}; upgrade mlx-lm (pip install -U mlx-lm)")
+        return Finding("unsupported_model_type", unsupported_reason(model_type, mlx_lm_signature()))
     return None
 
 

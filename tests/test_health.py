@@ -321,7 +321,7 @@ def test_chat_template_without_tokenizer_is_unhealthy(model_factory):
     files = {k: v for k, v in chat_files().items() if not k.startswith("tokenizer")}
     files["chat_template.jinja"] = b"{% for m in messages %}{{ m.content }}{% endfor %}"
     (finding,) = health.check_tokenizer(view_of(model_factory.write("org/tpl", files)))
-    assert finding.rule == "tokenizer_missing" and finding.message.startswith("chat_template.jinja is present")
+    assert finding.rule == "tokenizer_missing" and finding.message.startswith("chat_template.jinja present but tokenizer.json missing")
 
 
 @pytest.mark.parametrize("name, mutate, fragment", [
@@ -592,7 +592,7 @@ def _int_weights(files: dict) -> dict:
 
 
 @pytest.mark.parametrize("name, broken, fragment", [
-    ("no-tokenizer", lambda f: {k: v for k, v in f.items() if not k.startswith("tokenizer")}, "no tokenizer file"),
+    ("no-tokenizer", lambda f: {k: v for k, v in f.items() if not k.startswith("tokenizer")}, "tokenizer.json missing"),
     ("stray-byte", _stray_byte_config, "tokenizer_config.json is not valid JSON"),
     ("int-weights", _int_weights, "tensor model.embed_tokens.weight is I32"),
     ("wrong-vocab", lambda f: _with_config(f, vocab_size=999), "999 x 64"),

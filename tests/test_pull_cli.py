@@ -90,7 +90,9 @@ def test_include_and_exclude_reach_the_download(hub, worker):
 def test_invalid_names_are_refused_before_any_job(worker_manager):
     for name in ("../etc", "org/na..me", "a/b/c", "na..me"):
         result, doc = run_json("pull", name)
-        assert result.exit_code == 1 and doc["error"]["code"] == "invalid_name", (name, doc)
+        expected = "workspace_path" if name.startswith(".") else "invalid_name"   # a path, not a name at all
+        assert result.exit_code == 1 and doc["error"]["code"] == expected, (name, doc)
+        assert doc["error"]["type"] == "ValidationError"
     from mlxk.db import jobs as jobs_db
 
     with state_db() as conn:
