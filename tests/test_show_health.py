@@ -195,7 +195,7 @@ def test_health_rechecks_a_repo_that_broke_since_it_was_indexed(model_factory):
     blob = repo.blob_path("config.json")
     blob.write_bytes(b"{" + b" " * (blob.stat().st_size - 1))
     doc = document("health", "tiny-chat")
-    assert "not valid JSON" in doc["data"]["unhealthy"][0]["reason"]
+    assert "contains invalid JSON" in doc["data"]["unhealthy"][0]["reason"]
 
 
 def test_show_a_mistyped_short_name_suggests_the_model(model_factory):
