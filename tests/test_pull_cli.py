@@ -115,7 +115,9 @@ def test_pull_speaks_mlx_knifes_api_bare_names_expand_to_mlx_community(hub, work
     assert doc["data"]["download_status"] == "already_exists" and doc["data"]["expanded_name"] is None
 
     result, doc = run_json("pull", "org/does-not-exist", "--wait")
-    assert result.exit_code == 1 and doc["status"] == "error" and doc["data"]["download_status"] == "failed"
+    assert result.exit_code == 1 and doc["status"] == "error"
+    # mlx-knife 2.0.8's words for a repo the Hub does not have (or will not show)
+    assert doc["data"]["download_status"] == "access_denied" and doc["error"]["type"] == "access_denied"
     result, doc = run_json("pull", "org/does-not-exist-either")
     assert result.exit_code == 0 and doc["data"]["download_status"] in ("queued", "running", "failed")
 

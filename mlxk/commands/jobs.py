@@ -161,9 +161,8 @@ wait_option = click.option("--wait", is_flag=True, help="Follow the job and exit
 def pull_command(name, include, exclude, max_rate, wait):
     """Download a model from the Hub into the HF cache (a background job)."""
     from mlxk import names
-    from mlxk.errors import MlxkError
-
     from mlxk.config import settings
+    from mlxk.errors import MlxkError, knife_type
 
     try:
         _, expanded = names.expand_for_pull(name)
@@ -181,6 +180,8 @@ def pull_command(name, include, exclude, max_rate, wait):
     if isinstance(result.data, dict):
         result.data = _pull_data(result.data, expanded)
         if result.error is not None:
+            if knife_type(result.error.type, "pull") == "access_denied":   # mlx-knife 2.0.8's status for it
+                result.data["download_status"] = "access_denied"
             _say_still_cached(name, result)
     return result
 
