@@ -59,13 +59,32 @@ def enqueue_pull(name: str, *, include=(), exclude=(), max_rate: float | None = 
     from mlxk import names
     from mlxk.config import settings
 
-    expanded, _ = names.expand_for_pull(name)   # a bare NAME is mlx-community/NAME, for the CLI and the api alike
+    expanded, _ = pull_name(name)   # mlx-knife's rules, for the CLI and the api alike
     ref = names.parse(expanded, allow_bare=False)
     s = settings()
     rate = s.max_rate if max_rate is None else max_rate
     args = {"revision": ref.revision, "include": list(include) or None, "exclude": list(exclude) or None,
             "max_rate": rate or None, "max_pulls": s.max_pulls or None, "connections": s.pull_connections}
     return _enqueue("pull", ref.repo, args)
+
+
+def pull_name(name: str) -> tuple[str, str | None]:
+    """What a pull of `name` fetches, as mlx-knife 2.0.8 resolves it: (the name to pull, the repo id a short name
+    became, or None). `org/name[@REV]` is itself. A bare `NAME[@REV]` that means one cached model (names.resolve:
+    exact, then the one model of that name, then the one substring match) is that model, so `pull Phi-3-mini`
+    updates the cached mlx-community/Phi-3-mini-4k-instruct-4bit; one that matches several cached models is an
+    ambiguous_match; one that matches none is mlx-community/NAME (names.expand_for_pull)."""
+    from mlxk import names
+
+    ref = names.parse(name, allow_bare=True)
+    if "/" not in ref.repo:
+        try:
+            repo, _fuzzy = resolve_cached(ref.repo)
+        except ModelNotFound:
+            pass
+        else:
+            return str(names.ModelRef(repo, ref.revision)), repo
+    return names.expand_for_pull(name)
 
 
 def cached_for_offline_pull(name: str) -> tuple[str, str]:
@@ -78,18 +97,18 @@ def cached_for_offline_pull(name: str) -> tuple[str, str]:
 
     found = cached_copy(name)
     if found is None:
-        ref = names.parse(names.expand_for_pull(name)[0], allow_bare=False)
+        ref = names.parse(pull_name(name)[0], allow_bare=False)
         raise HubError(f"HF_HUB_OFFLINE is set and {ref} is not cached, so it cannot be downloaded; unset "
                        "HF_HUB_OFFLINE to pull it.", repo=ref.repo)
     return found
 
 
 def cached_copy(name: str) -> tuple[str, str] | None:
-    """(repo id, commit) of the cached snapshot a pull of `name` would fetch (bare = mlx-community/NAME, `@REV` a
-    cached revision, else the current one), or None when it is not cached."""
+    """(repo id, commit) of the cached snapshot a pull of `name` would fetch (pull_name(); `@REV` a cached
+    revision, else the current one), or None when it is not cached."""
     from mlxk import cache, names
 
-    expanded, _ = names.expand_for_pull(name)
+    expanded, _ = pull_name(name)
     ref = names.parse(expanded, allow_bare=False)
     path = cache.repo_dir(settings().hf_hub_cache, ref.repo)
     revisions = cache.list_revisions(path)

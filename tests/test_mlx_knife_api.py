@@ -83,23 +83,30 @@ def test_pull_documents_validate(hub, worker):
 @pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed (make system-deps installs it)")
 def test_the_specs_jq_examples_answer(cache):
     """Each one-line example of the spec's "Agent Integration" section, through the real jq: no jq error, and an
-    answer (not null) for every model or count it asks about. Left out: the `pull "$model"` loop, which downloads
-    (test_pull_documents_validate runs pull against the test Hub). Not a one-liner, so not matched: the
+    answer (not null) for every model or count it asks about. The `pull "$model"` loop runs for its two short names
+    under HF_HUB_OFFLINE=1: both mean a cached model, so both are `already_exists` (as mlx-knife 2.0.8 answers;
+    test_pull_documents_validate runs pull against the test Hub). Not a one-liner, so not matched: the
     `.size | test("GB")` loop, which reads a field the spec itself says does not exist (only size_bytes)."""
+    import os
+
     from tests.fixtures.cli import MLXK
 
     examples = jq_examples()
-    assert len(examples) >= 10
     ran = 0
     for args, flags, program in examples:
-        if "$model" in args:
-            continue
-        mlxk = subprocess.run([*MLXK, *args, "--json"], capture_output=True, text=True, timeout=120)
-        jq = subprocess.run(["jq", *flags, program], input=mlxk.stdout, capture_output=True, text=True, timeout=30)
-        assert jq.returncode == 0, (args, program, jq.stderr)
-        assert jq.stdout.strip() and "null" not in jq.stdout.split(), (args, program, jq.stdout)
+        runs = [[a.replace("$model", m) for a in args] for m in ("Phi-3-mini", "Llama-3.2-1B")] \
+            if "$model" in args else [args]
+        for argv in runs:
+            env = {**os.environ, "HF_HUB_OFFLINE": "1"} if argv[0] == "pull" else None
+            mlxk = subprocess.run([*MLXK, *argv, "--json"], capture_output=True, text=True, timeout=120, env=env)
+            jq = subprocess.run(["jq", *flags, program], input=mlxk.stdout, capture_output=True, text=True,
+                                timeout=30)
+            assert jq.returncode == 0, (argv, program, jq.stderr)
+            assert jq.stdout.strip() and "null" not in jq.stdout.split(), (argv, program, jq.stdout)
+            if argv[0] == "pull":
+                assert jq.stdout.strip() == '"already_exists"', (argv, mlxk.stdout)
         ran += 1
-    assert ran == len(examples) - 1 == 11
+    assert ran == len(examples) == 12
 
 
 @pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed (make system-deps installs it)")
@@ -244,3 +251,22 @@ def test_health_reasons_start_with_mlx_knifes_words(model_factory):
     _, doc = run_json("health")
     unhealthy = {entry["name"]: entry["reason"] for entry in doc["data"]["unhealthy"]}
     assert unhealthy[repos["config_missing"]] == "config.json missing"
+
+
+def test_pull_of_a_short_name_means_the_cached_model_it_names(cache, monkeypatch):
+    """mlx-knife's pull resolves a bare name against the cache first (the spec's `pull "Phi-3-mini"` and its
+    "Ambiguous Match" example); a name no cached model matches is mlx-community/NAME (test_pull_cli)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")   # never asked
+    result, doc = run_json("pull", "phi-3-MINI")
+    validate(doc)
+    assert result.exit_code == 0 and doc["data"]["download_status"] == "already_exists"
+    main = (cache.repo_dir / "refs" / "main").read_text().strip()
+    assert doc["data"]["model"] == doc["data"]["expanded_name"] == PHI and doc["data"]["hash"] == main
+
+    result, doc = run_json("pull", "Llama")
+    validate(doc)
+    assert result.exit_code == 1 and (doc["error"]["type"], doc["data"]["download_status"]) == (
+        "ambiguous_match", "unknown")
+    assert doc["error"]["matches"] == ["mlx-community/Llama-3.2-1B-Instruct-4bit",
+                                       "mlx-community/Llama-3.2-3B-Instruct-4bit"]

@@ -160,12 +160,11 @@ wait_option = click.option("--wait", is_flag=True, help="Follow the job and exit
 @json_command
 def pull_command(name, include, exclude, max_rate, wait):
     """Download a model from the Hub into the HF cache (a background job)."""
-    from mlxk import names
     from mlxk.config import settings
-    from mlxk.errors import MlxkError, knife_type
+    from mlxk.errors import AmbiguousMatch, MlxkError, knife_type
 
     try:
-        _, expanded = names.expand_for_pull(name)
+        _, expanded = jobs.pull_name(name)
         if settings().hub_offline:
             repo, sha = jobs.cached_for_offline_pull(name)
             return Output(data={"model": repo, "download_status": "already_exists", "hash": sha,
@@ -175,7 +174,8 @@ def pull_command(name, include, exclude, max_rate, wait):
                                "newer revision.")
         result = _queued(jobs.enqueue_pull(name, include=include, exclude=exclude, max_rate=max_rate), wait)
     except MlxkError as error:   # mlx-knife's API: a refused pull still says its download_status
-        return Output(data={"model": None, "download_status": "error", "message": error.message,
+        status = "unknown" if isinstance(error, AmbiguousMatch) else "error"   # as its spec's examples say
+        return Output(data={"model": None, "download_status": status, "message": error.message,
                             "expanded_name": None}, error=error)
     if isinstance(result.data, dict):
         result.data = _pull_data(result.data, expanded)
