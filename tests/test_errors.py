@@ -78,3 +78,22 @@ def test_an_envelope_error_keeps_mlxks_type_as_code_and_reads_back():
                     "name": "x", "suggestions": []}
     rebuilt = errors.MlxkError.from_dict(body)
     assert type(rebuilt) is errors.ModelNotFound and rebuilt.to_dict() == original.to_dict()
+
+
+@pytest.mark.parametrize("status, body, cls", [
+    (404, {"error": {"message": "no cached model matches 'x'.", "type": "invalid_request_error",
+                     "code": "model_not_found", "param": "model"}}, errors.ModelNotFound),              # OpenAI
+    (400, {"type": "error", "error": {"type": "invalid_request_error", "message": "bad", "code": "workspace_path"}},
+     errors.WorkspacePath),                                                                           # Anthropic
+    (404, {"error": "model 'x' not found"}, errors.ModelNotFound),                                     # Ollama
+])
+def test_a_server_error_rebuilt_by_the_cli_keeps_its_class_and_enters_the_envelope_by_the_table(status, body, cls):
+    """Server bodies keep their dialects' shapes (mlxk's type as `code`); the CLI rebuilds the class
+    (connection.server_error → MlxkError.from_dict) and its --json envelope then speaks mlx-knife's words."""
+    from mlxk.client.connection import server_error
+
+    rebuilt = server_error(status, body, "fallback")
+    assert type(rebuilt) is cls and rebuilt.http_status == status
+    envelope_error = errors.cli_error(rebuilt, "run")
+    assert (envelope_error["type"], envelope_error["code"]) == ("execution_error", cls.type)
+    assert type(errors.MlxkError.from_dict(envelope_error)) is cls
