@@ -399,7 +399,8 @@ def check_config(view: RepoView) -> list[Finding]:
 def check_weights_present(view: RepoView) -> list[Finding]:
     if view.weight_files or view.index_files:
         return []
-    return [Finding("no_weights", "No model weights found: no weight files (*.safetensors, *.gguf, *.bin) in the snapshot")]
+    return [Finding("no_weights", "No model weights found: no weight files (*.safetensors, *.gguf, *.bin) in "
+                                  "the snapshot")]
 
 
 def check_index_shards(view: RepoView) -> list[Finding]:
@@ -418,7 +419,8 @@ def check_index_shards(view: RepoView) -> list[Finding]:
         for shard in sorted(set(map(str, weight_map.values()))):
             name = f"{folder}/{shard}" if folder else shard
             if not view.has(name):
-                findings.append(Finding("index_shard_missing", f"Index/shard mismatch: {name} (listed in {index.name}) is missing"))
+                findings.append(Finding("index_shard_missing",
+                                        f"Index/shard mismatch: {name} (listed in {index.name}) is missing"))
     return findings
 
 
@@ -733,10 +735,10 @@ def check_framework(view: RepoView, detection: "Detection") -> Finding | None:
     if detection.framework == "gguf":
         gguf = next((f.name for f in view.weight_files if f.name.endswith(".gguf")), "a .gguf file")
         return Finding("framework_gguf", f"Incompatible framework: GGUF ({gguf}): mlx-lm cannot run GGUF weights; "
-                                         "use an MLX conversion "
-                                         f"such as mlx-community/{_mlx_name(view)}")
+                                         f"use an MLX conversion such as mlx-community/{_mlx_name(view)}")
     if detection.framework == "pytorch":
-        return Finding("framework_pytorch", "Incompatible framework: PyTorch (Transformers weights without MLX markers): mlx-lm cannot run "
+        return Finding("framework_pytorch", "Incompatible framework: PyTorch (Transformers weights without MLX "
+                                            "markers): mlx-lm cannot run "
                                             f"them as they are; convert with `mlx_lm.convert --hf-path {view.repo_id}`"
                                             f" or use an MLX conversion such as mlx-community/{_mlx_name(view)}")
     if detection.framework != "mlx":

@@ -11,7 +11,8 @@ TYPES = {
     "error", "config_error", "usage", "invalid_name", "invalid_hub_reply", "model_not_found", "ambiguous_match", "model_not_runnable",
     "cache_error", "state_error", "job_not_found", "job_failed", "job_cancelled", "conflict", "hub_error",
     "repo_not_found", "gated_repo", "auth_error", "revision_not_found", "integrity_error", "disk_full", "cancelled",
-    "server_unavailable", "internal", "workspace_invalid", "response_not_found", "workspace_path",
+    "server_unavailable", "internal", "workspace_invalid", "response_not_found",
+    "workspace_path",
 }
 
 
@@ -62,8 +63,10 @@ def test_every_type_has_mlx_knifes_word_in_every_command(kind):
 @pytest.mark.parametrize("kind, command, word", [
     ("invalid_name", "pull", "ValidationError"), ("ambiguous_match", "show", "ambiguous_match"),
     ("model_not_found", "rm", "model_not_found"), ("repo_not_found", "pull", "access_denied"),
-    ("hub_error", "pull", "download_failed"), ("hub_error", "list", "NetworkError"), ("conflict", "rm", "locks_present"),
-    ("model_not_found", "run", "execution_error"), ("usage", "run", "CommandError"), ("internal", "show", "InternalError"),
+    ("hub_error", "pull", "download_failed"), ("hub_error", "list", "NetworkError"),
+    ("conflict", "rm", "locks_present"), ("workspace_path", "rm", "workspace_model"),
+    ("model_not_found", "run", "execution_error"), ("usage", "run", "CommandError"),
+    ("internal", "show", "InternalError"),
     ("repo_not_found", "clone", "clone_failed"), ("auth_error", "push", "auth_error"),
     ("from_the_future", "show", "OperationError"), ("from_the_future", "run", "execution_error"),
 ])
