@@ -182,7 +182,9 @@ def resolve_revision(repo_id: str, revision: str, revisions: list[str]) -> str:
             matches=hits,
         )
     cached = ", ".join(r[:12] for r in revisions) or "none"
-    raise ModelNotFound(f"revision {revision!r} of {repo_id} is not cached (cached: {cached}).", name=repo_id)
+    # available_hashes: mlx-knife's error field for the revisions there are (its schema's `error.available_hashes`)
+    raise ModelNotFound(f"revision {revision!r} of {repo_id} is not cached (cached: {cached}).", name=repo_id,
+                        available_hashes=list(revisions))
 
 
 def pick_revision(repo_id: str, revision: str, revisions: list[str], refs: dict[str, str]) -> str:

@@ -270,3 +270,14 @@ def test_pull_of_a_short_name_means_the_cached_model_it_names(cache, monkeypatch
         "ambiguous_match", "unknown")
     assert doc["error"]["matches"] == ["mlx-community/Llama-3.2-1B-Instruct-4bit",
                                        "mlx-community/Llama-3.2-3B-Instruct-4bit"]
+
+
+def test_a_revision_that_is_not_cached_lists_the_available_hashes(cache):
+    """mlx-knife's schema has `error.available_hashes` for a hash that is not there: the revisions that are."""
+    _, doc = run_json("show", PHI)
+    revisions = doc["data"]["model"]["revisions"]
+    for command in ("show", "rm"):
+        result, doc = run_json(command, f"{PHI}@ffffff")
+        validate(doc)
+        assert result.exit_code == 1 and doc["error"]["type"] == doc["error"]["code"] == "model_not_found"
+        assert sorted(doc["error"]["available_hashes"]) == sorted(revisions) and len(revisions) == 2
