@@ -217,17 +217,30 @@ KNIFE_TYPES: dict[str, str] = {
     "server_unavailable": "NetworkError",
     "internal": "InternalError",
     "workspace_invalid": "ValidationError",
+    # types the CLI rebuilds from a server's reply (mlxk.client.connection.server_error) that no class here holds:
+    # the api's and the inference worker's own
+    "invalid_request": "ValidationError",
+    "bad_request": "ValidationError",
+    "context_length_exceeded": "ValidationError",
+    "invalid_api_key": "auth_error",
+    "busy": "OperationError",
+    "worker_restarting": "OperationError",
+    "worker_unresponsive": "OperationError",
+    "load_failed": "OperationError",
+    "model_failed": "OperationError",
+    "server_error": "InternalError",
 }
 
 # Where a command says it differently (mlx-knife 2.0.8's operations): `run` reports every failure as
-# execution_error (its usage errors stay CommandError); `pull` has its Hub refusals as access_denied and every
+# execution_error (its usage errors stay CommandError; a prompt too long for the model is context_length_exceeded); `pull` has its Hub refusals as access_denied and every
 # other Hub failure as download_failed; `rm` a model another job holds as locks_present and a workspace path as
 # workspace_model ("Cannot delete workspace model"); `clone` Hub failures as
 # clone_failed and an existing target as ValidationError; `push` a missing repo as repo_not_found.
 _HUB = ("hub_error", "repo_not_found", "gated_repo", "auth_error", "revision_not_found", "invalid_hub_reply",
         "integrity_error")
 KNIFE_COMMAND_TYPES: dict[str, dict[str, str]] = {
-    "run": {kind: "execution_error" for kind in TYPES if kind != "usage"},
+    "run": {**{kind: "execution_error" for kind in KNIFE_TYPES if kind != "usage"},
+            "context_length_exceeded": "context_length_exceeded"},   # 2.0.8's one typed run error
     "pull": {**{kind: "download_failed" for kind in _HUB},
              "repo_not_found": "access_denied", "gated_repo": "access_denied", "auth_error": "access_denied"},
     "rm": {"conflict": "locks_present", "workspace_path": "workspace_model"},

@@ -49,10 +49,11 @@ def test_a_job_that_crashed_is_reported_as_internal():
 # CLI's --json `error.type` may take
 KNIFE_WORDS = {"ValidationError", "ambiguous_match", "model_not_found", "download_failed", "NetworkError",
                "PermissionError", "OperationError", "InternalError", "locks_present", "auth_error", "clone_failed",
-               "execution_error", "access_denied", "CommandError", "repo_not_found", "workspace_model"}
+               "execution_error", "access_denied", "CommandError", "repo_not_found", "workspace_model",
+               "context_length_exceeded"}
 
 
-@pytest.mark.parametrize("kind", sorted(TYPES))
+@pytest.mark.parametrize("kind", sorted(set(TYPES) | set(errors.KNIFE_TYPES)))
 def test_every_type_has_mlx_knifes_word_in_every_command(kind):
     """A new type cannot be forgotten: each one maps, in every command, onto mlx-knife's vocabulary."""
     assert kind in errors.KNIFE_TYPES
@@ -66,7 +67,8 @@ def test_every_type_has_mlx_knifes_word_in_every_command(kind):
     ("hub_error", "pull", "download_failed"), ("hub_error", "list", "NetworkError"),
     ("conflict", "rm", "locks_present"), ("workspace_path", "rm", "workspace_model"),
     ("model_not_found", "run", "execution_error"), ("usage", "run", "CommandError"),
-    ("internal", "show", "InternalError"),
+    ("internal", "show", "InternalError"), ("context_length_exceeded", "run", "context_length_exceeded"),
+    ("busy", "run", "execution_error"), ("invalid_api_key", "ps", "auth_error"),
     ("repo_not_found", "clone", "clone_failed"), ("auth_error", "push", "auth_error"),
     ("from_the_future", "show", "OperationError"), ("from_the_future", "run", "execution_error"),
 ])
