@@ -419,6 +419,18 @@ class _HttpxBody:
         self._spare = self._spare[n:]
         return n
 
+    @property
+    def finished(self) -> bool:
+        """True when nothing is left of the body (reads ahead to find out)."""
+        import httpx
+
+        if not self._spare:
+            try:
+                self._spare = next(self._chunks, b"")
+            except httpx.TransportError as error:
+                raise _Transient(f"{type(error).__name__}: {error}") from error
+        return not self._spare
+
     def read(self) -> bytes:
         import httpx
 
@@ -755,6 +767,7 @@ class _Job:
     connections: int = 1                # ranged connections per large file
     rate: "_RateLimit | None" = None    # the pull's bandwidth cap, shared by all its connections
     origins: _Origins = field(default_factory=_Origins)   # keep-alive connections for file bodies
+    direct: dict = field(default_factory=dict)   # etag -> (URL, headers) the file's redirects ended at
 
 
 def _hash_existing(path: Path, verifier: _Verifier, size: int) -> None:
@@ -892,27 +905,47 @@ def _finish(job: _Job, file: RemoteFile, partial: Path, blob: Path, verifier: _V
 
 def _open_stream(job: _Job, file: RemoteFile, have: int, end: int | None = None):
     """GET the file from `have` on (to `end`, exclusive, for one part): a _Body. Follows redirects by hand so the
-    token never goes to another origin."""
+    token never goes to another origin.
+
+    The URL a file's redirects end at (the CDN's presigned URL) is remembered for the file's other parts, so
+    each part costs one request instead of a round trip to the Hub first; when that URL is refused (expired:
+    401/403/404/410), the part goes through the Hub again."""
+    span = {}
+    if end is not None:
+        span["range"] = f"bytes={have}-{end - 1}"
+    elif have:
+        span["range"] = f"bytes={have}-"
+    known = job.direct.get(file.etag)
+    if known is not None:
+        url, headers = known
+        response = _get(job, url, {**headers, **span})
+        if response.status_code not in (401, 403, 404, 410, *_REDIRECTS):
+            return response
+        _drain(response)
+        job.direct.pop(file.etag, None)
     url = _resolve_url(job.endpoint, job.repo_id, job.sha, file.path)
     headers = dict(job.headers)
-    if end is not None:
-        headers["range"] = f"bytes={have}-{end - 1}"
-    elif have:
-        headers["range"] = f"bytes={have}-"
-    for _hop in range(5):
-        response = _get(job, url, headers)
+    for hop in range(5):
+        response = _get(job, url, {**headers, **span})
         if response.status_code not in _REDIRECTS:
+            if hop and response.status_code in (200, 206):
+                job.direct[file.etag] = (url, headers)
             return response
         location = urljoin(url, response.headers.get("location", ""))
-        try:
-            response.read()         # a redirect's small body: drained, so the connection is kept
-        finally:
-            response.close()
+        _drain(response)
         if _origin(location) != _origin(url):
             # The CDN URL is presigned; the Hub token must not leak to it.
             headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         url = location
     raise errors.HubError(f"too many redirects while downloading {file.path} of {job.repo_id}.", repo=job.repo_id)
+
+
+def _drain(response) -> None:
+    """Read a redirect's or refusal's small body and close it, so its connection can be kept."""
+    try:
+        response.read()
+    finally:
+        response.close()
 
 
 def _check_range(response, file: RemoteFile, have: int) -> bool:
