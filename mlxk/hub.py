@@ -852,7 +852,7 @@ def _resume_parts(job: _Job, file: RemoteFile, partial: Path, verifier: _Verifie
         partial.unlink()
         have = 0
     if parts is None and job.connections > 1 and file.size - have >= 2 * PART_SIZE:
-        parts = _plan_parts(file.size, have)
+        parts = _plan_parts(file.size, have, job.connections)
     if parts is None:
         if have:
             _hash_existing(partial, verifier, have)    # resume: the hash covers the bytes already on disk
@@ -1087,6 +1087,7 @@ def _write_failure(error: OSError, job: _Job, partial: Path) -> errors.MlxkError
 
 PARTS_SUFFIX = ".parts"
 PART_SIZE = 16 * 1024 * 1024        # one ranged request; a file of less than two goes over one connection
+TAIL_PART = 4 * 1024 * 1024        # the parts of a large file's last connections x PART_SIZE bytes
 PART_FLUSH = 256 * 1024             # bytes a part holds before writing and recording them: what a kill re-fetches
 _PARTS_MAGIC = b"MLXKPRT1"
 _PARTS_HEAD = struct.Struct("<8sQI")
@@ -1130,15 +1131,27 @@ def _parts_path(partial: Path) -> Path:
     return partial.with_name(partial.name + PARTS_SUFFIX)
 
 
-def _plan_parts(size: int, have: int) -> list[_Part]:
-    """[0, have) is one finished part; the rest is split into parts of PART_SIZE to 2 x PART_SIZE bytes."""
-    count = max(1, (size - have) // PART_SIZE)
-    bounds = [have + (size - have) * i // count for i in range(count + 1)]
+def _plan_parts(size: int, have: int, connections: int = 1) -> list[_Part]:
+    """[0, have) is one finished part; the rest is split into parts of PART_SIZE to 2 x PART_SIZE bytes, except
+    the last `connections` x PART_SIZE bytes, which come in parts of TAIL_PART: parts are taken in order, so at
+    the end every connection is busy with a small part instead of one connection finishing a big one alone while
+    the others idle (through a CDN that caps each connection, that last part would run at one connection's rate)."""
+    tail = 0
+    if connections > 1 and PART_SIZE > TAIL_PART:
+        tail = min(connections * PART_SIZE, (size - have) // 2)
+        tail -= tail % TAIL_PART
+    bounds = _split(have, size - tail, PART_SIZE) + (_split(size - tail, size, TAIL_PART)[1:] if tail else [])
     parts = [_Part(0, 0, have, have)] if have else []
     parts += [_Part(0, a, b, 0) for a, b in zip(bounds, bounds[1:])]
     for i, part in enumerate(parts):
         part.index = i
     return parts
+
+
+def _split(start: int, end: int, size: int) -> list[int]:
+    """Bounds that cut [start, end) into max(1, length // size) near-equal pieces."""
+    count = max(1, (end - start) // size)
+    return [start + (end - start) * i // count for i in range(count + 1)]
 
 
 def _read_parts(path: Path, size: int | None) -> list[_Part] | None:
