@@ -1318,6 +1318,8 @@ def _lane(job: _Job, file: RemoteFile, fd: int, record: _PartsFile, hasher: _Fol
 def _fetch_part(job: _Job, file: RemoteFile, fd: int, record: _PartsFile, hasher: _FollowHasher, part: _Part,
                 started: _Countdown | None, halt: threading.Event) -> None:
     for attempt in range(RETRIES + 1):
+        if part.pos >= part.end:
+            return
         try:
             _stream_part(job, file, fd, record, hasher, part, started, halt)
             return
@@ -1384,8 +1386,8 @@ def _stream_part(job: _Job, file: RemoteFile, fd: int, record: _PartsFile, hashe
             flush()     # what did arrive before a drop or a stop is kept and recorded
         if started is not None:
             started.one()
-        if not response.finished:
-            raise _Transient("server sent more bytes than the part has")
+        # A body longer than the range it answers (a broken server) is cut off at the part's end: the part has
+        # exactly its bytes, and close() drops that connection instead of keeping it.
     finally:
         response.close()
 
