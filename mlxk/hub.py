@@ -47,7 +47,8 @@ from mlxk.faults import checkpoint
 
 log = logging.getLogger("mlxk.hub")
 
-CHUNK_SIZE = 4 * 1024 * 1024        # bytes per read: big reads keep a single 1 GiB file fast
+CHUNK_SIZE = 4 * 1024 * 1024        # bytes per read of a local file (hashing what is already on disk)
+SINK_BUFFER = 256 * 1024            # bytes per write + hash of a download: small enough to stay in the CPU's cache
 PROGRESS_INTERVAL_S = 0.25
 RETRIES = 5                         # dropped connections retried (with Range) within one call
 RETRY_BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -977,7 +978,7 @@ def _stream(job: _Job, file: RemoteFile, partial: Path, verifier: _Verifier, hav
         with open(partial, "ab" if append else "wb") as out:
             sink = _Sink(out, verifier, job, partial)
             try:
-                buffer = sink.buffer()     # filled by the network, written and hashed in CHUNK_SIZE blocks
+                buffer = sink.buffer()     # filled by the network, written and hashed in SINK_BUFFER blocks
                 filled = 0
                 last_flush = time.monotonic()
                 while have + filled < file.size:
@@ -1011,16 +1012,16 @@ def _stream(job: _Job, file: RemoteFile, partial: Path, verifier: _Verifier, hav
 class _Sink:
     """Writes and hashes in its own thread, so the next network read overlaps them (both release the GIL).
 
-    Three CHUNK_SIZE buffers go round: `buffer()` hands out a free one (waiting while all are queued), `put()`
-    queues one with its filled length, and the thread hands it back once written and hashed."""
+    BUFFERS buffers of SINK_BUFFER bytes go round: `buffer()` hands out a free one (waiting while all are
+    queued), `put()` queues one with its filled length, and the thread hands it back once written and hashed."""
 
-    BUFFERS = 3
+    BUFFERS = 8
 
     def __init__(self, out, verifier: _Verifier, job: _Job, partial: Path):
         self._queue: queue.Queue = queue.Queue()
         self._free: queue.Queue = queue.Queue()
         for _ in range(self.BUFFERS):
-            self._free.put(bytearray(CHUNK_SIZE))
+            self._free.put(bytearray(SINK_BUFFER))
         self._error: BaseException | None = None
         self._args = (out, verifier, job, partial)
         self._thread = threading.Thread(target=self._run, name="mlxk-pull-sink", daemon=True)
@@ -1210,6 +1211,7 @@ class _FollowHasher:
     def __init__(self, fd: int, verifier: _Verifier, parts: list[_Part]):
         self.fd, self.verifier, self.parts = fd, verifier, parts
         self.hashed = 0
+        self._buffer = bytearray(SINK_BUFFER)   # read back and hashed while still in the CPU's cache
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="mlxk-pull-hash", daemon=True)
@@ -1221,12 +1223,13 @@ class _FollowHasher:
 
     def _catch_up(self) -> None:
         target = _frontier(self.parts)
+        view = memoryview(self._buffer)
         while self.hashed < target:
-            data = os.pread(self.fd, min(CHUNK_SIZE, target - self.hashed), self.hashed)
-            if not data:
+            n = os.preadv(self.fd, [view[:min(len(view), target - self.hashed)]], self.hashed)
+            if not n:
                 break
-            self.verifier.update(data)
-            self.hashed += len(data)
+            self.verifier.update(view[:n])
+            self.hashed += n
 
     def _run(self) -> None:
         while True:
