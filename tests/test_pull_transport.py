@@ -121,3 +121,70 @@ def test_the_user_agent_names_mlxk_and_the_token_goes_only_to_the_hub():
     assert hubmod._headers(None)["user-agent"].startswith(f"mlxk/{__version__}; python/")
     assert "authorization" not in hubmod._headers(None)
     assert hubmod._headers("hf_abc")["authorization"] == "Bearer hf_abc"
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """A ranged HTTPS file server on 127.0.0.1 with a self-signed certificate for `localhost`."""
+    import http.server
+    import shutil
+    import ssl
+    import subprocess
+    import threading
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+    data = _blob(3 * MiB, b"tls")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            a, b = self.headers["range"].split("=")[1].split("-")
+            body = data[int(a):int(b) + 1]
+            self.send_response(206)
+            self.send_header("content-length", str(len(body)))
+            self.send_header("content-range", f"bytes {a}-{b}/{len(data)}")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"https://localhost:{server.server_address[1]}/f", data, cert
+    server.shutdown()
+    server.server_close()
+
+
+def _fetch(url: str, span: str) -> bytes:
+    job = hubmod._Job("org/tls", None, None, "0" * 40, "", {}, None, None, None, lambda: False)
+    try:
+        body = hubmod._get(job, url, {"range": span})
+        assert body.status_code == 206
+        buffer, got = bytearray(4 * MiB), 0
+        while not body.finished:
+            got += body.readinto(memoryview(buffer)[got:])
+        body.close()
+        return bytes(buffer[:got])
+    finally:
+        job.origins.close()
+
+
+def test_https_bodies_are_verified_against_the_trusted_certificates(tls_server, monkeypatch):
+    """Over https the stdlib connections use httpx's certificate store (certifi, SSL_CERT_FILE): a server whose
+    certificate is trusted serves the part; an untrusted one is refused before any byte is read."""
+    url, data, cert = tls_server
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    assert _fetch(url, "bytes=1000-2000000") == data[1000:2000001]
+    monkeypatch.delenv("SSL_CERT_FILE")
+    with pytest.raises(hubmod._Transient, match="CERTIFICATE_VERIFY_FAILED"):
+        _fetch(url, "bytes=0-99")
