@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import quote, urljoin, urlsplit
+from urllib.request import getproxies_environment, proxy_bypass_environment
 
 from mlxk import __version__, cache, errors, names
 from mlxk.faults import checkpoint
@@ -300,8 +302,6 @@ class _Origins:
 
     def take(self, scheme: str, netloc: str):
         """(connection, reused): an idle connection to the origin, or a new one (connected lazily)."""
-        import http.client
-
         with self._lock:
             idle = self._idle.get((scheme, netloc))
             if idle:
@@ -328,8 +328,6 @@ class _Origins:
 
 def _proxied(url: str) -> bool:
     """True when the environment routes `url` through a proxy (then httpx carries the body)."""
-    from urllib.request import getproxies_environment, proxy_bypass_environment
-
     parts = urlsplit(url)
     proxies = getproxies_environment()
     if not (proxies.get(parts.scheme) or proxies.get("all")):
@@ -352,8 +350,6 @@ class _Body:
         self._left = None if response.chunked else response.length
 
     def readinto(self, view) -> int:
-        import http.client
-
         try:
             if self._left is None:
                 n = self._response.readinto(view)
@@ -375,8 +371,6 @@ class _Body:
         return self._left == 0 or (self._left is None and self._response.isclosed())
 
     def read(self) -> bytes:
-        import http.client
-
         try:
             if self._left is None:
                 return self._response.read()
@@ -454,8 +448,6 @@ def _get(job: "_Job", url: str, headers: dict):
             return _HttpxBody(job.client.send(request, stream=True))
         except httpx.TransportError as error:
             raise _Transient(f"{type(error).__name__}: {error}") from error
-    import http.client
-
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise errors.HubError(f"the Hub sent a download URL that is neither http nor https: {url[:200]}")
