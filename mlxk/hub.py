@@ -26,9 +26,11 @@ from __future__ import annotations
 import errno
 import fnmatch
 import hashlib
+import http.client
 import json
 import logging
 import os
+import platform
 import queue
 import re
 import shutil
@@ -40,13 +42,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import quote, urljoin, urlsplit
+from urllib.request import getproxies_environment, proxy_bypass_environment
 
-from mlxk import cache, errors, names
+from mlxk import __version__, cache, errors, names
 from mlxk.faults import checkpoint
 
 log = logging.getLogger("mlxk.hub")
 
-CHUNK_SIZE = 4 * 1024 * 1024        # bytes per read: big reads keep a single 1 GiB file fast
+CHUNK_SIZE = 4 * 1024 * 1024        # bytes per read of a local file (hashing what is already on disk)
+SINK_BUFFER = 256 * 1024            # bytes per write + hash of a download: small enough to stay in the CPU's cache
 PROGRESS_INTERVAL_S = 0.25
 RETRIES = 5                         # dropped connections retried (with Range) within one call
 RETRY_BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -130,11 +134,15 @@ def _token(token: str | bool | None) -> str | None:
 
 
 def _headers(token: str | None) -> dict[str, str]:
-    from huggingface_hub.utils import build_hf_headers
+    """The headers of every Hub request: mlxk's user agent, and the token only when mlxk.config chose one.
 
-    # token=False: never let huggingface_hub pick a token up on its own; mlxk.config decides which one is used.
-    headers = build_hf_headers(token=token or False)
-    headers["accept-encoding"] = "identity"   # sizes and Range offsets are about the stored bytes
+    Built here rather than with huggingface_hub's build_hf_headers: that one costs an import of ~0.4 s CPU and,
+    once a day per HF_HOME, a request for its agent-detection registry, all before a pull's first byte; and it
+    names the caller "unknown/None"."""
+    headers = {"user-agent": f"mlxk/{__version__}; python/{platform.python_version()}",
+               "accept-encoding": "identity"}   # sizes and Range offsets are about the stored bytes
+    if token:
+        headers["authorization"] = f"Bearer {token}"
     return headers
 
 
@@ -268,6 +276,198 @@ def _check_access(client, repo_id: str, sha: str, file: RemoteFile, *, endpoint:
         raise _unreachable(endpoint, error) from error
     if response.status_code >= 400:
         raise _error_for(response, repo_id, endpoint=endpoint, token=token, revision=sha, what=file.path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# File bodies: stdlib http.client, read straight into our buffers
+
+
+# httpx reads a body 64 KiB at a time through httpcore and h11 (several Python calls and copies per read); at
+# loopback or 10 Gb/s speeds that costs as much CPU as sha256 itself. File bodies therefore come over plain
+# http.client connections (keep-alive, one idle list per origin) read with `readinto1` into a preallocated buffer:
+# one system call and no copy per read. The listing and every JSON call stay on httpx. When an HTTP(S) proxy
+# applies (HTTP_PROXY/HTTPS_PROXY/ALL_PROXY, minus NO_PROXY), bodies go through the httpx client instead, which
+# honours the proxy settings the same way the rest of the pull does.
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class _Origins:
+    """Idle keep-alive http.client connections of one pull, per (scheme, host:port)."""
+
+    def __init__(self):
+        self._idle: dict[tuple[str, str], list] = {}
+        self._lock = threading.Lock()
+        self._ssl = None
+
+    def take(self, scheme: str, netloc: str):
+        """(connection, reused): an idle connection to the origin, or a new one (connected lazily)."""
+        with self._lock:
+            idle = self._idle.get((scheme, netloc))
+            if idle:
+                return idle.pop(), True
+            if scheme == "https" and self._ssl is None:
+                import httpx
+
+                self._ssl = httpx.create_ssl_context()   # certifi + SSL_CERT_FILE/SSL_CERT_DIR, as httpx does
+        if scheme == "https":
+            return http.client.HTTPSConnection(netloc, timeout=CONNECT_TIMEOUT_S, context=self._ssl), False
+        return http.client.HTTPConnection(netloc, timeout=CONNECT_TIMEOUT_S), False
+
+    def give_back(self, scheme: str, netloc: str, conn) -> None:
+        with self._lock:
+            self._idle.setdefault((scheme, netloc), []).append(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for conn in conns:
+            conn.close()
+
+
+def _proxied(url: str) -> bool:
+    """True when the environment routes `url` through a proxy (then httpx carries the body)."""
+    parts = urlsplit(url)
+    proxies = getproxies_environment()
+    if not (proxies.get(parts.scheme) or proxies.get("all")):
+        return False
+    return not proxy_bypass_environment(parts.hostname or "", proxies)
+
+
+class _Body:
+    """One response from a file GET: `status_code`, `headers` (case-insensitive `get`), `readinto(view)` -> bytes
+    read (at least 1; only what has arrived, so progress and cancel stay live), `read()` for a small error body,
+    `close()`. Transport failures raise _Transient; the connection goes back to its pool only when the body was
+    read to its end."""
+
+    def __init__(self, origins: _Origins, origin: tuple[str, str], conn, response):
+        self._origins, self._origin, self._conn, self._response = origins, origin, conn, response
+        self.status_code = response.status
+        self.headers = response.headers
+        # Content-Length bodies are read from the socket file directly (readinto1: what has arrived, without
+        # waiting to fill the buffer); chunked or unsized ones through http.client's own readinto.
+        self._left = None if response.chunked else response.length
+
+    def readinto(self, view) -> int:
+        try:
+            if self._left is None:
+                n = self._response.readinto(view)
+                if n == 0:
+                    raise _Transient("connection closed before the end of the body")
+                return n
+            if self._left == 0:
+                raise _Transient("read past the end of the body")
+            n = self._response.fp.readinto1(view[:self._left])
+        except (OSError, http.client.HTTPException) as error:
+            raise _Transient(f"{type(error).__name__}: {error}") from error
+        if n == 0:
+            raise _Transient(f"connection closed with {self._left} bytes of the body missing")
+        self._left -= n
+        return n
+
+    @property
+    def finished(self) -> bool:
+        return self._left == 0 or (self._left is None and self._response.isclosed())
+
+    def read(self) -> bytes:
+        try:
+            if self._left is None:
+                return self._response.read()
+            data = self._response.fp.read(self._left)
+            self._left -= len(data)
+            return data
+        except (OSError, http.client.HTTPException) as error:
+            raise _Transient(f"{type(error).__name__}: {error}") from error
+
+    def close(self) -> None:
+        done = self.finished and not self._response.will_close
+        self._response.close()
+        if done:
+            self._origins.give_back(*self._origin, self._conn)
+        else:
+            self._conn.close()
+
+
+class _HttpxBody:
+    """The same interface over an httpx streaming response (used when a proxy applies)."""
+
+    def __init__(self, response):
+        self._response = response
+        self.status_code = response.status_code
+        self.headers = response.headers
+        self._chunks = response.iter_raw()
+        self._spare = b""
+
+    def readinto(self, view) -> int:
+        import httpx
+
+        if not self._spare:
+            try:
+                self._spare = next(self._chunks, b"")
+            except httpx.TransportError as error:
+                raise _Transient(f"{type(error).__name__}: {error}") from error
+            if not self._spare:
+                raise _Transient("connection closed before the end of the body")
+        n = min(len(view), len(self._spare))
+        view[:n] = self._spare[:n]
+        self._spare = self._spare[n:]
+        return n
+
+    @property
+    def finished(self) -> bool:
+        """True when nothing is left of the body (reads ahead to find out)."""
+        import httpx
+
+        if not self._spare:
+            try:
+                self._spare = next(self._chunks, b"")
+            except httpx.TransportError as error:
+                raise _Transient(f"{type(error).__name__}: {error}") from error
+        return not self._spare
+
+    def read(self) -> bytes:
+        import httpx
+
+        try:
+            return self._response.read()
+        except httpx.TransportError as error:
+            raise _Transient(f"{type(error).__name__}: {error}") from error
+
+    def close(self) -> None:
+        self._response.close()
+
+
+def _get(job: "_Job", url: str, headers: dict):
+    """One GET of a file URL, without following redirects: a _Body or an _HttpxBody."""
+    if _proxied(url):
+        import httpx
+
+        try:
+            request = job.client.build_request("GET", url, headers=headers)
+            return _HttpxBody(job.client.send(request, stream=True))
+        except httpx.TransportError as error:
+            raise _Transient(f"{type(error).__name__}: {error}") from error
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise errors.HubError(f"the Hub sent a download URL that is neither http nor https: {url[:200]}")
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    origin = (parts.scheme, parts.netloc)
+    for attempt in range(2):
+        conn, reused = job.origins.take(*origin)
+        try:
+            if conn.sock is None:
+                conn.connect()
+                conn.sock.settimeout(READ_TIMEOUT_S)
+            conn.request("GET", target, headers=headers)
+            response = conn.getresponse()
+        except (OSError, http.client.HTTPException) as error:
+            conn.close()
+            if reused and attempt == 0:
+                continue      # the server closed an idle keep-alive connection: once more on a new one
+            raise _Transient(f"{type(error).__name__}: {error}") from error
+        return _Body(job.origins, origin, conn, response)
+    raise AssertionError("unreachable")
 
 
 def _resolve_url(endpoint: str, repo_id: str, sha: str, path: str) -> str:
@@ -559,6 +759,8 @@ class _Job:
     stopped: Callable[[], bool]
     connections: int = 1                # ranged connections per large file
     rate: "_RateLimit | None" = None    # the pull's bandwidth cap, shared by all its connections
+    origins: _Origins = field(default_factory=_Origins)   # keep-alive connections for file bodies
+    direct: dict = field(default_factory=dict)   # etag -> (URL, headers) the file's redirects ended at
 
 
 def _hash_existing(path: Path, verifier: _Verifier, size: int) -> None:
@@ -643,7 +845,7 @@ def _resume_parts(job: _Job, file: RemoteFile, partial: Path, verifier: _Verifie
         partial.unlink()
         have = 0
     if parts is None and job.connections > 1 and file.size - have >= 2 * PART_SIZE:
-        parts = _plan_parts(file.size, have)
+        parts = _plan_parts(file.size, have, job.connections)
     if parts is None:
         if have:
             _hash_existing(partial, verifier, have)    # resume: the hash covers the bytes already on disk
@@ -695,31 +897,48 @@ def _finish(job: _Job, file: RemoteFile, partial: Path, blob: Path, verifier: _V
 
 
 def _open_stream(job: _Job, file: RemoteFile, have: int, end: int | None = None):
-    """GET the file from `have` on (to `end`, exclusive, for one part); follows redirects by hand so the token
-    never goes to another origin."""
-    import httpx
+    """GET the file from `have` on (to `end`, exclusive, for one part): a _Body. Follows redirects by hand so the
+    token never goes to another origin.
 
+    The URL a file's redirects end at (the CDN's presigned URL) is remembered for the file's other parts, so
+    each part costs one request instead of a round trip to the Hub first; when that URL is refused (expired:
+    401/403/404/410), the part goes through the Hub again."""
+    span = {}
+    if end is not None:
+        span["range"] = f"bytes={have}-{end - 1}"
+    elif have:
+        span["range"] = f"bytes={have}-"
+    known = job.direct.get(file.etag)
+    if known is not None:
+        url, headers = known
+        response = _get(job, url, {**headers, **span})
+        if response.status_code not in (401, 403, 404, 410, *_REDIRECTS):
+            return response
+        _drain(response)
+        job.direct.pop(file.etag, None)
     url = _resolve_url(job.endpoint, job.repo_id, job.sha, file.path)
     headers = dict(job.headers)
-    if end is not None:
-        headers["range"] = f"bytes={have}-{end - 1}"
-    elif have:
-        headers["range"] = f"bytes={have}-"
-    for _hop in range(5):
-        try:
-            request = job.client.build_request("GET", url, headers=headers)
-            response = job.client.send(request, stream=True)
-        except httpx.TransportError as error:
-            raise _Transient(f"{type(error).__name__}: {error}") from error
-        if response.status_code not in (301, 302, 303, 307, 308):
+    for hop in range(5):
+        response = _get(job, url, {**headers, **span})
+        if response.status_code not in _REDIRECTS:
+            if hop and response.status_code in (200, 206):
+                job.direct[file.etag] = (url, headers)
             return response
         location = urljoin(url, response.headers.get("location", ""))
-        response.close()
+        _drain(response)
         if _origin(location) != _origin(url):
             # The CDN URL is presigned; the Hub token must not leak to it.
             headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         url = location
     raise errors.HubError(f"too many redirects while downloading {file.path} of {job.repo_id}.", repo=job.repo_id)
+
+
+def _drain(response) -> None:
+    """Read a redirect's or refusal's small body and close it, so its connection can be kept."""
+    try:
+        response.read()
+    finally:
+        response.close()
 
 
 def _check_range(response, file: RemoteFile, have: int) -> bool:
@@ -734,8 +953,6 @@ def _check_range(response, file: RemoteFile, have: int) -> bool:
 
 
 def _stream(job: _Job, file: RemoteFile, partial: Path, verifier: _Verifier, have: int) -> int:
-    import httpx
-
     response = _open_stream(job, file, have)
     try:
         if response.status_code not in (200, 206):
@@ -752,67 +969,76 @@ def _stream(job: _Job, file: RemoteFile, partial: Path, verifier: _Verifier, hav
             have = 0
         with open(partial, "ab" if append else "wb") as out:
             sink = _Sink(out, verifier, job, partial)
-            pending = bytearray()   # network pieces are small; write and hash in CHUNK_SIZE blocks
-
-            def flush() -> None:
-                nonlocal have, pending
-                if pending:
-                    sink.put(pending)
-                    have += len(pending)
-                    job.tracker.add(len(pending))
-                    pending = bytearray()
-
             try:
+                buffer = sink.buffer()     # filled by the network, written and hashed in SINK_BUFFER blocks
+                filled = 0
                 last_flush = time.monotonic()
-                for data in response.iter_raw():
-                    if have + len(pending) + len(data) > file.size:
-                        raise _Transient("server sent more bytes than the file has")
+                while have + filled < file.size:
+                    n = response.readinto(memoryview(buffer)[filled:min(len(buffer), file.size - have)])
                     if job.rate is not None:
-                        job.rate.take(len(data))
-                    pending += data
-                    if len(pending) >= CHUNK_SIZE or time.monotonic() - last_flush >= PROGRESS_INTERVAL_S:
-                        flush()
-                        last_flush = time.monotonic()
+                        job.rate.take(n)
+                    filled += n
+                    if filled == len(buffer) or time.monotonic() - last_flush >= PROGRESS_INTERVAL_S:
+                        sink.put(buffer, filled)
+                        have += filled
+                        job.tracker.add(filled)
+                        buffer, filled, last_flush = sink.buffer(), 0, time.monotonic()
                         if job.stopped():
                             raise errors.Cancelled(f"pull of {job.repo_id} cancelled; {file.path} is kept at "
                                                    f"{_fmt(have)} of {_fmt(file.size)} and a later pull resumes.")
-                flush()
-            except httpx.TransportError as error:   # dropped mid-body, read timeout: keep what did arrive
-                flush()
-                raise _Transient(f"{type(error).__name__}: {error}") from error
             finally:
-                sink.close()    # every byte counted in `have` is on disk and hashed before we go on
-        if have < file.size:
-            raise _Transient(f"connection closed at byte {have} of {file.size}")
+                try:
+                    if filled:      # what did arrive before a drop is kept, as the bytes before it are
+                        sink.put(buffer, filled)
+                        have += filled
+                        job.tracker.add(filled)
+                finally:
+                    sink.close()    # every byte counted in `have` is on disk and hashed before we go on
+        if not response.finished:
+            raise _Transient("server sent more bytes than the file has")
         return have
     finally:
         response.close()
 
 
 class _Sink:
-    """Writes and hashes in its own thread, so the next network read overlaps them (both release the GIL)."""
+    """Writes and hashes in its own thread, so the next network read overlaps them (both release the GIL).
+
+    BUFFERS buffers of SINK_BUFFER bytes go round: `buffer()` hands out a free one (waiting while all are
+    queued), `put()` queues one with its filled length, and the thread hands it back once written and hashed."""
+
+    BUFFERS = 8
 
     def __init__(self, out, verifier: _Verifier, job: _Job, partial: Path):
-        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._queue: queue.Queue = queue.Queue()
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(self.BUFFERS):
+            self._free.put(bytearray(SINK_BUFFER))
         self._error: BaseException | None = None
         self._args = (out, verifier, job, partial)
         self._thread = threading.Thread(target=self._run, name="mlxk-pull-sink", daemon=True)
         self._thread.start()
 
-    def put(self, data: bytearray) -> None:
+    def buffer(self) -> bytearray:
+        return self._free.get()
+
+    def put(self, data: bytearray, n: int) -> None:
         if self._error is not None:
             raise self._error
-        self._queue.put(data)
+        self._queue.put((data, n))
 
     def _run(self) -> None:
         out, verifier, job, partial = self._args
-        while (data := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
+            data, n = item
             if self._error is None:
                 try:
-                    _write(out, data, job, partial)
-                    verifier.update(data)
+                    view = memoryview(data)[:n]
+                    _write(out, view, job, partial)
+                    verifier.update(view)
                 except BaseException as error:   # handed to the download thread by put()/close()
                     self._error = error
+            self._free.put(data)
 
     def close(self) -> None:
         self._queue.put(None)
@@ -854,6 +1080,7 @@ def _write_failure(error: OSError, job: _Job, partial: Path) -> errors.MlxkError
 
 PARTS_SUFFIX = ".parts"
 PART_SIZE = 16 * 1024 * 1024        # one ranged request; a file of less than two goes over one connection
+TAIL_PART = 4 * 1024 * 1024        # the parts of a large file's last connections x PART_SIZE bytes
 PART_FLUSH = 256 * 1024             # bytes a part holds before writing and recording them: what a kill re-fetches
 _PARTS_MAGIC = b"MLXKPRT1"
 _PARTS_HEAD = struct.Struct("<8sQI")
@@ -897,15 +1124,27 @@ def _parts_path(partial: Path) -> Path:
     return partial.with_name(partial.name + PARTS_SUFFIX)
 
 
-def _plan_parts(size: int, have: int) -> list[_Part]:
-    """[0, have) is one finished part; the rest is split into parts of PART_SIZE to 2 x PART_SIZE bytes."""
-    count = max(1, (size - have) // PART_SIZE)
-    bounds = [have + (size - have) * i // count for i in range(count + 1)]
+def _plan_parts(size: int, have: int, connections: int = 1) -> list[_Part]:
+    """[0, have) is one finished part; the rest is split into parts of PART_SIZE to 2 x PART_SIZE bytes, except
+    the last `connections` x PART_SIZE bytes, which come in parts of TAIL_PART: parts are taken in order, so at
+    the end every connection is busy with a small part instead of one connection finishing a big one alone while
+    the others idle (through a CDN that caps each connection, that last part would run at one connection's rate)."""
+    tail = 0
+    if connections > 1 and PART_SIZE > TAIL_PART:
+        tail = min(connections * PART_SIZE, (size - have) // 2)
+        tail -= tail % TAIL_PART
+    bounds = _split(have, size - tail, PART_SIZE) + (_split(size - tail, size, TAIL_PART)[1:] if tail else [])
     parts = [_Part(0, 0, have, have)] if have else []
     parts += [_Part(0, a, b, 0) for a, b in zip(bounds, bounds[1:])]
     for i, part in enumerate(parts):
         part.index = i
     return parts
+
+
+def _split(start: int, end: int, size: int) -> list[int]:
+    """Bounds that cut [start, end) into max(1, length // size) near-equal pieces."""
+    count = max(1, (end - start) // size)
+    return [start + (end - start) * i // count for i in range(count + 1)]
 
 
 def _read_parts(path: Path, size: int | None) -> list[_Part] | None:
@@ -964,6 +1203,7 @@ class _FollowHasher:
     def __init__(self, fd: int, verifier: _Verifier, parts: list[_Part]):
         self.fd, self.verifier, self.parts = fd, verifier, parts
         self.hashed = 0
+        self._buffer = bytearray(SINK_BUFFER)   # read back and hashed while still in the CPU's cache
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="mlxk-pull-hash", daemon=True)
@@ -975,12 +1215,13 @@ class _FollowHasher:
 
     def _catch_up(self) -> None:
         target = _frontier(self.parts)
+        view = memoryview(self._buffer)
         while self.hashed < target:
-            data = os.pread(self.fd, min(CHUNK_SIZE, target - self.hashed), self.hashed)
-            if not data:
+            n = os.preadv(self.fd, [view[:min(len(view), target - self.hashed)]], self.hashed)
+            if not n:
                 break
-            self.verifier.update(data)
-            self.hashed += len(data)
+            self.verifier.update(view[:n])
+            self.hashed += n
 
     def _run(self) -> None:
         while True:
@@ -1072,6 +1313,8 @@ def _lane(job: _Job, file: RemoteFile, fd: int, record: _PartsFile, hasher: _Fol
 def _fetch_part(job: _Job, file: RemoteFile, fd: int, record: _PartsFile, hasher: _FollowHasher, part: _Part,
                 started: _Countdown | None, halt: threading.Event) -> None:
     for attempt in range(RETRIES + 1):
+        if part.pos >= part.end:
+            return
         try:
             _stream_part(job, file, fd, record, hasher, part, started, halt)
             return
@@ -1089,8 +1332,6 @@ def _fetch_part(job: _Job, file: RemoteFile, fd: int, record: _PartsFile, hasher
 
 def _stream_part(job: _Job, file: RemoteFile, fd: int, record: _PartsFile, hasher: _FollowHasher, part: _Part,
                  started: _Countdown | None, halt: threading.Event) -> None:
-    import httpx
-
     response = _open_stream(job, file, part.pos, part.end)
     try:
         if response.status_code != 206:
@@ -1105,27 +1346,27 @@ def _stream_part(job: _Job, file: RemoteFile, fd: int, record: _PartsFile, hashe
         if not match or int(match.group(1)) != part.pos or int(match.group(2)) != part.end - 1:
             raise _Transient(f"server answered Range bytes={part.pos}-{part.end - 1} with Content-Range "
                              f"{response.headers.get('content-range')!r}")
-        pending = bytearray()
+        buffer = bytearray(min(PART_FLUSH, part.end - part.pos))
+        filled = 0
 
         def flush() -> None:
-            nonlocal pending
-            if pending:
-                _pwrite_all(fd, pending, part.pos, job, file)
-                part.done += len(pending)
+            nonlocal filled
+            if filled:
+                _pwrite_all(fd, memoryview(buffer)[:filled], part.pos, job, file)
+                part.done += filled
                 record.record(part)        # after the data: the record never claims bytes that are not on disk
-                job.tracker.add(len(pending))
+                job.tracker.add(filled)
                 hasher.poke()
-                pending = bytearray()
+                filled = 0
 
         try:
             last = time.monotonic()
-            for data in response.iter_raw():
-                if part.pos + len(pending) + len(data) > part.end:
-                    raise _Transient("server sent more bytes than the part has")
+            while part.pos + filled < part.end:
+                n = response.readinto(memoryview(buffer)[filled:min(len(buffer), part.end - part.pos)])
                 if job.rate is not None:
-                    job.rate.take(len(data))
-                pending += data
-                if len(pending) >= PART_FLUSH or time.monotonic() - last >= PROGRESS_INTERVAL_S:
+                    job.rate.take(n)
+                filled += n
+                if filled == len(buffer) or time.monotonic() - last >= PROGRESS_INTERVAL_S:
                     flush()
                     last = time.monotonic()
                     if started is not None:
@@ -1136,14 +1377,12 @@ def _stream_part(job: _Job, file: RemoteFile, fd: int, record: _PartsFile, hashe
                                                f"{file.path} are kept and a later pull resumes them.")
                     if halt.is_set():
                         raise _PartStopped()
-            flush()
-        except httpx.TransportError as error:
-            flush()
-            raise _Transient(f"{type(error).__name__}: {error}") from error
+        finally:
+            flush()     # what did arrive before a drop or a stop is kept and recorded
         if started is not None:
             started.one()
-        if part.pos < part.end:
-            raise _Transient(f"connection closed at byte {part.pos} of part {part.start}-{part.end - 1}")
+        # A body longer than the range it answers (a broken server) is cut off at the part's end: the part has
+        # exactly its bytes, and close() drops that connection instead of keeping it.
     finally:
         response.close()
 
@@ -1465,7 +1704,10 @@ def pull(repo_id: str, *, revision: str | None = None, include=None, exclude=Non
             (repo / "blobs").mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise _write_error(repo_id, sha, "blobs/", error) from error
-        _download_all(job, missing, max_workers, stop)
+        try:
+            _download_all(job, missing, max_workers, stop)
+        finally:
+            job.origins.close()
 
     staging = _staging(repo, sha)
     try:

@@ -237,3 +237,20 @@ def test_a_full_disk_while_writing_a_part_is_disk_full_and_keeps_the_parts(hub, 
         hubmod.pull(repo_id, cache_dir=cache, endpoint=hub.endpoint, connections=2)
     blobs = _repo(cache, repo_id) / "blobs"
     assert len(list(blobs.glob("*.incomplete"))) == 1 and len(list(blobs.glob("*.incomplete.parts"))) == 1
+
+
+def test_the_last_parts_are_small_so_no_connection_finishes_alone():
+    """Parts are taken in order: the file's last connections x PART_SIZE bytes come in TAIL_PART pieces, so the
+    final round keeps every connection busy instead of one 16 MiB part running alone at one connection's rate."""
+    size = 1024 * MiB
+    parts = hubmod._plan_parts(size, 0, 8)
+    assert parts[0].start == 0 and parts[-1].end == size
+    assert all(a.end == b.start for a, b in zip(parts, parts[1:]))
+    tail = [p for p in parts if p.start >= size - 8 * hubmod.PART_SIZE]
+    assert {p.end - p.start for p in tail} == {hubmod.TAIL_PART}
+    assert {p.end - p.start for p in parts[:-len(tail)]} == {hubmod.PART_SIZE}
+    assert [p.index for p in parts] == list(range(len(parts)))
+    one = hubmod._plan_parts(size, 0, 1)           # one connection has no tail to balance
+    assert {p.end - p.start for p in one} == {hubmod.PART_SIZE}
+    resumed = hubmod._plan_parts(size, 100 * MiB + 3, 8)   # a resumed prefix is one finished part
+    assert resumed[0].end == resumed[0].done == 100 * MiB + 3 and resumed[-1].end == size
