@@ -114,7 +114,7 @@ class Embedder:
 
     def _run(self, requests: list[EmbedRequest]) -> None:
         try:
-            lm = self.engine.embedding_model(requests[0].model, requests[0].keep_alive)
+            lm = self.engine.models.for_embedding(requests[0].model, requests[0].keep_alive)
         except Exception as error:  # noqa: BLE001 — the load's own error, to each of its requests
             failure = error if isinstance(error, InferenceError) else Internal(str(error))
             for request in requests:
