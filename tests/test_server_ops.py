@@ -186,6 +186,19 @@ def test_api_modules_do_not_import_mlx(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+def test_mlxk_run_resolves_names_without_the_api_process_modules(tmp_path):
+    """`mlxk run` resolves a name (mlxk.catalog) before it starts a server: no FastAPI, no MLX on that path."""
+    code = (
+        "import sys\n"
+        "import mlxk.client.repl, mlxk.catalog\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'starlette', 'mlx', 'mlx_lm'))\n"
+        "assert not bad, bad\n"
+    )
+    env = {**os.environ, "MLXK_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def test_cors_off_by_default_and_on_when_configured(monkeypatch):
     from fastapi.testclient import TestClient
 

@@ -23,7 +23,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from mlxk.errors import MlxkError
-from mlxk.server import catalog
+from mlxk import catalog
 from mlxk.server.deps import ServerState
 from mlxk.server.errors import WorkerError
 from mlxk.workers.inference import protocol

@@ -14,7 +14,7 @@ from typing import Literal, Optional, Union
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlxk.server import catalog
+from mlxk import catalog
 from mlxk.server.deps import ServerState, State, parse_body, require_api_key
 from mlxk.server.errors import InvalidRequest
 from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, error_responses, request_body

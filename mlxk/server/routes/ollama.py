@@ -26,10 +26,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlxk import jobs, names
+from mlxk import catalog, jobs, names
 from mlxk.clock import parse_iso
 from mlxk.errors import MlxkError
-from mlxk.server import catalog, generation
+from mlxk.server import generation
 from mlxk.server.deps import ServerState, State, RequestId, parse_body, require_api_key
 from mlxk.server.errors import InvalidRequest, ollama_error_body
 from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, KeepAlive, error_responses, keep_alive_seconds, \

@@ -29,10 +29,9 @@ from typing import AsyncIterator, Callable
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from mlxk import __version__
+from mlxk import __version__, catalog
 from mlxk.errors import MlxkError
 from mlxk.clock import iso_utc, parse_iso
-from mlxk.server import catalog
 from mlxk.server.deps import Model, RequestId, State, ServerState, check_supported, parse_body, require_api_key
 from mlxk.server.errors import InvalidRequest, openai_error_body
 from mlxk.server.generation import SSE_HEADERS, Run, error_status, merge_tool_calls, naming, open_run, resolve, \
