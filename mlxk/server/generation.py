@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
-from typing import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import Response
 
-from mlxk.errors import MlxkError
 from mlxk import catalog
+from mlxk.errors import MlxkError
 from mlxk.server.deps import ServerState
-from mlxk.server.errors import WorkerError
+from mlxk.server.errors import InvalidRequest, WorkerError
 from mlxk.workers.inference import protocol
 
 log = logging.getLogger("mlxk.server.generation")
@@ -106,6 +108,42 @@ class Run:
         await self.events.aclose()
         self.state.metrics.finished(self.endpoint, status)
 
+    @contextlib.asynccontextmanager
+    async def closing(self):
+        """Close the run when the block ends: with the error's status (499 for a hang-up) when it raised."""
+        try:
+            yield self
+        except BaseException as error:
+            await self.close(status=error_status(error))
+            raise
+        await self.close()
+
+
+@dataclass
+class Collected:
+    """A non-streamed generation, whole: its text and reasoning joined, its tool calls merged, its done event."""
+    content: str = ""
+    reasoning: str = ""
+    calls: dict = field(default_factory=dict)   # index -> OpenAI-shaped tool call (merge_tool_calls)
+    done: dict = field(default_factory=dict)    # the worker's done event (finish_reason, usage, timings)
+
+
+async def collect(run: Run, on_event: Callable[[dict], None] | None = None) -> Collected:
+    """Drain `run` (after `accepted()`) into a Collected and close it; `on_event` sees every event on the way."""
+    content, reasoning, out = [], [], Collected()
+    async with run.closing():
+        async for event in run.rest():
+            if on_event is not None:
+                on_event(event)
+            if event.get("event") == protocol.EV_DELTA:
+                content.append(event.get("content") or "")
+                reasoning.append(event.get("reasoning") or "")
+                merge_tool_calls(out.calls, event.get("tool_calls") or [])
+            elif event.get("event") == protocol.EV_DONE:
+                out.done = event
+    out.content, out.reasoning = "".join(content), "".join(reasoning)
+    return out
+
 
 def open_run(state: ServerState, rid: str, servable: catalog.Servable, *, kind: str, params: protocol.Params,
              messages: list | None = None, prompt: str | None = None, endpoint: str, started: float,
@@ -115,6 +153,11 @@ def open_run(state: ServerState, rid: str, servable: catalog.Servable, *, kind: 
         id=rid, model=protocol.ModelRef(servable.key, servable.path), kind=kind, messages=messages, prompt=prompt,
         params=params))
     return Run(state, payload, endpoint, started=started, label=label or rid)
+
+
+def sse_event(event: dict) -> bytes:
+    """One server-sent event named by the event's own "type" (how Anthropic and the Responses API stream)."""
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
 
 
 def error_status(error: BaseException) -> int:
@@ -178,3 +221,42 @@ def merge_tool_calls(calls: dict[int, dict], deltas: list[dict]) -> None:
         if function.get("name"):
             call["function"]["name"] = function["name"]
         call["function"]["arguments"] += function.get("arguments") or ""
+
+
+@dataclass(frozen=True)
+class ContentParts:
+    """How a dialect writes message content as a list: which part types carry text (and in which field), which
+    are refused because this server runs text models, and how the texts join."""
+    unit: str                    # the dialect's word for one part: "block" (Anthropic), "part" (Responses)
+    text_fields: dict            # part type -> the field holding its text
+    refused: tuple               # part types answered with a 400 naming what to send instead
+    send_instead: str            # the part type to send instead
+    joiner: str
+
+
+# Anthropic Messages: text blocks joined by newlines (tool_result content, system blocks, system messages).
+ANTHROPIC_BLOCKS = ContentParts("block", {"text": "text"}, ("image",), "text", "\n")
+# OpenAI Responses: input/output text and refusals, joined as they are.
+RESPONSES_PARTS = ContentParts("part", {"input_text": "text", "output_text": "text", "text": "text",
+                                        "refusal": "refusal"}, ("input_image", "input_file"), "input_text", "")
+
+
+def text_of(content: Any, where: str, parts: ContentParts) -> str:
+    """A string, or the text of a list of content parts in `parts`' dialect; None is "". Other part types are
+    skipped (they carry no text the model could read). A 400 names `where` (the request field at fault)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{where}: must be a string or a list of content {parts.unit}s", param=where)
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise InvalidRequest(f"{where}[{j}]: a content {parts.unit} must be an object with a 'type'",
+                                 param=f"{where}[{j}]")
+        kind = part.get("type")
+        if kind in parts.text_fields:
+            texts.append(str(part.get(parts.text_fields[kind]) or ""))
+        elif kind in parts.refused:
+            raise InvalidRequest(f"{where}[{j}]: {kind} {parts.unit}s are not supported: this server runs text "
+                                 f"models; send {parts.send_instead}", param=f"{where}[{j}]")
+    return parts.joiner.join(texts)

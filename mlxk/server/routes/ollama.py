@@ -378,22 +378,9 @@ async def _stream(run: generation.Run, reply: Reply, timing: Timing) -> AsyncIte
 
 
 async def _collect(run: generation.Run, reply: Reply, timing: Timing) -> dict:
-    content, thinking, calls, done = [], [], {}, {}
-    try:
-        async for event in run.rest():
-            timing.mark(event)
-            if event.get("event") == protocol.EV_DELTA:
-                content.append(event.get("content") or "")
-                thinking.append(event.get("reasoning") or "")
-                generation.merge_tool_calls(calls, event.get("tool_calls") or [])
-            elif event.get("event") == protocol.EV_DONE:
-                done = event
-    except BaseException as error:
-        await run.close(status=generation.error_status(error))
-        raise
-    await run.close()
-    body = reply.chunk("".join(content), "".join(thinking), _tool_calls(calls) if calls else None, done=True)
-    return {**body, **timing.final(done)}
+    whole = await generation.collect(run, on_event=timing.mark)
+    body = reply.chunk(whole.content, whole.reasoning, _tool_calls(whole.calls) if whole.calls else None, done=True)
+    return {**body, **timing.final(whole.done)}
 
 
 async def _load_or_unload(state: ServerState, body: _Generate, servable: catalog.Servable, reply: Reply):
