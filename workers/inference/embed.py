@@ -1,16 +1,17 @@
 """Embeddings in the inference worker: the `embed` op, batched across requests.
 
-Which library: mlx-lm, the one the engine already loads models with. Embedding models built on decoder LMs
-(Qwen3-Embedding, gte-Qwen, e5-mistral: what mlx-community publishes most) load as mlx-lm models; the vector is
-the final hidden state of the last token (last-token pooling, as Qwen3-Embedding defines it), L2-normalized.
-mlx-embeddings 0.1.0 was the alternative: it also covers BERT-family encoders, but it imports mlx-vlm at module
-level, which brings opencv, datasets, pyarrow, scipy and mlx-audio into the worker. A model mlx-lm cannot load
-(BERT, XLM-RoBERTa) fails with a clear `model_failed` error naming that.
+Which code computes them: decoder-LM embedders (Qwen3-Embedding, gte-Qwen, e5-mistral: what mlx-community publishes
+most) load as mlx-lm models, the engine's loader; their vector is the final hidden state of the last token
+(last-token pooling, as Qwen3-Embedding defines it). BERT-family encoders (BERT, RoBERTa, XLM-RoBERTa: most
+sentence-transformers models) run on encoder.py, pooled as their sentence-transformers config says (mean, CLS, ...);
+its docstring says why that is not mlx-embeddings. Every vector is L2-normalized. Residency (residency.py) picks the
+code by config.json's model_type and loads, evicts and keeps alive both kinds like any model.
 
 Batching: requests arrive on the socket thread and wait in `pending`; one flush runs on the MLX thread (through
 Engine.call, so generation and embedding never touch MLX at once) and takes everything pending for a model, so
 requests that arrive while the thread is busy go through one padded forward pass together. Inputs are padded on
-the right: with causal attention, padding never changes the states of the real tokens before it.
+the right, and pooling counts real tokens only: a decoder's causal attention never lets a real token see the padding
+after it; an encoder gets the attention mask. So a text's vector does not depend on what it was batched with.
 """
 from __future__ import annotations
 
@@ -163,9 +164,10 @@ class Embedder:
     def _vectors(self, lm, rows: list[list[int]]) -> list[list[float]]:
         import mlx.core as mx
 
-        body = getattr(lm.model, "model", None)
-        if body is None:
-            raise ValueError("mlx-lm gives no hidden states for this model type")
+        from .encoder import pool
+
+        forward = self._forward(lm)
+        pad = lm.model.args.pad_token_id if lm.encoder else 0
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths pad less
         results: dict[int, list[float]] = {}
         start = 0
@@ -175,10 +177,10 @@ class Embedder:
                 end += 1
             chunk = order[start:end]
             width = max(len(rows[i]) for i in chunk)
-            padded = mx.array([rows[i] + [0] * (width - len(rows[i])) for i in chunk])
-            hidden = body(padded)                                        # (batch, width, hidden)
-            last = mx.array([len(rows[i]) - 1 for i in chunk])
-            pooled = hidden[mx.arange(len(chunk)), last].astype(mx.float32)
+            padded = mx.array([rows[i] + [pad] * (width - len(rows[i])) for i in chunk])
+            lengths = mx.array([len(rows[i]) for i in chunk])
+            mask = mx.arange(width)[None, :] < lengths[:, None]               # (batch, width): real tokens
+            pooled = pool(forward(padded, mask), mask, lengths, lm.pooling)   # (batch, hidden) float32
             mx.eval(pooled)
             for i, vector in zip(chunk, pooled.tolist()):
                 results[i] = vector
@@ -186,6 +188,17 @@ class Embedder:
             self.peak_batch_inputs = max(self.peak_batch_inputs, len(chunk))
             start = end
         return [results[i] for i in range(len(rows))]
+
+    @staticmethod
+    def _forward(lm):
+        """(padded ids, mask) -> hidden states: an encoder masks the padding (its attention looks both ways); a
+        decoder's causal attention never lets a real token see the padding after it, so it needs no mask."""
+        if lm.encoder:
+            return lm.model
+        body = getattr(lm.model, "model", None)
+        if body is None:
+            raise ValueError("mlx-lm gives no hidden states for this model type")
+        return lambda padded, mask: body(padded)
 
 
 def _shorten(vectors: list[list[float]], dimensions: int | None) -> list[list[float]]:

@@ -21,6 +21,7 @@ which the engine shares.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import threading
 import time
@@ -32,7 +33,7 @@ from typing import Any, Callable, Iterator
 from mlxk.detect import context_length  # the one definition `show` and the engine share
 
 from . import protocol
-from .errors import LoadFailed, ModelFailed, WorkerBusy, one_line, out_of_memory
+from .errors import BadRequest, LoadFailed, ModelFailed, WorkerBusy, one_line, out_of_memory
 from .protocol import ModelRef
 
 log = logging.getLogger("mlxk.inference.residency")
@@ -58,6 +59,8 @@ class LoadedModel:
     stop_sequences: dict = field(default_factory=dict)
     text_machines: dict = field(default_factory=dict)
     grammar_tokenizer: Any = None   # llguidance's view of the vocabulary, made on the first constrained request
+    encoder: bool = False        # a BERT-family encoder (encoder.py): it embeds, it cannot generate
+    pooling: str = "last"        # how embed.py pools its states (encoder.pool); decoders: the last token
 
     @property
     def key(self) -> str:
@@ -107,6 +110,8 @@ class Residency:
     def for_generation(self, ref: ModelRef, keep_alive: float | None) -> LoadedModel:
         """ref's model for a generate request; its keep-alive becomes the request's (None: the server default)."""
         lm = self.ensure_loaded(ref)
+        if lm.encoder:
+            raise BadRequest(f"{ref.repo_id} is an embedding model: it cannot generate text; use /v1/embeddings")
         lm.keep_alive_s = self.keep_alive_s if keep_alive is None else float(keep_alive)
         lm.unload_when_idle = lm.keep_alive_s == 0
         return lm
@@ -170,10 +175,16 @@ class Residency:
         from mlx_lm.models.cache import LRUPromptCache
         from mlx_lm.utils import load
 
+        from . import encoder
+
         started = time.perf_counter()
+        config = _read_config(path)
         try:
-            model, tokenizer, config = load(str(path), return_config=True)
-            self._probe(model)
+            if encoder.serves(config):
+                model, tokenizer, pooling = encoder.load(path, config)
+            else:
+                model, tokenizer, config = load(str(path), return_config=True)
+                self._probe(model)
         except Exception as e:  # any loader failure is this model's fault: its requests fail, nobody else's
             log.warning("loading %s failed: %s", ref.key, one_line(e))
             if out_of_memory(e):  # the machine's state, not the model's: retryable, and no verdict on the model
@@ -181,6 +192,13 @@ class Residency:
                                  "(mlxk stop) or retry") from None
             raise ModelFailed(ref.key, f"failed while loading: {one_line(e)}") from None
         memory = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+        if encoder.serves(config):
+            lm = LoadedModel(ref=ref, model=model, tokenizer=tokenizer, context_length=model.args.context_length,
+                             memory_bytes=memory, eos_ids=frozenset(), hidden_ids=frozenset(),
+                             keep_alive_s=self.keep_alive_s, encoder=True, pooling=pooling)
+            log.info("loaded encoder %s (%s pooling) from %s in %.2fs (%.1f MB)", ref.key, pooling, ref.path,
+                     time.perf_counter() - started, memory / 1e6)
+            return lm
         special = set(getattr(tokenizer, "all_special_ids", None) or [])
         markers = set()
         for seq in (tokenizer.think_start_tokens, tokenizer.think_end_tokens,
@@ -264,3 +282,12 @@ class Residency:
             expires = lm.expires_at()
             if lm.unload_when_idle or (expires is not None and now >= expires):
                 self.unload(key)
+
+
+def _read_config(path: Path) -> dict | None:
+    """config.json as a dict, or None when it cannot be read (the loader then says what is wrong with it)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
