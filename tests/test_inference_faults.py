@@ -241,6 +241,8 @@ def test_frozen_worker_is_reported_its_requests_get_503_and_it_serves_again_when
         try:
             state = until(lambda: (w := worker(srv))["state"] == "unresponsive" and w)
             assert time.monotonic() - frozen_at <= 5.0 and state["pid"] == pid
+            health = srv.health()  # the api answers, and says honestly that it cannot generate
+            assert health["status"] == "degraded" and "has not answered" in health["problems"][0]
             waiter.join(WAIT_S)
             assert failed["status"] == 503 and failed["body"]["code"] == "worker_unresponsive"
             assert failed["body"]["retryable"] is True and failed["at"] - frozen_at <= 5.0
@@ -257,6 +259,7 @@ def test_frozen_worker_is_reported_its_requests_get_503_and_it_serves_again_when
         release(home, "inference.admit")  # the request it was holding was abandoned; let that row go
         state = until(lambda: (w := worker(srv))["state"] == "ready" and w)
         assert (state["pid"], state["restarts"]) == (pid, 0)  # thawed in time: the same worker, not replaced
+        assert srv.health()["status"] == "ok" and "problems" not in srv.health()
 
         answered = {}
         again = threading.Thread(target=lambda: answered.update(reply=chat(srv, SCRIPTED_ID)))
