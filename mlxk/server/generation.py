@@ -176,14 +176,18 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-async def respond(request: Request, run: Run, exchange: Awaitable[Response]) -> Response:
-    """Run the worker exchange; if the client hangs up first, cancel it (which cancels the worker's row)."""
+HUNG_UP = object()   # what unless_hung_up gives when the client left first
+
+
+async def unless_hung_up(request: Request, exchange: Awaitable):
+    """exchange's result; HUNG_UP (with exchange cancelled) if the HTTP client hangs up first. A non-streamed
+    handler never writes before the end, so nothing else would notice the hang-up."""
     work = asyncio.ensure_future(exchange)
     hangup = asyncio.ensure_future(_until_disconnected(request))
     try:
         await asyncio.wait({work, hangup}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:  # the server is shutting down this handler: the exchange goes with it
-        work.cancel()  # (its own error path closes the run)
+        work.cancel()  # (its own error path cleans up)
         raise
     finally:
         hangup.cancel()
@@ -193,6 +197,14 @@ async def respond(request: Request, run: Run, exchange: Awaitable[Response]) -> 
     await asyncio.wait({work})
     if not work.cancelled():
         work.exception()  # mark it retrieved: whatever it ended with, nobody is left to receive it
+    return HUNG_UP
+
+
+async def respond(request: Request, run: Run, exchange: Awaitable[Response]) -> Response:
+    """Run the worker exchange; if the client hangs up first, cancel it (which cancels the worker's row)."""
+    result = await unless_hung_up(request, exchange)
+    if result is not HUNG_UP:
+        return result
     await run.close(status=CLIENT_CLOSED)  # closes the worker connection: the worker drops the row at its next step
     log.info("client of %s hung up before the reply: generation cancelled", run.label)
     return Response(status_code=CLIENT_CLOSED)  # nobody is left to read it

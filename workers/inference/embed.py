@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from .errors import BadRequest, InferenceError, Internal, ModelFailed, PromptTooLong
@@ -66,6 +66,7 @@ class Embedder:
         self._lock = threading.Lock()
         self.batches = 0
         self.peak_batch_inputs = 0   # most inputs that went through one forward pass: evidence of batching
+        self.cancelled = 0           # requests whose client left before their vectors came
 
     async def embed(self, message: dict) -> dict:
         request = parse_embed(message)
@@ -74,7 +75,13 @@ class Embedder:
             first = len(self._pending) == 1
         if first:  # one flush per burst; requests that come while it waits for the MLX thread join it
             self.engine.call(self._flush).add_done_callback(self._flushed)
-        return await asyncio.wrap_future(request.future)
+        try:
+            return await asyncio.wrap_future(request.future)  # cancelling this cancels request.future too
+        except asyncio.CancelledError:  # its client left: a request still pending never reaches a batch
+            with self._lock:
+                self._pending = [r for r in self._pending if r is not request]
+                self.cancelled += 1
+            raise
 
     def _flushed(self, done: Future) -> None:
         """A flush that could not run (the engine is stopping) or broke: no request may wait forever."""
@@ -86,13 +93,13 @@ class Embedder:
         failure = error if isinstance(error, InferenceError) else Internal(str(error))
         for request in stranded:
             if not request.future.done():
-                request.future.set_exception(failure)
+                _settle(request, error=failure)
 
     def stats(self) -> dict:
         with self._lock:
             waiting = len(self._pending)
         return {"embed_batches_total": self.batches, "embed_peak_batch_inputs": self.peak_batch_inputs,
-                "embed_waiting": waiting}
+                "embed_waiting": waiting, "embed_cancelled_total": self.cancelled}
 
     # ---- on the MLX thread -----------------------------------------------------------------------------------
 
@@ -102,6 +109,7 @@ class Embedder:
         checkpoint("embed.flush")  # tests hold the MLX thread here while requests pile up
         with self._lock:
             taken, self._pending = self._pending, []
+        taken = [request for request in taken if not request.future.done()]  # cancelled by a client that left
         by_model: dict[str, list[EmbedRequest]] = {}
         for request in taken:
             by_model.setdefault(request.model.key, []).append(request)
@@ -111,7 +119,7 @@ class Embedder:
         finally:  # a bug above must not leave a request waiting forever
             for request in taken:
                 if not request.future.done():
-                    request.future.set_exception(Internal("the embedding batch failed; see the worker log"))
+                    _settle(request, error=Internal("the embedding batch failed; see the worker log"))
 
     def _run(self, requests: list[EmbedRequest]) -> None:
         try:
@@ -119,31 +127,31 @@ class Embedder:
         except Exception as error:  # noqa: BLE001 — the load's own error, to each of its requests
             failure = error if isinstance(error, InferenceError) else Internal(str(error))
             for request in requests:
-                request.future.set_exception(failure)
+                _settle(request, error=failure)
             return
         ready = []
         for request in requests:
             try:
                 ready.append((request, self._tokens(lm, request)))
             except InferenceError as error:  # this request's input is at fault, not the others'
-                request.future.set_exception(error)
+                _settle(request, error=error)
         rows = [tokens for _, request_tokens in ready for tokens in request_tokens]
         try:
             vectors = self._vectors(lm, rows)
         except Exception as error:  # noqa: BLE001 — the model failed computing: fail its requests
             failure = ModelFailed(lm.key, f"failed while embedding: {error}")
             for request, _ in ready:
-                request.future.set_exception(failure)
+                _settle(request, error=failure)
             return
         at = 0
         for request, tokens in ready:
             mine = vectors[at:at + len(tokens)]
             at += len(tokens)
             try:
-                request.future.set_result({"event": EV_EMBEDDINGS, "embeddings": _shorten(mine, request.dimensions),
+                _settle(request, result={"event": EV_EMBEDDINGS, "embeddings": _shorten(mine, request.dimensions),
                                            "prompt_tokens": sum(len(t) for t in tokens)})
             except BadRequest as error:
-                request.future.set_exception(error)
+                _settle(request, error=error)
 
     @staticmethod
     def _tokens(lm, request: EmbedRequest) -> list[list[int]]:
@@ -199,6 +207,17 @@ class Embedder:
         if body is None:
             raise ValueError("mlx-lm gives no hidden states for this model type")
         return lambda padded, mask: body(padded)
+
+
+def _settle(request: EmbedRequest, *, result: dict | None = None, error: BaseException | None = None) -> None:
+    """Give the request its vectors or its error, unless its client cancelled it meanwhile (the future is done)."""
+    try:
+        if error is not None:
+            request.future.set_exception(error)
+        else:
+            request.future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 def _shorten(vectors: list[list[float]], dimensions: int | None) -> list[list[float]]:

@@ -483,25 +483,30 @@ def _keep_alive(value) -> float | None:
 
 
 @router.post("/api/embed", openapi_extra=request_body(EmbedRequest), responses=GENERATION_ERRORS)
-async def embed(request: Request, state: State) -> dict:
+async def embed(request: Request, state: State):
     body = await parse_body(request, EmbedRequest)
     inputs = [body.input] if isinstance(body.input, str) else body.input
     if not inputs or any(not text for text in inputs):
         raise InvalidRequest("input must be a non-empty string or a list of non-empty strings", param="input")
-    result = await embedding_routes.embed(state, body.model, inputs, dimensions=body.dimensions,
+    result = await embedding_routes.embed(request, state, body.model, inputs, dimensions=body.dimensions,
                                           keep_alive=_keep_alive(body.keep_alive))
+    if result is None:
+        return Response(status_code=generation.CLIENT_CLOSED)  # the client hung up: nobody reads this
     ns = int(result.total_s * 1e9)
     return {"model": body.model, "embeddings": result.vectors, "total_duration": ns, "load_duration": 0,
             "prompt_eval_count": result.prompt_tokens}
 
 
 @router.post("/api/embeddings", openapi_extra=request_body(LegacyEmbeddingsRequest), responses=GENERATION_ERRORS)
-async def embeddings(request: Request, state: State) -> dict:
+async def embeddings(request: Request, state: State):
     """The legacy route: one prompt, one vector."""
     body = await parse_body(request, LegacyEmbeddingsRequest)
     if not body.prompt:
         raise InvalidRequest("prompt must not be empty", param="prompt")
-    result = await embedding_routes.embed(state, body.model, [body.prompt], keep_alive=_keep_alive(body.keep_alive))
+    result = await embedding_routes.embed(request, state, body.model, [body.prompt],
+                                          keep_alive=_keep_alive(body.keep_alive))
+    if result is None:
+        return Response(status_code=generation.CLIENT_CLOSED)
     return {"embedding": result.vectors[0]}
 
 
