@@ -116,9 +116,14 @@ def test_bert_family_embedders_are_listed_runnable_and_others_say_why_not(server
         assert models[repo]["model_type"] == "embedding" and models[repo]["health"] == "healthy", models[repo]
         assert models[repo]["runtime_compatible"] is True
     assert models[ODD_ID]["runtime_compatible"] is False and "modernbert" in models[ODD_ID]["reason"]
+    ol = ollama.Client(host=server.url, headers=server.headers, timeout=60)
+    listed = {m.model for m in ol.list().models}
+    assert {f"{repo}:latest" for repo in MODELS} <= listed and f"{ODD_ID}:latest" not in listed
+    assert "embedding" in ol.show(BERT_ID).capabilities
     with server.http() as http:
         refused = http.post("/v1/embeddings", json={"model": ODD_ID, "input": "hello"})
-    assert refused.status_code == 422 and "modernbert" in refused.json()["error"]["message"]
+    error = refused.json()["error"]  # refused before the worker tries it: the index's verdict, even before its scan
+    assert refused.status_code == 400 and error["code"] == "model_not_runnable" and "modernbert" in error["message"]
 
 
 @pytest.mark.parametrize("repo", list(MODELS))
