@@ -4,7 +4,13 @@ Responses): a resolved model, one generate request to the inference worker, and 
 A dialect route is a translation: it turns its body into worker messages and `protocol.Params`, calls `open_run`,
 waits for `Run.accepted()` inside `respond()` (which cancels the worker row when the client hangs up), and shapes
 `Run.rest()`'s events into its own JSON or stream. Name resolution, warm models, batching and worker errors are
-therefore the same code for all of them; only the shapes differ.
+therefore the same code for all of them; only the shapes differ. The shared translation helpers live here too
+(`text_of` for content parts, `sse_event`, `collect`), so no adapter keeps its own copy.
+
+Layering of the serving path, each layer talking only to the one below: adapters (mlxk/server/routes/*) ->
+this module -> the supervisor (supervisor.py) speaking workers/inference/protocol.py -> the worker's socket server
+(workers/inference/server.py) -> the engine's batching loop (engine.py; embed.py for embeddings) -> residency
+(residency.py: loaded models, eviction, keep-alive).
 
 A client that hangs up cancels its generation in the worker (closing the worker connection is the cancel). A
 streamed response notices through Starlette, which stops the body iterator; a non-streamed one (and a request
