@@ -168,3 +168,19 @@ def test_the_factory_tokenizer_adds_cls_and_sep(files):
 
     tok = Tokenizer.from_str(files[BERT_ID]["tokenizer.json"].decode())
     assert tok.encode("hello world").tokens == ["[CLS]", "hello", "world", "[SEP]"]
+
+
+def test_mlxk_health_judges_encoders_runnable_and_names_an_unknown_type(model_factory, files):
+    """The full runtime check (the worker's scan, `mlxk health`), not only list's provisional verdict."""
+    from mlxk.detect import detect
+    from mlxk.health import check_integrity, check_runtime, inspect_repo
+
+    for repo_id, repo_files in files.items():
+        repo = model_factory.write(repo_id, repo_files)
+        view = inspect_repo(repo.repo_id, repo.repo_dir)
+        assert check_integrity(view) == []
+        finding = check_runtime(view, detect(view))
+        if repo_id == ODD_ID:
+            assert finding.rule == "unsupported_model_type" and "modernbert" in finding.message
+        else:
+            assert finding is None, finding
