@@ -6,6 +6,7 @@ against one-at-a-time (padding must be masked: encoder attention looks both ways
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import subprocess
@@ -17,6 +18,7 @@ import ollama
 import pytest
 
 from tests import factory
+from tests.fixtures.engine import no_compile_off_main_thread  # noqa: F401 (autouse: an in-process engine below)
 from tests.fixtures.server import API_KEY, spawn_server
 
 BERT_ID = "sentence-transformers-mlx/tiny-bert-mean"
@@ -184,3 +186,22 @@ def test_mlxk_health_judges_encoders_runnable_and_names_an_unknown_type(model_fa
             assert finding.rule == "unsupported_model_type" and "modernbert" in finding.message
         else:
             assert finding is None, finding
+
+
+def test_the_engine_refuses_to_generate_with_an_encoder_and_still_embeds_with_it(tmp_path, files):
+    """The api never sends one (the index says `embedding`), but the worker does not trust that: a generate request
+    for an encoder is a 400, and the model stays loaded for embeddings."""
+    from mlxk.workers.inference.embed import Embedder
+    from mlxk.workers.inference.engine import Engine
+    from tests.fixtures.engine import chat, collect, model_ref
+
+    ref = model_ref(factory.write_repo(tmp_path, BERT_ID, files[BERT_ID]))
+    engine = Engine().start()
+    try:
+        [error] = collect(engine.submit(chat(ref)))
+        assert error["type"] == "bad_request" and "is an embedding model" in error["message"]
+        embedder = Embedder(engine)
+        reply = asyncio.run(embedder.embed({"model": {"key": ref.key, "path": ref.path}, "inputs": ["hello"]}))
+        assert len(reply["embeddings"][0]) == 32 and [m["key"] for m in engine.status()["models"]] == [ref.key]
+    finally:
+        engine.stop()
