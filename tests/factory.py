@@ -502,13 +502,15 @@ BERT_WORDS = ("hello", "world", "the", "a", "an", "is", "of", "sentence", "diffe
 
 
 def tiny_bert_files(*, model_type: str = "bert", pooling: str = "mean", hidden: int = 32, layers: int = 2,
-                    seed: int = 0) -> dict[str, bytes]:
+                    seed: int = 0, quantize_bits: int | None = None) -> dict[str, bytes]:
     """A tiny BERT-family sentence-transformers model with random weights, as the Hub has them: Hugging Face
     parameter names (with the `pooler` and the `embeddings.position_ids` buffer an embedder ignores), a WordPiece
     tokenizer.json + vocab.txt adding [CLS]/[SEP], modules.json with Transformer, Pooling and Normalize modules and
     1_Pooling/config.json saying `pooling` ("mean", "cls", "max" or "lasttoken"). model_type "xlm-roberta" gives
-    RoBERTa positions (padding index 1, so two more position rows) and one token type. Written independently of the
-    worker's encoder, so a naming or masking mistake there shows in the tests."""
+    RoBERTa positions (padding index 1, so two more position rows) and one token type. `quantize_bits` stores every
+    embedding and linear weight MLX-quantized (group size 32, `mx.quantize`: packed `weight`, `scales`, `biases`)
+    with config.json's `quantization`, as mlx-community's conversions are. Written independently of the worker's
+    encoder, so a naming or masking mistake there shows in the tests."""
     import mlx.core as mx
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
@@ -558,6 +560,11 @@ def tiny_bert_files(*, model_type: str = "bert", pooling: str = "mean", hidden: 
         for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
             weights[at + norm + ".weight"] = 1 + rand(h) * 0.1
             weights[at + norm + ".bias"] = rand(h) * 0.1
+    if quantize_bits:
+        config["quantization"] = {"group_size": 32, "bits": quantize_bits}
+        for name in [n for n, v in weights.items() if n.endswith(".weight") and v.ndim == 2 and "LayerNorm" not in n]:
+            weights[name], weights[name[:-6] + "scales"], weights[name[:-6] + "biases"] = mx.quantize(
+                weights[name], group_size=32, bits=quantize_bits)
     with tempfile.TemporaryDirectory(prefix="mlxk-factory-bert-") as tmp:
         out = Path(tmp) / "model.safetensors"
         mx.save_safetensors(str(out), weights, metadata={"format": "pt"})

@@ -205,3 +205,29 @@ def test_the_engine_refuses_to_generate_with_an_encoder_and_still_embeds_with_it
         assert len(reply["embeddings"][0]) == 32 and [m["key"] for m in engine.status()["models"]] == [ref.key]
     finally:
         engine.stop()
+
+
+def test_a_quantized_conversion_loads_and_embeds_like_its_float_weights(tmp_path):
+    """mlx-community's BERT conversions are quantized (config.json `quantization`, packed weights with scales and
+    biases): they load with the same names, and 8-bit vectors point where the float ones do."""
+    from mlxk.workers.inference.embed import Embedder
+    from mlxk.workers.inference.engine import Engine
+    from tests.fixtures.engine import model_ref
+
+    plain = model_ref(factory.write_repo(tmp_path, "org/tiny-bert", factory.tiny_bert_files(seed=5)))
+    packed = model_ref(factory.write_repo(tmp_path, "org/tiny-bert-8bit",
+                                          factory.tiny_bert_files(seed=5, quantize_bits=8)))
+    engine = Engine(max_loaded=2).start()
+    try:
+        embedder = Embedder(engine)
+
+        def vectors(ref):
+            message = {"model": {"key": ref.key, "path": ref.path}, "inputs": TEXTS}
+            return asyncio.run(embedder.embed(message))["embeddings"]
+
+        for a, b in zip(vectors(plain), vectors(packed)):
+            assert 0.99 < sum(x * y for x, y in zip(a, b)) and a != b  # unit vectors: the dot is the cosine
+        memory = {m["key"]: m["memory_bytes"] for m in engine.status()["models"]}
+        assert memory[packed.key] < memory[plain.key] / 2
+    finally:
+        engine.stop()
