@@ -34,9 +34,14 @@ class MlxkError(Exception):
 
     @classmethod
     def from_dict(cls, data: dict | None, *, message: str | None = None) -> "MlxkError":
-        """The error `to_dict()` described, as its own class; `message` replaces the text (a caller's prefix)."""
+        """The error `to_dict()` described, as its own class; `message` replaces the text (a caller's prefix).
+
+        Also takes a `--json` envelope's error (`{"type": <mlx-knife's word>, "code": <mlxk's type>, ...}`,
+        see cli_error()): its `code` names the class."""
         data = dict(data or {})
-        kind = str(data.pop("type", None) or "error")
+        code = data.pop("code", None)
+        kind = str(code if isinstance(code, str) and code else data.pop("type", None) or "error")
+        data.pop("type", None)
         text = message if message is not None else str(data.pop("message", None) or "unknown error")
         data.pop("message", None)
         error = TYPES.get(kind, MlxkError).__new__(TYPES.get(kind, MlxkError))
@@ -62,6 +67,12 @@ class UsageError(MlxkError):
 
 class InvalidName(MlxkError):
     type = "invalid_name"
+
+
+class WorkspacePath(InvalidName):
+    """A folder path (`./dir`, `/abs/dir`, `~/dir`: mlx-knife's workspace) where only a model name will do: pull,
+    rm, run, clone and serve work on the HF cache; `show` and `health` are the commands that read a workspace."""
+    type = "workspace_path"
 
 
 class ModelNotFound(MlxkError):
@@ -168,3 +179,89 @@ class Internal(MlxkError):
 class WorkspaceInvalid(MlxkError):
     """A workspace that would push broken files (`mlxk push --check-only` findings)."""
     type = "workspace_invalid"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CLI's --json envelope speaks mlx-knife's error vocabulary (issue 12)
+#
+# Scripts written for mlx-knife's JSON API match `error.type` against its words (spec 0.2.3 "Error Handling", and
+# what mlx-knife 2.0.8 emits: see cli_error()). The envelope's `type` is that word; mlxk's own precise type stays
+# beside it as `code` (the word OpenAI's error shape uses for the same thing). Server HTTP error bodies keep their
+# dialects' shapes and are not translated here.
+
+KNIFE_TYPES: dict[str, str] = {
+    "error": "OperationError",
+    "config_error": "ValidationError",
+    "usage": "CommandError",              # 2.0.8: argparse errors under --json (exit 2)
+    "invalid_name": "ValidationError",
+    "workspace_path": "ValidationError",
+    "model_not_found": "model_not_found",
+    "ambiguous_match": "ambiguous_match",
+    "model_not_runnable": "ValidationError",
+    "cache_error": "OperationError",      # the spec: "Cache corruption, disk full"
+    "state_error": "OperationError",
+    "job_not_found": "ValidationError",
+    "response_not_found": "ValidationError",
+    "job_failed": "OperationError",
+    "job_cancelled": "OperationError",
+    "conflict": "OperationError",
+    "hub_error": "NetworkError",          # the Hub could not be reached or answered with an error
+    "repo_not_found": "download_failed",  # the spec's "Download Failed" example: "Repository not found ..."
+    "gated_repo": "access_denied",
+    "auth_error": "auth_error",
+    "revision_not_found": "download_failed",
+    "invalid_hub_reply": "download_failed",
+    "integrity_error": "download_failed",
+    "disk_full": "OperationError",
+    "cancelled": "OperationError",
+    "server_unavailable": "NetworkError",
+    "internal": "InternalError",
+    "workspace_invalid": "ValidationError",
+    # types the CLI rebuilds from a server's reply (mlxk.client.connection.server_error) that no class here holds:
+    # the api's and the inference worker's own
+    "invalid_request": "ValidationError",
+    "bad_request": "ValidationError",
+    "context_length_exceeded": "ValidationError",
+    "invalid_api_key": "auth_error",
+    "busy": "OperationError",
+    "worker_restarting": "OperationError",
+    "worker_unresponsive": "OperationError",
+    "load_failed": "OperationError",
+    "model_failed": "OperationError",
+    "server_error": "InternalError",
+}
+
+# Where a command says it differently (mlx-knife 2.0.8's operations): `run` reports every failure as
+# execution_error (its usage errors stay CommandError; a prompt too long for the model is context_length_exceeded); `pull` has its Hub refusals as access_denied and every
+# other Hub failure as download_failed; `rm` a model another job holds as locks_present and a workspace path as
+# workspace_model ("Cannot delete workspace model"); `clone` Hub failures as
+# clone_failed and an existing target as ValidationError; `push` a missing repo as repo_not_found.
+_HUB = ("hub_error", "repo_not_found", "gated_repo", "auth_error", "revision_not_found", "invalid_hub_reply",
+        "integrity_error")
+KNIFE_COMMAND_TYPES: dict[str, dict[str, str]] = {
+    "run": {**{kind: "execution_error" for kind in KNIFE_TYPES if kind != "usage"},
+            "context_length_exceeded": "context_length_exceeded"},   # 2.0.8's one typed run error
+    "pull": {**{kind: "download_failed" for kind in _HUB},
+             "repo_not_found": "access_denied", "gated_repo": "access_denied", "auth_error": "access_denied"},
+    "rm": {"conflict": "locks_present", "workspace_path": "workspace_model"},
+    "clone": {**{kind: "clone_failed" for kind in _HUB}, "conflict": "ValidationError"},
+    "push": {"repo_not_found": "repo_not_found"},
+}
+
+
+def knife_type(kind: str, command: str | None = None) -> str:
+    """mlx-knife's word for mlxk's error type `kind` in `command`'s --json envelope; a type from another process
+    that this one does not know maps as a plain error (OperationError, or run's execution_error)."""
+    table = KNIFE_COMMAND_TYPES.get(command or "", {})
+    if kind in table:
+        return table[kind]
+    if kind not in KNIFE_TYPES:
+        return table.get("error", KNIFE_TYPES["error"])
+    return KNIFE_TYPES[kind]
+
+
+def cli_error(error: MlxkError, command: str | None = None) -> dict:
+    """The `error` of a --json envelope: `{"type": mlx-knife's word, "code": mlxk's type, "message", ...details}`.
+    MlxkError.from_dict() reads it back (by `code`)."""
+    body = error.to_dict()
+    return {"type": knife_type(error.type, command), "code": body.pop("type"), **body}

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlxk import cache
-from mlxk.registry import ENCODER_MODEL_TYPES
+from mlxk.registry import ENCODER_MODEL_TYPES, unsupported_reason
 from mlxk.units import human_size
 
 if TYPE_CHECKING:
@@ -381,25 +381,26 @@ def check_config(view: RepoView) -> list[Finding]:
     error = view.config_error
     if error is None:
         if not view.config:
-            return [Finding("config_not_object", "config.json is an empty object")]
+            return [Finding("config_not_object", "config.json is empty or invalid: an empty object")]
         return []
     if error == "missing":
         if gguf_only(view):
             return []  # GGUF files carry their config inside; runtime rules say what to do with them
-        return [Finding("config_missing", "config.json is missing")]
+        return [Finding("config_missing", "config.json missing")]
     if error == "dangling":
         return [Finding("config_missing", "config.json links to a blob that is gone")]
     if error.startswith("unreadable"):
         return [Finding("file_unreadable", f"config.json cannot be read: {error.split(': ', 1)[1]}")]
     if error.startswith("invalid_json"):
-        return [Finding("config_invalid_json", f"config.json is not valid JSON ({error.split(': ', 1)[1]})")]
-    return [Finding("config_not_object", "config.json is not a JSON object")]
+        return [Finding("config_invalid_json", f"config.json contains invalid JSON ({error.split(': ', 1)[1]})")]
+    return [Finding("config_not_object", "config.json is empty or invalid: not a JSON object")]
 
 
 def check_weights_present(view: RepoView) -> list[Finding]:
     if view.weight_files or view.index_files:
         return []
-    return [Finding("no_weights", "no weight files (*.safetensors, *.gguf, *.bin) in the snapshot")]
+    return [Finding("no_weights", "No model weights found: no weight files (*.safetensors, *.gguf, *.bin) in "
+                                  "the snapshot")]
 
 
 def check_index_shards(view: RepoView) -> list[Finding]:
@@ -418,7 +419,8 @@ def check_index_shards(view: RepoView) -> list[Finding]:
         for shard in sorted(set(map(str, weight_map.values()))):
             name = f"{folder}/{shard}" if folder else shard
             if not view.has(name):
-                findings.append(Finding("index_shard_missing", f"{name} (listed in {index.name}) is missing"))
+                findings.append(Finding("index_shard_missing",
+                                        f"Index/shard mismatch: {name} (listed in {index.name}) is missing"))
     return findings
 
 
@@ -427,10 +429,11 @@ def check_shard_contents(view: RepoView) -> list[Finding]:
     findings = []
     for entry in view.weight_files:
         if entry.size == 0:
-            findings.append(Finding("shard_empty", f"{entry.name} is empty (0 bytes)"))
+            findings.append(Finding("shard_empty", f"Empty weight shards: {entry.name} is empty (0 bytes)"))
         elif is_lfs_pointer(entry):
-            findings.append(Finding("shard_lfs_pointer", f"{entry.name} is a Git LFS pointer, not the weights "
-                                                         "(fetch it with git lfs pull or pull the model again)"))
+            findings.append(Finding("shard_lfs_pointer", f"LFS pointers instead of files: {entry.name} is a Git LFS "
+                                                         "pointer, not the weights (fetch it with git lfs pull or "
+                                                         "pull the model again)"))
     return findings
 
 
@@ -446,7 +449,8 @@ def check_shards_without_index(view: RepoView) -> list[Finding]:
         if index not in seen and not view.has(index):
             seen.add(index)
             findings.append(Finding("shards_without_index",
-                                    f"{entry.name} is one of {int(match['n'])} shards but {index} is missing"))
+                                    f"Safetensors index missing for sharded model: {entry.name} is one of "
+                                    f"{int(match['n'])} shards but {index} is missing"))
     return findings
 
 
@@ -502,13 +506,13 @@ def check_tokenizer(view: RepoView) -> list[Finding]:
         return []
     wants = [n for n in ("tokenizer_config.json", *CHAT_TEMPLATE_FILES) if view.has(n)]
     if wants:
-        why = f"{wants[0]} is present"
+        why = f"{wants[0]} present"
     elif (dims := _vocab_and_hidden(view.config or {})) is not None and view.weight_files and not gguf_only(view):
         why = f"config.json declares a vocabulary of {dims[0]} tokens"
     else:
         return []
-    return [Finding("tokenizer_missing", f"{why} but no tokenizer file (tokenizer.json, tokenizer.model, vocab.json) "
-                                         f"is; pull {view.repo_id} again")]
+    return [Finding("tokenizer_missing", f"{why} but tokenizer.json missing (nor is there a tokenizer.model or "
+                                         f"vocab.json); pull {view.repo_id} again")]
 
 
 def check_tokenizer_json(view: RepoView) -> list[Finding]:
@@ -730,10 +734,11 @@ def _mlx_name(view: RepoView) -> str:
 def check_framework(view: RepoView, detection: "Detection") -> Finding | None:
     if detection.framework == "gguf":
         gguf = next((f.name for f in view.weight_files if f.name.endswith(".gguf")), "a .gguf file")
-        return Finding("framework_gguf", f"GGUF weights ({gguf}): mlx-lm cannot run them; use an MLX conversion "
-                                         f"such as mlx-community/{_mlx_name(view)}")
+        return Finding("framework_gguf", f"Incompatible framework: GGUF ({gguf}): mlx-lm cannot run GGUF weights; "
+                                         f"use an MLX conversion such as mlx-community/{_mlx_name(view)}")
     if detection.framework == "pytorch":
-        return Finding("framework_pytorch", "PyTorch/Transformers weights without MLX markers: mlx-lm cannot run "
+        return Finding("framework_pytorch", "Incompatible framework: PyTorch (Transformers weights without MLX "
+                                            "markers): mlx-lm cannot run "
                                             f"them as they are; convert with `mlx_lm.convert --hf-path {view.repo_id}`"
                                             f" or use an MLX conversion such as mlx-community/{_mlx_name(view)}")
     if detection.framework != "mlx":
@@ -746,8 +751,9 @@ def check_legacy_weights(view: RepoView, detection: "Detection") -> Finding | No
     legacy = [f.name for f in view.files if "/" not in f.name and LEGACY_WEIGHTS.match(f.name)]
     modern = [n for n in view.root_names if n.startswith("model") and n.endswith(".safetensors")]
     if legacy and not modern:
-        return Finding("legacy_weights", f"{legacy[0]} uses a legacy weight file name that mlx-lm does not load "
-                                         "(it expects model*.safetensors); re-convert it with a current mlx_lm.convert")
+        return Finding("legacy_weights", f"Legacy format not supported by mlx-lm: {legacy[0]} is a legacy weight "
+                                         "file name (mlx-lm loads model*.safetensors); re-convert it with a current "
+                                         "mlx_lm.convert")
     return None
 
 
@@ -763,8 +769,7 @@ def check_model_type(view: RepoView, detection: "Detection") -> Finding | None:
     if model_type in ENCODER_MODEL_TYPES:
         return None  # the inference worker's own encoder runs it (workers/inference/encoder.py)
     if not model_type_supported(model_type, config.get("architectures")):
-        return Finding("unsupported_model_type", f"model type '{model_type}' is not supported by "
-                                                 f"{mlx_lm_signature()}; upgrade mlx-lm (pip install -U mlx-lm)")
+        return Finding("unsupported_model_type", unsupported_reason(model_type, mlx_lm_signature()))
     return None
 
 

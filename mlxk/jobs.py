@@ -10,6 +10,7 @@ shows a dead job as running.
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from contextlib import closing
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 from mlxk.config import settings
 from mlxk.db import jobs as jobs_db
 from mlxk.errors import (AmbiguousMatch, Cancelled, Conflict, InvalidName, JobCancelled, JobFailed, JobNotFound,
-                         MlxkError, ModelNotFound)
+                         MlxkError, ModelNotFound, WorkspacePath)
 from mlxk.workers import process
 # Re-exported for callers that ask the jobs layer about processes (the server's runtime, tests).
 from mlxk.workers.process import (STALE_S, connect, ensure_worker, holder_alive, hostname,  # noqa: F401
@@ -58,7 +59,7 @@ def enqueue_pull(name: str, *, include=(), exclude=(), max_rate: float | None = 
     from mlxk import names
     from mlxk.config import settings
 
-    expanded, _ = names.expand_for_pull(name)   # a bare NAME is mlx-community/NAME, for the CLI and the api alike
+    expanded, _ = pull_name(name)   # mlx-knife's rules, for the CLI and the api alike
     ref = names.parse(expanded, allow_bare=False)
     s = settings()
     rate = s.max_rate if max_rate is None else max_rate
@@ -67,15 +68,47 @@ def enqueue_pull(name: str, *, include=(), exclude=(), max_rate: float | None = 
     return _enqueue("pull", ref.repo, args)
 
 
+def pull_name(name: str) -> tuple[str, str | None]:
+    """What a pull of `name` fetches, as mlx-knife 2.0.8 resolves it: (the name to pull, the repo id a short name
+    became, or None). `org/name[@REV]` is itself. A bare `NAME[@REV]` that means one cached model (names.resolve:
+    exact, then the one model of that name, then the one substring match) is that model, so `pull Phi-3-mini`
+    updates the cached mlx-community/Phi-3-mini-4k-instruct-4bit; one that matches several cached models is an
+    ambiguous_match; one that matches none is mlx-community/NAME (names.expand_for_pull)."""
+    from mlxk import names
+
+    ref = names.parse(name, allow_bare=True)
+    if "/" not in ref.repo:
+        try:
+            repo, _fuzzy = resolve_cached(ref.repo)
+        except ModelNotFound:
+            pass
+        else:
+            return str(names.ModelRef(repo, ref.revision)), repo
+    return names.expand_for_pull(name)
+
+
 def cached_for_offline_pull(name: str) -> tuple[str, str]:
     """HF_HUB_OFFLINE=1 (huggingface_hub's own switch): a pull cannot ask the Hub, so it answers from the cache at
     once, as mlx-knife does: (repo id, cached commit) when `name` (bare = mlx-community/NAME, `@REV` a cached
     revision) is cached; else HubError saying why nothing can be downloaded. No job is queued either way. (An
     unreachable Hub without that switch is an error: the pull could not check for a newer revision.)"""
-    from mlxk import cache, names
+    from mlxk import names
     from mlxk.errors import HubError
 
-    expanded, _ = names.expand_for_pull(name)
+    found = cached_copy(name)
+    if found is None:
+        ref = names.parse(pull_name(name)[0], allow_bare=False)
+        raise HubError(f"HF_HUB_OFFLINE is set and {ref} is not cached, so it cannot be downloaded; unset "
+                       "HF_HUB_OFFLINE to pull it.", repo=ref.repo)
+    return found
+
+
+def cached_copy(name: str) -> tuple[str, str] | None:
+    """(repo id, commit) of the cached snapshot a pull of `name` would fetch (pull_name(); `@REV` a cached
+    revision, else the current one), or None when it is not cached."""
+    from mlxk import cache, names
+
+    expanded, _ = pull_name(name)
     ref = names.parse(expanded, allow_bare=False)
     path = cache.repo_dir(settings().hf_hub_cache, ref.repo)
     revisions = cache.list_revisions(path)
@@ -84,10 +117,7 @@ def cached_for_offline_pull(name: str) -> tuple[str, str]:
                else cache.current_revision(path, revisions) if revisions else None)
     except ModelNotFound:
         sha = None
-    if sha is None:
-        raise HubError(f"HF_HUB_OFFLINE is set and {ref} is not cached, so it cannot be downloaded; unset "
-                       "HF_HUB_OFFLINE to pull it.", repo=ref.repo)
-    return ref.repo, sha
+    return None if sha is None else (ref.repo, sha)
 
 
 def enqueue_clone(name: str, dest: Path) -> Enqueued:
@@ -407,6 +437,12 @@ def resolve_removal(name: str) -> RemovalTarget:
     """What `rm NAME[@REV]` means: the same names, branches, tags and hash prefixes as `show` and `run`."""
     from mlxk import names
 
+    if names.is_workspace_path(name):   # mlx-knife's `workspace_model` refusal: rm never deletes outside the cache
+        path = Path(name).expanduser().resolve()
+        raise WorkspacePath(
+            f"Cannot delete workspace model {name!r}: mlxk rm removes models from the HF cache only, never a folder "
+            f"outside it. If you mean to delete the folder, do it yourself: rm -rf {shlex.quote(str(path))}",
+            name=name, path=str(path))
     ref = names.parse(name, allow_bare=True)
     repo, fuzzy = resolve_cached(ref.repo)
     revision = pick_cached_revision(repo, ref.revision) if ref.revision else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mlxk.errors import AmbiguousMatch, InvalidName, ModelNotFound
+from mlxk.errors import AmbiguousMatch, InvalidName, ModelNotFound, WorkspacePath
 
 MAX_REPO_ID_LENGTH = 96
 _PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?$")
@@ -72,6 +72,8 @@ def parse(name: str, *, allow_bare: bool = True) -> ModelRef:
     if name is None or not name.strip():
         raise _fail(name or "", "it is empty")
     text = name.strip()
+    if is_workspace_path(text):
+        raise not_a_name(name)
     if text.lower().endswith(LATEST_TAG) and len(text) > len(LATEST_TAG):
         text = text[: -len(LATEST_TAG)]
     repo, sep, revision = text.partition("@")
@@ -106,6 +108,15 @@ def is_workspace_path(name: str) -> bool:
     """A model folder on disk (`./my-model`, `/abs/dir`, `~/dir`), not a cached repo name: what mlx-knife's API
     calls a workspace path. Repo ids never start like this (validate_repo_id refuses a leading '/' or '.')."""
     return name in (".", "..") or name.startswith(WORKSPACE_PREFIXES)
+
+
+def not_a_name(path: str) -> WorkspacePath:
+    """The error for a workspace path where a model name is needed (mlx-knife 2.0.8 accepts one in `show`,
+    `health` and `run`, refuses it in `rm`, and fails a `pull` of one with a Hub error)."""
+    return WorkspacePath(
+        f"{path!r} is a folder path (a workspace), not a model name: pull, rm, run, clone and serve work on the HF "
+        f"cache. `mlxk show {path}` and `mlxk health {path}` read a workspace; give a Hub repo id like "
+        "'mlx-community/Qwen3-4B-4bit' or the name of a cached model.", name=path)
 
 
 DEFAULT_ORG = "mlx-community"  # where a bare name points, as mlx-knife expands it
@@ -171,7 +182,9 @@ def resolve_revision(repo_id: str, revision: str, revisions: list[str]) -> str:
             matches=hits,
         )
     cached = ", ".join(r[:12] for r in revisions) or "none"
-    raise ModelNotFound(f"revision {revision!r} of {repo_id} is not cached (cached: {cached}).", name=repo_id)
+    # available_hashes: mlx-knife's error field for the revisions there are (its schema's `error.available_hashes`)
+    raise ModelNotFound(f"revision {revision!r} of {repo_id} is not cached (cached: {cached}).", name=repo_id,
+                        available_hashes=list(revisions))
 
 
 def pick_revision(repo_id: str, revision: str, revisions: list[str], refs: dict[str, str]) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import click
 
 from mlxk.clock import iso_utc, parse_iso  # noqa: F401 - re-exported for renderers
-from mlxk.errors import MlxkError
+from mlxk.errors import MlxkError, cli_error
 from mlxk.units import human_size  # noqa: F401 - re-exported for renderers
 
 
@@ -38,11 +38,13 @@ def json_mode() -> bool:
 
 
 def envelope(command: str, data: Any = None, error: MlxkError | None = None) -> dict:
+    """The --json document. `error.type` speaks mlx-knife's vocabulary and `error.code` is mlxk's own type
+    (mlxk.errors.cli_error, the one table)."""
     return {
         "status": "error" if error else "success",
         "command": command,
         "data": data,
-        "error": error.to_dict() if error else None,
+        "error": cli_error(error, command) if error else None,
     }
 
 

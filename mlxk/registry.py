@@ -59,9 +59,14 @@ def verdict(registry: dict | None, config: dict | None) -> tuple[bool, str | Non
     remapped = next((target for kind, architecture, target in registry["arch_remap"]
                      if kind == model_type and architecture in architectures), None)
     if (remapped or registry["remap"].get(model_type, model_type)) not in registry["modules"]:
-        return False, (f"model type '{model_type}' is not supported by {registry['signature']}; "
-                       "upgrade mlx-lm (pip install -U mlx-lm)")
+        return False, unsupported_reason(model_type, registry["signature"])
     return True, None
+
+
+def unsupported_reason(model_type: str, signature: str) -> str:
+    """The reason of a model type mlx-lm does not know (this verdict and health.check_model_type's), starting with
+    mlx-knife 2.0.8's own words for it ("Model type X not supported"), so scripts matching them keep working."""
+    return f"Model type {model_type} not supported by {signature}; upgrade mlx-lm (pip install -U mlx-lm)"
 
 
 def _version(package: Path) -> str:

@@ -122,4 +122,4 @@ def test_json_without_a_prompt_in_a_terminal_is_a_usage_error(chat_server):
     child.expect(pexpect.EOF)
     child.close()
     doc = json.loads(child.before.replace("\r\n", "\n"))
-    assert child.exitstatus == 2 and doc["error"]["type"] == "usage" and "needs a PROMPT" in doc["error"]["message"]
+    assert child.exitstatus == 2 and doc["error"]["code"] == "usage" and "needs a PROMPT" in doc["error"]["message"]

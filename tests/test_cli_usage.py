@@ -33,7 +33,7 @@ def test_a_usage_error_under_json_is_one_envelope(argv, command, words):
     assert result.exit_code == 2, result.output
     doc = json.loads(result.stdout)   # one document, nothing else on stdout
     assert doc["status"] == "error" and doc["command"] == command and doc["data"] is None
-    assert doc["error"]["type"] == "usage" and words in doc["error"]["message"]
+    assert doc["error"]["code"] == "usage" and words in doc["error"]["message"]
     assert "Traceback" not in result.stderr
 
 

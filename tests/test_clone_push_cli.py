@@ -49,7 +49,7 @@ def test_clone_into_a_non_empty_directory_is_refused(tiny_model, tmp_path, reap_
     dest.mkdir()
     (dest / "keep.txt").write_text("mine")
     result, doc = run_json("clone", tiny_model.repo_id, str(dest))
-    assert result.exit_code == 1 and doc["error"]["type"] == "conflict"
+    assert result.exit_code == 1 and doc["error"]["code"] == "conflict"
     assert (dest / "keep.txt").read_text() == "mine"
 
 
@@ -65,7 +65,7 @@ def test_push_check_only_is_offline_and_immediate(tiny_model, tmp_path, reap_wor
 
     (ws / "config.json").unlink()
     bad, doc = run_json("push", str(ws), "org/target", "--check-only")
-    assert bad.exit_code == 1 and doc["error"]["type"] == "workspace_invalid"
+    assert bad.exit_code == 1 and doc["error"]["code"] == "workspace_invalid"
     assert "config.json" in doc["error"]["message"]
     from mlxk.db import jobs as jobs_db
 
@@ -132,7 +132,7 @@ def test_push_refuses_what_check_only_rejects_unless_forced(tiny_model, tmp_path
     refused, doc = run_json("push", str(ws), "org/target", "--private")
 
     assert check.exit_code == 1 and refused.exit_code == 1
-    assert doc["error"]["type"] == "workspace_invalid" and "--force" in doc["error"]["message"]
+    assert doc["error"]["code"] == "workspace_invalid" and "--force" in doc["error"]["message"]
     assert doc["error"]["findings"][0]["rule"] == check_doc["data"]["findings"][0]["rule"]
     from mlxk.db import jobs as jobs_db
 
@@ -153,7 +153,7 @@ def test_clone_of_an_unhealthy_cached_model_says_what_is_wrong(hub, worker, hf_c
 
     assert result.exit_code == 1
     error = doc["error"]
-    assert error["type"] == "cache_error" and error["reason"]
+    assert error["code"] == "cache_error" and error["reason"]
     assert f"{repo} is cached but unhealthy: {error['reason']}" in error["message"]
     assert f"`mlxk health {repo}`" in error["message"]
     assert "the Hub could not replace it (repo_not_found)" in error["message"]
@@ -168,6 +168,6 @@ def test_clone_with_an_ambiguous_hash_prefix_lists_the_matches_offline(model_fac
     model_factory.repo("org/twice", revision="abc1" + "0" * 36, ref=None)
     model_factory.repo("org/twice", ModelSpec(seed=7), revision="abc2" + "0" * 36)
     result, doc = run_json("clone", "org/twice@abc", str(tmp_path / "ws"))
-    assert result.exit_code == 1 and doc["error"]["type"] == "ambiguous_match"
+    assert result.exit_code == 1 and doc["error"]["code"] == "ambiguous_match"
     assert sorted(doc["error"]["matches"]) == ["abc1" + "0" * 36, "abc2" + "0" * 36]
     assert not (tmp_path / "ws").exists()

@@ -211,4 +211,4 @@ def test_mlxk_embed_prints_vectors(server):
     data = json.loads(doc.stdout)["data"]
     assert data["dimensions"] == HIDDEN and _close(data["embeddings"][0], json.loads(lines[0]))
     wrong = mlxk("embed", SCRIPTED_ID, "x", "--json")
-    assert wrong.returncode == 1 and json.loads(wrong.stdout)["error"]["type"] == "model_not_runnable"
+    assert wrong.returncode == 1 and json.loads(wrong.stdout)["error"]["code"] == "model_not_runnable"

@@ -12,6 +12,7 @@ TYPES = {
     "cache_error", "state_error", "job_not_found", "job_failed", "job_cancelled", "conflict", "hub_error",
     "repo_not_found", "gated_repo", "auth_error", "revision_not_found", "integrity_error", "disk_full", "cancelled",
     "server_unavailable", "internal", "workspace_invalid", "response_not_found",
+    "workspace_path",
 }
 
 
@@ -42,3 +43,62 @@ def test_a_job_that_crashed_is_reported_as_internal():
     from mlxk.workers.signals import error_record
 
     assert error_record(ZeroDivisionError("boom")) == {"type": "internal", "message": "ZeroDivisionError: boom"}
+
+
+# mlx-knife's words (spec 0.2.3 "Error Handling" and what mlx-knife 2.0.8's operations emit): the only values the
+# CLI's --json `error.type` may take
+KNIFE_WORDS = {"ValidationError", "ambiguous_match", "model_not_found", "download_failed", "NetworkError",
+               "PermissionError", "OperationError", "InternalError", "locks_present", "auth_error", "clone_failed",
+               "execution_error", "access_denied", "CommandError", "repo_not_found", "workspace_model",
+               "context_length_exceeded"}
+
+
+@pytest.mark.parametrize("kind", sorted(set(TYPES) | set(errors.KNIFE_TYPES)))
+def test_every_type_has_mlx_knifes_word_in_every_command(kind):
+    """A new type cannot be forgotten: each one maps, in every command, onto mlx-knife's vocabulary."""
+    assert kind in errors.KNIFE_TYPES
+    for command in (None, "list", "show", "health", "rm", "pull", "run", "version", "clone", "push", "jobs show"):
+        assert errors.knife_type(kind, command) in KNIFE_WORDS, (kind, command)
+
+
+@pytest.mark.parametrize("kind, command, word", [
+    ("invalid_name", "pull", "ValidationError"), ("ambiguous_match", "show", "ambiguous_match"),
+    ("model_not_found", "rm", "model_not_found"), ("repo_not_found", "pull", "access_denied"),
+    ("hub_error", "pull", "download_failed"), ("hub_error", "list", "NetworkError"),
+    ("conflict", "rm", "locks_present"), ("workspace_path", "rm", "workspace_model"),
+    ("model_not_found", "run", "execution_error"), ("usage", "run", "CommandError"),
+    ("internal", "show", "InternalError"), ("context_length_exceeded", "run", "context_length_exceeded"),
+    ("busy", "run", "execution_error"), ("invalid_api_key", "ps", "auth_error"),
+    ("repo_not_found", "clone", "clone_failed"), ("auth_error", "push", "auth_error"),
+    ("from_the_future", "show", "OperationError"), ("from_the_future", "run", "execution_error"),
+])
+def test_mlx_knife_words_as_2_0_8_emits_them(kind, command, word):
+    assert errors.knife_type(kind, command) == word
+
+
+def test_an_envelope_error_keeps_mlxks_type_as_code_and_reads_back():
+    original = errors.ModelNotFound("no cached model matches 'x'.", name="x", suggestions=[])
+    body = errors.cli_error(original, "run")
+    assert body == {"type": "execution_error", "code": "model_not_found", "message": "no cached model matches 'x'.",
+                    "name": "x", "suggestions": []}
+    rebuilt = errors.MlxkError.from_dict(body)
+    assert type(rebuilt) is errors.ModelNotFound and rebuilt.to_dict() == original.to_dict()
+
+
+@pytest.mark.parametrize("status, body, cls", [
+    (404, {"error": {"message": "no cached model matches 'x'.", "type": "invalid_request_error",
+                     "code": "model_not_found", "param": "model"}}, errors.ModelNotFound),              # OpenAI
+    (400, {"type": "error", "error": {"type": "invalid_request_error", "message": "bad", "code": "workspace_path"}},
+     errors.WorkspacePath),                                                                           # Anthropic
+    (404, {"error": "model 'x' not found"}, errors.ModelNotFound),                                     # Ollama
+])
+def test_a_server_error_rebuilt_by_the_cli_keeps_its_class_and_enters_the_envelope_by_the_table(status, body, cls):
+    """Server bodies keep their dialects' shapes (mlxk's type as `code`); the CLI rebuilds the class
+    (connection.server_error → MlxkError.from_dict) and its --json envelope then speaks mlx-knife's words."""
+    from mlxk.client.connection import server_error
+
+    rebuilt = server_error(status, body, "fallback")
+    assert type(rebuilt) is cls and rebuilt.http_status == status
+    envelope_error = errors.cli_error(rebuilt, "run")
+    assert (envelope_error["type"], envelope_error["code"]) == ("execution_error", cls.type)
+    assert type(errors.MlxkError.from_dict(envelope_error)) is cls

@@ -26,7 +26,7 @@ REASON_NAMES = {
     "gguf": "tiny-model-Q4_K_M.gguf",
     "pytorch": "mlx_lm.convert",
     "legacy_weights": "weights.00.safetensors",
-    "unsupported_model_type": "'notamodel'",
+    "unsupported_model_type": "Model type notamodel not supported",
     "config_missing": "config.json",
     "config_invalid_json": "config.json",
     "config_not_object": "config.json",
@@ -93,11 +93,11 @@ def test_every_variant_has_a_reason_expectation():
 
 def test_runtime_messages_name_the_fix(model_factory):
     _, _, gguf = verdict(model_factory.variant("gguf"))
-    assert gguf.message == ("GGUF weights (tiny-model-Q4_K_M.gguf): mlx-lm cannot run them; "
+    assert gguf.message == ("Incompatible framework: GGUF (tiny-model-Q4_K_M.gguf): mlx-lm cannot run GGUF weights; "
                             "use an MLX conversion such as mlx-community/tiny")
     _, _, unsupported = verdict(model_factory.variant("unsupported_model_type"))
     version = importlib.metadata.version("mlx-lm")
-    assert unsupported.message == (f"model type 'notamodel' is not supported by mlx-lm {version}; "
+    assert unsupported.message == (f"Model type notamodel not supported by mlx-lm {version}; "
                                    "upgrade mlx-lm (pip install -U mlx-lm)")
 
 
@@ -173,7 +173,7 @@ def test_broken_revision_beside_refs_main_does_not_count(model_factory):
 def test_config_empty_object(model_factory):
     repo = model_factory.write("org/empty-config", {**chat_files(), "config.json": b"{}"})
     assert [(f.rule, f.message) for f in health.check_config(view_of(repo))] == \
-        [("config_not_object", "config.json is an empty object")]
+        [("config_not_object", "config.json is empty or invalid: an empty object")]
 
 
 def test_config_dangling_link_is_config_missing(model_factory):
@@ -209,7 +209,7 @@ def test_index_in_a_nested_folder_resolves_shards_beside_it(model_factory):
     (repo.path(f"sub/dir/{SHARD2}")).unlink()
     findings = health.check_index_shards(view_of(repo))
     assert [f.message for f in findings] == \
-        [f"sub/dir/{SHARD2} (listed in sub/dir/model.safetensors.index.json) is missing"]
+        [f"Index/shard mismatch: sub/dir/{SHARD2} (listed in sub/dir/model.safetensors.index.json) is missing"]
 
 
 def test_index_that_is_not_usable(model_factory):
@@ -321,7 +321,7 @@ def test_chat_template_without_tokenizer_is_unhealthy(model_factory):
     files = {k: v for k, v in chat_files().items() if not k.startswith("tokenizer")}
     files["chat_template.jinja"] = b"{% for m in messages %}{{ m.content }}{% endfor %}"
     (finding,) = health.check_tokenizer(view_of(model_factory.write("org/tpl", files)))
-    assert finding.rule == "tokenizer_missing" and finding.message.startswith("chat_template.jinja is present")
+    assert finding.rule == "tokenizer_missing" and finding.message.startswith("chat_template.jinja present but tokenizer.json missing")
 
 
 @pytest.mark.parametrize("name, mutate, fragment", [
@@ -592,7 +592,7 @@ def _int_weights(files: dict) -> dict:
 
 
 @pytest.mark.parametrize("name, broken, fragment", [
-    ("no-tokenizer", lambda f: {k: v for k, v in f.items() if not k.startswith("tokenizer")}, "no tokenizer file"),
+    ("no-tokenizer", lambda f: {k: v for k, v in f.items() if not k.startswith("tokenizer")}, "tokenizer.json missing"),
     ("stray-byte", _stray_byte_config, "tokenizer_config.json is not valid JSON"),
     ("int-weights", _int_weights, "tensor model.embed_tokens.weight is I32"),
     ("wrong-vocab", lambda f: _with_config(f, vocab_size=999), "999 x 64"),

@@ -145,7 +145,7 @@ def test_the_original_reproductions_fail_and_list_never_calls_them_healthy(hub, 
     for repo_id, named in ((escape, "../../../../../victim.txt"), (secret, "notes.txt")):
         result, doc = run_json("pull", repo_id, "--wait")
         assert result.exit_code == 1, doc
-        assert doc["error"]["type"] == "invalid_hub_reply" and repr(named) in doc["error"]["message"], doc
+        assert doc["error"]["code"] == "invalid_hub_reply" and repr(named) in doc["error"]["message"], doc
     # clone uses the healthy cached commit: the secret is nowhere in the workspace.
     result, doc = run_json("clone", secret, str(world / "workspace"), "--wait")
     assert result.exit_code == 0, doc

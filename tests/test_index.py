@@ -248,7 +248,7 @@ def test_model_object_speaks_mlx_knife(conn, hf_cache):
     broken = objects["mlx-community/tiny-config-missing"]
     # mlx-knife says runtime_compatible false when integrity failed; null is reserved for "pending"
     assert (broken["health"], broken["runtime_compatible"]) == ("unhealthy", False)
-    assert broken["reason"] == "config.json is missing"
+    assert broken["reason"] == "config.json missing"
 
 
 def test_sqlite_renders_the_same_model_objects_as_python(conn, hf_cache, model_factory):

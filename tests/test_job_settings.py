@@ -59,7 +59,7 @@ def test_a_cli_without_a_token_never_borrows_the_workers(hub, worker_manager):
     result, doc = run_json("pull", repo, "--wait")
 
     assert result.exit_code == 1, doc
-    assert doc["error"]["type"] == "repo_not_found" and "HF_TOKEN" in doc["error"]["message"]
+    assert doc["error"]["code"] == "repo_not_found" and "HF_TOKEN" in doc["error"]["message"]
     assert all(r.token is None for r in hub.requests)
 
 
@@ -73,9 +73,13 @@ def test_the_cli_endpoint_is_used_an_unreachable_hub_fails(hub, worker_manager, 
     result, doc = run_json("pull", repo, "--wait")
 
     assert result.exit_code == 1, doc
-    assert doc["error"]["type"] == "hub_error"
+    assert doc["error"]["code"] == "hub_error" and doc["error"]["type"] == "download_failed"
     assert "cannot reach the Hub at http://127.0.0.1:1" in doc["error"]["message"]
     assert "up to date" not in result.stderr
+    # ...but a script can tell that the model is cached and how to use it without the Hub (issue 12)
+    cached = repo_path(repo) / "refs" / "main"
+    assert doc["data"]["cached"] is True and doc["data"]["hash"] == doc["error"]["hash"] == cached.read_text()
+    assert doc["error"]["cached"] is True and "set HF_HUB_OFFLINE=1" in doc["error"]["hint"]
     assert "settings" not in doc["data"]   # pull's document shows no cache paths (mlx-knife's API); jobs show does
     assert run_json("jobs", "show", doc["data"]["id"])[1]["data"]["settings"]["endpoint"] == "http://127.0.0.1:1"
 

@@ -73,7 +73,7 @@ def test_failed_pull_is_a_failed_job_with_a_clear_message_and_nothing_cached(hub
     result, doc = run_json("pull", repo, "--wait")
 
     assert result.exit_code == 1
-    assert doc["status"] == "error" and doc["error"]["type"] == error_type, doc
+    assert doc["status"] == "error" and doc["error"]["code"] == error_type, doc
     assert words in doc["error"]["message"].lower() and repo in doc["error"]["message"]
     job = doc["data"]
     assert job["state"] == "failed" and job["error"]["type"] == error_type
@@ -165,7 +165,7 @@ def test_retry_refuses_a_succeeded_job_and_cancel_a_finished_one(hub, worker, mo
     job_id = json.loads(run("pull", repo, "--wait", "--json").stdout)["data"]["id"]
 
     result, doc = run_json("jobs", "retry", job_id)
-    assert result.exit_code == 1 and doc["error"]["type"] == "conflict"
+    assert result.exit_code == 1 and doc["error"]["code"] == "conflict"
     assert "only failed or cancelled" in doc["error"]["message"]
     result, doc = run_json("jobs", "cancel", job_id)
     assert result.exit_code == 1 and "already succeeded" in doc["error"]["message"]
@@ -196,7 +196,7 @@ def test_jobs_list_show_prefix_and_json(hub, worker):
     assert doc["data"]["id"] == job_id and doc["data"]["state"] == "succeeded"
 
     result, doc = run_json("jobs", "show", "ffffffffffff")
-    assert result.exit_code == 1 and doc["error"]["type"] == "job_not_found"
+    assert result.exit_code == 1 and doc["error"]["code"] == "job_not_found"
 
 
 def test_ambiguous_job_prefix_is_an_error(worker_manager):
@@ -207,7 +207,7 @@ def test_ambiguous_job_prefix_is_an_error(worker_manager):
             jobs_db.create_job(conn, id=job_id, kind="scan", target="*", args={}, task_id=job_id)
             jobs_db.finish(conn, job_id, state="succeeded", from_states=("queued",))
     result, doc = run_json("jobs", "show", "abc")
-    assert result.exit_code == 1 and doc["error"]["type"] == "ambiguous_match"
+    assert result.exit_code == 1 and doc["error"]["code"] == "ambiguous_match"
     assert "abc111111111" in doc["error"]["message"] and "abc222222222" in doc["error"]["message"]
     assert json.loads(run("jobs", "show", "abc2", "--json").stdout)["data"]["id"] == "abc222222222"
 
@@ -242,7 +242,7 @@ def test_corrupt_queue_db_is_a_clear_error(worker_manager):
 
     result, doc = run_json("pull", "org/anything")
 
-    assert result.exit_code == 1 and doc["error"]["type"] == "state_error"
+    assert result.exit_code == 1 and doc["error"]["code"] == "state_error"
     assert str(home / "queue.db") in doc["error"]["message"] and "delete" in doc["error"]["message"]
     from mlxk.db import jobs as jobs_db
 

@@ -122,7 +122,7 @@ def test_duplicate_pull_cancel_and_retry(client, hub):
 
 
 @pytest.mark.parametrize("body, code", [
-    ({"model": "../etc"}, "invalid_name"),
+    ({"model": "../etc"}, "workspace_path"),   # a folder path, not a name (names.not_a_name)
     ({"model": "na..me"}, "invalid_name"),   # a bare name is mlx-community/NAME, still validated
     ({"model": "org/na..me"}, "invalid_name"),
     ({"model": "a/b/c"}, "invalid_name"),

@@ -80,7 +80,7 @@ def test_health_columns(variants):
     assert header == ["NAME", "ID", "SIZE", "MODIFIED", "TYPE", "HEALTH", "RUNTIME", "REASON"]
     lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:-1]}
     assert "unhealthy" in lines["mlx-community/tiny-config-missing"]
-    assert "config.json is missing" in lines["mlx-community/tiny-config-missing"]
+    assert "config.json missing" in lines["mlx-community/tiny-config-missing"]
     assert " pending " in lines["mlx-community/tiny-healthy-chat"]
     assert " no " in lines["example-org/tiny-gguf"]
 
@@ -141,7 +141,7 @@ def test_bad_patterns_are_refused_before_anything_is_touched(pattern, model_fact
     result = mlxk("list", "--json", pattern)
     assert result.exit_code == 1
     document = json.loads(result.stdout)
-    assert document["status"] == "error" and document["error"]["type"] == "invalid_name"
+    assert document["status"] == "error" and document["error"]["code"] == "invalid_name"
     assert "invalid model name" in document["error"]["message"]
     assert not isolated.exists()  # MLXK_HOME (state.db) was never created
     text = mlxk("list", pattern)

@@ -5,8 +5,8 @@ from mlxk.errors import AmbiguousMatch, InvalidName, ModelNotFound
 
 
 @pytest.mark.parametrize("bad, problem", [
-    ("../x", "'..'"),
-    ("/etc/passwd", "slash"),
+    ("../x", "is a folder path (a workspace), not a model name"),   # names.not_a_name: a WorkspacePath
+    ("/etc/passwd", "is a folder path (a workspace), not a model name"),
     ("a//b", "double slash"),
     ("org/name/extra", "more than one '/'"),
     ("o/" + "n" * 95, "at most 96"),
@@ -129,3 +129,13 @@ def test_a_short_mistyped_name_gets_did_you_mean():
     assert info.value.details["suggestions"] == ["mlx-community/Qwen3-0.6B-4bit"]
     assert "Did you mean: mlx-community/Qwen3-0.6B-4bit?" in info.value.message
     assert names.suggest("zzzz", ["mlx-community/Qwen3-0.6B-4bit"]) == []
+
+
+@pytest.mark.parametrize("path", ["./my-model", "../x", "/abs/dir", "~/models/x", ".", ".."])
+def test_a_workspace_path_is_not_a_model_name_and_says_which_commands_read_one(path):
+    from mlxk.errors import WorkspacePath
+
+    with pytest.raises(WorkspacePath) as info:
+        names.parse(path)
+    assert info.value.type == "workspace_path" and isinstance(info.value, InvalidName)
+    assert f"`mlxk show {path}` and `mlxk health {path}` read a workspace" in info.value.message

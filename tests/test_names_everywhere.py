@@ -40,9 +40,12 @@ def test_every_cli_entry_point_refuses_a_bad_name_before_any_work(name, tmp_path
         assert result.exit_code == 1, (argv, result.output)
         if argv in (["show", name], ["health", name]) and is_workspace_path(name):
             # a workspace path (mlx-knife's API): read-only, outside the cache, and this one is no model folder
-            assert doc["error"]["type"] == "model_not_found" and "is not a" in doc["error"]["message"]
+            assert doc["error"]["code"] == "model_not_found" and "is not a" in doc["error"]["message"]
             continue
-        assert doc["error"]["type"] == "invalid_name", (argv, doc)
+        # a path where a model name is needed: invalid_name's workspace_path, which names the commands that read one
+        # (push's destination is a Hub repo id, checked as one)
+        path = is_workspace_path(name) and argv[0] != "push"
+        assert doc["error"]["code"] == ("workspace_path" if path else "invalid_name"), (argv, doc)
         assert repr(name) in doc["error"]["message"] or repr(name.partition("@")[0]) in doc["error"]["message"], \
             (argv, doc)
     assert _no_jobs()
@@ -71,7 +74,10 @@ def test_the_jobs_api_refuses_a_bad_name_with_400_naming_it(api, route, body):
         response = http.post(route, json=body)
         assert response.status_code == 400, response.text
         error = response.json()["error"]
-        assert error["code"] == "invalid_name" and repr(bad) in error["message"], error
+        from mlxk.names import is_workspace_path
+
+        expected = "workspace_path" if route.endswith("/pull") and is_workspace_path(bad) else "invalid_name"
+        assert error["code"] == expected and repr(bad) in error["message"], error
         assert http.get("/api/jobs", params={"all": "1"}).json()["jobs"] == before
 
 

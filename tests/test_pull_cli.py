@@ -90,7 +90,9 @@ def test_include_and_exclude_reach_the_download(hub, worker):
 def test_invalid_names_are_refused_before_any_job(worker_manager):
     for name in ("../etc", "org/na..me", "a/b/c", "na..me"):
         result, doc = run_json("pull", name)
-        assert result.exit_code == 1 and doc["error"]["type"] == "invalid_name", (name, doc)
+        expected = "workspace_path" if name.startswith(".") else "invalid_name"   # a path, not a name at all
+        assert result.exit_code == 1 and doc["error"]["code"] == expected, (name, doc)
+        assert doc["error"]["type"] == "ValidationError"
     from mlxk.db import jobs as jobs_db
 
     with state_db() as conn:
@@ -113,7 +115,9 @@ def test_pull_speaks_mlx_knifes_api_bare_names_expand_to_mlx_community(hub, work
     assert doc["data"]["download_status"] == "already_exists" and doc["data"]["expanded_name"] is None
 
     result, doc = run_json("pull", "org/does-not-exist", "--wait")
-    assert result.exit_code == 1 and doc["status"] == "error" and doc["data"]["download_status"] == "failed"
+    assert result.exit_code == 1 and doc["status"] == "error"
+    # mlx-knife 2.0.8's words for a repo the Hub does not have (or will not show)
+    assert doc["data"]["download_status"] == "access_denied" and doc["error"]["type"] == "access_denied"
     result, doc = run_json("pull", "org/does-not-exist-either")
     assert result.exit_code == 0 and doc["data"]["download_status"] in ("queued", "running", "failed")
 
@@ -137,7 +141,7 @@ def test_offline_pull_of_a_cached_model_says_already_exists_and_queues_nothing(m
         assert "HF_HUB_OFFLINE" in data["message"]
 
     result, doc = run_json("pull", "mlx-community/not-here")
-    assert result.exit_code == 1 and doc["error"]["type"] == "hub_error", doc
+    assert result.exit_code == 1 and doc["error"]["code"] == "hub_error", doc
     assert doc["data"]["download_status"] == "error" and "HF_HUB_OFFLINE" in doc["error"]["message"]
     with state_db() as conn:
         assert jobs_db.list_jobs(conn) == []

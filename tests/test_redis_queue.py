@@ -240,7 +240,7 @@ def test_unreachable_redis_is_a_one_line_error_naming_the_url_and_the_fix():
                              text=True, timeout=30)
     assert as_json.returncode == 1 and "Traceback" not in as_json.stderr
     doc = json.loads(as_json.stdout)
-    assert doc["status"] == "error" and doc["error"]["type"] == "state_error"
+    assert doc["status"] == "error" and doc["error"]["code"] == "state_error"
     assert url in doc["error"]["message"] and doc["error"]["queue_url"] == url
     # It failed before anything was recorded: no job row, no queue.db, no worker left trying.
     history = subprocess.run([*MLXK, "jobs", "--all", "--json"], cwd=ROOT, env=env, capture_output=True,
@@ -272,7 +272,7 @@ def test_redis_going_away_after_start_is_still_a_clear_error(redis_server, monke
     result, doc = run_json("pull", "org/after-redis-died")
 
     assert result.exit_code == 1
-    assert doc["error"]["type"] == "state_error", doc
+    assert doc["error"]["code"] == "state_error", doc
     assert f"MLXK_QUEUE_URL={redis_server.url} cannot be reached" in doc["error"]["message"], doc
     with state_db() as conn:
         from mlxk.db import jobs as jobs_db
@@ -290,5 +290,5 @@ def test_redis_url_without_the_redis_client_names_the_extra(monkeypatch):
     queue.forget()
     result, doc = run_json("pull", "org/anything")
 
-    assert result.exit_code == 1 and doc["error"]["type"] == "config_error", doc
+    assert result.exit_code == 1 and doc["error"]["code"] == "config_error", doc
     assert "mlxk[redis]" in doc["error"]["message"] and "redis://127.0.0.1:1/0" in doc["error"]["message"]

@@ -65,10 +65,10 @@ def test_ambiguous_and_unknown_names(model_factory):
     model_factory.repo("org/alpha-one")
     model_factory.repo("org/alpha-two")
     result, doc = run_json("rm", "alpha", "--force")
-    assert result.exit_code == 1 and doc["error"]["type"] == "ambiguous_match"
+    assert result.exit_code == 1 and doc["error"]["code"] == "ambiguous_match"
     assert doc["data"]["matches"] == ["org/alpha-one", "org/alpha-two"]  # in data, as mlx-knife's API has them
     result, doc = run_json("rm", "org/nothing-like-it")
-    assert result.exit_code == 1 and doc["error"]["type"] == "model_not_found"
+    assert result.exit_code == 1 and doc["error"]["code"] == "model_not_found"
 
 
 def test_rm_at_hash_removes_only_that_revision_and_its_own_blobs(model_factory):
@@ -103,7 +103,7 @@ def test_rm_is_refused_while_a_job_holds_the_model(indexed):
 
     result, doc = run_json("rm", indexed.repo_id)
 
-    assert result.exit_code == 1 and doc["error"]["type"] == "conflict"
+    assert result.exit_code == 1 and doc["error"]["code"] == "conflict"
     assert "feedbeef0001" in doc["error"]["message"] and "mlxk jobs cancel feedbeef0001" in doc["error"]["message"]
     assert indexed.repo_dir.exists()
 
@@ -168,7 +168,7 @@ def test_dry_run_says_what_rm_would_do_refusals_and_fuzzy_names_included(indexed
     text = run("rm", indexed.repo_id, "--dry-run")
     assert "in use by job feedbeef0002" in text.stdout and "Would remove" not in text.stdout
     result, doc = run_json("rm", indexed.repo_id)
-    assert result.exit_code == 1 and doc["error"]["type"] == "conflict" and indexed.repo_dir.exists()
+    assert result.exit_code == 1 and doc["error"]["code"] == "conflict" and indexed.repo_dir.exists()
 
 
 def test_rm_takes_branches_and_tags_like_show(model_factory):
@@ -180,6 +180,6 @@ def test_rm_takes_branches_and_tags_like_show(model_factory):
     assert doc["data"]["revisions"] == [shown["revision"]] == [repo.revision]
     assert doc["data"]["model"] == f"org/branchy@{repo.revision}"
     result, doc = run_json("rm", "org/branchy@no-such-branch")
-    assert result.exit_code == 1 and doc["error"]["type"] == "model_not_found"
+    assert result.exit_code == 1 and doc["error"]["code"] == "model_not_found"
     text = run("rm", "org/branchy@main")
     assert text.exit_code == 0 and f"org/branchy@{repo.revision[:12]}" in text.stderr

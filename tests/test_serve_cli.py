@@ -32,7 +32,7 @@ def test_serve_refuses_public_bind_without_api_key(tmp_path):
     assert "refusing to listen on 0.0.0.0 without an API key" in result.stderr
     result = mlxk(env, "serve", "--host", "0.0.0.0", "--json")
     doc = json.loads(result.stdout)
-    assert result.returncode == 1 and doc["error"]["type"] == "config_error"
+    assert result.returncode == 1 and doc["error"]["code"] == "config_error"
 
 
 def test_sigterm_stops_worker_and_cleans_up(tmp_path):
@@ -131,7 +131,7 @@ def test_run_not_runnable_or_unknown_model_gives_reason(run_env):
     assert "mlx-community/tiny-broken cannot be run" in result.stderr and "Traceback" not in result.stderr
     result = mlxk(run_env, "run", "no-such-model", "hi", "--json")
     doc = json.loads(result.stdout)
-    assert result.returncode == 1 and doc["error"]["type"] == "model_not_found"
+    assert result.returncode == 1 and doc["error"]["code"] == "model_not_found"
 
 
 def _read_until(fd: int, needle: str, timeout: float = 60) -> str:
@@ -208,7 +208,7 @@ def test_serve_on_a_busy_port_is_one_line_and_exit_1(tmp_path):
             f"Error: port {port} on 127.0.0.1 is in use by another program (another `mlxk serve`?): stop it "
             "(`mlxk processes`) or choose another port with --port or MLXK_PORT."]
         doc = json.loads(mlxk(env, "serve", "--json").stdout)
-        assert doc["status"] == "error" and doc["error"]["type"] == "conflict" and doc["error"]["port"] == port
+        assert doc["status"] == "error" and doc["error"]["code"] == "conflict" and doc["error"]["port"] == port
 
 
 @pytest.mark.parametrize("args, env_port, words", [
@@ -224,7 +224,7 @@ def test_serve_with_an_impossible_port_is_refused_without_a_traceback(tmp_path, 
     assert result.returncode == (2 if args else 1) and words in result.stderr
     assert "Traceback" not in result.stderr
     doc = json.loads(mlxk(env, "serve", *args, "--json").stdout)
-    assert doc["error"]["type"] == ("usage" if args else "config_error")
+    assert doc["error"]["code"] == ("usage" if args else "config_error")
 
 
 def test_serve_json_prints_one_envelope_when_stopped(tmp_path):
@@ -269,7 +269,7 @@ def test_a_cli_user_without_the_api_key_is_told_to_set_mlxk_api_key(server):
     assert result.stderr.strip() == (f"Error: the server at {server.url} needs an API key: set MLXK_API_KEY to the key "
                                      "it was started with (`export MLXK_API_KEY=...`) and run the command again.")
     wrong = json.loads(mlxk({**env, "MLXK_API_KEY": "not-it"}, "ps", "--json").stdout)
-    assert wrong["error"]["type"] == "invalid_api_key"
+    assert wrong["error"]["code"] == "invalid_api_key"
     assert "refused the one in MLXK_API_KEY" in wrong["error"]["message"] and "Authorization" not in \
         wrong["error"]["message"]
     assert json.loads(mlxk({**env, "MLXK_API_KEY": server.api_key}, "ps", "--json").stdout)["status"] == "success"

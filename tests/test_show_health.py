@@ -49,14 +49,14 @@ def test_show_at_hash_picks_a_cached_revision(model_factory):
     assert "notes.txt" in {f["name"] for f in data["files"]}
     assert document("show", "tiny-chat@main")["data"]["revision"] == second.revision
     missing = document("show", "tiny-chat@abcdef0", code=1)
-    assert missing["error"]["type"] == "model_not_found" and "not cached" in missing["error"]["message"]
+    assert missing["error"]["code"] == "model_not_found" and "not cached" in missing["error"]["message"]
 
 
 def test_show_ambiguous_lists_the_matches(model_factory):
     model_factory.repo("mlx-community/qwen-a")
     model_factory.repo("mlx-community/qwen-b")
     error = document("show", "qwen", code=1)["error"]
-    assert error["type"] == "ambiguous_match"
+    assert error["code"] == "ambiguous_match"
     assert error["matches"] == ["mlx-community/qwen-a", "mlx-community/qwen-b"]
     text = mlxk("show", "qwen")
     assert text.exit_code == 1 and "mlx-community/qwen-a, mlx-community/qwen-b" in text.stderr
@@ -65,7 +65,7 @@ def test_show_ambiguous_lists_the_matches(model_factory):
 def test_show_unknown_suggests_pull(model_factory):
     model_factory.repo("mlx-community/tiny-chat")
     error = document("show", "mlx-community/tiny-chatt", code=1)["error"]
-    assert error["type"] == "model_not_found"
+    assert error["code"] == "model_not_found"
     assert "mlxk pull mlx-community/tiny-chatt" in error["message"]
     assert "Did you mean: mlx-community/tiny-chat" in error["message"]
 
@@ -79,7 +79,7 @@ def test_bad_names_are_refused_before_anything_is_touched(command, name, model_f
     repo = model_factory.repo("mlx-community/tiny-chat")
     before = sorted(p.name for p in repo.repo_dir.rglob("*"))
     error = document(command, name, code=1)["error"]
-    assert error["type"] == "invalid_name" and "invalid model name" in error["message"]
+    assert error["code"] == "invalid_name" and "invalid model name" in error["message"]
     assert not isolated.exists()
     assert sorted(p.name for p in repo.repo_dir.rglob("*")) == before
 
@@ -92,7 +92,7 @@ def test_path_names_are_workspace_paths_read_only_outside_the_cache(command, nam
     repo = model_factory.repo("mlx-community/tiny-chat")
     before = sorted(p.name for p in repo.repo_dir.rglob("*"))
     error = document(command, name, code=1)["error"]
-    assert error["type"] == "model_not_found" and f"workspace {name!r} is not a " in error["message"]
+    assert error["code"] == "model_not_found" and f"workspace {name!r} is not a " in error["message"]
     assert not isolated.exists()
     assert sorted(p.name for p in repo.repo_dir.rglob("*")) == before
 
@@ -100,7 +100,7 @@ def test_path_names_are_workspace_paths_read_only_outside_the_cache(command, nam
 def test_show_on_a_missing_cache_is_not_found(hf_cache):
     hf_cache.rmdir()
     error = document("show", "tiny-chat", code=1)["error"]
-    assert error["type"] == "model_not_found"
+    assert error["code"] == "model_not_found"
 
 
 # ---------------------------------------------------------------- show: files and config
@@ -185,7 +185,7 @@ def test_health_named_healthy_and_not_runnable_exit_0(hf_cache):
 def test_health_unknown_and_empty(hf_cache):
     assert document("health")["data"]["summary"]["total"] == 0
     assert mlxk("health").stdout.strip() == "No models in the cache."
-    assert document("health", "nothing-here", code=1)["error"]["type"] == "model_not_found"
+    assert document("health", "nothing-here", code=1)["error"]["code"] == "model_not_found"
 
 
 def test_health_rechecks_a_repo_that_broke_since_it_was_indexed(model_factory):
@@ -195,11 +195,11 @@ def test_health_rechecks_a_repo_that_broke_since_it_was_indexed(model_factory):
     blob = repo.blob_path("config.json")
     blob.write_bytes(b"{" + b" " * (blob.stat().st_size - 1))
     doc = document("health", "tiny-chat")
-    assert "not valid JSON" in doc["data"]["unhealthy"][0]["reason"]
+    assert "contains invalid JSON" in doc["data"]["unhealthy"][0]["reason"]
 
 
 def test_show_a_mistyped_short_name_suggests_the_model(model_factory):
     model_factory.repo("mlx-community/Qwen3-0.6B-4bit")
     error = document("show", "quen", code=1)["error"]
-    assert error["type"] == "model_not_found" and error["suggestions"] == ["mlx-community/Qwen3-0.6B-4bit"]
+    assert error["code"] == "model_not_found" and error["suggestions"] == ["mlx-community/Qwen3-0.6B-4bit"]
     assert "Did you mean: mlx-community/Qwen3-0.6B-4bit?" in mlxk("show", "quen").stderr

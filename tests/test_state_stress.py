@@ -108,7 +108,7 @@ def test_read_only_home_is_one_line_naming_it(ro_home, bare, args):
     assert done.returncode == 1, (done.stdout, done.stderr)
     if "--json" in args:
         error = json.loads(done.stdout)["error"]
-        assert error["type"] == "state_error" and error["reason"] == "unwritable"
+        assert error["code"] == "state_error" and error["reason"] == "unwritable"
         text = error["message"]
     else:
         lines = done.stderr.strip().splitlines()

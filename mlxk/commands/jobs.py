@@ -160,13 +160,11 @@ wait_option = click.option("--wait", is_flag=True, help="Follow the job and exit
 @json_command
 def pull_command(name, include, exclude, max_rate, wait):
     """Download a model from the Hub into the HF cache (a background job)."""
-    from mlxk import names
-    from mlxk.errors import MlxkError
-
     from mlxk.config import settings
+    from mlxk.errors import AmbiguousMatch, MlxkError, knife_type
 
     try:
-        _, expanded = names.expand_for_pull(name)
+        _, expanded = jobs.pull_name(name)
         if settings().hub_offline:
             repo, sha = jobs.cached_for_offline_pull(name)
             return Output(data={"model": repo, "download_status": "already_exists", "hash": sha,
@@ -176,11 +174,32 @@ def pull_command(name, include, exclude, max_rate, wait):
                                "newer revision.")
         result = _queued(jobs.enqueue_pull(name, include=include, exclude=exclude, max_rate=max_rate), wait)
     except MlxkError as error:   # mlx-knife's API: a refused pull still says its download_status
-        return Output(data={"model": None, "download_status": "error", "message": error.message,
+        status = "unknown" if isinstance(error, AmbiguousMatch) else "error"   # as its spec's examples say
+        return Output(data={"model": None, "download_status": status, "message": error.message,
                             "expanded_name": None}, error=error)
     if isinstance(result.data, dict):
         result.data = _pull_data(result.data, expanded)
+        if result.error is not None:
+            if knife_type(result.error.type, "pull") == "access_denied":   # mlx-knife 2.0.8's status for it
+                result.data["download_status"] = "access_denied"
+            _say_still_cached(name, result)
     return result
+
+
+def _say_still_cached(name: str, result: Output) -> None:
+    """A pull that failed (an unreachable Hub, say) of a model that is cached: the cached copy is untouched and
+    usable, and a script must be able to tell (mlx-knife answers `already_exists` without asking the Hub). The
+    document says so (`data.cached`, `data.hash`, `error.cached`, `error.hint`); the failure stays a failure
+    (issue 8: an unchecked model is never "up to date")."""
+    found = jobs.cached_copy(name)
+    if found is None:
+        return
+    repo, sha = found
+    hint = (f"{repo} is cached (revision {sha[:12]}) and unchanged; only the check for a newer revision failed. "
+            "To use the cached copy without asking the Hub, set HF_HUB_OFFLINE=1.")
+    result.data.update(cached=True, hash=sha)
+    result.error.details.update(cached=True, hash=sha, hint=hint)
+    say(hint)
 
 
 PULL_STATUS = {"succeeded": "success", "failed": "failed", "cancelled": "cancelled"}
