@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlxk import cache
-from mlxk.registry import unsupported_reason
+from mlxk.registry import ENCODER_MODEL_TYPES, unsupported_reason
 from mlxk.units import human_size
 
 if TYPE_CHECKING:
@@ -766,6 +766,8 @@ def check_model_type(view: RepoView, detection: "Detection") -> Finding | None:
     if not isinstance(model_type, str) or not model_type:
         return Finding("unsupported_model_type", f"config.json has no model_type, so {mlx_lm_signature()} cannot "
                                                  "pick an architecture")
+    if model_type in ENCODER_MODEL_TYPES:
+        return None  # the inference worker's own encoder runs it (workers/inference/encoder.py)
     if not model_type_supported(model_type, config.get("architectures")):
         return Finding("unsupported_model_type", unsupported_reason(model_type, mlx_lm_signature()))
     return None
@@ -838,6 +840,8 @@ def check_weights_fit_model(view: RepoView, detection: "Detection") -> Finding |
     builds the model and reads the headers without loading a byte of weights (a few ms)."""
     if view.snapshot is None or not any(f.name.endswith(".safetensors") for f in view.weight_files):
         return None
+    if (view.config or {}).get("model_type") in ENCODER_MODEL_TYPES:
+        return None  # not an mlx-lm model: the worker's encoder checks its weights strictly when it loads them
     try:
         from mlx_lm.utils import load_model
 

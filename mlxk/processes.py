@@ -172,9 +172,52 @@ def _parent_api_pid(started_by: str) -> int | None:
 
 
 def _server_record(config) -> dict | None:
-    from mlxk.server import runtime
+    return read_server_pid_file(config)
 
-    return runtime.read_pid_file(config)
+
+# ---------------------------------------------------------------------------------------------------------------
+# The api server's pid file: the server writes it (mlxk/server/app.py), `mlxk run` and `processes` read it, so it
+# lives here, off the api package and free of FastAPI.
+
+
+def server_pid_file(settings) -> Path:
+    return settings.run_dir / "server.pid"
+
+
+def write_server_pid_file(settings, *, host: str, port: int, api_key: bool) -> None:
+    import json
+    import time
+
+    path = server_pid_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    url = settings._replace(host=host, port=port).server_url  # where a client connects to this bind address
+    record = {"pid": os.getpid(), "host": host, "port": port, "url": url,
+              "api_key": api_key, "started_at": time.time()}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+
+
+def remove_server_pid_file(settings) -> None:
+    """Remove the pid file if it is ours (a second server may have replaced it)."""
+    record = read_server_pid_file(settings)
+    if record and record.get("pid") == os.getpid():
+        server_pid_file(settings).unlink(missing_ok=True)
+
+
+def read_server_pid_file(settings) -> dict | None:
+    """The running server's record, or None (no file, unreadable, or its process is gone)."""
+    import json
+
+    from mlxk.jobs import pid_alive
+
+    try:
+        record = json.loads(server_pid_file(settings).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("pid"), int) or not pid_alive(record["pid"]):
+        return None
+    return record
 
 
 def _describe(proc, role: str, config, server: dict | None) -> Process:

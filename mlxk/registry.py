@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Encoder model types the inference worker runs itself for embeddings (workers/inference/encoder.py), outside
+# mlx-lm's registry: an embedding model of one of these types can run whatever mlx-lm says.
+ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+
 
 def read(package_file: str | None) -> dict | None:
     """The model modules and remappings of the mlx-lm installed at `package_file` (its __init__.py), or None when
@@ -47,6 +51,8 @@ def verdict(registry: dict | None, config: dict | None) -> tuple[bool, str | Non
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         return False, f"config.json has no model_type, so {registry['signature']} cannot pick an architecture"
+    if model_type in ENCODER_MODEL_TYPES:
+        return True, None
     architectures = config.get("architectures") or ()
     if isinstance(architectures, str):
         architectures = (architectures,)

@@ -497,6 +497,105 @@ def tiny_embedding_files(spec: ModelSpec = TINY) -> dict[str, bytes]:
     return files
 
 
+BERT_WORDS = ("hello", "world", "the", "a", "an", "is", "of", "sentence", "different", "longer", "short", "cat",
+              "dog", "sat", "on", "mat", "text", "vector", "embedding", "model")
+
+
+def tiny_bert_files(*, model_type: str = "bert", pooling: str = "mean", hidden: int = 32, layers: int = 2,
+                    seed: int = 0, quantize_bits: int | None = None) -> dict[str, bytes]:
+    """A tiny BERT-family sentence-transformers model with random weights, as the Hub has them: Hugging Face
+    parameter names (with the `pooler` and the `embeddings.position_ids` buffer an embedder ignores), a WordPiece
+    tokenizer.json + vocab.txt adding [CLS]/[SEP], modules.json with Transformer, Pooling and Normalize modules and
+    1_Pooling/config.json saying `pooling` ("mean", "cls", "max" or "lasttoken"). model_type "xlm-roberta" gives
+    RoBERTa positions (padding index 1, so two more position rows) and one token type. `quantize_bits` stores every
+    embedding and linear weight MLX-quantized (group size 32, `mx.quantize`: packed `weight`, `scales`, `biases`)
+    with config.json's `quantization`, as mlx-community's conversions are. Written independently of the worker's
+    encoder, so a naming or masking mistake there shows in the tests."""
+    import mlx.core as mx
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    roberta = model_type != "bert"
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if not roberta else ["<s>", "<pad>", "</s>", "<unk>"]
+    pad, unk, cls, sep = (special[0], special[1], special[2], special[3]) if not roberta else \
+        ("<pad>", "<unk>", "<s>", "</s>")
+    letters = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+    vocab_list = list(dict.fromkeys(special + letters + ["##" + c for c in letters] + list(BERT_WORDS)))
+    vocab = {token: i for i, token in enumerate(vocab_list)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token=unk))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
+    tok.decoder = decoders.WordPiece()
+    positions, offset = 64, (vocab[pad] + 1 if roberta else 0)
+    config = {
+        "architectures": ["XLMRobertaModel" if roberta else "BertModel"], "model_type": model_type,
+        "vocab_size": len(vocab), "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": 2,
+        "intermediate_size": hidden * 2, "max_position_embeddings": positions + offset,
+        "type_vocab_size": 1 if roberta else 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
+        "pad_token_id": vocab[pad], "torch_dtype": "float32",
+    }
+    key = mx.random.key(seed)
+
+    def rand(*shape):
+        nonlocal key
+        key, sub = mx.random.split(key)
+        return mx.random.normal(shape, key=sub) * 0.5
+
+    h, i = hidden, hidden * 2
+    weights = {"embeddings.word_embeddings.weight": rand(len(vocab), h),
+               "embeddings.position_embeddings.weight": rand(positions + offset, h),
+               "embeddings.token_type_embeddings.weight": rand(config["type_vocab_size"], h),
+               "embeddings.LayerNorm.weight": mx.ones((h,)), "embeddings.LayerNorm.bias": mx.zeros((h,)),
+               "embeddings.position_ids": mx.arange(positions + offset)[None],
+               "pooler.dense.weight": rand(h, h), "pooler.dense.bias": rand(h)}
+    for n in range(layers):
+        at = f"encoder.layer.{n}."
+        for name, shape in (("attention.self.query", (h, h)), ("attention.self.key", (h, h)),
+                            ("attention.self.value", (h, h)), ("attention.output.dense", (h, h)),
+                            ("intermediate.dense", (i, h)), ("output.dense", (h, i))):
+            weights[at + name + ".weight"] = rand(*shape)
+            weights[at + name + ".bias"] = rand(shape[0]) * 0.1
+        for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
+            weights[at + norm + ".weight"] = 1 + rand(h) * 0.1
+            weights[at + norm + ".bias"] = rand(h) * 0.1
+    if quantize_bits:
+        config["quantization"] = {"group_size": 32, "bits": quantize_bits}
+        for name in [n for n, v in weights.items() if n.endswith(".weight") and v.ndim == 2 and "LayerNorm" not in n]:
+            weights[name], weights[name[:-6] + "scales"], weights[name[:-6] + "biases"] = mx.quantize(
+                weights[name], group_size=32, bits=quantize_bits)
+    with tempfile.TemporaryDirectory(prefix="mlxk-factory-bert-") as tmp:
+        out = Path(tmp) / "model.safetensors"
+        mx.save_safetensors(str(out), weights, metadata={"format": "pt"})
+        model_bytes = out.read_bytes()
+    modes = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens",
+             "lasttoken": "pooling_mode_lasttoken"}
+    pooling_config = {"word_embedding_dimension": h, **{flag: mode == pooling for mode, flag in modes.items()}}
+    tokenizer_class = "PreTrainedTokenizerFast" if roberta else "BertTokenizer"
+    return dict(sorted({
+        "config.json": _json_bytes(config),
+        "model.safetensors": model_bytes,
+        "tokenizer.json": tok.to_str().encode(),
+        "vocab.txt": ("\n".join(vocab_list) + "\n").encode(),
+        "tokenizer_config.json": _json_bytes({
+            "tokenizer_class": tokenizer_class, "do_lower_case": True, "model_max_length": positions,
+            "cls_token": cls, "sep_token": sep, "pad_token": pad, "unk_token": unk,
+            **({"mask_token": "[MASK]"} if not roberta else {"bos_token": cls, "eos_token": sep})}),
+        "special_tokens_map.json": _json_bytes({"cls_token": cls, "sep_token": sep, "pad_token": pad,
+                                                "unk_token": unk}),
+        "modules.json": _json_bytes([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]),
+        "1_Pooling/config.json": _json_bytes(pooling_config),
+        "sentence_bert_config.json": _json_bytes({"max_seq_length": positions, "do_lower_case": False}),
+        "README.md": ("---\nlibrary_name: mlx\nlicense: mit\npipeline_tag: sentence-similarity\ntags:\n- mlx\n"
+                      "- sentence-transformers\n---\n\n# Tiny BERT embedding model\n\nA tiny random "
+                      f"{model_type} encoder generated by a test factory ({pooling} pooling).\n").encode(),
+    }.items()))
+
+
 def _chat_template(*, reasoning: bool, tools: bool) -> str:
     messages = _TOOLS_SYSTEM + _TOOLS_MESSAGES if tools else _CHATML.split("{%- if add_generation_prompt")[0]
     return messages + _generation_prompt(reasoning)

@@ -10,10 +10,9 @@ import pytest
 
 from tests import factory
 from mlxk.workers.inference import constrain
-from mlxk.workers.inference.engine import Engine
-from mlxk.workers.inference.protocol import GenerateRequest, ModelRef, Params
+from tests.fixtures.engine import calls_of, chat, collect, model_ref, text_of
+from tests.fixtures.engine import engine, no_compile_off_main_thread  # noqa: F401 (fixtures)
 
-HELLO = [{"role": "user", "content": "hello world"}]
 PERSON = {
     "type": "object",
     "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0,
@@ -29,16 +28,6 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"]}}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_compile_off_main_thread():
-    """As in test_inference_engine: the engine thread is not the main thread (ml-explore/mlx#3126)."""
-    import mlx.core as mx
-
-    mx.disable_compile()
-    yield
-    mx.enable_compile()
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     cache = tmp_path_factory.mktemp("hub")
@@ -48,35 +37,7 @@ def models(tmp_path_factory):
         "think": factory.write_repo(cache, "org/think",
                                     factory.tiny_model_files(reasoning=True, reply="Paris</think>The capital")),
     }
-    return {name: ModelRef(f"{repo.repo_id}@{repo.revision}", str(repo.snapshot_dir)) for name, repo in repos.items()}
-
-
-@pytest.fixture(scope="module")
-def engine():
-    e = Engine().start()
-    yield e
-    e.stop()
-
-
-def chat(ref, **params) -> GenerateRequest:
-    return GenerateRequest(id="t", model=ref, kind="chat", messages=HELLO, params=Params(**params))
-
-
-def collect(ticket, timeout=60.0) -> list[dict]:
-    events = []
-    while True:
-        event = ticket.events.get(timeout=timeout)
-        events.append(event)
-        if event["event"] in ("done", "error"):
-            return events
-
-
-def text_of(events, field="content") -> str:
-    return "".join(e.get(field, "") for e in events if e["event"] == "delta")
-
-
-def calls_of(events) -> list[dict]:
-    return [c for e in events for c in e.get("tool_calls", [])]
+    return {name: model_ref(repo) for name, repo in repos.items()}
 
 
 def schema_format(schema, strict=True) -> dict:

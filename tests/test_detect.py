@@ -231,10 +231,11 @@ def test_front_matter_forms():
 
 
 def test_engine_and_show_share_one_context_length():
-    """`show` reported `n_ctx`/`model_max_length` limits the engine ignored: one definition now serves both."""
+    """`show` reported `n_ctx`/`model_max_length` limits the engine ignored: one definition now serves both (the
+    worker's loader lives in residency.py)."""
     import ast
 
-    source = (Path(__file__).parents[1] / "workers" / "inference" / "engine.py").read_text()
+    source = (Path(__file__).parents[1] / "workers" / "inference" / "residency.py").read_text()
     defined = [node.name for node in ast.walk(ast.parse(source)) if isinstance(node, ast.FunctionDef)]
     assert "_context_length" not in defined and "from mlxk.detect import context_length" in source
     assert context_length({"n_ctx": 2048}) == 2048

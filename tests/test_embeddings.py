@@ -132,6 +132,42 @@ def test_requests_that_wait_for_the_mlx_thread_share_one_forward_pass(tmp_path):
         srv.stop()
 
 
+def test_a_client_that_hangs_up_cancels_its_embedding_request(tmp_path):
+    """The MLX thread is held at the start of a flush (a test pause point); a second request arrives and waits for
+    the batch, then its client hangs up: it leaves the batch (waiting back to 1, counted cancelled), and only the
+    first request's input is computed once the thread goes on."""
+    import socket
+
+    factory.write_repo(tmp_path / "hf" / "hub", EMBED_ID, factory.tiny_embedding_files())
+    srv = spawn_server(tmp_path, env={"MLXK_TEST_PAUSE_AT": "embed.flush"})
+    try:
+        client = srv.openai()
+
+        def until(name, value):
+            deadline = time.monotonic() + 60
+            while _metric(srv, name) != value:
+                assert time.monotonic() < deadline, f"{name} never became {value}"
+                time.sleep(0.05)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(client.embeddings.create, model=EMBED_ID, input="text 0")
+            wait_paused(srv.root / "mlxk", "embed.flush")
+            body = json.dumps({"model": EMBED_ID, "input": "the one who leaves"}).encode()
+            leaver = socket.create_connection(("127.0.0.1", srv.port))
+            leaver.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            until("mlxk_embed_waiting", 2)
+            leaver.close()
+            until("mlxk_embed_cancelled_total", 1)
+            assert _metric(srv, "mlxk_embed_waiting") == 1
+            release(srv.root / "mlxk", "embed.flush")
+            assert len(first.result(timeout=60).data[0].embedding) == HIDDEN
+        assert _metric(srv, "mlxk_embed_peak_batch_inputs") == 1
+        assert "client of an embedding request" in srv.log()
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize("body, status, problem", [
     ({"model": SCRIPTED_ID, "input": "x"}, 400, "only embedding models give embeddings"),
     ({"model": EMBED_ID, "input": []}, 400, "input"),

@@ -9,27 +9,16 @@ import pytest
 from tests import factory
 from mlxk.workers.inference.engine import Engine
 from mlxk.workers.inference.protocol import GenerateRequest, ModelRef, Params
+from tests.fixtures.engine import HELLO, chat, collect, model_ref, text_of
+from tests.fixtures.engine import no_compile_off_main_thread  # noqa: F401 (autouse here)
 from mlxk.workers.inference.textout import OutputRouter, StopFilter
 
-HELLO = [{"role": "user", "content": "hello world"}]
 PROMPTS = [
     HELLO,
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "user", "content": "Count with me"}],
     [{"role": "user", "content": "def add(a, b):"}],
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_compile_off_main_thread():
-    """MLX's CPU backend may abort the process at exit after compiled kernels ran on a non-main thread
-    (ml-explore/mlx#3126); the engine thread of these tests is one. The worker process itself runs
-    MLX on its main thread instead."""
-    import mlx.core as mx
-
-    mx.disable_compile()
-    yield
-    mx.enable_compile()
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +35,7 @@ def models(tmp_path_factory):
         "tools": factory.write_repo(cache, "org/tools",
                                     factory.tiny_model_files(tools=True, reply='<tool_call>{"name": "f"}</tool_call>')),
     }
-    return {name: ModelRef(f"{repo.repo_id}@{repo.revision}", str(repo.snapshot_dir)) for name, repo in repos.items()}
+    return {name: model_ref(repo) for name, repo in repos.items()}
 
 
 @pytest.fixture
@@ -61,23 +50,6 @@ def engine():
     yield make
     for e in made:
         e.stop()
-
-
-def chat(ref, messages=HELLO, **params) -> GenerateRequest:
-    return GenerateRequest(id="t", model=ref, kind="chat", messages=messages, params=Params(**params))
-
-
-def collect(ticket, timeout=30.0) -> list[dict]:
-    events = []
-    while True:
-        event = ticket.events.get(timeout=timeout)
-        events.append(event)
-        if event["event"] in ("done", "error"):
-            return events
-
-
-def text_of(events, field="content") -> str:
-    return "".join(e.get(field, "") for e in events if e["event"] == "delta")
 
 
 def run(engine, request) -> list[dict]:

@@ -165,9 +165,10 @@ def test_model_failing_while_generating_fails_its_rows_and_queue_only(tmp_path, 
                                                                        no_compile_off_main_thread):
     from mlxk.workers.inference.engine import Engine
     from mlxk.workers.inference.protocol import GenerateRequest, ModelRef, Params
+    from mlxk.workers.inference.residency import Residency
 
     # The seam: without the load-time probe the broken weights load, and fail in BatchGenerator.next().
-    monkeypatch.setattr(Engine, "_probe", lambda self, model: None)
+    monkeypatch.setattr(Residency, "_probe", lambda self, model: None)
     bad = factory.write_repo(tmp_path, INT_ID, int_weight_files())
     good = factory.write_repo(tmp_path, SCRIPTED_ID, factory.tiny_model_files(reply=SCRIPTED_REPLY))
     refs = {name: ModelRef(f"{r.repo_id}@{r.revision}", str(r.snapshot_dir)) for name, r in
@@ -240,6 +241,8 @@ def test_frozen_worker_is_reported_its_requests_get_503_and_it_serves_again_when
         try:
             state = until(lambda: (w := worker(srv))["state"] == "unresponsive" and w)
             assert time.monotonic() - frozen_at <= 5.0 and state["pid"] == pid
+            health = srv.health()  # the api answers, and says honestly that it cannot generate
+            assert health["status"] == "degraded" and "has not answered" in health["problems"][0]
             waiter.join(WAIT_S)
             assert failed["status"] == 503 and failed["body"]["code"] == "worker_unresponsive"
             assert failed["body"]["retryable"] is True and failed["at"] - frozen_at <= 5.0
@@ -256,6 +259,7 @@ def test_frozen_worker_is_reported_its_requests_get_503_and_it_serves_again_when
         release(home, "inference.admit")  # the request it was holding was abandoned; let that row go
         state = until(lambda: (w := worker(srv))["state"] == "ready" and w)
         assert (state["pid"], state["restarts"]) == (pid, 0)  # thawed in time: the same worker, not replaced
+        assert srv.health()["status"] == "ok" and "problems" not in srv.health()
 
         answered = {}
         again = threading.Thread(target=lambda: answered.update(reply=chat(srv, SCRIPTED_ID)))
@@ -296,11 +300,12 @@ def test_running_out_of_memory_while_loading_is_retryable_not_the_models_fault(t
     The seam: the probe raises what MLX raises when an allocation fails (this machine cannot be filled safely)."""
     from mlxk.workers.inference.engine import Engine
     from mlxk.workers.inference.protocol import GenerateRequest, ModelRef, Params
+    from mlxk.workers.inference.residency import Residency
 
     def out_of_memory(self, model):
         raise error
 
-    monkeypatch.setattr(Engine, "_probe", out_of_memory)
+    monkeypatch.setattr(Residency, "_probe", out_of_memory)
     repo = factory.write_repo(tmp_path, SCRIPTED_ID, factory.tiny_model_files(reply=SCRIPTED_REPLY))
     engine = Engine().start()
     try:

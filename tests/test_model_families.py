@@ -14,8 +14,9 @@ import jsonschema
 import pytest
 
 from tests import factory
-from mlxk.workers.inference.engine import Engine
 from mlxk.workers.inference.protocol import GenerateRequest, ModelRef, Params
+from tests.fixtures.engine import collect, model_ref, text_of
+from tests.fixtures.engine import engine, no_compile_off_main_thread  # noqa: F401 (fixtures)
 
 REALMODELS = Path("/work/shared/realmodels")
 SPEC = factory.ModelSpec(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -51,38 +52,9 @@ def family_files(family: str, reply_ids: list[int] | None = None) -> dict[str, b
     return files
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_compile_off_main_thread():
-    """As in test_inference_engine: the engine thread is not the main thread (ml-explore/mlx#3126)."""
-    import mlx.core as mx
-
-    mx.disable_compile()
-    yield
-    mx.enable_compile()
-
-
-@pytest.fixture(scope="module")
-def engine():
-    e = Engine().start()
-    yield e
-    e.stop()
-
-
 def write(tmp_path_factory, repo_id: str, files: dict) -> ModelRef:
     repo = factory.write_repo(tmp_path_factory.mktemp("hub"), repo_id, files)
-    return ModelRef(f"{repo.repo_id}@{repo.revision}", str(repo.snapshot_dir))
-
-
-def collect(ticket, timeout=120.0) -> list[dict]:
-    events = []
-    while True:
-        events.append(ticket.events.get(timeout=timeout))
-        if events[-1]["event"] in ("done", "error"):
-            return events
-
-
-def field_of(events, name) -> str:
-    return "".join(e.get(name, "") for e in events if e["event"] == "delta")
+    return model_ref(repo)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +70,7 @@ def test_llama32_forced_call_is_a_tool_call(llama, engine, tool_choice):
     (call,) = [c for e in events for c in e.get("tool_calls", [])]
     assert call["function"]["name"] == "get_weather"
     jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER["function"]["parameters"])
-    assert field_of(events, "content") == ""
+    assert text_of(events, "content") == ""
 
 
 def test_llama32_free_text_stays_content(llama, engine):
@@ -106,7 +78,7 @@ def test_llama32_free_text_stays_content(llama, engine):
     events = collect(engine.submit(GenerateRequest(id="t", model=llama, kind="chat", messages=HI, params=Params(
         max_tokens=8, tools=[WEATHER], tool_choice="auto"))))
     assert events[-1]["finish_reason"] == "length"
-    assert field_of(events, "content") and not [c for e in events for c in e.get("tool_calls", [])]
+    assert text_of(events, "content") and not [c for e in events for c in e.get("tool_calls", [])]
 
 
 def test_qwen3_answer_does_not_start_with_the_blank_lines_after_think(tmp_path_factory, engine):
@@ -123,8 +95,8 @@ def test_qwen3_answer_does_not_start_with_the_blank_lines_after_think(tmp_path_f
     events = collect(engine.submit(GenerateRequest(id="t", model=ref, kind="chat", messages=HI,
                                                    params=Params(max_tokens=20))))
     assert events[-1]["finish_reason"] == "stop", events
-    assert field_of(events, "reasoning").strip() == "Hm.", events
-    assert field_of(events, "content") == "Hello"
+    assert text_of(events, "reasoning").strip() == "Hm.", events
+    assert text_of(events, "content") == "Hello"
 
 
 def test_gpt_oss_harmony_transcript_through_the_real_tokenizer():
@@ -173,8 +145,8 @@ def test_gpt_oss_reply_in_the_engine_is_content_not_a_transcript(tmp_path_factor
     events = collect(engine.submit(GenerateRequest(id="t", model=ref, kind="chat", messages=HI,
                                                    params=Params(max_tokens=20, tools=[WEATHER]))))
     assert events[-1].get("finish_reason") == "stop", events[-1]
-    assert field_of(events, "content") == "Hello world!"
-    assert field_of(events, "reasoning") == ""
+    assert text_of(events, "content") == "Hello world!"
+    assert text_of(events, "reasoning") == ""
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
@@ -186,4 +158,4 @@ def test_gpt_oss_forced_call_is_a_tool_call(tmp_path_factory, engine, tool_choic
     (call,) = [c for e in events for c in e.get("tool_calls", [])]
     assert call["function"]["name"] == "get_weather"
     jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER["function"]["parameters"])
-    assert field_of(events, "content") == "" and field_of(events, "reasoning") == ""
+    assert text_of(events, "content") == "" and text_of(events, "reasoning") == ""

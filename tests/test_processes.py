@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.fixtures.server import SCRIPTED_ID, SCRIPTED_REPLY, free_port, server_env, write_models
+from tests.fixtures.server import SCRIPTED_ID, SCRIPTED_REPLY, free_port, server_env, wait_healthy, write_models
 
 MLXK = str(Path(sys.executable).parent / "mlxk")   # the console script, as a user runs it (not `python -c`)
 TRAP = "raise SystemExit('imported {name} from the working directory instead of mlxk\\'s own')\n"
@@ -36,18 +36,6 @@ def trap_dir(root: Path) -> Path:
 def mlxk(*args, env=None, cwd=None, timeout=120, input=""):
     return subprocess.run([MLXK, *args], env=env or os.environ.copy(), cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, input=input)
-
-
-def wait_healthy(url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} did not answer /health within {timeout_s}s")
 
 
 def stop_all(env: dict) -> None:

@@ -18,20 +18,11 @@ import openai
 import pytest
 
 from tests import factory
-from tests.fixtures.server import API_KEY, RANDOM_ID, SCRIPTED_ID, SCRIPTED_REPLY, spawn_server
+from tests.fixtures.server import API_KEY, CALLER_ID, DIALECT_MODELS, RANDOM_ID, SCRIPTED_ID, SCRIPTED_REPLY, \
+    THINKER_ID, spawn_server
 
-THINKER_ID = "mlx-community/tiny-thinker"
 TOOLS_ID = "mlx-community/tiny-tools"
-CALLER_ID = "mlx-community/tiny-tool-caller"
-# the scripted bigram machine needs distinct tokens, so the call is as small as JSON allows
-CALL_REPLY = '<tool_call>{"name": "f"}</tool_call>'
-MODELS = {
-    TOOLS_ID: {"tools": True, "reply": SCRIPTED_REPLY},
-    CALLER_ID: {"tools": True, "reply": CALL_REPLY},
-    SCRIPTED_ID: {"reply": SCRIPTED_REPLY},
-    RANDOM_ID: {},
-    THINKER_ID: {"reasoning": True, "reply": "Hm.</think>Hello world!"},
-}
+MODELS = {TOOLS_ID: {"tools": True, "reply": SCRIPTED_REPLY}, **DIALECT_MODELS}
 HI = [{"role": "user", "content": "hi"}]
 
 

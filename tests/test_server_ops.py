@@ -169,6 +169,13 @@ def test_api_process_never_loads_mlx(server):
     assert "libmlx" not in _maps(server.proc.pid) and "mlx/core" not in _maps(server.proc.pid)
 
 
+def _fresh_python(code: str, tmp_path) -> None:
+    """Run code in a new interpreter (so sys.modules shows only what it imported), in a throwaway home."""
+    env = {**os.environ, "MLXK_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def test_api_modules_do_not_import_mlx(tmp_path):
     code = (
         "import sys\n"
@@ -181,9 +188,18 @@ def test_api_modules_do_not_import_mlx(tmp_path):
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm'))\n"
         "assert not bad, bad\n"
     )
-    env = {**os.environ, "MLXK_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "hub")}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    _fresh_python(code, tmp_path)
+
+
+def test_mlxk_run_resolves_names_without_the_api_process_modules(tmp_path):
+    """`mlxk run` resolves a name (mlxk.catalog) before it starts a server: no FastAPI, no MLX on that path."""
+    code = (
+        "import sys\n"
+        "import mlxk.client.repl, mlxk.catalog\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'starlette', 'mlx', 'mlx_lm'))\n"
+        "assert not bad, bad\n"
+    )
+    _fresh_python(code, tmp_path)
 
 
 def test_cors_off_by_default_and_on_when_configured(monkeypatch):

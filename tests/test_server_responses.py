@@ -9,17 +9,9 @@ import signal
 import openai
 import pytest
 
-from tests.fixtures.server import API_KEY, RANDOM_ID, SCRIPTED_ID, SCRIPTED_REPLY, spawn_server
+from tests.fixtures.server import API_KEY, CALLER_ID, DIALECT_MODELS as MODELS, RANDOM_ID, SCRIPTED_ID, \
+    SCRIPTED_REPLY, THINKER_ID, spawn_server
 
-THINKER_ID = "mlx-community/tiny-thinker"
-CALLER_ID = "mlx-community/tiny-tool-caller"
-CALL_REPLY = '<tool_call>{"name": "f"}</tool_call>'
-MODELS = {
-    SCRIPTED_ID: {"reply": SCRIPTED_REPLY},
-    CALLER_ID: {"tools": True, "reply": CALL_REPLY},
-    THINKER_ID: {"reasoning": True, "reply": "Hm.</think>Hello world!"},
-    RANDOM_ID: {},   # never stops by itself
-}
 F_TOOL = [{"type": "function", "name": "f", "description": "answers", "strict": False,
            "parameters": {"type": "object", "properties": {}}}]
 TEXT_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",

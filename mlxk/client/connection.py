@@ -19,7 +19,6 @@ from mlxk.config import Settings, child_env
 from mlxk.locks import file_lock
 from mlxk.errors import MlxkError, ServerUnavailable
 from mlxk.output import say
-from mlxk.server import runtime
 
 START_TIMEOUT_S = 60.0
 HEALTH_TIMEOUT_S = 2.0
@@ -65,7 +64,7 @@ def _healthy(url: str) -> bool:
 
 def find_server(settings: Settings) -> Endpoint | None:
     """The server this MLXK_HOME started (pid file), else whatever answers at the configured address."""
-    record = runtime.read_pid_file(settings)
+    record = processes.read_server_pid_file(settings)
     urls = [record["url"]] if record and record.get("url") else []
     urls.append(settings.server_url)
     for url in dict.fromkeys(urls):

@@ -13,7 +13,7 @@ import click
 
 from mlxk.config import settings as load_settings
 from mlxk.output import Output, human_duration, human_size, say, table
-from mlxk.server import catalog
+from mlxk import catalog
 from mlxk.errors import MlxkError
 from mlxk.client.connection import Client, ensure_server, find_server
 

@@ -16,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from mlxk import __version__
+from mlxk import __version__, processes
 from mlxk.errors import MlxkError
 from mlxk.server import runtime
 from mlxk.server.deps import ServerConfig, ServerState
@@ -78,7 +78,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         state = ServerState(config, Supervisor(config.worker_options()))
         app.state.mlxk = state
         await state.supervisor.start()
-        runtime.write_pid_file(config.settings, host=config.host, port=config.port, api_key=bool(config.api_key))
+        processes.write_server_pid_file(config.settings, host=config.host, port=config.port, api_key=bool(config.api_key))
         idle = asyncio.create_task(runtime.exit_when_idle(state, config.idle_exit_s)) if config.idle_exit_s else None
         keeper = asyncio.create_task(_keep_job_worker())
         try:
@@ -88,7 +88,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             if idle:
                 idle.cancel()
             await state.supervisor.stop()
-            runtime.remove_pid_file(config.settings)
+            processes.remove_server_pid_file(config.settings)
 
     app = FastAPI(title="mlxk", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.include_router(ops.health_router)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from mlxk.config import Settings, settings as load_settings
 from mlxk.errors import MlxkError
-from mlxk.server import catalog
+from mlxk import catalog
 from mlxk.server.errors import InvalidRequest, Unauthorized
 from mlxk.server.metrics import Metrics
 from mlxk.server.supervisor import Supervisor, WorkerOptions

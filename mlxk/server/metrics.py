@@ -129,4 +129,7 @@ class Metrics:
                    int(worker.get("embed_peak_batch_inputs") or 0))
             scalar("mlxk_embed_waiting", "gauge", "Embedding requests waiting for the next batch.",
                    int(worker.get("embed_waiting") or 0))
+            scalar("mlxk_embed_cancelled_total", "counter",
+                   "Embedding requests dropped before their batch because the client hung up.",
+                   int(worker.get("embed_cancelled_total") or 0))
         return "\n".join(lines) + "\n"

@@ -34,6 +34,7 @@ which the server uses to mark the model not runnable in the index.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import logging
@@ -358,9 +359,12 @@ class Supervisor:
     # ------------------------------------------------------------ talking to it
 
     async def _single(self, payload: dict) -> dict:
-        async for event in protocol.request(self.socket, payload, opened=self._connected):
-            if event.get("event") in protocol.TERMINAL_EVENTS:
-                return event
+        """The op's terminal event. Cancelling the caller closes the connection at once (aclosing), which is how the
+        worker learns that an embed request's client left."""
+        async with contextlib.aclosing(protocol.request(self.socket, payload, opened=self._connected)) as events:
+            async for event in events:
+                if event.get("event") in protocol.TERMINAL_EVENTS:
+                    return event
         raise ConnectionError("no reply")
 
     async def call(self, payload: dict, *, start: bool = True) -> dict | None:

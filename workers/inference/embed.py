@@ -1,23 +1,24 @@
 """Embeddings in the inference worker: the `embed` op, batched across requests.
 
-Which library: mlx-lm, the one the engine already loads models with. Embedding models built on decoder LMs
-(Qwen3-Embedding, gte-Qwen, e5-mistral: what mlx-community publishes most) load as mlx-lm models; the vector is
-the final hidden state of the last token (last-token pooling, as Qwen3-Embedding defines it), L2-normalized.
-mlx-embeddings 0.1.0 was the alternative: it also covers BERT-family encoders, but it imports mlx-vlm at module
-level, which brings opencv, datasets, pyarrow, scipy and mlx-audio into the worker. A model mlx-lm cannot load
-(BERT, XLM-RoBERTa) fails with a clear `model_failed` error naming that.
+Which code computes them: decoder-LM embedders (Qwen3-Embedding, gte-Qwen, e5-mistral: what mlx-community publishes
+most) load as mlx-lm models, the engine's loader; their vector is the final hidden state of the last token
+(last-token pooling, as Qwen3-Embedding defines it). BERT-family encoders (BERT, RoBERTa, XLM-RoBERTa: most
+sentence-transformers models) run on encoder.py, pooled as their sentence-transformers config says (mean, CLS, ...);
+its docstring says why that is not mlx-embeddings. Every vector is L2-normalized. Residency (residency.py) picks the
+code by config.json's model_type and loads, evicts and keeps alive both kinds like any model.
 
 Batching: requests arrive on the socket thread and wait in `pending`; one flush runs on the MLX thread (through
 Engine.call, so generation and embedding never touch MLX at once) and takes everything pending for a model, so
 requests that arrive while the thread is busy go through one padded forward pass together. Inputs are padded on
-the right: with causal attention, padding never changes the states of the real tokens before it.
+the right, and pooling counts real tokens only: a decoder's causal attention never lets a real token see the padding
+after it; an encoder gets the attention mask. So a text's vector does not depend on what it was batched with.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from .errors import BadRequest, InferenceError, Internal, ModelFailed, PromptTooLong
@@ -65,6 +66,7 @@ class Embedder:
         self._lock = threading.Lock()
         self.batches = 0
         self.peak_batch_inputs = 0   # most inputs that went through one forward pass: evidence of batching
+        self.cancelled = 0           # requests whose client left before their vectors came
 
     async def embed(self, message: dict) -> dict:
         request = parse_embed(message)
@@ -73,7 +75,13 @@ class Embedder:
             first = len(self._pending) == 1
         if first:  # one flush per burst; requests that come while it waits for the MLX thread join it
             self.engine.call(self._flush).add_done_callback(self._flushed)
-        return await asyncio.wrap_future(request.future)
+        try:
+            return await asyncio.wrap_future(request.future)  # cancelling this cancels request.future too
+        except asyncio.CancelledError:  # its client left: a request still pending never reaches a batch
+            with self._lock:
+                self._pending = [r for r in self._pending if r is not request]
+                self.cancelled += 1
+            raise
 
     def _flushed(self, done: Future) -> None:
         """A flush that could not run (the engine is stopping) or broke: no request may wait forever."""
@@ -85,13 +93,13 @@ class Embedder:
         failure = error if isinstance(error, InferenceError) else Internal(str(error))
         for request in stranded:
             if not request.future.done():
-                request.future.set_exception(failure)
+                _settle(request, error=failure)
 
     def stats(self) -> dict:
         with self._lock:
             waiting = len(self._pending)
         return {"embed_batches_total": self.batches, "embed_peak_batch_inputs": self.peak_batch_inputs,
-                "embed_waiting": waiting}
+                "embed_waiting": waiting, "embed_cancelled_total": self.cancelled}
 
     # ---- on the MLX thread -----------------------------------------------------------------------------------
 
@@ -101,6 +109,7 @@ class Embedder:
         checkpoint("embed.flush")  # tests hold the MLX thread here while requests pile up
         with self._lock:
             taken, self._pending = self._pending, []
+        taken = [request for request in taken if not request.future.done()]  # cancelled by a client that left
         by_model: dict[str, list[EmbedRequest]] = {}
         for request in taken:
             by_model.setdefault(request.model.key, []).append(request)
@@ -110,39 +119,39 @@ class Embedder:
         finally:  # a bug above must not leave a request waiting forever
             for request in taken:
                 if not request.future.done():
-                    request.future.set_exception(Internal("the embedding batch failed; see the worker log"))
+                    _settle(request, error=Internal("the embedding batch failed; see the worker log"))
 
     def _run(self, requests: list[EmbedRequest]) -> None:
         try:
-            lm = self.engine.embedding_model(requests[0].model, requests[0].keep_alive)
+            lm = self.engine.models.for_embedding(requests[0].model, requests[0].keep_alive)
         except Exception as error:  # noqa: BLE001 — the load's own error, to each of its requests
             failure = error if isinstance(error, InferenceError) else Internal(str(error))
             for request in requests:
-                request.future.set_exception(failure)
+                _settle(request, error=failure)
             return
         ready = []
         for request in requests:
             try:
                 ready.append((request, self._tokens(lm, request)))
             except InferenceError as error:  # this request's input is at fault, not the others'
-                request.future.set_exception(error)
+                _settle(request, error=error)
         rows = [tokens for _, request_tokens in ready for tokens in request_tokens]
         try:
             vectors = self._vectors(lm, rows)
         except Exception as error:  # noqa: BLE001 — the model failed computing: fail its requests
             failure = ModelFailed(lm.key, f"failed while embedding: {error}")
             for request, _ in ready:
-                request.future.set_exception(failure)
+                _settle(request, error=failure)
             return
         at = 0
         for request, tokens in ready:
             mine = vectors[at:at + len(tokens)]
             at += len(tokens)
             try:
-                request.future.set_result({"event": EV_EMBEDDINGS, "embeddings": _shorten(mine, request.dimensions),
+                _settle(request, result={"event": EV_EMBEDDINGS, "embeddings": _shorten(mine, request.dimensions),
                                            "prompt_tokens": sum(len(t) for t in tokens)})
             except BadRequest as error:
-                request.future.set_exception(error)
+                _settle(request, error=error)
 
     @staticmethod
     def _tokens(lm, request: EmbedRequest) -> list[list[int]]:
@@ -163,9 +172,10 @@ class Embedder:
     def _vectors(self, lm, rows: list[list[int]]) -> list[list[float]]:
         import mlx.core as mx
 
-        body = getattr(lm.model, "model", None)
-        if body is None:
-            raise ValueError("mlx-lm gives no hidden states for this model type")
+        from .encoder import pool
+
+        forward = self._forward(lm)
+        pad = lm.model.args.pad_token_id if lm.encoder else 0
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths pad less
         results: dict[int, list[float]] = {}
         start = 0
@@ -175,10 +185,10 @@ class Embedder:
                 end += 1
             chunk = order[start:end]
             width = max(len(rows[i]) for i in chunk)
-            padded = mx.array([rows[i] + [0] * (width - len(rows[i])) for i in chunk])
-            hidden = body(padded)                                        # (batch, width, hidden)
-            last = mx.array([len(rows[i]) - 1 for i in chunk])
-            pooled = hidden[mx.arange(len(chunk)), last].astype(mx.float32)
+            padded = mx.array([rows[i] + [pad] * (width - len(rows[i])) for i in chunk])
+            lengths = mx.array([len(rows[i]) for i in chunk])
+            mask = mx.arange(width)[None, :] < lengths[:, None]               # (batch, width): real tokens
+            pooled = pool(forward(padded, mask), mask, lengths, lm.pooling)   # (batch, hidden) float32
             mx.eval(pooled)
             for i, vector in zip(chunk, pooled.tolist()):
                 results[i] = vector
@@ -186,6 +196,28 @@ class Embedder:
             self.peak_batch_inputs = max(self.peak_batch_inputs, len(chunk))
             start = end
         return [results[i] for i in range(len(rows))]
+
+    @staticmethod
+    def _forward(lm):
+        """(padded ids, mask) -> hidden states: an encoder masks the padding (its attention looks both ways); a
+        decoder's causal attention never lets a real token see the padding after it, so it needs no mask."""
+        if lm.encoder:
+            return lm.model
+        body = getattr(lm.model, "model", None)
+        if body is None:
+            raise ValueError("mlx-lm gives no hidden states for this model type")
+        return lambda padded, mask: body(padded)
+
+
+def _settle(request: EmbedRequest, *, result: dict | None = None, error: BaseException | None = None) -> None:
+    """Give the request its vectors or its error, unless its client cancelled it meanwhile (the future is done)."""
+    try:
+        if error is not None:
+            request.future.set_exception(error)
+        else:
+            request.future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 def _shorten(vectors: list[list[float]], dimensions: int | None) -> list[list[float]]:

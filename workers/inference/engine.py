@@ -18,6 +18,10 @@ time clients never pay the window (the first burst after such a quiet spell is s
 back). While rows decode nothing waits: arrivals join at the next step, and the inbox is drained whole before
 every `next()`.
 
+Models: which are loaded, their loading, LRU eviction and keep-alive live in residency.py (`self.models`); this
+module only switches the batch generator to the model a request needs (`_activate`). The layering from the HTTP
+adapters down to here is written out in residency.py's docstring.
+
 Defaults documented for the api: max_tokens null -> min(2048, context length - prompt tokens), and an
 explicit max_tokens is also capped there; temperature null -> 0 (greedy, as mlx_lm.server); unload of
 a model with live rows unloads it when they finish.
@@ -25,24 +29,22 @@ a model with live rows unloads it when they finish.
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import logging
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
-from mlxk.detect import context_length  # the one definition `show` and the engine share
 from mlxk.faults import checkpoint
 
 from . import protocol
-from .errors import BadRequest, InferenceError, Internal, LoadFailed, ModelFailed, PromptTooLong, WorkerBusy
+from .errors import BadRequest, InferenceError, Internal, ModelFailed, PromptTooLong, WorkerBusy, one_line, out_of_memory
 from .protocol import GenerateRequest, ModelRef, Params
+from .residency import LoadedModel, Residency
 from .textout import HarmonyRouter, OutputRouter, StopFilter, is_harmony
 
 log = logging.getLogger("mlxk.inference.engine")
@@ -54,7 +56,6 @@ STEP_BUDGET_S = 0.5        # longest run of decode steps before the loop looks a
 # requests of a burst of parallel clients 0.1-6 ms apart on a busy 2-core machine.
 COALESCE_GAP_S = 0.006
 COALESCE_MAX_S = 0.025
-PROMPT_CACHE_ENTRIES = 10  # per model, like mlx_lm.server's default
 REPETITION_CONTEXT = 20
 
 
@@ -67,36 +68,6 @@ class Ticket:
     submitted_at: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     finished: bool = False
-
-
-@dataclass(eq=False)
-class LoadedModel:
-    ref: ModelRef
-    model: Any
-    tokenizer: Any
-    context_length: int | None
-    memory_bytes: int
-    eos_ids: frozenset
-    hidden_ids: frozenset        # special tokens that never reach the text (template markers)
-    keep_alive_s: float
-    loaded_at: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.time)
-    running: int = 0
-    unload_when_idle: bool = False
-    prompt_cache: Any = None
-    stop_sequences: dict = field(default_factory=dict)
-    text_machines: dict = field(default_factory=dict)
-    grammar_tokenizer: Any = None   # llguidance's view of the vocabulary, made on the first constrained request
-
-    @property
-    def key(self) -> str:
-        return self.ref.key
-
-    def expires_at(self) -> float | None:
-        """When idleness unloads it; None while it runs or when its keep-alive is negative (forever)."""
-        if self.running or self.keep_alive_s < 0:
-            return None
-        return self.last_used + self.keep_alive_s
 
 
 @dataclass(eq=False)
@@ -120,16 +91,6 @@ class Counters:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     cached_prompt_tokens_total: int = 0
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    """MLX reports a failed allocation as MemoryError (std::bad_alloc) or "[metal::malloc] Unable to allocate"."""
-    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "allocate" in str(e).lower())
 
 
 def _normalize_messages(messages: list) -> list:
@@ -205,8 +166,6 @@ class Engine:
         coalesce_max_s: float = COALESCE_MAX_S,
         deliver: Callable[[list], None] | None = None,
     ):
-        self.max_loaded = max(1, max_loaded)
-        self.keep_alive_s = keep_alive_s
         self.max_waiting = max_waiting
         self.max_prompt_tokens = max_prompt_tokens
         self.completion_batch_size = completion_batch_size
@@ -224,7 +183,8 @@ class Engine:
         self._cancels: deque = deque()
         self._n_waiting = 0
         self._waiting: deque[Ticket] = deque()
-        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self.models = Residency(max_loaded=max_loaded, keep_alive_s=keep_alive_s,
+                                prompt_cache_bytes=prompt_cache_bytes, lock=self._lock, on_unload=self._unloading)
         self._active: LoadedModel | None = None
         self._generator = None
         self._rows: dict[int, Row] = {}
@@ -291,10 +251,10 @@ class Engine:
         return future
 
     def load(self, ref: ModelRef, keep_alive: float | None = None) -> Future:
-        return self.call(lambda: self._load_op(ref, keep_alive))
+        return self.call(lambda: self.models.load_op(ref, keep_alive))
 
     def unload(self, model: str | None = None) -> Future:
-        return self.call(lambda: self._unload_op(model))
+        return self.call(lambda: self.models.unload_op(model))
 
     @property
     def busy(self) -> bool:
@@ -305,16 +265,9 @@ class Engine:
 
         import mlx.core as mx
 
+        models = self.models.snapshot()
+        running = sum(m["running"] for m in models)
         with self._lock:
-            models = [
-                {
-                    "key": lm.key, "path": lm.ref.path, "memory_bytes": lm.memory_bytes,
-                    "loaded_at": lm.loaded_at, "last_used": lm.last_used, "keep_alive_s": lm.keep_alive_s,
-                    "expires_at": lm.expires_at(), "running": lm.running,
-                }
-                for lm in self._models.values()
-            ]
-            running = sum(m["running"] for m in models)
             waiting = self._n_waiting
         return {
             "event": protocol.EV_STATUS, "pid": os.getpid(), "models": models, "running": running,
@@ -351,7 +304,7 @@ class Engine:
                 self._flush()
                 if self._rows:
                     self._decode()
-                self._expire()
+                self.models.expire(self._wanted)
         except BaseException:  # the supervisor of the MLX thread: log, fail everyone, let the process exit
             log.exception("the MLX generation loop died")
             self._failed = True
@@ -360,8 +313,7 @@ class Engine:
             return False
         self._fail_everyone(WorkerBusy("the inference worker is shutting down; retry"))
         self._close_generator()
-        for key in list(self._models):
-            self._unload(key)
+        self.models.unload_all()
         return True
 
     def _gather_arrivals(self) -> None:
@@ -411,7 +363,7 @@ class Engine:
                 future.set_exception(e)
             except Exception as e:  # a control op failed: report it to its caller, keep serving
                 log.exception("control operation failed")
-                future.set_exception(Internal(_one_line(e)))
+                future.set_exception(Internal(one_line(e)))
 
     def _apply_cancels(self) -> None:
         if not self._cancels:
@@ -454,7 +406,7 @@ class Engine:
                 self._finish_with_error(ticket, e)
             except Exception as e:  # one bad request must not take the loop down
                 log.exception("request %s failed", ticket.request.id)
-                self._finish_with_error(ticket, Internal(_one_line(e)))
+                self._finish_with_error(ticket, Internal(one_line(e)))
 
     def _pop_waiting(self) -> Ticket:
         ticket = self._waiting.popleft()
@@ -506,22 +458,18 @@ class Engine:
                   constraint=constraint)
         self._rows[uid] = row
         self._trim_prompt_cache(lm)
-        with self._lock:
-            lm.running += 1
-        lm.last_used = time.time()
+        self.models.started(lm)
         c = self.counters
         c.requests_total += 1
         c.prompt_tokens_total += n
         c.cached_prompt_tokens_total += cached
         self._emit(ticket, {"event": protocol.EV_ACCEPTED, "prompt_tokens": n, "cached_tokens": cached})
 
-    # ---- models -----------------------------------------------------------------------------------------------
+    # ---- the model the batch runs (residency.py loads, evicts and expires models) ---------------------------
 
     def _activate(self, ref: ModelRef, keep_alive: float | None) -> LoadedModel:
         """Make ref's model the one the batch generator runs (loading it if needed)."""
-        lm = self._ensure_loaded(ref)
-        lm.keep_alive_s = self.keep_alive_s if keep_alive is None else float(keep_alive)
-        lm.unload_when_idle = lm.keep_alive_s == 0
+        lm = self.models.for_generation(ref, keep_alive)
         if self._active is not lm:
             self._close_generator()
             from mlx_lm.generate import BatchGenerator
@@ -540,129 +488,10 @@ class Engine:
         self._generator = None
         self._active = None
 
-    def _ensure_loaded(self, ref: ModelRef) -> LoadedModel:
-        lm = self._models.get(ref.key)
-        if lm is not None and lm.ref.path == ref.path:
-            with self._lock:
-                self._models.move_to_end(ref.key)
-            return lm
-        if lm is not None:  # same key, another path: the snapshot moved; reload from the new place
-            self._unload(ref.key)
-        while len(self._models) >= self.max_loaded:
-            victim = next((m for m in self._models.values() if m.running == 0), None)
-            if victim is None:
-                raise WorkerBusy(f"all {len(self._models)} loaded models are busy; retry")
-            log.info("evicting %s (least recently used) to load %s", victim.key, ref.key)
-            self._unload(victim.key)
-        lm = self._load(ref)
-        with self._lock:
-            self._models[ref.key] = lm
-        return lm
-
-    def _load(self, ref: ModelRef) -> LoadedModel:
-        path = Path(ref.path)
-        # mlx_lm would take a missing path for a Hub repo id and download it: never from the worker.
-        if not path.is_dir():
-            raise LoadFailed(f"cannot load {ref.key}: {ref.path} is not a directory", status=400)
-        if not (path / "config.json").is_file():
-            raise LoadFailed(f"cannot load {ref.key}: no config.json in {ref.path}", status=400)
-        from mlx.utils import tree_flatten
-        from mlx_lm.models.cache import LRUPromptCache
-        from mlx_lm.utils import load
-
-        started = time.perf_counter()
-        try:
-            model, tokenizer, config = load(str(path), return_config=True)
-            self._probe(model)
-        except Exception as e:  # any loader failure is this model's fault: its requests fail, nobody else's
-            log.warning("loading %s failed: %s", ref.key, _one_line(e))
-            if _out_of_memory(e):  # the machine's state, not the model's: retryable, and no verdict on the model
-                raise WorkerBusy(f"not enough memory to load {ref.key} ({_one_line(e)}); unload other models "
-                                 "(mlxk stop) or retry") from None
-            raise ModelFailed(ref.key, f"failed while loading: {_one_line(e)}") from None
-        memory = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-        special = set(getattr(tokenizer, "all_special_ids", None) or [])
-        markers = set()
-        for seq in (tokenizer.think_start_tokens, tokenizer.think_end_tokens,
-                    tokenizer.tool_call_start_tokens, tokenizer.tool_call_end_tokens):
-            markers.update(seq or ())
-        lm = LoadedModel(
-            ref=ref, model=model, tokenizer=tokenizer, context_length=context_length(config),
-            memory_bytes=memory, eos_ids=frozenset(tokenizer.eos_token_ids),
-            hidden_ids=frozenset(special - markers), keep_alive_s=self.keep_alive_s,
-            prompt_cache=LRUPromptCache(max_size=PROMPT_CACHE_ENTRIES, max_bytes=self.prompt_cache_bytes),
-        )
-        log.info("loaded %s from %s in %.2fs (%.1f MB)", ref.key, ref.path, time.perf_counter() - started,
-                 memory / 1e6)
-        return lm
-
-    def _probe(self, model) -> None:
-        """One forward pass over one token, so weights that load but cannot compute (float weights stored as
-        integers, a broken conversion) fail here, as this model's load error, before any request is accepted."""
-        import mlx.core as mx
-        from mlx_lm.models.cache import make_prompt_cache
-
-        logits = model(mx.array([[0]]), cache=make_prompt_cache(model))  # the call generation makes
-        mx.eval(logits)
-        if not mx.issubdtype(logits.dtype, mx.floating):
-            raise ValueError(f"the forward pass gives {logits.dtype} logits, not floating point")
-
-    def _unload(self, key: str) -> bool:
-        import mlx.core as mx
-
-        lm = self._models.get(key)
-        if lm is None:
-            return False
+    def _unloading(self, lm: LoadedModel) -> None:
+        """Residency is about to unload lm: a batch generator holding its weights goes first."""
         if self._active is lm:
             self._close_generator()
-        with self._lock:
-            del self._models[key]
-        lm.model = lm.tokenizer = lm.prompt_cache = None
-        del lm
-        gc.collect()
-        mx.clear_cache()  # dropping references returns memory to MLX's pool; this gives it back to the OS
-        log.info("unloaded %s", key)
-        return True
-
-    def _load_op(self, ref: ModelRef, keep_alive: float | None) -> dict:
-        lm = self._ensure_loaded(ref)
-        lm.keep_alive_s = self.keep_alive_s if keep_alive is None else float(keep_alive)
-        lm.last_used = time.time()
-        return {"event": protocol.EV_LOADED, "key": lm.key}
-
-    def embedding_model(self, ref: ModelRef, keep_alive: float | None) -> LoadedModel:
-        """The loaded model an embed batch runs on (embed.py; called on this thread): loaded, evicted and kept
-        alive like any other, so `ps` shows it and max_loaded counts it."""
-        lm = self._ensure_loaded(ref)
-        if keep_alive is not None:
-            lm.keep_alive_s = float(keep_alive)
-            lm.unload_when_idle = lm.keep_alive_s == 0
-        lm.last_used = time.time()
-        return lm
-
-    def _unload_op(self, model: str | None) -> dict:
-        keys = [k for k, lm in self._models.items()
-                if model is None or k == model or lm.ref.repo_id == model]
-        unloaded = []
-        for key in keys:
-            lm = self._models[key]
-            if lm.running:
-                lm.unload_when_idle = True  # never pull weights from under live rows
-            else:
-                self._unload(key)
-            unloaded.append(key)
-        return {"event": protocol.EV_UNLOADED, "models": unloaded}
-
-    def _expire(self) -> None:
-        if not self._models:
-            return
-        now = time.time()
-        for key, lm in list(self._models.items()):
-            if lm.running or self._wanted(key):
-                continue
-            expires = lm.expires_at()
-            if lm.unload_when_idle or (expires is not None and now >= expires):
-                self._unload(key)
 
     def _wanted(self, key: str) -> bool:
         return any(t.request.model.key == key and not t.cancelled for t in self._waiting)
@@ -686,7 +515,7 @@ class Engine:
         try:
             tokens = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
         except Exception as e:  # jinja raises anything (TemplateError, TypeError...) on odd input
-            raise BadRequest(f"the chat template rejected the messages: {_one_line(e)}") from None
+            raise BadRequest(f"the chat template rejected the messages: {one_line(e)}") from None
         if isinstance(tokens, dict):  # some tokenizers hand back a BatchEncoding
             tokens = tokens["input_ids"]
         return list(tokens)
@@ -895,10 +724,10 @@ class Engine:
     def _model_failed(self, lm: LoadedModel, error: Exception) -> None:
         """A decode step of lm's batch raised: fail its rows and its queued requests, unload it, keep the loop."""
         log.exception("generation with %s failed; unloading it", lm.key)
-        if _out_of_memory(error):
-            failure = WorkerBusy(f"not enough memory to generate with {lm.key} ({_one_line(error)}); retry")
+        if out_of_memory(error):
+            failure = WorkerBusy(f"not enough memory to generate with {lm.key} ({one_line(error)}); retry")
         else:
-            failure = ModelFailed(lm.key, f"failed while generating: {_one_line(error)}")
+            failure = ModelFailed(lm.key, f"failed while generating: {one_line(error)}")
         for row in self._rows.values():
             row.ticket.finished = True
             self._emit(row.ticket, failure.to_event())
@@ -909,15 +738,13 @@ class Engine:
             with self._lock:
                 self._n_waiting -= 1
             self._finish_with_error(ticket, failure)
-        with self._lock:
-            lm.running = 0
+        self.models.stopped_running(lm)
         try:
-            self._unload(lm.key)  # closes the generator too: its state after the failed step is unknown
+            self.models.unload(lm.key)  # closes the generator too: its state after the failed step is unknown
         except Exception:  # a generator that cannot even close after the failure: drop it and the model anyway
             log.exception("closing %s after its failure failed", lm.key)
             self._generator = self._active = None
-            with self._lock:
-                self._models.pop(lm.key, None)
+            self.models.drop(lm.key)
         self._flush()
 
     def _finish_row(self, row: Row, finish: str, now: float) -> None:
@@ -940,11 +767,7 @@ class Engine:
         self._row_ended(row)
 
     def _row_ended(self, row: Row) -> None:
-        lm = row.model
-        with self._lock:
-            lm.running -= 1
-        lm.last_used = time.time()
-        self.last_activity = lm.last_used
+        self.last_activity = self.models.ended(row.model)
 
     # ---- events -------------------------------------------------------------------------------------------
 
@@ -986,9 +809,7 @@ class Engine:
             elif item[0] == "call":
                 item[2].set_exception(error)
         self._flush()
-        with self._lock:
-            for lm in self._models.values():
-                lm.running = 0
+        self.models.stopped_running()
 
 
 def _merge_delta(delta: dict, more: dict) -> None:

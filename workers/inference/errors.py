@@ -73,3 +73,14 @@ class WorkerBusy(InferenceError):
 class Internal(InferenceError):
     type = protocol.ERR_INTERNAL
     http_status = 500
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line for an error message: its type and the first line of its text."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """MLX reports a failed allocation as MemoryError (std::bad_alloc) or "[metal::malloc] Unable to allocate"."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "allocate" in str(e).lower())

@@ -177,6 +177,8 @@ class WorkerServer:
             op = message.get("op")
             if op == protocol.OP_GENERATE:
                 return await self._generate(protocol.parse_generate(message), reader, writer)
+            if op == protocol.OP_EMBED:
+                return await self._embed(message, reader, writer)
             reply = await self._single_reply(op, message)
         except protocol.ProtocolError as e:
             reply = BadRequest(str(e)).to_event()
@@ -189,8 +191,6 @@ class WorkerServer:
             return {"event": protocol.EV_PONG, "pid": os.getpid()}
         if op == protocol.OP_STATUS:
             return {**self.engine.status(), **self.embedder.stats()}
-        if op == protocol.OP_EMBED:
-            return await self.embedder.embed(message)
         if op == protocol.OP_UNLOAD:
             model = message.get("model")
             if model is not None and not isinstance(model, str):
@@ -203,6 +203,31 @@ class WorkerServer:
                 raise protocol.ProtocolError('"keep_alive" must be a number or null')
             return await asyncio.wrap_future(self.engine.load(ref, keep_alive))
         raise protocol.ProtocolError(f"unknown op {op!r}; expected one of {', '.join(protocol.OPS)}")
+
+    async def _embed(self, message: dict, reader, writer) -> None:
+        """The embed op; a client that hangs up before the vectors come cancels it (Embedder.embed drops a request
+        still waiting for its batch)."""
+        work = asyncio.ensure_future(self._embed_reply(message))
+        try:
+            while True:
+                hangup = asyncio.ensure_future(reader.read(1))
+                await asyncio.wait({work, hangup}, return_when=asyncio.FIRST_COMPLETED)
+                if work.done():
+                    hangup.cancel()
+                    return await _send(writer, work.result())
+                if not hangup.result():  # EOF: the client left (stray bytes after the request line are ignored)
+                    log.info("client of an embed request hung up: cancelled")
+                    return
+        finally:
+            work.cancel()
+
+    async def _embed_reply(self, message: dict) -> dict:
+        try:
+            return await self.embedder.embed(message)
+        except protocol.ProtocolError as e:
+            return BadRequest(str(e)).to_event()
+        except InferenceError as e:
+            return e.to_event()
 
     async def _generate(self, request: protocol.GenerateRequest, reader, writer) -> None:
         events: asyncio.Queue = asyncio.Queue()

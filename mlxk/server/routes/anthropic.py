@@ -32,8 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from mlxk.errors import MlxkError
 from mlxk.server.deps import RequestId, State, parse_body, require_api_key
 from mlxk.server.errors import ANTHROPIC_PATH, InvalidRequest, anthropic_error_type
-from mlxk.server.generation import SSE_HEADERS, Run, count_prompt_tokens, error_status, naming, open_run, \
-    resolve, respond
+from mlxk.server.generation import ANTHROPIC_BLOCKS, SSE_HEADERS, Run, count_prompt_tokens, naming, open_run, \
+    resolve, respond, sse_event, text_of
 from mlxk.server.openai_types import WRITE_ERRORS, AnthropicErrorResponse, error_responses, request_body
 from mlxk.workers.inference import protocol
 
@@ -74,30 +74,11 @@ class MessagesRequest(CountTokensRequest):
 # ---------------------------------------------------------------- request → worker
 
 
-def _text_of(content: Any, where: str) -> str:
-    """A string, or the text of a list of blocks (tool_result content, system blocks)."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if not isinstance(content, list):
-        raise InvalidRequest(f"{where}: must be a string or a list of content blocks", param=where)
-    parts = []
-    for j, block in enumerate(content):
-        if not isinstance(block, dict):
-            raise InvalidRequest(f"{where}[{j}]: a content block must be an object with a 'type'",
-                                 param=f"{where}[{j}]")
-        if block.get("type") == "text":
-            parts.append(str(block.get("text") or ""))
-        elif block.get("type") == "image":
-            raise InvalidRequest(f"{where}[{j}]: image blocks are not supported: this server runs text models; "
-                                 "send text", param=f"{where}[{j}]")
-    return "\n".join(parts)
-
-
 def _system_text(system: Union[str, list, None]) -> str:
     if isinstance(system, list):
         system = [b for i, b in enumerate(system)
                   if not (i == 0 and isinstance(b, dict) and str(b.get("text", "")).startswith(ATTRIBUTION_PREFIX))]
-    return _text_of(system, "system")
+    return text_of(system, "system", ANTHROPIC_BLOCKS)
 
 
 def _turn(role: str, content: Any, where: str) -> list[dict]:
@@ -115,7 +96,7 @@ def _turn(role: str, content: Any, where: str) -> list[dict]:
             raise InvalidRequest(f"{where}.content[{j}]: image blocks are not supported: this server runs text "
                                  "models; send text", param=f"{where}.content[{j}]")
         elif kind == "tool_result":
-            text = _text_of(block.get("content"), f"{where}.content[{j}].content")
+            text = text_of(block.get("content"), f"{where}.content[{j}].content", ANTHROPIC_BLOCKS)
             tools.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id") or ""),
                           "content": ("Error: " + text) if block.get("is_error") else text})
         elif kind == "tool_use":
@@ -147,7 +128,7 @@ def chat_messages(body: CountTokensRequest) -> list[dict]:
             raise InvalidRequest(f"messages[{i}].role: must be 'user' or 'assistant'; got {role!r}",
                                  param=f"messages[{i}].role")
         if role == "system":
-            messages.append({"role": "system", "content": _text_of(message.get("content"), f"messages[{i}].content")})
+            messages.append({"role": "system", "content": text_of(message.get("content"), f"messages[{i}].content", ANTHROPIC_BLOCKS)})
         else:
             for turn in _turn(role, message.get("content"), f"messages[{i}]"):
                 _append_merging(messages, turn)
@@ -320,7 +301,7 @@ class Reply:
 
 async def _collect(run: Run, reply: Reply) -> dict:
     message = None
-    try:
+    async with run.closing():
         async for event in reply.events(run):
             if event["type"] == "message_start":
                 message = event["message"]
@@ -329,28 +310,20 @@ async def _collect(run: Run, reply: Reply) -> dict:
                 message["usage"] = event["usage"]
             else:
                 apply(message, event)
-    except BaseException as error:
-        await run.close(status=error_status(error))
-        raise
-    await run.close()
     return message
-
-
-def _sse(event: dict) -> bytes:
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
 
 
 async def _stream(run: Run, reply: Reply) -> AsyncIterator[bytes]:
     status = 200
     try:
         async for event in reply.events(run):
-            yield _sse(event)
+            yield sse_event(event)
             if event["type"] == "content_block_start" and event["index"] == 0:
-                yield _sse({"type": "ping"})
+                yield sse_event({"type": "ping"})
     except MlxkError as error:
         status = error.http_status
         log.warning("stream %s ended with %s: %s", reply.id, error.type, error.message)
-        yield _sse({"type": "error", "error": {"type": anthropic_error_type(status), "message": error.message}})
+        yield sse_event({"type": "error", "error": {"type": anthropic_error_type(status), "message": error.message}})
     finally:
         await run.close(status=status)
 

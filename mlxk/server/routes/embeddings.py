@@ -1,24 +1,30 @@
 """`POST /v1/embeddings` (OpenAI's shape), and `embed()`, which the Ollama routes share.
 
-The vectors are computed in the inference worker (workers/inference/embed.py: mlx-lm, last-token pooling,
-L2-normalized, batched across requests); only models the index classifies as `embedding` are served here.
+The vectors are computed in the inference worker (workers/inference/embed.py: decoder LMs through mlx-lm, BERT-family
+encoders through encoder.py; L2-normalized, batched across requests); only models the index classifies as
+`embedding` are served here. A client that hangs up before its vectors come cancels its worker request.
 """
 from __future__ import annotations
 
 import base64
+import logging
 import struct
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlxk.server import catalog
+from mlxk import catalog
 from mlxk.server.deps import ServerState, State, parse_body, require_api_key
 from mlxk.server.errors import InvalidRequest
+from mlxk.server.generation import CLIENT_CLOSED, HUNG_UP, unless_hung_up
 from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, error_responses, request_body
 from mlxk.workers.inference import protocol
+
+log = logging.getLogger("mlxk.server.embeddings")
 
 router = APIRouter(dependencies=[Depends(require_api_key)], responses=error_responses(*READ_ERRORS))
 
@@ -34,14 +40,18 @@ class Embedded:
     model_row: dict
 
 
-async def embed(state: ServerState, name: str, inputs: list, *, dimensions: int | None = None,
-                keep_alive: float | None = None) -> Embedded:
-    """Vectors for `inputs` (strings or token-id lists) from the embedding model `name`."""
+async def embed(request: Request, state: ServerState, name: str, inputs: list, *, dimensions: int | None = None,
+                keep_alive: float | None = None) -> Embedded | None:
+    """Vectors for `inputs` (strings or token-id lists) from the embedding model `name`; None when the HTTP client
+    hung up first (the worker request is cancelled: closing its connection drops it from the batch it waits for)."""
     started = time.perf_counter()
     servable = await state.resolve(name, catalog.EMBEDDING_TYPES)
-    reply = await state.supervisor.call({"op": protocol.OP_EMBED, "inputs": inputs, "dimensions": dimensions,
-                                         "keep_alive": keep_alive,
-                                         "model": {"key": servable.key, "path": servable.path}})
+    reply = await unless_hung_up(request, state.supervisor.call({
+        "op": protocol.OP_EMBED, "inputs": inputs, "dimensions": dimensions, "keep_alive": keep_alive,
+        "model": {"key": servable.key, "path": servable.path}}))
+    if reply is HUNG_UP:
+        log.info("client of an embedding request for %s hung up: cancelled", servable.repo_id)
+        return None
     row = next((r for r in await state.model_rows() if r["repo_id"] == servable.repo_id), {})
     return Embedded(servable.repo_id, reply["embeddings"], reply["prompt_tokens"], time.perf_counter() - started,
                     row)
@@ -85,9 +95,11 @@ def _encode(vector: list[float], encoding_format: str):
 @router.post("/v1/embeddings", openapi_extra=request_body(EmbeddingRequest),
              responses=error_responses(*WRITE_ERRORS, 503))
 @router.post("/v1/embeddings/", include_in_schema=False)
-async def embeddings(request: Request, state: State) -> dict:
+async def embeddings(request: Request, state: State):
     body = await parse_body(request, EmbeddingRequest)
-    result = await embed(state, body.model, body.inputs(), dimensions=body.dimensions)
+    result = await embed(request, state, body.model, body.inputs(), dimensions=body.dimensions)
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED)  # nobody is left to read it
     data = [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
             for i, v in enumerate(result.vectors)]
     return {"object": "list", "data": data, "model": result.model,

@@ -26,10 +26,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlxk import jobs, names
+from mlxk import catalog, jobs, names
 from mlxk.clock import parse_iso
 from mlxk.errors import MlxkError
-from mlxk.server import catalog, generation
+from mlxk.server import generation
 from mlxk.server.deps import ServerState, State, RequestId, parse_body, require_api_key
 from mlxk.server.errors import InvalidRequest, ollama_error_body
 from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, KeepAlive, error_responses, keep_alive_seconds, \
@@ -378,22 +378,9 @@ async def _stream(run: generation.Run, reply: Reply, timing: Timing) -> AsyncIte
 
 
 async def _collect(run: generation.Run, reply: Reply, timing: Timing) -> dict:
-    content, thinking, calls, done = [], [], {}, {}
-    try:
-        async for event in run.rest():
-            timing.mark(event)
-            if event.get("event") == protocol.EV_DELTA:
-                content.append(event.get("content") or "")
-                thinking.append(event.get("reasoning") or "")
-                generation.merge_tool_calls(calls, event.get("tool_calls") or [])
-            elif event.get("event") == protocol.EV_DONE:
-                done = event
-    except BaseException as error:
-        await run.close(status=generation.error_status(error))
-        raise
-    await run.close()
-    body = reply.chunk("".join(content), "".join(thinking), _tool_calls(calls) if calls else None, done=True)
-    return {**body, **timing.final(done)}
+    whole = await generation.collect(run, on_event=timing.mark)
+    body = reply.chunk(whole.content, whole.reasoning, _tool_calls(whole.calls) if whole.calls else None, done=True)
+    return {**body, **timing.final(whole.done)}
 
 
 async def _load_or_unload(state: ServerState, body: _Generate, servable: catalog.Servable, reply: Reply):
@@ -496,25 +483,30 @@ def _keep_alive(value) -> float | None:
 
 
 @router.post("/api/embed", openapi_extra=request_body(EmbedRequest), responses=GENERATION_ERRORS)
-async def embed(request: Request, state: State) -> dict:
+async def embed(request: Request, state: State):
     body = await parse_body(request, EmbedRequest)
     inputs = [body.input] if isinstance(body.input, str) else body.input
     if not inputs or any(not text for text in inputs):
         raise InvalidRequest("input must be a non-empty string or a list of non-empty strings", param="input")
-    result = await embedding_routes.embed(state, body.model, inputs, dimensions=body.dimensions,
+    result = await embedding_routes.embed(request, state, body.model, inputs, dimensions=body.dimensions,
                                           keep_alive=_keep_alive(body.keep_alive))
+    if result is None:
+        return Response(status_code=generation.CLIENT_CLOSED)  # the client hung up: nobody reads this
     ns = int(result.total_s * 1e9)
     return {"model": body.model, "embeddings": result.vectors, "total_duration": ns, "load_duration": 0,
             "prompt_eval_count": result.prompt_tokens}
 
 
 @router.post("/api/embeddings", openapi_extra=request_body(LegacyEmbeddingsRequest), responses=GENERATION_ERRORS)
-async def embeddings(request: Request, state: State) -> dict:
+async def embeddings(request: Request, state: State):
     """The legacy route: one prompt, one vector."""
     body = await parse_body(request, LegacyEmbeddingsRequest)
     if not body.prompt:
         raise InvalidRequest("prompt must not be empty", param="prompt")
-    result = await embedding_routes.embed(state, body.model, [body.prompt], keep_alive=_keep_alive(body.keep_alive))
+    result = await embedding_routes.embed(request, state, body.model, [body.prompt],
+                                          keep_alive=_keep_alive(body.keep_alive))
+    if result is None:
+        return Response(status_code=generation.CLIENT_CLOSED)
     return {"embedding": result.vectors[0]}
 
 

@@ -29,14 +29,12 @@ from typing import AsyncIterator, Callable
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from mlxk import __version__
+from mlxk import __version__, catalog
 from mlxk.errors import MlxkError
 from mlxk.clock import iso_utc, parse_iso
-from mlxk.server import catalog
 from mlxk.server.deps import Model, RequestId, State, ServerState, check_supported, parse_body, require_api_key
 from mlxk.server.errors import InvalidRequest, openai_error_body
-from mlxk.server.generation import SSE_HEADERS, Run, error_status, merge_tool_calls, naming, open_run, resolve, \
-    respond
+from mlxk.server.generation import SSE_HEADERS, Run, collect, naming, open_run, resolve, respond
 from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, ChatCompletionRequest, CompletionRequest, \
     error_responses, keep_alive_seconds, request_body
 from mlxk.workers.inference import protocol
@@ -162,29 +160,18 @@ async def _generate(request: Request, state: ServerState, gen: Generation, run: 
 
 
 async def _collect(run: Run, gen: Generation) -> dict:
-    content, reasoning, calls, done = [], [], {}, {}
-    try:
-        async for event in run.rest():
-            if event.get("event") == protocol.EV_DELTA:
-                content.append(event.get("content") or "")
-                reasoning.append(event.get("reasoning") or "")
-                merge_tool_calls(calls, event.get("tool_calls") or [])
-            elif event.get("event") == protocol.EV_DONE:
-                done = event
-    except BaseException as error:
-        await run.close(status=error_status(error))
-        raise
-    await run.close()
+    reply = await collect(run)
+    done, calls = reply.done, reply.calls
     body = {"id": gen.id, "created": gen.created, "model": gen.model, "system_fingerprint": gen.fingerprint,
             "usage": _usage(done)}
     finish = done.get("finish_reason") or "stop"
     if gen.kind == "completion":
         body["object"] = "text_completion"
-        body["choices"] = [{"index": 0, "text": "".join(content), "logprobs": None, "finish_reason": finish}]
+        body["choices"] = [{"index": 0, "text": reply.content, "logprobs": None, "finish_reason": finish}]
         return body
-    message = {"role": "assistant", "content": "".join(content), "refusal": None}
-    if any(reasoning):
-        message["reasoning_content"] = "".join(reasoning)
+    message = {"role": "assistant", "content": reply.content, "refusal": None}
+    if reply.reasoning:
+        message["reasoning_content"] = reply.reasoning
     if calls:
         message["tool_calls"] = [calls[i] for i in sorted(calls)]
         message["content"] = message["content"] or None

@@ -45,10 +45,17 @@ def _job_workers() -> dict:
 
 @health_router.get("/health", responses=error_responses(421))
 async def health(state: State) -> dict:
+    """Always 200 while the api answers; `status` is "degraded" (with `problems`, one line each) when it cannot
+    serve generations: the inference worker is unresponsive (frozen; see supervisor.py)."""
     idle = 0.0 if state.active_requests else time.monotonic() - state.last_activity
-    return {"status": "ok", "version": __version__, "worker": await _inference_state(state),
-            "job_workers": await run_in_threadpool(_job_workers), "idle_s": round(idle, 1),
-            "idle_exit_s": state.config.idle_exit_s}
+    worker = await _inference_state(state)
+    problems = []
+    if worker["state"] == "unresponsive":
+        problems.append(f"the inference worker has not answered for {worker.get('silent_s', 0):g}s; generation "
+                        "and embedding requests get 503 worker_unresponsive until it answers or is replaced")
+    return {"status": "degraded" if problems else "ok", **({"problems": problems} if problems else {}),
+            "version": __version__, "worker": worker, "job_workers": await run_in_threadpool(_job_workers),
+            "idle_s": round(idle, 1), "idle_exit_s": state.config.idle_exit_s}
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

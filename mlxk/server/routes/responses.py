@@ -20,7 +20,6 @@ Stream events carry `sequence_number` from 0, in the documented order; an error 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import time
@@ -36,7 +35,8 @@ from mlxk.db import responses as stored
 from mlxk.errors import MlxkError, ResponseNotFound
 from mlxk.server.deps import RequestId, ServerState, State, parse_body, require_api_key
 from mlxk.server.errors import InvalidRequest
-from mlxk.server.generation import SSE_HEADERS, Run, error_status, naming, open_run, resolve, respond
+from mlxk.server.generation import RESPONSES_PARTS, SSE_HEADERS, Run, naming, open_run, resolve, respond, \
+    sse_event, text_of
 from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, error_responses, request_body
 from mlxk.workers.inference import protocol
 
@@ -68,25 +68,6 @@ class ResponsesRequest(BaseModel):
 # ---------------------------------------------------------------- request → worker
 
 
-def _text(content: Any, where: str) -> str:
-    """A string, or the text of a list of input/output parts."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if not isinstance(content, list):
-        raise InvalidRequest(f"{where}: must be a string or a list of content parts", param=where)
-    parts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("input_text", "output_text", "text"):
-            parts.append(str(part.get("text") or ""))
-        elif kind == "refusal":
-            parts.append(str(part.get("refusal") or ""))
-        elif kind in ("input_image", "input_file"):
-            raise InvalidRequest(f"{where}[{j}]: {kind} parts are not supported: this server runs text models; "
-                                 "send input_text", param=f"{where}[{j}]")
-    return "".join(parts)
-
-
 def _assistant(messages: list[dict]) -> dict:
     """The assistant message a replayed function_call or reasoning item belongs to (the last one, unless a tool
     result or a user turn came after it)."""
@@ -112,7 +93,7 @@ def input_messages(items: Union[str, list, None]) -> list[dict]:
             if role not in ("user", "assistant", "system", "developer"):
                 raise InvalidRequest(f"{where}.role: must be user, assistant, system or developer; got {role!r}",
                                      param=f"{where}.role")
-            messages.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
+            messages.append({"role": role, "content": text_of(item.get("content"), f"{where}.content", RESPONSES_PARTS)})
             if role == "assistant" and reasoning:
                 messages[-1]["reasoning_content"], reasoning = "\n".join(reasoning), []
         elif kind == "function_call":
@@ -124,7 +105,7 @@ def input_messages(items: Union[str, list, None]) -> list[dict]:
                 message["reasoning_content"], reasoning = "\n".join(reasoning), []
         elif kind == "function_call_output":
             messages.append({"role": "tool", "tool_call_id": str(item.get("call_id") or ""),
-                             "content": _text(item.get("output"), f"{where}.output")})
+                             "content": text_of(item.get("output"), f"{where}.output", RESPONSES_PARTS)})
         elif kind == "reasoning":
             texts = [p.get("text", "") for p in (item.get("content") or item.get("summary") or ())
                      if isinstance(p, dict)]
@@ -362,19 +343,11 @@ def _load(state: ServerState, response_id: str, param: str = "previous_response_
 
 async def _collect(run: Run, reply: Reply, state: ServerState) -> dict:
     final = None
-    try:
+    async with run.closing():
         async for event in reply.events(run, state):
             if event["type"] in ("response.completed", "response.incomplete"):
                 final = event["response"]
-    except BaseException as error:
-        await run.close(status=error_status(error))
-        raise
-    await run.close()
     return final
-
-
-def _sse(event: dict) -> bytes:
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
 
 
 async def _stream(run: Run, reply: Reply, state: ServerState) -> AsyncIterator[bytes]:
@@ -382,7 +355,7 @@ async def _stream(run: Run, reply: Reply, state: ServerState) -> AsyncIterator[b
     events = reply.events(run, state)
     try:
         async for event in events:
-            yield _sse(event)
+            yield sse_event(event)
     except MlxkError as error:  # its response.failed event went out already
         status = error.http_status
     finally:

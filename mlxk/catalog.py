@@ -47,7 +47,16 @@ def load(settings: Settings) -> Catalog:
 
     with closing(index.load(settings.state_db, settings.hf_hub_cache)) as loaded:
         pending = [] if loaded.warning else loaded.refresh.pending
-        return Catalog(index.rows(loaded.conn), pending)
+        rows = index.rows(loaded.conn)
+        # A row the runtime scan has not judged yet takes the provisional verdict `list --json` shows (mlx-lm's
+        # registry read from its files, plus the worker's own encoders): a model type nothing here runs is neither
+        # listed as servable (/api/tags, /v1/models) nor sent to the worker before the scan says so.
+        unjudged = [row["repo_id"] for row in rows if index.is_pending(row)]
+        verdicts = index.provisional_verdicts(loaded.conn, unjudged) if unjudged else {}
+        for row in rows:
+            if row["repo_id"] in verdicts:
+                row["runtime_compatible"], row["reason"] = verdicts[row["repo_id"]]
+        return Catalog(rows, pending)
 
 
 def why_not_runnable(row: dict, types: tuple[str, ...] = SERVABLE_TYPES) -> str | None:
