@@ -197,9 +197,6 @@ KNIFE_TYPES: dict[str, str] = {
     "invalid_name": "ValidationError",
     "workspace_path": "ValidationError",
     "model_not_found": "model_not_found",
-    # not a type: model_not_found for a revision of a cached repo that is not cached (its error carries
-    # available_hashes), which `rm` words as mlx-knife 2.0.8 does (hash_not_found); see knife_kind()
-    "revision_not_cached": "model_not_found",
     "ambiguous_match": "ambiguous_match",
     "model_not_runnable": "ValidationError",
     "cache_error": "OperationError",      # the spec: "Cache corruption, disk full"
@@ -247,7 +244,7 @@ KNIFE_COMMAND_TYPES: dict[str, dict[str, str]] = {
             "context_length_exceeded": "context_length_exceeded"},   # 2.0.8's one typed run error
     "pull": {**{kind: "download_failed" for kind in _HUB},
              "repo_not_found": "access_denied", "gated_repo": "access_denied", "auth_error": "access_denied"},
-    "rm": {"conflict": "locks_present", "workspace_path": "workspace_model", "revision_not_cached": "hash_not_found"},
+    "rm": {"conflict": "locks_present", "workspace_path": "workspace_model"},
     "clone": {**{kind: "clone_failed" for kind in _HUB}, "conflict": "ValidationError"},
     "push": {"repo_not_found": "repo_not_found"},
 }
@@ -268,13 +265,4 @@ def cli_error(error: MlxkError, command: str | None = None) -> dict:
     """The `error` of a --json envelope: `{"type": mlx-knife's word, "code": mlxk's type, "message", ...details}`.
     MlxkError.from_dict() reads it back (by `code`)."""
     body = error.to_dict()
-    return {"type": knife_type(knife_kind(error), command), "code": body.pop("type"), **body}
-
-
-def knife_kind(error: MlxkError) -> str:
-    """The key of `error` in the KNIFE tables: its type, or a finer kind where mlx-knife has a word of its own for a
-    case mlxk's type covers (a revision that is not cached: model_not_found with `available_hashes`). Read from the
-    error's details, so an error rebuilt by from_dict() words the same."""
-    if error.type == "model_not_found" and "available_hashes" in error.details:
-        return "revision_not_cached"
-    return error.type
+    return {"type": knife_type(error.type, command), "code": body.pop("type"), **body}

@@ -50,7 +50,7 @@ def test_a_job_that_crashed_is_reported_as_internal():
 KNIFE_WORDS = {"ValidationError", "ambiguous_match", "model_not_found", "download_failed", "NetworkError",
                "PermissionError", "OperationError", "InternalError", "locks_present", "auth_error", "clone_failed",
                "execution_error", "access_denied", "CommandError", "repo_not_found", "workspace_model",
-               "context_length_exceeded", "hash_not_found"}
+               "context_length_exceeded"}
 
 
 @pytest.mark.parametrize("kind", sorted(set(TYPES) | set(errors.KNIFE_TYPES)))

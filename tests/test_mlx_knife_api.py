@@ -277,12 +277,10 @@ def test_a_revision_that_is_not_cached_lists_the_available_hashes(cache):
     """mlx-knife's schema has `error.available_hashes` for a hash that is not there: the revisions that are."""
     _, doc = run_json("show", PHI)
     revisions = doc["data"]["model"]["revisions"]
-    for command, knife_type in (("show", "model_not_found"), ("rm", "hash_not_found")):   # as mlx-knife 2.0.8 words it
+    # mlx-knife 2.0.8 answers model_not_found in both (its rm's hash_not_found branch is unreachable: its resolver
+    # finds `name@hash` only when that snapshot exists)
+    for command in ("show", "rm"):
         result, doc = run_json(command, f"{PHI}@ffffff")
         validate(doc)
-        assert result.exit_code == 1 and (doc["error"]["type"], doc["error"]["code"]) == (knife_type,
-                                                                                          "model_not_found")
+        assert result.exit_code == 1 and doc["error"]["type"] == doc["error"]["code"] == "model_not_found"
         assert sorted(doc["error"]["available_hashes"]) == sorted(revisions) and len(revisions) == 2
-    assert doc["data"]["model"] == PHI and doc["data"]["action"] == "unknown"   # rm: the repo it resolved
-    _, doc = run_json("rm", "nothing-like-it")
-    assert doc["error"]["type"] == "model_not_found" and doc["data"] is None
