@@ -136,3 +136,25 @@ def test_run_of_a_folder_that_holds_no_runnable_model_registers_nothing(knife_se
         paths = [row[0] for row in conn.execute("SELECT path FROM workspaces")]
     conn.close()
     assert str((tmp_path / "nomodel").resolve()) not in paths
+
+
+def test_a_workspace_keeps_its_id_and_a_changed_folder_is_loaded_afresh(tmp_path):
+    """In process (conftest's isolated MLXK_HOME): one id per absolute path; the servable's revision is the folder's
+    stamp, so the inference worker (keyed by repo@revision) loads a changed folder again."""
+    import os
+
+    from mlxk.config import settings
+    from mlxk.server import catalog
+
+    workspace = make_workspace(tmp_path / "ws")
+    config = settings()
+    workspace_id = catalog.register_workspace(str(workspace), config)
+    assert catalog.register_workspace(str(tmp_path / "ws" / ".." / "ws"), config) == workspace_id
+    first = catalog.resolve(workspace_id, [], config)
+    assert (first.repo_id, first.path, first.row["display_name"]) == (workspace_id, str(workspace), str(workspace))
+    readme = workspace / "README.md"
+    os.utime(readme, ns=(readme.stat().st_atime_ns, readme.stat().st_mtime_ns + 10**9))
+    second = catalog.resolve(workspace_id, [], config)
+    assert second.repo_id == first.repo_id and second.key != first.key
+    other = catalog.register_workspace(str(make_workspace(tmp_path / "other")), config)
+    assert other != workspace_id
