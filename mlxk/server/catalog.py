@@ -176,8 +176,6 @@ def register_workspace(typed: str, settings: Settings, types: tuple[str, ...] = 
 def _stamp(path: Path) -> str:
     """What the folder's files are now (names, sizes, modification times), 16 hex digits: the workspace's
     "revision", so a changed folder is a different model to the inference worker and is loaded again."""
-    from mlxk import cache
-
     digest = hashlib.sha256()
     for rel, entry in cache.walk_files(path):
         try:
