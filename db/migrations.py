@@ -140,3 +140,12 @@ def m008_mlx_knife_fields(db):
     db["models"].add_column("quantization_config", str)
     db["models"].add_column("disk_bytes", int)
     db.execute("UPDATE models SET fingerprint = NULL")
+
+
+@migration
+def m010_workspaces(db):
+    # Workspace folders the user ran (`mlxk run ./dir`): the absolute path, registered by the CLI, and the opaque id
+    # the server resolves (`workspace:<hex>`). The server never takes a folder path from a request; it loads only a
+    # folder registered here. One id per path (re-registering reuses it).
+    db["workspaces"].create({"id": str, "path": str, "registered_at": str}, pk="id")
+    db["workspaces"].create_index(["path"], unique=True)

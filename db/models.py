@@ -89,6 +89,21 @@ def delete_alias(db, *, name: str) -> bool:
         return conn.execute("DELETE FROM aliases WHERE name = ?", (name,)).rowcount > 0
 
 
+def workspace_id(db, *, path: str, new_id: str, registered_at: str) -> str:
+    """The id of the workspace folder `path` (absolute), registering it under `new_id` if it is not yet known."""
+    conn = _conn(db)
+    with write(conn):
+        conn.execute("INSERT INTO workspaces (id, path, registered_at) VALUES (?, ?, ?) ON CONFLICT(path) DO NOTHING",
+                     (new_id, path, registered_at))
+        return conn.execute("SELECT id FROM workspaces WHERE path = ?", (path,)).fetchone()[0]
+
+
+def workspace_path(db, workspace_id: str) -> str | None:
+    """The folder registered as `workspace_id`, or None."""
+    row = _conn(db).execute("SELECT path FROM workspaces WHERE id = ?", (workspace_id,)).fetchone()
+    return row[0] if row else None
+
+
 def healthy_ids(db) -> list[str]:
     """Repos whose files passed the integrity check, sorted."""
     return [row[0] for row in _conn(db).execute("SELECT repo_id FROM models WHERE health = 'healthy' ORDER BY repo_id")]

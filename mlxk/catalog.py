@@ -4,15 +4,24 @@ Resolution reads the index (state.db) after a cheap refresh, so a model download
 deleted one is not. A name that matches a model the index says cannot run fails with the index's reason, never
 with a loader traceback from the worker. Imports nothing heavy: `mlxk run` resolves names before it starts a
 server.
+
+Workspaces (mlx-knife's model folders, `mlxk run ./dir`) are served by an opaque id, never by a path: the CLI, run
+by the user who owns MLXK_HOME, registers the folder (register_workspace) and sends `workspace:<16 hex>`; the server
+resolves only registered ids, so no HTTP client can make it read a folder of its choosing.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import re
+import secrets
+import time
+from contextlib import closing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxk import cache, names
 from mlxk.config import Settings
-from mlxk.errors import ModelNotRunnable
+from mlxk.errors import ModelNotFound, ModelNotRunnable
 
 SERVABLE_TYPES = ("chat", "base")
 EMBEDDING_TYPES = ("embedding",)
@@ -23,6 +32,7 @@ class Servable:
     repo_id: str
     revision: str
     path: str                  # absolute snapshot directory
+    row: dict | None = field(default=None, compare=False)   # a workspace's row (cached models: see Catalog.rows)
 
     @property
     def key(self) -> str:
@@ -92,7 +102,10 @@ def resolve_row(name: str, rows: list[dict], types: tuple[str, ...] = SERVABLE_T
 
 
 def resolve(name: str, rows: list[dict], settings: Settings, types: tuple[str, ...] = SERVABLE_TYPES) -> Servable:
-    """The servable model `name` means, or a clear MlxkError."""
+    """The servable model `name` means (a cached model's name, or a registered `workspace:<id>`), or a clear
+    MlxkError."""
+    if is_workspace_id(name):
+        return resolve_workspace(name, settings, types)
     row, revision = resolve_row(name, rows, types)
     repo_id = row["repo_id"]
     path = row["snapshot_path"]
@@ -129,3 +142,87 @@ def mark_failed(settings: Settings, key: str, reason: str) -> bool:
 
 def find(name: str, settings: Settings, types: tuple[str, ...] = SERVABLE_TYPES) -> Servable:
     return resolve(name, load(settings).rows, settings, types)
+
+
+WORKSPACE_PREFIX = "workspace:"
+_WORKSPACE_ID = re.compile(r"^workspace:[0-9a-f]{16}$")
+
+
+def is_workspace_id(name: str) -> bool:
+    """`workspace:<16 hex>`: a workspace folder registered by `mlxk run PATH` (see register_workspace)."""
+    return bool(_WORKSPACE_ID.match(name or ""))
+
+
+def _workspace_row(typed: str, types: tuple[str, ...]) -> dict:
+    """The folder's row (index.workspace: config.json, weights, integrity and runtime, as `show`/`health ./dir`
+    check it), or ModelNotFound / ModelNotRunnable."""
+    from mlxk import index
+
+    row = index.workspace(typed)
+    reason = why_not_runnable(row, types)
+    if reason:
+        raise ModelNotRunnable(f"workspace {typed!r} cannot be run: {reason}", name=typed, reason=reason)
+    return row
+
+
+def register_workspace(typed: str, settings: Settings, types: tuple[str, ...] = SERVABLE_TYPES) -> str:
+    """Check that the folder `typed` (`./dir`, `/abs/dir`, `~/dir`) holds a runnable model and record it in
+    state.db; returns its id, `workspace:<16 hex>` (the same id every time for the same absolute path).
+
+    Only the CLI calls this: the user names the folder on their own command line. Raises ModelNotFound (not a
+    folder, no config.json) or ModelNotRunnable (the integrity or runtime check's reason). Writes nothing into the
+    folder."""
+    from mlxk import db
+    from mlxk.clock import iso_utc
+    from mlxk.db import models as queries
+
+    row = _workspace_row(typed, types)
+    with closing(db.connect(settings.state_db)) as conn:
+        return queries.workspace_id(conn, path=row["snapshot_path"], new_id=WORKSPACE_PREFIX + secrets.token_hex(8),
+                                    registered_at=iso_utc(time.time()))
+
+
+def _stamp(path: Path) -> str:
+    """What the folder's files are now (names, sizes, modification times), 16 hex digits: the workspace's
+    "revision", so a changed folder is a different model to the inference worker and is loaded again."""
+    digest = hashlib.sha256()
+    for rel, entry in cache.walk_files(path):
+        try:
+            stat = entry.stat()
+        except OSError:
+            continue
+        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def resolve_workspace(workspace_id: str, settings: Settings, types: tuple[str, ...] = SERVABLE_TYPES) -> Servable:
+    """The registered workspace `workspace_id` as a Servable (key `workspace:<id>@<stamp>`), checked now: a folder
+    that was deleted or no longer holds a runnable model is ModelNotFound / ModelNotRunnable naming the folder and
+    the fix."""
+    from mlxk import db
+    from mlxk.db import models as queries
+
+    with closing(db.connect(settings.state_db)) as conn:
+        path = queries.workspace_path(conn, workspace_id)
+    if path is None:
+        raise ModelNotFound(
+            f"no workspace is registered as {workspace_id!r}: register a model folder with `mlxk run PATH` (the "
+            "server never reads a folder path from a request).", name=workspace_id)
+    stamp = _stamp(Path(path))
+    row = _checked_workspaces.get((path, stamp, types))
+    if row is None:
+        try:
+            row = _workspace_row(path, types)
+        except ModelNotFound as error:
+            raise ModelNotFound(
+                f"workspace {workspace_id} ({path}) no longer holds a model: {error.message} Put the model back, or "
+                "run `mlxk run PATH` on the folder that holds it now.", name=workspace_id) from None
+        if len(_checked_workspaces) >= 64:
+            _checked_workspaces.clear()
+        _checked_workspaces[(path, stamp, types)] = row
+    return Servable(repo_id=workspace_id, revision=stamp, path=path, row=row)
+
+
+# (path, stamp, types) -> the row of a workspace that passed its checks: an unchanged folder is not inspected again
+# on every request (a changed one has another stamp)
+_checked_workspaces: dict[tuple, dict] = {}

@@ -71,7 +71,8 @@ class InvalidName(MlxkError):
 
 class WorkspacePath(InvalidName):
     """A folder path (`./dir`, `/abs/dir`, `~/dir`: mlx-knife's workspace) where only a model name will do: pull,
-    rm, run, clone and serve work on the HF cache; `show` and `health` are the commands that read a workspace."""
+    rm, clone, serve and the api (a request's `model`) work on the HF cache; `run`, `show` and `health` are the
+    commands that read a workspace (`run` registers it: mlxk.server.catalog.register_workspace)."""
     type = "workspace_path"
 
 

@@ -112,10 +112,13 @@ def is_workspace_path(name: str) -> bool:
 
 def not_a_name(path: str) -> WorkspacePath:
     """The error for a workspace path where a model name is needed (mlx-knife 2.0.8 accepts one in `show`,
-    `health` and `run`, refuses it in `rm`, and fails a `pull` of one with a Hub error)."""
+    `health` and `run`, refuses it in `rm`, and fails a `pull` of one with a Hub error). The api server says the
+    same of a path in a request's `model`: it serves a folder only by the id `mlxk run PATH` registers."""
     return WorkspacePath(
-        f"{path!r} is a folder path (a workspace), not a model name: pull, rm, run, clone and serve work on the HF "
-        f"cache. `mlxk show {path}` and `mlxk health {path}` read a workspace; give a Hub repo id like "
+        f"{path!r} is a folder path (a workspace), not a model name: pull, rm, clone and serve work on the HF cache, "
+        f"and the api never reads a folder named in a request. `mlxk run {path}`, `mlxk show {path}` and `mlxk "
+        f"health {path}` read a workspace (`mlxk run {path} --json` registers it and gives its id, "
+        "'workspace:<16 hex>', which the api takes as a model); elsewhere give a Hub repo id like "
         "'mlx-community/Qwen3-4B-4bit' or the name of a cached model.", name=path)
 
 

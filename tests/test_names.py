@@ -138,4 +138,5 @@ def test_a_workspace_path_is_not_a_model_name_and_says_which_commands_read_one(p
     with pytest.raises(WorkspacePath) as info:
         names.parse(path)
     assert info.value.type == "workspace_path" and isinstance(info.value, InvalidName)
-    assert f"`mlxk show {path}` and `mlxk health {path}` read a workspace" in info.value.message
+    assert f"`mlxk run {path}`, `mlxk show {path}` and `mlxk health {path}` read a workspace" in info.value.message
+    assert "the api never reads a folder named in a request" in info.value.message

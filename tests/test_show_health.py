@@ -185,7 +185,21 @@ def test_health_named_healthy_and_not_runnable_exit_0(hf_cache):
 def test_health_unknown_and_empty(hf_cache):
     assert document("health")["data"]["summary"]["total"] == 0
     assert mlxk("health").stdout.strip() == "No models in the cache."
-    assert document("health", "nothing-here", code=1)["error"]["code"] == "model_not_found"
+
+
+def test_health_of_a_name_nothing_matches_is_an_empty_report_that_says_so(model_factory):
+    """mlx-knife 2.0.8 (a health NAME is a pattern): success, exit 0, nothing in healthy/unhealthy, total 0; mlxk
+    adds what was not found and the close names, so a typo does not read as "nothing unhealthy"."""
+    model_factory.repo("mlx-community/tiny-chat")
+    doc = document("health", "tiny-caht")
+    assert (doc["status"], doc["error"], doc["data"]["healthy"], doc["data"]["unhealthy"]) == ("success", None, [], [])
+    assert doc["data"]["summary"]["total"] == doc["data"]["summary"]["unhealthy_count"] == 0
+    assert doc["data"]["suggestions"] == ["mlx-community/tiny-chat"]
+    assert doc["data"]["message"].startswith("no cached model matches 'tiny-caht'")
+    result = mlxk("health", "tiny-caht")
+    assert result.exit_code == 0 and result.stdout.startswith("No cached model matches 'tiny-caht'. Did you mean")
+    # a revision that is not cached is still an error: the repo is there, the hash is wrong
+    assert document("health", "tiny-chat@ffffff", code=1)["error"]["code"] == "model_not_found"
 
 
 def test_health_rechecks_a_repo_that_broke_since_it_was_indexed(model_factory):

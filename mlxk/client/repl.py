@@ -28,7 +28,15 @@ When the conversation outgrows the model's context, the oldest turns are dropped
 
 
 def _model_name(name: str) -> str:
-    """The repo id (with @revision if one was asked for) after local resolution; raises the index's reason."""
+    """The repo id (with @revision if one was asked for) after local resolution; raises the index's reason.
+
+    A workspace folder (`./dir`, `/abs/dir`, `~/dir`, as mlx-knife runs one) is checked and registered in state.db
+    here, by the user's own command line, and named to the server by its id (`workspace:<16 hex>`): the server never
+    takes a folder path from a request."""
+    from mlxk import names
+
+    if names.is_workspace_path(name):
+        return catalog.register_workspace(name, load_settings())
     servable = catalog.find(name, load_settings())
     return f"{servable.repo_id}@{servable.revision}" if "@" in name else servable.repo_id
 
@@ -58,11 +66,13 @@ def answer(model: str, text: str, *, system: str | None, params: dict) -> dict:
     choice = reply["choices"][0]
     message = choice.get("message") or {}
     usage = reply.get("usage") or {}
-    return {"model": reply.get("model"), "prompt": text, "response": message.get("content") or "",
+    workspace = {"workspace_id": name} if catalog.is_workspace_id(name) else {}
+    return {"model": model if workspace else reply.get("model"), "prompt": text,
+            "response": message.get("content") or "",
             "tokens_generated": usage.get("completion_tokens"), "generation_time_s": took,
             "content": message.get("content") or "",
             "reasoning_content": message.get("reasoning_content"), "tool_calls": message.get("tool_calls"),
-            "finish_reason": choice.get("finish_reason"), "usage": reply.get("usage")}
+            "finish_reason": choice.get("finish_reason"), "usage": reply.get("usage"), **workspace}
 
 
 def _stream(client: Client, body: dict) -> tuple[str, str | None]:
@@ -88,7 +98,8 @@ def stream_answer(model: str, text: str, *, system: str | None, params: dict) ->
     sys.stdout.write("\n")
     if finish == "length":
         say("[stopped at the token limit; raise it with --max-tokens]")
-    return Output({"model": name, "content": content, "finish_reason": finish})
+    return Output({"model": model if catalog.is_workspace_id(name) else name, "content": content,
+                   "finish_reason": finish})
 
 
 def open_block(text: str) -> bool:
@@ -166,7 +177,7 @@ def _send(client: Client, name: str, system: str | None, history: list[dict], pa
 def interactive(model: str, *, system: str | None, params: dict) -> Output:
     name = _model_name(model)
     reader = LineReader(load_settings().chat_history)
-    say(f"Chatting with {name}. /? for help, /bye or Ctrl-D to leave.")
+    say(f"Chatting with {model if catalog.is_workspace_id(name) else name}. /? for help, /bye or Ctrl-D to leave.")
     history: list[dict] = []
     notice: dict = {}
     with _client() as client:

@@ -238,13 +238,16 @@ def _rate(value):
 @json_command
 def rm_command(name, force, dry_run, wait):
     """Remove a cached model (or one revision of it: NAME@HASH, NAME@BRANCH)."""
-    from mlxk.errors import AmbiguousMatch
+    from mlxk.errors import AmbiguousMatch, WorkspacePath
 
     try:
         target = jobs.resolve_removal(name)
     except AmbiguousMatch as error:   # mlx-knife's API puts the matches in data, so a script can pick one
         return Output(data={"model": None, "action": "ambiguous", "requires_confirmation": False,
                             "matches": error.details.get("matches", [])}, error=error)
+    except WorkspacePath as error:   # mlx-knife 2.0.8 puts the folder it resolved (absolute) in data.model
+        return Output(data={"model": error.details.get("path"), "action": "unknown", "requires_confirmation": False,
+                            "matches": []}, error=error)
     model = f"{target.repo_id}@{target.revision}" if target.revision else target.repo_id
     if dry_run:
         return _rm_plan(target, model, confirm=target.fuzzy and not force)

@@ -12,6 +12,7 @@ import click
 
 from mlxk import index
 from mlxk.config import settings
+from mlxk.errors import ModelNotFound
 from mlxk.output import (Output, RawJSON, human_size, json_command, json_mode, relative_time, say, system_object,
                          table)
 
@@ -220,7 +221,17 @@ def health_command(name, scan, wait):
 
     ref = names.parse(name) if name is not None else None
     config = settings()
-    loaded, checked = index.check_health(config.state_db, config.hf_hub_cache, ref)
+    try:
+        loaded, checked = index.check_health(config.state_db, config.hf_hub_cache, ref)
+    except ModelNotFound as error:
+        if "suggestions" not in error.details:   # not names.not_found (a revision that is not cached)
+            raise
+        # mlx-knife 2.0.8: a pattern that matches no cached model is an empty report, success and exit 0 (a
+        # pattern, as for `list`); mlxk adds what was not found and the close names, so a typo still reads as one
+        summary = index.summarize([])
+        data = {**index.health_report([], summary), "message": error.message,
+                "suggestions": error.details["suggestions"]}
+        return Output(data, error.message[:1].upper() + error.message[1:])
     loaded.close()
     if loaded.warning:
         say(f"Warning: {loaded.warning}")

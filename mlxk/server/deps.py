@@ -97,6 +97,8 @@ class ServerState:
         return (await self.get_catalog()).rows
 
     async def resolve(self, name: str, types: tuple[str, ...] = catalog.SERVABLE_TYPES) -> catalog.Servable:
+        if catalog.is_workspace_id(name):   # state.db and the folder's files, off the event loop
+            return await asyncio.to_thread(catalog.resolve_workspace, name, self.config.settings, types)
         return catalog.resolve(name, await self.model_rows(), self.config.settings, types)
 
 

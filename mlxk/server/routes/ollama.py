@@ -423,7 +423,7 @@ async def _answer(request: Request, state: ServerState, rid: str, kind: str, bod
 
 async def _resolve(state: ServerState, name: str) -> tuple[dict, catalog.Servable]:
     servable = await state.resolve(name)
-    row = next(r for r in await state.model_rows() if r["repo_id"] == servable.repo_id)
+    row = servable.row or next(r for r in await state.model_rows() if r["repo_id"] == servable.repo_id)
     return row, servable
 
 
