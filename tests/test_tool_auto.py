@@ -345,3 +345,29 @@ def test_http_llama32_writes_a_call_unforced(server):
     deltas, finish, content = stream(server, body)
     assert finish == "tool_calls" and content == ""
     assert json.loads("".join(d["function"].get("arguments") or "" for d in deltas))["city"] == "Paris"
+
+
+def test_http_every_dialect_constrains_an_auto_call(server):
+    """Anthropic (tool_choice auto, its default), Responses and Ollama (tools, no choice) reach the same grammar."""
+    anthropic_tools = [{"name": t["function"]["name"], "description": t["function"]["description"],
+                        "input_schema": t["function"]["parameters"]} for t in (WEATHER, TIME)]
+    with server.http(timeout=120) as http:
+        r = http.post("/v1/messages", json={"model": TINY_ID, "max_tokens": 120, "messages": HI,
+                                            "tools": anthropic_tools, "tool_choice": {"type": "auto"}})
+        assert r.status_code == 200, r.text
+        (use,) = [b for b in r.json()["content"] if b["type"] == "tool_use"]
+        assert r.json()["stop_reason"] == "tool_use"
+        assert_valid({"function": {"name": use["name"], "arguments": json.dumps(use["input"])}})
+
+        r = http.post("/v1/responses", json={"model": TINY_ID, "max_output_tokens": 120, "input": HI,
+                                             "tools": [{"type": "function", **t["function"]} for t in (WEATHER, TIME)]})
+        assert r.status_code == 200, r.text
+        (item,) = [o for o in r.json()["output"] if o["type"] == "function_call"]
+        assert_valid({"function": {"name": item["name"], "arguments": item["arguments"]}})
+
+        r = http.post("/api/chat", json={"model": TINY_ID, "messages": HI, "stream": False, "tools": [WEATHER, TIME],
+                                         "options": {"num_predict": 120}})
+        assert r.status_code == 200, r.text
+        (call,) = r.json()["message"]["tool_calls"]
+        assert_valid({"function": {"name": call["function"]["name"],
+                                   "arguments": json.dumps(call["function"]["arguments"])}})

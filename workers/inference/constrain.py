@@ -194,13 +194,19 @@ def lark_grammar(spec: Spec, fmt: str | None, markers: tuple = ((), ())) -> str:
                    f'call: {" | ".join(calls)}\n'
         return f"start: {channel} ({' | '.join(calls)})\n"
     args_key = "parameters" if fmt == FORMAT_LLAMA3 else "arguments"
+    # auto, json_tools: the model's own call is held to the tools, not to one layout: the new lines around it are
+    # optional and so are the arguments of a tool that requires none (mlx-lm's parser reads both as the same call)
+    lenient = spec.auto and fmt == FORMAT_JSON_TOOLS
     calls = [{"type": "object", "properties": {"name": {"const": f.get("name")}, args_key: _parameters(f)},
-              "required": ["name", args_key], "additionalProperties": False} for f in spec.tools]
+              "required": ["name"] if lenient and not _parameters(f).get("required") else ["name", args_key],
+              "additionalProperties": False} for f in spec.tools]
     call_schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
     body = _as_lark_json(call_schema, any(bool(f.get("strict")) for f in spec.tools), rule=False)
     if fmt == FORMAT_JSON_TOOLS:
         start, end = (_lark_marker(ids) for ids in markers)
-        return f'start: {"" if spec.auto else start + " "}"\\n" {body} "\\n" {end}\n'
+        if spec.auto:
+            return f'start: "\\n"? {body} "\\n"? {end}\n'
+        return f'start: {start} "\\n" {body} "\\n" {end}\n'
     return f"start: {body}\n"
 
 
