@@ -267,6 +267,35 @@ def test_gpt_oss_auto_call_from_noise_validates(tmp_path_factory, engine):
     assert text_of(events) == ""
 
 
+def mistral_list_end(tokenizer, prompt) -> dict[int, int]:
+    """Close the list after the first get_weather call, whose arguments end with the digit of `days` (a bigram
+    machine would otherwise repeat its call until max_tokens): digit → `}}` → `]`. The digit may also come as
+    sentencepiece's byte-fallback token (`<0x31>`)."""
+    last = {s: tokenizer.encode("x" + s, add_special_tokens=False)[-1] for s in ("]", "}}", *"123456789")}
+    digits = [last[d] for d in "123456789"] + [i for i in tokenizer.convert_tokens_to_ids(
+        [f"<0x{ord(d):02X}>" for d in "123456789"]) if i not in (None, tokenizer.unk_token_id)]
+    return {**{d: last["}}"] for d in digits}, last["}}"]: last["]"]}
+
+
+def mistral_call(tokenizer, prompt) -> dict[int, int]:
+    """Mistral v0.3 opens `[TOOL_CALLS]` and then writes a JSON list of calls up to the end of the reply."""
+    return {prompt[-1]: tokenizer.convert_tokens_to_ids("[TOOL_CALLS]"), **mistral_list_end(tokenizer, prompt)}
+
+
+@pytest.mark.parametrize("tool_choice, script", [(None, mistral_call), ("required", mistral_list_end)])
+def test_mistral_call_from_noise_validates(tmp_path_factory, engine, tool_choice, script):
+    """Mistral's JSON-list format: opened by the model (auto) or forced (required); nothing may follow the list."""
+    files = scripted(family_base("mistral-v0.3"), script, 6)
+    ref = write(tmp_path_factory, f"mistralai/Mistral-noise-{tool_choice}", files)
+    events = submit(engine, ref, max_tokens=120, tool_choice=tool_choice, tools=[WEATHER])
+    assert events[-1]["event"] == "done" and events[-1]["finish_reason"] == "tool_calls", events[-1]
+    calls = calls_of(events)
+    assert calls and [c["index"] for c in calls] == list(range(len(calls)))
+    for call in calls:
+        assert_valid(call)
+    assert text_of(events) == ""
+
+
 # ---- through the real server: streamed and not -----------------------------------------------------------------
 
 TINY_ID, LLAMA_ID = "org/tiny-auto-calls", "meta-llama/Llama-3.2-tiny-scripted"

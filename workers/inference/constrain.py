@@ -47,6 +47,7 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 FORMAT_JSON_TOOLS = "json_tools"   # <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>
 FORMAT_LLAMA3 = "llama3"           # {"name": ..., "parameters": {...}}
 FORMAT_HARMONY = "harmony"         # gpt-oss: <|channel|>commentary to=functions.NAME<|message|>{...}<|call|>
+FORMAT_MISTRAL = "mistral"         # Mistral v0.3: [TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...] then EOS
 HARMONY_TOKENS = ("<|channel|>", "<|message|>", "<|call|>")
 
 
@@ -158,6 +159,8 @@ def tool_format(tokenizer) -> str | None:
     if module.endswith(".json_tools") and tokenizer.tool_call_start and tokenizer.tool_call_end:
         return FORMAT_JSON_TOOLS
     template = str(getattr(tokenizer, "chat_template", "") or "")
+    if module.endswith(".mistral") and tokenizer.tool_call_start_tokens and "[ARGS]" not in template:
+        return FORMAT_MISTRAL   # the JSON-list form; newer templates' `name[ARGS]{...}` form is not expressed here
     if "<|python_tag|>" in template or ('"parameters"' in template and "<|eot_id|>" in template):
         return FORMAT_LLAMA3
     return None
@@ -183,7 +186,8 @@ def lark_grammar(spec: Spec, fmt: str | None, markers: tuple = ((), ())) -> str:
         return _as_lark_json(spec.response_schema, spec.strict)
     if fmt is None:
         raise ConstraintError("tool_choice", "tool_choice 'required' or a named function needs a model whose tool-call "
-                                             "format this server can constrain (json_tools or Llama 3); this one's "
+                                             "format this server can constrain (json_tools, Llama 3, harmony or Mistral's "
+                                             "JSON list); this one's "
                                              "is not supported: use tool_choice 'auto'")
     if fmt == FORMAT_HARMONY:
         channel, message, call = (_lark_marker(ids) for ids in markers)
@@ -193,6 +197,12 @@ def lark_grammar(spec: Spec, fmt: str | None, markers: tuple = ((), ())) -> str:
             return f'start: call | free\nfree: ("analysis" | "final" | "commentary") {message}\n' \
                    f'call: {" | ".join(calls)}\n'
         return f"start: {channel} ({' | '.join(calls)})\n"
+    if fmt == FORMAT_MISTRAL:   # a list of calls after [TOOL_CALLS] (and a space, as the template writes it)
+        items = [{"type": "object", "properties": {"name": {"const": f.get("name")}, "arguments": _parameters(f)},
+                  "required": ["name", "arguments"], "additionalProperties": False} for f in spec.tools]
+        array = {"type": "array", "minItems": 1, "items": items[0] if len(items) == 1 else {"anyOf": items}}
+        body = _as_lark_json(array, any(bool(f.get("strict")) for f in spec.tools), rule=False)
+        return f'start: {"" if spec.auto else _lark_marker(markers[0]) + " "}" "? {body}\n'
     args_key = "parameters" if fmt == FORMAT_LLAMA3 else "arguments"
     # auto, json_tools: the model's own call is held to the tools, not to one layout: the new lines around it are
     # optional and so are the arguments of a tool that requires none (mlx-lm's parser reads both as the same call)
@@ -215,16 +225,14 @@ def gate(spec: Spec, fmt: str | None, markers: tuple) -> tuple:
     the call is complete; then the row is free again. () when the grammar applies from the start."""
     if not spec.auto:
         return ()
-    if fmt == FORMAT_JSON_TOOLS:
-        return tuple(markers[0])
-    if fmt == FORMAT_HARMONY:
+    if fmt in (FORMAT_JSON_TOOLS, FORMAT_HARMONY, FORMAT_MISTRAL):
         return tuple(markers[0])
     return ()
 
 
 def auto_supported(fmt: str | None) -> bool:
     """Whether tool_choice "auto" calls can be constrained in this format (others stay free, as the model writes)."""
-    return fmt in (FORMAT_JSON_TOOLS, FORMAT_LLAMA3, FORMAT_HARMONY)
+    return fmt in (FORMAT_JSON_TOOLS, FORMAT_LLAMA3, FORMAT_HARMONY, FORMAT_MISTRAL)
 
 
 def _lark_marker(ids) -> str:
@@ -297,6 +305,8 @@ class GrammarProcessor:
     free. tool_choice "auto" (two ways in, both free of cost while the row writes text):
     - `gate`: token ids that open a call (`<tool_call>`, harmony's `<|channel|>`); the grammar applies after each
       of them until it is complete (the matcher stops), then the row is free again, so text and several calls mix.
+      `rearm=False` (Mistral, whose calls have no end marker and run to the end of the reply): after the calls,
+      only EOS.
     - `opening` (Llama 3's bare JSON): at the reply's first token the model may start the call (tokens the grammar
       allows) or text (any token not opening a JSON object); whitespace and special tokens leave it undecided.
       A call is then held to the grammar; text leaves the row free for good.
@@ -307,7 +317,7 @@ class GrammarProcessor:
     """
 
     def __init__(self, vocab: Vocabulary, grammar: str, eos_ids, after: tuple = (), gate: tuple = (),
-                 opening: bool = False):
+                 opening: bool = False, rearm: bool = True):
         from llguidance import LLMatcher
 
         self.vocab = vocab
@@ -315,7 +325,7 @@ class GrammarProcessor:
         if self.matcher.is_error():
             raise ConstraintError("response_format", f"the grammar does not compile: {self.matcher.get_error()}")
         self.eos_ids = sorted(eos_ids)
-        self.after, self.gate, self.opening = tuple(after), tuple(gate), opening
+        self.after, self.gate, self.opening, self.rearm = tuple(after), tuple(gate), opening, rearm
         self.state = WAITING if self.after else self._entry()
         self.calls = 0                 # calls completed under a gate
         self._recent: list[int] = []
@@ -389,7 +399,7 @@ class GrammarProcessor:
             log.warning("the grammar refused token %d (%s); ending the row", token, self.matcher.get_error())
             self._failed = True
             return
-        if self.gate and self.matcher.is_stopped():   # the call is complete: free text (or another call) follows
+        if self.gate and self.rearm and self.matcher.is_stopped():   # the call is complete: text or a call follows
             self.matcher.reset()
             self.calls += 1
             self.state = GATED

@@ -786,7 +786,8 @@ class Engine:
             after = tuple(lm.tokenizer.think_end_tokens or ()) if reasoning else ()
             return constrain.GrammarProcessor(lm.grammar_tokenizer, grammar, lm.eos_ids, after=after,
                                               gate=constrain.gate(spec, fmt, markers),
-                                              opening=spec.auto and fmt == constrain.FORMAT_LLAMA3)
+                                              opening=spec.auto and fmt == constrain.FORMAT_LLAMA3,
+                                              rearm=fmt != constrain.FORMAT_MISTRAL)
         except constrain.ConstraintError as e:
             raise BadRequest(e.message, param=e.param) from None
 
