@@ -26,9 +26,20 @@ What is constrained:
 - tool_choice "required" / a named function: the output is one call in the model family's own format, its name
   one of the tools (or the named one) and its arguments valid against that tool's `parameters` schema.
   Supported formats: `<tool_call>{"name", "arguments"}</tool_call>` (mlx-lm's json_tools parser: Qwen,
-  Hermes-style templates), Llama 3's bare `{"name", "parameters"}` and gpt-oss's harmony commentary message
-  (`<|channel|>commentary to=functions.NAME<|message|>{...}<|call|>`). Other formats are refused with a 400
-  rather than generated unconstrained.
+  Hermes-style templates), Llama 3's bare `{"name", "parameters"}`, gpt-oss's harmony commentary message
+  (`<|channel|>commentary to=functions.NAME<|message|>{...}<|call|>`) and Mistral v0.3's
+  `[TOOL_CALLS] [{"name", "arguments"}, ...]`. Other formats are refused with a 400 rather than generated
+  unconstrained.
+- tool_choice "auto" (and no tool_choice with tools, OpenAI's default): text is free; a call the model opens is
+  held to the same call grammar from its opening on. The processor watches the tokens for the format's opening
+  (`<tool_call>`, harmony's `<|channel|>` - after which a header may still open an ordinary message -, Mistral's
+  `[TOOL_CALLS]`; for Llama 3, whose calls have no marker, the reply's first token: the grammar's tokens or any
+  token that does not open a JSON object), switches its matcher on there and off again when the call is complete.
+  Why this and not a lazy grammar (llguidance can express "free text, then trigger, then %json", with `lazy`
+  lexemes or `<[^id]>*` token ranges): a grammar that covers the free text must compute a mask for every text
+  token, 40-600 us each on a large vocabulary, paid by every tools request that never calls; switching on the
+  marker costs nothing until a call opens, and the text router (textout.py) already finds calls by the same
+  markers. Formats without a grammar here keep auto calls as the model writes them (no 400: auto is the default).
 - On a thinking model whose prompt opens a think block, the grammar starts after the think end marker.
 JSON is generated compact (", " and ": " separators, no other whitespace), so a model cannot spend its tokens on
 whitespace. A row cut off by max_tokens ends with finish_reason "length" and whatever JSON was made so far.
@@ -186,9 +197,9 @@ def lark_grammar(spec: Spec, fmt: str | None, markers: tuple = ((), ())) -> str:
         return _as_lark_json(spec.response_schema, spec.strict)
     if fmt is None:
         raise ConstraintError("tool_choice", "tool_choice 'required' or a named function needs a model whose tool-call "
-                                             "format this server can constrain (json_tools, Llama 3, harmony or Mistral's "
-                                             "JSON list); this one's "
-                                             "is not supported: use tool_choice 'auto'")
+                                             "format this server can constrain (json_tools, Llama 3, harmony or "
+                                             "Mistral's JSON list); this one's is not supported: use tool_choice "
+                                             "'auto'")
     if fmt == FORMAT_HARMONY:
         channel, message, call = (_lark_marker(ids) for ids in markers)
         calls = [f'({json.dumps("commentary to=functions." + str(f.get("name")))} {message} '
