@@ -18,7 +18,12 @@ Measured on Qwen3's real 151k vocabulary (this 2-core machine at load average ~8
 llguidance compiled the same schemas in ~2 ms and computed a mask in 40-260 us per token. Clients send a schema per
 request, so compile time matters more than a lookup; and the tool-call formats need special tokens around the JSON,
 which llguidance's grammars express (`<[id]>`) and a byte regex does not. bench/serve --schema-mix prints the
-per-token cost as this processor pays it; each processor also keeps it (`mask_seconds`, `masks`).
+per-token cost as this processor pays it; each processor also keeps it (`mask_seconds`, `masks`). On Qwen3's
+vocabulary a mask costs 80-900 us of CPU (Nov 2026, load average ~5): most inside a JSON string, where most tokens
+are allowed. The processor starts the step's forward pass before computing it (GrammarProcessor), so on a GPU the
+mask overlaps the model; rows are masked one after another (llguidance's fill_next_token_bitmask_par would compute
+them in parallel, but every row's token reaches its processor only inside BatchGenerator's per-row loop, one at a
+time; masking in the sampler instead would allow it, at the price of per-row sampling for the whole batch).
 
 What is constrained:
 - response_format json_object: any JSON object; json_schema: its `schema` (strict true: keywords the compiler
