@@ -318,7 +318,7 @@ class GrammarProcessor:
     BatchGenerator calls it once per decode step with the row's token context (its last entry is the token
     sampled in the step before; on the first call it is the last prompt token, which the grammar never sees).
     `after`: token ids after which anything is constrained (a think block's end marker); before them the row is
-    free. tool_choice "auto" (two ways in, both free of cost while the row writes text):
+    free. tool_choice "auto" (two ways in; no mask is computed while the row writes text):
     - `gate`: token ids that open a call (`<tool_call>`, harmony's `<|channel|>`); the grammar applies after each
       of them until it is complete (the matcher stops), then the row is free again, so text and several calls mix.
       `rearm=False` (Mistral, whose calls have no end marker and run to the end of the reply): after the calls,
@@ -328,8 +328,9 @@ class GrammarProcessor:
       A call is then held to the grammar; text leaves the row free for good.
 
     Masks are computed on the CPU while the step's forward pass runs: the processor first starts the logits'
-    evaluation (`mx.async_eval`), then waits for its previous token and asks the matcher (llguidance's Rust code
-    releases the GIL), so the mask cost overlaps the model instead of following it.
+    evaluation (`mx.async_eval`: MLX computes in its own threads, or on the GPU), then waits for its previous token
+    and asks the matcher, so the mask cost overlaps the model instead of following it (BatchGenerator would
+    otherwise queue the forward pass only after every processor of the step has returned).
     """
 
     def __init__(self, vocab: Vocabulary, grammar: str, eos_ids, after: tuple = (), gate: tuple = (),
