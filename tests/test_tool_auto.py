@@ -400,3 +400,13 @@ def test_http_every_dialect_constrains_an_auto_call(server):
         (call,) = r.json()["message"]["tool_calls"]
         assert_valid({"function": {"name": call["function"]["name"],
                                    "arguments": json.dumps(call["function"]["arguments"])}})
+
+
+def test_http_auto_with_a_tool_schema_the_grammar_cannot_enforce_is_a_400(server):
+    """With auto the tool's parameters constrain a call the model opens, so a schema the compiler rejects is the
+    request's fault up front (it once passed unchecked, as auto constrained nothing)."""
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}
+    with server.http(timeout=60) as http:
+        r = http.post("/v1/chat/completions", json={"model": TINY_ID, "messages": HI, "tools": [bad]})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "tools[0].function.parameters"
