@@ -364,7 +364,10 @@ def test_http_llama32_writes_a_call_unforced(server):
     if not (REALMODELS / "llama3.2").is_dir():
         pytest.skip(f"{REALMODELS / 'llama3.2'} is not on this machine (the real Llama 3.2 tokenizer and template)")
     body = {"model": LLAMA_ID, "messages": HI, "tools": [WEATHER], "max_tokens": 60, "temperature": 0}
-    message = post(server, body)["choices"][0]
+    reply = post(server, body)
+    plain = post(server, {"model": LLAMA_ID, "messages": HI, "max_tokens": 1})
+    assert reply["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"] + 50   # the template rendered the tool
+    message = reply["choices"][0]
     assert message["finish_reason"] == "tool_calls", message
     (call,) = message["message"]["tool_calls"]
     assert call["function"]["name"] == "get_weather"
