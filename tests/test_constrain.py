@@ -172,4 +172,8 @@ def test_spec_names_the_field_at_fault():
         constrain.spec_from(None, [{"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}],
                             "required")
     assert info.value.param == "tools[0].function.parameters"
-    assert constrain.spec_from({"type": "text"}, [WEATHER], "auto") is None
+    assert constrain.spec_from({"type": "text"}, [WEATHER], "none") is None
+    for choice in ("auto", None):   # OpenAI's default with tools: free text, but a call the model opens is held
+        spec = constrain.spec_from({"type": "text"}, [WEATHER], choice)
+        assert spec.auto and [f["name"] for f in spec.tools] == ["get_weather"]
+    assert constrain.spec_from(schema_format(PERSON), [WEATHER], "auto").tools == ()   # the response format wins

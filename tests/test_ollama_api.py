@@ -24,8 +24,10 @@ CALLER_ID = "mlx-community/tiny-tool-caller"
 # calls get_weather with none ({}); test_tool_call_arguments_become_objects covers arguments with keys.
 CALL_REPLY = '<tool_call>{"name": "get_weather"}</tool_call>'
 THINKER_ID = "mlx-community/tiny-thinker"
+# no required argument: the scripted caller writes {"name": "get_weather"} alone, and a call the model opens is held
+# to the tool's schema (tool_choice auto is grammar-constrained, workers/inference/constrain.py)
 WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
 HI = [{"role": "user", "content": "hi"}]
 
 

@@ -79,6 +79,13 @@ def test_call_cut_short_comes_back_as_text(split):
 
 
 @SPLITS
+@pytest.mark.parametrize("text", ["Sure. <tool_call>", "<tool_call>\n"])
+def test_call_cut_right_after_its_opening_marker_keeps_the_marker(split, text):
+    """max_tokens can end a reply on the marker itself (a model that opens call after call): its text is kept."""
+    assert route(text, split) == (text, [])
+
+
+@SPLITS
 @pytest.mark.parametrize("error", [ValueError, IndexError, RuntimeError])
 def test_parser_that_raises_gives_the_text_back(split, error):
     def parser(text, tools):

@@ -161,8 +161,9 @@ class ChatCompletionRequest(_Common):
 
     def unenforceable(self) -> tuple[str, str] | None:
         """(param, message) when response_format or tool_choice asks for a constraint that cannot be compiled: a
-        schema the grammar compiler rejects, or a named function that is not in tools (constrain.py)."""
-        if not self.response_format and not isinstance(self.tool_choice, dict) and self.tool_choice != "required":
+        schema the grammar compiler rejects (a tool's parameters too: with tool_choice "auto" a call the model
+        opens is constrained), or a named function that is not in tools (constrain.py)."""
+        if not self.response_format and (not self.tools or self.tool_choice == "none"):
             return None
         from mlxk.workers.inference import constrain
 

@@ -605,12 +605,18 @@ class Engine:
             if spec is None:
                 return None
             fmt = constrain.tool_format(lm.tokenizer)
-            grammar = constrain.lark_grammar(spec, fmt, constrain.format_markers(lm.tokenizer, fmt))
+            if spec.auto and not constrain.auto_supported(fmt):
+                return None   # a format the grammar cannot express (Mistral's): auto calls stay as the model writes
+            markers = constrain.format_markers(lm.tokenizer, fmt)
+            grammar = constrain.lark_grammar(spec, fmt, markers)
             if lm.grammar_tokenizer is None:
                 lm.grammar_tokenizer = constrain.grammar_tokenizer(lm.tokenizer._tokenizer, lm.eos_ids)
             reasoning = self._initial_state(lm, request, tokens) == "reasoning"
-            trigger = tuple(lm.tokenizer.think_end_tokens or ()) if reasoning else ()
-            return constrain.GrammarProcessor(lm.grammar_tokenizer, grammar, lm.eos_ids, trigger=trigger)
+            after = tuple(lm.tokenizer.think_end_tokens or ()) if reasoning else ()
+            return constrain.GrammarProcessor(lm.grammar_tokenizer, grammar, lm.eos_ids, after=after,
+                                              gate=constrain.gate(spec, fmt, markers),
+                                              opening=spec.auto and fmt == constrain.FORMAT_LLAMA3,
+                                              rearm=fmt != constrain.FORMAT_MISTRAL)
         except constrain.ConstraintError as e:
             raise BadRequest(e.message, param=e.param) from None
 

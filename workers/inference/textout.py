@@ -103,7 +103,7 @@ class OutputRouter:
         if self._sm_state is not None:
             self._sm_state, held, state = self._tsm.flush(self._sm_state)
             delta = self._route([(state, held)])
-            if self._prev == "tool" and self._tool_text:
+            if self._prev == "tool":
                 self._end_tool(delta, closed=False)
         if self._bare_held:
             self._end_bare_call(delta)
@@ -169,6 +169,8 @@ class OutputRouter:
         """The call's text is complete (closed) or generation ended inside it: its calls, else its text as content."""
         text, self._tool_text = self._tool_text, ""
         if not text.strip():
+            if not closed:   # cut right after the opening marker: the client still sees what the model wrote
+                self._append(delta, "content", self._tool_markers[0] + text)
             return
         calls = self._parse_tools(text)
         if calls:
