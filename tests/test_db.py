@@ -1,5 +1,6 @@
 import sqlite3
 import threading
+from contextlib import closing
 
 import pytest
 
@@ -111,8 +112,8 @@ def test_concurrent_first_opens_migrate_once(tmp_path):
     for t in threads:
         t.join()
     assert not errors
-    assert sqlite3.connect(path).execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == len(
-        migrations.MIGRATIONS)
+    with closing(sqlite3.connect(path)) as check:
+        assert check.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == len(migrations.MIGRATIONS)
 
 
 def test_unopenable_path_is_a_clear_state_error(tmp_path):
