@@ -13,6 +13,7 @@ Paths in, no environment: callers pass the cache directory (mlxk.config resolves
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,25 +166,49 @@ def disk_usage(path: Path) -> Usage:
     return usage
 
 
-def fingerprint(path: Path | str, revision: str | None) -> str:
+def fingerprint(path: Path | str, revision: str | None, *, dir_fd: int | None = None) -> str:
     """A cheap stat-based token that changes when files are added, completed, replaced or removed.
 
     Blobs land by rename (blobs/ mtime), snapshots get links (snapshot folder mtime), new revisions get folders
     (snapshots/ mtime), refs are rewritten (refs/main mtime); a deleted repo has no fingerprint at all. Four stats
     per repo keep `list` instant with 1,000s of repos; plain string paths because `list` calls this for every repo
-    on every run, where pathlib's object churn would cost as much as the stats themselves.
+    on every run, where pathlib's object churn would cost as much as the stats themselves. `dir_fd`: an open
+    directory (`open_dir`) that `path` is relative to: `list` passes the cache and each repo's folder name, so the
+    kernel does not walk the cache's own path again for each of 40,000 stats (~15 % of them at 10,000 repos).
     """
     base = os.fspath(path)
     parts = []
-    for sub in _FINGERPRINT_PARTS + ((f"/snapshots/{revision}",) if revision else ()):
+    for sub in _FINGERPRINT_PARTS:
         try:
-            parts.append(f"{os.stat(base + sub).st_mtime_ns:x}")
+            parts.append(f"{os.stat(base + sub, dir_fd=dir_fd).st_mtime_ns:x}")
+        except OSError:
+            parts.append("-")
+    if revision:
+        try:
+            parts.append(f"{os.stat(f'{base}/snapshots/{revision}', dir_fd=dir_fd).st_mtime_ns:x}")
         except OSError:
             parts.append("-")
     return ":".join(parts)
 
 
 _FINGERPRINT_PARTS = ("/blobs", "/snapshots", "/refs/main")
+
+
+@contextmanager
+def open_dir(folder: Path | str):
+    """An fd of `folder` for `fingerprint(..., dir_fd=)`, closed on exit; None where os.stat takes no dir_fd or the
+    folder cannot be opened (then callers pass full paths)."""
+    fd = None
+    if os.stat in os.supports_dir_fd:
+        try:
+            fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            fd = None
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def extend_fingerprint(stamp: str, path: Path | str, revision: str | None) -> str:

@@ -35,6 +35,7 @@ HASH_DISPLAY = 7   # the short hash mlx-knife shows
 STAMP_KEY = "mlx_lm_stamp"          # meta: where mlx-lm is installed + its mtime, cheap to recompute
 SIGNATURE_KEY = "mlx_lm_signature"  # meta: the mlx-lm the stored verdicts were made with
 REGISTRY_KEY = "mlx_lm_registry"    # meta: that mlx-lm's model modules and remappings, read once per install
+OBJECT_SQL_KEY = "model_object_sql"  # meta: the rendering (MODEL_OBJECT_SQL_NO_ALIASES) of the stored objects
 
 
 @dataclass
@@ -64,10 +65,10 @@ def refresh(conn, cache_dir: Path, *, runtime: bool = False, repos=None, force: 
         known = {repo_id: state for repo_id, state in known.items() if repo_id in scope}
     result.removed = sorted(set(known) - set(on_disk))
     result.added = sorted(set(on_disk) - set(known))
-    result.changed = sorted(repo_id for repo_id in set(on_disk) & set(known)
-                            if force or cache.fingerprint(on_disk[repo_id], known[repo_id][1]) != known[repo_id][0])
+    result.changed = sorted(_changed(cache_dir, on_disk, known) if not force else set(on_disk) & set(known))
     signature = _Signature()
-    records = _inspect_all([(repo_id, on_disk[repo_id]) for repo_id in result.added + result.changed], signature)
+    records = _inspect_all([(repo_id, os.path.join(cache_dir, on_disk[repo_id]))
+                            for repo_id in result.added + result.changed], signature)
     queries.sync_models(conn, upserts=records, deletes=result.removed)
     if result.touched:
         _log().info("index: %d added, %d changed, %d removed", len(result.added), len(result.changed),
@@ -79,7 +80,19 @@ def refresh(conn, cache_dir: Path, *, runtime: bool = False, repos=None, force: 
         result.runtime_checked = _check_runtime(conn, cache_dir, targets, signature)
         pending = queries.pending_runtime(conn)
     result.pending = [repo_id for repo_id in pending if scope is None or repo_id in scope]
+    _render_objects(conn)
     return result
+
+
+def _render_objects(conn) -> None:
+    """Keep every row's model object rendered in state.db (m009), so `list --json` reads text instead of having SQLite
+    render 10,000 objects each time: the rows a write cleared, or all of them when this mlxk renders differently
+    from the one that stored them. Reads two things and writes nothing when all is rendered."""
+    if queries.get_meta(conn, OBJECT_SQL_KEY) != MODEL_OBJECT_SQL_NO_ALIASES:
+        queries.render_objects(conn, MODEL_OBJECT_SQL_NO_ALIASES, everything=True)
+        queries.set_meta(conn, OBJECT_SQL_KEY, MODEL_OBJECT_SQL_NO_ALIASES)
+    else:
+        queries.render_objects(conn, MODEL_OBJECT_SQL_NO_ALIASES)
 
 
 PARALLEL_MIN_REPOS = 200   # a first index of more repos than this is spread over processes (one per CPU)
@@ -110,15 +123,28 @@ def _inspect_pair(target: tuple[str, str]) -> dict:
 
 
 def _repos_on_disk(cache_dir: Path, scope: set[str] | None) -> dict[str, str]:
-    """repo id → folder, as plain strings: 1,000 Path objects would cost `list` more than the scandir itself."""
+    """repo id → its folder's name in the cache, as plain strings: 1,000 Path objects would cost `list` more than the
+    scandir itself."""
     if scope is None:
-        return {repo_id: entry.path for repo_id, entry in cache.iter_repo_dirs(cache_dir)}
+        return {repo_id: entry.name for repo_id, entry in cache.iter_repo_dirs(cache_dir)}
     found = {}
     for repo_id in scope:
         path = cache.repo_dir(cache_dir, repo_id)
         if path.is_dir():
-            found[repo_id] = str(path)
+            found[repo_id] = path.name
     return found
+
+
+def _changed(cache_dir: Path, on_disk: dict[str, str], known: dict[str, tuple]) -> list[str]:
+    """The indexed repos whose fingerprint moved: four stats each, relative to the open cache (the whole of a warm
+    `list`'s disk work)."""
+    fingerprint = cache.fingerprint
+    with cache.open_dir(cache_dir) as fd:
+        if fd is None:
+            return [repo_id for repo_id, name in on_disk.items() if repo_id in known
+                    and fingerprint(os.path.join(cache_dir, name), known[repo_id][1]) != known[repo_id][0]]
+        return [repo_id for repo_id, name in on_disk.items() if repo_id in known
+                and fingerprint(name, known[repo_id][1], dir_fd=fd) != known[repo_id][0]]
 
 
 class _Signature:
@@ -448,8 +474,7 @@ def listing(conn) -> list[dict]:
     the rest is what `list` sorts, filters and counts by. A pending repo's object carries its provisional verdict."""
     found = [{"repo_id": repo_id, "size_bytes": size, "last_modified": modified, "pending": bool(pending),
               "object": text}
-             for repo_id, size, modified, pending, text in queries.model_objects(
-                 conn, MODEL_OBJECT_SQL if queries.has_aliases(conn) else MODEL_OBJECT_SQL_NO_ALIASES)]
+             for repo_id, size, modified, pending, text in _model_objects(conn)]
     verdicts = provisional_verdicts(conn, [row["repo_id"] for row in found if row["pending"]])
     if verdicts:
         import json
@@ -458,6 +483,16 @@ def listing(conn) -> list[dict]:
             if row["repo_id"] in verdicts:
                 row["object"] = json.dumps(_with_verdict(json.loads(row["object"]), verdicts[row["repo_id"]]))
     return found
+
+
+def _model_objects(conn) -> list[tuple]:
+    """queries.model_objects with the stored objects where they hold: not for a repo with aliases (the stored object
+    has none), nor when they were rendered by another mlxk (_render_objects renders them again on the next refresh)."""
+    stale = "0" if queries.get_meta(conn, OBJECT_SQL_KEY) == MODEL_OBJECT_SQL_NO_ALIASES else "1"
+    if not queries.has_aliases(conn):
+        return queries.model_objects(conn, MODEL_OBJECT_SQL_NO_ALIASES, stored_unless=stale)
+    return queries.model_objects(conn, MODEL_OBJECT_SQL, stored_unless=f"{stale} OR EXISTS (SELECT 1 FROM aliases a "
+                                                                        "WHERE a.repo_id = models.repo_id)")
 
 
 def _with_verdict(model: dict, verdict: tuple[bool, str | None]) -> dict:

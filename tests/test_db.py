@@ -141,3 +141,17 @@ def test_stored_responses_round_trip_prune_and_delete(tmp_path):
     assert responses.get_response(conn, "resp_new")["messages"] == history
     assert responses.delete_response(conn, "resp_new") is True
     assert responses.delete_response(conn, "resp_new") is False and responses.get_response(conn, "resp_new") is None
+
+
+def test_the_queries_every_list_runs_read_small_indexes_not_the_rows(tmp_path):
+    """m009 keeps model objects inline (~1 KB a row): freshness and the pending list must not scan the table."""
+    conn = db.connect(tmp_path / "state.db")
+    plans = {name: " ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")) for name, sql in {
+        "freshness": "SELECT repo_id, fingerprint, revision FROM models",
+        "pending": f"SELECT repo_id FROM models WHERE {model_queries.PENDING} ORDER BY repo_id",
+        "unrendered": "SELECT 1 FROM models WHERE object IS NULL LIMIT 1",
+    }.items()}
+    assert plans == {"freshness": "SCAN models USING COVERING INDEX models_freshness",
+                     "pending": "SCAN models USING INDEX models_pending",
+                     "unrendered": "SCAN models USING INDEX models_unrendered"}
+    conn.close()

@@ -73,7 +73,7 @@ def list_command(pattern, show_all, show_health, sort, reverse, no_scan):
     key, descending = SORTS[sort]
     found.sort(key=key, reverse=descending != reverse)
     if as_json:
-        return Output({"models": RawJSON("[" + ",".join(row["object"] for row in found) + "]"),
+        return Output({"models": RawJSON("[", ",".join([row["object"] for row in found]), "]"),
                        "count": len(found), "system": system_object(),
                        "pending": sum(row["pending"] for row in found)})
     shown = found if show_all else [row for row in found if index.is_runnable_chat(row)]
