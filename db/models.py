@@ -79,6 +79,15 @@ def get_model(db, repo_id: str) -> dict | None:
     return rows[0] if rows else None
 
 
+def snapshot_paths(db, repo_ids) -> dict[str, str | None]:
+    """repo id → snapshot_path, for those of `repo_ids` that are indexed: one query for any number of ids (json_each
+    carries them), where a get_model per repo would decode 10,000 rows on a first `list`."""
+    cursor = _conn(db).cursor()
+    cursor.row_factory = None
+    return dict(cursor.execute("SELECT repo_id, snapshot_path FROM models WHERE repo_id IN (SELECT value FROM "
+                               "json_each(?))", (json.dumps(list(repo_ids)),)))
+
+
 def model_ids(db) -> list[str]:
     """Every repo id, sorted: what a name resolves against, without decoding any row."""
     return [row[0] for row in _conn(db).execute("SELECT repo_id FROM models ORDER BY repo_id")]

@@ -213,11 +213,9 @@ def provisional_verdicts(conn, repo_ids) -> dict[str, tuple[bool, str | None]]:
 
     found = _registry(conn)
     verdicts = {}
-    for repo_id in repo_ids:
-        row = queries.get_model(conn, repo_id)
-        if row is not None:
-            config, _ = _read_config(Path(row["snapshot_path"]) if row["snapshot_path"] else None)
-            verdicts[repo_id] = registry.verdict(found, config if isinstance(config, dict) else None)
+    for repo_id, snapshot in queries.snapshot_paths(conn, repo_ids).items():
+        config, _ = _read_config(Path(snapshot) if snapshot else None)
+        verdicts[repo_id] = registry.verdict(found, config if isinstance(config, dict) else None)
     return verdicts
 
 

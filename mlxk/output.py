@@ -97,9 +97,16 @@ def echo_json(document: Any) -> None:
     """dumps(document) and a newline on stdout as UTF-8 (what RFC 8259 asks of JSON), piece by piece: click.echo of one
     8 MB str would copy it to add the newline, again to strip ANSI codes (JSON has none: json.dumps and SQLite escape
     control characters) and again to encode it."""
-    for part in dump_parts(document):
-        click.echo(part.encode(), nl=False)
-    click.echo(b"\n", nl=False)
+    parts = dump_parts(document)
+    binary = getattr(sys.stdout, "buffer", None)
+    if binary is None:   # a text-only stdout (io.StringIO): one str, as click.echo writes it
+        click.echo("".join(parts))
+        return
+    sys.stdout.flush()
+    for part in parts:
+        binary.write(part.encode())
+    binary.write(b"\n")
+    binary.flush()
 
 
 def json_command(fn):
