@@ -153,6 +153,7 @@ def m009_model_object(db):
     # With objects inline, a row is ~1 KB: the queries every `list` runs read these small indexes instead of the rows
     # (db.models.freshness, and pending_runtime with its condition, db.models.PENDING).
     db.execute("CREATE INDEX models_freshness ON models (repo_id, fingerprint, revision)")
-    db.execute("CREATE INDEX models_pending ON models (repo_id) WHERE health = 'healthy' AND runtime_compatible IS NULL")
+    db.execute("CREATE INDEX models_pending ON models (repo_id) "
+               "WHERE health = 'healthy' AND runtime_compatible IS NULL")
     db.execute("CREATE TRIGGER models_object_stale AFTER UPDATE ON models WHEN NEW.object IS OLD.object "
                "BEGIN UPDATE models SET object = NULL WHERE repo_id = NEW.repo_id; END")
