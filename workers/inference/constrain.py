@@ -41,6 +41,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import llguidance.hf
+import mlx.core as mx
+import numpy as np
+from llguidance import LLMatcher
+from .textout import is_harmony
+
 log = logging.getLogger("mlxk.inference.constrain")
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -113,8 +119,6 @@ def spec_from(response_format: Any, tools: Any, tool_choice: Any) -> Spec | None
 
 def check(spec: Spec) -> None:
     """Compile every schema once without a tokenizer: a broken one is the request's fault, named precisely."""
-    from llguidance import LLMatcher
-
     if spec.response_schema is not None:
         _validate(LLMatcher, _json_grammar(spec.response_schema, spec.strict), "response_format.json_schema.schema")
     for i, function in enumerate(spec.tools):
@@ -130,8 +134,6 @@ def _validate(matcher_cls, grammar_or_error: str | Exception, param: str) -> Non
 
 
 def _json_grammar(schema: dict, strict: bool) -> str | Exception:
-    from llguidance import LLMatcher
-
     try:
         return LLMatcher.grammar_from_json_schema(schema, defaults={**JSON_OPTIONS, "lenient": not strict})
     except (ValueError, TypeError) as e:
@@ -145,8 +147,6 @@ def _parameters(function: dict) -> dict:
 
 def tool_format(tokenizer) -> str | None:
     """The tool-call format of a loaded tokenizer that a grammar can express, or None."""
-    from .textout import is_harmony
-
     if is_harmony(tokenizer):
         return FORMAT_HARMONY
     parser = getattr(tokenizer, "tool_parser", None)
@@ -209,8 +209,6 @@ def _as_lark_json(schema: dict, strict: bool, rule: bool = True) -> str:
 
 def grammar_tokenizer(hf_tokenizer, eos_ids) -> Any:
     """llguidance's view of a model's vocabulary (about 1 s for a 150k vocabulary: cache it per model)."""
-    import llguidance.hf
-
     return llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=sorted(eos_ids))
 
 
@@ -223,8 +221,6 @@ class GrammarProcessor:
     """
 
     def __init__(self, ll_tokenizer, grammar: str, eos_ids, trigger: tuple = ()):
-        from llguidance import LLMatcher
-
         self.matcher = LLMatcher(ll_tokenizer, grammar)
         if self.matcher.is_error():
             raise ConstraintError("response_format", f"the grammar does not compile: {self.matcher.get_error()}")
@@ -238,9 +234,6 @@ class GrammarProcessor:
         self.masks = 0
 
     def __call__(self, tokens, logits):
-        import mlx.core as mx
-        import numpy as np
-
         started = time.perf_counter()
         if self._started:
             self._advance(int(tokens[-1].item()))

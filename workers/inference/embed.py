@@ -20,6 +20,9 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import mlx.core as mx
+
+from mlxk.faults import checkpoint
 from .errors import BadRequest, InferenceError, Internal, ModelFailed, PromptTooLong
 from .protocol import EV_EMBEDDINGS, ModelRef, ProtocolError, parse_model_ref
 
@@ -96,8 +99,6 @@ class Embedder:
     # ---- on the MLX thread -----------------------------------------------------------------------------------
 
     def _flush(self) -> None:
-        from mlxk.faults import checkpoint
-
         checkpoint("embed.flush")  # tests hold the MLX thread here while requests pile up
         with self._lock:
             taken, self._pending = self._pending, []
@@ -161,8 +162,6 @@ class Embedder:
         return out
 
     def _vectors(self, lm, rows: list[list[int]]) -> list[list[float]]:
-        import mlx.core as mx
-
         body = getattr(lm.model, "model", None)
         if body is None:
             raise ValueError("mlx-lm gives no hidden states for this model type")

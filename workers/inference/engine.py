@@ -28,6 +28,7 @@ import copy
 import gc
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -37,10 +38,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.generate import make_stop_sequences, make_text_state_machine, TextStateMachine
+from mlx_lm.models.cache import can_trim_prompt_cache, LRUPromptCache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
+from mlx_lm.utils import load
+
 from mlxk.detect import context_length  # the one definition `show` and the engine share
 from mlxk.faults import checkpoint
 
 from . import protocol
+from . import constrain
+from .constrain import FORMAT_LLAMA3, tool_format
 from .errors import BadRequest, InferenceError, Internal, LoadFailed, ModelFailed, PromptTooLong, WorkerBusy
 from .protocol import GenerateRequest, ModelRef, Params
 from .textout import HarmonyRouter, OutputRouter, StopFilter, is_harmony
@@ -171,9 +181,6 @@ def _effective_tools(params: Params) -> list | None:
 
 def _seeded_sampler(temp: float, top_p: float, min_p: float, top_k: int, seed: int):
     """A sampler with its own PRNG key stream, so a seeded row's draws do not depend on its neighbours."""
-    import mlx.core as mx
-    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
-
     state = {"key": mx.random.key(seed)}
 
     def sampler(logprobs):
@@ -301,10 +308,6 @@ class Engine:
         return bool(self._rows) or self._n_waiting > 0
 
     def status(self) -> dict:
-        import os
-
-        import mlx.core as mx
-
         with self._lock:
             models = [
                 {
@@ -330,8 +333,6 @@ class Engine:
         The worker process runs this on its main thread: MLX's CPU backend may abort at exit when
         compiled kernels were used on another thread (ml-explore/mlx#3126).
         """
-        import mlx.core as mx
-
         # Streams are per thread: make ours here and hand it to every BatchGenerator (as mlx_lm.server does).
         self._stream = mx.default_stream(mx.default_device())
         try:
@@ -566,9 +567,6 @@ class Engine:
             raise LoadFailed(f"cannot load {ref.key}: {ref.path} is not a directory", status=400)
         if not (path / "config.json").is_file():
             raise LoadFailed(f"cannot load {ref.key}: no config.json in {ref.path}", status=400)
-        from mlx.utils import tree_flatten
-        from mlx_lm.models.cache import LRUPromptCache
-        from mlx_lm.utils import load
 
         started = time.perf_counter()
         try:
@@ -599,17 +597,12 @@ class Engine:
     def _probe(self, model) -> None:
         """One forward pass over one token, so weights that load but cannot compute (float weights stored as
         integers, a broken conversion) fail here, as this model's load error, before any request is accepted."""
-        import mlx.core as mx
-        from mlx_lm.models.cache import make_prompt_cache
-
         logits = model(mx.array([[0]]), cache=make_prompt_cache(model))  # the call generation makes
         mx.eval(logits)
         if not mx.issubdtype(logits.dtype, mx.floating):
             raise ValueError(f"the forward pass gives {logits.dtype} logits, not floating point")
 
     def _unload(self, key: str) -> bool:
-        import mlx.core as mx
-
         lm = self._models.get(key)
         if lm is None:
             return False
@@ -692,8 +685,6 @@ class Engine:
         return list(tokens)
 
     def _fetch_cache(self, lm: LoadedModel, tokens: list[int]):
-        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
         cache, rest = lm.prompt_cache.fetch_nearest_cache(lm.key, tokens)
         if cache is not None and not rest:
             # An exact hit leaves nothing to feed, and insert() refuses an empty prompt: give back one token.
@@ -714,8 +705,6 @@ class Engine:
 
     def _sampler(self, params: Params):
         """Equal settings share one sampler object, which lets BatchGenerator sample the batch in one call."""
-        from mlx_lm.sample_utils import make_sampler
-
         temp = float(params.temperature or 0.0)
         top_p = float(params.top_p) if params.top_p is not None else 0.0
         min_p = float(params.min_p) if params.min_p is not None else 0.0
@@ -736,7 +725,6 @@ class Engine:
         repetition = params.repetition_penalty if params.repetition_penalty != 1.0 else None
         if repetition is None and not params.presence_penalty and not params.frequency_penalty:
             return None
-        from mlx_lm.sample_utils import make_logits_processors
 
         return make_logits_processors(
             None, repetition, REPETITION_CONTEXT,
@@ -745,8 +733,6 @@ class Engine:
 
     def _stop_sequences(self, lm: LoadedModel, stops: list[str]):
         """Token-level stops (every EOS id, and each stop string's own tokens), cached per stop set."""
-        from mlx_lm.generate import make_stop_sequences
-
         key = tuple(stops)
         seqs = lm.stop_sequences.get(key)
         if seqs is None:
@@ -768,8 +754,6 @@ class Engine:
 
     def _constraint(self, lm: LoadedModel, request: GenerateRequest, tokens: list[int]):
         """The row's grammar processor (constrain.py), or None when the request constrains nothing."""
-        from . import constrain
-
         params = request.params
         try:
             spec = constrain.spec_from(params.response_format, params.tools, params.tool_choice)
@@ -787,7 +771,6 @@ class Engine:
 
     def _router(self, lm: LoadedModel, request: GenerateRequest, tokens: list[int]) -> OutputRouter:
         tokenizer = lm.tokenizer
-        from .constrain import FORMAT_LLAMA3, tool_format
 
         if request.kind == "chat" and is_harmony(tokenizer):
             return HarmonyRouter(_effective_tools(request.params))
@@ -804,7 +787,6 @@ class Engine:
         """mlx-lm's reasoning/tool state machine; None when the model has neither (plain text, no scanning)."""
         if with_tools in lm.text_machines:
             return lm.text_machines[with_tools]
-        from mlx_lm.generate import TextStateMachine, make_text_state_machine
 
         tokenizer = lm.tokenizer
         if with_tools:
