@@ -41,10 +41,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import llguidance.hf
-import mlx.core as mx
-import numpy as np
 from llguidance import LLMatcher
+
 from .textout import is_harmony
 
 log = logging.getLogger("mlxk.inference.constrain")
@@ -209,6 +207,8 @@ def _as_lark_json(schema: dict, strict: bool, rule: bool = True) -> str:
 
 def grammar_tokenizer(hf_tokenizer, eos_ids) -> Any:
     """llguidance's view of a model's vocabulary (about 1 s for a 150k vocabulary: cache it per model)."""
+    import llguidance.hf  # lazy: it imports transformers, which the api's schema checks never need
+
     return llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=sorted(eos_ids))
 
 
@@ -234,6 +234,10 @@ class GrammarProcessor:
         self.masks = 0
 
     def __call__(self, tokens, logits):
+        # lazy: the api process imports this module to check schemas and must never load MLX
+        import mlx.core as mx
+        import numpy as np
+
         started = time.perf_counter()
         if self._started:
             self._advance(int(tokens[-1].item()))

@@ -20,8 +20,6 @@ import re
 import uuid
 from typing import Any, Callable
 
-from mlx_lm.generate import TextStateMachine
-
 log = logging.getLogger("mlxk.inference.textout")
 
 
@@ -77,6 +75,8 @@ class OutputRouter:
     def __init__(self, text_sm, initial_state: str = "normal", tool_parser: Callable | None = None,
                  tools: list | None = None, tool_markers: tuple[str | None, str | None] = (None, None),
                  bare_json_calls: bool = False):
+        from mlx_lm.generate import TextStateMachine  # lazy: the api process imports this module, never MLX
+
         self._tsm = TextStateMachine
         self._sm_state = text_sm.make_state(initial_state) if text_sm is not None else None
         self._prev = initial_state
