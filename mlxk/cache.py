@@ -12,6 +12,7 @@ Paths in, no environment: callers pass the cache directory (mlxk.config resolves
 """
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -312,8 +313,6 @@ def _moved_name(plan: dict) -> str:
 def read_trash_plan(trash: Path) -> dict | None:
     """The removal a trash folder belongs to (`repo_id, revisions, whole_repo, blobs, bytes_freed`), or None when
     its one rename never happened (the folder holds only a plan, or nothing)."""
-    import json
-
     try:
         plan = json.loads((trash / _PLAN).read_text())
     except (OSError, ValueError):
@@ -324,8 +323,6 @@ def read_trash_plan(trash: Path) -> dict | None:
 def move_to_trash(cache_dir: Path, plan: RemovalPlan, trash: Path) -> dict:
     """The destructive step of rm, atomic as every reader sees it: ONE rename takes the repo (or the revision's
     snapshot folder) out of the cache into `trash`; `finish_trash` does the rest. Returns the recorded plan."""
-    import json
-
     path = repo_dir(cache_dir, plan.repo_id)
     record = {"repo_id": plan.repo_id, "revisions": plan.revisions, "whole_repo": plan.whole_repo,
               "bytes_freed": plan.bytes_freed, "linked_to": str(plan.linked_to) if plan.linked_to else None,
@@ -345,7 +342,7 @@ def finish_trash(cache_dir: Path, trash: Path, record: dict) -> None:
     """The rest of a removal whose rename happened; safe to repeat after a kill. For one revision: refs that name
     it go (as huggingface_hub's delete_revisions does), then its blobs that no snapshot left in the repo uses
     (a newer pull that brought the revision back keeps its refs and blobs)."""
-    import shutil
+    import shutil  # lazy: keeps `mlxk list` light
 
     path = repo_dir(cache_dir, record["repo_id"])
     if record["whole_repo"]:
@@ -373,7 +370,7 @@ def finish_trash(cache_dir: Path, trash: Path, record: dict) -> None:
 
 
 def empty_trash(trash: Path) -> None:
-    import shutil
+    import shutil  # lazy: keeps `mlxk list` light
 
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -394,7 +391,7 @@ def apply_remove(cache_dir: Path, plan: RemovalPlan, *, trash: Path | None = Non
 def remove_path(path: Path) -> None:
     """Delete a file or a folder tree; a symlink (even to a folder) is unlinked, never followed (rmtree does not
     follow the links inside a tree either)."""
-    import shutil
+    import shutil  # lazy: keeps `mlxk list` light
 
     if path.is_symlink() or not path.is_dir():
         path.unlink(missing_ok=True)

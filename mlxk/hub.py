@@ -23,6 +23,7 @@ Push goes through huggingface_hub's `HfApi` (create_repo + create_commit); only 
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import fnmatch
 import hashlib
@@ -33,6 +34,7 @@ import queue
 import re
 import shutil
 import struct
+import sys
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -42,6 +44,7 @@ from typing import Callable, Iterable
 from urllib.parse import quote, urljoin, urlsplit
 
 from mlxk import cache, errors, names
+from mlxk.config import settings
 from mlxk.faults import checkpoint
 
 log = logging.getLogger("mlxk.hub")
@@ -124,13 +127,12 @@ def _token(token: str | bool | None) -> str | None:
         return None
     if token:
         return token
-    from mlxk.config import settings
 
     return settings().hf_token
 
 
 def _headers(token: str | None) -> dict[str, str]:
-    from huggingface_hub.utils import build_hf_headers
+    from huggingface_hub.utils import build_hf_headers  # lazy: keeps `mlxk pull` light
 
     # token=False: never let huggingface_hub pick a token up on its own; mlxk.config decides which one is used.
     headers = build_hf_headers(token=token or False)
@@ -139,7 +141,7 @@ def _headers(token: str | None) -> dict[str, str]:
 
 
 def _client(max_connections: int = 64):
-    import httpx
+    import httpx  # lazy: keeps `mlxk pull` light
 
     return httpx.Client(follow_redirects=False,
                         timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
@@ -196,7 +198,7 @@ def _unreachable(endpoint: str, error: Exception) -> errors.HubError:
 
 
 def _get_json(client, url: str, *, headers, repo_id, endpoint, token, revision=None, params=None):
-    import httpx
+    import httpx  # lazy: keeps `mlxk pull` light
 
     try:
         response = client.get(url, headers=headers, params=params)
@@ -259,7 +261,7 @@ def _entry_file(entry, repo_id: str, sha: str) -> RemoteFile | None:
 
 def _check_access(client, repo_id: str, sha: str, file: RemoteFile, *, endpoint: str, headers, token) -> None:
     """Gated repos answer info and tree publicly; only /resolve tells whether we may download."""
-    import httpx
+    import httpx  # lazy: keeps `mlxk pull` light
 
     url = _resolve_url(endpoint, repo_id, sha, file.path)
     try:
@@ -597,7 +599,7 @@ def _fetch(job: _Job, file: RemoteFile) -> None:
 
 
 def _fetch_locked(job: _Job, file: RemoteFile) -> None:
-    from filelock import FileLock
+    from filelock import FileLock  # lazy: keeps `mlxk pull` light
 
     blob, partial = _blob(job.repo, file), _partial(job.repo, file)
     lock_path = _lock_path(job.cache_dir, job.repo_id, file.etag)
@@ -659,7 +661,7 @@ def _resume_parts(job: _Job, file: RemoteFile, partial: Path, verifier: _Verifie
 
 def _acquire(job: _Job, lock, file: RemoteFile) -> None:
     """Wait for the blob's lock (an `hf download` of the same blob may hold it), staying cancellable."""
-    from filelock import Timeout
+    from filelock import Timeout  # lazy: keeps `mlxk pull` light
 
     while True:
         try:
@@ -697,7 +699,7 @@ def _finish(job: _Job, file: RemoteFile, partial: Path, blob: Path, verifier: _V
 def _open_stream(job: _Job, file: RemoteFile, have: int, end: int | None = None):
     """GET the file from `have` on (to `end`, exclusive, for one part); follows redirects by hand so the token
     never goes to another origin."""
-    import httpx
+    import httpx  # lazy: keeps `mlxk pull` light
 
     url = _resolve_url(job.endpoint, job.repo_id, job.sha, file.path)
     headers = dict(job.headers)
@@ -734,7 +736,7 @@ def _check_range(response, file: RemoteFile, have: int) -> bool:
 
 
 def _stream(job: _Job, file: RemoteFile, partial: Path, verifier: _Verifier, have: int) -> int:
-    import httpx
+    import httpx  # lazy: keeps `mlxk pull` light
 
     response = _open_stream(job, file, have)
     try:
@@ -1089,7 +1091,7 @@ def _fetch_part(job: _Job, file: RemoteFile, fd: int, record: _PartsFile, hasher
 
 def _stream_part(job: _Job, file: RemoteFile, fd: int, record: _PartsFile, hasher: _FollowHasher, part: _Part,
                  started: _Countdown | None, halt: threading.Event) -> None:
-    import httpx
+    import httpx  # lazy: keeps `mlxk pull` light
 
     response = _open_stream(job, file, part.pos, part.end)
     try:
@@ -1281,9 +1283,6 @@ def _build_snapshot(repo_id: str, repo: Path, sha: str, wanted: list[RemoteFile]
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two folders in one step where the kernel can (Linux renameat2 RENAME_EXCHANGE, macOS renamex_np
     RENAME_SWAP); False when it cannot here."""
-    import ctypes
-    import sys
-
     libc = ctypes.CDLL(None, use_errno=True)
     if sys.platform == "darwin":
         call, args = getattr(libc, "renamex_np", None), (os.fsencode(a), os.fsencode(b), 2)
@@ -1394,8 +1393,6 @@ def _preflight(client, repo_id: str, revision: str | None, *, repo: Path, includ
 
 
 def _refuse_offline(repo_id: str) -> None:
-    from mlxk.config import settings
-
     if settings().hub_offline:
         raise errors.HubError(f"HF_HUB_OFFLINE is set, so {repo_id} cannot be downloaded; unset it to pull.",
                               repo=repo_id)
@@ -1522,7 +1519,7 @@ def sweep_partials(cache_dir: Path, repo_id: str, *, keep=()) -> int:
     huggingface_hub's `<etag>.<8hex>.incomplete` files are only removed when their blob's lock is free (a live
     `hf download` holds it). Returns the bytes freed.
     """
-    from filelock import FileLock, Timeout
+    from filelock import FileLock, Timeout  # lazy: keeps `mlxk pull` light
 
     keep = set(keep)
     freed = 0
@@ -1638,7 +1635,7 @@ def _hf_error(error: Exception, repo_id: str, endpoint: str) -> errors.MlxkError
 
 
 def _remote_repo(api, repo_id: str, endpoint: str) -> _RemoteRepo | None:
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError  # lazy: keeps `mlxk pull` light
 
     try:
         info = api.repo_info(repo_id)
@@ -1719,8 +1716,8 @@ def push(workspace: Path, repo_id: str, *, private: bool = False, public: bool =
     (_check_visibility). A workspace `push --check-only` rejects is refused unless force. dry_run compares against
     the remote and writes nothing anywhere; it refuses what the push would refuse.
     """
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import HfApi, constants  # lazy: keeps `mlxk pull` light
+    from huggingface_hub.errors import HfHubHTTPError  # lazy: keeps `mlxk pull` light
 
     names.validate_repo_id(repo_id)
     workspace = Path(workspace)
@@ -1771,7 +1768,7 @@ def push(workspace: Path, repo_id: str, *, private: bool = False, public: bool =
 
 
 def _commit(api, repo_id: str, uploads: list[_LocalFile], message: str | None, *, parent: str | None) -> str:
-    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub import CommitOperationAdd  # lazy: keeps `mlxk pull` light
 
     operations = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(f.disk)) for f in uploads]
     summary = message or f"Upload {len(uploads)} file{'s' if len(uploads) != 1 else ''} with mlxk"
@@ -1782,7 +1779,7 @@ def _commit(api, repo_id: str, uploads: list[_LocalFile], message: str | None, *
 
 def check_workspace(workspace: Path) -> list:
     """Offline integrity findings of a folder about to be pushed ([] = healthy): `push --check-only`."""
-    from mlxk import health
+    from mlxk import health  # lazy: keeps `mlxk pull` light (importlib.metadata)
 
     workspace = Path(workspace)
     return health.check_integrity(health.inspect_dir(workspace, workspace.name))

@@ -11,20 +11,28 @@ Works with a raw sqlite3 connection (the `list` fast path) and with a sqlite-uti
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import sqlite3
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlxk import db
 from mlxk.db import models as queries
 from mlxk import cache
 from mlxk.clock import iso_utc
 from mlxk.errors import MlxkError
+from mlxk.errors import InvalidName, ModelNotFound
+from mlxk.units import compact_size
 
 
 def _log():
     """This module's logger, got when there is something to say: importing `logging` is ~3 ms of `list`."""
-    import logging
+    import logging  # lazy: keeps `mlxk list` light
 
     return logging.getLogger("mlxk.index")
 
@@ -105,10 +113,8 @@ def _inspect_all(targets: list[tuple[str, str]], signature: _Signature) -> list[
     workers = min(os.cpu_count() or 1, len(targets) // (PARALLEL_MIN_REPOS // 2))
     if workers < 2 or len(targets) < PARALLEL_MIN_REPOS:
         return [inspect(repo_id, Path(path), signature) for repo_id, path in targets]
-    import multiprocessing
-    import sys
-    import threading
-    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing  # lazy: keeps `mlxk list` light
+    from concurrent.futures import ProcessPoolExecutor  # lazy: keeps `mlxk list` light
 
     # fork is cheap and safe only where no other thread can hold a lock the child inherits (Linux, one thread);
     # elsewhere (macOS, a worker's threads) spawn.
@@ -163,8 +169,6 @@ class _Signature:
 
 def _mlx_lm_stamp() -> str:
     """Where mlx-lm is installed and when its files last changed: a 0.1 ms stand-in for the signature."""
-    import importlib.util
-
     spec = importlib.util.find_spec("mlx_lm")
     if spec is None or not spec.origin:
         return "absent"
@@ -209,7 +213,7 @@ def provisional_verdicts(conn, repo_ids) -> dict[str, tuple[bool, str | None]]:
     replaces this one."""
     if not repo_ids:
         return {}
-    from mlxk import registry
+    from mlxk import registry  # lazy: keeps `mlxk list` light
 
     found = _registry(conn)
     verdicts = {}
@@ -221,14 +225,12 @@ def provisional_verdicts(conn, repo_ids) -> dict[str, tuple[bool, str | None]]:
 
 def _registry(conn) -> dict | None:
     """The installed mlx-lm's registry, from state.db while the install is unchanged, else read and kept there."""
-    import json
-
     stored = queries.get_meta(conn, REGISTRY_KEY)
     if stored:
         kept = json.loads(stored)
         if _stamp_holds(kept.get("stamp")):
             return kept.get("registry")
-    from mlxk import registry
+    from mlxk import registry  # lazy: keeps `mlxk list` light
 
     stamp = _mlx_lm_stamp()
     found = registry.read(stamp.rpartition(":")[0] if stamp != "absent" else None)
@@ -268,8 +270,8 @@ def inspect(repo_id: str, path: Path, signature: _Signature | None = None) -> di
 
 def _inspect(repo_id: str, path: Path, stamp: str, signature: _Signature, revisions: list[str],
              revision: str | None) -> dict:
-    from mlxk import health
-    from mlxk.detect import detect
+    from mlxk import health  # lazy: keeps `mlxk list` light
+    from mlxk.detect import detect  # lazy: keeps `mlxk list` light
 
     view = health.inspect_repo(repo_id, path, revisions=revisions, revision=revision)
     findings = health.check_integrity(view)
@@ -337,9 +339,9 @@ def _check_runtime(conn, cache_dir: Path, repo_ids: list[str], signature: _Signa
     """mlx-lm's verdict for each repo, stored against the fingerprint the repo had when we looked."""
     if not repo_ids:
         return []
-    from mlxk import health
-    from mlxk.detect import detect
-    from mlxk.faults import checkpoint
+    from mlxk import health  # lazy: keeps `mlxk list` light
+    from mlxk.detect import detect  # lazy: keeps `mlxk list` light
+    from mlxk.faults import checkpoint  # lazy: keeps `mlxk list` light
 
     verdicts = []
     for repo_id in repo_ids:
@@ -546,10 +548,6 @@ def load(state_db: Path, cache_dir: Path, **refresh_options) -> Loaded:
     A corrupt state.db is moved aside and rebuilt by db.connect; a locked or read-only one must not make `list` or
     `show` fail, because the HF cache, not state.db, is the source of truth.
     """
-    import sqlite3
-
-    from mlxk import db
-
     try:
         conn = db.connect(state_db)
     except MlxkError as error:
@@ -569,9 +567,7 @@ def load(state_db: Path, cache_dir: Path, **refresh_options) -> Loaded:
 
 
 def _load_private(state_db: Path, cache_dir: Path, reason: MlxkError, **refresh_options) -> Loaded:
-    import tempfile
-
-    from mlxk import db
+    import tempfile  # lazy: keeps `mlxk list` light
 
     warning = f"{reason.message} Read the HF cache directly, without the index; nothing was saved."
     _log().info("%s", warning)
@@ -588,8 +584,7 @@ def _load_private(state_db: Path, cache_dir: Path, reason: MlxkError, **refresh_
 def check_pattern(pattern: str) -> str:
     """A `list` filter is a case-insensitive substring of repo ids, as in mlx-knife (`1B-4bit`, `.2-1B`, `Llama 3`): it
     only filters, never names a path, so only what no repo id can hold is refused (control characters, overlength)."""
-    from mlxk import names
-    from mlxk.errors import InvalidName
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in pattern) or len(pattern) > names.MAX_REPO_ID_LENGTH:
         problem = "it contains control characters" if len(pattern) <= names.MAX_REPO_ID_LENGTH else \
@@ -614,7 +609,7 @@ def resolve(conn, ref) -> Resolved:
 
     The name is matched against the ids alone and only the chosen row is read: decoding 1,000s of rows for one name
     would cost `show` and `health NAME` more than the rest of their work."""
-    from mlxk import names
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     while True:
         aliases = queries.aliases(conn)
@@ -628,8 +623,7 @@ def add_alias(conn, source, destination: str) -> dict:
     """Give the cached model `source` (a parsed name) another name, `destination` (Ollama's /api/copy): kept in
     state.db, resolved by mlxk.names.resolve before any other rule, shown by `list`. An alias names a model (its
     current revision), so `destination` takes no '@revision'; it may not be a cached repo's own id."""
-    from mlxk import names
-    from mlxk.errors import InvalidName
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     row = resolve(conn, source).row
     ref = names.parse(destination)
@@ -645,14 +639,14 @@ def add_alias(conn, source, destination: str) -> dict:
 
 def remove_alias(conn, name: str) -> bool:
     """Forget the alias `name` (the model it names stays); False when `name` is no alias."""
-    from mlxk import names
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     return queries.delete_alias(conn, name=names.alias_key(name))
 
 
 def resolve_in(all_rows: list[dict], ref) -> Resolved:
     """`resolve` over rows already read (the server keeps them for a moment across a burst of requests)."""
-    from mlxk import names
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     by_id = {row["repo_id"]: row for row in all_rows}
     aliases = {alias: row["repo_id"] for row in all_rows for alias in row.get("aliases") or []}
@@ -661,7 +655,7 @@ def resolve_in(all_rows: list[dict], ref) -> Resolved:
 
 def _at_revision(row: dict, ref) -> Resolved:
     """The snapshot of a resolved repo that `ref` names: the current one, or the commit or ref after its '@'."""
-    from mlxk import names
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     if not ref.revision:
         return Resolved(row, row["revision"])
@@ -757,9 +751,8 @@ def describe(resolved: Resolved, *, files: bool = False, config: bool = False) -
 def workspace(typed: str) -> dict:
     """A workspace folder (`./dir`) as a row model_object() renders (`cached: false`, `hash: null`, `name` the
     absolute path, `display_name` as typed): integrity, detection and the runtime check, read now (no index)."""
-    from mlxk import health
-    from mlxk.detect import detect
-    from mlxk.errors import ModelNotFound
+    from mlxk import health  # lazy: keeps `mlxk list` light
+    from mlxk.detect import detect  # lazy: keeps `mlxk list` light
 
     path = Path(typed).expanduser().resolve()
     if not path.is_dir():
@@ -803,7 +796,7 @@ def _metadata(row: dict, config: dict | None) -> dict | None:
     """mlx-knife's `show` metadata: the architecture, quantization label, context length and a few config numbers."""
     if config is None:
         return None
-    from mlxk.detect import context_length, quantization
+    from mlxk.detect import context_length, quantization  # lazy: keeps `mlxk list` light
 
     architectures = config.get("architectures")
     found = {"model_type": config.get("model_type"),
@@ -827,8 +820,6 @@ def _snapshot_dir(row: dict, revision: str | None) -> Path | None:
 
 def _file_entry(entry: cache.SnapshotFile) -> dict:
     """mlx-knife's file entry ({name, size, type}: a size for people, what the file is), then mlxk's exact fields."""
-    from mlxk.units import compact_size
-
     blob = entry.target.name if entry.is_symlink and entry.target else ""
     return {
         "name": entry.name,
@@ -855,8 +846,6 @@ def file_kind(name: str) -> str:
 
 
 def _read_config(snapshot: Path | None) -> tuple[object, str | None]:
-    import json
-
     if snapshot is None:
         return None, "the repo has no snapshot"
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import click
 
 from mlxk.clock import iso_utc, parse_iso  # noqa: F401 - re-exported for renderers
 from mlxk.errors import MlxkError
+from mlxk.errors import UsageError
 from mlxk.units import human_size  # noqa: F401 - re-exported for renderers
 
 
@@ -52,7 +54,7 @@ def _command_name(ctx: click.Context) -> str:
 
 class RawJSON:
     """JSON text made elsewhere (SQLite's json_object() for `list`) that dumps() embeds as a value, not a string; given
-    as pieces whose concatenation is the text (`list` passes "[", its objects joined, "]": no copy made to join them)."""
+    as pieces whose concatenation is the text (`list` passes "[", its objects joined, "]": no copy to join them)."""
 
     __slots__ = ("parts",)
 
@@ -152,8 +154,6 @@ def json_requested(args) -> bool:
 def usage_error(error: click.ClickException) -> MlxkError:
     """A click error as the mlxk error the envelope carries: `usage` (exit 2) for a wrong command line, with the
     command's usage line and click's close matches (`suggestions`) where it has them."""
-    from mlxk.errors import UsageError
-
     if not isinstance(error, click.UsageError):
         return MlxkError(error.format_message())
     details = {}
@@ -183,8 +183,6 @@ class JsonUsageError(click.UsageError):
 def system_object() -> dict | None:
     """mlx-knife's `system` object of `version` and `list`: physical memory in bytes, None where the platform
     does not say."""
-    import os
-
     try:
         return {"memory_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
     except (ValueError, OSError, AttributeError):

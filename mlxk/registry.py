@@ -8,14 +8,14 @@ light: it is on the `list` path whenever a repo is pending.
 """
 from __future__ import annotations
 
+import ast
+import re
 from pathlib import Path
 
 
 def read(package_file: str | None) -> dict | None:
     """The model modules and remappings of the mlx-lm installed at `package_file` (its __init__.py), or None when
     it is not installed or its layout is not the one this reader knows."""
-    import ast
-
     if not package_file:
         return None
     package = Path(package_file).parent
@@ -60,8 +60,6 @@ def verdict(registry: dict | None, config: dict | None) -> tuple[bool, str | Non
 
 def _version(package: Path) -> str:
     """mlx-lm's version from its _version.py (what importlib.metadata would say, without its ~25 ms)."""
-    import re
-
     try:
         found = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", (package / "_version.py").read_text(encoding="utf-8"))
     except OSError:

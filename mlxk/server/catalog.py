@@ -7,12 +7,18 @@ server.
 """
 from __future__ import annotations
 
+import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlxk import cache, names
+from mlxk import db, index
+from mlxk.clock import iso_utc
 from mlxk.config import Settings
+from mlxk.db import models as queries
 from mlxk.errors import ModelNotRunnable
+from mlxk.health import mlx_lm_signature
 
 SERVABLE_TYPES = ("chat", "base")
 EMBEDDING_TYPES = ("embedding",)
@@ -41,10 +47,6 @@ class Catalog:
 
 def load(settings: Settings) -> Catalog:
     """Every model row (and the repos pending a runtime check), after bringing the index up to date with the cache."""
-    from contextlib import closing
-
-    from mlxk import index
-
     with closing(index.load(settings.state_db, settings.hf_hub_cache)) as loaded:
         pending = [] if loaded.warning else loaded.refresh.pending
         return Catalog(index.rows(loaded.conn), pending)
@@ -72,8 +74,6 @@ def runnable(rows: list[dict]) -> list[dict]:
 
 def resolve_row(name: str, rows: list[dict], types: tuple[str, ...] = SERVABLE_TYPES) -> tuple[dict, str]:
     """The runnable row `name` means (exact, fuzzy or `name@hash`) and the revision it names, or a clear MlxkError."""
-    from mlxk import index
-
     resolved = index.resolve_in(rows, names.parse(name))
     row = resolved.row
     reason = why_not_runnable(row, types)
@@ -99,14 +99,6 @@ def mark_failed(settings: Settings, key: str, reason: str) -> bool:
     against the fingerprint the row has now: a changed repo is re-inspected and judged again, and so is every
     repo when mlx-lm changes. Only the revision the row describes is marked (a `name@hash` run of an older one is
     not). Returns whether a row took the verdict."""
-    import time
-    from contextlib import closing
-
-    from mlxk import db
-    from mlxk.clock import iso_utc
-    from mlxk.db import models as queries
-    from mlxk.health import mlx_lm_signature
-
     repo_id, _, revision = key.partition("@")
     with closing(db.connect(settings.state_db)) as conn:
         row = queries.get_model(conn, repo_id)
