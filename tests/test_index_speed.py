@@ -90,3 +90,26 @@ def test_listing_and_help_import_nothing_heavy(args, hf_cache):
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_a_warm_list_writes_nothing(hf_cache, isolated):
+    """Once the index is current (rows, rendered objects, mlx-lm's registry), `list --json` only reads: no commit
+    reaches state.db (SQLite's data_version would move) and its files keep their size and mtime."""
+    for i in range(3):
+        factory.write_repo(hf_cache, f"mlx-community/m{i}-4bit", factory.tiny_model_files(), hardlink=True)
+
+    def listed():
+        done = subprocess.run([*MLXK, "list", "--json", "--no-scan"], cwd=ROOT, env=os.environ.copy(),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    first = listed()
+    files = [isolated / name for name in ("state.db", "state.db-wal")]
+    watcher = db.connect(isolated / "state.db")
+    version = watcher.execute("PRAGMA data_version").fetchone()[0]
+    stats = [(path.stat().st_size, path.stat().st_mtime_ns) for path in files]
+    assert listed() == first
+    assert watcher.execute("PRAGMA data_version").fetchone()[0] == version
+    assert [(path.stat().st_size, path.stat().st_mtime_ns) for path in files] == stats
+    watcher.close()
