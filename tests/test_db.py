@@ -55,7 +55,8 @@ def test_two_connections_share_queries(tmp_path):
 
 
 def test_production_has_one_way_into_state_db():
-    """No sqlite-utils Database outside migrations, one transaction helper: db.write."""
+    """No sqlite-utils Database outside migrations, no raw sqlite3.connect outside db.connect, one transaction
+    helper: db.write."""
     from tests.fixtures.cli import ROOT
 
     for path in [*ROOT.glob("mlxk/**/*.py"), *ROOT.glob("db/*.py"), *ROOT.glob("workers/**/*.py")]:
@@ -63,6 +64,7 @@ def test_production_has_one_way_into_state_db():
         if path.name != "__init__.py" or path.parent.name != "db":
             assert "sqlite_utils" not in text and "open_db" not in text, path
         assert "BEGIN IMMEDIATE" not in text or path.parent.name == "db" and path.name == "__init__.py", path
+        assert "sqlite3.connect(" not in text or path.parent.name == "db" and path.name == "__init__.py", path
 
 
 def test_write_never_commits_what_the_caller_has_open(tmp_path):
