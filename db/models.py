@@ -1,7 +1,7 @@
 """Named queries on the `models` table (one row per cached repo).
 
-Functions take either a sqlite-utils Database or a raw sqlite3 connection (the `list` fast path) and return plain
-dicts with JSON columns decoded.
+Functions take a connection from mlxk.db.connect and return plain dicts with JSON columns decoded; every write goes
+through mlxk.db.write.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ transaction. The runtime verdict needs mlx-lm's model registry (an import of ~1 
 it stays NULL ("pending") until `health` or the worker's scan task calls `refresh(..., runtime=True)`. A verdict is
 valid only for the fingerprint and the mlx-lm it was made with (`runtime_fingerprint`).
 
-Works with a raw sqlite3 connection (the `list` fast path) and with a sqlite-utils Database (tasks).
+Every function takes a connection from mlxk.db.connect (the one way into state.db).
 """
 from __future__ import annotations
 
