@@ -40,8 +40,8 @@ from typing import Any, Callable
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.generate import make_stop_sequences, make_text_state_machine, TextStateMachine
-from mlx_lm.models.cache import can_trim_prompt_cache, LRUPromptCache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.generate import TextStateMachine, make_stop_sequences, make_text_state_machine
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 from mlx_lm.utils import load
 
