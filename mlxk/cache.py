@@ -147,20 +147,33 @@ class Usage:
 
 
 def disk_usage(path: Path) -> Usage:
-    """Bytes on disk; blobs shared by several snapshots are counted once."""
+    """Bytes on disk; blobs shared by several snapshots are counted once.
+
+    Regular files under blobs/ and snapshots/, symlinks skipped (snapshots link into blobs/) and not followed: told
+    apart by the directory entry's type, so a snapshot's links cost no stat (a first index sizes 10,000 repos)."""
     usage = Usage()
     seen: set[tuple[int, int]] = set()
-    for folder in ("blobs", "snapshots"):
-        for root, _dirs, names in os.walk(path / folder):
-            for name in names:
+    folders = [os.path.join(path, "blobs"), os.path.join(path, "snapshots")]
+    while folders:
+        try:
+            entries = os.scandir(folders.pop())
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
                 try:
-                    st = os.lstat(os.path.join(root, name))
+                    if entry.is_symlink():
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+                        continue
+                    st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                if os.path.stat.S_ISLNK(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+                if (st.st_dev, st.st_ino) in seen:
                     continue
                 seen.add((st.st_dev, st.st_ino))
-                if name.endswith(INCOMPLETE_SUFFIX):
+                if entry.name.endswith(INCOMPLETE_SUFFIX):
                     usage.incomplete_bytes += st.st_size
                 else:
                     usage.size_bytes += st.st_size
