@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from mlxk.db import migrations
+from mlxk.errors import StateError
 
 BUSY_TIMEOUT_MS = 10_000
 
@@ -39,10 +40,10 @@ def _is_current(conn: sqlite3.Connection) -> bool:
 
 def _migrate(path: Path, *, locked: bool = False) -> None:
     """Apply pending migrations; `locked`: the caller holds the migration lock already (flock would deadlock)."""
-    import sqlite_utils
-    from sqlite_utils.migrations import Migrations
+    import sqlite_utils  # lazy: keeps `mlxk list` light
+    from sqlite_utils.migrations import Migrations  # lazy: keeps `mlxk list` light
 
-    from mlxk.locks import file_lock
+    from mlxk.locks import file_lock  # lazy: keeps `mlxk list` light
 
     # Two processes starting at once must not both apply the same migration.
     with (nullcontext() if locked else file_lock(Path(f"{path}.lock"))):
@@ -86,8 +87,6 @@ def failure_kind(error: BaseException | None) -> str:
 def unusable(path: Path, error: BaseException, *, what: str = "state.db and queue.db"):
     """The StateError for `path` that cannot be used (never advising to delete it, unless it is corrupt);
     `details["reason"]` is failure_kind's word, so callers can fall back (index.load reads the cache instead)."""
-    from mlxk.errors import StateError
-
     kind = failure_kind(error)
     reason = getattr(error, "strerror", None) or str(error)
     home = path.parent
@@ -140,7 +139,7 @@ def _create(path: Path, shared: bool) -> sqlite3.Connection:
     Creating under the lock means a 0-byte file seen while holding it is really empty (another process creating
     the database holds the lock until the file has its header), and switching a new file to WAL, which SQLite does
     not retry on its busy timeout, never races another process doing the same."""
-    from mlxk.locks import file_lock
+    from mlxk.locks import file_lock  # lazy: keeps `mlxk list` light
 
     with file_lock(Path(f"{path}.lock")):
         empty = path.exists() and path.stat().st_size == 0

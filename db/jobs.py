@@ -1,6 +1,6 @@
 """Named queries on the `jobs` table (the job history) and the `workers` table (heartbeats).
 
-Functions take a sqlite-utils Database or a raw sqlite3 connection (the CLI's fast path opens a raw one) and
+Functions take a connection from mlxk.db.connect and
 return plain dicts with the JSON columns (`args`, `error`, `result`) decoded. Every state change is a conditional
 UPDATE (`WHERE state = ... AND task_id = ...`), so a stale Huey task or a late signal can never overwrite a newer
 outcome. Liveness of a job's holder is decided by the caller (it needs psutil or a clock); this module only stores.

@@ -1,7 +1,7 @@
 """Named queries on the `models` table (one row per cached repo).
 
-Functions take either a sqlite-utils Database or a raw sqlite3 connection (the `list` fast path) and return plain
-dicts with JSON columns decoded.
+Functions take a connection from mlxk.db.connect and return plain dicts with JSON columns decoded; every write goes
+through mlxk.db.write.
 """
 from __future__ import annotations
 
@@ -49,16 +49,43 @@ def all_models(db, columns=COLUMNS) -> list[dict]:
     return _select(db, "ORDER BY repo_id", columns=columns)
 
 
-def model_objects(db, expression: str) -> list[tuple]:
-    """(repo_id, size_bytes, last_modified, pending, `expression`) per row, by repo id; `expression` renders the row
-    (mlxk.index.MODEL_OBJECT_SQL)."""
-    return _conn(db).execute(
-        f"SELECT repo_id, size_bytes, last_modified, {PENDING}, {expression} FROM models ORDER BY repo_id").fetchall()
+def model_objects(db, expression: str, *, stored_unless: str = "0") -> list[tuple]:
+    """(repo_id, size_bytes, last_modified, pending, model object as JSON text) per row, by repo id: the stored
+    `object` (see render_objects), else `expression` renders the row (mlxk.index.MODEL_OBJECT_SQL); `stored_unless`:
+    an SQL condition under which a row is rendered even so (it has aliases, which the stored object leaves out)."""
+    cursor = _conn(db).cursor()
+    cursor.row_factory = None
+    return cursor.execute(
+        f"SELECT repo_id, size_bytes, last_modified, {PENDING}, "
+        f"CASE WHEN object IS NULL OR {stored_unless} THEN {expression} ELSE object END "
+        f"FROM models ORDER BY repo_id").fetchall()
+
+
+def render_objects(db, expression: str, *, everything: bool = False) -> int:
+    """Store `expression` (a row's model object as JSON, mlxk.index.MODEL_OBJECT_SQL_NO_ALIASES) in `object` where
+    a write cleared it (m009's trigger), or in every row; how many rows it rendered. Writes only when some row needs
+    it, so a `list` of an unchanged cache stays read-only."""
+    conn = _conn(db)
+    if not everything and conn.execute("SELECT 1 FROM models WHERE object IS NULL LIMIT 1").fetchone() is None:
+        return 0
+    with write(conn):
+        if everything:   # cleared first: an UPDATE that left `object` as it was would have the trigger clear it
+            conn.execute("UPDATE models SET object = NULL")
+        return conn.execute(f"UPDATE models SET object = {expression} WHERE object IS NULL").rowcount
 
 
 def get_model(db, repo_id: str) -> dict | None:
     rows = _select(db, "WHERE repo_id = ?", (repo_id,))
     return rows[0] if rows else None
+
+
+def snapshot_paths(db, repo_ids) -> dict[str, str | None]:
+    """repo id → snapshot_path, for those of `repo_ids` that are indexed: one query for any number of ids (json_each
+    carries them), where a get_model per repo would decode 10,000 rows on a first `list`."""
+    cursor = _conn(db).cursor()
+    cursor.row_factory = None
+    return dict(cursor.execute("SELECT repo_id, snapshot_path FROM models WHERE repo_id IN (SELECT value FROM "
+                               "json_each(?))", (json.dumps(list(repo_ids)),)))
 
 
 def model_ids(db) -> list[str]:
@@ -150,7 +177,10 @@ def set_meta(db, key: str, value: str) -> None:
 
 def freshness(db) -> dict[str, tuple[str | None, str | None]]:
     """repo_id → (fingerprint, revision): what the stat-based freshness check recomputes and compares."""
-    return {row[0]: (row[1], row[2]) for row in _conn(db).execute("SELECT repo_id, fingerprint, revision FROM models")}
+    cursor = _conn(db).cursor()
+    cursor.row_factory = None   # plain tuples: a warm `list` reads this for every repo, and Row objects cost ~15 %
+    return {repo_id: (stamp, revision)
+            for repo_id, stamp, revision in cursor.execute("SELECT repo_id, fingerprint, revision FROM models")}
 
 
 def sync_models(db, *, upserts: list[dict], deletes: list[str]) -> None:
@@ -186,11 +216,10 @@ def set_runtime_verdicts(db, verdicts: list[dict]) -> int:
     params = [(None if v["runtime_compatible"] is None else int(bool(v["runtime_compatible"])), v["reason"],
                v["runtime_fingerprint"], v["runtime_checked_at"], v["repo_id"], v["fingerprint"]) for v in verdicts]
     with write(conn):
-        before = conn.total_changes
-        conn.executemany(
+        # rowcount, not total_changes: that would count m009's trigger clearing the object too
+        return conn.executemany(
             "UPDATE models SET runtime_compatible = ?, reason = ?, runtime_fingerprint = ?, runtime_checked_at = ? "
-            "WHERE repo_id = ? AND fingerprint = ?", params)
-        return conn.total_changes - before
+            "WHERE repo_id = ? AND fingerprint = ?", params).rowcount
 
 
 def clear_stale_runtime(db, signature: str) -> int:

@@ -12,7 +12,9 @@ Paths in, no environment: callers pass the cache directory (mlxk.config resolves
 """
 from __future__ import annotations
 
+import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,45 +147,82 @@ class Usage:
 
 
 def disk_usage(path: Path) -> Usage:
-    """Bytes on disk; blobs shared by several snapshots are counted once."""
+    """Bytes on disk; blobs shared by several snapshots are counted once.
+
+    Regular files under blobs/ and snapshots/, symlinks skipped (snapshots link into blobs/) and not followed: told
+    apart by the directory entry's type, so a snapshot's links cost no stat (a first index sizes 10,000 repos)."""
     usage = Usage()
     seen: set[tuple[int, int]] = set()
-    for folder in ("blobs", "snapshots"):
-        for root, _dirs, names in os.walk(path / folder):
-            for name in names:
+    folders = [os.path.join(path, "blobs"), os.path.join(path, "snapshots")]
+    while folders:
+        try:
+            entries = os.scandir(folders.pop())
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
                 try:
-                    st = os.lstat(os.path.join(root, name))
+                    if entry.is_symlink():
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+                        continue
+                    st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                if os.path.stat.S_ISLNK(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+                if (st.st_dev, st.st_ino) in seen:
                     continue
                 seen.add((st.st_dev, st.st_ino))
-                if name.endswith(INCOMPLETE_SUFFIX):
+                if entry.name.endswith(INCOMPLETE_SUFFIX):
                     usage.incomplete_bytes += st.st_size
                 else:
                     usage.size_bytes += st.st_size
     return usage
 
 
-def fingerprint(path: Path | str, revision: str | None) -> str:
+def fingerprint(path: Path | str, revision: str | None, *, dir_fd: int | None = None) -> str:
     """A cheap stat-based token that changes when files are added, completed, replaced or removed.
 
     Blobs land by rename (blobs/ mtime), snapshots get links (snapshot folder mtime), new revisions get folders
     (snapshots/ mtime), refs are rewritten (refs/main mtime); a deleted repo has no fingerprint at all. Four stats
     per repo keep `list` instant with 1,000s of repos; plain string paths because `list` calls this for every repo
-    on every run, where pathlib's object churn would cost as much as the stats themselves.
+    on every run, where pathlib's object churn would cost as much as the stats themselves. `dir_fd`: an open
+    directory (`open_dir`) that `path` is relative to: `list` passes the cache and each repo's folder name, so the
+    kernel does not walk the cache's own path again for each of 40,000 stats (~15 % of them at 10,000 repos).
     """
     base = os.fspath(path)
     parts = []
-    for sub in _FINGERPRINT_PARTS + ((f"/snapshots/{revision}",) if revision else ()):
+    for sub in _FINGERPRINT_PARTS:
         try:
-            parts.append(f"{os.stat(base + sub).st_mtime_ns:x}")
+            parts.append(f"{os.stat(base + sub, dir_fd=dir_fd).st_mtime_ns:x}")
+        except OSError:
+            parts.append("-")
+    if revision:
+        try:
+            parts.append(f"{os.stat(f'{base}/snapshots/{revision}', dir_fd=dir_fd).st_mtime_ns:x}")
         except OSError:
             parts.append("-")
     return ":".join(parts)
 
 
 _FINGERPRINT_PARTS = ("/blobs", "/snapshots", "/refs/main")
+
+
+@contextmanager
+def open_dir(folder: Path | str):
+    """An fd of `folder` for `fingerprint(..., dir_fd=)`, closed on exit; None where os.stat takes no dir_fd or the
+    folder cannot be opened (then callers pass full paths)."""
+    fd = None
+    if os.stat in os.supports_dir_fd:
+        try:
+            fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            fd = None
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def extend_fingerprint(stamp: str, path: Path | str, revision: str | None) -> str:
@@ -287,8 +326,6 @@ def _moved_name(plan: dict) -> str:
 def read_trash_plan(trash: Path) -> dict | None:
     """The removal a trash folder belongs to (`repo_id, revisions, whole_repo, blobs, bytes_freed`), or None when
     its one rename never happened (the folder holds only a plan, or nothing)."""
-    import json
-
     try:
         plan = json.loads((trash / _PLAN).read_text())
     except (OSError, ValueError):
@@ -299,8 +336,6 @@ def read_trash_plan(trash: Path) -> dict | None:
 def move_to_trash(cache_dir: Path, plan: RemovalPlan, trash: Path) -> dict:
     """The destructive step of rm, atomic as every reader sees it: ONE rename takes the repo (or the revision's
     snapshot folder) out of the cache into `trash`; `finish_trash` does the rest. Returns the recorded plan."""
-    import json
-
     path = repo_dir(cache_dir, plan.repo_id)
     record = {"repo_id": plan.repo_id, "revisions": plan.revisions, "whole_repo": plan.whole_repo,
               "bytes_freed": plan.bytes_freed, "linked_to": str(plan.linked_to) if plan.linked_to else None,
@@ -320,7 +355,7 @@ def finish_trash(cache_dir: Path, trash: Path, record: dict) -> None:
     """The rest of a removal whose rename happened; safe to repeat after a kill. For one revision: refs that name
     it go (as huggingface_hub's delete_revisions does), then its blobs that no snapshot left in the repo uses
     (a newer pull that brought the revision back keeps its refs and blobs)."""
-    import shutil
+    import shutil  # lazy: keeps `mlxk list` light
 
     path = repo_dir(cache_dir, record["repo_id"])
     if record["whole_repo"]:
@@ -348,7 +383,7 @@ def finish_trash(cache_dir: Path, trash: Path, record: dict) -> None:
 
 
 def empty_trash(trash: Path) -> None:
-    import shutil
+    import shutil  # lazy: keeps `mlxk list` light
 
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -369,7 +404,7 @@ def apply_remove(cache_dir: Path, plan: RemovalPlan, *, trash: Path | None = Non
 def remove_path(path: Path) -> None:
     """Delete a file or a folder tree; a symlink (even to a folder) is unlinked, never followed (rmtree does not
     follow the links inside a tree either)."""
-    import shutil
+    import shutil  # lazy: keeps `mlxk list` light
 
     if path.is_symlink() or not path.is_dir():
         path.unlink(missing_ok=True)

@@ -19,9 +19,12 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlxk import cache, names
+from mlxk import cache, db, index, names
+from mlxk.clock import iso_utc
 from mlxk.config import Settings
+from mlxk.db import models as queries
 from mlxk.errors import ModelNotFound, ModelNotRunnable
+from mlxk.health import mlx_lm_signature
 
 SERVABLE_TYPES = ("chat", "base")
 EMBEDDING_TYPES = ("embedding",)
@@ -51,10 +54,6 @@ class Catalog:
 
 def load(settings: Settings) -> Catalog:
     """Every model row (and the repos pending a runtime check), after bringing the index up to date with the cache."""
-    from contextlib import closing
-
-    from mlxk import index
-
     with closing(index.load(settings.state_db, settings.hf_hub_cache)) as loaded:
         pending = [] if loaded.warning else loaded.refresh.pending
         rows = index.rows(loaded.conn)
@@ -91,8 +90,6 @@ def runnable(rows: list[dict]) -> list[dict]:
 
 def resolve_row(name: str, rows: list[dict], types: tuple[str, ...] = SERVABLE_TYPES) -> tuple[dict, str]:
     """The runnable row `name` means (exact, fuzzy or `name@hash`) and the revision it names, or a clear MlxkError."""
-    from mlxk import index
-
     resolved = index.resolve_in(rows, names.parse(name))
     row = resolved.row
     reason = why_not_runnable(row, types)
@@ -121,14 +118,6 @@ def mark_failed(settings: Settings, key: str, reason: str) -> bool:
     against the fingerprint the row has now: a changed repo is re-inspected and judged again, and so is every
     repo when mlx-lm changes. Only the revision the row describes is marked (a `name@hash` run of an older one is
     not). Returns whether a row took the verdict."""
-    import time
-    from contextlib import closing
-
-    from mlxk import db
-    from mlxk.clock import iso_utc
-    from mlxk.db import models as queries
-    from mlxk.health import mlx_lm_signature
-
     repo_id, _, revision = key.partition("@")
     with closing(db.connect(settings.state_db)) as conn:
         row = queries.get_model(conn, repo_id)
@@ -156,8 +145,6 @@ def is_workspace_id(name: str) -> bool:
 def _workspace_row(typed: str, types: tuple[str, ...]) -> dict:
     """The folder's row (index.workspace: config.json, weights, integrity and runtime, as `show`/`health ./dir`
     check it), or ModelNotFound / ModelNotRunnable."""
-    from mlxk import index
-
     row = index.workspace(typed)
     reason = why_not_runnable(row, types)
     if reason:
@@ -172,10 +159,6 @@ def register_workspace(typed: str, settings: Settings, types: tuple[str, ...] = 
     Only the CLI calls this: the user names the folder on their own command line. Raises ModelNotFound (not a
     folder, no config.json) or ModelNotRunnable (the integrity or runtime check's reason). Writes nothing into the
     folder."""
-    from mlxk import db
-    from mlxk.clock import iso_utc
-    from mlxk.db import models as queries
-
     row = _workspace_row(typed, types)
     with closing(db.connect(settings.state_db)) as conn:
         return queries.workspace_id(conn, path=row["snapshot_path"], new_id=WORKSPACE_PREFIX + secrets.token_hex(8),
@@ -199,9 +182,6 @@ def resolve_workspace(workspace_id: str, settings: Settings, types: tuple[str, .
     """The registered workspace `workspace_id` as a Servable (key `workspace:<id>@<stamp>`), checked now: a folder
     that was deleted or no longer holds a runnable model is ModelNotFound / ModelNotRunnable naming the folder and
     the fix."""
-    from mlxk import db
-    from mlxk.db import models as queries
-
     with closing(db.connect(settings.state_db)) as conn:
         path = queries.workspace_path(conn, workspace_id)
     if path is None:

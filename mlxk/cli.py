@@ -116,7 +116,7 @@ JSON_API_SPEC_VERSION = "0.2.4"  # the mlx-knife JSON API whose shapes `--json` 
 @json_command
 def version_command():
     """Show the versions of mlxk and the libraries it runs on."""
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import PackageNotFoundError, version  # lazy: keeps `mlxk list` light
 
     libraries = {}
     for package in ("mlx", "mlx-lm", "huggingface-hub", "huey"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxk import cache, errors
+from mlxk.faults import checkpoint
 
 log = logging.getLogger("mlxk.clone")
 
@@ -51,7 +53,6 @@ def clone(snapshot: Path, dest: Path, *, progress=None, owner: str | None = None
     With `owner`, the files go to `staging_dir(dest, owner)` first and `dest` appears in one rename when all are
     there: a clone killed half-way leaves `dest` as it was, and the owner's next attempt restarts its staging.
     """
-    from mlxk.faults import checkpoint
     from mlxk.hub import Progress   # the one progress shape of the domain
 
     snapshot, dest = Path(snapshot), Path(dest)
@@ -162,8 +163,6 @@ def _libc():
 
 
 def _reflink(fd_in: int, fd_out: int) -> bool:
-    import fcntl
-
     try:
         fcntl.ioctl(fd_out, FICLONE, fd_in)
         return True

@@ -74,8 +74,8 @@ class Settings(NamedTuple):  # immutable; a NamedTuple because a frozen dataclas
         path = self.home / "inference.sock"
         if len(str(path)) < 100:
             return path
-        import hashlib
-        import tempfile
+        import hashlib  # lazy: keeps `mlxk list` light
+        import tempfile  # lazy: keeps `mlxk list` light
 
         digest = hashlib.sha1(str(self.home).encode()).hexdigest()[:12]
         return Path(tempfile.gettempdir()) / f"mlxk-{os.getuid()}-{digest}.sock"
@@ -92,7 +92,7 @@ def _env(name: str) -> str | None:
 
 
 def _default_home() -> Path:
-    from platformdirs import user_data_dir
+    from platformdirs import user_data_dir  # lazy: keeps `mlxk list` light
 
     return Path(user_data_dir("mlxk", appauthor=False))
 

@@ -11,6 +11,8 @@ import os
 import time
 from pathlib import Path
 
+from mlxk.config import settings
+
 _steps: frozenset[str] | None = None
 
 
@@ -32,7 +34,6 @@ def checkpoint(step: str, *, poll_s: float = 0.02) -> None:
     """Pause here while MLXK_TEST_PAUSE_AT names `step` and the marker file exists; a no-op otherwise."""
     if step not in _armed():
         return
-    from mlxk.config import settings
 
     path = marker(settings().home, step)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ Push goes through huggingface_hub's `HfApi` (create_repo + create_commit); only 
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import fnmatch
 import hashlib
@@ -35,6 +36,7 @@ import queue
 import re
 import shutil
 import struct
+import sys
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -45,6 +47,7 @@ from urllib.parse import quote, urljoin, urlsplit
 from urllib.request import getproxies_environment, proxy_bypass_environment
 
 from mlxk import __version__, cache, errors, names
+from mlxk.config import settings
 from mlxk.faults import checkpoint
 
 log = logging.getLogger("mlxk.hub")
@@ -128,8 +131,6 @@ def _token(token: str | bool | None) -> str | None:
         return None
     if token:
         return token
-    from mlxk.config import settings
-
     return settings().hf_token
 
 
@@ -147,7 +148,7 @@ def _headers(token: str | None) -> dict[str, str]:
 
 
 def _client(max_connections: int = 64):
-    import httpx
+    import httpx  # lazy: keeps `mlxk pull` light
 
     return httpx.Client(follow_redirects=False,
                         timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
@@ -204,7 +205,7 @@ def _unreachable(endpoint: str, error: Exception) -> errors.HubError:
 
 
 def _get_json(client, url: str, *, headers, repo_id, endpoint, token, revision=None, params=None):
-    import httpx
+    import httpx  # lazy: keeps `mlxk pull` light
 
     try:
         response = client.get(url, headers=headers, params=params)
@@ -267,7 +268,7 @@ def _entry_file(entry, repo_id: str, sha: str) -> RemoteFile | None:
 
 def _check_access(client, repo_id: str, sha: str, file: RemoteFile, *, endpoint: str, headers, token) -> None:
     """Gated repos answer info and tree publicly; only /resolve tells whether we may download."""
-    import httpx
+    import httpx  # lazy: keeps `mlxk pull` light
 
     url = _resolve_url(endpoint, repo_id, sha, file.path)
     try:
@@ -799,7 +800,7 @@ def _fetch(job: _Job, file: RemoteFile) -> None:
 
 
 def _fetch_locked(job: _Job, file: RemoteFile) -> None:
-    from filelock import FileLock
+    from filelock import FileLock  # lazy: keeps `mlxk pull` light
 
     blob, partial = _blob(job.repo, file), _partial(job.repo, file)
     lock_path = _lock_path(job.cache_dir, job.repo_id, file.etag)
@@ -861,7 +862,7 @@ def _resume_parts(job: _Job, file: RemoteFile, partial: Path, verifier: _Verifie
 
 def _acquire(job: _Job, lock, file: RemoteFile) -> None:
     """Wait for the blob's lock (an `hf download` of the same blob may hold it), staying cancellable."""
-    from filelock import Timeout
+    from filelock import Timeout  # lazy: keeps `mlxk pull` light
 
     while True:
         try:
@@ -1520,9 +1521,6 @@ def _build_snapshot(repo_id: str, repo: Path, sha: str, wanted: list[RemoteFile]
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two folders in one step where the kernel can (Linux renameat2 RENAME_EXCHANGE, macOS renamex_np
     RENAME_SWAP); False when it cannot here."""
-    import ctypes
-    import sys
-
     libc = ctypes.CDLL(None, use_errno=True)
     if sys.platform == "darwin":
         call, args = getattr(libc, "renamex_np", None), (os.fsencode(a), os.fsencode(b), 2)
@@ -1633,8 +1631,6 @@ def _preflight(client, repo_id: str, revision: str | None, *, repo: Path, includ
 
 
 def _refuse_offline(repo_id: str) -> None:
-    from mlxk.config import settings
-
     if settings().hub_offline:
         raise errors.HubError(f"HF_HUB_OFFLINE is set, so {repo_id} cannot be downloaded; unset it to pull.",
                               repo=repo_id)
@@ -1664,8 +1660,6 @@ def pull(repo_id: str, *, revision: str | None = None, include=None, exclude=Non
     headers = _headers(token)
     repo = cache.repo_dir(cache_dir, repo_id)
     if connections is None or max_rate is None:
-        from mlxk.config import settings
-
         s = settings()
         connections = s.pull_connections if connections is None else connections
         max_rate = s.max_rate if max_rate is None else max_rate
@@ -1764,7 +1758,7 @@ def sweep_partials(cache_dir: Path, repo_id: str, *, keep=()) -> int:
     huggingface_hub's `<etag>.<8hex>.incomplete` files are only removed when their blob's lock is free (a live
     `hf download` holds it). Returns the bytes freed.
     """
-    from filelock import FileLock, Timeout
+    from filelock import FileLock, Timeout  # lazy: keeps `mlxk pull` light
 
     keep = set(keep)
     freed = 0
@@ -1880,7 +1874,7 @@ def _hf_error(error: Exception, repo_id: str, endpoint: str) -> errors.MlxkError
 
 
 def _remote_repo(api, repo_id: str, endpoint: str) -> _RemoteRepo | None:
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError  # lazy: keeps `mlxk pull` light
 
     try:
         info = api.repo_info(repo_id)
@@ -1961,8 +1955,8 @@ def push(workspace: Path, repo_id: str, *, private: bool = False, public: bool =
     (_check_visibility). A workspace `push --check-only` rejects is refused unless force. dry_run compares against
     the remote and writes nothing anywhere; it refuses what the push would refuse.
     """
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import HfApi, constants  # lazy: keeps `mlxk pull` light
+    from huggingface_hub.errors import HfHubHTTPError  # lazy: keeps `mlxk pull` light
 
     names.validate_repo_id(repo_id)
     workspace = Path(workspace)
@@ -2013,7 +2007,7 @@ def push(workspace: Path, repo_id: str, *, private: bool = False, public: bool =
 
 
 def _commit(api, repo_id: str, uploads: list[_LocalFile], message: str | None, *, parent: str | None) -> str:
-    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub import CommitOperationAdd  # lazy: keeps `mlxk pull` light
 
     operations = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(f.disk)) for f in uploads]
     summary = message or f"Upload {len(uploads)} file{'s' if len(uploads) != 1 else ''} with mlxk"
@@ -2024,7 +2018,7 @@ def _commit(api, repo_id: str, uploads: list[_LocalFile], message: str | None, *
 
 def check_workspace(workspace: Path) -> list:
     """Offline integrity findings of a folder about to be pushed ([] = healthy): `push --check-only`."""
-    from mlxk import health
+    from mlxk import health  # lazy: keeps `mlxk pull` light (importlib.metadata)
 
     workspace = Path(workspace)
     return health.check_integrity(health.inspect_dir(workspace, workspace.name))

@@ -7,24 +7,32 @@ transaction. The runtime verdict needs mlx-lm's model registry (an import of ~1 
 it stays NULL ("pending") until `health` or the worker's scan task calls `refresh(..., runtime=True)`. A verdict is
 valid only for the fingerprint and the mlx-lm it was made with (`runtime_fingerprint`).
 
-Works with a raw sqlite3 connection (the `list` fast path) and with a sqlite-utils Database (tasks).
+Every function takes a connection from mlxk.db.connect (the one way into state.db).
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import sqlite3
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlxk import db
 from mlxk.db import models as queries
 from mlxk import cache
 from mlxk.clock import iso_utc
 from mlxk.errors import MlxkError
+from mlxk.errors import InvalidName, ModelNotFound
+from mlxk.units import compact_size
 
 
 def _log():
     """This module's logger, got when there is something to say: importing `logging` is ~3 ms of `list`."""
-    import logging
+    import logging  # lazy: keeps `mlxk list` light
 
     return logging.getLogger("mlxk.index")
 
@@ -35,6 +43,7 @@ HASH_DISPLAY = 7   # the short hash mlx-knife shows
 STAMP_KEY = "mlx_lm_stamp"          # meta: where mlx-lm is installed + its mtime, cheap to recompute
 SIGNATURE_KEY = "mlx_lm_signature"  # meta: the mlx-lm the stored verdicts were made with
 REGISTRY_KEY = "mlx_lm_registry"    # meta: that mlx-lm's model modules and remappings, read once per install
+OBJECT_SQL_KEY = "model_object_sql"  # meta: the rendering (MODEL_OBJECT_SQL_NO_ALIASES) of the stored objects
 
 
 @dataclass
@@ -64,10 +73,10 @@ def refresh(conn, cache_dir: Path, *, runtime: bool = False, repos=None, force: 
         known = {repo_id: state for repo_id, state in known.items() if repo_id in scope}
     result.removed = sorted(set(known) - set(on_disk))
     result.added = sorted(set(on_disk) - set(known))
-    result.changed = sorted(repo_id for repo_id in set(on_disk) & set(known)
-                            if force or cache.fingerprint(on_disk[repo_id], known[repo_id][1]) != known[repo_id][0])
+    result.changed = sorted(_changed(cache_dir, on_disk, known) if not force else set(on_disk) & set(known))
     signature = _Signature()
-    records = _inspect_all([(repo_id, on_disk[repo_id]) for repo_id in result.added + result.changed], signature)
+    records = _inspect_all([(repo_id, os.path.join(cache_dir, on_disk[repo_id]))
+                            for repo_id in result.added + result.changed], signature)
     queries.sync_models(conn, upserts=records, deletes=result.removed)
     if result.touched:
         _log().info("index: %d added, %d changed, %d removed", len(result.added), len(result.changed),
@@ -79,7 +88,19 @@ def refresh(conn, cache_dir: Path, *, runtime: bool = False, repos=None, force: 
         result.runtime_checked = _check_runtime(conn, cache_dir, targets, signature)
         pending = queries.pending_runtime(conn)
     result.pending = [repo_id for repo_id in pending if scope is None or repo_id in scope]
+    _render_objects(conn)
     return result
+
+
+def _render_objects(conn) -> None:
+    """Keep every row's model object rendered in state.db (m009), so `list --json` reads text instead of having SQLite
+    render 10,000 objects each time: the rows a write cleared, or all of them when this mlxk renders differently
+    from the one that stored them. Reads two things and writes nothing when all is rendered."""
+    if queries.get_meta(conn, OBJECT_SQL_KEY) != MODEL_OBJECT_SQL_NO_ALIASES:
+        queries.render_objects(conn, MODEL_OBJECT_SQL_NO_ALIASES, everything=True)
+        queries.set_meta(conn, OBJECT_SQL_KEY, MODEL_OBJECT_SQL_NO_ALIASES)
+    else:
+        queries.render_objects(conn, MODEL_OBJECT_SQL_NO_ALIASES)
 
 
 PARALLEL_MIN_REPOS = 200   # a first index of more repos than this is spread over processes (one per CPU)
@@ -92,10 +113,8 @@ def _inspect_all(targets: list[tuple[str, str]], signature: _Signature) -> list[
     workers = min(os.cpu_count() or 1, len(targets) // (PARALLEL_MIN_REPOS // 2))
     if workers < 2 or len(targets) < PARALLEL_MIN_REPOS:
         return [inspect(repo_id, Path(path), signature) for repo_id, path in targets]
-    import multiprocessing
-    import sys
-    import threading
-    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing  # lazy: keeps `mlxk list` light
+    from concurrent.futures import ProcessPoolExecutor  # lazy: keeps `mlxk list` light
 
     # fork is cheap and safe only where no other thread can hold a lock the child inherits (Linux, one thread);
     # elsewhere (macOS, a worker's threads) spawn.
@@ -110,15 +129,28 @@ def _inspect_pair(target: tuple[str, str]) -> dict:
 
 
 def _repos_on_disk(cache_dir: Path, scope: set[str] | None) -> dict[str, str]:
-    """repo id → folder, as plain strings: 1,000 Path objects would cost `list` more than the scandir itself."""
+    """repo id → its folder's name in the cache, as plain strings: 1,000 Path objects would cost `list` more than the
+    scandir itself."""
     if scope is None:
-        return {repo_id: entry.path for repo_id, entry in cache.iter_repo_dirs(cache_dir)}
+        return {repo_id: entry.name for repo_id, entry in cache.iter_repo_dirs(cache_dir)}
     found = {}
     for repo_id in scope:
         path = cache.repo_dir(cache_dir, repo_id)
         if path.is_dir():
-            found[repo_id] = str(path)
+            found[repo_id] = path.name
     return found
+
+
+def _changed(cache_dir: Path, on_disk: dict[str, str], known: dict[str, tuple]) -> list[str]:
+    """The indexed repos whose fingerprint moved: four stats each, relative to the open cache (the whole of a warm
+    `list`'s disk work)."""
+    fingerprint = cache.fingerprint
+    with cache.open_dir(cache_dir) as fd:
+        if fd is None:
+            return [repo_id for repo_id, name in on_disk.items() if repo_id in known
+                    and fingerprint(os.path.join(cache_dir, name), known[repo_id][1]) != known[repo_id][0]]
+        return [repo_id for repo_id, name in on_disk.items() if repo_id in known
+                and fingerprint(name, known[repo_id][1], dir_fd=fd) != known[repo_id][0]]
 
 
 class _Signature:
@@ -137,8 +169,6 @@ class _Signature:
 
 def _mlx_lm_stamp() -> str:
     """Where mlx-lm is installed and when its files last changed: a 0.1 ms stand-in for the signature."""
-    import importlib.util
-
     spec = importlib.util.find_spec("mlx_lm")
     if spec is None or not spec.origin:
         return "absent"
@@ -183,28 +213,24 @@ def provisional_verdicts(conn, repo_ids) -> dict[str, tuple[bool, str | None]]:
     replaces this one."""
     if not repo_ids:
         return {}
-    from mlxk import registry
+    from mlxk import registry  # lazy: keeps `mlxk list` light
 
     found = _registry(conn)
     verdicts = {}
-    for repo_id in repo_ids:
-        row = queries.get_model(conn, repo_id)
-        if row is not None:
-            config, _ = _read_config(Path(row["snapshot_path"]) if row["snapshot_path"] else None)
-            verdicts[repo_id] = registry.verdict(found, config if isinstance(config, dict) else None)
+    for repo_id, snapshot in queries.snapshot_paths(conn, repo_ids).items():
+        config, _ = _read_config(Path(snapshot) if snapshot else None)
+        verdicts[repo_id] = registry.verdict(found, config if isinstance(config, dict) else None)
     return verdicts
 
 
 def _registry(conn) -> dict | None:
     """The installed mlx-lm's registry, from state.db while the install is unchanged, else read and kept there."""
-    import json
-
     stored = queries.get_meta(conn, REGISTRY_KEY)
     if stored:
         kept = json.loads(stored)
         if _stamp_holds(kept.get("stamp")):
             return kept.get("registry")
-    from mlxk import registry
+    from mlxk import registry  # lazy: keeps `mlxk list` light
 
     stamp = _mlx_lm_stamp()
     found = registry.read(stamp.rpartition(":")[0] if stamp != "absent" else None)
@@ -244,8 +270,8 @@ def inspect(repo_id: str, path: Path, signature: _Signature | None = None) -> di
 
 def _inspect(repo_id: str, path: Path, stamp: str, signature: _Signature, revisions: list[str],
              revision: str | None) -> dict:
-    from mlxk import health
-    from mlxk.detect import detect
+    from mlxk import health  # lazy: keeps `mlxk list` light
+    from mlxk.detect import detect  # lazy: keeps `mlxk list` light
 
     view = health.inspect_repo(repo_id, path, revisions=revisions, revision=revision)
     findings = health.check_integrity(view)
@@ -313,9 +339,9 @@ def _check_runtime(conn, cache_dir: Path, repo_ids: list[str], signature: _Signa
     """mlx-lm's verdict for each repo, stored against the fingerprint the repo had when we looked."""
     if not repo_ids:
         return []
-    from mlxk import health
-    from mlxk.detect import detect
-    from mlxk.faults import checkpoint
+    from mlxk import health  # lazy: keeps `mlxk list` light
+    from mlxk.detect import detect  # lazy: keeps `mlxk list` light
+    from mlxk.faults import checkpoint  # lazy: keeps `mlxk list` light
 
     verdicts = []
     for repo_id in repo_ids:
@@ -448,8 +474,7 @@ def listing(conn) -> list[dict]:
     the rest is what `list` sorts, filters and counts by. A pending repo's object carries its provisional verdict."""
     found = [{"repo_id": repo_id, "size_bytes": size, "last_modified": modified, "pending": bool(pending),
               "object": text}
-             for repo_id, size, modified, pending, text in queries.model_objects(
-                 conn, MODEL_OBJECT_SQL if queries.has_aliases(conn) else MODEL_OBJECT_SQL_NO_ALIASES)]
+             for repo_id, size, modified, pending, text in _model_objects(conn)]
     verdicts = provisional_verdicts(conn, [row["repo_id"] for row in found if row["pending"]])
     if verdicts:
         import json
@@ -458,6 +483,16 @@ def listing(conn) -> list[dict]:
             if row["repo_id"] in verdicts:
                 row["object"] = json.dumps(_with_verdict(json.loads(row["object"]), verdicts[row["repo_id"]]))
     return found
+
+
+def _model_objects(conn) -> list[tuple]:
+    """queries.model_objects with the stored objects where they hold: not for a repo with aliases (the stored object
+    has none), nor when they were rendered by another mlxk (_render_objects renders them again on the next refresh)."""
+    stale = "0" if queries.get_meta(conn, OBJECT_SQL_KEY) == MODEL_OBJECT_SQL_NO_ALIASES else "1"
+    if not queries.has_aliases(conn):
+        return queries.model_objects(conn, MODEL_OBJECT_SQL_NO_ALIASES, stored_unless=stale)
+    return queries.model_objects(conn, MODEL_OBJECT_SQL, stored_unless=f"{stale} OR EXISTS (SELECT 1 FROM aliases a "
+                                                                        "WHERE a.repo_id = models.repo_id)")
 
 
 def _with_verdict(model: dict, verdict: tuple[bool, str | None]) -> dict:
@@ -513,10 +548,6 @@ def load(state_db: Path, cache_dir: Path, **refresh_options) -> Loaded:
     A corrupt state.db is moved aside and rebuilt by db.connect; a locked or read-only one must not make `list` or
     `show` fail, because the HF cache, not state.db, is the source of truth.
     """
-    import sqlite3
-
-    from mlxk import db
-
     try:
         conn = db.connect(state_db)
     except MlxkError as error:
@@ -536,9 +567,7 @@ def load(state_db: Path, cache_dir: Path, **refresh_options) -> Loaded:
 
 
 def _load_private(state_db: Path, cache_dir: Path, reason: MlxkError, **refresh_options) -> Loaded:
-    import tempfile
-
-    from mlxk import db
+    import tempfile  # lazy: keeps `mlxk list` light
 
     warning = f"{reason.message} Read the HF cache directly, without the index; nothing was saved."
     _log().info("%s", warning)
@@ -555,8 +584,7 @@ def _load_private(state_db: Path, cache_dir: Path, reason: MlxkError, **refresh_
 def check_pattern(pattern: str) -> str:
     """A `list` filter is a case-insensitive substring of repo ids, as in mlx-knife (`1B-4bit`, `.2-1B`, `Llama 3`): it
     only filters, never names a path, so only what no repo id can hold is refused (control characters, overlength)."""
-    from mlxk import names
-    from mlxk.errors import InvalidName
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in pattern) or len(pattern) > names.MAX_REPO_ID_LENGTH:
         problem = "it contains control characters" if len(pattern) <= names.MAX_REPO_ID_LENGTH else \
@@ -581,7 +609,7 @@ def resolve(conn, ref) -> Resolved:
 
     The name is matched against the ids alone and only the chosen row is read: decoding 1,000s of rows for one name
     would cost `show` and `health NAME` more than the rest of their work."""
-    from mlxk import names
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     while True:
         aliases = queries.aliases(conn)
@@ -595,8 +623,7 @@ def add_alias(conn, source, destination: str) -> dict:
     """Give the cached model `source` (a parsed name) another name, `destination` (Ollama's /api/copy): kept in
     state.db, resolved by mlxk.names.resolve before any other rule, shown by `list`. An alias names a model (its
     current revision), so `destination` takes no '@revision'; it may not be a cached repo's own id."""
-    from mlxk import names
-    from mlxk.errors import InvalidName
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     row = resolve(conn, source).row
     ref = names.parse(destination)
@@ -612,14 +639,14 @@ def add_alias(conn, source, destination: str) -> dict:
 
 def remove_alias(conn, name: str) -> bool:
     """Forget the alias `name` (the model it names stays); False when `name` is no alias."""
-    from mlxk import names
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     return queries.delete_alias(conn, name=names.alias_key(name))
 
 
 def resolve_in(all_rows: list[dict], ref) -> Resolved:
     """`resolve` over rows already read (the server keeps them for a moment across a burst of requests)."""
-    from mlxk import names
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     by_id = {row["repo_id"]: row for row in all_rows}
     aliases = {alias: row["repo_id"] for row in all_rows for alias in row.get("aliases") or []}
@@ -628,7 +655,7 @@ def resolve_in(all_rows: list[dict], ref) -> Resolved:
 
 def _at_revision(row: dict, ref) -> Resolved:
     """The snapshot of a resolved repo that `ref` names: the current one, or the commit or ref after its '@'."""
-    from mlxk import names
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     if not ref.revision:
         return Resolved(row, row["revision"])
@@ -724,9 +751,8 @@ def describe(resolved: Resolved, *, files: bool = False, config: bool = False) -
 def workspace(typed: str) -> dict:
     """A workspace folder (`./dir`) as a row model_object() renders (`cached: false`, `hash: null`, `name` the
     absolute path, `display_name` as typed): integrity, detection and the runtime check, read now (no index)."""
-    from mlxk import health
-    from mlxk.detect import detect
-    from mlxk.errors import ModelNotFound
+    from mlxk import health  # lazy: keeps `mlxk list` light
+    from mlxk.detect import detect  # lazy: keeps `mlxk list` light
 
     path = Path(typed).expanduser().resolve()
     if not path.is_dir():
@@ -770,7 +796,7 @@ def _metadata(row: dict, config: dict | None) -> dict | None:
     """mlx-knife's `show` metadata: the architecture, quantization label, context length and a few config numbers."""
     if config is None:
         return None
-    from mlxk.detect import context_length, quantization
+    from mlxk.detect import context_length, quantization  # lazy: keeps `mlxk list` light
 
     architectures = config.get("architectures")
     found = {"model_type": config.get("model_type"),
@@ -794,8 +820,6 @@ def _snapshot_dir(row: dict, revision: str | None) -> Path | None:
 
 def _file_entry(entry: cache.SnapshotFile) -> dict:
     """mlx-knife's file entry ({name, size, type}: a size for people, what the file is), then mlxk's exact fields."""
-    from mlxk.units import compact_size
-
     blob = entry.target.name if entry.is_symlink and entry.target else ""
     return {
         "name": entry.name,
@@ -822,8 +846,6 @@ def file_kind(name: str) -> str:
 
 
 def _read_config(snapshot: Path | None) -> tuple[object, str | None]:
-    import json
-
     if snapshot is None:
         return None, "the repo has no snapshot"
     try:

@@ -16,12 +16,15 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlxk import cache
+from mlxk.clock import parse_iso
 from mlxk.config import settings
 from mlxk.db import jobs as jobs_db
-from mlxk.errors import (AmbiguousMatch, Cancelled, Conflict, InvalidName, JobCancelled, JobFailed, JobNotFound,
-                         MlxkError, ModelNotFound, WorkspacePath)
+from mlxk.errors import (AmbiguousMatch, Cancelled, Conflict, JobCancelled, JobFailed, JobNotFound,
+                         HubError, MlxkError, ModelNotFound, WorkspacePath)
 from mlxk.workers import process
 # Re-exported for callers that ask the jobs layer about processes (the server's runtime, tests).
+from mlxk.workers import queue
 from mlxk.workers.process import (STALE_S, connect, ensure_worker, holder_alive, hostname,  # noqa: F401
                                   live_workers, pid_alive)
 
@@ -43,8 +46,7 @@ class Enqueued:
 
 def _enqueue(kind: str, target: str, args: dict, *, message: str | None = None, start_worker: bool = True,
              dedupe: bool | None = None) -> Enqueued:
-    from mlxk.workers import queue
-    from mlxk.workers.tasks import KINDS
+    from mlxk.workers.tasks import KINDS  # lazy: keeps `mlxk list` light
 
     dedupe = KINDS[kind].dedupe if dedupe is None else dedupe
     job, created = queue.submit(kind, target, args, message=message, dedupe=dedupe)
@@ -56,8 +58,7 @@ def _enqueue(kind: str, target: str, args: dict, *, message: str | None = None, 
 def enqueue_pull(name: str, *, include=(), exclude=(), max_rate: float | None = None) -> Enqueued:
     """Queue a pull. Its limits ride on the job (`jobs show` lists them under args): `max_rate` in bytes/s
     (default MLXK_MAX_RATE; 0 = none), `max_pulls` (MLXK_MAX_PULLS) and `connections` (MLXK_PULL_CONNECTIONS)."""
-    from mlxk import names
-    from mlxk.config import settings
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     expanded, _ = pull_name(name)   # mlx-knife's rules, for the CLI and the api alike
     ref = names.parse(expanded, allow_bare=False)
@@ -92,8 +93,7 @@ def cached_for_offline_pull(name: str) -> tuple[str, str]:
     once, as mlx-knife does: (repo id, cached commit) when `name` (bare = mlx-community/NAME, `@REV` a cached
     revision) is cached; else HubError saying why nothing can be downloaded. No job is queued either way. (An
     unreachable Hub without that switch is an error: the pull could not check for a newer revision.)"""
-    from mlxk import names
-    from mlxk.errors import HubError
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     found = cached_copy(name)
     if found is None:
@@ -106,7 +106,7 @@ def cached_for_offline_pull(name: str) -> tuple[str, str]:
 def cached_copy(name: str) -> tuple[str, str] | None:
     """(repo id, commit) of the cached snapshot a pull of `name` would fetch (pull_name(); `@REV` a cached
     revision, else the current one), or None when it is not cached."""
-    from mlxk import cache, names
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     expanded, _ = pull_name(name)
     ref = names.parse(expanded, allow_bare=False)
@@ -121,7 +121,7 @@ def cached_copy(name: str) -> tuple[str, str] | None:
 
 
 def enqueue_clone(name: str, dest: Path) -> Enqueued:
-    from mlxk import names
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     ref = names.parse(name, allow_bare=True)
     repo = ref.repo if "/" in ref.repo else resolve_cached(ref.repo)[0]
@@ -139,7 +139,7 @@ def enqueue_clone(name: str, dest: Path) -> Enqueued:
 
 def enqueue_push(workspace: Path, repo_id: str, *, private: bool = False, public: bool = False,
                  dry_run: bool = False, force: bool = False, message: str | None = None) -> Enqueued:
-    from mlxk import hub, names
+    from mlxk import hub, names  # lazy: keeps `mlxk list` light
 
     names.validate_repo_id(repo_id)
     workspace = Path(workspace).expanduser().resolve()
@@ -155,15 +155,15 @@ def enqueue_push(workspace: Path, repo_id: str, *, private: bool = False, public
 
 def runs_inline(kind: str) -> bool:
     """Does a job of `kind` run inside the command that asks for it (workers.tasks.KINDS)?"""
-    from mlxk.workers.tasks import KINDS
+    from mlxk.workers.tasks import KINDS  # lazy: keeps `mlxk list` light
 
     return KINDS[kind].inline
 
 
 def check_workspace(directory: Path) -> list[dict]:
     """The findings (JSON-ready dicts) that would block pushing `directory`; offline, no job."""
-    from mlxk import hub
-    from mlxk.workers.tasks import plain
+    from mlxk import hub  # lazy: keeps `mlxk list` light
+    from mlxk.workers.tasks import plain  # lazy: keeps `mlxk list` light
 
     return plain(hub.check_workspace(directory))
 
@@ -173,7 +173,7 @@ def enqueue_scan(repos=None, *, force: bool = False, start_worker: bool = True) 
 
     `repos` come from users (the CLI, `POST /api/jobs/scan`): each must be a valid repo id (mlxk.names), else
     InvalidName before anything is queued."""
-    from mlxk import names
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     for repo in repos or ():
         names.validate_repo_id(repo, allow_bare=True)
@@ -181,8 +181,6 @@ def enqueue_scan(repos=None, *, force: bool = False, start_worker: bool = True) 
 
 
 def _enqueue_scan(repos, *, force: bool, start_worker: bool) -> Enqueued:
-    from mlxk.workers import queue
-
     job, created = queue.submit_scan(repos, force=force)
     with closing(connect()) as conn:
         started = ensure_worker(conn) if start_worker else None
@@ -209,8 +207,6 @@ def _covering_scan(conn, repo_ids: list[str]) -> str | None:
     `list` asks whenever a repo's runtime verdict is pending; if a scan could not settle it, a new job on every
     `list` would fill the history without changing anything.
     """
-    from mlxk.clock import parse_iso
-
     recent = time.time() - RESCAN_AFTER_S
     for job in jobs_db.list_jobs(conn, kind="scan", limit=5):
         if job["state"] == "queued":
@@ -354,7 +350,7 @@ def outcome_error(job: dict) -> MlxkError | None:
 
 def cancel(prefix: str, *, purge: bool = False, wait_s: float = 3.0) -> dict:
     """Queued → cancelled now (its Huey task revoked); running → the task stops cooperatively within ~2 s."""
-    from mlxk.workers import signals
+    from mlxk.workers import signals  # lazy: keeps `mlxk list` light
 
     level = 2 if purge else 1
     with closing(connect()) as conn:
@@ -386,7 +382,6 @@ def cancel(prefix: str, *, purge: bool = False, wait_s: float = 3.0) -> dict:
 def _revoke(task_id: str | None) -> None:
     if not task_id:
         return
-    from mlxk.workers import queue
 
     queue.revoke(queue.get_huey(), task_id)
 
@@ -398,7 +393,7 @@ def retry(prefix: str) -> Enqueued:
     if row["state"] not in ("failed", "cancelled"):
         raise Conflict(f"job {row['id']} is {row['state']}; only failed or cancelled jobs can be retried.",
                        id=row["id"])
-    from mlxk.workers.tasks import KINDS
+    from mlxk.workers.tasks import KINDS  # lazy: keeps `mlxk list` light
 
     # A new job, queued by this command: it runs with this command's settings, not the old job's.
     message = f"retry of {row['id']}"
@@ -420,14 +415,12 @@ class RemovalTarget:
 
 
 def cached_repo_ids() -> list[str]:
-    from mlxk import cache
-
     return [repo_id for repo_id, _entry in cache.iter_repo_dirs(settings().hf_hub_cache)]
 
 
 def resolve_cached(name: str) -> tuple[str, bool]:
     """(repo id, fuzzy?) of the cached repo `name` means."""
-    from mlxk import names
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     repo = names.resolve(name, cached_repo_ids())
     return repo, repo.lower() != name.lower()
@@ -435,7 +428,7 @@ def resolve_cached(name: str) -> tuple[str, bool]:
 
 def resolve_removal(name: str) -> RemovalTarget:
     """What `rm NAME[@REV]` means: the same names, branches, tags and hash prefixes as `show` and `run`."""
-    from mlxk import names
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     if names.is_workspace_path(name):   # mlx-knife's `workspace_model` refusal: rm never deletes outside the cache
         path = Path(name).expanduser().resolve()
@@ -451,7 +444,7 @@ def resolve_removal(name: str) -> RemovalTarget:
 
 def pick_cached_revision(repo: str, revision: str) -> str:
     """The full hash of the cached snapshot `repo@revision` names (names.pick_revision over the cache's refs)."""
-    from mlxk import cache, names
+    from mlxk import cache, names  # lazy: keeps `mlxk list` light
 
     path = cache.repo_dir(settings().hf_hub_cache, repo)
     return names.pick_revision(repo, revision, cache.list_revisions(path), cache.refs(path))
@@ -468,15 +461,13 @@ def removal_refusal(target: RemovalTarget) -> Conflict | None:
 
 
 def plan_removal(target: RemovalTarget):
-    from mlxk import cache
-
     return cache.plan_remove(settings().hf_hub_cache, target.repo_id, target.revision)
 
 
 def _refuse_if_busy(conn, repo_id: str) -> None:
     """A job that holds (or waits for) the model refuses rm, except: scans (they only read), other rm jobs (rm twice
     is rm once; the lock orders them), and jobs whose process died (they never hold anything)."""
-    from mlxk.workers.tasks import KINDS
+    from mlxk.workers.tasks import KINDS  # lazy: keeps `mlxk list` light
 
     # A plain read, not _read: re-queueing a dead rm here would hand it to a worker that then holds the model.
     busy = [j for j in jobs_db.active_jobs(conn, target=repo_id)
@@ -493,7 +484,7 @@ def run_inline_job(kind: str, target: str, args: dict, *, message: str | None = 
     """An inline kind (rm: it is quick) runs in the calling process, recorded, locked and finished like any job.
     Only its row is written (no Huey task): a CLI killed mid-way leaves a `running` row whose holder is dead, which
     the next reader or worker re-queues (workers.process), and run_rm decides whether it may go on."""
-    from mlxk.workers import queue, tasks
+    from mlxk.workers import queue, tasks  # lazy: keeps `mlxk list` light
 
     with closing(connect()) as conn:
         _refuse_if_busy(conn, target)

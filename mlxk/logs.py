@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from mlxk.config import export_log_settings, settings
+
 REDACTED = "[REDACTED]"
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("mlxk_request_id", default=None)
@@ -97,7 +99,6 @@ def setup(level: str | None = None, json_lines: bool | None = None, *, secrets: 
     Raises ConfigError for a bad MLXK_LOG_LEVEL.
     """
     global _installed
-    from mlxk.config import export_log_settings, settings
 
     s = settings()
     level = (level or s.log_level).lower()

@@ -4,6 +4,7 @@ Repo ids are validated before any disk or network work, so a name can never esca
 """
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -215,8 +216,6 @@ SUGGESTION_CUTOFF = 0.6
 def suggest(name: str, candidates: list[str], limit: int = 3) -> list[str]:
     """The cached ids closest to a mistyped name, best first: a short name (`quen`) is compared with the start of
     each model name (`qwen3-...`), a full one with the whole id, so both typo kinds find their model."""
-    import difflib
-
     lowered = name.lower()
     scored = []
     for candidate in candidates:

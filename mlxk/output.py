@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import click
 
 from mlxk.clock import iso_utc, parse_iso  # noqa: F401 - re-exported for renderers
-from mlxk.errors import MlxkError, cli_error
+from mlxk.errors import MlxkError, UsageError, cli_error
 from mlxk.units import human_size  # noqa: F401 - re-exported for renderers
 
 
@@ -53,32 +54,62 @@ def _command_name(ctx: click.Context) -> str:
 
 
 class RawJSON:
-    """JSON text made elsewhere (SQLite's json_object() for `list`) that dumps() embeds as a value, not a string."""
+    """JSON text made elsewhere (SQLite's json_object() for `list`) that dumps() embeds as a value, not a string; given
+    as pieces whose concatenation is the text (`list` passes "[", its objects joined, "]": no copy to join them)."""
 
-    __slots__ = ("text",)
+    __slots__ = ("parts",)
 
-    def __init__(self, text: str):
-        self.text = text
+    def __init__(self, *parts: str):
+        self.parts = parts
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 def dumps(document: Any) -> str:
     """Indented for a person at a terminal; compact (the C encoder, several times faster) for scripts."""
+    return "".join(dump_parts(document))
+
+
+def dump_parts(document: Any) -> list[str]:
+    """dumps(document) as pieces, each RawJSON's own pieces kept apart, so echo_json writes a `list --json` of 10,000
+    repos (~8 MB) without joining it into one more string first."""
     if is_tty():
-        return json.dumps(document, indent=2, ensure_ascii=False,
-                          default=lambda value: json.loads(value.text) if isinstance(value, RawJSON) else str(value))
-    raws: dict[str, str] = {}
+        return [json.dumps(document, indent=2, ensure_ascii=False,
+                           default=lambda value: json.loads(value.text) if isinstance(value, RawJSON) else str(value))]
+    raws: dict[str, tuple[str, ...]] = {}
 
     def stand_in(value):
         if not isinstance(value, RawJSON):
             return str(value)
         key = f"\0mlxk-raw-{id(raws)}-{len(raws)}\0"  # NUL-delimited: no string in the document spells it
-        raws[json.dumps(key)] = value.text
+        raws[json.dumps(key)] = value.parts
         return key
 
-    text = json.dumps(document, ensure_ascii=False, default=stand_in, separators=(",", ":"))
-    for key, raw in raws.items():
-        text = text.replace(key, raw, 1)
-    return text
+    rest = json.dumps(document, ensure_ascii=False, default=stand_in, separators=(",", ":"))
+    parts = []
+    for key, raw in raws.items():   # in document order, each key once
+        head, _, rest = rest.partition(key)
+        parts += [head, *raw]
+    parts.append(rest)
+    return parts
+
+
+def echo_json(document: Any) -> None:
+    """dumps(document) and a newline on stdout as UTF-8 (what RFC 8259 asks of JSON), piece by piece: click.echo of one
+    8 MB str would copy it to add the newline, again to strip ANSI codes (JSON has none: json.dumps and SQLite escape
+    control characters) and again to encode it."""
+    parts = dump_parts(document)
+    binary = getattr(sys.stdout, "buffer", None)
+    if binary is None:   # a text-only stdout (io.StringIO): one str, as click.echo writes it
+        click.echo("".join(parts))
+        return
+    sys.stdout.flush()
+    for part in parts:
+        binary.write(part.encode())
+    binary.write(b"\n")
+    binary.flush()
 
 
 def json_command(fn):
@@ -100,7 +131,7 @@ def json_command(fn):
         if result is None:
             result = Output()
         if as_json:
-            click.echo(dumps(envelope(name, result.data, result.error)))
+            echo_json(envelope(name, result.data, result.error))
         else:
             text = result.text() if callable(result.text) else result.text
             if text:
@@ -124,8 +155,6 @@ def json_requested(args) -> bool:
 def usage_error(error: click.ClickException) -> MlxkError:
     """A click error as the mlxk error the envelope carries: `usage` (exit 2) for a wrong command line, with the
     command's usage line and click's close matches (`suggestions`) where it has them."""
-    from mlxk.errors import UsageError
-
     if not isinstance(error, click.UsageError):
         return MlxkError(error.format_message())
     details = {}
@@ -155,8 +184,6 @@ class JsonUsageError(click.UsageError):
 def system_object() -> dict | None:
     """mlx-knife's `system` object of `version` and `list`: physical memory in bytes, None where the platform
     does not say."""
-    import os
-
     try:
         return {"memory_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
     except (ValueError, OSError, AttributeError):

@@ -18,8 +18,14 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from mlxk.clock import parse_iso
+from mlxk.config import default_home, settings
+from mlxk.errors import MlxkError
 
 SAFE_CWD = "/"   # always there, and holds no module a child could import by accident
 
@@ -85,7 +91,7 @@ def role_of(cmdline: list[str]) -> str | None:
 
 def _home_of(proc, default_home: str) -> str | None:
     """The MLXK_HOME a process runs with (absolute), or None when we may not look."""
-    import psutil
+    import psutil  # lazy: keeps `mlxk list` light
 
     try:
         value = proc.environ().get("MLXK_HOME")
@@ -96,7 +102,7 @@ def _home_of(proc, default_home: str) -> str | None:
 
 def _candidates(home: str, default_home: str):
     """(psutil.Process, role) for every live process of this user that runs mlxk with this MLXK_HOME."""
-    import psutil
+    import psutil  # lazy: keeps `mlxk list` light
 
     me = os.getpid()
     for proc in psutil.process_iter(["pid", "cmdline", "uids", "status"]):
@@ -112,8 +118,6 @@ def _candidates(home: str, default_home: str):
 
 def find(config=None) -> list[Process]:
     """mlxk's processes for this MLXK_HOME, api first, then job workers, then inference workers (oldest first)."""
-    from mlxk.config import default_home, settings
-
     config = config or settings()
     home = os.path.abspath(config.home)
     found = []
@@ -135,13 +139,8 @@ def find(config=None) -> list[Process]:
 def _remote_workers() -> list[Process]:
     """Job workers on other hosts sharing this queue (MLXK_QUEUE_URL=redis://...), from their heartbeats in the
     `workers` table: listed so the view is whole, never signalled (their pids are another machine's)."""
-    import time
-    from contextlib import closing
-
-    from mlxk.clock import parse_iso
-    from mlxk.db import jobs as jobs_db
-    from mlxk.errors import MlxkError
-    from mlxk.jobs import STALE_S, connect, hostname
+    from mlxk.db import jobs as jobs_db  # lazy: keeps `mlxk list` light
+    from mlxk.jobs import STALE_S, connect, hostname  # lazy: keeps `mlxk list` light
 
     try:
         conn = connect()
@@ -221,8 +220,6 @@ def read_server_pid_file(settings) -> dict | None:
 
 
 def _describe(proc, role: str, config, server: dict | None) -> Process:
-    import time
-
     env = proc.environ()
     cmdline = command_args(proc.cmdline())
     started_by = env.get("MLXK_STARTED_BY") or "user"
@@ -276,14 +273,14 @@ def _number(text: str | None, default: float) -> float:
 
 
 def _redacted_queue(url: str) -> str:
-    from mlxk.workers.queue import redacted_url
+    from mlxk.workers.queue import redacted_url  # lazy: keeps `mlxk list` light
 
     return redacted_url(url)
 
 
 def _server_idle_s(url: str) -> float | None:
     """Seconds since the server's last request (its /health says), or None when it does not answer."""
-    import httpx
+    import httpx  # lazy: keeps `mlxk list` light
 
     try:
         return float(httpx.get(f"{url}/health", timeout=1.0).json()["idle_s"])
@@ -294,12 +291,7 @@ def _server_idle_s(url: str) -> float | None:
 def _worker_idle_left(proc, idle_exit_s: float, now: float) -> float | None:
     """About how long a background job worker has left: its idle limit minus the time since its last job ended
     (or since it started), None while it runs a job."""
-    from contextlib import closing
-
-    from mlxk.clock import parse_iso
-    from mlxk.jobs import connect, hostname
-
-    from mlxk.errors import MlxkError
+    from mlxk.jobs import connect, hostname  # lazy: keeps `mlxk list` light
 
     worker_id = f"{hostname()}:{proc.pid}:{int(proc.create_time())}"
     try:
@@ -332,9 +324,7 @@ def stop(*, pids=(), everything: bool = False, timeout_s: float = STOP_TIMEOUT_S
     Each pid is checked again just before the signal: still one of ours (role and MLXK_HOME), same create time.
     Raises MlxkError for a pid in `pids` that is not one of mlxk's processes here.
     """
-    import psutil
-
-    from mlxk.errors import MlxkError
+    import psutil  # lazy: keeps `mlxk list` light
 
     found = [p for p in find(config) if p.host is None]   # another machine's pids are not ours to signal
     by_pid = {p.pid: p for p in found}
@@ -376,9 +366,7 @@ def stop(*, pids=(), everything: bool = False, timeout_s: float = STOP_TIMEOUT_S
 def _wait_gone(handles: list, timeout_s: float) -> list:
     """The handles still running after `timeout_s`. Exited counts as gone even while the process is a zombie its
     parent has not reaped yet (psutil.wait_procs would wait for the reaping, which is not ours to do)."""
-    import time
-
-    import psutil
+    import psutil  # lazy: keeps `mlxk list` light
 
     deadline = time.monotonic() + timeout_s
     while True:
@@ -396,7 +384,7 @@ def _wait_gone(handles: list, timeout_s: float) -> list:
 
 def _verified(process: Process):
     """The psutil handle of `process` if it is still that process (same pid and create time, same role)."""
-    import psutil
+    import psutil  # lazy: keeps `mlxk list` light
 
     try:
         handle = psutil.Process(process.pid)

@@ -8,6 +8,8 @@ light: it is on the `list` path whenever a repo is pending.
 """
 from __future__ import annotations
 
+import ast
+import re
 from pathlib import Path
 
 # Encoder model types the inference worker runs itself for embeddings (workers/inference/encoder.py), outside
@@ -18,8 +20,6 @@ ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 def read(package_file: str | None) -> dict | None:
     """The model modules and remappings of the mlx-lm installed at `package_file` (its __init__.py), or None when
     it is not installed or its layout is not the one this reader knows."""
-    import ast
-
     if not package_file:
         return None
     package = Path(package_file).parent
@@ -71,8 +71,6 @@ def unsupported_reason(model_type: str, signature: str) -> str:
 
 def _version(package: Path) -> str:
     """mlx-lm's version from its _version.py (what importlib.metadata would say, without its ~25 ms)."""
-    import re
-
     try:
         found = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", (package / "_version.py").read_text(encoding="utf-8"))
     except OSError:

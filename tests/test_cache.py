@@ -107,3 +107,20 @@ def test_remove_whole_repo_and_locks(tmp_path):
     assert plan.whole_repo
     cache.apply_remove(tmp_path, plan)
     assert not path.exists() and not locks.exists()
+
+
+def test_disk_usage_counts_regular_files_in_nested_folders_and_never_follows_links(tmp_path):
+    """Sizes by directory-entry type: a regular file copied into a snapshot (nested or not) counts, links (to files,
+    to folders, dangling) neither count nor lead anywhere."""
+    files = {"config.json": b"{}", "w.bin": b"x" * 1000}
+    path = _repo(tmp_path, revisions=((SHA1, files),))
+    snapshot = path / "snapshots" / SHA1
+    (snapshot / "sub" / "deeper").mkdir(parents=True)
+    (snapshot / "sub" / "deeper" / "copied.txt").write_bytes(b"z" * 50)
+    (snapshot / "plain.txt").write_bytes(b"p" * 7)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "big").write_bytes(b"o" * 5000)
+    (snapshot / "linked-folder").symlink_to(outside)
+    (snapshot / "dangling").symlink_to(tmp_path / "nowhere")
+    assert cache.disk_usage(path).size_bytes == 1002 + 50 + 7

@@ -1,5 +1,6 @@
 import sqlite3
 import threading
+from contextlib import closing
 
 import pytest
 
@@ -54,7 +55,8 @@ def test_two_connections_share_queries(tmp_path):
 
 
 def test_production_has_one_way_into_state_db():
-    """No sqlite-utils Database outside migrations, one transaction helper: db.write."""
+    """No sqlite-utils Database outside migrations, no raw sqlite3.connect outside db.connect, one transaction
+    helper: db.write."""
     from tests.fixtures.cli import ROOT
 
     for path in [*ROOT.glob("mlxk/**/*.py"), *ROOT.glob("db/*.py"), *ROOT.glob("workers/**/*.py")]:
@@ -62,6 +64,7 @@ def test_production_has_one_way_into_state_db():
         if path.name != "__init__.py" or path.parent.name != "db":
             assert "sqlite_utils" not in text and "open_db" not in text, path
         assert "BEGIN IMMEDIATE" not in text or path.parent.name == "db" and path.name == "__init__.py", path
+        assert "sqlite3.connect(" not in text or path.parent.name == "db" and path.name == "__init__.py", path
 
 
 def test_write_never_commits_what_the_caller_has_open(tmp_path):
@@ -111,8 +114,8 @@ def test_concurrent_first_opens_migrate_once(tmp_path):
     for t in threads:
         t.join()
     assert not errors
-    assert sqlite3.connect(path).execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == len(
-        migrations.MIGRATIONS)
+    with closing(sqlite3.connect(path)) as check:
+        assert check.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == len(migrations.MIGRATIONS)
 
 
 def test_unopenable_path_is_a_clear_state_error(tmp_path):
@@ -140,3 +143,17 @@ def test_stored_responses_round_trip_prune_and_delete(tmp_path):
     assert responses.get_response(conn, "resp_new")["messages"] == history
     assert responses.delete_response(conn, "resp_new") is True
     assert responses.delete_response(conn, "resp_new") is False and responses.get_response(conn, "resp_new") is None
+
+
+def test_the_queries_every_list_runs_read_small_indexes_not_the_rows(tmp_path):
+    """m009 keeps model objects inline (~1 KB a row): freshness and the pending list must not scan the table."""
+    conn = db.connect(tmp_path / "state.db")
+    plans = {name: " ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")) for name, sql in {
+        "freshness": "SELECT repo_id, fingerprint, revision FROM models",
+        "pending": f"SELECT repo_id FROM models WHERE {model_queries.PENDING} ORDER BY repo_id",
+        "unrendered": "SELECT 1 FROM models WHERE object IS NULL LIMIT 1",
+    }.items()}
+    assert plans == {"freshness": "SCAN models USING COVERING INDEX models_freshness",
+                     "pending": "SCAN models USING INDEX models_pending",
+                     "unrendered": "SCAN models USING INDEX models_unrendered"}
+    conn.close()

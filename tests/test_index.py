@@ -296,6 +296,51 @@ def _assert_sql_renders_model_objects(conn):
             ("healthy", False, "PyTorch"), ("healthy", False, "onnx")} <= states
 
 
+def test_model_objects_are_stored_and_any_write_clears_its_row(conn, hf_cache, model_factory):
+    """m009: a refresh leaves every row's model object rendered in state.db, so `list --json` reads text; an UPDATE by
+    anyone (here the server catalog's verdict write) clears that row's object, the listing renders it itself until
+    the next refresh stores it again, and a refresh of an unchanged cache writes nothing."""
+    a = model_factory.repo("mlx-community/tiny-a").repo_id
+    model_factory.repo("mlx-community/tiny-b")
+
+    def stored():
+        return dict(conn.execute("SELECT repo_id, object FROM models"))
+
+    def listed_as_python_says():
+        listed = {entry["repo_id"]: json.loads(entry["object"]) for entry in index.listing(conn)}
+        assert listed == {row["repo_id"]: index.with_provisional_verdict(conn, index.model_object(row))
+                          for row in index.rows(conn)}
+        return listed
+
+    index.refresh(conn, hf_cache)
+    assert None not in stored().values()
+    listed_as_python_says()
+    row = queries.get_model(conn, a)
+    assert queries.set_runtime_verdicts(conn, [{
+        "repo_id": a, "fingerprint": row["fingerprint"], "runtime_compatible": False, "reason": "needs mlx-lm 9",
+        "runtime_fingerprint": f"{row['fingerprint']}|mlx-lm x", "runtime_checked_at": "2026-01-01T00:00:00Z"}]) == 1
+    assert stored()[a] is None and stored()["mlx-community/tiny-b"] is not None
+    assert listed_as_python_says()[a]["reason"] == "needs mlx-lm 9"
+    index.refresh(conn, hf_cache)
+    assert json.loads(stored()[a])["reason"] == "needs mlx-lm 9"
+    before = conn.total_changes
+    index.refresh(conn, hf_cache)
+    assert conn.total_changes == before   # nothing to render, nothing written
+
+
+def test_objects_stored_by_another_rendering_are_not_read_and_are_rendered_again(conn, hf_cache, model_factory):
+    """An mlxk whose model object differs from the one that stored the objects (an upgrade) never embeds them: the
+    listing renders every row, and the next refresh stores them all again."""
+    repo_id = model_factory.repo("mlx-community/tiny-a").repo_id
+    index.refresh(conn, hf_cache)
+    conn.execute("UPDATE models SET object = '{\"from\": \"an older mlxk\"}'")
+    queries.set_meta(conn, index.OBJECT_SQL_KEY, "json_object('from', 'an older mlxk')")
+    assert json.loads(index.listing(conn)[0]["object"])["name"] == repo_id
+    index.refresh(conn, hf_cache)
+    assert json.loads(conn.execute("SELECT object FROM models").fetchone()[0])["name"] == repo_id
+    assert queries.get_meta(conn, index.OBJECT_SQL_KEY) == index.MODEL_OBJECT_SQL_NO_ALIASES
+
+
 @pytest.mark.parametrize("ts", [0, 1_700_000_000.9, 4_102_444_800])
 def test_timestamps_match_the_output_format(ts):
     from mlxk.output import iso_utc

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from contextlib import closing
 
 import pytest
 from pathlib import Path
@@ -236,7 +237,7 @@ def test_serve_resumes_the_job_of_a_killed_worker_with_nobody_reading(hub_server
     srv = spawn_server(root, env=hub_env(hub_server))
 
     def row(job_id):   # state.db read directly: no mlxk reader may notice the dead worker for the api
-        with sqlite3.connect(home / "state.db", timeout=10) as conn:
+        with closing(sqlite3.connect(home / "state.db", timeout=10)) as conn:
             return dict(zip(("state", "worker", "bytes_done", "attempts"), conn.execute(
                 "SELECT state, worker, bytes_done, attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()))
 

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -163,7 +164,7 @@ def test_corrupt_state_db_is_moved_aside_and_rebuilt(model_factory, isolated):
     assert done.returncode == 0, done.stderr
     assert [m["name"] for m in json.loads(done.stdout)["data"]["models"]] == ["mlx-community/tiny-chat"]
     assert list(isolated.glob("state.db.corrupt-*"))
-    with sqlite3.connect(isolated / "state.db") as check:
+    with closing(sqlite3.connect(isolated / "state.db")) as check:
         assert check.execute("SELECT repo_id FROM models").fetchall() == [("mlx-community/tiny-chat",)]
 
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -227,7 +228,7 @@ def test_the_switch_to_wal_waits_out_a_writer(isolated):
 
     isolated.mkdir(parents=True)
     path = isolated / "state.db"
-    with sqlite3.connect(path) as setup:
+    with closing(sqlite3.connect(path, isolation_level=None)) as setup:
         setup.execute("CREATE TABLE unrelated (x)")
     reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     reader.execute("BEGIN IMMEDIATE")

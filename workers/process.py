@@ -18,10 +18,15 @@ import uuid
 from contextlib import closing
 from pathlib import Path
 
+import psutil
+
 from mlxk import db as statedb
+from mlxk import processes
+from mlxk.clock import parse_iso
 from mlxk.config import child_env, settings
 from mlxk.db import jobs as jobs_db
 from mlxk.locks import file_lock
+from mlxk.workers import queue
 
 log = logging.getLogger("mlxk.process")
 
@@ -98,8 +103,6 @@ def process_id(pid: int | None = None) -> str:
 
 
 def _create_time(pid: int) -> float | None:
-    import psutil
-
     try:
         return psutil.Process(pid).create_time()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -108,8 +111,6 @@ def _create_time(pid: int) -> float | None:
 
 def pid_alive(pid: int) -> bool:
     """True for a running process; a zombie (exited, not reaped) is not alive."""
-    import psutil
-
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -155,8 +156,6 @@ def _pidfile_alive(path: Path) -> bool:
 def _worker_env() -> dict[str, str]:
     """A background job worker's environment: ours, paths absolute, minus the api's key (a job never needs it, and
     a worker started by `mlxk serve --api-key` must not carry it)."""
-    from mlxk import processes
-
     env = child_env(processes.started_by_cli())
     env.pop("MLXK_API_KEY", None)
     return env
@@ -203,8 +202,6 @@ def interrupted_message(worker: str | None) -> str:
 
 def requeue(huey, job: dict, *, message: str, from_states=("running",)) -> bool:
     """Put a job back in the queue under a new task id; False when the row had moved on (nothing done)."""
-    from mlxk.workers import queue
-
     new_task = new_task_id()
     with closing(connect()) as conn:
         if not jobs_db.requeue(conn, job["id"], new_task_id=new_task, old_task_id=job["task_id"], message=message,
@@ -221,7 +218,6 @@ def notice_dead(conn, rows: list[dict]) -> bool:
     dead = [r for r in rows if r["state"] == "running" and not holder_alive(conn, r["worker"])]
     if not dead:
         return False
-    from mlxk.workers import queue
 
     huey = queue.get_huey()
     changed = False
@@ -236,9 +232,6 @@ def notice_dead(conn, rows: list[dict]) -> bool:
 def recover(huey, *, grace_s: float = LOST_TASK_GRACE_S) -> list[str]:
     """The consumer's pass: re-queue jobs whose holder died, re-enqueue queued jobs whose task is not in the
     queue, and give back rows to tasks whose row is missing (a state.db rebuilt). Returns the job ids touched."""
-    from mlxk.clock import parse_iso
-    from mlxk.workers import queue
-
     recovered = []
     with closing(connect()) as conn:
         running = jobs_db.list_jobs(conn, states=("running",))

@@ -12,9 +12,12 @@ import sqlite3
 import threading
 from contextlib import closing, contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from mlxk import db
 from mlxk.db import jobs as jobs_db
 from mlxk.errors import ConfigError, StateError
+from mlxk.workers import jobsettings, process
 
 log = logging.getLogger("mlxk.queue")
 
@@ -55,7 +58,7 @@ def task_spec(job: dict) -> dict:
 def enqueue(huey, job: dict, *, task_id: str) -> None:
     """Hand Huey the task that runs `job` (a row); `task_id` is recorded on the row (stale copies are skipped).
     Its priority is the kind's (workers.tasks.KINDS)."""
-    from mlxk.workers.tasks import KINDS
+    from mlxk.workers.tasks import KINDS  # lazy: keeps `mlxk list` light
 
     wrapper = _tasks[id(huey)][job["kind"]]
     task = wrapper.s(job["id"], task_spec(job), id=task_id)
@@ -72,8 +75,7 @@ def submit(kind: str, target: str, args: dict, *, message: str | None = None, de
     An inline kind (KINDS[kind].inline) is only recorded: the caller runs it.
     A queue that cannot take the task fails the row (state_error) and raises.
     """
-    from mlxk.workers import jobsettings, process
-    from mlxk.workers.tasks import KINDS
+    from mlxk.workers.tasks import KINDS  # lazy: keeps `mlxk list` light
 
     huey = huey or (None if KINDS[kind].inline else get_huey())   # first: a broken queue.db fails before a row
     record, token = jobsettings.capture()
@@ -98,8 +100,6 @@ def submit(kind: str, target: str, args: dict, *, message: str | None = None, de
 
 def submit_scan(repos=None, *, force: bool = False) -> tuple[dict, bool]:
     """A health scan (all repos, or `repos`); joins a scan of the same cache that is still queued."""
-    from mlxk.workers import jobsettings, process
-
     repos = sorted(set(repos)) if repos else None
     record, _token = jobsettings.capture()
     with closing(process.connect()) as conn:
@@ -222,8 +222,6 @@ def _unreachable(url: str, error: BaseException) -> StateError:
 
 def redacted_url(url: str) -> str:
     """The URL with any password replaced, fit for messages and logs."""
-    from urllib.parse import urlsplit
-
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -236,9 +234,7 @@ def redacted_url(url: str) -> str:
 
 
 def _sqlite_huey(path: Path):
-    from huey import SqliteHuey
-
-    from mlxk import db
+    from huey import SqliteHuey  # lazy: keeps `mlxk list` light
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from filelock import FileLock, Timeout
+from huey.exceptions import RetryTask
+
 from mlxk import logs
+from mlxk import cache, clone, hub, index, names
+from mlxk.config import settings
 from mlxk.db import jobs as jobs_db
+from mlxk.db import models as models_db
 from mlxk.errors import CacheError, Cancelled, Conflict, Internal, MlxkError
 from mlxk.faults import checkpoint
 from mlxk.workers import jobsettings, signals
@@ -182,9 +188,6 @@ def plain(value):
 # ---------------------------------------------------------------- the domain calls
 
 def _refresh_index(repos=None, *, runtime: bool = True, force: bool = False, cache_dir: Path | None = None):
-    from mlxk import index
-    from mlxk.config import settings
-
     with closing(connect()) as conn:
         return index.refresh(conn, cache_dir or settings().hf_hub_cache, runtime=runtime,
                              repos=set(repos) if repos is not None else None, force=force)
@@ -200,8 +203,6 @@ def _safe_refresh(repo: str, cache_dir: Path) -> None:
 
 def _drop_empty_repo(repo: str, cache_dir: Path) -> None:
     """A pull that failed before any byte arrived (missing, gated, private) leaves nothing behind in the cache."""
-    from mlxk import cache
-
     path = cache.repo_dir(cache_dir, repo)
     blobs = path / "blobs"
     if path.is_dir() and not (blobs.is_dir() and any(blobs.iterdir())) and not cache.list_revisions(path):
@@ -213,8 +214,6 @@ def _purge_partials(repo: str, cache_dir: Path) -> int:
     """What `jobs cancel --purge` removes of an unfinished pull; returns the bytes freed. With no snapshot yet, the
     whole repo folder (every byte in it is that download's); else its partial blobs, its staging folder and the
     blobs no snapshot uses. Never the files of a complete snapshot."""
-    from mlxk import cache
-
     path = cache.repo_dir(cache_dir, repo)
     if not path.is_dir() or path.is_symlink():
         return 0
@@ -237,8 +236,6 @@ def _purge_partials(repo: str, cache_dir: Path) -> int:
 
 
 def _pull(repo: str, args: dict, ctx: JobContext):
-    from mlxk import hub
-
     s = ctx.settings
     ctx.phase("pulling")
     try:
@@ -273,9 +270,6 @@ def pull_slot(ctx: JobContext, limit: int | None):
     if not limit:
         yield
         return
-    from filelock import FileLock, Timeout
-
-    from mlxk.config import settings
 
     folder = settings().run_dir / "pull-slots"
     folder.mkdir(parents=True, exist_ok=True)
@@ -318,8 +312,6 @@ def run_rm(job: dict, ctx: JobContext) -> dict:
     Interrupted and run again, it finishes its own trash. It never removes anything once a newer job on the model
     exists (a pull after the interrupted rm must keep what it brought): then it ends cancelled, "superseded".
     """
-    from mlxk import cache
-
     cache_dir, repo = ctx.settings.cache, job["target"]
     trash = cache.trash_dir(cache_dir, job["id"])
     record = cache.read_trash_plan(trash)
@@ -356,9 +348,6 @@ def _refuse_if_superseded(job: dict) -> None:
 
 
 def _index_removed(repo: str, cache_dir: Path) -> None:
-    from mlxk import cache
-    from mlxk.db import models as models_db
-
     if cache.repo_dir(cache_dir, repo).exists():
         _refresh_index({repo}, runtime=False, cache_dir=cache_dir)
         return
@@ -368,8 +357,6 @@ def _index_removed(repo: str, cache_dir: Path) -> None:
 
 def _empty_leftover_trash(cache_dir: Path) -> None:
     """Finish deleting what interrupted rm jobs left in the cache, unless their job is still going somewhere."""
-    from mlxk import cache
-
     leftovers = cache.trash_dirs(cache_dir)
     if not leftovers:
         return
@@ -382,9 +369,6 @@ def _empty_leftover_trash(cache_dir: Path) -> None:
 
 def _cached_snapshot(repo: str, revision: str | None, cache_dir: Path) -> Path | None:
     """The healthy cached snapshot a clone can use without the network, or None."""
-    from mlxk import cache, names
-    from mlxk.db import models as models_db
-
     path = cache.repo_dir(cache_dir, repo)
     revisions = cache.list_revisions(path)
     if not revisions:
@@ -407,8 +391,6 @@ def _cached_snapshot(repo: str, revision: str | None, cache_dir: Path) -> Path |
 def _pull_for_clone(repo: str, revision: str | None, ctx: JobContext):
     """Pull what the clone needs. A cached repo that is unhealthy is pulled too (that resumes or repairs it); when
     that pull fails, the error leads with what is wrong with the cached copy, not only what the Hub said."""
-    from mlxk.db import models as models_db
-
     try:
         return _pull(repo, {"revision": revision}, ctx)
     except MlxkError as error:
@@ -427,8 +409,6 @@ def _pull_for_clone(repo: str, revision: str | None, ctx: JobContext):
 def run_clone(job: dict, ctx: JobContext) -> dict:
     """Clone through a staging folder owned by this job (mlxk.clone.staging_dir), so a retry after a kill restarts
     its own unfinished copy instead of refusing it as "not empty"."""
-    from mlxk import clone, hub
-
     repo, args, cache_dir = job["target"], ctx.args, ctx.settings.cache
     dest = Path(args["dest"])
     published = (job.get("result") or {}).get("publishing") == str(dest)
@@ -454,8 +434,6 @@ def run_clone(job: dict, ctx: JobContext) -> dict:
 
 
 def run_push(job: dict, ctx: JobContext) -> dict:
-    from mlxk import hub
-
     s, args = ctx.settings, ctx.args
     ctx.phase("pushing")
     result = hub.push(Path(args["workspace"]), job["target"], private=bool(args.get("private")),
@@ -566,8 +544,6 @@ def run_inline(job_id: str) -> dict:
 
 def register(huey) -> dict:
     """Create one Huey task per kind on `huey`, named as the kind; returns {kind: TaskWrapper}."""
-    from huey.exceptions import RetryTask
-
     def make(kind: str):
         def task_fn(job_id: str, spec: dict | None = None, task=None):
             try:

@@ -5,11 +5,17 @@ cannot run fails at once with the index's reason, without starting a server.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
+from prompt_toolkit import PromptSession
+from prompt_toolkit.application.current import get_app
+from prompt_toolkit.filters import Condition
+from prompt_toolkit.history import FileHistory
 
 from mlxk.config import settings as load_settings
 from mlxk.output import Output, human_duration, human_size, say, table
@@ -56,8 +62,6 @@ def _client() -> Client:
 def answer(model: str, text: str, *, system: str | None, params: dict) -> dict:
     """One non-streamed answer, as the data of the --json envelope: mlx-knife's `model, prompt, response,
     tokens_generated, generation_time_s`, then mlxk's own (`content` is `response`, as the OpenAI API names it)."""
-    import time
-
     name = _model_name(model)
     started = time.monotonic()
     with _client() as client:
@@ -128,10 +132,6 @@ class LineReader:
         self.session = None
         if not (sys.stdin.isatty() and sys.stdout.isatty()):
             return
-        from prompt_toolkit import PromptSession
-        from prompt_toolkit.application.current import get_app
-        from prompt_toolkit.filters import Condition
-        from prompt_toolkit.history import FileHistory
 
         history_path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(history_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))  # private: what you typed
@@ -225,8 +225,6 @@ def interactive(model: str, *, system: str | None, params: dict) -> Output:
 
 def embed(model: str, texts: list[str]) -> Output:
     """One vector per text from the embedding model (resolved locally first, like `run`), one JSON array a line."""
-    import json
-
     servable = catalog.find(model, load_settings(), catalog.EMBEDDING_TYPES)
     with _client() as client:
         reply = client.post("/v1/embeddings", {"model": servable.repo_id, "input": texts})

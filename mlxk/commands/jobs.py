@@ -5,6 +5,7 @@ once; `--wait` follows the job with a progress line on stderr and exits with the
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ import click
 
 from mlxk import jobs
 from mlxk.commands import SuggestingGroup, log_options
+from mlxk.config import parse_rate, settings
+from mlxk.errors import AmbiguousMatch, MlxkError, WorkspaceInvalid, WorkspacePath, knife_type
 from mlxk.output import (Output, human_duration, human_size, is_tty, json_command, json_mode, relative_time, say,
                          table)
 
@@ -160,9 +163,6 @@ wait_option = click.option("--wait", is_flag=True, help="Follow the job and exit
 @json_command
 def pull_command(name, include, exclude, max_rate, wait):
     """Download a model from the Hub into the HF cache (a background job)."""
-    from mlxk.config import settings
-    from mlxk.errors import AmbiguousMatch, MlxkError, knife_type
-
     try:
         _, expanded = jobs.pull_name(name)
         if settings().hub_offline:
@@ -220,8 +220,6 @@ def _pull_data(job: dict, expanded: str | None) -> dict:
 
 
 def _rate(value):
-    from mlxk.config import parse_rate
-
     if value is None:
         return None
     try:
@@ -238,8 +236,6 @@ def _rate(value):
 @json_command
 def rm_command(name, force, dry_run, wait):
     """Remove a cached model (or one revision of it: NAME@HASH, NAME@BRANCH)."""
-    from mlxk.errors import AmbiguousMatch, WorkspacePath
-
     try:
         target = jobs.resolve_removal(name)
     except AmbiguousMatch as error:   # mlx-knife's API puts the matches in data, so a script can pick one
@@ -272,8 +268,6 @@ def rm_command(name, force, dry_run, wait):
 def _rm_plan(target, model: str, *, confirm: bool) -> Output:
     """`rm --dry-run`: exactly what rm would do now: remove these paths, refuse (a job holds the model), or ask for
     --force (a fuzzy name). Paths are relative to the HF cache: mlx-knife's API shows no absolute paths."""
-    from mlxk.config import settings
-
     plan = jobs.plan_removal(target)
     refusal = jobs.removal_refusal(target)
     cache_dir = settings().hf_hub_cache
@@ -345,8 +339,6 @@ def _plan_text(job: dict) -> str:
 
 def _check_only(directory: Path) -> Output:
     """Offline integrity check of a workspace; every finding blocks a push."""
-    from mlxk.errors import WorkspaceInvalid
-
     findings = jobs.check_workspace(directory)
     if not findings:
         return Output(data={"workspace": str(directory), "findings": [], "ok": True},
@@ -405,8 +397,6 @@ def jobs_show_command(job_id):
 
 
 def _show_text(job: dict) -> str:
-    import json
-
     lines = []
     for key, value in job.items():
         if isinstance(value, (dict, list)):
@@ -487,8 +477,7 @@ def jobs_retry_command(job_id, wait):
 @json_command
 def worker_command(threads, background, no_scan, log_level, log_json):
     """Run the job worker (a Huey consumer) in the foreground."""
-    from mlxk.errors import MlxkError
-    from mlxk.workers import consumer
+    from mlxk.workers import consumer  # lazy: keeps `mlxk --help` light
 
     code = consumer.main([f"--threads={threads}", *(["--background"] if background else []),
                           *(["--no-scan"] if no_scan else []), *([f"--log-level={log_level}"] if log_level else []),

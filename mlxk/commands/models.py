@@ -12,7 +12,7 @@ import click
 
 from mlxk import index
 from mlxk.config import settings
-from mlxk.errors import ModelNotFound
+from mlxk.errors import MlxkError, ModelNotFound
 from mlxk.output import (Output, RawJSON, human_size, json_command, json_mode, relative_time, say, system_object,
                          table)
 
@@ -23,8 +23,7 @@ def _request_scan(repo_ids) -> None:
 
     Imported on demand: only a `list` that found pending repos pays for the job queue's imports.
     """
-    from mlxk.errors import MlxkError
-    from mlxk.jobs import request_scan
+    from mlxk.jobs import request_scan  # lazy: keeps `mlxk list` light
 
     try:
         request_scan(repo_ids)
@@ -74,7 +73,7 @@ def list_command(pattern, show_all, show_health, sort, reverse, no_scan):
     key, descending = SORTS[sort]
     found.sort(key=key, reverse=descending != reverse)
     if as_json:
-        return Output({"models": RawJSON("[" + ",".join(row["object"] for row in found) + "]"),
+        return Output({"models": RawJSON("[", ",".join([row["object"] for row in found]), "]"),
                        "count": len(found), "system": system_object(),
                        "pending": sum(row["pending"] for row in found)})
     shown = found if show_all else [row for row in found if index.is_runnable_chat(row)]
@@ -200,7 +199,7 @@ def _render_show(detail: dict, pending: bool) -> str:
 @json_command
 def health_command(name, scan, wait):
     """Check models now (files, then mlx-lm runtime) and record the verdicts."""
-    from mlxk import names
+    from mlxk import names  # lazy: keeps `mlxk list` light
 
     if scan:
         from mlxk import jobs

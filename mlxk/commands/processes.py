@@ -6,6 +6,7 @@ import time
 
 import click
 
+from mlxk import processes
 from mlxk.commands import SuggestingGroup
 from mlxk.output import Output, human_duration, json_command, relative_time, table
 
@@ -37,8 +38,6 @@ def processes_group(ctx, as_json):
 @json_command
 def processes_list_command():
     """List mlxk's own processes: pid, address, who started them, idle time left."""
-    from mlxk import processes
-
     found = processes.find()
     return Output({"processes": [p.to_dict() for p in found], "checked_at": time.time()}, lambda: _render(found))
 
@@ -52,8 +51,6 @@ def processes_list_command():
 @json_command
 def processes_stop_command(pids, everything, timeout_s):
     """Stop mlxk's background processes (PIDS: just those; --all: every mlxk process of this MLXK_HOME)."""
-    from mlxk import processes
-
     done = processes.stop(pids=pids, everything=everything, timeout_s=timeout_s)
     data = {key: [p.to_dict() for p in getattr(done, key)] for key in ("stopped", "killed", "skipped")}
     return Output(data, lambda: _stop_text(done))

@@ -7,7 +7,9 @@ from pathlib import Path
 import click
 
 from mlxk.commands import log_options
+from mlxk.config import parse_duration
 from mlxk.output import Output, json_command
+from mlxk.output import json_mode
 
 
 class _Duration(click.ParamType):
@@ -15,8 +17,6 @@ class _Duration(click.ParamType):
     name = "duration"
 
     def convert(self, value, param, ctx):
-        from mlxk.config import parse_duration
-
         try:
             return parse_duration(value)
         except ValueError as error:
@@ -40,8 +40,8 @@ class _Duration(click.ParamType):
 @json_command
 def serve_command(host, port, api_key, api_key_file, max_loaded, keep_alive, idle_exit, log_level, log_json):
     """Serve the OpenAI-compatible API in the foreground."""
-    from mlxk.server.deps import ServerConfig
-    from mlxk.server.main import hide_from_process_list, read_key_file, run_server
+    from mlxk.server.deps import ServerConfig  # lazy: keeps `mlxk --help` light
+    from mlxk.server.main import hide_from_process_list, read_key_file, run_server  # lazy: keeps `mlxk --help` light
 
     if api_key is not None and api_key_file is not None:
         raise click.UsageError("give --api-key or --api-key-file, not both")
@@ -66,8 +66,7 @@ def serve_command(host, port, api_key, api_key_file, max_loaded, keep_alive, idl
 @json_command
 def run_command(model, words, prompt_option, system, max_tokens, temperature):
     """Chat with MODEL, or answer PROMPT once (stdin is appended); starts a server if none is up."""
-    from mlxk.output import json_mode
-    from mlxk.client import repl
+    from mlxk.client import repl  # lazy: keeps `mlxk --help` light
 
     if words and prompt_option is not None:
         raise click.UsageError("give the prompt once: as words after MODEL or with --prompt, not both.")
@@ -90,7 +89,7 @@ def run_command(model, words, prompt_option, system, max_tokens, temperature):
 @json_command
 def embed_command(model, texts):
     """Print the embedding vector of each TEXT (one JSON array a line) from an embedding MODEL."""
-    from mlxk.client import repl
+    from mlxk.client import repl  # lazy: keeps `mlxk --help` light
 
     return repl.embed(model, list(texts))
 
@@ -99,7 +98,7 @@ def embed_command(model, texts):
 @json_command
 def ps_command():
     """Show loaded models, their memory and keep-alive, and queued requests."""
-    from mlxk.client import repl
+    from mlxk.client import repl  # lazy: keeps `mlxk --help` light
 
     return repl.ps()
 
@@ -110,7 +109,7 @@ def ps_command():
 @json_command
 def stop_command(model, stop_all):
     """Unload MODEL (or --all) from the running server."""
-    from mlxk.client import repl
+    from mlxk.client import repl  # lazy: keeps `mlxk --help` light
 
     if bool(model) == bool(stop_all):
         raise click.UsageError("give a MODEL or --all")

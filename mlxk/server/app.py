@@ -14,9 +14,11 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from mlxk import __version__, processes
+from mlxk import jobs as jobs_api
 from mlxk.errors import MlxkError
 from mlxk.server import runtime
 from mlxk.server.deps import ServerConfig, ServerState
@@ -58,10 +60,6 @@ async def openai_error(request: Request, error: Exception) -> JSONResponse:
 
 async def _keep_job_worker(every_s: float = 3.0) -> None:
     """While jobs are queued or running, a job worker stays alive and a dead one's jobs resume (mlxk.jobs)."""
-    from starlette.concurrency import run_in_threadpool
-
-    from mlxk import jobs as jobs_api
-
     while True:
         await asyncio.sleep(every_s)
         try:

@@ -16,7 +16,11 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+import uvicorn
+
+from mlxk import logs
 from mlxk.errors import ConfigError, Conflict
+from mlxk.server.app import create_app
 from mlxk.server.deps import ServerConfig
 
 log = logging.getLogger("mlxk.server.main")
@@ -99,11 +103,6 @@ def bind(host: str, port: int) -> socket.socket:
 
 def run_server(config: ServerConfig, *, log_level: str | None = None, log_json: bool | None = None) -> str | None:
     """Serve until stopped; returns the signal that stopped it (SIGTERM, SIGINT), None when it ended otherwise."""
-    import uvicorn
-
-    from mlxk import logs
-    from mlxk.server.app import create_app
-
     check_bind(config)
     logs.setup(log_level, log_json, secrets=[config.api_key])
     sock = bind(config.host, config.port)

@@ -7,13 +7,17 @@ import os
 import signal
 import sys
 
+from mlxk import logs
+from mlxk.config import settings
+from mlxk.errors import MlxkError
+from .engine import Engine
+from .server import WorkerServer
+
 log = logging.getLogger("mlxk.inference.main")
 
 
 def _defaults() -> dict:
     """Option defaults from mlxk.config, the one place environment variables are read."""
-    from mlxk.config import settings
-
     s = settings()
     return {"socket": str(s.inference_socket), "max_loaded": s.max_loaded, "keep_alive": s.keep_alive_s,
             "max_waiting": s.max_waiting, "max_prompt_tokens": s.max_prompt_tokens}
@@ -36,18 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlxk.errors import MlxkError
-
-    from mlxk import logs
-
     try:
         args = parse_args(argv)
         logs.setup(args.log_level, args.log_json)
     except MlxkError as error:  # a bad environment variable: say which, no traceback
         print(f"Error: {error.message}", file=sys.stderr)
         return 1
-    from .engine import Engine
-    from .server import WorkerServer
 
     server: WorkerServer | None = None
     engine = Engine(

@@ -57,6 +57,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from llguidance import LLMatcher
+
+from .textout import is_harmony
+
 log = logging.getLogger("mlxk.inference.constrain")
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -134,8 +138,6 @@ def spec_from(response_format: Any, tools: Any, tool_choice: Any) -> Spec | None
 
 def check(spec: Spec) -> None:
     """Compile every schema once without a tokenizer: a broken one is the request's fault, named precisely."""
-    from llguidance import LLMatcher
-
     if spec.response_schema is not None:
         _validate(LLMatcher, _json_grammar(spec.response_schema, spec.strict), "response_format.json_schema.schema")
     for i, function in enumerate(spec.tools):
@@ -151,8 +153,6 @@ def _validate(matcher_cls, grammar_or_error: str | Exception, param: str) -> Non
 
 
 def _json_grammar(schema: dict, strict: bool) -> str | Exception:
-    from llguidance import LLMatcher
-
     try:
         return LLMatcher.grammar_from_json_schema(schema, defaults={**JSON_OPTIONS, "lenient": not strict})
     except (ValueError, TypeError) as e:
@@ -166,8 +166,6 @@ def _parameters(function: dict) -> dict:
 
 def tool_format(tokenizer) -> str | None:
     """The tool-call format of a loaded tokenizer that a grammar can express, or None."""
-    from .textout import is_harmony
-
     if is_harmony(tokenizer):
         return FORMAT_HARMONY
     parser = getattr(tokenizer, "tool_parser", None)
@@ -304,7 +302,7 @@ class Vocabulary:
 
 def grammar_tokenizer(hf_tokenizer, eos_ids) -> Vocabulary:
     """llguidance's view of a model's vocabulary (about 1 s for a 150k vocabulary: cache it per model)."""
-    import llguidance.hf
+    import llguidance.hf  # lazy: it imports transformers, which the api's schema checks never need
 
     return Vocabulary(llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=sorted(eos_ids)))
 
@@ -335,8 +333,6 @@ class GrammarProcessor:
 
     def __init__(self, vocab: Vocabulary, grammar: str, eos_ids, after: tuple = (), gate: tuple = (),
                  opening: bool = False, rearm: bool = True):
-        from llguidance import LLMatcher
-
         self.vocab = vocab
         self.matcher = LLMatcher(vocab.ll, grammar)
         if self.matcher.is_error():
@@ -356,6 +352,7 @@ class GrammarProcessor:
         return GATED if self.gate else OPENING if self.opening else ACTIVE
 
     def __call__(self, tokens, logits):
+        # lazy: the api process imports this module to check schemas and must never load MLX
         import mlx.core as mx
 
         if self.state == OFF:

@@ -21,6 +21,10 @@ import threading
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
+import mlx.core as mx
+
+from mlxk.faults import checkpoint
+from .encoder import pool
 from .errors import BadRequest, InferenceError, Internal, ModelFailed, PromptTooLong
 from .protocol import EV_EMBEDDINGS, ModelRef, ProtocolError, parse_model_ref
 
@@ -104,8 +108,6 @@ class Embedder:
     # ---- on the MLX thread -----------------------------------------------------------------------------------
 
     def _flush(self) -> None:
-        from mlxk.faults import checkpoint
-
         checkpoint("embed.flush")  # tests hold the MLX thread here while requests pile up
         with self._lock:
             taken, self._pending = self._pending, []
@@ -170,10 +172,6 @@ class Embedder:
         return out
 
     def _vectors(self, lm, rows: list[list[int]]) -> list[list[float]]:
-        import mlx.core as mx
-
-        from .encoder import pool
-
         forward = self._forward(lm)
         pad = lm.model.args.pad_token_id if lm.encoder else 0
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths pad less

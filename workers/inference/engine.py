@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -39,9 +40,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import mlx.core as mx
+from mlx_lm.generate import TextStateMachine, make_stop_sequences, make_text_state_machine
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
+
 from mlxk.faults import checkpoint
 
-from . import protocol
+from . import constrain, protocol
+from .constrain import FORMAT_LLAMA3, tool_format
 from .errors import BadRequest, InferenceError, Internal, ModelFailed, PromptTooLong, WorkerBusy, one_line, out_of_memory
 from .protocol import GenerateRequest, ModelRef, Params
 from .residency import LoadedModel, Residency
@@ -132,9 +139,6 @@ def _effective_tools(params: Params) -> list | None:
 
 def _seeded_sampler(temp: float, top_p: float, min_p: float, top_k: int, seed: int):
     """A sampler with its own PRNG key stream, so a seeded row's draws do not depend on its neighbours."""
-    import mlx.core as mx
-    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
-
     state = {"key": mx.random.key(seed)}
 
     def sampler(logprobs):
@@ -261,10 +265,6 @@ class Engine:
         return bool(self._rows) or self._n_waiting > 0
 
     def status(self) -> dict:
-        import os
-
-        import mlx.core as mx
-
         models = self.models.snapshot()
         running = sum(m["running"] for m in models)
         with self._lock:
@@ -283,15 +283,9 @@ class Engine:
         The worker process runs this on its main thread: MLX's CPU backend may abort at exit when
         compiled kernels were used on another thread (ml-explore/mlx#3126).
         """
-        import mlx.core as mx
-
         # Streams are per thread: make ours here and hand it to every BatchGenerator (as mlx_lm.server does).
         self._stream = mx.default_stream(mx.default_device())
         try:
-            # Import mlx-lm (and transformers under it) now, not inside the first request's time to first token.
-            import mlx_lm.generate  # noqa: F401
-            import mlx_lm.utils  # noqa: F401
-
             while not self._stopping:
                 fresh = not self._rows
                 self._drain_inbox(block=fresh)
@@ -521,8 +515,6 @@ class Engine:
         return list(tokens)
 
     def _fetch_cache(self, lm: LoadedModel, tokens: list[int]):
-        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
         cache, rest = lm.prompt_cache.fetch_nearest_cache(lm.key, tokens)
         if cache is not None and not rest:
             # An exact hit leaves nothing to feed, and insert() refuses an empty prompt: give back one token.
@@ -543,8 +535,6 @@ class Engine:
 
     def _sampler(self, params: Params):
         """Equal settings share one sampler object, which lets BatchGenerator sample the batch in one call."""
-        from mlx_lm.sample_utils import make_sampler
-
         temp = float(params.temperature or 0.0)
         top_p = float(params.top_p) if params.top_p is not None else 0.0
         min_p = float(params.min_p) if params.min_p is not None else 0.0
@@ -565,7 +555,6 @@ class Engine:
         repetition = params.repetition_penalty if params.repetition_penalty != 1.0 else None
         if repetition is None and not params.presence_penalty and not params.frequency_penalty:
             return None
-        from mlx_lm.sample_utils import make_logits_processors
 
         return make_logits_processors(
             None, repetition, REPETITION_CONTEXT,
@@ -574,8 +563,6 @@ class Engine:
 
     def _stop_sequences(self, lm: LoadedModel, stops: list[str]):
         """Token-level stops (every EOS id, and each stop string's own tokens), cached per stop set."""
-        from mlx_lm.generate import make_stop_sequences
-
         key = tuple(stops)
         seqs = lm.stop_sequences.get(key)
         if seqs is None:
@@ -597,8 +584,6 @@ class Engine:
 
     def _constraint(self, lm: LoadedModel, request: GenerateRequest, tokens: list[int]):
         """The row's grammar processor (constrain.py), or None when the request constrains nothing."""
-        from . import constrain
-
         params = request.params
         try:
             spec = constrain.spec_from(params.response_format, params.tools, params.tool_choice)
@@ -622,7 +607,6 @@ class Engine:
 
     def _router(self, lm: LoadedModel, request: GenerateRequest, tokens: list[int]) -> OutputRouter:
         tokenizer = lm.tokenizer
-        from .constrain import FORMAT_LLAMA3, tool_format
 
         if request.kind == "chat" and is_harmony(tokenizer):
             return HarmonyRouter(_effective_tools(request.params))
@@ -639,7 +623,6 @@ class Engine:
         """mlx-lm's reasoning/tool state machine; None when the model has neither (plain text, no scanning)."""
         if with_tools in lm.text_machines:
             return lm.text_machines[with_tools]
-        from mlx_lm.generate import TextStateMachine, make_text_state_machine
 
         tokenizer = lm.tokenizer
         if with_tools:

@@ -30,9 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
+from mlx_lm.utils import load
+
 from mlxk.detect import context_length  # the one definition `show` and the engine share
 
-from . import protocol
+from . import encoder, protocol
 from .errors import BadRequest, LoadFailed, ModelFailed, WorkerBusy, one_line, out_of_memory
 from .protocol import ModelRef
 
@@ -171,11 +176,7 @@ class Residency:
             raise LoadFailed(f"cannot load {ref.key}: {ref.path} is not a directory", status=400)
         if not (path / "config.json").is_file():
             raise LoadFailed(f"cannot load {ref.key}: no config.json in {ref.path}", status=400)
-        from mlx.utils import tree_flatten
-        from mlx_lm.models.cache import LRUPromptCache
-        from mlx_lm.utils import load
 
-        from . import encoder
 
         started = time.perf_counter()
         config = _read_config(path)
@@ -217,8 +218,6 @@ class Residency:
     def _probe(self, model) -> None:
         """One forward pass over one token, so weights that load but cannot compute (float weights stored as
         integers, a broken conversion) fail here, as this model's load error, before any request is accepted."""
-        import mlx.core as mx
-        from mlx_lm.models.cache import make_prompt_cache
 
         logits = model(mx.array([[0]]), cache=make_prompt_cache(model))  # the call generation makes
         mx.eval(logits)
@@ -226,7 +225,6 @@ class Residency:
             raise ValueError(f"the forward pass gives {logits.dtype} logits, not floating point")
 
     def unload(self, key: str) -> bool:
-        import mlx.core as mx
 
         lm = self._models.get(key)
         if lm is None:

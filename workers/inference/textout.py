@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from typing import Any, Callable
 
@@ -74,7 +75,7 @@ class OutputRouter:
     def __init__(self, text_sm, initial_state: str = "normal", tool_parser: Callable | None = None,
                  tools: list | None = None, tool_markers: tuple[str | None, str | None] = (None, None),
                  bare_json_calls: bool = False):
-        from mlx_lm.generate import TextStateMachine
+        from mlx_lm.generate import TextStateMachine  # lazy: the api process imports this module, never MLX
 
         self._tsm = TextStateMachine
         self._sm_state = text_sm.make_state(initial_state) if text_sm is not None else None
@@ -264,8 +265,6 @@ class HarmonyRouter:
         return 0
 
     def _open(self, header: str) -> None:
-        import re
-
         channel = re.search(r"<\|channel\|>\s*(\w+)", header)
         recipient = re.search(r"to=([^\s<]+)", header)
         self._channel = channel.group(1) if channel else "final"

@@ -18,6 +18,7 @@ import logging
 import secrets
 import threading
 import time
+from contextlib import closing
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Optional, Union
 
@@ -26,7 +27,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlxk import catalog, jobs, names
+from mlxk import catalog, db, index, jobs, names
 from mlxk.clock import parse_iso
 from mlxk.errors import MlxkError
 from mlxk.server import generation
@@ -138,8 +139,6 @@ class NameRequest(BaseModel):
 
 async def _row(state: ServerState, name: str) -> dict:
     """The index row `name` means (any listed model; generation checks runnability itself)."""
-    from mlxk import index
-
     return index.resolve_in((await state.get_catalog()).rows, names.parse(name)).row
 
 
@@ -315,16 +314,16 @@ class Timing:
 def _tool_calls(calls: dict[int, dict]) -> list[dict]:
     """OpenAI tool calls -> Ollama's, whose arguments are an object (never a string)."""
     out = []
-    for index in sorted(calls):
-        function = calls[index]["function"]
+    for i in sorted(calls):
+        function = calls[i]["function"]
         try:
             arguments = json.loads(function["arguments"] or "{}")
         except ValueError:
             arguments = {}
         if not isinstance(arguments, dict):
             arguments = {"value": arguments}
-        out.append({"id": calls[index].get("id") or f"call_{secrets.token_hex(4)}",
-                    "function": {"index": index, "name": function["name"], "arguments": arguments}})
+        out.append({"id": calls[i].get("id") or f"call_{secrets.token_hex(4)}",
+                    "function": {"index": i, "name": function["name"], "arguments": arguments}})
     return out
 
 
@@ -596,10 +595,6 @@ async def pull(request: Request):
 
 def _with_index(state: ServerState, work):
     """Run `work(conn)` on the index (state.db), in the threadpool."""
-    from contextlib import closing
-
-    from mlxk import db
-
     def run():
         with closing(db.connect(state.config.settings.state_db)) as conn:
             return work(conn)
@@ -611,8 +606,6 @@ def _with_index(state: ServerState, work):
 async def delete(request: Request, state: State):
     """An alias (from /api/copy) is forgotten, the model stays, as deleting an Ollama copy leaves its source;
     any other name is an rm job (exact names only, as `mlxk rm` without --force). 200 with no body."""
-    from mlxk import index
-
     name = (await parse_body(request, NameRequest)).target()
     if not await _with_index(state, lambda conn: index.remove_alias(conn, name)):
         await run_in_threadpool(lambda: jobs.remove(jobs.resolve_removal(name)))
@@ -630,8 +623,6 @@ class CopyRequest(BaseModel):
 async def copy(request: Request, state: State):
     """`destination` becomes an alias of the model `source` names (no files are copied): kept in state.db,
     resolved like any name, listed by /api/tags and `mlxk list`. 200 with no body."""
-    from mlxk import index
-
     body = await parse_body(request, CopyRequest)
     await state.get_catalog(fresh=True)  # the index knows what is cached now
     await _with_index(state, lambda conn: index.add_alias(conn, names.parse(body.source), body.destination))
