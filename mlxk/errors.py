@@ -72,7 +72,7 @@ class InvalidName(MlxkError):
 class WorkspacePath(InvalidName):
     """A folder path (`./dir`, `/abs/dir`, `~/dir`: mlx-knife's workspace) where only a model name will do: pull,
     rm, clone, serve and the api (a request's `model`) work on the HF cache; `run`, `show` and `health` are the
-    commands that read a workspace (`run` registers it: mlxk.server.catalog.register_workspace)."""
+    commands that read a workspace (`run` registers it: mlxk.catalog.register_workspace)."""
     type = "workspace_path"
 
 

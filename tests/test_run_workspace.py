@@ -144,7 +144,7 @@ def test_a_workspace_keeps_its_id_and_a_changed_folder_is_loaded_afresh(tmp_path
     import os
 
     from mlxk.config import settings
-    from mlxk.server import catalog
+    from mlxk import catalog
 
     workspace = make_workspace(tmp_path / "ws")
     config = settings()
