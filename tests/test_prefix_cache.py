@@ -1,0 +1,320 @@
+"""The prompt-prefix KV cache on disk (workers/inference/prefixcache.py): the store itself, then the engine on it."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import KVCache
+
+from mlxk.workers.inference.engine import Engine
+from mlxk.workers.inference.prefixcache import PrefixCache, chain, model_dir
+from mlxk.workers.inference.protocol import GenerateRequest, ModelRef, Params
+from tests import factory
+
+B = 4          # tokens per block in these tests
+KEY = "org/model@" + "a" * 40
+OTHER_REVISION = "org/model@" + "b" * 40
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_compile_off_main_thread():
+    """As in test_inference_engine: the engine thread is not the main thread (ml-explore/mlx#3126)."""
+    mx.disable_compile()
+    yield
+    mx.enable_compile()
+
+
+def kv(n: int, *, layers: int = 2, seed: int = 0, dtype=mx.float16) -> list:
+    """A per-layer KVCache list holding n tokens of made-up keys and values (batch 1, 2 heads, dim 8)."""
+    mx.random.seed(seed)
+    out = []
+    for _ in range(layers):
+        c = KVCache()
+        c.update_and_fetch(mx.random.normal((1, 2, n, 8)).astype(dtype), mx.random.normal((1, 2, n, 8)).astype(dtype))
+        out.append(c)
+    return out
+
+
+def make(root: Path, max_bytes: int = 1 << 30, **kwargs) -> PrefixCache:
+    return PrefixCache(root, max_bytes, block_tokens=B, min_tokens=kwargs.pop("min_tokens", 2 * B), **kwargs)
+
+
+def blocks(root: Path) -> list[Path]:
+    return sorted(root.rglob("d*-*.safetensors"))
+
+
+def stored(root: Path, tokens: list[int], cache: list, key: str = KEY, **kwargs) -> PrefixCache:
+    store = make(root, **kwargs)
+    store.store(key, tokens, cache)
+    assert store.flush()
+    store.close()
+    return store
+
+
+def same(a: list, b: list, n: int) -> bool:
+    return all(mx.array_equal(x.keys[..., :n, :], y.keys[..., :n, :]).item()
+               and mx.array_equal(x.values[..., :n, :], y.values[..., :n, :]).item() for x, y in zip(a, b))
+
+
+# ---- the store -----------------------------------------------------------------------------------------------
+
+
+def test_a_new_process_restores_the_longest_stored_prefix(tmp_path):
+    tokens, cache = list(range(100, 114)), kv(14)
+    stored(tmp_path, tokens, cache)
+    assert len(blocks(tmp_path)) == 3                       # 14 tokens: three whole blocks of 4
+    assert all(p.parent == model_dir(tmp_path, KEY) for p in blocks(tmp_path))
+    fresh = make(tmp_path)                                  # a restart: only the files remain
+    restored, n = fresh.lookup(KEY, tokens + [1, 2, 3])
+    assert n == 12 and all(c.offset == 12 for c in restored)
+    assert same(restored, cache, 12)
+    s = fresh.stats()
+    assert (s["lookups"], s["hits"], s["restored_tokens"], s["entries"], s["hit_ratio"]) == (1, 1, 12, 3, 1.0)
+
+
+def test_a_prompt_sharing_the_first_blocks_gets_those_and_another_model_gets_nothing(tmp_path):
+    tokens = list(range(100, 116))
+    stored(tmp_path, tokens, kv(16))
+    fresh = make(tmp_path)
+    other_turn = tokens[:9] + [7, 7, 7, 7, 7, 7, 7]         # same first 9 tokens, another "user turn"
+    assert fresh.lookup(KEY, other_turn)[1] == 8
+    assert fresh.lookup("org/another@" + "a" * 40, tokens) is None
+    assert fresh.lookup(KEY, [1] + tokens[1:]) is None       # the chain breaks at the first block
+
+
+def test_at_least_one_token_is_left_to_feed_and_memory_hits_skip_the_disk(tmp_path):
+    tokens = list(range(100, 116))
+    stored(tmp_path, tokens, kv(16))
+    fresh = make(tmp_path)
+    assert fresh.lookup(KEY, tokens)[1] == 12               # exactly 16 stored, 15 may be restored: 3 whole blocks
+    assert fresh.lookup(KEY, tokens + [5], have=16) is None  # the memory tier already gave more
+    assert fresh.stats()["lookups"] == 1                    # ...and the disk was not even consulted
+
+
+def test_short_prompts_are_neither_stored_nor_looked_up(tmp_path):
+    store = stored(tmp_path, list(range(7)), kv(7))          # min_tokens 8
+    assert blocks(tmp_path) == []
+    assert store.lookup(KEY, list(range(7))) is None and store.stats()["lookups"] == 0
+
+
+def test_blocks_already_on_disk_are_not_written_again(tmp_path):
+    tokens = list(range(100, 116))
+    stored(tmp_path, tokens[:12], kv(12))
+    store = stored(tmp_path, tokens, kv(16))
+    assert store.stats()["writes"] == 1 and len(blocks(tmp_path)) == 4
+
+
+def test_other_revisions_of_the_repo_are_deleted_and_never_matched(tmp_path):
+    tokens = list(range(100, 116))
+    stored(tmp_path, tokens, kv(16), key=OTHER_REVISION)
+    stored(tmp_path, tokens, kv(16), key="org/keep@" + "c" * 40)
+    old_dir = model_dir(tmp_path, OTHER_REVISION)
+    assert old_dir.is_dir()
+    fresh = make(tmp_path)
+    assert fresh.lookup(KEY, tokens) is None
+    assert fresh.flush()
+    assert not old_dir.exists()                             # the new revision of org/model dropped the old one
+    assert model_dir(tmp_path, "org/keep@" + "c" * 40).is_dir()   # other repos are left alone
+    assert fresh.stats()["entries"] == 4
+
+
+def test_the_byte_bound_evicts_the_least_recently_used_chain(tmp_path):
+    a, b, c = ([seed] * 8 for seed in (1, 2, 3))
+    one_block = None
+    store = make(tmp_path)
+    store.store(KEY, a, kv(8, seed=1))
+    store.flush()
+    one_block = store.stats()["bytes"] // 2
+    store.close()
+    store = make(tmp_path, max_bytes=4 * one_block + one_block // 2)   # room for two chains of two blocks
+    store.store(KEY, b, kv(8, seed=2))
+    store.flush()
+    assert store.lookup(KEY, a + [0]) is not None            # a used again: b is now the least recent
+    store.store(KEY, c, kv(8, seed=3))
+    store.flush()
+    s = store.stats()
+    assert s["evictions"] == 2 and s["bytes"] <= s["max_bytes"] and s["entries"] == 4
+    fresh = make(tmp_path, max_bytes=4 * one_block + one_block // 2)   # the order survives a restart (mtimes)
+    assert fresh.lookup(KEY, b + [0]) is None
+    assert fresh.lookup(KEY, a + [0])[1] == 8 and fresh.lookup(KEY, c + [0])[1] == 8
+
+
+def test_eviction_takes_a_chains_deepest_block_first(tmp_path):
+    store = stored(tmp_path, list(range(12)), kv(12))
+    one = store.stats()["bytes"] // 3
+    fresh = make(tmp_path, max_bytes=2 * one + one // 2)
+    fresh.store(KEY, [9] * 8, kv(8, seed=4))                 # a newer chain pushes the old one out, deepest first
+    fresh.flush()
+    depths = sorted(p.name.split("-")[0] for p in model_dir(tmp_path, KEY).glob("d*"))
+    assert fresh.stats()["bytes"] <= fresh.max_bytes
+    assert fresh.lookup(KEY, [9] * 8 + [0])[1] == 8 and depths == ["d0", "d1"]
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 40])
+
+
+def _flip_data_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _flip_header_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    at = data.index(b"checksum") + 20
+    data[at] = ord("0") if data[at] != ord("0") else ord("1")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_data_byte, _flip_header_byte])
+def test_a_torn_or_altered_block_is_skipped_and_deleted(tmp_path, damage, caplog):
+    tokens = list(range(100, 116))
+    stored(tmp_path, tokens, kv(16))
+    second = next(p for p in blocks(tmp_path) if p.name.startswith("d1-"))
+    damage(second)
+    fresh = make(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="mlxk.inference.prefixcache"):
+        restored, n = fresh.lookup(KEY, tokens)
+    assert n == 4                                           # the first block only: the chain ends at the damage
+    assert not second.exists() and fresh.stats()["corrupt"] == 1
+    assert "deleting prompt-cache block" in caplog.text
+    assert fresh.lookup(KEY, tokens)[1] == 4 and fresh.stats()["corrupt"] == 1   # gone from the index too
+
+
+def test_a_block_deleted_behind_its_back_is_a_miss(tmp_path):
+    tokens = list(range(100, 116))
+    stored(tmp_path, tokens, kv(16))
+    fresh = make(tmp_path)
+    shutil.rmtree(tmp_path / "org--model")
+    assert fresh.lookup(KEY, tokens) is None
+    assert fresh.stats()["corrupt"] == 0 and fresh.stats()["entries"] == 3   # the chain's head left the index
+
+
+def test_zero_bytes_writes_nothing(tmp_path):
+    root = tmp_path / "prefix-cache"
+    store = PrefixCache(root, 0, block_tokens=B, min_tokens=B)
+    store.store(KEY, list(range(16)), kv(16))
+    assert store.lookup(KEY, list(range(17))) is None
+    assert not root.exists() and store.stats()["enabled"] is False
+
+
+def test_an_unwritable_home_turns_the_tier_off_with_a_log_line(tmp_path, caplog):
+    (tmp_path / "home").write_text("a file where the directory should be")
+    with caplog.at_level(logging.WARNING, logger="mlxk.inference.prefixcache"):
+        store = make(tmp_path / "home" / "prefix-cache")
+    assert store.stats()["enabled"] is False
+    assert "prompt-prefix cache on disk is off: cannot write" in caplog.text
+    store.store(KEY, list(range(16)), kv(16))
+    assert store.lookup(KEY, list(range(17))) is None
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
+def test_a_read_only_home_turns_the_tier_off(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o555)
+    try:
+        assert make(home / "prefix-cache").stats()["enabled"] is False
+    finally:
+        home.chmod(0o755)
+
+
+def test_a_write_failing_later_turns_writing_off(tmp_path, caplog):
+    root = tmp_path / "prefix-cache"
+    store = make(root)
+    shutil.rmtree(root)
+    root.write_text("not a directory any more")
+    with caplog.at_level(logging.WARNING, logger="mlxk.inference.prefixcache"):
+        store.store(KEY, list(range(16)), kv(16))
+        assert store.flush()
+    assert store.stats()["enabled"] is False and "writing to" in caplog.text
+    store.close()
+
+
+def test_stale_temp_files_go_and_foreign_files_stay(tmp_path):
+    stored(tmp_path, list(range(16)), kv(16))
+    directory = model_dir(tmp_path, KEY)
+    stale, fresh_temp, foreign = (directory / ".x.1.tmp.safetensors", directory / ".x.2.tmp.safetensors",
+                                  directory / "notes.txt")
+    for path in (stale, fresh_temp, foreign):
+        path.write_text("x")
+    os.utime(stale, (1, 1))
+    store = make(tmp_path)
+    assert not stale.exists() and fresh_temp.exists() and foreign.exists()
+    assert store.stats()["entries"] == 4
+
+
+def test_chain_hashes_depend_on_every_token_before_them():
+    a = chain(KEY, [1, 2, 3, 4, 5, 6, 7, 8], 2, 4)
+    b = chain(KEY, [1, 2, 3, 4, 5, 6, 7, 9], 2, 4)
+    c = chain(KEY, [0, 2, 3, 4, 5, 6, 7, 8], 2, 4)
+    assert a[0] == b[0] and a[1] != b[1] and c[0] != a[0] and c[1] != a[1]
+    assert chain(OTHER_REVISION, [1, 2, 3, 4], 1, 4) != chain(KEY, [1, 2, 3, 4], 1, 4)
+    assert chain(KEY, [1, 2, 3, 4, 5, 6, 7, 8], 2, 4) == a and all(len(h) == 32 for h in a)
+
+
+def test_model_dir_keeps_odd_names_inside_the_root(tmp_path):
+    for key in ("../../etc@x", "org/name@../..", "a/b@" + "f" * 40):
+        assert tmp_path in model_dir(tmp_path, key).parents
+
+
+# ---- the engine on it --------------------------------------------------------------------------------------------
+
+SYSTEM = " ".join(f"rule {i}: answer briefly and politely." for i in range(12))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> ModelRef:
+    repo = factory.write_repo(tmp_path_factory.mktemp("hub"), "mlx-community/tiny-chat", factory.tiny_model_files())
+    return ModelRef(f"{repo.repo_id}@{repo.revision}", str(repo.snapshot_dir))
+
+
+def ask(engine: Engine, ref: ModelRef, user: str) -> list[dict]:
+    request = GenerateRequest(id="t", model=ref, kind="chat", params=Params(max_tokens=12, temperature=0),
+                              messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}])
+    ticket = engine.submit(request)
+    events = []
+    while not events or events[-1]["event"] not in ("done", "error"):
+        events.append(ticket.events.get(timeout=60))
+    return events
+
+
+def text(events: list[dict]) -> str:
+    return "".join(e.get("content", "") for e in events if e["event"] == "delta")
+
+
+def test_a_fresh_engine_restores_the_prefix_from_disk_and_answers_the_same(tmp_path, tiny):
+    root = tmp_path / "prefix-cache"
+    first = Engine(prefix_cache=PrefixCache(root, 1 << 30, block_tokens=16, min_tokens=32)).start()
+    try:
+        cold = ask(first, tiny, "hello")
+        assert cold[0]["event"] == "accepted" and cold[0]["cached_tokens"] == 0 and cold[0]["prompt_tokens"] > 64
+        first.prefix_cache.flush()
+    finally:
+        first.stop()
+    assert blocks(root)
+    second = Engine(prefix_cache=PrefixCache(root, 1 << 30, block_tokens=16, min_tokens=32)).start()
+    try:
+        warm = ask(second, tiny, "hello")
+        assert warm[0]["cached_tokens"] >= 48
+        assert text(warm) == text(cold)
+        other = ask(second, tiny, "something else entirely")      # same system prompt, another user turn
+        assert other[0]["cached_tokens"] >= 48
+        status = second.status()["prefix_cache"]
+        assert status["hits"] >= 1 and status["bytes"] > 0 and status["enabled"] is True
+    finally:
+        second.stop()
+
+
+def test_an_engine_without_a_disk_tier_reports_none(tiny):
+    e = Engine().start()
+    try:
+        assert "prefix_cache" not in e.status()
+    finally:
+        e.stop()
