@@ -318,3 +318,28 @@ def test_an_engine_without_a_disk_tier_reports_none(tiny):
         assert "prefix_cache" not in e.status()
     finally:
         e.stop()
+
+
+# ---- the setting ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, expected", [("0", 0), ("10G", 10 * 10**9), ("500MB", 500 * 10**6),
+                                           ("8GiB", 8 * 2**30), ("123456", 123456), (" 1.5g ", 1_500_000_000)])
+def test_the_size_setting(monkeypatch, raw, expected):
+    from mlxk.config import settings
+
+    monkeypatch.setenv("MLXK_PREFIX_CACHE_BYTES", raw)
+    assert settings().prefix_cache_bytes == expected
+    monkeypatch.delenv("MLXK_PREFIX_CACHE_BYTES")
+    assert settings().prefix_cache_bytes == 10 * 10**9
+    assert settings().prefix_cache_dir == settings().home / "prefix-cache"
+
+
+@pytest.mark.parametrize("raw", ["lots", "10G/s", "-1", "1e9"])
+def test_a_bad_size_setting_names_the_variable_and_the_forms(monkeypatch, raw):
+    from mlxk.config import settings
+    from mlxk.errors import ConfigError
+
+    monkeypatch.setenv("MLXK_PREFIX_CACHE_BYTES", raw)
+    with pytest.raises(ConfigError, match=r"MLXK_PREFIX_CACHE_BYTES: .* is not a size: give bytes like 10G"):
+        settings()
