@@ -343,3 +343,44 @@ def test_a_bad_size_setting_names_the_variable_and_the_forms(monkeypatch, raw):
     monkeypatch.setenv("MLXK_PREFIX_CACHE_BYTES", raw)
     with pytest.raises(ConfigError, match=r"MLXK_PREFIX_CACHE_BYTES: .* is not a size: give bytes like 10G"):
         settings()
+
+
+# ---- the writer thread ------------------------------------------------------------------------------------------
+
+
+def test_files_are_written_on_the_writer_thread_not_the_caller(tmp_path, monkeypatch):
+    import threading
+
+    from mlxk.workers.inference import prefixcache
+
+    writers = []
+    real = prefixcache.save_prompt_cache
+    monkeypatch.setattr(prefixcache, "save_prompt_cache",
+                        lambda *a, **k: (writers.append(threading.current_thread().name), real(*a, **k)))
+    store = make(tmp_path)
+    store.store(KEY, list(range(16)), kv(16))
+    store.flush()
+    assert writers == ["mlxk-prefix-cache"] * 4
+    store.close()
+
+
+def test_a_writer_that_is_behind_drops_stores_instead_of_blocking(tmp_path, monkeypatch):
+    import threading
+
+    from mlxk.workers.inference import prefixcache
+
+    release = threading.Event()
+    real = prefixcache.save_prompt_cache
+    monkeypatch.setattr(prefixcache, "save_prompt_cache", lambda *a, **k: (release.wait(30), real(*a, **k)))
+    store = make(tmp_path)
+    for seed in range(prefixcache.WRITE_QUEUE + 3):     # the first is being written, the queue holds WRITE_QUEUE
+        store.store(KEY, [seed + 1000] * 8, kv(8, seed=seed))
+    assert store.stats()["dropped"] >= 2
+    release.set()
+    assert store.flush()
+    s = store.stats()
+    assert s["writes"] == 2 * (prefixcache.WRITE_QUEUE + 3 - s["dropped"])
+    dropped_seed = prefixcache.WRITE_QUEUE + 2
+    store.store(KEY, [dropped_seed + 1000] * 8, kv(8, seed=dropped_seed))   # a dropped prefix can be stored later
+    assert store.flush() and store.lookup(KEY, [dropped_seed + 1000] * 8 + [0])[1] == 8
+    store.close()

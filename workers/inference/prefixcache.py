@@ -38,9 +38,11 @@ import os
 import queue
 import re
 import shutil
+import sys
 import threading
 import time
 import uuid
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,9 +88,10 @@ def chain(key: str, tokens: list[int], blocks: int, block_tokens: int) -> list[s
     out = []
     digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
     for i in range(blocks):
-        block = tokens[i * block_tokens:(i + 1) * block_tokens]
-        digest = hashlib.blake2b(digest + b"".join(int(t).to_bytes(4, "little", signed=False) for t in block),
-                                 digest_size=16).digest()
+        block = array("I", tokens[i * block_tokens:(i + 1) * block_tokens])   # token ids as uint32
+        if sys.byteorder != "little":
+            block.byteswap()
+        digest = hashlib.blake2b(digest + block.tobytes(), digest_size=16).digest()
         out.append(digest.hex())
     return out
 
@@ -96,9 +99,9 @@ def chain(key: str, tokens: list[int], blocks: int, block_tokens: int) -> list[s
 def checksum(key: str, depth: int, digest: str, arrays: list) -> str:
     """blake2b over the identity fields and every array's dtype, shape and bytes (arrays must be evaluated)."""
     h = hashlib.blake2b(f"{FORMAT}\n{key}\n{depth}\n{digest}\n".encode(), digest_size=32)
-    for array in arrays:
-        h.update(f"{array.dtype}{tuple(array.shape)}".encode())
-        h.update(memoryview(array))
+    for a in arrays:
+        h.update(f"{a.dtype}{tuple(a.shape)}".encode())
+        h.update(memoryview(a))
     return h.hexdigest()
 
 
@@ -237,7 +240,7 @@ class PrefixCache:
             layers = [(mx.contiguous(c.keys[..., depth * B:(depth + 1) * B, :]),
                        mx.contiguous(c.values[..., depth * B:(depth + 1) * B, :])) for c in cache]
             blocks.append((depth, hashes[depth], layers))
-        mx.eval([array for _, _, layers in blocks for pair in layers for array in pair])
+        mx.eval([a for _, _, layers in blocks for pair in layers for a in pair])
         with self._lock:
             self._pending.update(h for _, h, _ in blocks)
         try:
