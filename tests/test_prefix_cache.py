@@ -384,3 +384,21 @@ def test_a_writer_that_is_behind_drops_stores_instead_of_blocking(tmp_path, monk
     store.store(KEY, [dropped_seed + 1000] * 8, kv(8, seed=dropped_seed))   # a dropped prefix can be stored later
     assert store.flush() and store.lookup(KEY, [dropped_seed + 1000] * 8 + [0])[1] == 8
     store.close()
+
+
+def test_a_failing_lookup_or_store_is_logged_and_costs_only_the_hit(tmp_path, monkeypatch, caplog):
+    from mlxk.workers.inference import prefixcache
+
+    store = stored(tmp_path, list(range(16)), kv(16))
+    fresh = make(tmp_path)
+
+    def boom(*args):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(prefixcache, "chain", boom)
+    with caplog.at_level(logging.ERROR, logger="mlxk.inference.prefixcache"):
+        assert fresh.lookup(KEY, list(range(17))) is None
+        fresh.store(KEY, list(range(16)), kv(16))
+    assert "lookup for org/model@" in caplog.text and "store for org/model@" in caplog.text
+    assert store.stats()["writes"] == 4 and fresh.stats()["writes"] == 0
+    fresh.close()

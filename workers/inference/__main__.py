@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", type=str.lower, choices=("debug", "info", "warning", "error"), default=None,
                    help="default MLXK_LOG_LEVEL, else info")
     p.add_argument("--log-json", action="store_true", default=None, help="JSON lines (MLXK_LOG_JSON)")
+    p.set_defaults(prefix_cache_dir=d["prefix_cache_dir"], prefix_cache_bytes=d["prefix_cache_bytes"])  # env only
     return p.parse_args(argv)
 
 
@@ -51,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from .prefixcache import PrefixCache
     from .server import WorkerServer
 
-    d = _defaults()
-    prefix_cache = PrefixCache(d["prefix_cache_dir"], d["prefix_cache_bytes"])
+    prefix_cache = PrefixCache(args.prefix_cache_dir, args.prefix_cache_bytes)
     server: WorkerServer | None = None
     engine = Engine(
         max_loaded=args.max_loaded, keep_alive_s=args.keep_alive, max_waiting=args.max_waiting,

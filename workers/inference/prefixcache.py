@@ -179,6 +179,23 @@ class PrefixCache:
         token is always left to feed. Torn or altered files on the way are deleted and end the prefix there."""
         if not self.enabled or len(tokens) < self.min_tokens:
             return None
+        try:
+            return self._lookup(key, tokens, have)
+        except Exception:  # the cache is an optimisation: its failure must not fail the request (logged, a miss)
+            log.exception("prompt-prefix cache lookup for %s failed; prefilling instead", key)
+            return None
+
+    def store(self, key: str, tokens: list[int], cache: list) -> None:
+        """Queue the blocks of `cache` (the KV of `tokens`) that are not on disk yet for the writer; returns at once.
+        Only the new blocks are sliced and evaluated here; nothing is written on this thread."""
+        if not self.enabled or not cache or any(type(c) is not KVCache or c.keys is None for c in cache):
+            return
+        try:
+            self._store(key, tokens, cache)
+        except Exception:  # as in lookup: a failed store costs a future hit, never this model's batch
+            log.exception("prompt-prefix cache store for %s failed; not cached on disk", key)
+
+    def _lookup(self, key: str, tokens: list[int], have: int) -> tuple[list, int] | None:
         self._see(key)
         limit = (len(tokens) - 1) // self.block_tokens
         if limit * self.block_tokens <= have:
@@ -216,11 +233,7 @@ class PrefixCache:
             self.counters["restored_tokens"] += n
         return cache, n
 
-    def store(self, key: str, tokens: list[int], cache: list) -> None:
-        """Queue the blocks of `cache` (the KV of `tokens`) that are not on disk yet for the writer; returns at once.
-        Only the new blocks are sliced and evaluated here; nothing is written on this thread."""
-        if not self.enabled or not cache or any(type(c) is not KVCache or c.keys is None for c in cache):
-            return
+    def _store(self, key: str, tokens: list[int], cache: list) -> None:
         n = min(min(c.offset for c in cache), len(tokens))
         if n < self.min_tokens:
             return
