@@ -4,11 +4,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from mlxk.workers.inference.engine import Engine
 from mlxk.workers.inference.prefixcache import PrefixCache, chain, model_dir
@@ -71,6 +72,7 @@ def test_a_new_process_restores_the_longest_stored_prefix(tmp_path):
     fresh = make(tmp_path)                                  # a restart: only the files remain
     restored, n = fresh.lookup(KEY, tokens + [1, 2, 3])
     assert n == 12 and len(restored) == 2 and all(type(c) is KVCache and c.offset == 12 for c in restored)
+    assert all(c.keys.shape == c.values.shape == (1, 2, 12, 8) for c in restored)
     assert same(restored, cache, 12)
     s = fresh.stats()
     assert (s["lookups"], s["hits"], s["restored_tokens"], s["entries"], s["hit_ratio"]) == (1, 1, 12, 3, 1.0)
@@ -244,7 +246,7 @@ def test_stale_temp_files_go_and_foreign_files_stay(tmp_path):
                                   directory / "notes.txt")
     for path in (stale, fresh_temp, foreign):
         path.write_text("x")
-    os.utime(stale, (1, 1))
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
     store = make(tmp_path)
     assert not stale.exists() and fresh_temp.exists() and foreign.exists()
     assert store.stats()["entries"] == 4
@@ -433,3 +435,96 @@ def test_close_ends_the_writer_thread(tmp_path):
     store.close()
     assert not thread.is_alive() and store._thread is None
     assert store.flush()                                   # nothing left to wait for
+
+
+def test_a_prompt_of_exactly_min_tokens_is_looked_up(tmp_path):
+    tokens = list(range(100, 116))
+    stored(tmp_path, tokens, kv(16))
+    assert make(tmp_path).lookup(KEY, tokens[:8])[1] == 4        # min_tokens 8: 8 tokens count, 7 do not
+
+
+def test_a_directory_exactly_at_the_bound_keeps_everything(tmp_path):
+    store = stored(tmp_path, list(range(8)), kv(8))
+    exact = make(tmp_path, max_bytes=store.stats()["bytes"])
+    exact.store(KEY, list(range(8)), kv(8))                       # nothing new, nothing evicted
+    exact.store(KEY, list(range(7)) + [99], kv(8, seed=5))        # a new block of the same size goes past the bound
+    assert exact.flush()
+    assert exact.stats()["evictions"] == 1 and exact.stats()["bytes"] == exact.max_bytes
+    exact.close()
+
+
+def test_the_older_chain_loses_its_deepest_block_first(tmp_path):
+    probe = stored(tmp_path / "probe", list(range(8)), kv(8))
+    one = probe.stats()["bytes"] // 2
+    store = make(tmp_path / "c", max_bytes=4 * one + one // 2)
+    store.store(KEY, [1] * 12, kv(12, seed=1))
+    assert store.flush()
+    store.store(KEY, [2] * 8, kv(8, seed=2))                      # newer: the older chain gives up one block
+    assert store.flush()
+    assert store.stats()["evictions"] == 1
+    assert store.lookup(KEY, [1] * 12 + [0])[1] == 8 and store.lookup(KEY, [2] * 8 + [0])[1] == 8
+    store.close()
+
+
+@pytest.mark.parametrize("cache", [
+    lambda: [RotatingKVCache(max_size=32)] * 2,
+    lambda: [KVCache(), KVCache()],
+    lambda: kv(16)[:1] + [RotatingKVCache(max_size=32)],
+])
+def test_caches_other_than_filled_plain_kv_stay_in_memory_only(tmp_path, cache):
+    made = cache()
+    for c in made:
+        if isinstance(c, RotatingKVCache):
+            c.update_and_fetch(mx.zeros((1, 2, 16, 8)), mx.zeros((1, 2, 16, 8)))
+    store = stored(tmp_path, list(range(16)), made)
+    assert blocks(tmp_path) == [] and store.stats()["writes"] == 0
+
+
+def test_a_cache_root_whose_parents_do_not_exist_yet_is_made(tmp_path):
+    store = make(tmp_path / "new-home" / "prefix-cache")
+    assert store.stats()["enabled"] and (tmp_path / "new-home" / "prefix-cache").is_dir()
+    store.close()
+
+
+def test_names_and_checksums_have_fixed_lengths(tmp_path):
+    from mlx_lm.models.cache import load_prompt_cache
+
+    assert len(model_dir(tmp_path, "..@..").name) == 2 + 32 and model_dir(tmp_path, "..@..").parent.name.startswith("h-")
+    stored(tmp_path, list(range(8)), kv(8))
+    _, meta = load_prompt_cache(str(blocks(tmp_path)[0]), return_metadata=True)
+    assert len(meta["checksum"]) == 64 and meta["format"] == "mlxk-prefix-1"
+
+
+def test_the_hit_ratio_counts_disk_lookups(tmp_path):
+    tokens = list(range(100, 116))
+    stored(tmp_path, tokens, kv(16))
+    store = make(tmp_path, max_bytes=1)                           # one byte is a bound, not "off"
+    assert store.enabled
+    assert store.lookup(KEY, tokens)[1] == 12
+    assert store.lookup(KEY, [5] * 12) is None and store.lookup(KEY, [6] * 12) is None
+    assert store.stats()["hit_ratio"] == 0.3333
+
+
+def test_a_disk_prefix_longer_than_memorys_wins_and_a_shorter_one_does_not(tmp_path):
+    tokens = list(range(100, 116))
+    stored(tmp_path, tokens, kv(16))
+    store = make(tmp_path)
+    assert store.lookup(KEY, tokens + [5], have=8)[1] == 16
+    second = next(p for p in blocks(tmp_path) if p.name.startswith("d1-"))
+    _truncate(second)
+    assert store.lookup(KEY, tokens + [5], have=6) is None      # only 4 tokens survive: less than memory's 6
+
+
+def test_a_write_that_fails_midway_leaves_no_temp_file(tmp_path, monkeypatch):
+    from mlxk.workers.inference import prefixcache
+
+    def torn(name, cache, meta):
+        Path(name).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prefixcache, "save_prompt_cache", torn)
+    store = make(tmp_path)
+    store.store(KEY, list(range(8)), kv(8))
+    assert store.flush()
+    assert list(tmp_path.rglob("*.safetensors")) == [] and store.stats()["enabled"] is False
+    store.close()

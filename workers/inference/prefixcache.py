@@ -38,15 +38,14 @@ import os
 import queue
 import re
 import shutil
-import sys
 import threading
 import time
 import uuid
-from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
 
 log = logging.getLogger("mlxk.inference.prefixcache")
@@ -88,9 +87,7 @@ def chain(key: str, tokens: list[int], blocks: int, block_tokens: int) -> list[s
     out = []
     digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
     for i in range(blocks):
-        block = array("I", tokens[i * block_tokens:(i + 1) * block_tokens])   # token ids as uint32
-        if sys.byteorder != "little":
-            block.byteswap()
+        block = np.asarray(tokens[i * block_tokens:(i + 1) * block_tokens], dtype="<u4")   # little-endian uint32
         digest = hashlib.blake2b(digest + block.tobytes(), digest_size=16).digest()
         out.append(digest.hex())
     return out
@@ -305,9 +302,9 @@ class PrefixCache:
         try:
             layers, meta = load_prompt_cache(str(entry.path), return_metadata=True)
             arrays = [a for c in layers for a in (c.keys, c.values)]
-            ok = (meta.get("format") == FORMAT and meta.get("model") == key and meta.get("hash") == digest
-                  and meta.get("depth") == str(depth) and all(type(c) is KVCache for c in layers)
-                  and all(c.offset == self.block_tokens == c.keys.shape[2] for c in layers)
+            # The checksum covers the format, model key, depth and hash as well as every array: one comparison.
+            ok = (all(type(c) is KVCache for c in layers)
+                  and all(c.offset == c.keys.shape[2] == c.values.shape[2] == self.block_tokens for c in layers)
                   and meta.get("checksum") == checksum(key, depth, digest, arrays))
             if ok:
                 return layers
