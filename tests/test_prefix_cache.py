@@ -528,3 +528,11 @@ def test_a_write_that_fails_midway_leaves_no_temp_file(tmp_path, monkeypatch):
     assert store.flush()
     assert list(tmp_path.rglob("*.safetensors")) == [] and store.stats()["enabled"] is False
     store.close()
+
+
+def test_bytes_on_disk_are_the_files_sizes(tmp_path):
+    assert make(tmp_path / "empty").stats()["bytes"] == 0
+    store = stored(tmp_path, list(range(16)), kv(16))
+    on_disk = sum(p.stat().st_size for p in blocks(tmp_path))
+    s = store.stats()
+    assert s["bytes"] == s["written_bytes"] == on_disk and make(tmp_path).stats()["bytes"] == on_disk
