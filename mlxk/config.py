@@ -45,6 +45,12 @@ class Settings(NamedTuple):  # immutable; a NamedTuple because a frozen dataclas
     pull_connections: int = 8  # MLXK_PULL_CONNECTIONS: ranged connections per large file of a pull
     max_rate: float = 0.0      # MLXK_MAX_RATE: bandwidth cap of one pull in bytes/s ("20M"); 0 = none
     max_pulls: int = 0         # MLXK_MAX_PULLS: pulls running at once on this MLXK_HOME; 0 = no limit
+    prefix_cache_bytes: int = 10 * 10**9  # MLXK_PREFIX_CACHE_BYTES: prompt-prefix KV cache on disk ("10G"); 0 = off
+
+    @property
+    def prefix_cache_dir(self) -> Path:
+        """The prompt-prefix KV cache on disk (workers/inference/prefixcache.py); deleting it clears the cache."""
+        return self.home / "prefix-cache"
 
     @property
     def state_db(self) -> Path:
@@ -208,6 +214,30 @@ def _rate(name: str) -> float:
         raise ConfigError(f"{name}: {error}") from None
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmg]i?)?b?\s*$", re.IGNORECASE)
+
+
+def parse_size(value) -> int:
+    """Bytes from `10G`, `10GB`, `500M`, `8GiB` or a plain number of bytes; the units of parse_rate (K/M/G decimal,
+    Ki/Mi/Gi binary). Raises ValueError naming the accepted forms."""
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a size: give bytes like 10G, 500MB, 8GiB or a plain number (0: off)")
+    return int(float(match.group(1)) * _RATE_UNIT[(match.group(2) or "").lower()])
+
+
+def _size(name: str, default: int) -> int:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        return parse_size(raw)
+    except ValueError as error:
+        from mlxk.errors import ConfigError
+
+        raise ConfigError(f"{name}: {error}") from None
+
+
 def _count(name: str, default: int, *, least: int) -> int:
     value = _number(name, default, int)
     if value < least:
@@ -290,6 +320,7 @@ def settings() -> Settings:
         pull_connections=_count("MLXK_PULL_CONNECTIONS", 8, least=1),
         max_rate=_rate("MLXK_MAX_RATE"),
         max_pulls=_count("MLXK_MAX_PULLS", 0, least=0),
+        prefix_cache_bytes=_size("MLXK_PREFIX_CACHE_BYTES", 10 * 10**9),
     )
 
 

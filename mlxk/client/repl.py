@@ -252,7 +252,20 @@ def _ps_text(data: dict) -> str:
     lines = [table(rows, ["NAME", "HASH", "MEMORY", "RUNNING", "UNTIL"], right={2, 3})] if rows else \
         ["No model is loaded."]
     lines.append(f"requests running: {data.get('running', 0)}, waiting: {data.get('waiting', 0)} ({data['server']})")
+    if prefix := data.get("prefix_cache"):
+        lines.append(_prefix_cache_line(prefix))
     return "\n".join(lines)
+
+
+def _prefix_cache_line(prefix: dict) -> str:
+    """`prefix cache on disk: 12.3 MB of 10.0 GB (42 blocks), hit ratio 75% (3/4), 1,792 tokens restored`."""
+    if not prefix.get("enabled"):
+        return "prefix cache on disk: off"
+    ratio = prefix.get("hit_ratio")
+    hits = "no lookups yet" if ratio is None else \
+        f"hit ratio {ratio:.0%} ({prefix.get('hits', 0)}/{prefix.get('lookups', 0)})"
+    return (f"prefix cache on disk: {human_size(prefix.get('bytes'))} of {human_size(prefix.get('max_bytes'))} "
+            f"({prefix.get('entries', 0)} blocks), {hits}, {prefix.get('restored_tokens', 0):,} tokens restored")
 
 
 _PS_FIELDS = ("name", "revision", "key", "path", "memory_bytes", "loaded_at", "last_used", "keep_alive_s",

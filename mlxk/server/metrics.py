@@ -121,6 +121,27 @@ class Metrics:
         if worker.get("peak_memory_bytes") is not None:
             scalar("mlxk_peak_memory_bytes", "gauge", "Peak MLX memory of the inference worker.",
                    int(worker["peak_memory_bytes"]))
+        prefix = worker.get("prefix_cache")
+        if prefix:
+            counters = worker.get("counters") or {}
+            prompt = int(counters.get("prompt_tokens_total") or 0)
+            scalar("mlxk_prefix_cache_hit_ratio", "gauge",
+                   "Share of the worker's prompt tokens served from a prompt cache (memory or disk).",
+                   round(int(counters.get("cached_prompt_tokens_total") or 0) / prompt, 4) if prompt else 0)
+            scalar("mlxk_prefix_cache_disk_bytes", "gauge", "Bytes of prompt-prefix KV blocks on disk.",
+                   int(prefix.get("bytes") or 0))
+            scalar("mlxk_prefix_cache_disk_max_bytes", "gauge", "MLXK_PREFIX_CACHE_BYTES (0: the disk tier is off).",
+                   int(prefix.get("max_bytes") or 0) if prefix.get("enabled") else 0)
+            scalar("mlxk_prefix_cache_disk_hit_ratio", "gauge",
+                   "Disk hits over disk lookups (prompts the memory cache could not serve whole).",
+                   prefix.get("hit_ratio") or 0)
+            for name, key, help_text in (
+                    ("lookups", "lookups", "Prompts that looked for a longer prefix on disk."),
+                    ("hits", "hits", "Disk lookups that restored a prefix."),
+                    ("restored_tokens", "restored_tokens", "Prompt tokens restored from disk instead of prefilled."),
+                    ("evictions", "evictions", "Blocks evicted to stay within MLXK_PREFIX_CACHE_BYTES."),
+                    ("corrupt", "corrupt", "Torn or altered blocks found, skipped and deleted.")):
+                scalar(f"mlxk_prefix_cache_disk_{name}_total", "counter", help_text, int(prefix.get(key) or 0))
         if worker.get("embed_batches_total") is not None:
             scalar("mlxk_embed_batches_total", "counter", "Forward passes that computed embeddings.",
                    int(worker["embed_batches_total"]))

@@ -11,6 +11,7 @@ from mlxk import logs
 from mlxk.config import settings
 from mlxk.errors import MlxkError
 from .engine import Engine
+from .prefixcache import PrefixCache
 from .server import WorkerServer
 
 log = logging.getLogger("mlxk.inference.main")
@@ -20,7 +21,8 @@ def _defaults() -> dict:
     """Option defaults from mlxk.config, the one place environment variables are read."""
     s = settings()
     return {"socket": str(s.inference_socket), "max_loaded": s.max_loaded, "keep_alive": s.keep_alive_s,
-            "max_waiting": s.max_waiting, "max_prompt_tokens": s.max_prompt_tokens}
+            "max_waiting": s.max_waiting, "max_prompt_tokens": s.max_prompt_tokens,
+            "prefix_cache_dir": s.prefix_cache_dir, "prefix_cache_bytes": s.prefix_cache_bytes}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", type=str.lower, choices=("debug", "info", "warning", "error"), default=None,
                    help="default MLXK_LOG_LEVEL, else info")
     p.add_argument("--log-json", action="store_true", default=None, help="JSON lines (MLXK_LOG_JSON)")
+    p.set_defaults(prefix_cache_dir=d["prefix_cache_dir"], prefix_cache_bytes=d["prefix_cache_bytes"])  # env only
     return p.parse_args(argv)
 
 
@@ -47,11 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {error.message}", file=sys.stderr)
         return 1
 
+    prefix_cache = PrefixCache(args.prefix_cache_dir, args.prefix_cache_bytes)
     server: WorkerServer | None = None
     engine = Engine(
         max_loaded=args.max_loaded, keep_alive_s=args.keep_alive, max_waiting=args.max_waiting,
         max_prompt_tokens=args.max_prompt_tokens, completion_batch_size=args.max_batch,
-        deliver=lambda batch: server.deliver(batch),
+        deliver=lambda batch: server.deliver(batch), prefix_cache=prefix_cache,
     )
     server = WorkerServer(engine, args.socket, idle_exit_s=args.idle_exit)
 
@@ -69,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     # MLX runs on the main thread (see Engine.run); the socket server lives on its own thread.
     ok = engine.run()
     server.shutdown()
+    prefix_cache.close(timeout=10)  # blocks queued for the disk are written before the process ends
     logging.shutdown()
     return 0 if ok else 1
 

@@ -38,7 +38,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import mlx.core as mx
 from mlx_lm.generate import TextStateMachine, make_stop_sequences, make_text_state_machine
@@ -53,6 +53,9 @@ from .errors import BadRequest, InferenceError, Internal, ModelFailed, PromptToo
 from .protocol import GenerateRequest, ModelRef, Params
 from .residency import LoadedModel, Residency
 from .textout import HarmonyRouter, OutputRouter, StopFilter, is_harmony
+
+if TYPE_CHECKING:  # prefixcache imports mlx at the top; the engine imports it only where it runs (its own rule)
+    from .prefixcache import PrefixCache
 
 log = logging.getLogger("mlxk.inference.engine")
 
@@ -169,6 +172,7 @@ class Engine:
         coalesce_gap_s: float = COALESCE_GAP_S,
         coalesce_max_s: float = COALESCE_MAX_S,
         deliver: Callable[[list], None] | None = None,
+        prefix_cache: PrefixCache | None = None,
     ):
         self.max_waiting = max_waiting
         self.max_prompt_tokens = max_prompt_tokens
@@ -179,6 +183,7 @@ class Engine:
         self.coalesce_gap_s = coalesce_gap_s
         self.coalesce_max_s = coalesce_max_s
         self._deliver = deliver or self._deliver_to_queues
+        self.prefix_cache = prefix_cache   # the disk tier below every model's memory LRU (prefixcache.py); None: off
 
         self.counters = Counters()
         self.peak_batch_rows = 0   # most rows that got a token in one decode step: proof of batching
@@ -273,6 +278,7 @@ class Engine:
             "event": protocol.EV_STATUS, "pid": os.getpid(), "models": models, "running": running,
             "waiting": waiting, "counters": {**vars(self.counters)}, "peak_memory_bytes": int(mx.get_peak_memory()),
             "peak_batch_rows": self.peak_batch_rows,
+            **({"prefix_cache": self.prefix_cache.stats()} if self.prefix_cache is not None else {}),
         }
 
     # ---- the MLX thread --------------------------------------------------------------------------------------
@@ -523,10 +529,17 @@ class Engine:
                 rest = tokens[-1:]
             else:
                 cache, rest = None, tokens
+        if self.prefix_cache is not None:  # the disk tier, when it holds a longer prefix than memory
+            stored = self.prefix_cache.lookup(lm.key, tokens, have=len(tokens) - len(rest))
+            if stored is not None:
+                cache, n = stored
+                rest = tokens[n:]
         return cache, list(rest)
 
     def _store_cache(self, lm: LoadedModel, tokens: list[int], cache) -> None:
         if lm.prompt_cache is not None and tokens:
+            if self.prefix_cache is not None:  # slices the new blocks here; the file I/O runs on its writer thread
+                self.prefix_cache.store(lm.key, tokens, cache)
             lm.prompt_cache.insert_cache(lm.key, tokens, cache, cache_type="assistant")
 
     def _trim_prompt_cache(self, lm: LoadedModel) -> None:

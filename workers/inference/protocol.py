@@ -37,7 +37,10 @@ Requests
             "last_used", "keep_alive_s", "expires_at" (unix s or null), "running"}],
             "running", "waiting", "counters": {"requests_total", "prompt_tokens_total",
             "generation_tokens_total", "cached_prompt_tokens_total"}, "peak_memory_bytes",
-            "peak_batch_rows" (most rows that decoded together: evidence of batching)}
+            "peak_batch_rows" (most rows that decoded together: evidence of batching),
+            "prefix_cache"?: the disk tier's stats (prefixcache.PrefixCache.stats: "enabled", "dir", "bytes",
+            "max_bytes", "entries", "hit_ratio", "lookups", "hits", "restored_tokens", "writes", "evictions",
+            "corrupt"...), present when the worker has one}
     {"op": "unload", "model": key | repo id | null (all)} -> {"event": "unloaded", "models": [keys]}
         a model with live rows is unloaded as soon as they finish (it is listed all the same).
     {"op": "load", "model": {"key", "path"}, "keep_alive": float|null}

@@ -165,12 +165,12 @@ async def show(request: Request, state: State) -> dict:
 async def ps(state: State) -> dict:
     """Loaded models, Ollama's fields (`name`/`model` tagged, `expires_at` RFC 3339, `size_vram`) then mlxk's
     (`repo_id`, `revision`, `key`, `memory_bytes`, `expires_ts` (unix s, null: never), `expires_in_s`,
-    `running`...), and the queue depth."""
+    `running`...), the queue depth, and the prompt-prefix cache's stats (`prefix_cache`, null without a worker)."""
     status = await state.supervisor.call({"op": protocol.OP_STATUS}, start=False) or {}
     now = time.time()
     return {"models": [_loaded(m, now) for m in status.get("models") or []],
             "running": status.get("running", 0), "waiting": status.get("waiting", 0),
-            "worker": state.supervisor.state()}
+            "prefix_cache": status.get("prefix_cache"), "worker": state.supervisor.state()}
 
 
 def _loaded(model: dict, now: float) -> dict:
