@@ -366,6 +366,29 @@ def test_files_are_written_on_the_writer_thread_not_the_caller(tmp_path, monkeyp
     store.close()
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="per-thread nice values are read from Linux's /proc")
+def test_the_writer_runs_at_a_lower_priority_than_decoding_and_the_caller_keeps_its_own(tmp_path):
+    """Linux keeps a nice value per thread: the writer's is raised by WRITER_NICE, the MLX thread's is untouched."""
+    from mlxk.workers.inference import prefixcache
+
+    def nice(tid: int) -> int:
+        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[16])   # field 19 of proc(5), counted after the command name
+
+    import threading
+
+    mine = nice(threading.get_native_id())
+    store = make(tmp_path)
+    store.store(KEY, list(range(16)), kv(16))
+    store.flush()
+    try:
+        assert store.writer_tid is not None
+        assert nice(store.writer_tid) == min(19, mine + prefixcache.WRITER_NICE)
+        assert nice(threading.get_native_id()) == mine
+    finally:
+        store.close()
+
+
 def test_a_writer_that_is_behind_drops_stores_instead_of_blocking(tmp_path, monkeypatch):
     import threading
 

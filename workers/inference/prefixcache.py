@@ -38,6 +38,7 @@ import os
 import queue
 import re
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -93,6 +94,22 @@ def chain(key: str, tokens: list[int], blocks: int, block_tokens: int) -> list[s
     return out
 
 
+WRITER_NICE = 10   # the writer's niceness above the worker's own (Linux): decoding goes first on a busy CPU
+
+
+def _yield_to_decoding() -> None:
+    """Lower the calling thread's CPU priority by WRITER_NICE where the OS keeps one per thread (Linux: setpriority
+    on a thread id touches that thread only, man 2 setpriority "BUGS"; elsewhere it would renice the whole worker,
+    so nothing is done). The writer's checksums and copies then take the CPU time decoding leaves over."""
+    if sys.platform != "linux":
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + WRITER_NICE)
+    except OSError:  # a sandbox that forbids it: the writer still works, only without the lower priority
+        log.debug("prompt-prefix cache writer: could not lower its priority", exc_info=True)
+
+
 def checksum(key: str, depth: int, digest: str, arrays: list) -> str:
     """blake2b over the identity fields and every array's dtype, shape and bytes (arrays must be evaluated)."""
     h = hashlib.blake2b(f"{FORMAT}\n{key}\n{depth}\n{digest}\n".encode(), digest_size=32)
@@ -121,6 +138,7 @@ class PrefixCache:
         self._seen: set[str] = set()
         self._jobs: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
         self._thread: threading.Thread | None = None
+        self.writer_tid: int | None = None   # the writer thread's OS id, once it runs
         if self.enabled:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -348,6 +366,8 @@ class PrefixCache:
     # ---- the writer thread ------------------------------------------------------------------------------------------
 
     def _writer(self) -> None:
+        self.writer_tid = threading.get_native_id()
+        _yield_to_decoding()
         while True:
             job = self._jobs.get()
             try:
