@@ -284,6 +284,22 @@ def test_rm_and_delete_of_an_alias_remove_the_alias_never_a_model(server, client
     assert f"{SCRIPTED_ID}:latest" in listed()
 
 
+def test_ollamas_curl_examples_work_as_written_and_stop_takes_an_alias(server, client):
+    """`curl URL/api/chat -d '{...}'` (Ollama's docs) sends application/x-www-form-urlencoded and no Origin: not a
+    browser, so the body is read as JSON. /api/stop resolves an alias as every other route does."""
+    body = {"model": SCRIPTED_ID, "messages": HI, "stream": False}
+    reply = httpx.post(f"{server.url}/api/chat", content=json.dumps(body), timeout=120,
+                       headers={**server.headers, "content-type": "application/x-www-form-urlencoded"})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["message"]["content"] == SCRIPTED_REPLY
+    client.copy(SCRIPTED_ID, "stop-me")
+    try:
+        stopped = httpx.post(f"{server.url}/api/stop", json={"model": "stop-me"}, headers=server.headers, timeout=60)
+        assert stopped.status_code == 200 and stopped.json()["models"] == [SCRIPTED_ID], stopped.text
+    finally:
+        client.delete("stop-me")
+
+
 @pytest.mark.parametrize("source, destination, status, problem", [
     ("mlx-community/nothing-here", "x", 404, "no cached model matches"),
     (SCRIPTED_ID, "bad name!", 400, "invalid model name"),
