@@ -1630,8 +1630,10 @@ def _preflight(client, repo_id: str, revision: str | None, *, repo: Path, includ
     return _Remote(sha, files, wanted)
 
 
-def _refuse_offline(repo_id: str) -> None:
-    if settings().hub_offline:
+def _refuse_offline(repo_id: str, offline: bool | None = None) -> None:
+    """HubError when offline (`offline`, else this process's HF_HUB_OFFLINE: a job passes its own, see
+    workers.jobsettings)."""
+    if settings().hub_offline if offline is None else offline:
         raise errors.HubError(f"HF_HUB_OFFLINE is set, so {repo_id} cannot be downloaded; unset it to pull.",
                               repo=repo_id)
 
@@ -1649,13 +1651,14 @@ def remote_revision(repo_id: str, *, revision: str | None = None, endpoint: str,
 def pull(repo_id: str, *, revision: str | None = None, include=None, exclude=None, cache_dir: Path,
          endpoint: str, token: str | None = None, progress: ProgressFn | None = None,
          should_stop: StopFn | None = None, max_workers: int = 8, connections: int | None = None,
-         max_rate: float | None = None) -> PullResult:
+         max_rate: float | None = None, offline: bool | None = None) -> PullResult:
     """Download `repo_id@revision` (the files matching include/exclude) into the HF cache; resumes partials.
 
     `connections`: ranged connections per large file (default MLXK_PULL_CONNECTIONS); `max_rate`: a bandwidth cap
-    in bytes per second for the whole pull (default MLXK_MAX_RATE; None or 0: no cap)."""
+    in bytes per second for the whole pull (default MLXK_MAX_RATE; None or 0: no cap); `offline`: refuse at once
+    (HubError) without asking the Hub (default HF_HUB_OFFLINE of this process)."""
     names.validate_repo_id(repo_id)
-    _refuse_offline(repo_id)
+    _refuse_offline(repo_id, offline)
     cache_dir, endpoint, token = Path(cache_dir), endpoint.rstrip("/"), _token(token)
     headers = _headers(token)
     repo = cache.repo_dir(cache_dir, repo_id)

@@ -26,7 +26,7 @@ from mlxk.db import models as queries
 from mlxk import cache
 from mlxk.clock import iso_utc
 from mlxk.errors import MlxkError
-from mlxk.errors import InvalidName, ModelNotFound
+from mlxk.errors import AmbiguousMatch, Conflict, InvalidName, ModelNotFound
 from mlxk.units import compact_size
 
 
@@ -622,7 +622,11 @@ def resolve(conn, ref) -> Resolved:
 def add_alias(conn, source, destination: str) -> dict:
     """Give the cached model `source` (a parsed name) another name, `destination` (Ollama's /api/copy): kept in
     state.db, resolved by mlxk.names.resolve before any other rule, shown by `list`. An alias names a model (its
-    current revision), so `destination` takes no '@revision'; it may not be a cached repo's own id."""
+    current revision), so `destination` takes no '@revision'; it may not be a cached repo's own id (InvalidName).
+    Nor may it be a name that already means a cached model by names.resolve's other rules (a short name like
+    `tiny-random`, a substring like `qwen3`, even one that matches several): the alias, resolved first, would
+    silently send that name elsewhere, so it is refused (Conflict, 409, naming the model(s) it would shadow). An
+    existing alias is overwritten (Ollama's copy overwrites a copy)."""
     from mlxk import names  # lazy: keeps `mlxk list` light
 
     row = resolve(conn, source).row
@@ -631,8 +635,21 @@ def add_alias(conn, source, destination: str) -> dict:
         raise InvalidName(f"invalid alias {destination!r}: an alias names a model, not a revision; leave out "
                           f"'@{ref.revision}' (or the commit tag)", name=destination)
     key = names.alias_key(destination)
-    if any(repo_id.lower() == key for repo_id in queries.model_ids(conn)):
+    ids = queries.model_ids(conn)
+    if any(repo_id.lower() == key for repo_id in ids):
         raise InvalidName(f"invalid alias {destination!r}: it is already the name of a cached model", name=destination)
+    if key not in queries.aliases(conn):
+        try:
+            shadowed = [names.resolve(key, ids)]
+        except AmbiguousMatch as error:
+            shadowed = error.details.get("matches") or []
+        except ModelNotFound:
+            shadowed = []
+        if shadowed:
+            raise Conflict(f"alias {destination!r} would shadow {', '.join(shadowed[:5])}: {destination!r} already "
+                           f"means {'that model' if len(shadowed) == 1 else 'those models'} (a short name or part "
+                           "of the name), and an alias would silently send it elsewhere. Pick a name that matches "
+                           "no cached model.", name=destination, matches=shadowed)
     queries.set_alias(conn, name=key, repo_id=row["repo_id"], created_at=iso_utc(time.time()))
     return {"alias": key, "repo_id": row["repo_id"]}
 

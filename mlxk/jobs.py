@@ -78,7 +78,7 @@ def pull_name(name: str) -> tuple[str, str | None]:
     from mlxk import names
 
     ref = names.parse(name, allow_bare=True)
-    if "/" not in ref.repo:
+    if "/" not in ref.repo or ref.repo.lower() in aliases():   # an alias may hold a '/' too
         try:
             repo, _fuzzy = resolve_cached(ref.repo)
         except ModelNotFound:
@@ -124,7 +124,7 @@ def enqueue_clone(name: str, dest: Path) -> Enqueued:
     from mlxk import names  # lazy: keeps `mlxk list` light
 
     ref = names.parse(name, allow_bare=True)
-    repo = ref.repo if "/" in ref.repo else resolve_cached(ref.repo)[0]
+    repo = ref.repo if "/" in ref.repo and ref.repo.lower() not in aliases() else resolve_cached(ref.repo)[0]
     revision = ref.revision
     if revision:
         try:  # the cache's rules first (show's, rm's): an ambiguous hash prefix lists its matches, offline
@@ -412,22 +412,39 @@ class RemovalTarget:
     repo_id: str
     revision: str | None       # full hash, or None for the whole repo
     fuzzy: bool
+    alias: str | None = None   # set: the name is an alias (/api/copy) of repo_id, and rm removes that alias only
 
 
 def cached_repo_ids() -> list[str]:
     return [repo_id for repo_id, _entry in cache.iter_repo_dirs(settings().hf_hub_cache)]
 
 
+def aliases() -> dict[str, str]:
+    """Every alias (Ollama's /api/copy, kept in state.db): its key (names.alias_key) → the repo id it names. The
+    same table index.resolve reads, so a name means the same model to rm, pull and clone as to show and run."""
+    from mlxk.db import models as models_db  # lazy: keeps `mlxk list` light
+
+    with closing(connect()) as conn:
+        return models_db.aliases(conn)
+
+
 def resolve_cached(name: str) -> tuple[str, bool]:
-    """(repo id, fuzzy?) of the cached repo `name` means."""
+    """(repo id, fuzzy?) of the cached repo `name` means, by names.resolve's rules with the aliases (an alias is
+    an exact name of its model, so not fuzzy)."""
     from mlxk import names  # lazy: keeps `mlxk list` light
 
-    repo = names.resolve(name, cached_repo_ids())
-    return repo, repo.lower() != name.lower()
+    known = aliases()
+    repo = names.resolve(name, cached_repo_ids(), known)
+    return repo, repo.lower() != name.lower() and known.get(name.lower()) != repo
 
 
 def resolve_removal(name: str) -> RemovalTarget:
-    """What `rm NAME[@REV]` means: the same names, branches, tags and hash prefixes as `show` and `run`."""
+    """What `rm NAME[@REV]` means: the same names, aliases, branches, tags and hash prefixes as `show` and `run`.
+
+    An alias (exactly, case-insensitive, without '@REV') is a target of its own: rm forgets the alias and keeps the
+    model, as Ollama's `rm` of a copy leaves its source (an alias whose model is gone is removed the same way).
+    `ALIAS@REV` names a revision of the aliased model but counts as fuzzy: deleting files through an alias needs
+    --force (or the model's own name)."""
     from mlxk import names  # lazy: keeps `mlxk list` light
 
     if names.is_workspace_path(name):   # mlx-knife's `workspace_model` refusal: rm never deletes outside the cache
@@ -437,9 +454,32 @@ def resolve_removal(name: str) -> RemovalTarget:
             f"outside it. If you mean to delete the folder, do it yourself: rm -rf {shlex.quote(str(path))}",
             name=name, path=str(path))
     ref = names.parse(name, allow_bare=True)
+    known = aliases()
+    if ref.repo.lower() in known:
+        if not ref.revision:
+            return RemovalTarget(known[ref.repo.lower()], None, False, alias=ref.repo.lower())
+        repo = names.resolve(ref.repo, cached_repo_ids(), known)
+        return RemovalTarget(repo, pick_cached_revision(repo, ref.revision), True)
     repo, fuzzy = resolve_cached(ref.repo)
     revision = pick_cached_revision(repo, ref.revision) if ref.revision else None
     return RemovalTarget(repo, revision, fuzzy)
+
+
+def remove_alias(target: RemovalTarget) -> dict:
+    """rm of an alias: forget it (the model stays); instant, no job. What `rm --json`, /api/jobs/rm and
+    /api/delete answer: {"alias", "repo_id", "action": "alias_removed", "message"}."""
+    from mlxk import index  # lazy: keeps `mlxk list` light
+
+    with closing(connect()) as conn:
+        index.remove_alias(conn, target.alias)
+    return {"alias": target.alias, "repo_id": target.repo_id, "action": "alias_removed",
+            "message": alias_removal_message(target)}
+
+
+def alias_removal_message(target: RemovalTarget, *, dry_run: bool = False) -> str:
+    verb = "Would remove" if dry_run else "Removed"
+    return (f"{verb} the alias {target.alias!r} only; {target.repo_id} stays cached (an alias is another name "
+            f"for a model, as an Ollama copy). To delete the model itself: mlxk rm {target.repo_id}")
 
 
 def pick_cached_revision(repo: str, revision: str) -> str:

@@ -101,3 +101,38 @@ def test_the_cli_cache_is_used(hub, worker_manager, monkeypatch, tmp_path):
     listed = json.dumps(run_json("list", "--all")[1]["data"])
     assert repo in listed
     assert not default.exists()
+
+
+def test_a_worker_started_offline_runs_an_online_pull(hub, worker_manager, monkeypatch):
+    """QA: a job worker spawned by `HF_HUB_OFFLINE=1 mlxk list` took a pull queued later by a server started
+    without it, and failed "HF_HUB_OFFLINE is set". The offline switch is the queuing command's."""
+    repo = hub.unique_repo("org/online-pull")
+    hub.add_repo(repo, big_files(1 * MiB))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    worker_manager.start(env={"HF_HUB_OFFLINE": "1"})
+
+    result, doc = run_json("pull", repo, "--wait")
+
+    assert result.exit_code == 0, doc
+    assert (repo_path(repo) / "refs" / "main").is_file()
+    assert run_json("jobs", "show", doc["data"]["id"])[1]["data"]["settings"]["offline"] is False
+    assert worker_manager.background_pids() == set()   # the offline worker ran it, no other was started
+
+
+def test_an_offline_command_s_pull_job_is_refused_by_an_online_worker(hub, worker_manager, monkeypatch):
+    """The reverse: a pull job queued under HF_HUB_OFFLINE=1 (a server started offline queues one; the CLI answers
+    from the cache instead) never asks the Hub, whichever worker runs it."""
+    from mlxk import jobs
+
+    repo = hub.unique_repo("org/offline-pull")
+    hub.add_repo(repo, big_files(1 * MiB))
+    worker_manager.start()   # without HF_HUB_OFFLINE
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    job_id = jobs.enqueue_pull(repo).job["id"]
+
+    final = wait_for(lambda: job_row(job_id)["state"] in ("succeeded", "failed") and job_row(job_id), timeout=40)
+    assert final["state"] == "failed" and "HF_HUB_OFFLINE is set" in json.dumps(final.get("error")), final
+    assert not any(repo in r.path for r in hub.requests)
+    assert not repo_path(repo).exists()
+    assert worker_manager.background_pids() == set()

@@ -259,9 +259,10 @@ def test_bad_rm_requests_remove_nothing(client, body, status, code):
     assert SCRIPTED_ID in cached_names(client)
 
 
-def test_rm_needs_a_json_body(client):
+def test_rm_from_a_browser_needs_a_json_body(client):
     response = client.post("/api/jobs/rm", content=f'{{"model": "{SCRIPTED_ID}"}}',
-                           headers={"content-type": "text/plain"})
+                           headers={"content-type": "text/plain", "origin": "http://evil.example",
+                                    "sec-fetch-site": "cross-site"})
     assert response.status_code == 415, response.text
     assert SCRIPTED_ID in cached_names(client)
 

@@ -237,6 +237,69 @@ def test_copy_makes_an_alias_that_resolves_lists_and_deletes_alone(server, clien
     assert "my-assistant:latest" not in models and f"{SCRIPTED_ID}:latest" in models
 
 
+def test_copy_refuses_a_name_that_already_means_a_cached_model_but_overwrites_an_alias(server, client):
+    """QA: `/api/copy` to `tiny-random` (a short name) silently redirected that name. Such a destination (a short
+    name, a substring, even an ambiguous one) is 409 naming what it would shadow; an existing alias is overwritten."""
+    for destination, shadowed in (("tiny-thinker", [THINKER_ID]), ("TOOL-CALL", [CALLER_ID]),
+                                  ("tiny", [CALLER_ID, THINKER_ID])):
+        with pytest.raises(ollama.ResponseError) as info:
+            client.copy(SCRIPTED_ID, destination)
+        assert info.value.status_code == 409 and "would shadow" in info.value.error, destination
+        assert all(repo in info.value.error for repo in shadowed), info.value.error
+    assert "tools" not in client.show("tiny-thinker").capabilities   # the name still means its own model
+    client.copy(SCRIPTED_ID, "overwritten")
+    client.copy(CALLER_ID, "overwritten")   # Ollama's copy overwrites a copy
+    assert "tools" in client.show("overwritten").capabilities
+    assert client.delete("overwritten").status == "success"
+
+
+def test_rm_and_delete_of_an_alias_remove_the_alias_never_a_model(server, client, hub):
+    """QA: `mlxk rm ALIAS` / `POST /api/jobs/rm` deleted the model the alias's text fuzzy-matched. The alias is
+    made first, the model whose short name it is arrives later (a pull), so both meanings exist at once."""
+    repo = hub.unique_repo("mlx-community/pulled-later")
+    short = repo.split("/")[1]
+    client.copy(SCRIPTED_ID, short)
+    hub.add_repo(repo, factory.tiny_model_files(reply=SCRIPTED_REPLY))
+    assert client.pull(repo).status == "success"
+
+    def listed():
+        return [m.model for m in client.list().models]
+
+    with server.http() as http:
+        removed = http.post("/api/jobs/rm", json={"model": short, "force": True})
+    assert removed.status_code == 200, removed.text
+    body = removed.json()
+    assert body["action"] == "alias_removed" and body["alias"] == short and body["repo_id"] == SCRIPTED_ID
+    assert "stays cached" in body["message"]
+    assert f"{repo}:latest" in listed() and f"{SCRIPTED_ID}:latest" in listed() and f"{short}:latest" not in listed()
+
+    with pytest.raises(ollama.ResponseError) as info:   # now the short name of a cached model: no new alias
+        client.copy(SCRIPTED_ID, short)
+    assert info.value.status_code == 409 and repo in info.value.error
+    with pytest.raises(ollama.ResponseError) as info:   # /api/delete deletes exact names only, as rm without --force
+        client.delete(f"{short}:latest")
+    assert info.value.status_code == 409 and repo in info.value.error
+    assert f"{repo}:latest" in listed()
+    assert client.delete(f"{repo}:latest").status == "success"
+    assert f"{SCRIPTED_ID}:latest" in listed()
+
+
+def test_ollamas_curl_examples_work_as_written_and_stop_takes_an_alias(server, client):
+    """`curl URL/api/chat -d '{...}'` (Ollama's docs) sends application/x-www-form-urlencoded and no Origin: not a
+    browser, so the body is read as JSON. /api/stop resolves an alias as every other route does."""
+    body = {"model": SCRIPTED_ID, "messages": HI, "stream": False}
+    reply = httpx.post(f"{server.url}/api/chat", content=json.dumps(body), timeout=120,
+                       headers={**server.headers, "content-type": "application/x-www-form-urlencoded"})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["message"]["content"] == SCRIPTED_REPLY
+    client.copy(SCRIPTED_ID, "stop-me")
+    try:
+        stopped = httpx.post(f"{server.url}/api/stop", json={"model": "stop-me"}, headers=server.headers, timeout=60)
+        assert stopped.status_code == 200 and stopped.json()["models"] == [SCRIPTED_ID], stopped.text
+    finally:
+        client.delete("stop-me")
+
+
 @pytest.mark.parametrize("source, destination, status, problem", [
     ("mlx-community/nothing-here", "x", 404, "no cached model matches"),
     (SCRIPTED_ID, "bad name!", 400, "invalid model name"),

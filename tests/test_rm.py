@@ -183,3 +183,54 @@ def test_rm_takes_branches_and_tags_like_show(model_factory):
     assert result.exit_code == 1 and doc["error"]["code"] == "model_not_found"
     text = run("rm", "org/branchy@main")
     assert text.exit_code == 0 and f"org/branchy@{repo.revision[:12]}" in text.stderr
+
+
+# ---------------------------------------------------------------- aliases (Ollama's /api/copy)
+
+
+@pytest.fixture
+def aliased(model_factory, indexed):
+    """Two cached models, and the alias `pullme` on the first, made before the second (mlx-community/pullme) was
+    pulled: an rm that ignored aliases picks mlx-community/pullme by its short name (QA's reproduction)."""
+    from mlxk import index, names
+    from mlxk.workers.tasks import _refresh_index
+
+    with state_db() as conn:
+        index.add_alias(conn, names.parse(indexed.repo_id), "pullme")
+    other = model_factory.repo("mlx-community/pullme")
+    _refresh_index({other.repo_id}, runtime=False)
+    return indexed, other
+
+
+def test_rm_of_an_alias_removes_the_alias_only(aliased):
+    target, other = aliased
+    shown = run_json("show", "pullme")[1]
+    assert shown["data"]["model"]["name"] == target.repo_id   # what the name means everywhere
+
+    plan = run_json("rm", "pullme", "--dry-run")[1]["data"]
+    assert plan["action"] == "would_remove_alias" and plan["repo_id"] == target.repo_id and plan["paths"] == []
+    assert "alias" in plan["message"] and f"{target.repo_id} stays cached" in plan["message"]
+
+    result, doc = run_json("rm", "PULLME:latest", "--force")
+    assert result.exit_code == 0, result.output
+    data = doc["data"]
+    assert data["action"] == "alias_removed" and data["alias"] == "pullme" and data["repo_id"] == target.repo_id
+    assert target.repo_dir.exists() and other.repo_dir.exists()   # no model was deleted
+    from mlxk.db import models as models_db
+
+    with state_db() as conn:
+        assert models_db.aliases(conn) == {}
+    text = run("rm", "pullme")   # now an ordinary name again: the short name asks for --force
+    assert "mlx-community/pullme" in text.stdout and other.repo_dir.exists()
+
+
+def test_an_alias_is_an_exact_name_for_pull_and_with_a_revision_needs_force(aliased):
+    from mlxk import jobs
+
+    target, _other = aliased
+    assert jobs.pull_name("pullme") == (target.repo_id, target.repo_id)
+    hashes = [p.name for p in (target.repo_dir / "snapshots").iterdir()]
+    removal = jobs.resolve_removal(f"pullme@{hashes[0][:8]}")
+    assert removal.alias is None and removal.repo_id == target.repo_id and removal.fuzzy
+    refused = run_json("rm", f"pullme@{hashes[0][:8]}")[1]["data"]
+    assert refused["action"] == "requires_confirmation" and target.repo_dir.exists()

@@ -20,6 +20,7 @@ from tests.fixtures.queue import reap_background_workers
 from tests.fixtures.server import SCRIPTED_ID, SCRIPTED_REPLY, free_port, server_env, spawn_server
 
 EVIL = "http://evil.example"
+BROWSER_CROSS_SITE = {"Origin": EVIL, "Sec-Fetch-Site": "cross-site"}   # what a browser adds to a page's write
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def error_of(response) -> dict:
     None,                                   # fetch(..., {mode: "no-cors"}) with a bare body
 ])
 def test_a_form_post_is_415_and_queues_nothing(keyless, content_type):
-    headers = {"content-type": content_type} if content_type else {}
+    headers = {**BROWSER_CROSS_SITE, **({"content-type": content_type} if content_type else {})}
     before = jobs_of(keyless)
 
     response = httpx.post(f"{keyless.url}/api/jobs/pull", content=b'{"model": "org/name"}', headers=headers,
@@ -68,9 +69,38 @@ def test_a_form_post_is_415_and_queues_nothing(keyless, content_type):
     ("POST", "/api/stop"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
 ])
 def test_every_state_changing_route_needs_json(keyless, method, path):
-    response = httpx.request(method, keyless.url + path, content=b"{}", headers={"content-type": "text/plain"},
-                             timeout=10)
+    response = httpx.request(method, keyless.url + path, content=b"{}",
+                             headers={"content-type": "text/plain", **BROWSER_CROSS_SITE}, timeout=10)
     assert response.status_code == 415, (path, response.text)
+
+
+@pytest.mark.parametrize("fetch_headers", [{"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                                           {"Origin": EVIL}, {"Origin": "null"}])
+def test_either_browser_header_alone_still_needs_json(keyless, fetch_headers):
+    before = jobs_of(keyless)
+    response = httpx.post(f"{keyless.url}/api/jobs/pull", content=b'{"model": "org/name"}',
+                          headers={"content-type": "text/plain", **fetch_headers}, timeout=10)
+    assert response.status_code == 415, response.text
+    assert jobs_of(keyless) == before
+
+
+@pytest.mark.parametrize("fetch_headers", [{}, {"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}])
+def test_a_non_browser_client_body_is_json_whatever_its_content_type(keyless, fetch_headers):
+    """`curl URL -d '{...}'` (Ollama's own examples) sends application/x-www-form-urlencoded and no Origin."""
+    response = httpx.post(f"{keyless.url}/api/show", content=b'{"model": "no-such-model-here"}',
+                          headers={"content-type": "application/x-www-form-urlencoded", **fetch_headers}, timeout=10)
+    assert response.status_code == 404, response.text   # parsed and answered, not 415
+    bare = httpx.post(f"{keyless.url}/api/show", content=b'{"model": "no-such-model-here"}', timeout=10)
+    assert bare.status_code == 404, bare.text
+
+
+def test_a_bodyless_delete_needs_no_content_type(keyless):
+    """`curl -X DELETE /v1/responses/ID`: no body, no content type."""
+    response = httpx.delete(f"{keyless.url}/v1/responses/resp_0123456789abcdef", timeout=10)
+    assert response.status_code == 404, response.text
+    browser = httpx.delete(f"{keyless.url}/v1/responses/resp_0123456789abcdef", headers={"Origin": EVIL},
+                           timeout=10)
+    assert browser.status_code == 403, browser.text   # a page on another site is still refused
 
 
 def test_another_origin_cannot_queue_or_cancel(keyless):

@@ -231,7 +231,8 @@ def test_worker_dying_mid_stream_is_an_error_event(server, client):
 
 def test_middleware_refusals_are_in_anthropic_shape_too(server):
     with server.http() as http:
-        wrong_type = http.post("/v1/messages/count_tokens", content=b"{}", headers={"content-type": "text/plain"})
+        wrong_type = http.post("/v1/messages/count_tokens", content=b"{}",
+                               headers={"content-type": "text/plain", "sec-fetch-site": "cross-site"})
         misdirected = http.post("/v1/messages", json={}, headers={"host": "evil.example"})
     for response, status, kind in ((wrong_type, 415, "invalid_request_error"),
                                    (misdirected, 421, "invalid_request_error")):

@@ -1,4 +1,4 @@
-"""The settings a job carries from the command that queued it: Hub endpoint, cache directory, token.
+"""The settings a job carries from the command that queued it: Hub endpoint, cache directory, token, offline switch.
 
 Why: a worker is a long-lived process started with some environment; the command that queues a job may run with
 another (`HF_TOKEN=… mlxk push`, `HF_HOME=/other mlxk pull`). Whichever worker runs the job must use the queuing
@@ -7,6 +7,15 @@ by `jobs show`). The token is: it is written to `$MLXK_HOME/secrets/<job id>` (f
 with O_EXCL so nothing else's permissions apply), read by the task, and removed when the job ends
 (`drop`, called wherever a job reaches succeeded, failed or cancelled). It never enters the row, the Huey task,
 a log line or a process's arguments.
+
+What else belongs to the job (a worker must not read it from its own environment, which is whatever the process
+that happened to start it had, e.g. `HF_HUB_OFFLINE=1 mlxk list`):
+- HF_HUB_OFFLINE: `offline` on the row; a pull job of an offline command is refused, one of an online command runs
+  even in a worker started offline (rows from before this field use the worker's own switch).
+- MLXK_MAX_RATE, MLXK_PULL_CONNECTIONS, MLXK_MAX_PULLS: already the pull job's args (mlxk.jobs.enqueue_pull).
+Left to the worker's environment: proxies (HTTP(S)_PROXY, ALL_PROXY, NO_PROXY; they may hold credentials, and
+httpx applies them per process, not per job) and huggingface_hub's own HF_HUB_* switches read by `push` (HfApi reads
+them at import; mlxk's pull reads none of them). Start the worker (`mlxk worker`) with those you need.
 """
 from __future__ import annotations
 
@@ -22,15 +31,17 @@ class JobSettings:
     endpoint: str
     cache: Path
     token: str | None
+    offline: bool = False      # HF_HUB_OFFLINE of the queuing command: a pull may not ask the Hub
 
     def __repr__(self) -> str:   # never print the token
-        return f"JobSettings(endpoint={self.endpoint!r}, cache={str(self.cache)!r}, token={'***' if self.token else None})"
+        return (f"JobSettings(endpoint={self.endpoint!r}, cache={str(self.cache)!r}, "
+                f"token={'***' if self.token else None}, offline={self.offline!r})")
 
 
 def capture() -> tuple[dict, str | None]:
     """This process's settings as (the record stored on the row, the token)."""
     s = settings()
-    return {"endpoint": s.hf_endpoint, "cache": str(s.hf_hub_cache)}, s.hf_token
+    return {"endpoint": s.hf_endpoint, "cache": str(s.hf_hub_cache), "offline": s.hub_offline}, s.hf_token
 
 
 def secret_path(job_id: str) -> Path:
@@ -64,9 +75,10 @@ def load(job: dict) -> JobSettings:
     record = job.get("settings")
     if not record:
         s = settings()
-        return JobSettings(s.hf_endpoint, s.hf_hub_cache, s.hf_token)
+        return JobSettings(s.hf_endpoint, s.hf_hub_cache, s.hf_token, s.hub_offline)
     try:
         token = secret_path(job["id"]).read_text().strip() or None
     except OSError:
         token = None
-    return JobSettings(record["endpoint"], Path(record["cache"]), token)
+    offline = record["offline"] if "offline" in record else settings().hub_offline
+    return JobSettings(record["endpoint"], Path(record["cache"]), token, bool(offline))

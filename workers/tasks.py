@@ -243,7 +243,8 @@ def _pull(repo: str, args: dict, ctx: JobContext):
             return hub.pull(repo, revision=args.get("revision"), include=args.get("include"),
                             exclude=args.get("exclude"), cache_dir=s.cache, endpoint=s.endpoint,
                             token=s.token or False, progress=ctx.progress, should_stop=ctx.should_stop,
-                            connections=args.get("connections"), max_rate=args.get("max_rate") or 0)
+                            connections=args.get("connections"), max_rate=args.get("max_rate") or 0,
+                            offline=s.offline)
     except Cancelled as cancelled:
         if not ctx.purge_requested():
             _safe_refresh(repo, s.cache)

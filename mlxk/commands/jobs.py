@@ -244,6 +244,8 @@ def rm_command(name, force, dry_run, wait):
     except WorkspacePath as error:   # mlx-knife 2.0.8 puts the folder it resolved (absolute) in data.model
         return Output(data={"model": error.details.get("path"), "action": "unknown", "requires_confirmation": False,
                             "matches": []}, error=error)
+    if target.alias is not None:   # rm of an alias (/api/copy) forgets the alias only, at once, no job
+        return _rm_alias(target, dry_run=dry_run)
     model = f"{target.repo_id}@{target.revision}" if target.revision else target.repo_id
     if dry_run:
         return _rm_plan(target, model, confirm=target.fuzzy and not force)
@@ -263,6 +265,19 @@ def rm_command(name, force, dry_run, wait):
     return Output(data={**_public(job), "model": model, "action": action, "message": message,
                         "requires_confirmation": False},
                   text=job["id"], error=error)
+
+
+def _rm_alias(target, *, dry_run: bool) -> Output:
+    """`rm ALIAS`: the alias goes, its model stays (Ollama's rm of a copy). `model` is the alias, `repo_id` the
+    model it named; action alias_removed (would_remove_alias with --dry-run, which touches nothing)."""
+    if dry_run:
+        message = jobs.alias_removal_message(target, dry_run=True)
+        data = {"model": target.alias, "alias": target.alias, "repo_id": target.repo_id,
+                "action": "would_remove_alias", "message": message, "dry_run": True, "revisions": [],
+                "whole_repo": False, "bytes_freed": 0, "paths": []}
+        return Output(data=data, text=message)
+    removed = jobs.remove_alias(target)
+    return Output(data={"model": target.alias, **removed, "requires_confirmation": False}, text=removed["message"])
 
 
 def _rm_plan(target, model: str, *, confirm: bool) -> Output:

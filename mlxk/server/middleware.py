@@ -123,6 +123,23 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+NON_BROWSER_FETCH_SITES = frozenset({"same-origin", "none"})
+
+
+def _from_browser(headers: dict) -> bool:
+    """Whether a request may come from a web page: it has an `Origin`, or a `Sec-Fetch-Site` other than
+    same-origin/none (browsers send both on cross-origin writes: Fetch spec, "append a request `Origin` header" and
+    the Fetch Metadata spec). curl, the SDKs and scripts send neither."""
+    site = headers.get(b"sec-fetch-site")
+    return b"origin" in headers or (site is not None and site.strip().lower() not in NON_BROWSER_FETCH_SITES)
+
+
+def _bodyless_delete(scope, headers: dict) -> bool:
+    """A DELETE that declares no body (no Content-Length or 0, not chunked): there is nothing to type."""
+    return scope["method"] == "DELETE" and headers.get(b"content-length", "0").strip() in ("", "0") \
+        and b"transfer-encoding" not in headers
+
+
 class CrossSiteGuard:
     """Refuse requests a browser could be tricked into sending (the server has no cookies, but a keyless local
     server needs none: any page the user visits could otherwise POST to it).
@@ -130,8 +147,13 @@ class CrossSiteGuard:
     - Host: must name a loopback address (`localhost`, `127.0.0.1`, `[::1]`, any port), the bound host, or one of
       MLXK_ALLOWED_HOSTS; else 421. This stops DNS rebinding (a page whose own name now resolves to 127.0.0.1).
       With an API key and a wildcard bind (0.0.0.0, ::) any Host is answered: the key is the protection there.
-    - POST/PUT/PATCH/DELETE need `Content-Type: application/json` (415): an HTML form can only send
-      text/plain, urlencoded or multipart without a CORS preflight, which a JSON content type forces.
+    - POST/PUT/PATCH/DELETE from a browser need `Content-Type: application/json` (415): an HTML form can only
+      send text/plain, urlencoded or multipart without a CORS preflight, which a JSON content type forces. A
+      browser is told by its headers (Fetch spec): it sends `Origin` on every cross-origin POST/PUT/PATCH/DELETE
+      and `Sec-Fetch-Site` on every request. A request with neither (or with `Sec-Fetch-Site: same-origin` or
+      `none` and no Origin) comes from curl, an SDK or a script, which no web page can drive: its body is read as
+      JSON whatever its content type (`curl -d '{...}'` sends application/x-www-form-urlencoded, as Ollama's own
+      examples do). A DELETE with no body never needs a content type (a cross-origin DELETE is preflighted).
     - POST/PUT/PATCH/DELETE with an `Origin` header need that origin to be this server's own (same scheme-less
       host and port as Host) or one of MLXK_CORS_ORIGINS (403); a missing Origin is a non-browser client.
     """
@@ -165,7 +187,7 @@ class CrossSiteGuard:
         if scope["method"] not in STATE_CHANGING:
             return None
         media_type = headers.get(b"content-type", "").split(";", 1)[0].strip().lower()
-        if media_type != "application/json":
+        if media_type != "application/json" and _from_browser(headers) and not _bodyless_delete(scope, headers):
             return UnsupportedMediaType(
                 f"{scope['method']} {scope['path']} needs 'Content-Type: application/json' (got "
                 f"{media_type or 'none'}); send the body as JSON with that header (curl: -H 'content-type: "

@@ -112,9 +112,12 @@ async def scan(request: Request) -> JSONResponse:
     return _queued(outcome)
 
 
-def _remove(name: str, force: bool) -> jobs.Enqueued:
-    """`mlxk rm NAME [--force]`: the same resolution, refusals and inline rm job as the CLI."""
+def _remove(name: str, force: bool) -> jobs.Enqueued | dict:
+    """`mlxk rm NAME [--force]`: the same resolution, refusals and inline rm job as the CLI. An alias is forgotten
+    at once (its model stays): jobs.remove_alias's object instead of a job."""
     target = jobs.resolve_removal(name)
+    if target.alias is not None:
+        return jobs.remove_alias(target)
     if target.fuzzy and not force:   # the CLI's requires_confirmation, as an HTTP refusal
         raise Conflict(f"{name!r} is not an exact name: it matches {target.repo_id}; send \"force\": true to remove "
                        "it, or use the full name.", model=target.repo_id)
@@ -126,10 +129,16 @@ def _remove(name: str, force: bool) -> jobs.Enqueued:
 
 
 @router.post("/api/jobs/rm", openapi_extra=request_body(RemoveRequest), responses=WRITE)
-async def remove(request: Request) -> dict:
-    """Remove a cached model (`NAME@HASH`: one revision). rm runs at once: 200 with the finished job."""
+async def remove(request: Request, state: State) -> dict:
+    """Remove a cached model (`NAME@HASH`: one revision). rm runs at once: 200 with the finished job. An alias
+    (/api/copy) is forgotten instead, its model kept: 200 with {"alias", "repo_id", "action": "alias_removed",
+    "message"}."""
     body = await parse_body(request, RemoveRequest)
-    return (await run_in_threadpool(_remove, body.model.strip(), body.force)).job
+    outcome = await run_in_threadpool(_remove, body.model.strip(), body.force)
+    if isinstance(outcome, dict):
+        await state.get_catalog(fresh=True)   # the alias is no name any more, at once
+        return outcome
+    return outcome.job
 
 
 @router.post("/api/jobs/{job_id}/cancel", openapi_extra=request_body(CancelRequest, required=False),

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mlxk import catalog, db, index, jobs, names
 from mlxk.clock import parse_iso
-from mlxk.errors import MlxkError
+from mlxk.errors import Conflict, MlxkError
 from mlxk.server import generation
 from mlxk.server.deps import ServerState, State, RequestId, parse_body, require_api_key
 from mlxk.server.errors import InvalidRequest, ollama_error_body
@@ -605,10 +605,19 @@ def _with_index(state: ServerState, work):
 @router.delete("/api/delete", openapi_extra=request_body(NameRequest), responses=WRITE)
 async def delete(request: Request, state: State):
     """An alias (from /api/copy) is forgotten, the model stays, as deleting an Ollama copy leaves its source;
-    any other name is an rm job (exact names only, as `mlxk rm` without --force). 200 with no body."""
+    any other name is an rm job (exact names only, as `mlxk rm` without --force: a fuzzy name is 409, naming the
+    model it matches). jobs.resolve_removal decides, for the CLI and every route alike. 200 with no body."""
     name = (await parse_body(request, NameRequest)).target()
-    if not await _with_index(state, lambda conn: index.remove_alias(conn, name)):
-        await run_in_threadpool(lambda: jobs.remove(jobs.resolve_removal(name)))
+    target = await run_in_threadpool(jobs.resolve_removal, name)
+    if target.alias is not None:
+        await run_in_threadpool(jobs.remove_alias, target)
+    elif target.fuzzy:
+        model = f"{target.repo_id}@{target.revision}" if target.revision else target.repo_id
+        raise Conflict(f"{name!r} is not an exact name: it matches {model}; delete it by that name.", model=model)
+    else:
+        error = jobs.outcome_error((await run_in_threadpool(jobs.remove, target)).job)
+        if error is not None:
+            raise error
     await state.get_catalog(fresh=True)
     return Response(status_code=200)
 

@@ -76,8 +76,9 @@ async def _loaded_target(state: ServerState, name: str) -> str:
     loaded = sorted({m["key"].split("@")[0] for m in (status or {}).get("models") or []})
     if not loaded:
         raise ModelNotFound(f"{name!r} is not loaded: no model is loaded", name=name)
+    aliases = {alias: row["repo_id"] for row in (await state.get_catalog()).rows for alias in row.get("aliases") or []}
     try:
-        return names.resolve(ref.repo, loaded)
+        return names.resolve(ref.repo, loaded, aliases)   # an alias (/api/copy) means its model here too
     except ModelNotFound:
         raise ModelNotFound(f"{name!r} is not loaded (loaded: {', '.join(loaded)})", name=name) from None
 
