@@ -150,7 +150,11 @@ def show_command(name, show_files, show_config):
     with closing(index.load(config.state_db, config.hf_hub_cache)) as loaded:
         if loaded.warning:
             say(f"Warning: {loaded.warning}")
-        detail = index.describe(index.resolve(loaded.conn, ref), files=show_files, config=show_config)
+        resolved = index.resolve(loaded.conn, ref)
+        if index.changed_in_place(resolved.row):   # an in-place edit no fingerprint sees: inspect this repo again
+            index.refresh(loaded.conn, config.hf_hub_cache, repos={resolved.row["repo_id"]}, force=True)
+            resolved = index.resolve(loaded.conn, ref)
+        detail = index.describe(resolved, files=show_files, config=show_config)
         pending = detail["model"]["runtime_pending"]
         index.with_provisional_verdict(loaded.conn, detail["model"])
     return Output(detail, lambda: _render_show(detail, pending))
