@@ -326,6 +326,15 @@ def linked_repo(path: Path) -> Path | None:
         target != Path(target.anchor) else None
 
 
+def cache_relative(path: Path | str, cache_dir: Path | str) -> str:
+    """`path` as job results and --json show it: relative to the HF cache ("models--org--name/snapshots/<rev>"),
+    never absolute (mlx-knife's JSON carries no cache paths); a path outside the cache shows only its name."""
+    try:
+        return Path(path).relative_to(cache_dir).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
 def is_inside(path: Path | str, folder: Path | str) -> bool:
     """Is `path` (normalised, links not followed) `folder` or under it?"""
     return os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) == os.path.abspath(folder)

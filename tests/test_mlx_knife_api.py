@@ -78,6 +78,10 @@ def test_pull_documents_validate(hub, worker):
         _, doc = run_json("pull", *args)
         validate(doc)
         assert doc["data"]["download_status"]
+        if args[1:] == ("--wait",) and doc["status"] == "success":
+            # QA F3: no cache paths in --json: the snapshot relative to the HF cache
+            path = doc["data"]["result"]["snapshot_path"]
+            assert path.startswith("models--mlx-community--schema") and "/snapshots/" in path, path
 
 
 @pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed (make system-deps installs it)")
