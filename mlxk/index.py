@@ -752,7 +752,8 @@ def health_report(checked: list[dict], summary: dict) -> dict:
         entries[row["health"]].append({
             "name": row["repo_id"], "status": row["health"], "reason": row["reason"] or "Model is healthy",
             "hash": row["revision"], "runtime_compatible": model_object(row)["runtime_compatible"],
-            **({"cached": False} if row.get("display_name") is not None else {})})
+            # mlx-knife 2.0.8 marks a workspace entry `cached: false, managed: false` (a folder mlxk does not manage)
+            **({"cached": False, "managed": False} if row.get("display_name") is not None else {})})
     counts = {"total": len(checked), "healthy_count": len(entries["healthy"]),
               "unhealthy_count": len(entries["unhealthy"])}
     return {**entries, "summary": {**counts, **summary},
@@ -822,6 +823,7 @@ def describe_workspace(row: dict, *, files: bool = False, config: bool = False) 
     """`show ./dir`: describe() for a workspace row (see workspace())."""
     detail = describe(Resolved(row, None), files=False, config=config)
     detail["model"] = workspace_object(row)
+    detail["workspace_metadata"] = {}   # mlx-knife 2.0.8: an object for a workspace (null for a cached model)
     if files:
         detail["files"] = [_file_entry(f) for f in cache.snapshot_files(Path(row["snapshot_path"]))]
     return detail
