@@ -149,7 +149,8 @@ class Usage:
 def disk_usage(path: Path) -> Usage:
     """Bytes on disk; blobs shared by several snapshots are counted once.
 
-    Regular files under blobs/ and snapshots/, symlinks skipped (snapshots link into blobs/) and not followed: told
+    Regular files under blobs/ and snapshots/ (a partial download's `.incomplete` blob counts the bytes it holds,
+    `allocated_bytes`, not its preallocated size), symlinks skipped (snapshots link into blobs/) and not followed: told
     apart by the directory entry's type, so a snapshot's links cost no stat (a first index sizes 10,000 repos)."""
     usage = Usage()
     seen: set[tuple[int, int]] = set()
@@ -174,13 +175,21 @@ def disk_usage(path: Path) -> Usage:
                     continue
                 seen.add((st.st_dev, st.st_ino))
                 if entry.name.endswith(INCOMPLETE_SUFFIX):
-                    usage.incomplete_bytes += st.st_size
+                    usage.incomplete_bytes += allocated_bytes(st)
                 else:
                     usage.size_bytes += st.st_size
     return usage
 
 
-def fingerprint(path: Path | str, revision: str | None, *, dir_fd: int | None = None) -> str:
+def allocated_bytes(st: os.stat_result) -> int:
+    """Bytes a file really holds on disk: st_blocks * 512 capped at st_size (a partial download is preallocated
+    sparse to its full size, so st_size alone would count bytes never downloaded); st_size where the platform has
+    no st_blocks."""
+    blocks = getattr(st, "st_blocks", None)
+    return st.st_size if blocks is None else min(blocks * 512, st.st_size)
+
+
+def fingerprint(path: Path | str, revision: str | None, *, dir_fd: int | None = None, subdirs=()) -> str:
     """A cheap stat-based token that changes when files are added, completed, replaced or removed.
 
     Blobs land by rename (blobs/ mtime), snapshots get links (snapshot folder mtime), new revisions get folders
@@ -189,6 +198,11 @@ def fingerprint(path: Path | str, revision: str | None, *, dir_fd: int | None = 
     on every run, where pathlib's object churn would cost as much as the stats themselves. `dir_fd`: an open
     directory (`open_dir`) that `path` is relative to: `list` passes the cache and each repo's folder name, so the
     kernel does not walk the cache's own path again for each of 40,000 stats (~15 % of them at 10,000 repos).
+
+    `subdirs`: folders inside the snapshot (relative, "sub" or "sub/deeper") whose mtimes join the token, one line
+    each ("\n<mtime>:<folder>"): a file landing in `sub/` changes `sub`'s mtime, not the snapshot's. Inspection
+    records them (`subdir_stamp`) and the stored token names them (`stamped_subdirs`), so only repos that have
+    subfolders pay for them.
     """
     base = os.fspath(path)
     parts = []
@@ -202,7 +216,50 @@ def fingerprint(path: Path | str, revision: str | None, *, dir_fd: int | None = 
             parts.append(f"{os.stat(f'{base}/snapshots/{revision}', dir_fd=dir_fd).st_mtime_ns:x}")
         except OSError:
             parts.append("-")
-    return ":".join(parts)
+    stamp = ":".join(parts)
+    if subdirs and revision:
+        stamp += _subdir_lines(f"{base}/snapshots/{revision}", subdirs, dir_fd)
+    return stamp
+
+
+def _subdir_lines(snapshot: str, subdirs, dir_fd: int | None) -> str:
+    lines = []
+    for sub in subdirs:
+        try:
+            lines.append(f"\n{os.stat(f'{snapshot}/{sub}', dir_fd=dir_fd).st_mtime_ns:x}:{sub}")
+        except OSError:
+            lines.append(f"\n-:{sub}")
+    return "".join(lines)
+
+
+def stamped_subdirs(stamp: str | None) -> list[str]:
+    """The snapshot subfolders a stored `fingerprint` token covers (empty for the common repo without any)."""
+    if not stamp or "\n" not in stamp:
+        return []
+    return [line.partition(":")[2] for line in stamp.split("\n")[1:]]
+
+
+def subdir_stamp(path: Path | str, revision: str | None) -> str:
+    """The subfolder lines of `fingerprint` for every folder inside the snapshot `revision` (recursively, symlinks
+    not followed), taken now: inspection calls it BEFORE reading the snapshot's files. "" when there are none.
+    Raises OSError when a folder cannot be read."""
+    if not revision:
+        return ""
+    snapshot = f"{os.fspath(path)}/snapshots/{revision}"
+    found: list[str] = []
+    pending = [""]
+    while pending:
+        prefix = pending.pop()
+        try:
+            entries = list(os.scandir(f"{snapshot}/{prefix}" if prefix else snapshot))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                name = f"{prefix}{entry.name}"
+                found.append(name)
+                pending.append(f"{name}/")
+    return _subdir_lines(snapshot, sorted(found), None)
 
 
 _FINGERPRINT_PARTS = ("/blobs", "/snapshots", "/refs/main")
@@ -267,6 +324,15 @@ def linked_repo(path: Path) -> Path | None:
     target = path.resolve()
     return target if (target / "snapshots").is_dir() and not path.parent.resolve() == target.parent and \
         target != Path(target.anchor) else None
+
+
+def cache_relative(path: Path | str, cache_dir: Path | str) -> str:
+    """`path` as job results and --json show it: relative to the HF cache ("models--org--name/snapshots/<rev>"),
+    never absolute (mlx-knife's JSON carries no cache paths); a path outside the cache shows only its name."""
+    try:
+        return Path(path).relative_to(cache_dir).as_posix()
+    except ValueError:
+        return Path(path).name
 
 
 def is_inside(path: Path | str, folder: Path | str) -> bool:

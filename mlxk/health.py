@@ -80,7 +80,8 @@ class RepoView:
     tokenizer_config_error: str | None = None   # why tokenizer_config.json could not be parsed (None: fine or absent)
     revisions: list[str] = field(default_factory=list)
     flat: bool = False                  # a workspace folder, not a cache repo (no refs/blobs/trees)
-    incomplete_bytes: int = 0           # reclaimable when the snapshot is complete
+    incomplete_bytes: int = 0           # reclaimable when the snapshot is complete: bytes on disk (cache.allocated_bytes)
+    incomplete_size: int = 0            # the partial files' apparent size (preallocated to the full file)
     _headers: dict[str, SafetensorsHeader] = field(default_factory=dict, repr=False, compare=False)
 
     @cached_property
@@ -205,7 +206,8 @@ def _finish_view(view: RepoView) -> RepoView:
     if tok_error is None and tok is not None and not isinstance(tok, dict):
         tok_error = "not_object"
     view.tokenizer_config_error = tok_error if tok_error not in (None, "missing", "dangling") else None
-    view.incomplete_bytes = sum(_lsize(p) for p in view.incomplete)
+    view.incomplete_bytes = sum(_lsize(p, allocated=True) for p in view.incomplete)
+    view.incomplete_size = sum(_lsize(p) for p in view.incomplete)
     return view
 
 
@@ -266,9 +268,10 @@ def _load_json(path: Path) -> tuple[object | None, str | None]:
         return None, f"invalid_json: {error}"
 
 
-def _lsize(path: Path) -> int:
+def _lsize(path: Path, *, allocated: bool = False) -> int:
     try:
-        return os.lstat(path).st_size
+        st = os.lstat(path)
+        return cache.allocated_bytes(st) if allocated else st.st_size
     except OSError:
         return 0
 
@@ -679,8 +682,11 @@ def check_incomplete(view: RepoView, findings: list[Finding]) -> list[Finding]:
     first = view.incomplete[0]
     where = first.relative_to(view.path).as_posix() if first.is_relative_to(view.path) else first.name
     more = f" and {len(view.incomplete) - 1} more" if len(view.incomplete) > 1 else ""
+    held = human_size(view.incomplete_bytes)
+    if view.incomplete_bytes < view.incomplete_size:   # preallocated (sparse): say how far it got
+        held = f"{held} of {human_size(view.incomplete_size)}"
     return [Finding("incomplete_download", f"download did not finish: {where}{more} is partial "
-                                           f"({human_size(view.incomplete_bytes)}); pull {view.repo_id} again to resume")]
+                                           f"({held}); pull {view.repo_id} again to resume")]
 
 
 INTEGRITY_RULES = (check_snapshot, check_config, check_weights_present, check_index_shards, check_shard_contents,

@@ -24,7 +24,7 @@ from pathlib import Path
 from mlxk import db
 from mlxk.db import models as queries
 from mlxk import cache
-from mlxk.clock import iso_utc
+from mlxk.clock import iso_utc, parse_iso
 from mlxk.errors import MlxkError
 from mlxk.errors import AmbiguousMatch, Conflict, InvalidName, ModelNotFound
 from mlxk.units import compact_size
@@ -143,14 +143,20 @@ def _repos_on_disk(cache_dir: Path, scope: set[str] | None) -> dict[str, str]:
 
 def _changed(cache_dir: Path, on_disk: dict[str, str], known: dict[str, tuple]) -> list[str]:
     """The indexed repos whose fingerprint moved: four stats each, relative to the open cache (the whole of a warm
-    `list`'s disk work)."""
+    `list`'s disk work). A repo with snapshot subfolders never matches the four stats alone (its stored token has
+    their lines too), so only it pays the second call that stats them as well."""
     fingerprint = cache.fingerprint
+    subdirs = cache.stamped_subdirs
     with cache.open_dir(cache_dir) as fd:
         if fd is None:
             return [repo_id for repo_id, name in on_disk.items() if repo_id in known
-                    and fingerprint(os.path.join(cache_dir, name), known[repo_id][1]) != known[repo_id][0]]
+                    and fingerprint(os.path.join(cache_dir, name), known[repo_id][1]) != known[repo_id][0]
+                    and fingerprint(os.path.join(cache_dir, name), known[repo_id][1],
+                                    subdirs=subdirs(known[repo_id][0])) != known[repo_id][0]]
         return [repo_id for repo_id, name in on_disk.items() if repo_id in known
-                and fingerprint(name, known[repo_id][1], dir_fd=fd) != known[repo_id][0]]
+                and fingerprint(name, known[repo_id][1], dir_fd=fd) != known[repo_id][0]
+                and fingerprint(name, known[repo_id][1], dir_fd=fd, subdirs=subdirs(known[repo_id][0]))
+                != known[repo_id][0]]
 
 
 class _Signature:
@@ -260,7 +266,7 @@ def inspect(repo_id: str, path: Path, signature: _Signature | None = None) -> di
     try:
         revisions = cache.list_revisions(path)
         revision = cache.current_revision(path, revisions)
-        stamp = cache.extend_fingerprint(stamp, path, revision)
+        stamp = cache.extend_fingerprint(stamp, path, revision) + cache.subdir_stamp(path, revision)
         return _inspect(repo_id, path, stamp, signature, revisions, revision)
     except OSError as error:
         # An unreadable folder or file is a verdict about the repo, not a reason for `list` to fail.
@@ -315,6 +321,29 @@ def _inspect(repo_id: str, path: Path, stamp: str, signature: _Signature, revisi
     return record
 
 
+def changed_in_place(row: dict, *, mtimes: bool = True) -> bool:
+    """Has a file of the row's snapshot been edited in place since it was inspected (truncated, appended, rewritten
+    without a rename)? The fingerprint cannot see that (no folder changes), and one stat per file of every repo would
+    cost `list` too much, so this is for one repo at a time (`show NAME`, the runtime check): the snapshot's bytes
+    differ from the row's `size_bytes`, or (with `mtimes`) a file's mtime is at least a second past the second the
+    row was inspected in (checked_at has whole seconds; an edit of the same size within that second goes unseen
+    until `mlxk health`). A workspace row or one without a snapshot: False."""
+    if row.get("display_name") is not None or not row.get("snapshot_path") or not row.get("checked_at"):
+        return False
+    checked = parse_iso(row["checked_at"])
+    seen: dict[tuple[int, int], int] = {}
+    newest = 0.0
+    for root, _dirs, names in os.walk(row["snapshot_path"]):
+        for name in names:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue   # a dangling link: inspection counted it as 0 bytes too
+            seen[(st.st_dev, st.st_ino)] = st.st_size
+            newest = max(newest, st.st_mtime)
+    return sum(seen.values()) != row["size_bytes"] or (mtimes and newest >= checked + 1)
+
+
 def _snapshot_bytes(view) -> int:
     """Bytes of the files the snapshot links to, each blob once."""
     blobs = {}
@@ -343,14 +372,20 @@ def _check_runtime(conn, cache_dir: Path, repo_ids: list[str], signature: _Signa
     from mlxk.detect import detect  # lazy: keeps `mlxk list` light
     from mlxk.faults import checkpoint  # lazy: keeps `mlxk list` light
 
-    verdicts = []
+    verdicts, edited = [], []
     for repo_id in repo_ids:
         row = queries.get_model(conn, repo_id)
         if row is None or row["health"] != "healthy":
             continue
         path = cache.repo_dir(cache_dir, repo_id)
-        if cache.fingerprint(path, row["revision"]) != row["fingerprint"]:
+        if cache.fingerprint(path, row["revision"], subdirs=cache.stamped_subdirs(row["fingerprint"])) \
+                != row["fingerprint"]:
             continue  # changed since it was inspected; the next refresh re-inspects it first
+        if changed_in_place(row, mtimes=False):
+            # A file was edited in place after the row was made: mlx-lm's complaint would be about files the row
+            # does not describe (a "healthy" repo whose weights "exceed the file"), so inspect it again instead.
+            edited.append(inspect(repo_id, path, signature))
+            continue
         view = health.inspect_repo(repo_id, path)
         finding = health.check_runtime(view, detect(view))
         verdicts.append({
@@ -359,6 +394,9 @@ def _check_runtime(conn, cache_dir: Path, repo_ids: list[str], signature: _Signa
             "runtime_fingerprint": f"{row['fingerprint']}|{signature}", "runtime_checked_at": _now(),
         })
     checkpoint("index.runtime_checked")   # tests: stop a worker whose task thread has just run mlx-lm
+    if edited:
+        _log().info("index: %d edited in place, inspected again", len(edited))
+        queries.sync_models(conn, upserts=edited, deletes=[])
     queries.set_runtime_verdicts(conn, verdicts)
     return [v["repo_id"] for v in verdicts]
 
@@ -731,7 +769,8 @@ def health_report(checked: list[dict], summary: dict) -> dict:
         entries[row["health"]].append({
             "name": row["repo_id"], "status": row["health"], "reason": row["reason"] or "Model is healthy",
             "hash": row["revision"], "runtime_compatible": model_object(row)["runtime_compatible"],
-            **({"cached": False} if row.get("display_name") is not None else {})})
+            # mlx-knife 2.0.8 marks a workspace entry `cached: false, managed: false` (a folder mlxk does not manage)
+            **({"cached": False, "managed": False} if row.get("display_name") is not None else {})})
     counts = {"total": len(checked), "healthy_count": len(entries["healthy"]),
               "unhealthy_count": len(entries["unhealthy"])}
     return {**entries, "summary": {**counts, **summary},
@@ -801,6 +840,7 @@ def describe_workspace(row: dict, *, files: bool = False, config: bool = False) 
     """`show ./dir`: describe() for a workspace row (see workspace())."""
     detail = describe(Resolved(row, None), files=False, config=config)
     detail["model"] = workspace_object(row)
+    detail["workspace_metadata"] = {}   # mlx-knife 2.0.8: an object for a workspace (null for a cached model)
     if files:
         detail["files"] = [_file_entry(f) for f in cache.snapshot_files(Path(row["snapshot_path"]))]
     return detail

@@ -41,6 +41,10 @@ def test_clone_of_an_uncached_model_pulls_it_first(hub, worker, model_factory, t
     assert result.exit_code == 0, result.output
     job = doc["data"]
     assert job["result"]["pulled"]["repo_id"] == repo and job["result"]["findings"] == []
+    # QA F3: no cache paths in job results: the snapshot relative to the HF cache
+    folder = "models--" + repo.replace("/", "--")
+    assert job["result"]["snapshot"].startswith(f"{folder}/snapshots/")
+    assert job["result"]["pulled"]["snapshot_path"] == job["result"]["snapshot"]
     assert _files(dest) == files
 
 

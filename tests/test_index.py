@@ -13,6 +13,7 @@ import pytest
 from mlxk import db
 from mlxk.db import models as queries
 from mlxk import cache, index, names
+from mlxk.units import human_size
 from tests import factory
 
 
@@ -439,3 +440,62 @@ def test_an_unchanged_install_is_not_asked_again(conn, model_factory, hf_cache, 
     monkeypatch.setattr(health, "mlx_lm_signature", lambda: pytest.fail("the signature was computed"))
     assert index.refresh(conn, hf_cache).pending == []
     assert row_of(conn, repo_id)["runtime_compatible"] is True
+
+
+def test_a_file_added_or_removed_in_a_snapshot_subfolder_is_found(conn, model_factory, hf_cache):
+    """QA F2: `sub/notes.txt` removed, `sub/more.bin` added: only `sub`'s mtime moves, not the snapshot's."""
+    files = factory.tiny_model_files()
+    files["sub/deeper/notes.txt"] = b"n" * 50_000
+    repo = model_factory.write("org/nested", files)
+    plain = model_factory.repo("org/plain")
+    for folder in (repo.snapshot_dir / "sub", repo.snapshot_dir / "sub" / "deeper"):
+        os.utime(folder, (1_000_000, 1_000_000))     # an old mtime, so the change below surely moves it
+    index.refresh(conn, hf_cache)
+    before = row_of(conn, repo.repo_id)["size_bytes"]
+    assert cache.stamped_subdirs(row_of(conn, repo.repo_id)["fingerprint"]) == ["sub", "sub/deeper"]
+    assert cache.stamped_subdirs(row_of(conn, plain.repo_id)["fingerprint"]) == []   # the common repo pays nothing
+    assert index.refresh(conn, hf_cache).changed == []                                # unchanged stays unchanged
+
+    (repo.snapshot_dir / "sub" / "deeper" / "notes.txt").unlink()
+    result = index.refresh(conn, hf_cache)
+    assert result.changed == [repo.repo_id]
+    assert row_of(conn, repo.repo_id)["size_bytes"] == before - 50_000
+
+    (repo.snapshot_dir / "sub" / "more.bin").write_bytes(b"\0" * 70_000)
+    assert index.refresh(conn, hf_cache).changed == [repo.repo_id]
+    assert row_of(conn, repo.repo_id)["size_bytes"] == before - 50_000 + 70_000
+
+
+def test_a_preallocated_partial_download_counts_the_bytes_it_holds(conn, hf_cache):
+    """QA F4: huggingface_hub preallocates `.incomplete` blobs sparse: disk bytes are what is allocated, and the
+    reason says how far the download got ("partial (X of Y)")."""
+    repo = factory.make_variant(hf_cache, "incomplete_download")
+    partial = next((repo.repo_dir / "blobs").glob("*.incomplete"))
+    with open(partial, "r+b") as fh:
+        fh.truncate(66_000_000)                           # a sparse tail, never written
+    st = partial.stat()
+    if st.st_blocks * 512 >= st.st_size:
+        pytest.skip("this filesystem does not keep files sparse")
+    index.refresh(conn, hf_cache)
+    row = row_of(conn, repo.repo_id)
+    held = cache.allocated_bytes(st)
+    assert held < 66_000_000
+    other = cache.disk_usage(repo.repo_dir).size_bytes
+    assert row["disk_bytes"] == other + held
+    assert f"is partial ({human_size(held)} of 66.0 MB);" in row["reason"], row["reason"]
+
+
+def test_the_runtime_check_reinspects_a_repo_edited_in_place(conn, model_factory, hf_cache):
+    """QA F1(c): weights truncated in place after the row was made (no fingerprint moves): the runtime check inspects
+    the repo again, so its verdict is unhealthy, never `healthy` with a reason about files the row does not hold."""
+    repo = model_factory.repo("org/edited")
+    index.refresh(conn, hf_cache)
+    assert row_of(conn, repo.repo_id)["health"] == "healthy"
+    weights = repo.blob_path("model.safetensors")
+    before = {p: os.stat(p).st_mtime_ns for p in (repo.repo_dir / "blobs", repo.snapshot_dir)}
+    os.truncate(weights, weights.stat().st_size - 1000)
+    assert {p: os.stat(p).st_mtime_ns for p in before} == before   # nothing the fingerprint looks at moved
+    index.refresh(conn, hf_cache, runtime=True)
+    row = row_of(conn, repo.repo_id)
+    assert row["health"] == "unhealthy" and row["runtime_compatible"] is None, row
+    assert not index.changed_in_place(row)

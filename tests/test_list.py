@@ -289,3 +289,17 @@ def test_a_pattern_is_a_plain_substring_as_in_mlx_knife(pattern, expected, model
     model_factory.repo("mlx-community/Llama-3.2-1B-4bit")
     model_factory.repo("mlx-community/Qwen3-0.6B")
     assert [m["name"] for m in listed(pattern)] == expected
+
+
+def test_show_notices_a_file_edited_in_place(model_factory):
+    """QA F1(a): `show NAME` compares its snapshot's files with the row and inspects the repo again when they
+    differ (the stat check `list` makes cannot see an edit in place)."""
+    repo = model_factory.repo("org/edited")
+    listed("--all")
+    weights = repo.blob_path("model.safetensors")
+    os.truncate(weights, weights.stat().st_size - 1000)
+    result = mlxk("show", "org/edited", "--json")
+    assert result.exit_code == 0, result.output
+    model = json.loads(result.stdout)["data"]["model"]
+    assert model["health"] == "unhealthy" and "safetensors" in model["reason"]
+    assert [m["health"] for m in listed("--all")] == ["unhealthy"]   # the row itself was corrected

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from tests import factory
-from tests.fixtures.cli import run_json
+from tests.fixtures.cli import run, run_json
 from tests.fixtures.mlx_knife import jq_examples, validate
 
 PHI = "mlx-community/Phi-3-mini-4k-instruct-4bit"
@@ -78,6 +78,10 @@ def test_pull_documents_validate(hub, worker):
         _, doc = run_json("pull", *args)
         validate(doc)
         assert doc["data"]["download_status"]
+        if args[1:] == ("--wait",) and doc["status"] == "success":
+            # QA F3: no cache paths in --json: the snapshot relative to the HF cache
+            path = doc["data"]["result"]["snapshot_path"]
+            assert path.startswith("models--mlx-community--schema") and "/snapshots/" in path, path
 
 
 @pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed (make system-deps installs it)")
@@ -139,6 +143,17 @@ def test_workspace_paths_show_and_health_as_cached_false(cache, tmp_path, monkey
     assert model["health"] == "healthy" and model["runtime_compatible"] is True
     assert model["size_bytes"] == sum(f["size_bytes"] for f in doc["data"]["files"])
     assert doc["data"]["metadata"]["quantization"] == "4bit"
+    assert doc["data"]["workspace_metadata"] == {}            # mlx-knife 2.0.8: {} for a workspace, null for a repo
+    # QA F5: `list ./dir` lists the workspace as mlx-knife 2.0.8 does (count 1, the absolute path, cached false)
+    result, doc = run_json("list", "./my-phi")
+    assert result.exit_code == 0, result.output
+    validate(doc)
+    assert doc["data"]["count"] == 1 and [(m["name"], m["cached"]) for m in doc["data"]["models"]] == [
+        (str(workspace), False)]
+    result = run("list", "./my-phi")
+    assert result.exit_code == 0 and str(workspace) in result.stdout, result.output
+    result, doc = run_json("health", "./my-phi")
+    assert doc["data"]["healthy"][0]["cached"] is False and doc["data"]["healthy"][0]["managed"] is False
     (workspace / "config.json").write_text("{")   # broken, not gone: a folder without config.json is no model
     result, doc = run_json("health", str(workspace))
     validate(doc)

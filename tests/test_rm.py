@@ -38,6 +38,7 @@ def test_rm_exact_name_removes_repo_index_row_and_locks_and_records_a_job(indexe
     job = doc["data"]
     assert job["kind"] == "rm" and job["state"] == "succeeded" and job["target"] == indexed.repo_id
     assert job["result"]["whole_repo"] is True and job["result"]["bytes_freed"] >= indexed.size_bytes
+    assert job["result"]["paths"] == [indexed.repo_dir.name]   # QA F3: relative to the HF cache, no cache paths
     assert not indexed.repo_dir.exists() and not lock_dir.exists()
     from mlxk.db import models as models_db
 
@@ -86,6 +87,10 @@ def test_rm_at_hash_removes_only_that_revision_and_its_own_blobs(model_factory):
     assert doc["data"]["result"]["whole_repo"] is False and doc["data"]["result"]["revisions"] == ["a" * 40]
     assert doc["data"]["action"] == "deleted" and doc["data"]["model"] == "org/two-revs@" + "a" * 40
     assert "settings" not in doc["data"]   # no cache paths in rm's document
+    # QA F3: what went, relative to the HF cache: that snapshot and its own blobs, not the whole repo folder
+    folder = old.repo_dir.name
+    assert sorted(doc["data"]["result"]["paths"]) == sorted(
+        {f"{folder}/snapshots/{'a' * 40}"} | {f"{folder}/blobs/{old.blob_path(n).name}" for n in own})
     assert not old.snapshot_dir.exists() and new.snapshot_dir.is_dir()
     for name in own:
         assert not old.blob_path(name).exists()

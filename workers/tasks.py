@@ -303,7 +303,14 @@ def run_pull(job: dict, ctx: JobContext) -> dict:
     ctx.phase("indexing")
     # Before the job succeeds, so `mlxk list` shows the model the moment the job says done.
     _refresh_index({repo}, runtime=True, cache_dir=ctx.settings.cache)
-    return plain(result)
+    return _relative_snapshot(plain(result), ctx.settings.cache)
+
+
+def _relative_snapshot(pulled: dict | None, cache_dir: Path) -> dict | None:
+    """A pull's result as the job records it: `snapshot_path` relative to the HF cache (no cache paths in --json)."""
+    if pulled and pulled.get("snapshot_path"):
+        pulled["snapshot_path"] = cache.cache_relative(pulled["snapshot_path"], cache_dir)
+    return pulled
 
 
 def run_rm(job: dict, ctx: JobContext) -> dict:
@@ -324,7 +331,8 @@ def run_rm(job: dict, ctx: JobContext) -> dict:
         ctx.phase("removing")
         checkpoint("rm.moving")
         if plan.whole_repo and not cache.repo_dir(cache_dir, repo).exists():
-            record = {"repo_id": repo, "revisions": [], "whole_repo": True, "bytes_freed": 0, "blobs": []}
+            record = {"repo_id": repo, "revisions": [], "whole_repo": True, "bytes_freed": 0, "blobs": [],
+                      "nothing": True}
         else:
             record = cache.move_to_trash(cache_dir, plan, trash)
     cache.finish_trash(cache_dir, trash, record)
@@ -333,7 +341,19 @@ def run_rm(job: dict, ctx: JobContext) -> dict:
     cache.empty_trash(trash)
     _empty_leftover_trash(cache_dir)
     return {"repo_id": repo, "revisions": record["revisions"], "whole_repo": record["whole_repo"],
-            "bytes_freed": record["bytes_freed"], "paths": [str(cache.repo_dir(cache_dir, repo))]}
+            "bytes_freed": record["bytes_freed"], "paths": _removed_paths(cache_dir, repo, record)}
+
+
+def _removed_paths(cache_dir: Path, repo: str, record: dict) -> list[str]:
+    """What an rm took out, relative to the HF cache (no cache paths in job results): the repo folder, or one
+    revision's snapshot folder and the blobs only it used; nothing when there was nothing to remove."""
+    folder = cache.repo_dir(cache_dir, repo).name
+    if record.get("nothing"):
+        return []
+    if record["whole_repo"]:
+        return [folder]
+    return [f"{folder}/snapshots/{rev}" for rev in record["revisions"]] + \
+        [f"{folder}/blobs/{blob}" for blob in record.get("blobs") or []]
 
 
 def _refuse_if_superseded(job: dict) -> None:
@@ -427,7 +447,8 @@ def run_clone(job: dict, ctx: JobContext) -> dict:
         ctx.phase("cloning")
         ctx.record({"publishing": str(dest)})
         result = {"clone": plain(clone.clone(snapshot, dest, progress=ctx.progress, owner=job["id"])),
-                  "pulled": plain(pulled), "snapshot": str(snapshot)}
+                  "pulled": _relative_snapshot(plain(pulled), cache_dir),
+                  "snapshot": cache.cache_relative(snapshot, cache_dir)}
         ctx.flush()
     ctx.phase("checking the workspace")
     result["findings"] = plain(hub.check_workspace(dest))

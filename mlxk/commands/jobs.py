@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from mlxk import jobs
+from mlxk import cache, jobs
 from mlxk.commands import SuggestingGroup, log_options
 from mlxk.config import parse_rate, settings
 from mlxk.errors import AmbiguousMatch, MlxkError, WorkspaceInvalid, WorkspacePath, knife_type
@@ -297,11 +297,7 @@ def _rm_plan(target, model: str, *, confirm: bool) -> Output:
     return Output(data=data, text="\n".join(lines))
 
 
-def _cache_relative(path: Path, cache_dir: Path) -> str:
-    try:
-        return Path(path).relative_to(cache_dir).as_posix()
-    except ValueError:
-        return Path(path).name
+_cache_relative = cache.cache_relative
 
 
 def _public(job: dict) -> dict:

@@ -6,6 +6,7 @@ mlx, mlx-lm, huggingface_hub and sqlite-utils stay out (see bench/list).
 from __future__ import annotations
 
 import json
+import os
 from contextlib import closing
 
 import click
@@ -57,9 +58,15 @@ DEFAULT_MODEL_HINT = "mlx-community/Qwen3-4B-4bit"
               help="Do not queue runtime checks (nor start a job worker): `make run` indexes before its own worker.")
 @json_command
 def list_command(pattern, show_all, show_health, sort, reverse, no_scan):
-    """List cached models (runnable MLX chat models unless --all)."""
+    """List cached models (runnable MLX chat models unless --all); PATTERN may be a workspace path (`./dir`)."""
     if pattern is not None:
         index.check_pattern(pattern)
+        from mlxk import names  # lazy: keeps `mlxk list` light
+
+        # mlx-knife lists a model folder itself (`cached: false`); any other pattern, `../x` included, only filters
+        if names.is_workspace_path(pattern) and os.path.isfile(os.path.join(os.path.expanduser(pattern),
+                                                                          "config.json")):
+            return _list_workspace(pattern, show_all, show_health)
     config = settings()
     with closing(index.load(config.state_db, config.hf_hub_cache)) as loaded:
         if loaded.warning:
@@ -78,6 +85,15 @@ def list_command(pattern, show_all, show_health, sort, reverse, no_scan):
                        "pending": sum(row["pending"] for row in found)})
     shown = found if show_all else [row for row in found if index.is_runnable_chat(row)]
     return Output(None, lambda: _render_list(shown, len(found), show_health, config.hf_hub_cache, pattern))
+
+
+def _list_workspace(path: str, show_all: bool, show_health: bool) -> Output:
+    """`list ./dir`: the one workspace, read now (as `show`/`health` read it; never indexed)."""
+    row = index.workspace(path)
+    if json_mode():
+        return Output({"models": [index.workspace_object(row)], "count": 1, "system": system_object(), "pending": 0})
+    shown = [row] if show_all or index.is_runnable_chat(row) else []
+    return Output(None, lambda: _render_list(shown, 1, show_health, None, path))
 
 
 def _render_list(shown: list[dict], total: int, show_health: bool, cache_dir, pattern) -> str:
@@ -150,7 +166,11 @@ def show_command(name, show_files, show_config):
     with closing(index.load(config.state_db, config.hf_hub_cache)) as loaded:
         if loaded.warning:
             say(f"Warning: {loaded.warning}")
-        detail = index.describe(index.resolve(loaded.conn, ref), files=show_files, config=show_config)
+        resolved = index.resolve(loaded.conn, ref)
+        if index.changed_in_place(resolved.row):   # an in-place edit no fingerprint sees: inspect this repo again
+            index.refresh(loaded.conn, config.hf_hub_cache, repos={resolved.row["repo_id"]}, force=True)
+            resolved = index.resolve(loaded.conn, ref)
+        detail = index.describe(resolved, files=show_files, config=show_config)
         pending = detail["model"]["runtime_pending"]
         index.with_provisional_verdict(loaded.conn, detail["model"])
     return Output(detail, lambda: _render_show(detail, pending))
