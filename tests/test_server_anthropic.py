@@ -163,6 +163,17 @@ def test_count_tokens_counts_what_messages_would_prompt(client):
     assert bare.input_tokens < counted.input_tokens
 
 
+def test_count_tokens_counts_a_prompt_over_the_context_instead_of_refusing_it(client):
+    """Counting is not generating: a prompt the model cannot take is still counted (the tiny models' context is
+    2048 tokens), while messages.create refuses it."""
+    long = [{"role": "user", "content": "many words " * 1500}]
+    counted = client.messages.count_tokens(model=SCRIPTED_ID, messages=long)
+    assert counted.input_tokens > 2048
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.messages.create(model=SCRIPTED_ID, max_tokens=8, messages=long)
+    assert "maximum context length is 2048" in info.value.body["error"]["message"]
+
+
 def test_claude_code_attribution_block_is_dropped(client):
     plain = client.messages.count_tokens(model=SCRIPTED_ID, messages=HI, system="Be brief.")
     attributed = client.messages.count_tokens(model=SCRIPTED_ID, messages=HI, system=[

@@ -429,11 +429,12 @@ class Engine:
         what = "messages" if request.kind == "chat" else "prompt"
         if lm.context_length is not None and n >= lm.context_length:
             raise PromptTooLong(f"This model's maximum context length is {lm.context_length} tokens. However, your "
-                                f"{what} resulted in {n} tokens. Please reduce the length of the {what}.")
+                                f"{what} resulted in {n} tokens. Please reduce the length of the {what}.",
+                                prompt_tokens=n)
         if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
             raise PromptTooLong(f"This model's maximum context length is {self.max_prompt_tokens} tokens on this "
                                 f"server (MLXK_MAX_PROMPT_TOKENS). However, your {what} resulted in {n} tokens. "
-                                f"Please reduce the length of the {what}.")
+                                f"Please reduce the length of the {what}.", prompt_tokens=n)
         room = (lm.context_length - n) if lm.context_length is not None else protocol.DEFAULT_MAX_TOKENS
         max_tokens = min(params.max_tokens or protocol.DEFAULT_MAX_TOKENS, room)
 
