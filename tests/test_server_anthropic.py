@@ -123,6 +123,14 @@ def test_tool_round_trip(client):
         reply.usage.input_tokens + reply.usage.cache_read_input_tokens
 
 
+def test_tool_choice_any_on_a_model_without_a_call_format_is_refused_in_anthropic_terms(client):
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.messages.create(model=RANDOM_ID, max_tokens=8, messages=HI, tools=F_TOOL, tool_choice={"type": "any"})
+    message = info.value.body["error"]["message"]
+    assert 'tool_choice {"type": "any"}' in message and 'use tool_choice {"type": "auto"}' in message, message
+    assert "'required'" not in message and "'auto'" not in message
+
+
 def test_streamed_tool_input_arrives_as_input_json_delta(client, server):
     with client.messages.stream(model=CALLER_ID, max_tokens=64, messages=HI, tools=F_TOOL,
                                 tool_choice={"type": "any"}) as stream:
