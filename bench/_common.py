@@ -1,7 +1,10 @@
-"""What the bench scripts share: an isolated environment for the processes they time, the `mlxk` command, and the
-mlx-knife 2.0.8 reference install (one venv for every bench, so it is installed once).
+"""What the bench scripts share: the project's interpreter, an isolated environment for the processes they time,
+the `mlxk` command, and the mlx-knife 2.0.8 reference install (one venv for every bench, so it is installed once).
 
-The scripts run as `.venv/bin/python bench/<name>`, so this directory is first on sys.path: `import _common`.
+A script runs as `bench/<name>` or `.venv/bin/python bench/<name>`; either way its directory is first on sys.path,
+and it imports this module first, before anything third-party: run by another interpreter (its shebang's python3),
+importing this module re-executes the script with the project's .venv/bin/python (`make install` makes it), where
+httpx, mlx and the repo are installed. So this module imports nothing but the standard library.
 """
 from __future__ import annotations
 
@@ -12,6 +15,20 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+
+
+def _reexec_in_project_venv() -> None:
+    """Replace this process by the same bench script under the project's .venv, unless it runs there already (or
+    there is none: then the script's own imports say what is missing)."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if script is None or script.parent != Path(__file__).resolve().parent:
+        return   # imported by something other than a bench script (a test): leave the interpreter alone
+    if VENV_PYTHON.exists() and Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
+        os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), str(script), *sys.argv[1:]])
+
+
+_reexec_in_project_venv()
 
 REF_VERSION = "2.0.8"
 REF_PACKAGES = [f"mlx-knife=={REF_VERSION}", "mlx-cpu==0.32.0"]

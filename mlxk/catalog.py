@@ -84,8 +84,9 @@ def why_not_runnable(row: dict, types: tuple[str, ...] = SERVABLE_TYPES) -> str 
     return None
 
 
-def runnable(rows: list[dict]) -> list[dict]:
-    return [row for row in rows if why_not_runnable(row) is None]
+def runnable(rows: list[dict], types: tuple[str, ...] = SERVABLE_TYPES) -> list[dict]:
+    """The rows that can be served as one of `types` (generation by default)."""
+    return [row for row in rows if why_not_runnable(row, types) is None]
 
 
 def resolve_row(name: str, rows: list[dict], types: tuple[str, ...] = SERVABLE_TYPES) -> tuple[dict, str]:

@@ -10,6 +10,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 
+from mlxk import registry
 from mlxk.health import CHAT_TEMPLATE_FILES, RepoView
 
 log = logging.getLogger("mlxk.detect")
@@ -143,13 +144,7 @@ def is_embedding(view: RepoView) -> bool:
     name = view.repo_id.rsplit("/", 1)[-1].lower()
     if "embed" in name:
         return True
-    config = view.config or {}
-    architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
-    if architectures and all(a.endswith("Model") and "For" not in a for a in architectures):
-        return True  # a bare encoder without an LM head (BertModel, XLMRobertaModel, ...)
-    model_type = str(config.get("model_type", "")).lower()
-    causal = any("CausalLM" in a or "ConditionalGeneration" in a for a in architectures)
-    return "bert" in model_type and not causal
+    return registry.looks_like_encoder(view.config)  # a bare encoder (BertModel, XLMRobertaModel, ...)
 
 
 def _name_says_chat(view: RepoView) -> bool:

@@ -775,7 +775,7 @@ def check_model_type(view: RepoView, detection: "Detection") -> Finding | None:
     if model_type in ENCODER_MODEL_TYPES:
         return None  # the inference worker's own encoder runs it (workers/inference/encoder.py)
     if not model_type_supported(model_type, config.get("architectures")):
-        return Finding("unsupported_model_type", unsupported_reason(model_type, mlx_lm_signature()))
+        return Finding("unsupported_model_type", unsupported_reason(model_type, mlx_lm_signature(), config))
     return None
 
 

@@ -59,13 +59,32 @@ def verdict(registry: dict | None, config: dict | None) -> tuple[bool, str | Non
     remapped = next((target for kind, architecture, target in registry["arch_remap"]
                      if kind == model_type and architecture in architectures), None)
     if (remapped or registry["remap"].get(model_type, model_type)) not in registry["modules"]:
-        return False, unsupported_reason(model_type, registry["signature"])
+        return False, unsupported_reason(model_type, registry["signature"], config)
     return True, None
 
 
-def unsupported_reason(model_type: str, signature: str) -> str:
-    """The reason of a model type mlx-lm does not know (this verdict and health.check_model_type's), starting with
-    mlx-knife 2.0.8's own words for it ("Model type X not supported"), so scripts matching them keep working."""
+def looks_like_encoder(config: dict | None) -> bool:
+    """Whether config.json describes an encoder (an embedding model, not a generator): a bare `...Model` without an
+    LM head (BertModel, ModernBertModel), or a *bert* model type that is not a causal LM."""
+    config = config if isinstance(config, dict) else {}
+    architectures = config.get("architectures") or []
+    architectures = [a for a in ([architectures] if isinstance(architectures, str) else architectures)
+                     if isinstance(a, str)]
+    if architectures and all(a.endswith("Model") and "For" not in a for a in architectures):
+        return True
+    causal = any("CausalLM" in a or "ConditionalGeneration" in a for a in architectures)
+    return "bert" in str(config.get("model_type", "")).lower() and not causal
+
+
+def unsupported_reason(model_type: str, signature: str, config: dict | None = None) -> str:
+    """The reason of a model type nothing here runs (this verdict and health.check_model_type's), starting with
+    mlx-knife 2.0.8's own words for it ("Model type X not supported"), so scripts matching them keep working.
+    An encoder (see looks_like_encoder) is not mlx-lm's to run, so upgrading it would not help: the reason names
+    the encoder types the inference worker serves instead."""
+    if looks_like_encoder(config):
+        served = ", ".join(ENCODER_MODEL_TYPES)
+        return (f"Model type {model_type} not supported: it is an encoder, and mlxk's encoder serves embedding "
+                f"models of type {served} only; this type is not served (mlx-lm runs no encoders)")
     return f"Model type {model_type} not supported by {signature}; upgrade mlx-lm (pip install -U mlx-lm)"
 
 

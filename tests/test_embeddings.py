@@ -51,7 +51,21 @@ def test_the_factory_model_is_classified_embedding(server):
     models = httpx.get(f"{server.url}/api/models", headers=server.headers).json()["models"]
     row = next(m for m in models if m["name"] == EMBED_ID)
     assert row["model_type"] == "embedding" and row["health"] == "healthy"
-    assert EMBED_ID not in [m.id for m in server.openai().models.list().data]  # it cannot chat
+
+
+def test_embedding_models_are_listed_by_v1_models_and_chat_refuses_them(server, client):
+    """OpenAI lists its embedding models in /v1/models too; the chat routes refuse one by name."""
+    listed = {m.id: m for m in client.models.list().data}
+    assert EMBED_ID in listed and SCRIPTED_ID in listed
+    assert listed[EMBED_ID].context_length == factory.TINY.max_position_embeddings
+    one = client.models.retrieve(EMBED_ID)
+    assert one.id == EMBED_ID and one.context_length == factory.TINY.max_position_embeddings
+    with server.http() as http:
+        response = http.post("/v1/chat/completions", json={"model": EMBED_ID,
+                                                            "messages": [{"role": "user", "content": "hi"}]})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "model_not_runnable" and error["param"] == "model"
+    assert "embedding model" in error["message"]
 
 
 def test_openai_sdk_embeddings_create(client):
@@ -168,19 +182,25 @@ def test_a_client_that_hangs_up_cancels_its_embedding_request(tmp_path):
         srv.stop()
 
 
-@pytest.mark.parametrize("body, status, problem", [
-    ({"model": SCRIPTED_ID, "input": "x"}, 400, "only embedding models give embeddings"),
-    ({"model": EMBED_ID, "input": []}, 400, "input"),
-    ({"model": EMBED_ID, "input": [""]}, 400, "empty"),
-    ({"model": EMBED_ID, "input": [[-1]]}, 400, "negative"),
-    ({"model": EMBED_ID, "input": [[10 ** 9]]}, 400, "vocabulary"),
-    ({"model": EMBED_ID, "input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
-    ({"model": "mlx-community/nope", "input": "x"}, 404, "no cached model"),
+@pytest.mark.parametrize("body, status, problem, param", [
+    ({"model": SCRIPTED_ID, "input": "x"}, 400, "only embedding models give embeddings", "model"),
+    ({"model": EMBED_ID, "input": []}, 400, "input", "input"),
+    ({"model": EMBED_ID, "input": [""]}, 400, "empty", "input[0]"),
+    ({"model": EMBED_ID, "input": [[-1]]}, 400, "negative", "input[0]"),
+    ({"model": EMBED_ID, "input": [[1], [10 ** 9]]}, 400, "vocabulary", "input[1]"),
+    ({"model": EMBED_ID, "input": ["a", 1]}, 400, "input[1]", "input[1]"),
+    ({"model": EMBED_ID, "input": "x", "dimensions": HIDDEN + 1}, 400, "dimensions", "dimensions"),
+    ({"model": EMBED_ID, "input": ["a", "many words " * 1200]}, 400, "maximum context length", "input[1]"),
+    ({"model": EMBED_ID, "input": "x", "encoding_format": "int8"}, 400, "encoding_format", "encoding_format"),
+    ({"model": "mlx-community/nope", "input": "x"}, 404, "no cached model", None),
 ])
-def test_bad_embedding_requests(server, body, status, problem):
+def test_bad_embedding_requests(server, body, status, problem, param):
+    """OpenAI refuses an input over the context (no truncation) and names the field at fault in `param`."""
     with server.http() as http:
         response = http.post("/v1/embeddings", json=body)
-    assert response.status_code == status and problem in response.json()["error"]["message"]
+    error = response.json()["error"]
+    assert response.status_code == status and problem in error["message"], error
+    assert error["param"] == param
 
 
 def test_ollama_embed_and_legacy_embeddings(server, client):

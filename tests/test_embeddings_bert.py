@@ -117,7 +117,9 @@ def test_bert_family_embedders_are_listed_runnable_and_others_say_why_not(server
     for repo in MODELS:
         assert models[repo]["model_type"] == "embedding" and models[repo]["health"] == "healthy", models[repo]
         assert models[repo]["runtime_compatible"] is True
-    assert models[ODD_ID]["runtime_compatible"] is False and "modernbert" in models[ODD_ID]["reason"]
+    reason = models[ODD_ID]["reason"]
+    assert models[ODD_ID]["runtime_compatible"] is False and "modernbert" in reason
+    assert "bert, roberta, xlm-roberta" in reason and "upgrade" not in reason  # upgrading mlx-lm would not help
     ol = ollama.Client(host=server.url, headers=server.headers, timeout=60)
     listed = {m.model for m in ol.list().models}
     assert {f"{repo}:latest" for repo in MODELS} <= listed and f"{ODD_ID}:latest" not in listed
@@ -158,6 +160,24 @@ def test_ollama_embed_and_mlxk_embed_give_the_same_bert_vectors(server):
     assert _close(json.loads(cli.stdout)["data"]["embeddings"][0], reference[0])
 
 
+def test_ollama_truncates_an_input_over_the_context_keeping_the_final_sep(server):
+    """Ollama's `truncate` (default true; the legacy /api/embeddings likewise) cuts an input to the context (64
+    tokens here) as Hugging Face's truncation does: [CLS] + the first 62 tokens + [SEP]. `truncate: false` and
+    OpenAI's route refuse it."""
+    words = ["hello", "world", "cat"] * 40   # 122 tokens with [CLS] and [SEP]
+    long = " ".join(words)
+    ol = ollama.Client(host=server.url, headers=server.headers, timeout=120)
+    reply = ol.embed(model=BERT_ID, input=long)
+    assert reply.prompt_eval_count == 64
+    assert _close(reply.embeddings[0], _embed(server, BERT_ID, " ".join(words[:62]))[0])
+    assert _close(ol.embeddings(model=BERT_ID, prompt=long).embedding, reply.embeddings[0])
+    with server.http() as http:
+        kept = http.post("/api/embed", json={"model": BERT_ID, "input": long, "truncate": False})
+        refused = http.post("/v1/embeddings", json={"model": BERT_ID, "input": ["hello", long]})
+    assert kept.status_code == 400 and "maximum context length is 64" in kept.json()["error"], kept.text
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "input[1]"
+
+
 def test_an_encoder_cannot_generate(server):
     with server.http() as http:
         response = http.post("/v1/chat/completions", json={"model": BERT_ID,
@@ -184,6 +204,7 @@ def test_mlxk_health_judges_encoders_runnable_and_names_an_unknown_type(model_fa
         finding = check_runtime(view, detect(view))
         if repo_id == ODD_ID:
             assert finding.rule == "unsupported_model_type" and "modernbert" in finding.message
+            assert "bert, roberta, xlm-roberta" in finding.message and "upgrade" not in finding.message
         else:
             assert finding is None, finding
 

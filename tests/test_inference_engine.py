@@ -93,7 +93,8 @@ def test_greedy_matches_mlx_lm_generate_with_real_usage(models, engine):
     done = events[-1]
     assert done["finish_reason"] == "length"
     assert done["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 24,
-                             "total_tokens": prompt_tokens + 24, "prompt_tokens_details": {"cached_tokens": 0}}
+                             "total_tokens": prompt_tokens + 24, "prompt_tokens_details": {"cached_tokens": 0},
+                             "completion_tokens_details": {"reasoning_tokens": 0}}
     assert done["timings"]["ttft_s"] > 0 and done["timings"]["decode_tokens_per_s"] > 0
     assert len([ev for ev in events if ev["event"] == "delta"]) > 1  # streamed, not one lump
 

@@ -125,6 +125,14 @@ def test_tool_call_arguments_become_objects():
     assert second["id"].startswith("call_") and second["id"] != first["id"]
 
 
+def test_tools_on_a_model_without_tool_support_is_400(client):
+    """Ollama's answer: 400 '"<model>" does not support tools' (dialects.md §3), not a call that never comes."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    with pytest.raises(ollama.ResponseError) as info:
+        client.chat(model=SCRIPTED_ID, messages=HI, tools=tools)
+    assert info.value.status_code == 400 and f'"{SCRIPTED_ID}" does not support tools' in info.value.error
+
+
 def test_think_on_a_model_that_cannot_think_is_400(client):
     with pytest.raises(ollama.ResponseError) as info:
         client.chat(model=SCRIPTED_ID, messages=HI, think=True)

@@ -123,6 +123,14 @@ def test_tool_round_trip(client):
         reply.usage.input_tokens + reply.usage.cache_read_input_tokens
 
 
+def test_tool_choice_any_on_a_model_without_a_call_format_is_refused_in_anthropic_terms(client):
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.messages.create(model=RANDOM_ID, max_tokens=8, messages=HI, tools=F_TOOL, tool_choice={"type": "any"})
+    message = info.value.body["error"]["message"]
+    assert 'tool_choice {"type": "any"}' in message and 'use tool_choice {"type": "auto"}' in message, message
+    assert "'required'" not in message and "'auto'" not in message
+
+
 def test_streamed_tool_input_arrives_as_input_json_delta(client, server):
     with client.messages.stream(model=CALLER_ID, max_tokens=64, messages=HI, tools=F_TOOL,
                                 tool_choice={"type": "any"}) as stream:
@@ -161,6 +169,17 @@ def test_count_tokens_counts_what_messages_would_prompt(client):
     bare = client.messages.count_tokens(model=CALLER_ID, messages=HI, system=system, tools=F_TOOL,
                                         tool_choice={"type": "none"})
     assert bare.input_tokens < counted.input_tokens
+
+
+def test_count_tokens_counts_a_prompt_over_the_context_instead_of_refusing_it(client):
+    """Counting is not generating: a prompt the model cannot take is still counted (the tiny models' context is
+    2048 tokens), while messages.create refuses it."""
+    long = [{"role": "user", "content": "many words " * 1500}]
+    counted = client.messages.count_tokens(model=SCRIPTED_ID, messages=long)
+    assert counted.input_tokens > 2048
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.messages.create(model=SCRIPTED_ID, max_tokens=8, messages=long)
+    assert "maximum context length is 2048" in info.value.body["error"]["message"]
 
 
 def test_claude_code_attribution_block_is_dropped(client):

@@ -261,6 +261,7 @@ def test_not_runnable_model_gets_index_reason(server, client):
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"temperature": "hot"}, "temperature"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),   # only with stream: true, as OpenAI says
 ])
 def test_unsupported_or_invalid_fields_name_the_field(server, extra, param):
     with server.http() as http:

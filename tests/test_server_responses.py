@@ -173,6 +173,8 @@ def test_worker_dying_mid_stream_is_a_response_failed_event(server, client):
     assert events[-1].type == "response.failed"
     assert events[-1].response.status == "failed" and events[-1].response.error.code == "worker_restarting"
     assert [e.sequence_number for e in events] == list(range(len(events)))
+    kept = client.responses.retrieve(events[-1].response.id)   # stored as failed, as OpenAI keeps one
+    assert kept.status == "failed" and kept.error.code == "worker_restarting"
     assert client.responses.create(model=SCRIPTED_ID, input="hi").output_text == SCRIPTED_REPLY
 
 
@@ -201,3 +203,55 @@ def test_unknown_text_format_is_a_400_naming_it(client):
     with pytest.raises(openai.BadRequestError) as raised:
         client.responses.create(model=SCRIPTED_ID, input="hi", text={"format": {"type": "yaml"}})
     assert raised.value.param == "text.format.type" and "json_schema" in raised.value.message
+
+
+def _sse(server, payload: dict) -> list[dict]:
+    with server.http() as http, http.stream("POST", "/v1/responses", json={**payload, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        return [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def _event_schemas() -> dict[str, str]:
+    """Each Responses stream event type -> the name of its schema, from the ResponseStreamEvent union."""
+    from tests.test_openai_conformance import _components
+
+    schemas = _components()["schemas"]
+    names = [ref["$ref"].rsplit("/", 1)[1] for ref in schemas["ResponseStreamEvent"]["anyOf"]]
+    return {schemas[name]["properties"]["type"]["enum"][0]: name for name in names}
+
+
+@pytest.mark.parametrize("payload", [
+    {"model": THINKER_ID, "input": "hi"},                                                    # reasoning + message
+    {"model": CALLER_ID, "input": "hi", "tools": [{"type": "function", "name": "f",         # no strict, no
+                                                   "parameters": {"type": "object", "properties": {}}}]},
+    {"model": SCRIPTED_ID, "input": "hi", "max_output_tokens": 2},                            # incomplete
+], ids=["reasoning", "tool-call", "incomplete"])
+def test_responses_and_their_events_validate_against_openais_schemas(server, payload):
+    """Non-stream, GET and every streamed event against ../shared/reference/openai-schemas.json (usage's
+    cache_write_tokens, content_part.done's logprobs, an echoed function tool's strict)."""
+    from tests.test_openai_conformance import assert_valid
+
+    with server.http() as http:
+        body = http.post("/v1/responses", json=payload).json()
+        again = http.get(f"/v1/responses/{body['id']}").json()
+    assert_valid("Response", body)
+    assert_valid("Response", again)
+    events = _sse(server, payload)
+    schemas = _event_schemas()
+    for event in events:
+        assert_valid(schemas[event["type"]], event)   # its own schema: the union's error would say only "no match"
+    assert events[-1]["type"] in ("response.completed", "response.incomplete")
+    if payload["model"] == THINKER_ID:   # "Hm." was reasoning: its tokens are counted
+        assert body["usage"]["output_tokens_details"]["reasoning_tokens"] > 0
+        assert events[-1]["response"]["usage"]["output_tokens_details"]["reasoning_tokens"] > 0
+
+
+def test_chat_completions_count_reasoning_tokens(server):
+    with server.http() as http:
+        thought = http.post("/v1/chat/completions", json={"model": THINKER_ID, "messages": [
+            {"role": "user", "content": "hi"}]}).json()
+        plain = http.post("/v1/chat/completions", json={"model": SCRIPTED_ID, "messages": [
+            {"role": "user", "content": "hi"}]}).json()
+    usage = thought["usage"]
+    assert 0 < usage["completion_tokens_details"]["reasoning_tokens"] < usage["completion_tokens"]
+    assert plain["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0

@@ -190,9 +190,23 @@ async def parse_body(request: Request, model: type[Model]) -> Model:
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        param = ".".join(str(part) for part in first.get("loc", ()))
+        found = [(field_path(data, e.get("loc", ())), e) for e in error.errors()]
+        # the first error's field, or a deeper one inside it (a union tries each member: ["a", 1] fails as a
+        # list of strings at input[1], which says more than "input")
+        param, first = max((f for f in found if f[0].startswith(found[0][0])), key=lambda f: len(f[0]))
         raise InvalidRequest(f"invalid value for '{param}': {first.get('msg')}", param=param or None) from None
+
+
+def field_path(data, loc) -> str:
+    """A pydantic error location as the request field it names (`input[1]`, `tools[0].function`): the parts that
+    walk `data`; a union member's tag (`str`, `list[int]`), which names no field, is left out."""
+    path, node = "", data
+    for i, part in enumerate(loc):
+        if isinstance(part, int) and isinstance(node, list) and 0 <= part < len(node):
+            path, node = f"{path}[{part}]", node[part]
+        elif isinstance(part, str) and isinstance(node, dict) and (part in node or i == len(loc) - 1):
+            path, node = f"{path}.{part}" if path else part, node.get(part)   # the last may be a missing field
+    return path
 
 
 async def parse_optional_body(request: Request, model: type[Model]) -> Model:

@@ -71,6 +71,7 @@ class WorkerError(MlxkError):
         self.http_status = int(event.get("status") or 500)
         self.retryable = bool(event.get("retryable"))
         self.details = {"retryable": self.retryable}
+        self.prompt_tokens = event.get("prompt_tokens")  # a prompt over the context: its count (count_tokens)
         if event.get("param"):
             self.details["param"] = event["param"]
 

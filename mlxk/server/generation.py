@@ -219,12 +219,19 @@ async def respond(request: Request, run: Run, exchange: Awaitable[Response]) -> 
 async def count_prompt_tokens(state: ServerState, rid: str, servable: catalog.Servable, *, messages: list,
                               params: protocol.Params, endpoint: str) -> int:
     """The prompt's token count exactly as a generation would see it (chat template, tools): the worker's
-    `accepted` event, after which the request is cancelled before it decodes more than a token."""
+    `accepted` event, after which the request is cancelled before it decodes more than a token. A prompt over the
+    model's context is still counted (the worker's refusal carries its count): counting is not generating."""
     params.max_tokens = 1
     run = open_run(state, rid, servable, kind="chat", messages=messages, params=params, endpoint=endpoint,
                    started=time.perf_counter())
-    accepted = await run.accepted()
-    await run.close()
+    try:
+        accepted = await run.accepted()
+    except WorkerError as error:
+        if isinstance(getattr(error, "prompt_tokens", None), int):
+            return error.prompt_tokens
+        raise
+    finally:
+        await run.close()
     return int(accepted.get("prompt_tokens") or 0)
 
 

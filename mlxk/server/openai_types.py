@@ -80,6 +80,8 @@ class _Common(BaseModel):
         """(param, message) for a value OpenAI's schema rejects that a field declaration cannot express."""
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
             return "stop", f"stop takes at most {MAX_STOP} sequences; {len(self.stop)} were given"
+        if self.stream_options is not None and not self.stream:  # OpenAI's own 400 and words
+            return "stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled."
         try:
             keep_alive_seconds(self.keep_alive)
         except ValueError as e:

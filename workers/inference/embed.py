@@ -40,6 +40,7 @@ class EmbedRequest:
     inputs: list            # strings or lists of token ids
     dimensions: int | None = None
     keep_alive: float | None = None
+    truncate: bool = False  # cut an input longer than the context to it (Ollama's default); else PromptTooLong
     future: Future = field(default_factory=Future)
 
 
@@ -58,7 +59,10 @@ def parse_embed(message: dict) -> EmbedRequest:
     keep_alive = message.get("keep_alive")
     if keep_alive is not None and (isinstance(keep_alive, bool) or not isinstance(keep_alive, (int, float))):
         raise ProtocolError('"keep_alive" must be a number or null')
-    return EmbedRequest(parse_model_ref(message.get("model")), inputs, dimensions, keep_alive)
+    truncate = message.get("truncate", False)
+    if not isinstance(truncate, bool):
+        raise ProtocolError('"truncate" must be a boolean')
+    return EmbedRequest(parse_model_ref(message.get("model")), inputs, dimensions, keep_alive, truncate)
 
 
 class Embedder:
@@ -162,12 +166,16 @@ class Embedder:
         for i, item in enumerate(request.inputs):
             tokens = lm.tokenizer.encode(item) if isinstance(item, str) else list(item)
             if not tokens:
-                raise BadRequest(f"input {i} is empty: there is nothing to embed")
+                raise BadRequest(f"input {i} is empty: there is nothing to embed", param=f"input[{i}]")
             if vocab and max(tokens) >= vocab:
-                raise BadRequest(f"input {i} has token id {max(tokens)}; this model's vocabulary has {vocab}")
+                raise BadRequest(f"input {i} has token id {max(tokens)}; this model's vocabulary has {vocab}",
+                                 param=f"input[{i}]")
             if lm.context_length and len(tokens) > lm.context_length:
-                raise PromptTooLong(f"input {i} has {len(tokens)} tokens; this model's maximum context length is "
-                                    f"{lm.context_length} tokens")
+                if not request.truncate:
+                    raise PromptTooLong(f"input {i} has {len(tokens)} tokens; this model's maximum context length "
+                                        f"is {lm.context_length} tokens", param=f"input[{i}]")
+                tokens = _truncate(tokens, lm.context_length, _closing_ids(lm.tokenizer) if isinstance(item, str)
+                                   else ())
             out.append(tokens)
         return out
 
@@ -207,6 +215,21 @@ class Embedder:
         return lambda padded, mask: body(padded)
 
 
+def _closing_ids(tokenizer) -> tuple[int, ...]:
+    """The special tokens a tokenizer appends to a text ([SEP] for BERT, </s> for RoBERTa/XLM-R, EOS for decoder
+    embedders that add one)."""
+    ids = (getattr(tokenizer, "sep_token_id", None), getattr(tokenizer, "eos_token_id", None))
+    return tuple(i for i in ids if isinstance(i, int))
+
+
+def _truncate(tokens: list[int], limit: int, closing: tuple[int, ...]) -> list[int]:
+    """The first `limit` tokens; a closing special token the tokenizer appended stays last, as Hugging Face's
+    `truncation=True` keeps [CLS] ... [SEP] (Ollama's `truncate: true` likewise cuts to the context length)."""
+    if tokens[-1] in closing and limit >= 2:
+        return tokens[:limit - 1] + [tokens[-1]]
+    return tokens[:limit]
+
+
 def _settle(request: EmbedRequest, *, result: dict | None = None, error: BaseException | None = None) -> None:
     """Give the request its vectors or its error, unless its client cancelled it meanwhile (the future is done)."""
     try:
@@ -221,7 +244,7 @@ def _settle(request: EmbedRequest, *, result: dict | None = None, error: BaseExc
 def _shorten(vectors: list[list[float]], dimensions: int | None) -> list[list[float]]:
     """Matryoshka truncation to `dimensions` (Qwen3-Embedding is trained for it), then L2 normalization."""
     if dimensions is not None and vectors and dimensions > len(vectors[0]):
-        raise BadRequest(f"dimensions {dimensions} is more than this model's {len(vectors[0])}")
+        raise BadRequest(f"dimensions {dimensions} is more than this model's {len(vectors[0])}", param="dimensions")
     out = []
     for vector in vectors:
         cut = vector[:dimensions] if dimensions else vector

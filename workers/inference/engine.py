@@ -93,6 +93,9 @@ class Row:
     completion_tokens: int = 0
     first_token_at: float | None = None
     constraint: Any = None       # its GrammarProcessor when response_format or tool_choice constrains it
+    reasoning_tokens: int = 0    # of completion_tokens, those inside the reasoning (usage's reasoning_tokens)
+    in_reasoning: bool = False   # the last token was reasoning: a token that shows nothing (a held or hidden
+                                 # marker, </think> itself) continues it
 
 
 @dataclass
@@ -429,11 +432,12 @@ class Engine:
         what = "messages" if request.kind == "chat" else "prompt"
         if lm.context_length is not None and n >= lm.context_length:
             raise PromptTooLong(f"This model's maximum context length is {lm.context_length} tokens. However, your "
-                                f"{what} resulted in {n} tokens. Please reduce the length of the {what}.")
+                                f"{what} resulted in {n} tokens. Please reduce the length of the {what}.",
+                                prompt_tokens=n)
         if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
             raise PromptTooLong(f"This model's maximum context length is {self.max_prompt_tokens} tokens on this "
                                 f"server (MLXK_MAX_PROMPT_TOKENS). However, your {what} resulted in {n} tokens. "
-                                f"Please reduce the length of the {what}.")
+                                f"Please reduce the length of the {what}.", prompt_tokens=n)
         room = (lm.context_length - n) if lm.context_length is not None else protocol.DEFAULT_MAX_TOKENS
         max_tokens = min(params.max_tokens or protocol.DEFAULT_MAX_TOKENS, room)
 
@@ -455,7 +459,8 @@ class Engine:
         del cache
         row = Row(ticket=ticket, model=lm, uid=uid, prompt_tokens=n, cached_tokens=cached,
                   detokenizer=lm.tokenizer.detokenizer, stop_filter=StopFilter(params.stop), router=router,
-                  constraint=constraint)
+                  constraint=constraint, in_reasoning=not isinstance(router, HarmonyRouter)
+                  and self._initial_state(lm, request, tokens) == "reasoning")
         self._rows[uid] = row
         self._trim_prompt_cache(lm)
         self.models.started(lm)
@@ -706,6 +711,7 @@ class Engine:
             delta = row.router.feed(text)
             if finish is not None:
                 _merge_delta(delta, row.router.finish())
+            _count_reasoning(row, delta)
             if delta:
                 self._emit(row.ticket, {"event": protocol.EV_DELTA, **delta})
             if finish is None:
@@ -762,6 +768,7 @@ class Engine:
                 "prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
                 "total_tokens": row.prompt_tokens + row.completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": row.cached_tokens},
+                "completion_tokens_details": {"reasoning_tokens": row.reasoning_tokens},
             },
             "timings": {"ttft_s": round(ttft, 6), "decode_tokens_per_s": round(rate, 3)},
         })
@@ -812,6 +819,15 @@ class Engine:
                 item[2].set_exception(error)
         self._flush()
         self.models.stopped_running()
+
+
+def _count_reasoning(row: Row, delta: dict) -> None:
+    """Count the token just routed as reasoning when it showed reasoning, or showed nothing inside the reasoning
+    (OpenAI's usage.completion_tokens_details.reasoning_tokens: the completion tokens spent thinking)."""
+    if delta.get("reasoning") or (not delta and row.in_reasoning):
+        row.reasoning_tokens += 1
+    if delta:
+        row.in_reasoning = bool(delta.get("reasoning")) and not (delta.get("content") or delta.get("tool_calls"))
 
 
 def _merge_delta(delta: dict, more: dict) -> None:

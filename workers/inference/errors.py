@@ -7,39 +7,44 @@ from . import protocol
 
 
 class InferenceError(MlxkError):
+    """`param` names the request field at fault when the worker knows it (it rides in the event)."""
     type = protocol.ERR_INTERNAL
     http_status = 500
     retryable = False
 
-    def __init__(self, message: str, *, status: int | None = None):
+    def __init__(self, message: str, *, param: str | None = None, status: int | None = None):
         super().__init__(message)
+        self.param = param
         if status is not None:
             self.http_status = status
 
     def to_event(self) -> dict:
-        return protocol.error_event(self.type, self.message, self.http_status, self.retryable)
-
-
-class BadRequest(InferenceError):
-    """`param` names the request field at fault when the worker knows it (it rides in the event)."""
-    type = protocol.ERR_BAD_REQUEST
-    http_status = 400
-
-    def __init__(self, message: str, *, param: str | None = None, status: int | None = None):
-        super().__init__(message, status=status)
-        self.param = param
-
-    def to_event(self) -> dict:
-        event = super().to_event()
+        event = protocol.error_event(self.type, self.message, self.http_status, self.retryable)
         if self.param:
             event["param"] = self.param
         return event
 
 
+class BadRequest(InferenceError):
+    type = protocol.ERR_BAD_REQUEST
+    http_status = 400
+
+
 class PromptTooLong(InferenceError):
-    """OpenAI's context_length_exceeded: clients (litellm, ...) match the code and "maximum context length is N"."""
+    """OpenAI's context_length_exceeded: clients (litellm, ...) match the code and "maximum context length is N".
+    `prompt_tokens` (in the event when known) is the prompt's count, which a count-only request still answers."""
     type = protocol.ERR_CONTEXT_LENGTH_EXCEEDED
     http_status = 400
+
+    def __init__(self, message: str, *, prompt_tokens: int | None = None, param: str | None = None):
+        super().__init__(message, param=param)
+        self.prompt_tokens = prompt_tokens
+
+    def to_event(self) -> dict:
+        event = super().to_event()
+        if self.prompt_tokens is not None:
+            event["prompt_tokens"] = self.prompt_tokens
+        return event
 
 
 class LoadFailed(InferenceError):

@@ -63,7 +63,8 @@ Events of a generate request, in order
     {"event": "done", "finish_reason": "stop" | "length" | "tool_calls",
      "stop_sequence"?: str (present when a request stop string ended the text: the one that matched),
      "usage": {"prompt_tokens", "completion_tokens", "total_tokens",
-               "prompt_tokens_details": {"cached_tokens"}},
+               "prompt_tokens_details": {"cached_tokens"},
+               "completion_tokens_details": {"reasoning_tokens"}},
      "timings": {"ttft_s", "decode_tokens_per_s"}}
     {"event": "error", "type": str, "message": str, "status": int, "retryable": bool, "param"?: str}
         types: bad_request (400), context_length_exceeded (400, OpenAI's code: the prompt is longer than

@@ -330,6 +330,18 @@ async def _stream(run: Run, reply: Reply) -> AsyncIterator[bytes]:
 
 # ---------------------------------------------------------------- routes
 
+# The worker words its refusals in OpenAI's terms (the fields /v1/chat/completions has); an Anthropic client sent these.
+_OPENAI_TERMS = (("tool_choice 'required' or a named function", 'tool_choice {"type": "any"} or {"type": "tool"}'),
+                 ("use tool_choice 'auto'", 'use tool_choice {"type": "auto"}'))
+
+
+def in_anthropic_terms(error: MlxkError) -> MlxkError:
+    """`error` with a worker refusal of an OpenAI field reworded as the Anthropic field the client sent."""
+    for openai, anthropic in _OPENAI_TERMS:
+        error.message = error.message.replace(openai, anthropic)
+    return error
+
+
 
 @router.post(PATH, openapi_extra=request_body(MessagesRequest))
 @router.post(PATH + "/", include_in_schema=False)
@@ -342,7 +354,11 @@ async def messages(request: Request, state: State, rid: RequestId):
                    started=started)
 
     async def exchange():
-        reply = Reply(body.model, await run.accepted())
+        try:
+            accepted = await run.accepted()
+        except MlxkError as error:
+            raise in_anthropic_terms(error)
+        reply = Reply(body.model, accepted)
         if body.stream:
             return StreamingResponse(_stream(run, reply), media_type="text/event-stream", headers=SSE_HEADERS)
         return JSONResponse(await _collect(run, reply))

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mlxk import catalog
 from mlxk.server.deps import ServerState, State, parse_body, require_api_key
 from mlxk.server.errors import InvalidRequest
-from mlxk.server.generation import CLIENT_CLOSED, HUNG_UP, unless_hung_up
+from mlxk.server.generation import CLIENT_CLOSED, HUNG_UP, naming, unless_hung_up
 from mlxk.server.openai_types import READ_ERRORS, WRITE_ERRORS, error_responses, request_body
 from mlxk.workers.inference import protocol
 
@@ -41,14 +41,17 @@ class Embedded:
 
 
 async def embed(request: Request, state: ServerState, name: str, inputs: list, *, dimensions: int | None = None,
-                keep_alive: float | None = None) -> Embedded | None:
+                keep_alive: float | None = None, truncate: bool = False) -> Embedded | None:
     """Vectors for `inputs` (strings or token-id lists) from the embedding model `name`; None when the HTTP client
-    hung up first (the worker request is cancelled: closing its connection drops it from the batch it waits for)."""
+    hung up first (the worker request is cancelled: closing its connection drops it from the batch it waits for).
+    `truncate`: an input longer than the model's context is cut to it (Ollama's default) instead of refused with
+    400 context_length_exceeded (OpenAI's behaviour). A 400 names its field (`model`, `dimensions`, `input[i]`)."""
     started = time.perf_counter()
-    servable = await state.resolve(name, catalog.EMBEDDING_TYPES)
+    with naming("model"):
+        servable = await state.resolve(name, catalog.EMBEDDING_TYPES)
     reply = await unless_hung_up(request, state.supervisor.call({
         "op": protocol.OP_EMBED, "inputs": inputs, "dimensions": dimensions, "keep_alive": keep_alive,
-        "model": {"key": servable.key, "path": servable.path}}))
+        "truncate": truncate, "model": {"key": servable.key, "path": servable.path}}))
     if reply is HUNG_UP:
         log.info("client of an embedding request for %s hung up: cancelled", servable.repo_id)
         return None
@@ -79,9 +82,9 @@ class EmbeddingRequest(BaseModel):
             raise InvalidRequest(f"input must hold 1 to {MAX_INPUTS} items", param="input")
         for i, item in enumerate(value):
             if not item:
-                raise InvalidRequest(f"input[{i}] is empty: there is nothing to embed", param="input")
+                raise InvalidRequest(f"input[{i}] is empty: there is nothing to embed", param=f"input[{i}]")
             if isinstance(item, list) and any(t < 0 for t in item):
-                raise InvalidRequest(f"input[{i}] has a negative token id", param="input")
+                raise InvalidRequest(f"input[{i}] has a negative token id", param=f"input[{i}]")
         return value
 
 

@@ -402,6 +402,8 @@ async def _answer(request: Request, state: ServerState, rid: str, kind: str, bod
     params = body.params()
     params.chat_template_kwargs = _template_kwargs(body, row)
     if isinstance(body, ChatRequest) and body.tools:
+        if "tools" not in (row.get("capabilities") or []):  # Ollama's 400 and words (its chat handler)
+            raise InvalidRequest(f'"{body.model}" does not support tools', param="tools")
         params.tools, params.tool_choice = body.tools, "auto"
     timing = Timing()
     reply = Reply(kind, body.model)
@@ -488,7 +490,7 @@ async def embed(request: Request, state: State):
     if not inputs or any(not text for text in inputs):
         raise InvalidRequest("input must be a non-empty string or a list of non-empty strings", param="input")
     result = await embedding_routes.embed(request, state, body.model, inputs, dimensions=body.dimensions,
-                                          keep_alive=_keep_alive(body.keep_alive))
+                                          keep_alive=_keep_alive(body.keep_alive), truncate=body.truncate)
     if result is None:
         return Response(status_code=generation.CLIENT_CLOSED)  # the client hung up: nobody reads this
     ns = int(result.total_s * 1e9)
@@ -498,12 +500,13 @@ async def embed(request: Request, state: State):
 
 @router.post("/api/embeddings", openapi_extra=request_body(LegacyEmbeddingsRequest), responses=GENERATION_ERRORS)
 async def embeddings(request: Request, state: State):
-    """The legacy route: one prompt, one vector."""
+    """The legacy route: one prompt, one vector; a prompt longer than the context is cut to it, as /api/embed's
+    default `truncate: true` does."""
     body = await parse_body(request, LegacyEmbeddingsRequest)
     if not body.prompt:
         raise InvalidRequest("prompt must not be empty", param="prompt")
     result = await embedding_routes.embed(request, state, body.model, [body.prompt],
-                                          keep_alive=_keep_alive(body.keep_alive))
+                                          keep_alive=_keep_alive(body.keep_alive), truncate=True)
     if result is None:
         return Response(status_code=generation.CLIENT_CLOSED)
     return {"embedding": result.vectors[0]}

@@ -47,6 +47,8 @@ router = APIRouter(dependencies=[Depends(require_api_key)], responses=error_resp
 
 # ---------------------------------------------------------------- models
 
+LISTED_TYPES = catalog.SERVABLE_TYPES + catalog.EMBEDDING_TYPES
+
 
 def _model_object(row: dict) -> dict:
     """OpenAI's model object, plus the fields of Anthropic's (type, display_name, created_at), so both SDKs'
@@ -60,8 +62,9 @@ def _model_object(row: dict) -> dict:
 @router.get("/v1/models")
 @router.get("/v1/models/", include_in_schema=False)
 async def list_models(state: State) -> dict:
-    """Every runnable model in one page: `has_more: false` (with first_id, last_id) ends Anthropic's pager."""
-    data = [_model_object(row) for row in catalog.runnable(await state.model_rows())]
+    """Every servable model in one page, embedding models included (OpenAI lists text-embedding-3-small too; the
+    chat routes refuse them by name): `has_more: false` (with first_id, last_id) ends Anthropic's pager."""
+    data = [_model_object(row) for row in catalog.runnable(await state.model_rows(), LISTED_TYPES)]
     return {"object": "list", "data": data, "has_more": False,
             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
@@ -69,7 +72,7 @@ async def list_models(state: State) -> dict:
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, state: State) -> dict:
     with naming("model"):
-        row, _ = catalog.resolve_row(model_id.removesuffix("/"), await state.model_rows())
+        row, _ = catalog.resolve_row(model_id.removesuffix("/"), await state.model_rows(), LISTED_TYPES)
     return _model_object(row)
 
 

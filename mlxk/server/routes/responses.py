@@ -201,7 +201,7 @@ class Items:
             events += [{"type": "response.output_text.done", **self._where(content_index=0), "text": text,
                         "logprobs": []},
                        {"type": "response.content_part.done", **self._where(content_index=0),
-                        "part": {"type": "output_text", "text": text, "annotations": []}}]
+                        "part": dict(part)}]
         events.append({"type": "response.output_item.done", "output_index": self.index, "item": item})
         self.output.append(item)
         self.open = None
@@ -242,6 +242,13 @@ class Items:
         return events
 
 
+def echoed_tools(tools: list[dict] | None) -> list[dict]:
+    """The request's tools as a Response echoes them: a function tool with the fields OpenAI's FunctionTool
+    requires (`strict`, `parameters`), each null when the request left it out."""
+    return [{**tool, "strict": tool.get("strict"), "parameters": tool.get("parameters")}
+            if isinstance(tool, dict) and tool.get("type") == "function" else tool for tool in tools or ()]
+
+
 def assistant_message(output: list[dict]) -> dict:
     """The output items as the one assistant chat message a continuation replays."""
     message: dict[str, Any] = {"role": "assistant", "content": ""}
@@ -276,10 +283,12 @@ class Reply:
             "parallel_tool_calls": body.parallel_tool_calls is not False,
             "temperature": body.temperature if body.temperature is not None else 1.0,
             "top_p": body.top_p if body.top_p is not None else 1.0,
-            "tool_choice": body.tool_choice or "auto", "tools": body.tools or [], "metadata": body.metadata or {},
+            "tool_choice": body.tool_choice or "auto", "tools": echoed_tools(body.tools),
+            "metadata": body.metadata or {},
             "text": body.text or {"format": {"type": "text"}}, "reasoning": body.reasoning,
             "store": body.store is not False, "previous_response_id": body.previous_response_id,
-            "max_output_tokens": body.max_output_tokens, "truncation": "disabled", "usage": usage, **more}
+            "max_output_tokens": body.max_output_tokens, "truncation": "disabled",
+            **({"usage": usage} if usage is not None else {}), **more}   # the schema's usage is never null
 
     def _event(self, event: dict) -> dict:
         event["sequence_number"] = self.sequence
@@ -304,6 +313,10 @@ class Reply:
         except MlxkError as error:
             log.warning("response %s failed with %s: %s", self.id, error.type, error.message)
             failed = self.response("failed", error={"code": error.type, "message": error.message})
+            try:  # kept as OpenAI keeps one: GET /v1/responses/{id} answers status "failed" with the error
+                await self.keep(state, failed)
+            except Exception:  # noqa: BLE001 — a state.db that cannot take it must not hide the model's error
+                log.exception("could not store failed response %s", self.id)
             yield self._event({"type": "response.failed", "response": failed})
             raise
 
@@ -311,8 +324,11 @@ class Reply:
         usage = done.get("usage") or {}
         prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
         cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-        shaped = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
-                  "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+        reasoning = int((usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0)
+        # cache_write_tokens (required by OpenAI's ResponseUsage): the prefix cache's writes are not counted per
+        # request, and OpenAI's own cache bills no writes either: 0
+        shaped = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+                  "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning},
                   "total_tokens": prompt + completion}
         if done.get("finish_reason") == protocol.FINISH_LENGTH:
             return self.response("incomplete", shaped, incomplete_details={"reason": "max_output_tokens"})
