@@ -58,7 +58,8 @@ What is constrained:
 JSON whitespace (JSON_OPTIONS): at most one space around each "," ":" "{" "}" "[" "]", so both the compact form
 (`{"name":"f","parameters":{}}`, Llama 3's own) and the spaced one (`{"name": "f"}`, Python's json.dumps) follow
 the model's own tokens, while a model still cannot spend its tokens on whitespace (a separator forced to a form
-the model does not write pushes it off its own tokens into nested garbage). A row cut off by max_tokens ends with finish_reason "length" and whatever JSON was made so far.
+the model does not write pushes it off its own tokens into nested garbage). A row cut off by max_tokens ends
+with finish_reason "length" and whatever JSON was made so far.
 """
 from __future__ import annotations
 
@@ -145,7 +146,8 @@ def spec_from(response_format: Any, tools: Any, tool_choice: Any, parallel_tool_
                                   f"tool_choice names the function {name!r}, which is not in tools (tools: {known})")
     if schema is None and not chosen:
         return None
-    spec = Spec(response_schema=schema, strict=strict, tools=chosen, auto=auto, parallel=parallel_tool_calls is not False)
+    spec = Spec(response_schema=schema, strict=strict, tools=chosen, auto=auto,
+                parallel=parallel_tool_calls is not False)
     check(spec)
     return spec
 
@@ -196,7 +198,8 @@ def strict_objects(schema: Any) -> Any:
 
 def _json_grammar(schema: dict, strict: bool) -> str | Exception:
     try:
-        return LLMatcher.grammar_from_json_schema(strict_objects(schema), defaults={**JSON_OPTIONS, "lenient": not strict})
+        return LLMatcher.grammar_from_json_schema(strict_objects(schema),
+                                                  defaults={**JSON_OPTIONS, "lenient": not strict})
     except (ValueError, TypeError) as e:
         return e
 
