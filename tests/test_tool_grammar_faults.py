@@ -55,9 +55,11 @@ def real_tokenizer(family: str):
 
 
 def processor_for(tokenizer, spec: constrain.Spec, fmt=None):
+    """The processor as Engine._constraint builds it (Llama 3 auto: the opening at the reply's first token)."""
     vocab = constrain.grammar_tokenizer(tokenizer._tokenizer, tokenizer.eos_token_ids)
     grammar = constrain.lark_grammar(spec, fmt, constrain.format_markers(tokenizer, fmt))
-    return constrain.GrammarProcessor(vocab, grammar, tokenizer.eos_token_ids)
+    return constrain.GrammarProcessor(vocab, grammar, tokenizer.eos_token_ids,
+                                      opening=spec.auto and fmt == constrain.FORMAT_LLAMA3)
 
 
 def masked_walk(processor, ids: list[int]) -> list[bool]:
@@ -69,6 +71,7 @@ def masked_walk(processor, ids: list[int]) -> list[bool]:
         out = processor(mx.array(context), mx.zeros((1, processor.vocab.size)))
         allowed.append(bool(out[0, token].item() == 0))
         context.append(token)
+    processor(mx.array(context), mx.zeros((1, processor.vocab.size)))   # the processor takes in the last token
     return allowed
 
 
@@ -87,7 +90,9 @@ def accepts(tokenizer, spec, text, fmt=None) -> bool:
 def test_llama3_call_grammar_follows_compact_and_spaced_json(text):
     tokenizer = real_tokenizer("llama3.2")
     spec = constrain.spec_from(None, [WEATHER], "auto")
-    assert accepts(tokenizer, spec, text, constrain.FORMAT_LLAMA3)
+    processor = processor_for(tokenizer, spec, constrain.FORMAT_LLAMA3)
+    assert all(masked_walk(processor, tokenizer.encode(text, add_special_tokens=False)))
+    assert processor.state == constrain.ACTIVE and processor.matcher.is_accepting()   # held as a call, complete
 
 
 @pytest.mark.parametrize("text", ['{"name":  "get_weather"', '{\n"name": "get_weather"', '{"name":"get_weather"\t'])
