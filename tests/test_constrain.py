@@ -75,7 +75,8 @@ def test_cut_off_json_says_length(models, engine):
     events = collect(engine.submit(chat(models["random"], max_tokens=3, response_format=schema_format(PERSON))))
     assert events[-1]["finish_reason"] == "length"
     assert events[-1]["usage"]["completion_tokens"] == 3
-    assert '{"name'.startswith(text_of(events)) or text_of(events).startswith('{"name')
+    text = text_of(events).replace(" ", "")   # at most one space per gap may come between the tokens
+    assert '{"name'.startswith(text) or text.startswith('{"name')
 
 
 def test_constrained_and_free_rows_share_one_batch(models, engine):

@@ -408,7 +408,7 @@ def test_call_the_model_botches_is_held_to_the_tool(client, stream):
     """The model wants `<tool_call>{"name</tool_call>`; the grammar masks the early close and forces the name."""
     content, calls, finish = _tool_reply(client, stream, model=BAD_CALLER_ID, messages=HI, tools=F_TOOL,
                                          max_tokens=10)
-    assert content.startswith('<tool_call>{"name": "f"') and "</tool_call>" not in content
+    assert content.replace(" ", "").startswith('<tool_call>{"name":"f"') and "</tool_call>" not in content
     assert (calls, finish) == ([], "length")   # cut by max_tokens: its text comes back
 
 

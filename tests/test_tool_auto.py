@@ -210,7 +210,7 @@ def test_auto_calls_and_text_mix_and_a_cut_call_says_length(tmp_path_factory, en
     """After a call the row is free again and may open another; the one max_tokens cuts comes back as its text."""
     files = scripted(factory.tiny_model_files(tools=True), qwen_style_forever, 4)
     ref = write(tmp_path_factory, "org/auto-forever", files)
-    events = submit(engine, ref, max_tokens=100)
+    events = submit(engine, ref, max_tokens=160)   # two calls with their spaces, a third cut
     assert events[-1]["finish_reason"] == "length", events[-1]
     calls = calls_of(events)
     assert len(calls) >= 2 and [c["index"] for c in calls] == list(range(len(calls)))

@@ -46,8 +46,20 @@ What is constrained:
   marker costs nothing until a call opens, and the text router (textout.py) already finds calls by the same
   markers. Formats without a grammar here keep auto calls as the model writes them (no 400: auto is the default).
 - On a thinking model whose prompt opens a think block, the grammar starts after the think end marker.
-JSON is generated compact (", " and ": " separators, no other whitespace), so a model cannot spend its tokens on
-whitespace. A row cut off by max_tokens ends with finish_reason "length" and whatever JSON was made so far.
+- parallel_tool_calls false (Anthropic: disable_parallel_tool_use): at most one call; after it only the end.
+  Otherwise "required" is at least one call (OpenAI's definition), in formats that can hold several
+  (`<tool_call>` blocks one after another, Mistral's list); Llama 3's bare JSON and harmony hold one per reply.
+- Extra keys (strict_objects(), as xgrammar's default strict mode): for generation, an object schema that lists
+  `properties` and does not say `additionalProperties` gets none beyond them, and an array with `prefixItems`
+  and no `items` no items beyond them. JSON Schema's default (anything else allowed) let a grammar-held model
+  fill junk keys (`" ": null` again and again) into pydantic's and most tool schemas, which never say
+  `additionalProperties: false`. An object without `properties` (json_object, `{"type": "object"}`) stays open.
+  Validation of the response is still the schema's own; only what is generated is narrowed.
+JSON whitespace (JSON_OPTIONS): at most one space around each "," ":" "{" "}" "[" "]", so both the compact form
+(`{"name":"f","parameters":{}}`, Llama 3's own) and the spaced one (`{"name": "f"}`, Python's json.dumps) follow
+the model's own tokens, while a model still cannot spend its tokens on whitespace (a separator forced to a form
+the model does not write pushes it off its own tokens into nested garbage). A row cut off by max_tokens ends
+with finish_reason "length" and whatever JSON was made so far.
 """
 from __future__ import annotations
 
@@ -63,7 +75,8 @@ from .textout import is_harmony
 
 log = logging.getLogger("mlxk.inference.constrain")
 
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# at most one space in each gap: compact and spaced JSON both pass, whitespace cannot run on (F6 of QA, Nov 2026)
+JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": "[ ]?"}
 FORMAT_JSON_TOOLS = "json_tools"   # <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>
 FORMAT_LLAMA3 = "llama3"           # {"name": ..., "parameters": {...}}
 FORMAT_HARMONY = "harmony"         # gpt-oss: <|channel|>commentary to=functions.NAME<|message|>{...}<|call|>
@@ -86,14 +99,16 @@ class Spec:
     strict: bool = False
     tools: tuple = ()                     # the function tools a call may name (tool_choice required / named / auto)
     auto: bool = False                    # tool_choice "auto": free text, but a call the model opens is constrained
+    parallel: bool = True                 # parallel_tool_calls: false allows at most one call
 
     @property
     def wants_call(self) -> bool:
         return bool(self.tools)
 
 
-def spec_from(response_format: Any, tools: Any, tool_choice: Any) -> Spec | None:
-    """The constraint a request carries, or None. Raises ConstraintError naming the field at fault."""
+def spec_from(response_format: Any, tools: Any, tool_choice: Any, parallel_tool_calls: Any = None) -> Spec | None:
+    """The constraint a request carries, or None. Raises ConstraintError naming the field at fault.
+    parallel_tool_calls: OpenAI's field (None means true); false allows at most one call."""
     schema, strict = None, False
     if isinstance(response_format, dict):
         kind = response_format.get("type", "text")
@@ -131,7 +146,8 @@ def spec_from(response_format: Any, tools: Any, tool_choice: Any) -> Spec | None
                                   f"tool_choice names the function {name!r}, which is not in tools (tools: {known})")
     if schema is None and not chosen:
         return None
-    spec = Spec(response_schema=schema, strict=strict, tools=chosen, auto=auto)
+    spec = Spec(response_schema=schema, strict=strict, tools=chosen, auto=auto,
+                parallel=parallel_tool_calls is not False)
     check(spec)
     return spec
 
@@ -152,9 +168,38 @@ def _validate(matcher_cls, grammar_or_error: str | Exception, param: str) -> Non
         raise ConstraintError(param, f"{param} is not a JSON schema this server can enforce: {message.strip()}")
 
 
+def strict_objects(schema: Any) -> Any:
+    """A copy of `schema` for generation in which objects that list `properties` without saying
+    `additionalProperties` (or `unevaluatedProperties`) allow no other keys, and arrays with `prefixItems` but no
+    `items` no other items: xgrammar's default strict mode (its `strict_mode=True`). Subschemas of `allOf` are left
+    as they are (each names only part of the object's keys). The response is still validated against the schema
+    as sent."""
+    if isinstance(schema, list):
+        return [strict_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas") \
+                and isinstance(value, dict):
+            out[key] = {k: strict_objects(v) for k, v in value.items()}
+        elif key in ("items", "additionalProperties", "not", "if", "then", "else", "contains",
+                     "propertyNames", "unevaluatedItems", "unevaluatedProperties", "anyOf", "oneOf", "prefixItems"):
+            out[key] = strict_objects(value)
+        else:   # const, enum, default, examples: data, not schemas; allOf: see above
+            out[key] = value
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out \
+            and "unevaluatedProperties" not in out and "allOf" not in out:
+        out["additionalProperties"] = False
+    if isinstance(out.get("prefixItems"), list) and "items" not in out and "unevaluatedItems" not in out:
+        out["items"] = False
+    return out
+
+
 def _json_grammar(schema: dict, strict: bool) -> str | Exception:
     try:
-        return LLMatcher.grammar_from_json_schema(schema, defaults={**JSON_OPTIONS, "lenient": not strict})
+        return LLMatcher.grammar_from_json_schema(strict_objects(schema),
+                                                  defaults={**JSON_OPTIONS, "lenient": not strict})
     except (ValueError, TypeError) as e:
         return e
 
@@ -215,6 +260,8 @@ def lark_grammar(spec: Spec, fmt: str | None, markers: tuple = ((), ())) -> str:
         items = [{"type": "object", "properties": {"name": {"const": f.get("name")}, "arguments": _parameters(f)},
                   "required": ["name", "arguments"], "additionalProperties": False} for f in spec.tools]
         array = {"type": "array", "minItems": 1, "items": items[0] if len(items) == 1 else {"anyOf": items}}
+        if not spec.parallel:
+            array["maxItems"] = 1
         body = _as_lark_json(array, any(bool(f.get("strict")) for f in spec.tools), rule=False)
         return f'start: {"" if spec.auto else _lark_marker(markers[0]) + " "}" "? {body}\n'
     args_key = "parameters" if fmt == FORMAT_LLAMA3 else "arguments"
@@ -244,6 +291,15 @@ def gate(spec: Spec, fmt: str | None, markers: tuple) -> tuple:
     return ()
 
 
+def call_end(fmt: str | None, markers: tuple) -> tuple:
+    """The token that ends a call under a gate (json_tools: the end marker's last token; harmony: `<|call|>`)."""
+    if fmt == FORMAT_HARMONY:
+        return tuple(markers[2][-1:])
+    if fmt == FORMAT_JSON_TOOLS:
+        return tuple(markers[1][-1:])
+    return ()
+
+
 def auto_supported(fmt: str | None) -> bool:
     """Whether tool_choice "auto" calls can be constrained in this format (others stay free, as the model writes)."""
     return fmt in (FORMAT_JSON_TOOLS, FORMAT_LLAMA3, FORMAT_HARMONY, FORMAT_MISTRAL)
@@ -256,7 +312,7 @@ def _lark_marker(ids) -> str:
 def _as_lark_json(schema: dict, strict: bool, rule: bool = True) -> str:
     options = {**JSON_OPTIONS, "lenient": not strict}
     own = schema.get("x-guidance")   # llguidance's per-schema options, if the client sent some
-    embedded = {**schema, "x-guidance": {**options, **(own if isinstance(own, dict) else {})}}
+    embedded = {**strict_objects(schema), "x-guidance": {**options, **(own if isinstance(own, dict) else {})}}
     body = f"%json {json.dumps(embedded)}"
     return f"start: {body}\n" if rule else body
 
@@ -320,7 +376,8 @@ class GrammarProcessor:
     - `gate`: token ids that open a call (`<tool_call>`, harmony's `<|channel|>`); the grammar applies after each
       of them until it is complete (the matcher stops), then the row is free again, so text and several calls mix.
       `rearm=False` (Mistral, whose calls have no end marker and run to the end of the reply): after the calls,
-      only EOS.
+      only EOS. `single_call` (parallel_tool_calls false): after the first call (a completion that ends on one of
+      `call_end`, the format's last end-marker token) only EOS, too.
     - `opening` (Llama 3's bare JSON): at the reply's first token the model may start the call (tokens the grammar
       allows) or text (any token not opening a JSON object); whitespace and special tokens leave it undecided.
       A call is then held to the grammar; text leaves the row free for good.
@@ -332,13 +389,14 @@ class GrammarProcessor:
     """
 
     def __init__(self, vocab: Vocabulary, grammar: str, eos_ids, after: tuple = (), gate: tuple = (),
-                 opening: bool = False, rearm: bool = True):
+                 opening: bool = False, rearm: bool = True, single_call: bool = False, call_end: tuple = ()):
         self.vocab = vocab
         self.matcher = LLMatcher(vocab.ll, grammar)
         if self.matcher.is_error():
             raise ConstraintError("response_format", f"the grammar does not compile: {self.matcher.get_error()}")
         self.eos_ids = sorted(eos_ids)
         self.after, self.gate, self.opening, self.rearm = tuple(after), tuple(gate), opening, rearm
+        self.single_call, self.call_end = single_call, frozenset(call_end)
         self.state = WAITING if self.after else self._entry()
         self.calls = 0                 # calls completed under a gate
         self._recent: list[int] = []
@@ -414,6 +472,9 @@ class GrammarProcessor:
             self._failed = True
             return
         if self.gate and self.rearm and self.matcher.is_stopped():   # the call is complete: text or a call follows
+            if self.single_call and token in self.call_end:
+                self.calls += 1
+                return   # parallel_tool_calls false: the matcher stays stopped, so only EOS may follow
             self.matcher.reset()
             self.calls += 1
             self.state = GATED

@@ -137,10 +137,40 @@ def _normalize_messages(messages: list) -> list:
 
 
 def _effective_tools(params: Params) -> list | None:
-    """tool_choice "none" means the model must not call tools: it does not even see them."""
+    """The tools as templates see them; tool_choice "none" means the model must not call tools: it does not even
+    see them. Every dialect's tools pass through here, so the fields OpenAI's schema leaves optional and templates
+    dereference (gpt-oss's `tool.description`, `tool.parameters.properties`) are filled: `description` "",
+    `parameters` {"type": "object", "properties": {}}."""
     if not params.tools or params.tool_choice == "none":
         return None
-    return params.tools
+    tools = []
+    for tool in params.tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict):
+            function = {**function, "description": function.get("description") or ""}
+            parameters = function.get("parameters")
+            if not isinstance(parameters, dict) or not parameters:
+                parameters = {"type": "object", "properties": {}}
+            elif parameters.get("type") == "object" and not isinstance(parameters.get("properties"), dict):
+                parameters = {**parameters, "properties": {}}
+            tool = {**tool, "function": {**function, "parameters": parameters}}
+        tools.append(tool)
+    return tools
+
+
+def _merge_system_runs(messages: list) -> list | None:
+    """`messages` with each run of consecutive system messages merged into one (their texts joined by a blank
+    line), or None when there is no such run. For templates that know one system message and require the rest to
+    alternate (Gemma: "Conversation roles must alternate"), after developer -> system or with Responses'
+    `instructions` beside a developer item, or ollama's two system messages."""
+    out: list = []
+    for message in messages:
+        if out and message["role"] == "system" and out[-1]["role"] == "system" \
+                and set(message) <= {"role", "content"} and set(out[-1]) <= {"role", "content"}:
+            out[-1] = {**out[-1], "content": "\n\n".join(t for t in (out[-1]["content"], message["content"]) if t)}
+        else:
+            out.append(message)
+    return out if len(out) < len(messages) else None
 
 
 def _seeded_sampler(temp: float, top_p: float, min_p: float, top_k: int, seed: int):
@@ -520,7 +550,16 @@ class Engine:
         try:
             tokens = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
         except Exception as e:  # jinja raises anything (TemplateError, TypeError...) on odd input
-            raise BadRequest(f"the chat template rejected the messages: {one_line(e)}") from None
+            # Consecutive system messages are merged only when the template refuses them: a template that
+            # accepts several (Qwen, Llama 3) renders them as sent, so its prompts (and prefix caches) stay as
+            # they were; one that knows a single system message (Gemma) gets them as one.
+            merged = _merge_system_runs(messages)
+            if merged is None:
+                raise BadRequest(f"the chat template rejected the messages: {one_line(e)}") from None
+            try:
+                tokens = tokenizer.apply_chat_template(merged, add_generation_prompt=True, **kwargs)
+            except Exception as e2:
+                raise BadRequest(f"the chat template rejected the messages: {one_line(e2)}") from None
         if isinstance(tokens, dict):  # some tokenizers hand back a BatchEncoding
             tokens = tokens["input_ids"]
         return list(tokens)
@@ -604,7 +643,8 @@ class Engine:
         """The row's grammar processor (constrain.py), or None when the request constrains nothing."""
         params = request.params
         try:
-            spec = constrain.spec_from(params.response_format, params.tools, params.tool_choice)
+            spec = constrain.spec_from(params.response_format, params.tools, params.tool_choice,
+                                       params.parallel_tool_calls)
             if spec is None:
                 return None
             fmt = constrain.tool_format(lm.tokenizer)
@@ -619,7 +659,9 @@ class Engine:
             return constrain.GrammarProcessor(lm.grammar_tokenizer, grammar, lm.eos_ids, after=after,
                                               gate=constrain.gate(spec, fmt, markers),
                                               opening=spec.auto and fmt == constrain.FORMAT_LLAMA3,
-                                              rearm=fmt != constrain.FORMAT_MISTRAL)
+                                              rearm=fmt != constrain.FORMAT_MISTRAL,
+                                              single_call=not spec.parallel,
+                                              call_end=constrain.call_end(fmt, markers))
         except constrain.ConstraintError as e:
             raise BadRequest(e.message, param=e.param) from None
 

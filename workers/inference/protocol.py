@@ -17,12 +17,13 @@ Requests
                 "top_k": int|null, "min_p": float|null, "repetition_penalty": float|null,
                 "presence_penalty": float|null, "frequency_penalty": float|null, "seed": int|null, "stop": [str], "keep_alive": float|null,
                 "tools": [...]|null, "tool_choice": ...|null, "chat_template_kwargs": {...}|null,
-                "response_format": {...}|null}}
+                "response_format": {...}|null, "parallel_tool_calls": bool|null}}
         chat: OpenAI messages, rendered with the model's chat template (add_generation_prompt=True,
         tools= when given, unless tool_choice is "none"). completion: `prompt` is tokenized as is.
         response_format (OpenAI's json_object / json_schema) and tool_choice "required" / {"type": "function",
         "function": {"name"}} constrain decoding by grammar (constrain.py); a schema that does not compile, a
-        name not in tools, or a model whose tool-call format has no grammar -> bad_request.
+        name not in tools, or a model whose tool-call format has no grammar -> bad_request. parallel_tool_calls
+        false: at most one tool call (the grammar allows only the end after it).
         temperature null = 0 (greedy, as mlx_lm.server). repetition_penalty uses the last 20 tokens;
         presence_penalty and frequency_penalty (OpenAI's, additive) the last PENALTY_CONTEXT tokens.
         A chat message of role "developer" is rendered as "system" when the template has no "developer".
@@ -152,6 +153,7 @@ class Params:
     tool_choice: Any = None
     chat_template_kwargs: dict | None = None
     response_format: dict | None = None
+    parallel_tool_calls: bool | None = None   # false: at most one tool call (None: OpenAI's default, true)
 
 
 @dataclass
@@ -236,7 +238,10 @@ def parse_params(raw: Any) -> Params:
         tool_choice=raw.get("tool_choice"),
         chat_template_kwargs=_optional(raw, "chat_template_kwargs", dict),
         response_format=_optional(raw, "response_format", dict),
+        parallel_tool_calls=raw.get("parallel_tool_calls"),
     )
+    if params.parallel_tool_calls not in (None, True, False):
+        raise ProtocolError(f'"params.parallel_tool_calls" has the wrong type: {params.parallel_tool_calls!r}')
     if params.max_tokens is not None and params.max_tokens < 1:
         raise ProtocolError('"params.max_tokens" must be at least 1')
     if params.temperature is not None and params.temperature < 0:
@@ -276,6 +281,7 @@ def generate_message(request: GenerateRequest) -> dict:
             "frequency_penalty": p.frequency_penalty, "seed": p.seed, "stop": list(p.stop),
             "keep_alive": p.keep_alive, "tools": p.tools, "tool_choice": p.tool_choice,
             "chat_template_kwargs": p.chat_template_kwargs, "response_format": p.response_format,
+            "parallel_tool_calls": p.parallel_tool_calls,
         },
     }
 

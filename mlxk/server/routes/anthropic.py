@@ -177,6 +177,8 @@ def worker_params(body: CountTokensRequest) -> protocol.Params:
         params = protocol.Params(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                                  top_k=body.top_k, stop=[s for s in body.stop_sequences or () if s])
     params.tools, params.tool_choice = chat_tools(body)
+    if (body.tool_choice or {}).get("disable_parallel_tool_use") is True:
+        params.parallel_tool_calls = False   # Anthropic's name for parallel_tool_calls false: at most one call
     if (body.thinking or {}).get("type") == "disabled":
         params.chat_template_kwargs = {"enable_thinking": False}
     fmt = (body.output_config or {}).get("format")

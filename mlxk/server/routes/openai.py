@@ -238,6 +238,7 @@ def _chat_input(body: ChatCompletionRequest) -> tuple[protocol.Params, list, Non
     params = _worker_params(body, body.token_limit())
     if body.tools and body.tool_choice != "none":
         params.tools, params.tool_choice = body.tools, body.tool_choice
+        params.parallel_tool_calls = body.parallel_tool_calls
     params.chat_template_kwargs = body.template_kwargs()
     if body.response_format and body.response_format.get("type", "text") != "text":
         params.response_format = body.response_format

@@ -151,6 +151,7 @@ def response_format(text: dict | None) -> dict | None:
 def worker_params(body: ResponsesRequest) -> protocol.Params:
     params = protocol.Params(max_tokens=body.max_output_tokens, temperature=body.temperature, top_p=body.top_p)
     params.tools, params.tool_choice = chat_tools(body)
+    params.parallel_tool_calls = body.parallel_tool_calls
     params.response_format = response_format(body.text)
     if (body.reasoning or {}).get("effort") == "none":
         params.chat_template_kwargs = {"enable_thinking": False}
