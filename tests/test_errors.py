@@ -102,3 +102,43 @@ def test_a_server_error_rebuilt_by_the_cli_keeps_its_class_and_enters_the_envelo
     envelope_error = errors.cli_error(rebuilt, "run")
     assert (envelope_error["type"], envelope_error["code"]) == ("execution_error", cls.type)
     assert type(errors.MlxkError.from_dict(envelope_error)) is cls
+
+
+# The documented contract of every error type: the CLI's exit code (README: 0 success, 1 error, 2 usage) and the HTTP
+# status the api answers with. A change to any of these is a change users see, so it is pinned here, one row a type.
+STATUS = {
+    "ambiguous_match": (1, 400), "auth_error": (1, 401), "cache_error": (1, 400), "cancelled": (1, 400),
+    "config_error": (1, 400), "conflict": (1, 409), "disk_full": (1, 400), "error": (1, 400), "gated_repo": (1, 403),
+    "hub_error": (1, 400), "integrity_error": (1, 400), "internal": (1, 500), "invalid_hub_reply": (1, 400),
+    "invalid_name": (1, 400), "job_cancelled": (1, 400), "job_failed": (1, 400), "job_not_found": (1, 404),
+    "model_not_found": (1, 404), "model_not_runnable": (1, 400), "repo_not_found": (1, 404),
+    "response_not_found": (1, 404), "revision_not_found": (1, 404), "server_unavailable": (1, 503),
+    "state_error": (1, 400), "usage": (2, 400), "workspace_invalid": (1, 400), "workspace_path": (1, 400),
+}
+
+
+def test_every_type_has_its_documented_exit_code_and_http_status():
+    assert {kind: (cls.exit_code, cls.http_status) for kind, cls in errors.TYPES.items()} == STATUS
+
+
+def test_only_classes_of_this_module_register_a_type():
+    class Elsewhere(errors.MlxkError):   # defined in the tests' module: never a wire type of mlxk
+        type = "elsewhere_error"
+
+    class SortsFirst(errors.MlxkError):  # a module name that sorts before mlxk.errors, and one after it
+        __module__ = "aaa"
+        type = "sorts_first_error"
+
+    assert "elsewhere_error" not in errors.TYPES and "sorts_first_error" not in errors.TYPES
+    assert errors.TYPES["invalid_name"] is errors.InvalidName
+
+
+def test_an_empty_or_non_string_code_falls_back_to_the_type():
+    for code in ("", None, 7):
+        error = errors.MlxkError.from_dict({"type": "model_not_found", "code": code, "message": "m"})
+        assert type(error) is errors.ModelNotFound and error.message == "m"
+
+
+def test_runs_usage_errors_keep_their_word_and_everything_else_is_execution_error():
+    assert errors.knife_type("usage", "run") == "CommandError"
+    assert errors.knife_type("model_not_found", "run") == "execution_error"
