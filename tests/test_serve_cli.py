@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from tests.fixtures.cli import MLXK
+from tests.fixtures.pause import release, wait_paused
 from tests.fixtures.server import (RANDOM_ID, SCRIPTED_ID, SCRIPTED_REPLY, free_port, server_env, spawn_server,
                                    write_models)
 
@@ -177,21 +178,36 @@ def test_interactive_chat_in_a_terminal(run_env):
         assert proc.wait(30) == 0
 
 
-def test_interactive_ctrl_c_stops_the_reply_not_the_session(run_env):
-    with terminal_session(run_env, "run", RANDOM_ID, "--max-tokens", "2000") as (proc, leader):
-        _read_until(leader, ">>>")
-        os.write(leader, b"tell me everything\n")
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
-        seen = _read_until(leader, "[reply stopped]")
-        assert "[reply stopped]" in seen
-        after = seen.split("[reply stopped]", 1)[1]
-        if ">>>" not in after:
-            after += _read_until(leader, ">>>")
-        assert ">>>" in after
-        assert proc.poll() is None
-        os.write(leader, b"/bye\n")
-        assert proc.wait(30) == 0
+def test_interactive_ctrl_c_stops_the_reply_not_the_session(tmp_path):
+    """The reply is held before its prefill (the worker's test-only pause point), so Ctrl-C always lands while the
+    reply is still owed, however fast the tiny model would have finished it."""
+    write_models(tmp_path, {RANDOM_ID: {}})
+    env = server_env(tmp_path, free_port(), MLXK_SERVER_IDLE=60, MLXK_TEST_PAUSE_AT="inference.admit")
+    home = Path(env["MLXK_HOME"])
+    try:
+        with terminal_session(env, "run", RANDOM_ID, "--max-tokens", "2000") as (proc, leader):
+            _read_until(leader, ">>>")
+            os.write(leader, b"tell me everything\n")
+            wait_paused(home, "inference.admit")
+            proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
+            seen = _read_until(leader, "[reply stopped]")
+            assert "[reply stopped]" in seen
+            release(home, "inference.admit")
+            after = seen.split("[reply stopped]", 1)[1]
+            if ">>>" not in after:
+                after += _read_until(leader, ">>>")
+            assert ">>>" in after
+            assert proc.poll() is None
+            os.write(leader, b"/bye\n")
+            assert proc.wait(30) == 0
+    finally:
+        release(home, "inference.admit")
+        pid_file = home / "run" / "server.pid"
+        if pid_file.exists():
+            try:
+                os.killpg(json.loads(pid_file.read_text())["pid"], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
 
 def test_serve_on_a_busy_port_is_one_line_and_exit_1(tmp_path):
