@@ -188,9 +188,10 @@ def test_interactive_ctrl_c_stops_the_reply_not_the_session(tmp_path):
         with terminal_session(env, "run", RANDOM_ID, "--max-tokens", "2000") as (proc, leader):
             _read_until(leader, ">>>")
             os.write(leader, b"tell me everything\n")
-            wait_paused(home, "inference.admit")
+            wait_paused(home, "inference.admit")   # the request is out; its reply cannot begin
+            time.sleep(0.5)   # prompt_toolkit hands the terminal (and SIGINT) back after the request went
             proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
-            seen = _read_until(leader, "[reply stopped]")
+            seen = _read_until(leader, "[reply stopped]", timeout=15)
             assert "[reply stopped]" in seen
             release(home, "inference.admit")
             after = seen.split("[reply stopped]", 1)[1]
