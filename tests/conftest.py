@@ -1,7 +1,16 @@
 """Every test runs in its own MLXK_HOME and HF cache under tmp_path, never the user's, never the network."""
 from __future__ import annotations
 
+import signal
+
 import pytest
+
+# A shell starts a background job (`make test &`, `nohup ... &`, some CI runners) with SIGINT ignored, and an
+# ignored signal stays ignored across exec: every process the suite starts would then shrug off Ctrl-C, and the
+# tests that press it (pull --wait, the chat, make run) would fail for the harness's sake. The suite's processes get
+# the default handling, as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 pytest_plugins = [
     "tests.fixtures.browser",
