@@ -404,7 +404,7 @@ def test_per_module_quantization_overrides_are_honoured(model_factory):
     assert health.check_quantized_shapes(view_of(model_factory.write("org/mixed-off", skipped))) == []
 
 
-REALMODELS = Path("/work/shared/realmodels")
+from tests.fixtures.shared import REALMODELS  # noqa: E402
 
 
 @pytest.mark.skipif(not REALMODELS.is_dir(), reason="the real model-family files are not on this machine")

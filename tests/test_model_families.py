@@ -17,8 +17,8 @@ from tests import factory
 from mlxk.workers.inference.protocol import GenerateRequest, ModelRef, Params
 from tests.fixtures.engine import collect, model_ref, text_of
 from tests.fixtures.engine import engine, no_compile_off_main_thread  # noqa: F401 (fixtures)
+from tests.fixtures.shared import REALMODELS
 
-REALMODELS = Path("/work/shared/realmodels")
 SPEC = factory.ModelSpec(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                          intermediate_size=32, dtype="float32")
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {

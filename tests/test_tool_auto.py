@@ -19,10 +19,10 @@ import pytest
 
 from tests import factory
 from tests.fixtures.server import API_KEY, spawn_server
-from mlxk.workers.inference.engine import Engine
 from mlxk.workers.inference.protocol import GenerateRequest, ModelRef, Params
+from tests.fixtures.engine import engine, no_compile_off_main_thread  # noqa: F401 (fixtures)
+from tests.fixtures.shared import REALMODELS
 
-REALMODELS = Path("/work/shared/realmodels")
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -131,21 +131,6 @@ def qwen_style_forever(tokenizer, prompt) -> dict[int, int]:
 # ---- the engine -----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_compile_off_main_thread():
-    """As in test_inference_engine: the engine thread is not the main thread (ml-explore/mlx#3126)."""
-    import mlx.core as mx
-
-    mx.disable_compile()
-    yield
-    mx.enable_compile()
-
-
-@pytest.fixture(scope="module")
-def engine():
-    e = Engine().start()
-    yield e
-    e.stop()
 
 
 def write(tmp_path_factory, repo_id: str, files: dict) -> ModelRef:

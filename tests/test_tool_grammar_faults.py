@@ -24,8 +24,9 @@ from tests.test_tool_auto import (HI, REALMODELS, SCHEMAS, TIME, WEATHER, assert
                                   family_base, harmony_call, mistral_call, qwen_style_forever, scripted, text_of,
                                   tokenizer_of, write)
 from mlxk.workers.inference import constrain
-from mlxk.workers.inference.engine import Engine, _effective_tools, _merge_system_runs
+from mlxk.workers.inference.engine import _effective_tools, _merge_system_runs
 from mlxk.workers.inference.protocol import GenerateRequest, Params
+from tests.fixtures.engine import engine, no_compile_off_main_thread  # noqa: F401 (fixtures)
 
 PET = {"properties": {"name": {"title": "Name", "type": "string", "maxLength": 8},
                       "kind": {"title": "Kind", "type": "string", "maxLength": 8},
@@ -34,20 +35,6 @@ PET = {"properties": {"name": {"title": "Name", "type": "string", "maxLength": 8
        "required": ["name", "kind"], "title": "Pet", "type": "object"}   # pydantic's Pet.model_json_schema()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_compile_off_main_thread():
-    import mlx.core as mx
-
-    mx.disable_compile()
-    yield
-    mx.enable_compile()
-
-
-@pytest.fixture(scope="module")
-def engine():
-    e = Engine().start()
-    yield e
-    e.stop()
 
 
 def real_tokenizer(family: str):
